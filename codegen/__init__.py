@@ -1,0 +1,1 @@
+"""Code generation (LLVM, CUDA) — arrives with the CPU backend issue."""

@@ -1,0 +1,106 @@
+"""Located diagnostics: `file:line:col: error: 'op': message`, the source line and a caret."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    file: str
+    line: int
+    col: int
+    explicit: bool = field(default=False, compare=False)  # written as loc(...): printed back
+
+    def __str__(self):
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+UNKNOWN = Location("<unknown>", 0, 0)
+
+
+@dataclass
+class Diagnostic:
+    loc: Location
+    message: str
+    severity: str = "error"
+    source_line: str | None = None
+
+    @property
+    def file(self):
+        return self.loc.file
+
+    @property
+    def line(self):
+        return self.loc.line
+
+    @property
+    def column(self):
+        return self.loc.col
+
+    def render(self) -> str:
+        where = str(self.loc) if self.loc.line > 0 else self.loc.file
+        head = f"{where}: {self.severity}: {self.message}" if where else f"{self.severity}: {self.message}"
+        if self.source_line is None or self.loc.line <= 0:
+            return head
+        caret = "".join(c if c == "\t" else " " for c in self.source_line[: self.loc.col - 1]) + "^"
+        return f"{head}\n{self.source_line}\n{caret}"
+
+    def __str__(self):
+        return self.render()
+
+
+class DiagnosticError(Exception):
+    """Raised for bad input; `.diagnostics` lists every independent problem found."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = list(diagnostics)
+        super().__init__("\n".join(d.render() for d in self.diagnostics))
+
+
+class Sources:
+    """Source text by file name, so diagnostics can show the offending line."""
+    _texts: dict[str, list[str]] = {}
+
+    @classmethod
+    def add(cls, name: str, text: str):
+        if len(cls._texts) > 64:
+            cls._texts.pop(next(iter(cls._texts)))
+        cls._texts[name] = text.splitlines()
+
+    @classmethod
+    def line(cls, loc: Location) -> str | None:
+        lines = cls._texts.get(loc.file)
+        if lines is None and loc.explicit:  # e.g. a traced Python file
+            try:
+                with open(loc.file, encoding="utf-8") as f:
+                    cls.add(loc.file, f.read())
+                lines = cls._texts.get(loc.file)
+            except (OSError, UnicodeDecodeError):
+                return None
+        if lines is None or not 0 < loc.line <= len(lines):
+            return None
+        return lines[loc.line - 1]
+
+
+class Diagnostics:
+    """Collects errors; `check()` raises them all at once."""
+
+    def __init__(self):
+        self.errors: list[Diagnostic] = []
+
+    def error(self, loc: Location, message: str, op_name: str | None = None):
+        if op_name:
+            message = f"'{op_name}': {message}"
+        self.errors.append(Diagnostic(loc or UNKNOWN, message, source_line=Sources.line(loc or UNKNOWN)))
+
+    def check(self):
+        if self.errors:
+            self.errors.sort(key=lambda d: (d.loc.file, d.loc.line, d.loc.col))
+            raise DiagnosticError(self.errors)
+
+
+def error(loc: Location, message: str, op_name: str | None = None) -> DiagnosticError:
+    """One located error, ready to raise."""
+    d = Diagnostics()
+    d.error(loc, message, op_name)
+    return DiagnosticError(d.errors)

@@ -1,0 +1,1 @@
+"""Dialects: each module declares its ops (see ir/registry.py)."""

@@ -1,0 +1,1123 @@
+"""The `mlc` dialect: tensor-level ops (SPEC §3). One declaration per op; families share a base.
+
+Semantics are numpy's unless a docstring says otherwise; `interpret` is the definition that every
+backend is tested against. Kernels may return any numeric dtype: the interpreter casts each result to
+its declared element type (bf16 values are held in float32, rounded to bf16).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import random as rng
+from ..attributes import DenseAttr
+from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
+                        Attr, OpDef, VerifyError)
+from ..types import ERROR, TensorType, f32, i1, i64, types_compatible
+from .shapes import (broadcast_shapes, fmt_shape, norm_axes, norm_axis, num_elements, pads4, positive,
+                     require_element, same_element, tensor_type, window_out)
+
+
+def _tensors(op):
+    return [tensor_type(t, f"operand {i}") for i, t in enumerate(op.operand_types)]
+
+
+def _acc(x: np.ndarray) -> np.ndarray:
+    """Accumulate half-precision values in f32, as PyTorch's CPU kernels do."""
+    return x.astype(np.float32) if x.dtype == np.float16 else x
+
+
+class RuntimeCheck(Exception):
+    """A kernel's complaint about run-time values (sizes, indices); reported at the op's location."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Elementwise families
+
+class Unary(OpDef):
+    operands = 1
+    traits = {PURE, ELEMENTWISE}
+    kind = "float"  # which element types the op takes (see shapes.require_element)
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (t,) = _tensors(op)
+        require_element(t, cls.kind)
+        return [t]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        with np.errstate(all="ignore"):
+            return cls.fn(ins[0])
+
+
+def _sigmoid(x):
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _erf_array(x):
+    return _erf(x.astype(np.float64)).astype(np.float64)
+
+
+def _not(x):
+    return np.logical_not(x) if x.dtype == np.bool_ else np.invert(x)
+
+
+UNARY = {  # name: (numpy definition, element kind)
+    "neg": (np.negative, "num"), "abs": (np.abs, "num"), "exp": (np.exp, "float"), "log": (np.log, "float"),
+    "log1p": (np.log1p, "float"), "sqrt": (np.sqrt, "float"), "rsqrt": (lambda x: 1 / np.sqrt(x), "float"),
+    "reciprocal": (lambda x: 1 / x, "float"), "square": (np.square, "num"), "tanh": (np.tanh, "float"),
+    "sigmoid": (_sigmoid, "float"), "relu": (lambda x: np.maximum(x, x.dtype.type(0)), "num"),
+    "erf": (_erf_array, "float"), "sin": (np.sin, "float"), "cos": (np.cos, "float"),
+    "sign": (np.sign, "num"), "floor": (np.floor, "float"), "not": (_not, "logic"),
+}
+for _name, (_fn, _kind) in UNARY.items():
+    type(_name.capitalize(), (Unary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind})
+
+
+class Gelu(Unary):
+    """0.5 x (1 + erf(x / sqrt 2)); with approximate = "tanh" PyTorch's tanh approximation."""
+    name = "mlc.gelu"
+    attrs = {"approximate": Attr("str", "none", choices=("none", "tanh"))}
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = ins[0].astype(np.float64)
+        if op.attr("approximate") == "tanh":
+            return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1 + _erf_array(x / math.sqrt(2)))
+
+
+class Binary(OpDef):
+    operands = 2
+    traits = {PURE, ELEMENTWISE, BROADCASTING}
+    kind = "num"
+    compares = False
+
+    @classmethod
+    def infer(cls, op, ctx):
+        a, b = _tensors(op)
+        same_element([a, b])
+        require_element(a, cls.kind)
+        return [TensorType(broadcast_shapes([a.shape, b.shape]), i1 if cls.compares else a.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        with np.errstate(all="ignore"):
+            return cls.fn(*ins)
+
+
+def _div(a, b):
+    """Floats: IEEE division. Integers: truncation toward zero (C, LLVM sdiv); x / 0 is 0."""
+    if a.dtype.kind == "f":
+        return a / b
+    a, b = np.broadcast_arrays(a, b)
+    safe = np.where(b == 0, 1, b)
+    q = a // safe
+    q = q + ((a % safe != 0) & ((a < 0) != (safe < 0)))
+    return np.where(b == 0, 0, q).astype(a.dtype)
+
+
+BINARY = {  # name: (numpy definition, element kind, commutative, comparison)
+    "add": (np.add, "num", True, False), "sub": (np.subtract, "num", False, False),
+    "mul": (np.multiply, "num", True, False), "div": (_div, "num", False, False),
+    "pow": (np.power, "float", False, False), "maximum": (np.maximum, "num", True, False),
+    "minimum": (np.minimum, "num", True, False),
+    "eq": (np.equal, "any", True, True), "ne": (np.not_equal, "any", True, True),
+    "lt": (np.less, "any", False, True), "le": (np.less_equal, "any", False, True),
+    "gt": (np.greater, "any", False, True), "ge": (np.greater_equal, "any", False, True),
+    "and": (np.bitwise_and, "logic", True, False), "or": (np.bitwise_or, "logic", True, False),
+}
+for _name, (_fn, _kind, _comm, _cmp) in BINARY.items():
+    type(_name.capitalize(), (Binary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
+                                         "compares": _cmp, "traits": Binary.traits | ({COMMUTATIVE} if _comm else set())})
+
+
+class Select(OpDef):
+    """numpy `where(cond, a, b)`; all three broadcast."""
+    name = "mlc.select"
+    operands = 3
+    traits = {PURE, ELEMENTWISE, BROADCASTING}
+
+    @staticmethod
+    def infer(op, ctx):
+        c, a, b = _tensors(op)
+        if not c.element.is_bool:
+            raise VerifyError(f"condition must have element type i1, got {c.element}")
+        same_element([a, b], "operands 1 and 2")
+        return [TensorType(broadcast_shapes([c.shape, a.shape, b.shape]), a.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.where(*ins)
+
+
+class Clamp(OpDef):
+    """min(max(x, min), max), as torch.clamp; either bound may be left out."""
+    name = "mlc.clamp"
+    operands = 1
+    traits = {PURE, ELEMENTWISE}
+    attrs = {"min": Attr("float"), "max": Attr("float")}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        require_element(t, "num")
+        return [t]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = ins[0]
+        lo, hi = op.attr("min"), op.attr("max")
+        if lo is not None:
+            x = np.maximum(x, np.array(lo).astype(x.dtype))
+        if hi is not None:
+            x = np.minimum(x, np.array(hi).astype(x.dtype))
+        return x
+
+
+class Cast(OpDef):
+    """Element type conversion; the result type (or `to`) gives the target. float -> int truncates
+    toward zero and saturates (NaN -> 0); to i1 is `x != 0`."""
+    name = "mlc.cast"
+    operands = 1
+    traits = {PURE, ELEMENTWISE}
+    attrs = {"to": Attr("type")}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        to = op.attr("to")
+        if to is None:
+            if op.results and op.results[0].type is not ERROR and isinstance(op.results[0].type, TensorType):
+                return [t.with_element(op.results[0].type.element)]
+            raise VerifyError("needs a result type or a 'to' attribute")
+        return [t.with_element(to)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, target = ins[0], op.results[0].type.element
+        if target.is_bool:
+            return x != 0
+        if x.dtype.kind == "f" and target.is_int:
+            info = np.iinfo(target.np_dtype)
+            t = np.trunc(np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
+            hi, lo = t >= 2.0 ** (info.bits - 1), t < -(2.0 ** (info.bits - 1))
+            out = np.where(hi | lo, 0, t).astype(target.np_dtype)
+            out[hi | (np.isposinf(x))] = info.max
+            out[lo | (np.isneginf(x))] = info.min
+            return out
+        return x.astype(target.np_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constants
+
+class Constant(OpDef):
+    name = "mlc.constant"
+    traits = {PURE}
+    attrs = {"value": Attr("dense", required=True)}
+    pretty_value = "value"
+
+    @staticmethod
+    def infer(op, ctx):
+        return [op.attributes["value"].type]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return op.attributes["value"].value
+
+
+class Iota(OpDef):
+    """The index along `axis`, broadcast to the (static) result shape."""
+    name = "mlc.iota"
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        if not op.results or op.results[0].type is ERROR:
+            raise VerifyError("needs its result type, e.g. ': tensor<5xi64>'")
+        t = tensor_type(op.results[0].type, "result")
+        if not t.is_static:
+            raise VerifyError(f"result must have a static shape, got {t}")
+        norm_axis(op.attr("axis"), t.rank)
+        return [t]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        t = op.results[0].type
+        axis = norm_axis(op.attr("axis"), t.rank)
+        shape = [1] * t.rank
+        shape[axis] = t.shape[axis]
+        return np.broadcast_to(np.arange(t.shape[axis]).reshape(shape), t.shape)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reductions
+
+class Reduction(OpDef):
+    operands = 1
+    traits = {PURE}
+    attrs = {"axes": Attr("ints"), "keepdims": Attr("bool", False)}
+    kind = "num"
+
+    @classmethod
+    def axes(cls, op, rank):
+        axes = op.attr("axes")
+        return tuple(range(rank)) if axes is None else norm_axes(axes, rank)
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (t,) = _tensors(op)
+        require_element(t, cls.kind)
+        axes = cls.axes(op, t.rank)
+        shape = [1 if i in axes else d for i, d in enumerate(t.shape)] if op.attr("keepdims") \
+            else [d for i, d in enumerate(t.shape) if i not in axes]
+        return [TensorType(tuple(shape), cls.result_element(t))]
+
+    @staticmethod
+    def result_element(t):
+        return t.element
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        x = ins[0]
+        axes = cls.axes(op, x.ndim)
+        if cls.needs_elements and any(x.shape[a] == 0 for a in axes):
+            raise RuntimeCheck(f"reduction over an empty axis of shape {fmt_shape(x.shape)}")
+        return cls.fn(x, axes, bool(op.attr("keepdims")))
+
+    needs_elements = False
+
+
+def _sum(x, axes, keep):
+    return np.sum(_acc(x), axis=axes, keepdims=keep, dtype=None if x.dtype.kind == "f" else x.dtype)
+
+
+def _prod(x, axes, keep):
+    return np.prod(_acc(x), axis=axes, keepdims=keep, dtype=None if x.dtype.kind == "f" else x.dtype)
+
+
+class ReduceSum(Reduction):
+    name = "mlc.reduce_sum"
+    fn = staticmethod(_sum)
+
+
+class ReduceProd(Reduction):
+    name = "mlc.reduce_prod"
+    fn = staticmethod(_prod)
+
+
+class ReduceMean(Reduction):
+    name = "mlc.reduce_mean"
+    kind = "float"
+    fn = staticmethod(lambda x, axes, keep: np.mean(_acc(x), axis=axes, keepdims=keep))
+
+
+class ReduceMax(Reduction):
+    name = "mlc.reduce_max"
+    needs_elements = True
+    fn = staticmethod(lambda x, axes, keep: np.max(x, axis=axes, keepdims=keep))
+
+
+class ReduceMin(Reduction):
+    name = "mlc.reduce_min"
+    needs_elements = True
+    fn = staticmethod(lambda x, axes, keep: np.min(x, axis=axes, keepdims=keep))
+
+
+class ArgReduction(Reduction):
+    """Index (i64) of the first maximum/minimum along the one axis in `axes` (NaN counts as maximal)."""
+    needs_elements = True
+
+    @classmethod
+    def axes(cls, op, rank):
+        axes = super().axes(op, rank)
+        if len(axes) != 1:
+            raise VerifyError(f"reduces exactly one axis; give 'axes = [k]' (got {len(axes)} axes)")
+        return axes
+
+    @staticmethod
+    def result_element(t):
+        return i64
+
+
+class Argmax(ArgReduction):
+    name = "mlc.argmax"
+    fn = staticmethod(lambda x, axes, keep: np.argmax(x, axis=axes[0], keepdims=keep))
+
+
+class Argmin(ArgReduction):
+    name = "mlc.argmin"
+    fn = staticmethod(lambda x, axes, keep: np.argmin(x, axis=axes[0], keepdims=keep))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear algebra
+
+class Matmul(OpDef):
+    """numpy `@`: rank-1 operands are promoted and the added dim removed; batch dims broadcast."""
+    name = "mlc.matmul"
+    operands = 2
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        a, b = _tensors(op)
+        same_element([a, b])
+        require_element(a, "num")
+        if a.rank == 0 or b.rank == 0:
+            raise VerifyError("operands must have rank >= 1")
+        sa = a.shape if a.rank > 1 else (1,) + a.shape
+        sb = b.shape if b.rank > 1 else b.shape + (1,)
+        k1, k2 = sa[-1], sb[-2]
+        if k1 is not None and k2 is not None and k1 != k2:
+            raise VerifyError(f"inner dimensions differ: {k1} (operand 0) vs {k2} (operand 1)")
+        batch = broadcast_shapes([sa[:-2], sb[:-2]])
+        shape = batch + (sa[-2] if a.rank > 1 else None, sb[-1] if b.rank > 1 else None)
+        return [TensorType(tuple(d for i, d in enumerate(shape)
+                                 if not (i == len(shape) - 2 and a.rank == 1) and not (i == len(shape) - 1 and b.rank == 1)),
+                           a.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        a, b = ins
+        if a.dtype.kind != "f":
+            return np.matmul(a, b)
+        return np.matmul(_acc(a), _acc(b))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shape ops
+
+class Reshape(OpDef):
+    """Row-major reshape; the result type gives the shape (one `?` is solved at run time)."""
+    name = "mlc.reshape"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        if not op.results or op.results[0].type is ERROR:
+            raise VerifyError("needs its result type, e.g. ': (tensor<2x3xf32>) -> tensor<6xf32>'")
+        r = tensor_type(op.results[0].type, "result")
+        if r.element != t.element:
+            raise VerifyError(f"element type changes from {t.element} to {r.element}; use mlc.cast")
+        if r.shape.count(None) > 1:
+            raise VerifyError(f"result may have at most one '?' dimension, got {r}")
+        n, m = num_elements(t.shape), num_elements(r.shape)
+        if n is not None and m is not None and n != m:
+            raise VerifyError(f"cannot reshape {n} elements {fmt_shape(t.shape)} into {m} elements {fmt_shape(r.shape)}")
+        return [r]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        shape = [-1 if d is None else d for d in op.results[0].type.shape]
+        x = ins[0]
+        known = math.prod(d for d in shape if d != -1)
+        if -1 in shape and (known == 0 or x.size % known) or -1 not in shape and x.size != known:
+            raise RuntimeCheck(f"cannot reshape an input of shape {fmt_shape(x.shape)} into {op.results[0].type}")
+        return x.reshape(shape)
+
+
+class Transpose(OpDef):
+    name = "mlc.transpose"
+    operands = 1
+    traits = {PURE}
+    attrs = {"perm": Attr("ints", required=True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        perm = tuple(op.attr("perm"))
+        if sorted(perm) != list(range(t.rank)):
+            raise VerifyError(f"'perm' {list(perm)} is not a permutation of the {t.rank} dims")
+        return [t.with_shape(t.shape[p] for p in perm)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.transpose(ins[0], op.attr("perm"))
+
+
+class BroadcastTo(OpDef):
+    """numpy broadcast_to; the result type gives the shape."""
+    name = "mlc.broadcast_to"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        if not op.results or op.results[0].type is ERROR:
+            raise VerifyError("needs its result type")
+        r = tensor_type(op.results[0].type, "result")
+        if r.element != t.element or r.rank < t.rank:
+            raise VerifyError(f"cannot broadcast {t} to {r}")
+        for d, e in zip(t.shape[::-1], r.shape[::-1]):
+            if d is not None and d != 1 and e is not None and d != e:
+                raise VerifyError(f"cannot broadcast {t} to {r}")
+        return [r]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, r = ins[0], op.results[0].type
+        target = [x.shape[i - (len(r.shape) - x.ndim)] if d is None and i >= len(r.shape) - x.ndim else d
+                  for i, d in enumerate(r.shape)]
+        if None in target:
+            raise RuntimeCheck(f"cannot decide the size of a '?' dim broadcasting {fmt_shape(x.shape)} to {r}")
+        try:
+            return np.broadcast_to(x, target)
+        except ValueError:
+            raise RuntimeCheck(f"cannot broadcast shape {fmt_shape(x.shape)} to {fmt_shape(target)}") from None
+
+
+class Concat(OpDef):
+    name = "mlc.concat"
+    operands = (1, None)
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        ts = _tensors(op)
+        same_element(ts)
+        rank = ts[0].rank
+        if any(t.rank != rank for t in ts) or rank == 0:
+            raise VerifyError("operands must have the same rank >= 1: " + ", ".join(map(str, ts)))
+        axis = norm_axis(op.attr("axis"), rank)
+        shape = []
+        for i in range(rank):
+            dims = [t.shape[i] for t in ts]
+            if i == axis:
+                shape.append(None if None in dims else sum(dims))
+                continue
+            static = {d for d in dims if d is not None}
+            if len(static) > 1:
+                raise VerifyError(f"operands differ in dim {i}: " + ", ".join(fmt_shape(t.shape) for t in ts))
+            shape.append(static.pop() if static else None)
+        return [TensorType(tuple(shape), ts[0].element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.concatenate(ins, axis=op.attr("axis"))
+
+
+class Slice(OpDef):
+    """Python slicing per dim: `x[start[i]:limit[i]:stride[i]]` (negative bounds count from the end,
+    bounds clamp to the dim); strides are positive."""
+    name = "mlc.slice"
+    operands = 1
+    traits = {PURE}
+    attrs = {"start": Attr("ints", required=True), "limit": Attr("ints", required=True), "stride": Attr("ints")}
+
+    @staticmethod
+    def bounds(op, rank):
+        start, limit = tuple(op.attr("start")), tuple(op.attr("limit"))
+        stride = tuple(op.attr("stride") or (1,) * rank)
+        for what, v in (("start", start), ("limit", limit), ("stride", stride)):
+            if len(v) != rank:
+                raise VerifyError(f"'{what}' has {len(v)} entries but the operand has rank {rank}")
+        positive(stride, "stride")
+        return start, limit, stride
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        start, limit, stride = Slice.bounds(op, t.rank)
+        shape = tuple(None if d is None else len(range(*slice(s, l, k).indices(d)))
+                      for d, s, l, k in zip(t.shape, start, limit, stride))
+        return [t.with_shape(shape)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        start, limit, stride = Slice.bounds(op, ins[0].ndim)
+        return ins[0][tuple(slice(s, l, k) for s, l, k in zip(start, limit, stride))]
+
+
+class Pad(OpDef):
+    """Constant padding: `low[i]` before and `high[i]` after dim i, filled with `value`."""
+    name = "mlc.pad"
+    operands = 1
+    traits = {PURE}
+    attrs = {"low": Attr("ints", required=True), "high": Attr("ints", required=True), "value": Attr("float", 0.0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        low, high = tuple(op.attr("low")), tuple(op.attr("high"))
+        if len(low) != t.rank or len(high) != t.rank:
+            raise VerifyError(f"'low' and 'high' need {t.rank} entries each, got {len(low)} and {len(high)}")
+        if any(v < 0 for v in low + high):
+            raise VerifyError("padding must be non-negative")
+        return [t.with_shape(None if d is None else d + lo + hi for d, lo, hi in zip(t.shape, low, high))]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = ins[0]
+        return np.pad(x, list(zip(op.attr("low"), op.attr("high"))), constant_values=np.array(op.attr("value")).astype(x.dtype))
+
+
+def _check_indices(idx, size, what="index"):
+    if idx.size and (idx.min() < 0 or idx.max() >= size):
+        bad = idx[(idx < 0) | (idx >= size)].reshape(-1)[0]
+        raise RuntimeCheck(f"{what} {bad} is out of range for a dim of size {size}")
+
+
+class Gather(OpDef):
+    """numpy `take(x, indices, axis)`: result shape x[:axis] + indices.shape + x[axis+1:]."""
+    name = "mlc.gather"
+    operands = 2
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, idx = _tensors(op)
+        require_element(idx, "int", 1)
+        axis = norm_axis(op.attr("axis"), x.rank)
+        return [x.with_shape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, idx = ins
+        axis = op.attr("axis") % x.ndim
+        _check_indices(idx, x.shape[axis])
+        return np.take(x, idx, axis=axis)
+
+
+class ScatterAdd(OpDef):
+    """`x` with `updates` added at `indices` along `axis` (repeated indices accumulate): the adjoint of
+    gather. updates have shape x[:axis] + indices.shape + x[axis+1:]."""
+    name = "mlc.scatter_add"
+    operands = 3
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, idx, upd = _tensors(op)
+        require_element(idx, "int", 1)
+        same_element([x, upd], "operands 0 and 2")
+        axis = norm_axis(op.attr("axis"), x.rank)
+        want = x.shape[:axis] + idx.shape + x.shape[axis + 1:]
+        if len(want) != upd.rank or not all(a is None or b is None or a == b for a, b in zip(want, upd.shape)):
+            raise VerifyError(f"updates must have shape {fmt_shape(want)}, got {fmt_shape(upd.shape)}")
+        return [x]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, idx, upd = ins
+        axis = op.attr("axis") % x.ndim
+        _check_indices(idx, x.shape[axis])
+        out = x.copy()
+        k = idx.ndim
+        np.add.at(np.moveaxis(out, axis, 0), idx, np.moveaxis(upd, list(range(axis, axis + k)), list(range(k))))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Neural network ops (NCHW images, OIHW weights)
+
+def _windows(x, kh, kw, sh, sw, dh, dw):
+    """Strided view (N, C, OH, OW, kh, kw) of an already padded NCHW array."""
+    n, c, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    s = x.strides
+    return np.lib.stride_tricks.as_strided(x, (n, c, oh, ow, kh, kw),
+                                           (s[0], s[1], s[2] * sh, s[3] * sw, s[2] * dh, s[3] * dw), writeable=False)
+
+
+def _pad_nchw(x, pads, value=0):
+    top, left, bottom, right = pads
+    return np.pad(x, [(0, 0), (0, 0), (top, bottom), (left, right)], constant_values=value)
+
+
+class Conv2d(OpDef):
+    """Cross-correlation as torch.nn.functional.conv2d: input NCHW, weight O x (C/groups) x kh x kw,
+    padding [top, left, bottom, right] (or [h, w])."""
+    name = "mlc.conv2d"
+    operands = 2
+    traits = {PURE}
+    attrs = {"stride": Attr("ints", (1, 1)), "padding": Attr("ints", (0, 0, 0, 0)),
+             "dilation": Attr("ints", (1, 1)), "groups": Attr("int", 1)}
+
+    @staticmethod
+    def params(op):
+        stride = positive(_pair(op.attr("stride"), "stride"), "stride")
+        dilation = positive(_pair(op.attr("dilation"), "dilation"), "dilation")
+        groups = op.attr("groups")
+        if groups < 1:
+            raise VerifyError(f"'groups' must be positive, got {groups}")
+        return stride, pads4(op.attr("padding")), dilation, groups
+
+    @staticmethod
+    def infer(op, ctx):
+        x, w = _tensors(op)
+        same_element([x, w])
+        require_element(x, "float")
+        _rank(x, 4, "input (NCHW)"), _rank(w, 4, "weight (OIHW)")
+        (sh, sw), (pt, pl, pb, pr), (dh, dw), g = Conv2d.params(op)
+        n, c, h, wd = x.shape
+        o, cg, kh, kw = w.shape
+        if o is not None and o % g:
+            raise VerifyError(f"output channels {o} are not divisible by groups {g}")
+        if c is not None and cg is not None and c != cg * g:
+            raise VerifyError(f"input has {c} channels but the weight expects {cg} x {g} groups = {cg * g}")
+        if kh is None or kw is None:
+            raise VerifyError("the kernel size must be static")
+        return [TensorType((n, o, window_out(h, pt, pb, kh, sh, dh), window_out(wd, pl, pr, kw, sw, dw)), x.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, w = (_acc(a) for a in ins)
+        (sh, sw), pads, (dh, dw), g = Conv2d.params(op)
+        cols = _windows(_pad_nchw(x, pads), w.shape[2], w.shape[3], sh, sw, dh, dw)
+        n, c, oh, ow, kh, kw = cols.shape
+        cols = cols.reshape(n, g, c // g, oh, ow, kh, kw)
+        wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
+        out = np.einsum("ngcyxij,gocij->ngoyx", cols, wg, optimize=True)
+        return out.reshape(n, w.shape[0], oh, ow)
+
+
+class Conv2dTranspose(OpDef):
+    """torch.nn.functional.conv_transpose2d: input NCHW, weight C x (O/groups) x kh x kw; the output is
+    cropped by padding [top, left, bottom, right] and grown by output_padding [h, w] at the bottom/right."""
+    name = "mlc.conv2d_transpose"
+    operands = 2
+    traits = {PURE}
+    attrs = {"stride": Attr("ints", (1, 1)), "padding": Attr("ints", (0, 0, 0, 0)),
+             "output_padding": Attr("ints", (0, 0)), "dilation": Attr("ints", (1, 1)), "groups": Attr("int", 1)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, w = _tensors(op)
+        same_element([x, w])
+        require_element(x, "float")
+        _rank(x, 4, "input (NCHW)"), _rank(w, 4, "weight (C x O/groups x kh x kw)")
+        stride, pads, dilation, g = Conv2d.params(op)
+        oph, opw = _pair(op.attr("output_padding"), "output_padding")
+        for o_pad, s, d in ((oph, stride[0], dilation[0]), (opw, stride[1], dilation[1])):
+            if not 0 <= o_pad < max(s, d):
+                raise VerifyError(f"'output_padding' must be smaller than stride or dilation, got {o_pad}")
+        n, c, h, wd = x.shape
+        cw, og, kh, kw = w.shape
+        if c is not None and cw is not None and c != cw:
+            raise VerifyError(f"input has {c} channels but the weight has {cw}")
+        if cw is not None and cw % g:
+            raise VerifyError(f"input channels {cw} are not divisible by groups {g}")
+        if kh is None or kw is None:
+            raise VerifyError("the kernel size must be static")
+
+        def out(size, lo, hi, k, s, d, extra):
+            if size is None:
+                return None
+            r = (size - 1) * s - lo - hi + d * (k - 1) + extra + 1
+            if r < 1:
+                raise VerifyError(f"padding leaves an empty output ({r})")
+            return r
+        return [TensorType((n, None if og is None else og * g, out(h, pads[0], pads[2], kh, stride[0], dilation[0], oph),
+                            out(wd, pads[1], pads[3], kw, stride[1], dilation[1], opw)), x.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, w = (_acc(a) for a in ins)
+        (sh, sw), (pt, pl, pb, pr), (dh, dw), g = Conv2d.params(op)
+        oph, opw = op.attr("output_padding")
+        n, c, h, wd = x.shape
+        _, og, kh, kw = w.shape
+        full_h, full_w = (h - 1) * sh + dh * (kh - 1) + 1 + oph, (wd - 1) * sw + dw * (kw - 1) + 1 + opw
+        full = np.zeros((n, g, og, full_h, full_w), np.result_type(x, w))
+        xg = x.reshape(n, g, c // g, h, wd)
+        wg = w.reshape(g, c // g, og, kh, kw)
+        for i in range(kh):
+            for j in range(kw):
+                full[:, :, :, i * dh: i * dh + (h - 1) * sh + 1: sh, j * dw: j * dw + (wd - 1) * sw + 1: sw] += \
+                    np.einsum("ngchw,gco->ngohw", xg, wg[:, :, :, i, j], optimize=True)
+        full = full.reshape(n, g * og, full_h, full_w)
+        return full[:, :, pt: full_h - pb, pl: full_w - pr]
+
+
+class Pool2d(OpDef):
+    operands = 1
+    traits = {PURE}
+    attrs = {"kernel": Attr("ints", required=True), "stride": Attr("ints"), "padding": Attr("ints", (0, 0, 0, 0))}
+
+    @classmethod
+    def params(cls, op):
+        kernel = positive(_pair(op.attr("kernel"), "kernel"), "kernel")
+        stride = positive(_pair(op.attr("stride") or kernel, "stride"), "stride")
+        pads = pads4(op.attr("padding"))
+        if any(p > k // 2 for p, k in zip(pads, kernel * 2)):
+            raise VerifyError(f"padding {list(pads)} must be at most half the kernel {list(kernel)}")
+        return kernel, stride, pads
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (x,) = _tensors(op)
+        _rank(x, 4, "input (NCHW)")
+        require_element(x, cls.kind)
+        (kh, kw), (sh, sw), (pt, pl, pb, pr) = cls.params(op)
+        n, c, h, w = x.shape
+        return [x.with_shape((n, c, window_out(h, pt, pb, kh, sh), window_out(w, pl, pr, kw, sw)))]
+
+
+class MaxPool2d(Pool2d):
+    """torch max_pool2d (padding is never the maximum)."""
+    name = "mlc.max_pool2d"
+    kind = "num"
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = ins[0]
+        (kh, kw), (sh, sw), pads = MaxPool2d.params(op)
+        low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+        return _windows(_pad_nchw(x, pads, low), kh, kw, sh, sw, 1, 1).max(axis=(4, 5))
+
+
+class AvgPool2d(Pool2d):
+    """torch avg_pool2d: with count_include_pad (default) padding counts toward the divisor."""
+    name = "mlc.avg_pool2d"
+    kind = "float"
+    attrs = {**Pool2d.attrs, "count_include_pad": Attr("bool", True)}
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = _acc(ins[0])
+        (kh, kw), (sh, sw), pads = AvgPool2d.params(op)
+        sums = _windows(_pad_nchw(x, pads), kh, kw, sh, sw, 1, 1).sum(axis=(4, 5))
+        if op.attr("count_include_pad"):
+            return sums / (kh * kw)
+        ones = _pad_nchw(np.ones((1, 1) + x.shape[2:], x.dtype), pads)
+        return sums / _windows(ones, kh, kw, sh, sw, 1, 1).sum(axis=(4, 5))
+
+
+def _pair(values, what):
+    values = tuple(values)
+    if len(values) != 2:
+        raise VerifyError(f"'{what}' must have 2 entries, got {len(values)}")
+    return values
+
+
+def _rank(t, rank, what):
+    if t.rank != rank:
+        raise VerifyError(f"{what} must have rank {rank}, got {t}")
+
+
+class Softmax(OpDef):
+    name = "mlc.softmax"
+    operands = 1
+    traits = {PURE}
+    attrs = {"axis": Attr("int", -1)}
+
+    @staticmethod
+    def infer(op, ctx):
+        (t,) = _tensors(op)
+        require_element(t, "float")
+        norm_axis(op.attr("axis"), t.rank)
+        return [t]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = _acc(ins[0])
+        e = np.exp(x - np.max(x, axis=op.attr("axis"), keepdims=True))
+        return e / np.sum(e, axis=op.attr("axis"), keepdims=True)
+
+
+class LogSoftmax(Softmax):
+    name = "mlc.log_softmax"
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x = _acc(ins[0])
+        s = x - np.max(x, axis=op.attr("axis"), keepdims=True)
+        return s - np.log(np.sum(np.exp(s), axis=op.attr("axis"), keepdims=True))
+
+
+class CrossEntropy(OpDef):
+    """Mean negative log-likelihood of integer labels under softmax(logits) over dim 1:
+    logits [N, C, d...], labels [N, d...] (torch.nn.functional.cross_entropy)."""
+    name = "mlc.cross_entropy"
+    operands = 2
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, y = _tensors(op)
+        require_element(x, "float")
+        require_element(y, "int", 1)
+        if x.rank < 2:
+            raise VerifyError(f"logits must have rank >= 2 (batch, classes, ...), got {x}")
+        want = (x.shape[0],) + x.shape[2:]
+        if y.rank != len(want) or not all(a is None or b is None or a == b for a, b in zip(want, y.shape)):
+            raise VerifyError(f"labels must have shape {fmt_shape(want)} for logits {fmt_shape(x.shape)}, got {fmt_shape(y.shape)}")
+        return [TensorType((), x.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, y = _acc(ins[0]), ins[1]
+        _check_indices(y, x.shape[1], "label")
+        s = x - np.max(x, axis=1, keepdims=True)
+        logp = s - np.log(np.sum(np.exp(s), axis=1, keepdims=True))
+        picked = np.take_along_axis(logp, np.expand_dims(y, 1), axis=1)
+        return -np.mean(picked)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Randomness
+
+class RandomOp(OpDef):
+    """Counter-based random numbers (ir/random.py defines the bits). Operand 0 is a tensor<2xi64>
+    key (seed, offset); an optional operand 1 gives the result shape at run time (its `?` dims)."""
+    operands = (1, 2)
+    traits = {PURE}
+
+    @classmethod
+    def infer(cls, op, ctx):
+        ts = _tensors(op)
+        key = ts[0]
+        if key.element != i64 or key.shape not in ((2,), (None,)):
+            raise VerifyError(f"key must be tensor<2xi64> (seed, offset), got {key}")
+        declared = op.results[0].type if op.results and op.results[0].type is not ERROR else None
+        if len(ts) == 2:
+            like = ts[1]
+            element = declared.element if isinstance(declared, TensorType) else (like.element if like.element.is_float else f32)
+            return [TensorType(like.shape, element)]
+        if declared is None:
+            raise VerifyError("needs its result type (or a second operand giving the shape)")
+        r = tensor_type(declared, "result")
+        require_element(r, "float")
+        if not r.is_static:
+            raise VerifyError("a result with '?' dims needs a second operand giving the shape")
+        return [r]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        seed, offset = (int(v) for v in ins[0])
+        shape = ins[1].shape if len(ins) == 2 else op.results[0].type.shape
+        return cls.draw(op, shape, seed, offset)
+
+
+class RandomUniform(RandomOp):
+    name = "mlc.random_uniform"
+    attrs = {"low": Attr("float", 0.0), "high": Attr("float", 1.0)}
+
+    @staticmethod
+    def draw(op, shape, seed, offset):
+        return rng.uniform(shape, seed, offset, op.attr("low"), op.attr("high"), np.float64)
+
+
+class RandomNormal(RandomOp):
+    name = "mlc.random_normal"
+    attrs = {"mean": Attr("float", 0.0), "std": Attr("float", 1.0)}
+
+    @staticmethod
+    def draw(op, shape, seed, offset):
+        return rng.normal(shape, seed, offset, op.attr("mean"), op.attr("std"), np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Control flow
+
+class Scan(OpDef):
+    """Runs its region once per step along axis 0 of the sequence operands. Operands: the
+    `num_carries` initial carries, then the sequences. Region args: carries, then one slice of each
+    sequence. The region yields the next carries, then the per-step outputs. Results: the final
+    carries, then the outputs stacked along axis 0. `reverse` walks the steps backwards (outputs keep
+    their step's position). With no sequences, `length` gives the number of steps."""
+    name = "mlc.scan"
+    operands = (0, None)
+    results = None
+    regions = 1
+    attrs = {"num_carries": Attr("int", required=True), "reverse": Attr("bool", False), "length": Attr("int")}
+
+    @staticmethod
+    def split(op):
+        k = op.attr("num_carries")
+        if not 0 <= k <= len(op.operands):
+            raise VerifyError(f"'num_carries' {k} exceeds the {len(op.operands)} operands")
+        return op.operand_types[:k], op.operand_types[k:]
+
+    @staticmethod
+    def length(op, seqs):
+        dims = {tensor_type(t, "sequence").shape[0] if tensor_type(t, "sequence").rank else 'scalar' for t in seqs}
+        if 'scalar' in dims:
+            raise VerifyError("sequence operands must have rank >= 1")
+        static = {d for d in dims if d is not None}
+        if len(static) > 1:
+            raise VerifyError(f"sequences have different lengths: {sorted(static)}")
+        if not seqs:
+            if op.attr("length") is None:
+                raise VerifyError("a scan without sequences needs a 'length' attribute")
+            return op.attr("length")
+        return static.pop() if static else None
+
+    @staticmethod
+    def infer(op, ctx):
+        carries, seqs = Scan.split(op)
+        steps = Scan.length(op, seqs)
+        block = op.regions[0].blocks[0] if op.regions and op.regions[0].blocks else None
+        y = block.last if block is not None else None
+        if y is None or y.name != "mlc.yield":
+            raise VerifyError("the region must end with mlc.yield")
+        outs = y.operand_types[len(carries):]
+        return list(carries) + [TensorType((steps,) + tensor_type(t, "yielded value").shape, t.element) for t in outs]
+
+    @staticmethod
+    def verify(op, ctx):
+        carries, seqs = Scan.split(op)
+        block = op.regions[0].blocks[0]
+        want = list(carries) + [tensor_type(t).with_shape(t.shape[1:]) for t in seqs]
+        got = [a.type for a in block.args]
+        if len(got) != len(want) or not all(types_compatible(a, b) for a, b in zip(want, got)):
+            raise VerifyError("region arguments must be (" + ", ".join(map(str, want)) + "), got ("
+                              + ", ".join(map(str, got)) + ")")
+        yielded = block.last.operand_types
+        if len(yielded) < len(carries) or not all(types_compatible(a, b) for a, b in zip(carries, yielded)):
+            raise VerifyError("the region must yield the carries (" + ", ".join(map(str, carries))
+                              + ") first, got (" + ", ".join(map(str, yielded)) + ")")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        k = op.attr("num_carries")
+        carries, seqs = list(ins[:k]), ins[k:]
+        lengths = {s.shape[0] for s in seqs}
+        if len(lengths) > 1:
+            raise RuntimeCheck(f"sequences have different lengths {sorted(lengths)}")
+        steps = lengths.pop() if lengths else op.attr("length")
+        order = range(steps - 1, -1, -1) if op.attr("reverse") else range(steps)
+        outs = [None] * steps
+        for t in order:
+            ys = ctx.run_region(op.regions[0], carries + [s[t] for s in seqs])
+            carries, outs[t] = ys[:k], ys[k:]
+        out_types = op.result_types[k:]
+        stacked = [np.stack([o[j] for o in outs]) if steps else np.zeros((0,) + tuple(d or 0 for d in t.shape[1:]), t.element.np_dtype)
+                   for j, t in enumerate(out_types)]
+        return carries + stacked
+
+
+class Yield(OpDef):
+    name = "mlc.yield"
+    operands = (0, None)
+    results = 0
+    traits = {TERMINATOR, PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        parent = op.parent_op
+        if parent is None or parent.name != "mlc.scan" or op.next is not None:
+            raise VerifyError("must be the last op of an mlc.scan region")
+
+
+# ---------------------------------------------------------------------------------------------------
+# State
+
+class Global(OpDef):
+    """A tensor that lives across calls. `init`: "zeros", "ones", dense<...>, "uniform" (low, high),
+    "normal" (mean, std), "glorot_uniform", "glorot_normal", "he_uniform", "he_normal"; drawn from the
+    module seed (ir/random.py), a stream per global name. Fans: rank 2 [in, out] (x @ w); rank 4
+    OIHW fan_in = I*kh*kw, fan_out = O*kh*kw."""
+    name = "mlc.global"
+    results = 0
+    traits = {SYMBOL}
+    attrs = {"sym_name": Attr("str", required=True), "type": Attr("type", required=True),
+             "init": Attr("init", "zeros"), "trainable": Attr("bool", False), "low": Attr("float", 0.0),
+             "high": Attr("float", 1.0), "mean": Attr("float", 0.0), "std": Attr("float", 1.0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        t = op.attr("type")
+        if not isinstance(t, TensorType) or not t.is_static:
+            raise VerifyError(f"a global must have a static tensor type, got {t}")
+        init = op.attributes.get("init")
+        if isinstance(init, DenseAttr):
+            if init.type != t:
+                raise VerifyError(f"initial value has type {init.type} but the global is {t}")
+        elif op.attr("init") not in ("zeros", "ones") and not t.element.is_float:
+            raise VerifyError(f"initialiser \"{op.attr('init')}\" needs a floating-point type, got {t}")
+
+    @staticmethod
+    def initial_value(op, seed: int) -> np.ndarray:
+        t, init = op.attr("type"), op.attr("init")
+        dtype = t.element.np_dtype
+        if isinstance(init, np.ndarray):
+            return init.copy()
+        if init in ("zeros", "ones"):
+            return np.full(t.shape, 1 if init == "ones" else 0, dtype)
+        shape, offset = t.shape, rng.name_offset(op.attr("sym_name"))
+        rf = math.prod(shape[2:]) if len(shape) > 2 else 1
+        fan_in = shape[0] if len(shape) <= 2 and shape else (shape[1] * rf if len(shape) > 2 else 1)
+        fan_out = shape[1] if len(shape) == 2 else (shape[0] * rf if len(shape) > 2 else fan_in)
+        if len(shape) == 1:
+            fan_in = fan_out = shape[0]
+        if init == "uniform":
+            return rng.uniform(shape, seed, offset, op.attr("low"), op.attr("high"), dtype)
+        if init == "normal":
+            return rng.normal(shape, seed, offset, op.attr("mean"), op.attr("std"), dtype)
+        bound_or_std = {"glorot_uniform": math.sqrt(6 / (fan_in + fan_out)), "glorot_normal": math.sqrt(2 / (fan_in + fan_out)),
+                        "he_uniform": math.sqrt(6 / fan_in), "he_normal": math.sqrt(2 / fan_in)}[init]
+        if init.endswith("uniform"):
+            return rng.uniform(shape, seed, offset, -bound_or_std, bound_or_std, dtype)
+        return rng.normal(shape, seed, offset, 0.0, bound_or_std, dtype)
+
+
+def _global_decl(op, ctx):
+    name = op.attr("global")
+    decl = ctx.symbols.get(name)
+    if decl is None or decl.name != "mlc.global":
+        raise VerifyError(f"'@{name}' is not a declared mlc.global")
+    return decl.attr("type")
+
+
+class GlobalLoad(OpDef):
+    name = "mlc.global_load"
+    traits = {READS, USES_SYMBOLS}
+    attrs = {"global": Attr("symbol", required=True)}
+    pretty_symbol = "global"
+
+    @staticmethod
+    def infer(op, ctx):
+        return [_global_decl(op, ctx)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ctx.globals[op.attr("global")]
+
+
+class GlobalStore(OpDef):
+    name = "mlc.global_store"
+    operands = 1
+    results = 0
+    traits = {USES_SYMBOLS}
+    attrs = {"global": Attr("symbol", required=True)}
+    pretty_symbol = "global"
+
+    @staticmethod
+    def infer(op, ctx):
+        t = _global_decl(op, ctx)
+        if not types_compatible(t, op.operand_types[0]):
+            raise VerifyError(f"stores a {op.operand_types[0]} into @{op.attr('global')} of type {t}")
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        t = ctx.module_globals_types[op.attr("global")]
+        if ins[0].shape != t.shape:
+            raise RuntimeCheck(f"stores shape {fmt_shape(ins[0].shape)} into @{op.attr('global')} of type {t}")
+        ctx.globals[op.attr("global")] = np.array(ins[0], dtype=t.element.np_dtype)
+        return []
+

@@ -1,0 +1,131 @@
+"""The dialect registry: every op is declared once, as a subclass of `OpDef`.
+
+A declaration holds the op's syntax (operand/result counts, attributes with kinds and defaults,
+regions, pretty-form extras), traits, type inference, extra verification, the interpreter kernel and
+folding hooks. Everything else — parser, printer, verifier, interpreter, passes — asks the registry.
+
+    class Exp(OpDef):
+        name = "mlc.exp"
+        operands = 1
+        traits = {PURE, ELEMENTWISE}
+        def infer(op, ctx): ...          # -> result types; raise VerifyError(message) if ill-typed
+        def interpret(ins, op, ctx): ... # numpy arrays in, array (or list of arrays) out
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .attributes import (ArrayAttr, BoolAttr, DenseArrayAttr, DenseAttr, FloatAttr, IntAttr, StringAttr,
+                         SymbolRefAttr, TypeAttr, UnitAttr)
+
+# Traits
+PURE = "pure"                  # no side effects: CSE-able, dead if unused
+READS = "reads"                # reads state (global_load): dead if unused, but not CSE-able
+ELEMENTWISE = "elementwise"
+BROADCASTING = "broadcasting"
+COMMUTATIVE = "commutative"
+TERMINATOR = "terminator"
+HAS_REGION = "has_region"
+SYMBOL = "symbol"              # defines a symbol (func.func, mlc.global)
+USES_SYMBOLS = "uses_symbols"  # verification depends on the symbol table (not cached)
+
+
+class VerifyError(Exception):
+    """Raised by `infer`/`verify` hooks; the verifier turns it into a located diagnostic."""
+
+
+@dataclass(frozen=True)
+class Attr:
+    """An attribute's declaration: its kind, default, whether it is required, allowed string values."""
+    kind: str
+    default: Any = None
+    required: bool = False
+    choices: tuple = ()
+
+    def accepts(self, a) -> bool:
+        ok = {
+            "int": lambda: isinstance(a, IntAttr),
+            "float": lambda: isinstance(a, (FloatAttr, IntAttr)),
+            "str": lambda: isinstance(a, StringAttr) and (not self.choices or a.value in self.choices),
+            "bool": lambda: isinstance(a, (BoolAttr, UnitAttr)),
+            "ints": lambda: (isinstance(a, DenseArrayAttr) and a.element.is_int)
+            or (isinstance(a, ArrayAttr) and all(isinstance(e, IntAttr) for e in a.elements)),
+            "type": lambda: isinstance(a, TypeAttr),
+            "symbol": lambda: isinstance(a, SymbolRefAttr),
+            "dense": lambda: isinstance(a, DenseAttr),
+            "init": lambda: isinstance(a, DenseAttr) or (isinstance(a, StringAttr) and a.value in INITIALISERS),
+            "any": lambda: True,
+        }[self.kind]
+        return ok()
+
+    def describe(self) -> str:
+        if self.kind == "str" and self.choices:
+            return "one of " + ", ".join(f'"{c}"' for c in self.choices)
+        if self.kind == "init":
+            return "an initialiser (" + ", ".join(f'"{c}"' for c in INITIALISERS) + " or dense<...>)"
+        return {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean",
+                "ints": "an array of integers", "type": "a type", "symbol": "a symbol reference (@name)",
+                "dense": "a dense<...> constant", "any": "an attribute"}[self.kind]
+
+
+INITIALISERS = ("zeros", "ones", "uniform", "normal", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal")
+
+_REGISTRY: dict[str, type["OpDef"]] = {}
+
+
+class OpDef:
+    """Base of every op declaration. Subclasses with a `name` register themselves."""
+    name: str = ""
+    summary: str = ""
+    operands: int | tuple = 0        # a count, or (min, max) with max None for unbounded
+    results: int | None = 1          # None: decided by inference / the signature
+    attrs: dict[str, Attr] = {}
+    regions: int = 0
+    traits: frozenset = frozenset()
+    pretty_symbol: str | None = None  # attribute written as `@name` first in the pretty form
+    pretty_value: str | None = None   # attribute written as the first pretty item (constant's dense)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.traits = frozenset(cls.traits)
+        if cls.regions:
+            cls.traits |= {HAS_REGION}
+        if cls.name:
+            _REGISTRY[cls.name] = cls
+
+    @staticmethod
+    def infer(op, ctx):
+        """Result types from operand types and attributes."""
+        raise VerifyError("cannot infer the result types; write the signature")
+
+    @staticmethod
+    def verify(op, ctx):
+        """Checks beyond inference (regions, symbols); raise VerifyError."""
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        raise NotImplementedError(f"no interpreter kernel for {op.name}")
+
+    @staticmethod
+    def fold(op, consts):
+        """Algebraic simplification: return replacement values/arrays for the results, or None.
+        `consts[i]` is the numpy value of operand i when it is a constant, else None."""
+        return None
+
+    @classmethod
+    def operand_range(cls) -> tuple:
+        return (cls.operands, cls.operands) if isinstance(cls.operands, int) else cls.operands
+
+
+def lookup_op(name: str) -> type[OpDef] | None:
+    return _REGISTRY.get(name)
+
+
+def all_ops() -> dict[str, type[OpDef]]:
+    return dict(_REGISTRY)
+
+
+def load_dialects():
+    """Import the dialect modules so their ops register (idempotent)."""
+    from .dialects import func, mlc  # noqa: F401

@@ -1,0 +1,191 @@
+"""IR types: element types, tensors (static or `?` dims), and room for lower-level types.
+
+Types are immutable and interned through `parse_type`, so equality is cheap and the parser can turn a
+whole `tensor<...>` token into a type with one dictionary lookup.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+DYNAMIC = None  # a `?` dimension
+
+
+class Type:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ElementType(Type):
+    name: str
+
+    @property
+    def is_float(self) -> bool:
+        return self.name in FLOAT_NAMES
+
+    @property
+    def is_int(self) -> bool:
+        return self.name in INT_NAMES
+
+    @property
+    def is_bool(self) -> bool:
+        return self.name == "i1"
+
+    @property
+    def bits(self) -> int:
+        return BITS[self.name]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        """The numpy dtype holding values of this type (bf16 is held in float32, rounded)."""
+        return NP_DTYPES[self.name]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FLOAT_NAMES = ("f16", "bf16", "f32", "f64")
+INT_NAMES = ("i1", "i8", "i32", "i64")
+BITS = {"f16": 16, "bf16": 16, "f32": 32, "f64": 64, "i1": 1, "i8": 8, "i32": 32, "i64": 64, "index": 64}
+NP_DTYPES = {
+    "f16": np.dtype(np.float16), "bf16": np.dtype(np.float32), "f32": np.dtype(np.float32),
+    "f64": np.dtype(np.float64), "i1": np.dtype(np.bool_), "i8": np.dtype(np.int8),
+    "i32": np.dtype(np.int32), "i64": np.dtype(np.int64), "index": np.dtype(np.int64),
+}
+
+f16, bf16, f32, f64 = (ElementType(n) for n in FLOAT_NAMES)
+i1, i8, i32, i64 = (ElementType(n) for n in INT_NAMES)
+index = ElementType("index")
+ELEMENT_TYPES = {t.name: t for t in (f16, bf16, f32, f64, i1, i8, i32, i64, index)}
+
+
+def _dims_str(shape) -> str:
+    return "".join(("?" if d is None else str(d)) + "x" for d in shape)
+
+
+@dataclass(frozen=True, slots=True)
+class ShapedType(Type):
+    """Shared by tensor, memref and vector types: a shape (None = dynamic) and an element type."""
+    shape: tuple
+    element: ElementType
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_static(self) -> bool:
+        return None not in self.shape
+
+    def with_shape(self, shape) -> "ShapedType":
+        return type(self)(tuple(shape), self.element)
+
+    def with_element(self, element: ElementType) -> "ShapedType":
+        return type(self)(self.shape, element)
+
+    def __str__(self) -> str:
+        return f"{self.keyword}<{_dims_str(self.shape)}{self.element}>"
+
+
+class TensorType(ShapedType):
+    __slots__ = ()
+    keyword = "tensor"
+
+
+class MemRefType(ShapedType):
+    __slots__ = ()
+    keyword = "memref"
+
+
+class VectorType(ShapedType):
+    __slots__ = ()
+    keyword = "vector"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorType(Type):
+    """The type of a value whose defining op failed to verify; suppresses cascading errors."""
+
+    def __str__(self) -> str:
+        return "<<error>>"
+
+
+ERROR = ErrorType()
+
+
+def tensor(shape, element: ElementType) -> TensorType:
+    return TensorType(tuple(shape), element)
+
+
+def dims_compatible(a, b) -> bool:
+    return a is None or b is None or a == b
+
+
+def types_compatible(a: Type, b: Type) -> bool:
+    """Equal up to `?` dims (a `?` matches any size; the size is checked at run time)."""
+    if a == b:
+        return True
+    if isinstance(a, ShapedType) and type(a) is type(b):
+        return (a.element == b.element and a.rank == b.rank
+                and all(dims_compatible(x, y) for x, y in zip(a.shape, b.shape)))
+    return False
+
+
+_SHAPED = re.compile(r"(tensor|memref|vector)<\s*((?:(?:\?|\d+)\s*x\s*)*)(\w+)\s*>\Z")
+_SHAPED_KINDS = {"tensor": TensorType, "memref": MemRefType, "vector": VectorType}
+_type_cache: dict[str, Type] = {}
+
+
+def parse_type(text: str) -> Type:
+    """Parse one type; raises ValueError with a short reason. Results are interned."""
+    t = _type_cache.get(text)
+    if t is not None:
+        return t
+    t = ELEMENT_TYPES.get(text)
+    if t is None:
+        m = _SHAPED.match(text)
+        if not m:
+            raise ValueError(f"invalid type '{text}'")
+        element = ELEMENT_TYPES.get(m.group(3))
+        if element is None:
+            raise ValueError(f"unknown element type '{m.group(3)}' in '{text}'")
+        dims = [d.strip() for d in m.group(2).split("x")[:-1]]
+        t = _SHAPED_KINDS[m.group(1)](tuple(None if d == "?" else int(d) for d in dims), element)
+    if len(_type_cache) < 100_000:
+        _type_cache[text] = t
+    return t
+
+
+def element_of(dtype: np.dtype) -> ElementType:
+    """The element type for a numpy dtype, or ValueError."""
+    for name in ("f16", "f32", "f64", "i1", "i8", "i32", "i64"):
+        if NP_DTYPES[name] == dtype:
+            return ELEMENT_TYPES[name]
+    raise ValueError(f"unsupported dtype {dtype}")
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionType(Type):
+    inputs: tuple
+    results: tuple
+
+    def __str__(self) -> str:
+        return f"({', '.join(map(str, self.inputs))}) -> {format_result_types(self.results)}"
+
+
+def format_result_types(types) -> str:
+    if len(types) == 1 and not isinstance(types[0], FunctionType):
+        return str(types[0])
+    return "(" + ", ".join(map(str, types)) + ")"
+
+
+def round_to_element(array: np.ndarray, element: ElementType) -> np.ndarray:
+    """Values as `element` holds them: bf16 rounds float32 to nearest-even on the top 16 bits."""
+    if element.name != "bf16":
+        return array.astype(element.np_dtype, copy=False)
+    bits = np.asarray(array, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+    out = rounded.view(np.float32)
+    return np.where(np.isnan(array), np.float32(np.nan), out).astype(np.float32)

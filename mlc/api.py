@@ -1,0 +1,51 @@
+"""The IR-level Python API (SPEC §6)."""
+from __future__ import annotations
+
+import os
+
+from mlc.ir.core import Module
+from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.ir.parser import parse_module
+from mlc.ir.verifier import verify
+
+
+def parse(text: str, filename: str | None = None) -> Module:
+    """Parse and verify textual IR; raises mlc.DiagnosticError listing every problem."""
+    return verify(parse_module(text, filename or "<string>"))
+
+
+def load(path: str | os.PathLike) -> Module:
+    """Read, parse and verify an .ir file."""
+    return parse(read_source(path), str(path))
+
+
+def read_source(path) -> str:
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise error(Location(path, 0, 0), "no such file") from None
+    except IsADirectoryError:
+        raise error(Location(path, 0, 0), "is a directory, not an .ir file") from None
+    except OSError as e:
+        raise error(Location(path, 0, 0), f"cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise error(Location(path, line, col), "not UTF-8 text (is this a binary file?)") from None
+
+
+def interpret(module: Module, entry: str, *args, **kwargs):
+    """Run `@entry` on the numpy reference interpreter; returns one array or a tuple."""
+    from mlc.ir.interpreter import Interpreter
+    return Interpreter(module).call_public(entry, args, **kwargs)
+
+
+def run_passes(module: Module, pipeline: str, **kwargs) -> Module:
+    """Run a pass pipeline such as "inline,canonicalize,cse" (in place); returns the module."""
+    from mlc.passes.manager import PassManager
+    PassManager.parse(pipeline, **kwargs).run(module)
+    return module

@@ -1,0 +1,1 @@
+"""Runtime: executables, artifacts, caches — arrives with the CPU backend issue."""
