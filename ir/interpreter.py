@@ -128,4 +128,4 @@ def check_argument(name: str, t: TensorType, value) -> np.ndarray:
                          f"argument '{name}' must have shape {fmt_shape(t.shape)} ({t}), got {fmt_shape(a.shape)} (dim {i})")
     if t.element.name == "bf16":
         a = round_to_element(a, t.element)
-    return np.ascontiguousarray(a)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d arrays 1-d)

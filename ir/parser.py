@@ -141,8 +141,6 @@ class IRBuilder:
         self.ctx = _Ctx()
         self.values: dict[str, list] = {}
         self.pending: dict[str, list] = {}
-        self.module_name = None
-        self.module_attrs = {}
 
     # --- helpers ----------------------------------------------------------------------------------
     def loc(self, tok: Token, offset: int = 0) -> Location:

@@ -1,0 +1,7 @@
+"""mlc.passes: the pass manager, pipelines and one file per pass."""
+from .manager import PASSES, Pass, PassManager, PipelineError, parse_pipeline  # noqa: F401
+
+
+def load_passes():
+    """Import every pass module so each registers its name (idempotent)."""
+    from . import canonicalize, cse, dce, inline, symbol_dce  # noqa: F401

@@ -33,6 +33,100 @@ class RuntimeCheck(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Folding hooks (the canonicalize pass calls `fold`). A hook returns one replacement per result: an
+# existing Value of the same type, or a numpy array to become a constant; or the op's own results after
+# updating it in place; or None.
+
+def _splat_equals(c, value) -> bool:
+    return c is not None and c.size > 0 and bool(np.all(c == value))
+
+
+def _same(v, op):
+    return [v] if v.type == op.results[0].type else None
+
+
+_RIGHT_IDENTITY = {"mlc.add": 0, "mlc.sub": 0, "mlc.mul": 1, "mlc.div": 1, "mlc.pow": 1}
+_LEFT_IDENTITY = {"mlc.add": 0, "mlc.mul": 1}
+_IDEMPOTENT = {"mlc.maximum", "mlc.minimum", "mlc.and", "mlc.or"}
+
+
+def _fold_binary(op, consts):
+    """x+0, x-0, x*1, x/1, x**1 -> x (x+0.0 -> x treats -0.0 as 0.0); max(x,x), and(x,x) -> x;
+    integer x*0 -> 0."""
+    (a, b), (ca, cb) = op.operands, consts
+    if op.name in _RIGHT_IDENTITY and _splat_equals(cb, _RIGHT_IDENTITY[op.name]):
+        return _same(a, op)
+    if op.name in _LEFT_IDENTITY and _splat_equals(ca, _LEFT_IDENTITY[op.name]):
+        return _same(b, op)
+    if op.name in _IDEMPOTENT and a is b:
+        return _same(a, op)
+    r = op.results[0].type
+    if op.name == "mlc.mul" and r.element.is_int and r.is_static and (_splat_equals(ca, 0) or _splat_equals(cb, 0)):
+        return [np.zeros(r.shape, r.element.np_dtype)]
+    return None
+
+
+def _fold_involution(op, consts):
+    """neg(neg x), not(not x) -> x."""
+    inner = op.operands[0].defining_op()
+    return _same(inner.operands[0], op) if inner is not None and inner.name == op.name else None
+
+
+def _fold_idempotent_unary(op, consts):
+    """relu(relu x), abs(abs x), floor(floor x) -> relu x, ..."""
+    inner = op.operands[0].defining_op()
+    return _same(op.operands[0], op) if inner is not None and inner.name == op.name else None
+
+
+def _fold_noop(op, consts):
+    """A shape op that changes nothing (same type in and out, no data movement) is its operand."""
+    x = op.operands[0]
+    if x.type != op.results[0].type:
+        return None
+    if op.name == "mlc.transpose" and tuple(op.attr("perm")) != tuple(range(x.type.rank)):
+        return None
+    if op.name == "mlc.slice":
+        start, limit, stride = Slice.bounds(op, x.type.rank)
+        if any(s != 0 for s in start) or any(k != 1 for k in stride) or \
+                any(d is None and l < 2**62 for d, l in zip(x.type.shape, limit)):
+            return None
+    if op.name.startswith("mlc.reduce_") and (op.attr("axes") is None or len(op.attr("axes")) != 0):
+        return None
+    if op.name == "mlc.clamp" and (op.attr("min") is not None or op.attr("max") is not None):
+        return None
+    return [x]
+
+
+def _fold_reshape(op, consts):
+    """reshape(reshape(x)) -> reshape(x); a reshape to the operand's type -> the operand."""
+    inner = op.operands[0].defining_op()
+    if inner is not None and inner.name == "mlc.reshape":
+        op.set_operand(0, inner.operands[0])
+        return op.results
+    return _fold_noop(op, consts)
+
+
+def _fold_transpose(op, consts):
+    """transpose(transpose(x)) -> one transpose with the composed permutation; identity -> x."""
+    inner = op.operands[0].defining_op()
+    if inner is not None and inner.name == "mlc.transpose":
+        outer, first = op.attr("perm"), inner.attr("perm")
+        op.set_operand(0, inner.operands[0])
+        op.set_attr("perm", [first[p] for p in outer])
+        return op.results
+    return _fold_noop(op, consts)
+
+
+def _fold_select(op, consts):
+    c, a, b = op.operands
+    if a is b:
+        return _same(a, op)
+    if consts[0] is not None and consts[0].size and np.all(consts[0] == consts[0].reshape(-1)[0]):
+        return _same(a if consts[0].reshape(-1)[0] else b, op)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Elementwise families
 
 class Unary(OpDef):
@@ -61,13 +155,15 @@ _erf = np.frompyfunc(math.erf, 1, 1)
 
 
 def _erf_array(x):
-    return _erf(x.astype(np.float64)).astype(np.float64)
+    return np.asarray(_erf(np.asarray(x, np.float64)), np.float64)
 
 
 def _not(x):
     return np.logical_not(x) if x.dtype == np.bool_ else np.invert(x)
 
 
+_UNARY_FOLDS = {"neg": _fold_involution, "not": _fold_involution, "relu": _fold_idempotent_unary,
+                "abs": _fold_idempotent_unary, "floor": _fold_idempotent_unary}
 UNARY = {  # name: (numpy definition, element kind)
     "neg": (np.negative, "num"), "abs": (np.abs, "num"), "exp": (np.exp, "float"), "log": (np.log, "float"),
     "log1p": (np.log1p, "float"), "sqrt": (np.sqrt, "float"), "rsqrt": (lambda x: 1 / np.sqrt(x), "float"),
@@ -77,7 +173,8 @@ UNARY = {  # name: (numpy definition, element kind)
     "sign": (np.sign, "num"), "floor": (np.floor, "float"), "not": (_not, "logic"),
 }
 for _name, (_fn, _kind) in UNARY.items():
-    type(_name.capitalize(), (Unary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind})
+    type(_name.capitalize(), (Unary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
+                                        "fold": staticmethod(_UNARY_FOLDS.get(_name, OpDef.fold))})
 
 
 class Gelu(Unary):
@@ -98,6 +195,7 @@ class Binary(OpDef):
     traits = {PURE, ELEMENTWISE, BROADCASTING}
     kind = "num"
     compares = False
+    fold = staticmethod(_fold_binary)
 
     @classmethod
     def infer(cls, op, ctx):
@@ -143,6 +241,7 @@ class Select(OpDef):
     name = "mlc.select"
     operands = 3
     traits = {PURE, ELEMENTWISE, BROADCASTING}
+    fold = staticmethod(_fold_select)
 
     @staticmethod
     def infer(op, ctx):
@@ -162,6 +261,7 @@ class Clamp(OpDef):
     name = "mlc.clamp"
     operands = 1
     traits = {PURE, ELEMENTWISE}
+    fold = staticmethod(_fold_noop)
     attrs = {"min": Attr("float"), "max": Attr("float")}
 
     @staticmethod
@@ -187,6 +287,7 @@ class Cast(OpDef):
     name = "mlc.cast"
     operands = 1
     traits = {PURE, ELEMENTWISE}
+    fold = staticmethod(_fold_noop)
     attrs = {"to": Attr("type")}
 
     @staticmethod
@@ -264,6 +365,7 @@ class Iota(OpDef):
 class Reduction(OpDef):
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_noop)
     attrs = {"axes": Attr("ints"), "keepdims": Attr("bool", False)}
     kind = "num"
 
@@ -401,6 +503,7 @@ class Reshape(OpDef):
     name = "mlc.reshape"
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_reshape)
 
     @staticmethod
     def infer(op, ctx):
@@ -431,6 +534,7 @@ class Transpose(OpDef):
     name = "mlc.transpose"
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_transpose)
     attrs = {"perm": Attr("ints", required=True)}
 
     @staticmethod
@@ -451,6 +555,7 @@ class BroadcastTo(OpDef):
     name = "mlc.broadcast_to"
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_noop)
 
     @staticmethod
     def infer(op, ctx):
@@ -482,6 +587,7 @@ class Concat(OpDef):
     name = "mlc.concat"
     operands = (1, None)
     traits = {PURE}
+    fold = staticmethod(lambda op, consts: _same(op.operands[0], op) if len(op.operands) == 1 else None)
     attrs = {"axis": Attr("int", 0)}
 
     @staticmethod
@@ -515,6 +621,7 @@ class Slice(OpDef):
     name = "mlc.slice"
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_noop)
     attrs = {"start": Attr("ints", required=True), "limit": Attr("ints", required=True), "stride": Attr("ints")}
 
     @staticmethod
@@ -546,6 +653,7 @@ class Pad(OpDef):
     name = "mlc.pad"
     operands = 1
     traits = {PURE}
+    fold = staticmethod(_fold_noop)
     attrs = {"low": Attr("ints", required=True), "high": Attr("ints", required=True), "value": Attr("float", 0.0)}
 
     @staticmethod
@@ -1120,4 +1228,3 @@ class GlobalStore(OpDef):
             raise RuntimeCheck(f"stores shape {fmt_shape(ins[0].shape)} into @{op.attr('global')} of type {t}")
         ctx.globals[op.attr("global")] = np.array(ins[0], dtype=t.element.np_dtype)
         return []
-

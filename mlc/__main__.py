@@ -1,0 +1,5 @@
+import sys
+
+from mlc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Side-effect facts passes share: which ops may be removed, moved or merged."""
+from __future__ import annotations
+
+from mlc.ir.core import Module, Operation
+from mlc.ir.registry import PURE, READS, SYMBOL, TERMINATOR
+
+
+def impure_functions(module: Module) -> set[str]:
+    """Functions that (transitively) store to a global or contain an op of unknown effect."""
+    funcs = module.functions
+    impure = {name for name, f in funcs.items()
+              if any(_effectful_leaf(op) for op in f.body.walk())}
+    changed = True
+    while changed:
+        changed = False
+        for name, f in funcs.items():
+            if name not in impure and any(op.name == "func.call" and op.attr("callee") in impure
+                                          for op in f.body.walk()):
+                impure.add(name)
+                changed = True
+    return impure
+
+
+def _effectful_leaf(op: Operation) -> bool:
+    d = op.opdef
+    if d is None:
+        return True
+    if op.name in ("func.call", "func.return", "mlc.yield") or op.regions:
+        return False
+    return not (d.traits & {PURE, READS})
+
+
+def removable_if_unused(op: Operation, impure: set[str]) -> bool:
+    """True when deleting the op (its results unused) cannot change what the program does."""
+    d = op.opdef
+    if d is None or d.traits & {TERMINATOR, SYMBOL} or any(r.uses for r in op.results):
+        return False
+    if op.name == "func.call":
+        return op.attr("callee") not in impure
+    if op.regions:
+        return not any(_effectful_leaf(o) or (o.name == "func.call" and o.attr("callee") in impure)
+                       for r in op.regions for o in r.walk())
+    return bool(d.traits & {PURE, READS})

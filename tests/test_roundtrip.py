@@ -1,0 +1,114 @@
+"""print(parse(text)) is a fixed point; the generic form parses to the same module."""
+import pathlib
+import re
+
+import pytest
+from hypothesis import given
+
+import mlc
+from mlc.ir.printer import print_module
+from mlc.testing import programs
+
+from helpers import EXAMPLES, ROOT
+
+SPEC = ROOT.parent / "shared" / "SPEC.md"
+
+
+def assert_round_trips(text: str):
+    m = mlc.parse(text)
+    printed = str(m)
+    assert str(mlc.parse(printed)) == printed
+    generic = print_module(m, generic=True)
+    assert str(mlc.parse(generic)) == printed
+    assert print_module(mlc.parse(generic), generic=True) == generic
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_round_trip(path):
+    assert_round_trips(path.read_text())
+
+
+def spec_snippets():
+    if not SPEC.exists():
+        return []
+    return re.findall(r"```mlir\n(.*?)```", SPEC.read_text(), re.S)
+
+
+def test_spec_module_parses_as_written():
+    snippets = spec_snippets()
+    if not snippets:
+        pytest.skip("SPEC.md is not beside this checkout")
+    assert_round_trips(snippets[0])
+
+
+def test_spec_scan_example_parses_as_written():
+    body = """
+  func.func @f(%h0: tensor<4x8xf32>, %xs: tensor<16x4x3xf32>, %w: tensor<3x8xf32>) -> tensor<16x4x8xf32> {
+    %h_last, %hs = mlc.scan %h0 over %xs : (tensor<4x8xf32>, tensor<16x4x3xf32>) -> (tensor<4x8xf32>, tensor<16x4x8xf32>) {
+    ^bb0(%h: tensor<4x8xf32>, %x: tensor<4x3xf32>):
+      %xw = mlc.matmul %x, %w
+      %s = mlc.add %xw, %h
+      %h_next = mlc.tanh %s
+      mlc.yield %h_next, %h_next : tensor<4x8xf32>, tensor<4x8xf32>
+    }
+    return %hs : tensor<16x4x8xf32>
+  }"""
+    assert_round_trips("module {" + body + "\n}")
+
+
+def test_spec_inline_forms():
+    text = """module {
+  func.func @f(%a: tensor<2xf32>, %b: tensor<2xf32>) -> tensor<2xf32> {
+    %r = "mlc.add"(%a, %b) {} : (tensor<2xf32>, tensor<2xf32>) -> tensor<2xf32>
+    %s = mlc.add %a, %b {} : (tensor<2xf32>, tensor<2xf32>) -> tensor<2xf32>
+    %c = mlc.constant dense<[1.0, 2.0]> : tensor<2xf32>
+    %g = "mlc.constant"() {value = dense<[1.0, 2.0]> : tensor<2xf32>} : () -> tensor<2xf32>
+    %i = mlc.iota {axis = 0} : tensor<5x5xi64>
+    %t = mlc.add %r, %s loc("model.py":12:8)
+    return %t : tensor<2xf32>
+  }
+}"""
+    assert_round_trips(text)
+    assert 'loc("model.py":12:8)' in str(mlc.parse(text))
+
+
+def test_every_attribute_kind_round_trips():
+    text = """module @m attributes {seed = 5, note = "x\\"y", flag} {
+  mlc.global @g : tensor<2x2xf32> {init = dense<[[1.0, -2.5], [0x7FC00000, 0x7F800000]]> : tensor<2x2xf32>}
+  mlc.global @h : tensor<3xi64> {init = dense<7> : tensor<3xi64>}
+  func.func private @f(%x: tensor<?x2xf32> {mlc.name = "input"}) -> (tensor<?x2xf32> {mlc.out}) attributes {mlc.doc = [1, 2.5, "s", true, false, unit, @g, f16, array<i64: 1, 2>, array<i64>, {a = 1 : i32}, 1.0e-05 : f32]} {
+    %y = mlc.gelu %x {approximate = "tanh"}
+    %z = mlc.clamp %y {min = -1, max = 1.0e+20}
+    %c = mlc.cast %z {to = bf16}
+    %b = mlc.constant dense<[true, false]> : tensor<2xi1>
+    %d = mlc.cast %c : (tensor<?x2xbf16>) -> tensor<?x2xf32>
+    return %d : tensor<?x2xf32>
+  }
+}"""
+    assert_round_trips(text)
+
+
+def test_float_text_is_exact():
+    values = ["0.1", "1.0e-05", "3.4028235e+38", "-0.0", "1.0e-45", "16777217.0", "0.3333333432674408"]
+    for v in values:
+        m = mlc.parse(f"module {{\n  mlc.global @g : tensor<f64> {{init = dense<{v}> : tensor<f64>}}\n}}")
+        again = mlc.parse(str(m))
+        a = m.globals["g"].attributes["init"].value
+        b = again.globals["g"].attributes["init"].value
+        assert a.tobytes() == b.tobytes(), v
+
+
+@given(programs())
+def test_generated_programs_round_trip(p):
+    text = p.text
+    assert str(mlc.parse(text)) == text
+    assert str(mlc.parse(print_module(p.module, generic=True))) == text
+
+
+def test_pretty_and_generic_parse_to_same_results():
+    import numpy as np
+    text = (ROOT / "examples" / "cnn.ir").read_text()
+    m = mlc.parse(text)
+    g = mlc.parse(print_module(m, generic=True))
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(mlc.interpret(m, "forward", x), mlc.interpret(g, "forward", x))
