@@ -42,8 +42,13 @@ class Diagnostic:
         head = f"{where}: {self.severity}: {self.message}" if where else f"{self.severity}: {self.message}"
         if self.source_line is None or self.loc.line <= 0:
             return head
-        caret = "".join(c if c == "\t" else " " for c in self.source_line[: self.loc.col - 1]) + "^"
-        return f"{head}\n{self.source_line}\n{caret}"
+        line, col = self.source_line, self.loc.col
+        if len(line) > 120:  # show a window around the column
+            start = max(0, col - 60)
+            line = ("..." if start else "") + line[start: start + 117] + ("..." if start + 117 < len(line) else "")
+            col = col - start + (3 if start else 0)
+        caret = "".join(c if c == "\t" else " " for c in line[: col - 1]) + "^"
+        return f"{head}\n{line}\n{caret}"
 
     def __str__(self):
         return self.render()
@@ -52,9 +57,14 @@ class Diagnostic:
 class DiagnosticError(Exception):
     """Raised for bad input; `.diagnostics` lists every independent problem found."""
 
+    SHOWN = 50
+
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = list(diagnostics)
-        super().__init__("\n".join(d.render() for d in self.diagnostics))
+        text = "\n".join(d.render() for d in self.diagnostics[: self.SHOWN])
+        if len(self.diagnostics) > self.SHOWN:
+            text += f"\n... and {len(self.diagnostics) - self.SHOWN} more errors"
+        super().__init__(text)
 
 
 class Sources:
@@ -87,6 +97,7 @@ class Diagnostics:
 
     def __init__(self):
         self.errors: list[Diagnostic] = []
+        self.reported: set = set()  # ops the parser already complained about; the verifier skips them
 
     def error(self, loc: Location, message: str, op_name: str | None = None):
         if op_name:

@@ -80,15 +80,15 @@ LOC.2: /loc\((?:"(?:[^"\\\n]|\\.)*"(?::\d+:\d+)?|unknown)\)/
 SYMBOL: /@(?:[A-Za-z_][\w$.\-]*|"(?:[^"\\\n]|\\.)*")/
 BLOCK_ID: /\^[\w$.\-]+/
 OP_NAME: /[A-Za-z_][\w$]*\.[\w$.]+/
-GLOBAL.2: "mlc.global"
-FUNC.2: "func.func"
-CALL.2: "func.call"
-RETURN: "return"
-OVER: "over"
-VISIBILITY: "private" | "public"
-TRUE: "true"
-FALSE: "false"
-UNIT: "unit"
+GLOBAL.2: /mlc\.global(?![\w$.])/
+FUNC.2: /func\.func(?![\w$.])/
+CALL.2: /func\.call(?![\w$.])/
+RETURN: /return(?![\w$.])/
+OVER: /over(?![\w$.])/
+VISIBILITY: /(?:private|public)(?![\w$.])/
+TRUE: /true(?![\w$.])/
+FALSE: /false(?![\w$.])/
+UNIT: /unit(?![\w$.])/
 BARE_ID: /[A-Za-z_][\w$.\-]*/
 STRING: /"(?:[^"\\\n]|\\.)*"/
 FLOAT: /[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)/
@@ -240,7 +240,7 @@ class IRBuilder:
         return children[0]
 
     def _module(self, name, attrs, ops):
-        m = Module(_symbol_name(name) if name else None, attrs or {})
+        m = Module(_symbol_name(name) if name else None, attrs or {}, loc=Location(self.file, 1, 1))
         for op in ops:
             m.append(op)
         return m
@@ -326,9 +326,9 @@ class IRBuilder:
         loc = self.loc(name_tok)
         if loc_tok is not None:
             loc = self.explicit_loc(loc_tok) or loc
-        if opdef is None:
-            self.error(name_tok, f"unknown operation '{name}'")
         result_names = self.result_names(results_tok)
+        broken = None in attrs.values()  # an attribute that failed to parse (already reported)
+        attrs = {k: v for k, v in attrs.items() if v is not None}
         if opdef is not None:
             if opdef.pretty_symbol and extra.get("symbol") is not None:
                 attrs.setdefault(opdef.pretty_symbol, SymbolRefAttr(extra["symbol"]))
@@ -341,6 +341,7 @@ class IRBuilder:
                     value = self.dense(dense_tok, declared)
                     if value is not None:
                         attrs.setdefault(opdef.pretty_value, value)
+                    broken |= value is None
             if "over" in extra:
                 attrs.setdefault("num_carries", IntAttr(extra["over"]))
         elif extra:
@@ -350,6 +351,8 @@ class IRBuilder:
         else:
             result_types = None
         op = create_op(name, operands, [], attrs, regions, loc)
+        if broken:
+            self.diags.reported.add(op)
         if result_types is None:
             result_types = self.infer(op, len(result_names) if result_names else None)
         if result_names and len(result_names) != len(result_types):
@@ -703,6 +706,10 @@ def parse_dense(body: str, t: TensorType) -> np.ndarray:
             arr = round_to_element(arr.astype(dtype), t.element)
     except OverflowError:
         raise ValueError(f"value out of range for {t.element}") from None
+    except ValueError as e:
+        if "inhomogeneous" in str(e) or "sequence" in str(e):
+            raise ValueError(f"dense literal for {t} is ragged (rows of different lengths)") from None
+        raise
     if arr.ndim == 0:
         return np.full(t.shape, arr, dtype)
     if arr.shape != t.shape:
@@ -743,12 +750,15 @@ def _lark() -> Lark:
     return _parser
 
 
-def parse_module(text: str, filename: str = "<input>") -> Module:
-    """Parse text into a Module (without verifying); raises DiagnosticError."""
+def parse_module(text: str, filename: str = "<input>", diags: Diagnostics | None = None) -> Module:
+    """Parse text into a Module without verifying it. Syntax errors raise DiagnosticError at once;
+    other problems are added to `diags` (raised here when it is not given)."""
     Sources.add(filename, text)
+    own = diags is None
+    diags = Diagnostics() if own else diags
+    module = None
     with _lock:
         parser = _lark()
-        diags = Diagnostics()
         _builder.__init__(filename, diags)
         try:
             module = parser.parse(text)
@@ -756,7 +766,8 @@ def parse_module(text: str, filename: str = "<input>") -> Module:
             diags.errors.insert(0, _syntax_error(e, filename))
         except RecursionError:
             diags.error(Location(filename, 1, 1), "input is nested too deeply")
-    diags.check()
+    if module is None or own:
+        diags.check()
     return module
 
 

@@ -23,10 +23,11 @@ class VerifyContext:
 _cache: dict = {}
 
 
-def verify(module: Module) -> Module:
-    """Raise DiagnosticError listing every problem in the module; return it unchanged otherwise."""
+def verify(module: Module, diags: Diagnostics | None = None) -> Module:
+    """Raise DiagnosticError listing every problem in the module (and those already in `diags`);
+    return the module otherwise."""
     load_dialects()
-    diags = Diagnostics()
+    diags = diags or Diagnostics()
     try:
         Verifier(module, diags).run()
     except RecursionError:
@@ -69,9 +70,14 @@ class Verifier:
 
     def verify_op(self, op: Operation):
         d = op.opdef
+        if op in self.diags.reported:
+            for region in op.regions:
+                for block in region.blocks:
+                    self.verify_block(block)
+            return
         ok = self.check_operands(op)
         if d is None:
-            self.error(op, f"unknown operation '{op.name}'")
+            self.diags.error(op.loc, f"unknown operation '{op.name}'")
             ok = False
         else:
             ok = self.check_structure(op) and ok

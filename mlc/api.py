@@ -4,14 +4,15 @@ from __future__ import annotations
 import os
 
 from mlc.ir.core import Module
-from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.ir.diagnostics import DiagnosticError, Diagnostics, Location, error
 from mlc.ir.parser import parse_module
 from mlc.ir.verifier import verify
 
 
 def parse(text: str, filename: str | None = None) -> Module:
     """Parse and verify textual IR; raises mlc.DiagnosticError listing every problem."""
-    return verify(parse_module(text, filename or "<string>"))
+    diags = Diagnostics()
+    return verify(parse_module(text, filename or "<string>", diags), diags)
 
 
 def load(path: str | os.PathLike) -> Module:

@@ -19,7 +19,6 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 1
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20000))
     try:
         return args.func(args) or 0
     except DiagnosticError as e:
@@ -30,6 +29,9 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except RecursionError:
+        print(f"{getattr(args, 'file', None) or 'mlc'}: error: the input is nested too deeply", file=sys.stderr)
+        return 1
     except Exception as e:  # never a bare traceback
         frame = traceback.extract_tb(e.__traceback__)[-1]
         where = getattr(args, "file", None) or "mlc"
