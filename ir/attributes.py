@@ -139,7 +139,9 @@ UNIT = UnitAttr()
 
 
 def quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    """A string literal (MLIR escapes; other control characters as \\XX)."""
+    out = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return '"' + "".join(c if c.isprintable() or ord(c) > 0xFF else f"\\{ord(c):02X}" for c in out) + '"'
 
 
 def format_float(v: float, element: ElementType = f64) -> str:

@@ -114,8 +114,16 @@ def parse_signature(text: str) -> FunctionType:
     return sig
 
 
+_ESCAPE = re.compile(r'\\([0-9a-fA-F]{2}|.)', re.S)
+_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
+
+
 def unquote(s: str) -> str:
-    return json.loads(s) if "\\" in s else s[1:-1]
+    """A string literal's value: MLIR escapes \\ \" \n \t and \XX (hex); others stand for themselves."""
+    body = s[1:-1]
+    if "\\" not in body:
+        return body
+    return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if len(m.group(1)) == 2 else _ESCAPES.get(m.group(1), m.group(1)), body)
 
 
 class ParseError(Exception):
@@ -766,6 +774,8 @@ def parse_module(text: str, filename: str = "<input>", diags: Diagnostics | None
             diags.errors.insert(0, _syntax_error(e, filename))
         except RecursionError:
             diags.error(Location(filename, 1, 1), "input is nested too deeply")
+        except Exception as e:  # a bug in a callback must not become a traceback
+            diags.error(Location(filename, 1, 1), f"internal error while parsing ({type(e).__name__}: {e}); please report it")
     if module is None or own:
         diags.check()
     return module

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands -------------------------------------------------------------------------------------------
 
 def load_module(path):
-    from mlc.api import load
+    """An .ir file, or standard input for '-' (as mlir-opt)."""
+    from mlc.api import load, parse
+    if path == "-":
+        return parse(sys.stdin.buffer.read().decode("utf-8", errors="replace"), "<stdin>")
     return load(path)
 
 
@@ -162,12 +165,12 @@ def gather_inputs(func, args) -> dict:
         name, eq, path = item.partition("=")
         if not eq and not item.endswith(".npz"):
             raise error(Location("--input", 0, 0), f"expected NAME=FILE.npy (or FILE.npz), got '{item}'")
-        arrays = read_arrays(item) if not eq else {name.strip().lstrip("%"): read_array(path)}
+        arrays = read_arrays(item) if not eq else {name.strip().lstrip("%"): path}
         for name, value in arrays.items():
             if name not in types:
                 raise error(Location("--input", 0, 0),
                             f"@{func.sym_name} has no argument '{name}' (arguments: {', '.join(names) or 'none'})")
-            given[name] = value
+            given[name] = read_array(value) if isinstance(value, str) else value
     rng = np.random.default_rng(args.seed)
     inputs = {}
     for name in names:

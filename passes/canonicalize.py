@@ -54,7 +54,7 @@ class Canonicalize(Pass):
             replacement = d.fold(op, consts)
             if replacement is None:
                 return False
-            if list(replacement) == op.results:  # updated in place
+            if all(a is b for a, b in zip(replacement, op.results)):  # updated in place
                 for v in old_operands:
                     rw.push(v.defining_op())
                 rw.push(op)

@@ -1,0 +1,54 @@
+"""Properties over generated programs: every pass keeps the interpreter's results, the verifier
+accepts what passes produce, and damaged text only ever gives diagnostics."""
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import mlc
+from mlc.ir.printer import print_module
+from mlc.passes import PASSES, load_passes
+from mlc.testing import check_pipeline, mutations, programs
+
+from helpers import EXAMPLES
+
+load_passes()
+
+
+@pytest.mark.parametrize("pipeline", sorted(PASSES) + ["simplify", "inline,canonicalize,cse,dce,symbol-dce"])
+@given(p=programs())
+def test_pass_keeps_results(pipeline, p):
+    from mlc.passes.pipelines import expand
+    module = check_pipeline(p, expand(pipeline))
+    text = str(module)
+    assert str(mlc.parse(text)) == text
+
+
+@given(p=programs(), data=st.data())
+def test_damaged_generated_text_gives_only_diagnostics(p, data):
+    text = data.draw(mutations(p.text))
+    try:
+        mlc.parse(text)
+    except mlc.DiagnosticError as e:
+        assert e.diagnostics and all(d.line >= 0 and d.message for d in e.diagnostics)
+        str(e)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@given(data=st.data())
+def test_damaged_examples_give_only_diagnostics(path, data):
+    base = path.read_text()
+    text = data.draw(mutations(base if data.draw(st.booleans()) else print_module(mlc.parse(base), generic=True)))
+    try:
+        mlc.parse(text, "fuzz.ir")
+    except mlc.DiagnosticError as e:
+        assert e.diagnostics
+        for d in e.diagnostics:
+            assert d.file in ("fuzz.ir", "<string>") or d.line == 0, d
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_gives_only_diagnostics(text):
+    try:
+        mlc.parse(text)
+    except mlc.DiagnosticError:
+        pass
