@@ -9,6 +9,7 @@ from typing import Iterator
 
 from .attributes import Attribute, StringAttr, SymbolRefAttr, TypeAttr, to_attr
 from .diagnostics import UNKNOWN, Location
+from .registry import lookup_op
 from .types import FunctionType, Type
 
 
@@ -60,16 +61,17 @@ class Operation:
 
     def __init__(self, name: str, operands=(), result_types=(), attributes=None, regions=(),
                  loc: Location = UNKNOWN, result_names=None, opdef=None):
-        from .registry import lookup_op
         self.name = name
         self.opdef = opdef if opdef is not None else lookup_op(name)
-        self.operands: list[Value] = []
-        for v in operands:
-            self.operands.append(v)
-            v.uses[(self, len(self.operands) - 1)] = None
-        names = result_names or [None] * len(result_types)
-        self.results = [OpResult(t, self, i, n) for i, (t, n) in enumerate(zip(result_types, names))]
-        self.attributes: dict[str, Attribute] = dict(attributes or {})
+        self.operands: list[Value] = list(operands)
+        for i, v in enumerate(self.operands):
+            v.uses[(self, i)] = None
+        if result_types:
+            names = result_names or [None] * len(result_types)
+            self.results = [OpResult(t, self, i, n) for i, (t, n) in enumerate(zip(result_types, names))]
+        else:
+            self.results = []
+        self.attributes: dict[str, Attribute] = dict(attributes) if attributes else {}
         self.regions: list[Region] = []
         for r in regions:
             self.add_region(r)
@@ -97,8 +99,10 @@ class Operation:
 
     def set_results(self, types, names=None):
         """Create the results of an op built before its result types were known."""
-        names = names or [None] * len(types)
-        self.results = [OpResult(t, self, i, n) for i, (t, n) in enumerate(zip(types, names))]
+        if names:
+            self.results = [OpResult(t, self, i, n) for i, (t, n) in enumerate(zip(types, names))]
+        else:
+            self.results = [OpResult(t, self, i, None) for i, t in enumerate(types)]
 
     def add_region(self, region: "Region"):
         region.parent = self
@@ -401,7 +405,6 @@ class Module:
 
 def create_op(name: str, operands=(), result_types=(), attributes=None, regions=(), loc=UNKNOWN, result_names=None):
     """Make an op of the class its registry entry asks for (FuncOp for func.func)."""
-    from .registry import lookup_op
     opdef = lookup_op(name)
     cls = getattr(opdef, "cls", None) or Operation
     return cls(name, operands, result_types, attributes, regions, loc, result_names, opdef)

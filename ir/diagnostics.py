@@ -1,15 +1,15 @@
 """Located diagnostics: `file:line:col: error: 'op': message`, the source line and a caret."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Location:
+class Location(NamedTuple):  # a tuple: cheap to make, one per op
     file: str
     line: int
     col: int
-    explicit: bool = field(default=False, compare=False)  # written as loc(...): printed back
+    explicit: bool = False  # written as loc(...) in the source: printed back
 
     def __str__(self):
         return f"{self.file}:{self.line}:{self.col}"
