@@ -204,9 +204,15 @@ class IRBuilder:
             return []
         out = []
         text = str(tok) if text is None else text
+        values = self.values
         for part in text.split(","):
-            lead = len(part) - len(part.lstrip())
             name = part.strip()[1:]
+            found = values.get(name)
+            if found is not None and len(found) == 1:  # the common case
+                out.append(found[0])
+                pos += len(part) + 1
+                continue
+            lead = len(part) - len(part.lstrip())
             index = None
             if "#" in name:
                 name, _, idx = name.partition("#")
@@ -353,31 +359,35 @@ class IRBuilder:
         return text[:eq], name, len(text) - len(name)
 
     def simple_op(self, c):
-        """The lexer's fast path: `%r = name %a, %b : (T, T) -> T` in one token (no attributes)."""
+        """The lexer's fast path: `%r = name %a, %b {flat attrs} : (T, T) -> T` in one token."""
         tok = c[0]
-        results, rest, offset = self.split_head(tok)
-        attrs = {}
-        brace = rest.find("{")
+        results, start = None, 0
+        if tok[0] == "%":
+            eq = tok.index("=")  # the first '=' ends the result list
+            results, start = tok[:eq], eq + 1
+            while tok[start] in " \t\r\n":
+                start += 1
+        brace = tok.find("{", start)
         if brace >= 0:
-            close = rest.index("}", brace)
-            attrs = self.flat_attrs(tok, rest[brace:close + 1], offset + brace)
-        colon = rest.index(":", close if brace >= 0 else 0)
-        name, _, operand_text = rest[:colon if brace < 0 else brace].partition(" ")
-        if not operand_text:
-            name, _, operand_text = rest[:colon if brace < 0 else brace].partition("\t")
-        name = name.strip()
-        start = offset + len(name) + 1
-        operands = self.uses(tok, operand_text, start) if operand_text.strip() else []
-        sig = self.sig_of(tok, rest[colon:])
+            close = tok.index("}", brace)
+            attrs = self.flat_attrs(tok, tok[brace:close + 1], brace)
+            head_end, colon = brace, tok.index(":", close)
+        else:
+            attrs = {}
+            head_end = colon = tok.index(":", start)
+        head = tok[start:head_end].split(None, 1)
+        name = head[0]
+        operands = self.uses(tok, head[1], tok.index(head[1], start + len(name))) if len(head) > 1 else []
+        sig = self.sig_of(tok, tok[colon:])
         if sig is not None and len(sig.inputs) != len(operands):
-            self.error(tok, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", offset, name)
+            self.error(tok, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", start, name)
         regions, loc_tok = [], None
         for x in c[1:]:
             if type(x) is Region:
                 regions = [x]
             elif x is not None:
                 loc_tok = x
-        return self.make_op(tok, results, name, offset, operands, attrs, sig, regions, {}, loc_tok)
+        return self.make_op(tok, results, name, start, operands, attrs, sig, regions, None, loc_tok)
 
     def flat_attrs(self, tok, text, offset) -> dict:
         """A one-line attribute dictionary inside a SIMPLE_OP token, parsed by the attr_dict rule and
@@ -476,11 +486,11 @@ class IRBuilder:
 
     def make_op(self, head, results, name, offset, operands, attrs, sig, regions, extra, loc_tok):
         opdef = lookup_op(name)
-        loc = self.loc(head, offset)
+        loc = Location(self.file, head.line, head.column + offset)
         if loc_tok is not None:
             loc = self.explicit_loc(loc_tok) or loc
         result_names = self.result_names(results)
-        broken = None in attrs.values()  # an attribute that failed to parse (already reported)
+        broken = bool(attrs) and None in attrs.values()  # an attribute that failed to parse (already reported)
         if broken:
             attrs = {k: v for k, v in attrs.items() if v is not None}
         if extra:
@@ -496,7 +506,7 @@ class IRBuilder:
                     broken |= value is None
                 if "over" in extra:
                     attrs.setdefault("num_carries", IntAttr(extra["over"]))
-        op = create_op(name, operands, [], attrs, regions, loc)
+        op = (getattr(opdef, "cls", None) or Operation)(name, operands, (), attrs, regions, loc, None, opdef)
         if broken:
             self.diags.reported.add(op)
         result_types = list(sig.results) if sig is not None else self.infer(op, len(result_names) if result_names else None)
@@ -511,9 +521,8 @@ class IRBuilder:
                 self.define(result_names[0][0].split("#")[0], op.results, head)
             else:
                 pos = 0
-                text = str(head)
                 for (hint, _), r in zip(result_names, op.results):
-                    pos = text.index("%" + hint, pos)
+                    pos = head.index("%" + hint, pos)
                     self.define(hint, [r], head, pos)
         return op
 
@@ -528,6 +537,8 @@ class IRBuilder:
         """[(name hint, grouped)]: `%r:2 =` gives r#0, r#1; `%a, %b =` gives a, b."""
         if text is None:
             return []
+        if "," not in text and ":" not in text:
+            return [(text.strip()[1:], False)]
         parts = [p.strip()[1:] for p in text.split(",")]
         if len(parts) == 1 and ":" in parts[0]:
             base, _, n = parts[0].partition(":")

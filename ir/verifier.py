@@ -21,6 +21,7 @@ class VerifyContext:
 
 
 _cache: dict = {}
+_UNCACHED = frozenset({HAS_REGION, USES_SYMBOLS, TERMINATOR, SYMBOL})
 
 
 def verify(module: Module, diags: Diagnostics | None = None) -> Module:
@@ -78,21 +79,48 @@ class Verifier:
         ok = self.check_operands(op)
         if d is None:
             self.diags.error(op.loc, f"unknown operation '{op.name}'")
-            ok = False
-        else:
-            ok = self.check_structure(op) and ok
-            if op.parent_op is not None and SYMBOL in d.traits:
-                self.error(op, "must be at module level")
+            return
+        if not op.regions and not d.traits & _UNCACHED:
+            if ok:
+                self.check_leaf(op)
+            return
+        ok = self.check_structure(op) and ok
+        if op.parent_op is not None and SYMBOL in d.traits:
+            self.error(op, "must be at module level")
         for region in op.regions:  # regions first: a scan's result types come from its yield
             for block in region.blocks:
                 self.verify_block(block)
-        if d is None or not ok:
+        if not ok or any(t is ERROR for r in op.regions for b in r.blocks if b.last for t in b.last.operand_types):
             return
-        if any(t is ERROR for r in op.regions for b in r.blocks if b.last for t in b.last.operand_types):
-            return
-        self.check_types(op)
+        self.report(op, self.infer_and_compare(op))
         if d.verify is not None and d.traits & {HAS_REGION, TERMINATOR, SYMBOL}:
             self.run_hook(op, d.verify)
+
+    def check_leaf(self, op):
+        """Structure and types of an op without regions or symbol uses: a pure function of its name,
+        operand and result types and attributes, so the verdict is memoised."""
+        key = None
+        results = op.results
+        if not any(r.type is ERROR for r in results):
+            try:
+                key = (op.name, tuple([v.type for v in op.operands]), tuple([r.type for r in results]),
+                       tuple(op.attributes.items()))
+                messages = _cache.get(key)
+            except TypeError:  # an unhashable attribute
+                key, messages = None, None
+            if messages is not None:
+                for m in messages:
+                    self.error(op, m)
+                return
+        before = len(self.diags.errors)
+        if self.check_structure(op):
+            self.report(op, self.infer_and_compare(op))
+        if key is not None and len(_cache) < 200_000:
+            _cache[key] = tuple(d.message.split(": ", 1)[1] for d in self.diags.errors[before:])
+
+    def report(self, op, message):
+        if message is not None:
+            self.error(op, message)
 
     def check_operands(self, op) -> bool:
         ok = True
@@ -147,27 +175,6 @@ class Verifier:
                 self.error(op, f"'{name}' must be an array of dictionaries")
                 ok = False
         return ok
-
-    def check_types(self, op):
-        d = op.opdef
-        declared = op.result_types
-        cacheable = not (d.traits & {HAS_REGION, USES_SYMBOLS}) and ERROR not in declared
-        key = None
-        if cacheable:
-            try:
-                key = (op.name, tuple(op.operand_types), tuple(declared), tuple(op.attributes.items()))
-                message = _cache.get(key, False)
-            except TypeError:
-                key, message = None, False
-            if message is not False:
-                if message:
-                    self.error(op, message)
-                return
-        message = self.infer_and_compare(op)
-        if message is not None:
-            self.error(op, message)
-        if key is not None and len(_cache) < 200_000:
-            _cache[key] = message
 
     def infer_and_compare(self, op) -> str | None:
         try:
