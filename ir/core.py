@@ -416,3 +416,42 @@ def symbol_uses(op: Operation) -> Iterator[str]:
         for name, a in o.attributes.items():
             if isinstance(a, SymbolRefAttr) and name != "sym_name":
                 yield a.value
+
+
+class Builder:
+    """Creates ops at an insertion point; result types are inferred from the registry when not given.
+
+        b = Builder.at_end(func.body, module)
+        y = b.create("mlc.add", [x, w]).result
+        b.create("func.return", [y])
+    """
+
+    def __init__(self, block: Block, before: Operation | None = None, module: "Module | None" = None,
+                 loc: Location = UNKNOWN):
+        self.block, self.anchor, self.loc = block, before, loc
+        self.symbols = module.symbols() if module is not None else {}
+
+    @classmethod
+    def at_end(cls, block: Block, module=None) -> "Builder":
+        return cls(block, None, module)
+
+    @classmethod
+    def before(cls, op: Operation, module=None) -> "Builder":
+        return cls(op.parent, op, module, op.loc)
+
+    @classmethod
+    def after(cls, op: Operation, module=None) -> "Builder":
+        return cls(op.parent, op.next, module, op.loc)
+
+    def create(self, name: str, operands=(), attributes=None, result_types=None, regions=(), name_hint=None) -> Operation:
+        """Build `name` (attributes may be plain Python values) and insert it; raises VerifyError when
+        the result types cannot be inferred."""
+        attrs = {k: to_attr(v) for k, v in (attributes or {}).items()}
+        op = create_op(name, operands, (), attrs, regions, self.loc)
+        if result_types is None:
+            if op.opdef is None:
+                raise ValueError(f"unknown operation '{name}'")
+            result_types = op.opdef.infer(op, self)
+        op.set_results(list(result_types), [name_hint] * len(result_types) if name_hint else None)
+        self.block.insert_before(self.anchor, op)
+        return op

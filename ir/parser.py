@@ -378,16 +378,9 @@ class IRBuilder:
         head = tok[start:head_end].split(None, 1)
         name = head[0]
         operands = self.uses(tok, head[1], tok.index(head[1], start + len(name))) if len(head) > 1 else []
-        sig = self.sig_of(tok, tok[colon:])
-        if sig is not None and len(sig.inputs) != len(operands):
-            self.error(tok, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", start, name)
-        regions, loc_tok = [], None
-        for x in c[1:]:
-            if type(x) is Region:
-                regions = [x]
-            elif x is not None:
-                loc_tok = x
-        return self.make_op(tok, results, name, start, operands, attrs, sig, regions, None, loc_tok)
+        p = self.pieces(c[1:])
+        p.update(operands=operands, attrs=attrs, sig=self.sig_of(tok, tok[colon:]))
+        return self.make_op(tok, results, name, start, p)
 
     def flat_attrs(self, tok, text, offset) -> dict:
         """A one-line attribute dictionary inside a SIMPLE_OP token, parsed by the attr_dict rule and
@@ -409,82 +402,58 @@ class IRBuilder:
             _ATTR_CACHE[text] = attrs
         return attrs
 
+    def pieces(self, children) -> dict:
+        """Sort an op rule's children into operands, attributes, regions, signature and location."""
+        p = {"operands": [], "attrs": {}, "regions": [], "sig": None, "types": None, "extra": {}, "loc": None}
+        for x in children:
+            kind = type(x)
+            if kind is dict:
+                p["attrs"] = x
+            elif kind is list:
+                p["regions"] = x
+            elif kind is Region:
+                p["regions"] = [x]
+            elif kind is tuple:  # pretty arguments
+                p["operands"], p["extra"] = x[1], x[2]
+            elif x is None:
+                continue
+            elif x.type == "OPERANDS":
+                p["operands"] = self.uses(x)
+            elif x.type == "OPSIG":
+                p["sig"] = self.sig_of(x)
+            elif x.type == "SHORT_SIG":
+                p["types"] = self.types_of(x)
+            else:
+                p["loc"] = x
+        return p
+
     def pretty_op(self, c):
         head = c[0]
         results, name, offset = self.split_head(head)
-        operands, attrs, sig, regions, extra, loc_tok = [], {}, None, [], {}, None
-        for x in c[1:]:
-            if type(x) is tuple:
-                operands, extra = x[1], x[2]
-            elif type(x) is dict:
-                attrs = x
-            elif type(x) is Region:
-                regions = [x]
-            elif x.type == "OPSIG":
-                sig = self.sig_of(x)
-                if sig is not None and len(sig.inputs) != len(operands):
-                    self.error(head, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", offset, name)
-            elif x.type == "SHORT_SIG":
-                sig = self.short_signature(name, head, offset, operands, self.types_of(x))
-            else:
-                loc_tok = x
-        return self.make_op(head, results, name, offset, operands, attrs, sig, regions, extra, loc_tok)
+        p = self.pieces(c[1:])
+        if p["types"] is not None:
+            p["sig"] = self.short_signature(name, head, offset, p["operands"], p["types"])
+        return self.make_op(head, results, name, offset, p)
 
     def generic_op(self, c):
-        head = c[0]
-        results, quoted, offset = self.split_head(head)
-        operands, regions, attrs, sig, loc_tok = [], [], {}, None, None
-        for x in c[1:]:
-            if type(x) is dict:
-                attrs = x
-            elif type(x) is list:
-                regions = x
-            elif x is None:
-                continue
-            elif x.type == "OPERANDS":
-                operands = self.uses(x)
-            elif x.type == "OPSIG":
-                sig = self.sig_of(x)
-            else:
-                loc_tok = x
-        name = unquote(quoted)
-        if sig is not None and len(sig.inputs) != len(operands):
-            self.error(head, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", offset, name)
-        return self.make_op(head, results, name, offset, operands, attrs, sig, regions, {}, loc_tok)
+        results, quoted, offset = self.split_head(c[0])
+        return self.make_op(c[0], results, unquote(quoted), offset, self.pieces(c[1:]))
 
     def call_op(self, c):
-        head, sym = c[0], c[1]
-        results, _, offset = self.split_head(head)
-        operands, attrs, sig, loc_tok = [], {}, None, None
-        for x in c[2:]:
-            if type(x) is dict:
-                attrs = x
-            elif x is None:
-                continue
-            elif x.type == "OPERANDS":
-                operands = self.uses(x)
-            elif x.type == "OPSIG":
-                sig = self.sig_of(x)
-            else:
-                loc_tok = x
-        attrs["callee"] = SymbolRefAttr(_symbol_name(str(sym)[1:]))
-        return self.make_op(head, results, "func.call", offset, operands, attrs, sig, [], {}, loc_tok)
+        results, _, offset = self.split_head(c[0])
+        p = self.pieces(c[2:])
+        p["attrs"]["callee"] = SymbolRefAttr(_symbol_name(str(c[1])[1:]))
+        return self.make_op(c[0], results, "func.call", offset, p)
 
     def return_op(self, c):
-        head = c[0]
-        operands, types, loc_tok = [], None, None
-        for x in c[1:]:
-            if x.type == "OPERANDS":
-                operands = self.uses(x)
-            elif x.type == "SHORT_SIG":
-                types = self.types_of(x)
-            else:
-                loc_tok = x
-        if types is not None and len(types) != len(operands):
-            self.error(head, f"{len(types)} types for {len(operands)} operands", op_name="func.return")
-        return self.make_op(head, None, "func.return", 0, operands, {}, FunctionType(tuple(types or ()), ()), [], {}, loc_tok)
+        p = self.pieces(c[1:])
+        p["sig"] = FunctionType(tuple(p["types"] or [v.type for v in p["operands"]]), ())
+        return self.make_op(c[0], None, "func.return", 0, p)
 
-    def make_op(self, head, results, name, offset, operands, attrs, sig, regions, extra, loc_tok):
+    def make_op(self, head, results, name, offset, p):
+        operands, attrs, sig, regions, extra, loc_tok = p["operands"], p["attrs"], p["sig"], p["regions"], p["extra"], p["loc"]
+        if sig is not None and len(sig.inputs) != len(operands):
+            self.error(head, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", offset, name)
         opdef = lookup_op(name)
         loc = Location(self.file, head.line, head.column + offset)
         if loc_tok is not None:
