@@ -18,9 +18,9 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from .attributes import (ArrayAttr, BoolAttr, DenseArrayAttr, DenseAttr, DictAttr, FloatAttr, IntAttr, StringAttr,
                          SymbolRefAttr, TypeAttr, UNIT)
-from .core import Block, FuncOp, Module, Operation, Region, create_op
-from .diagnostics import Diagnostics, DiagnosticError, Location, Sources
-from .registry import VerifyError, load_dialects, lookup_op
+from .core import Block, FuncOp, Module, Operation, Region, Value, create_op
+from .diagnostics import Diagnostics, Location, Sources
+from .registry import load_dialects, lookup_op
 from .types import ERROR, ELEMENT_TYPES, FunctionType, TensorType, parse_type
 
 _T = r"(?:(?:tensor|memref|vector)<[^<>]*>|[a-z][a-z0-9]*)"
@@ -133,12 +133,6 @@ def unquote(s: str) -> str:
     return _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)) if len(m.group(1)) == 2 else _ESCAPES.get(m.group(1), m.group(1)), body)
 
 
-class ParseError(Exception):
-    def __init__(self, message, token=None, col_offset=0):
-        super().__init__(message)
-        self.token, self.col_offset = token, col_offset
-
-
 class _Ctx:
     """What inference needs at parse time: the symbols declared so far."""
 
@@ -224,7 +218,6 @@ class IRBuilder:
     def lookup(self, name, index, tok, offset):
         values = self.values.get(name)
         if values is None:
-            from .core import Value
             placeholder = Value(ERROR, name)
             self.pending.setdefault(name, []).append((index or 0, placeholder, (tok, offset), name))
             return placeholder
@@ -711,7 +704,6 @@ def _symbol_name(text: str) -> str:
 
 
 def _error_value():
-    from .core import Value
     return Value(ERROR)
 
 
@@ -782,14 +774,14 @@ def parse_dense(body: str, t: TensorType) -> np.ndarray:
 
 
 _EXPECT = {"PRETTY_HEAD": "an operation", "GENERIC_HEAD": "an operation", "CALL_HEAD": "'func.call'",
-           "OPERANDS": "a value (%name)", "OPSIG": "a signature ': (types) -> types'", "SHORT_SIG": "': type'",
+           "OPERANDS": "a value (%name)", "SIMPLE_OP": "an operation", "OPSIG": "a signature ': (types) -> types'", "SHORT_SIG": "': type'",
            "FTYPE": "a function type",
            "TYPE": "a type", "DENSE": "dense<...>", "LOC": "loc(...)", "SYMBOL": "a symbol (@name)",
-           "OP_NAME": "an operation name", "STRING": "a string", "BARE_ID": "an identifier", "INT": "an integer",
+           "STRING": "a string", "BARE_ID": "an identifier", "INT": "an integer",
            "FLOAT": "a float", "BLOCK_ID": "a block label (^bb0)", "LBRACE": "'{'", "RBRACE": "'}'",
            "LPAR": "'('", "RPAR": "')'", "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "LSQB": "'['",
            "RSQB": "']'", "MORETHAN": "'>'", "__ANON_0": "'->'", "ARRAY": "array<...>", "$END": "end of input",
-           "GLOBAL": "'mlc.global'", "FUNC": "'func.func'", "CALL": "'func.call'", "RETURN": "'return'",
+           "GLOBAL": "'mlc.global'", "FUNC": "'func.func'", "RETURN": "'return'",
            "OVER": "'over'", "VISIBILITY": "'private'", "TRUE": "'true'", "FALSE": "'false'", "UNIT": "'unit'",
            "MODULE": "'module'", "ATTRIBUTES": "'attributes'", "RARROW": "'->'"}
 
