@@ -14,7 +14,8 @@ from .diagnostics import Diagnostics, DiagnosticError, Location
 NOWHERE = Location("", 0, 0)
 from .dialects.mlc import Global, RuntimeCheck
 from .dialects.shapes import fmt_shape
-from .types import TensorType, round_to_element
+from .registry import TERMINATOR
+from .types import ElementType, MemRefType, TensorType, round_to_element
 
 
 class Interpreter:
@@ -61,7 +62,7 @@ class Interpreter:
         outer, self.env = getattr(self, "env", None), env
         try:
             for op in block:
-                if op.opdef.name in ("func.return", "mlc.yield"):
+                if TERMINATOR in op.opdef.traits:
                     return [env[v] for v in op.operands]
                 outs = self.run_op(op, [env[v] for v in op.operands])
                 env.update(zip(op.results, outs))
@@ -85,6 +86,10 @@ class Interpreter:
 
 def _conform(op: Operation, i: int, value: np.ndarray) -> np.ndarray:
     t = op.results[i].type
+    if isinstance(t, ElementType):  # a scalar (loop-level IR)
+        return value.astype(t.np_dtype)[()] if t.name != "bf16" else round_to_element(value, t)[()]
+    if isinstance(t, MemRefType):  # a buffer: the same (mutable) array
+        return value
     if not isinstance(t, TensorType):
         return value
     if value.ndim != t.rank or any(d is not None and d != s for d, s in zip(t.shape, value.shape)):

@@ -91,7 +91,7 @@ class OpDef:
         cls.traits = frozenset(cls.traits)
         if cls.regions:
             cls.traits |= {HAS_REGION}
-        if cls.name:
+        if cls.__dict__.get("name"):  # families and helpers without their own name stay unregistered
             _REGISTRY[cls.name] = cls
 
     @staticmethod
@@ -128,4 +128,4 @@ def all_ops() -> dict[str, type[OpDef]]:
 
 def load_dialects():
     """Import the dialect modules so their ops register (idempotent)."""
-    from .dialects import func, mlc  # noqa: F401
+    from .dialects import func, loops, mlc  # noqa: F401

@@ -302,7 +302,10 @@ class Cast(OpDef):
 
     @staticmethod
     def interpret(ins, op, ctx):
-        x, target = ins[0], op.results[0].type.element
+        return Cast.convert(ins[0], op.results[0].type.element)
+
+    @staticmethod
+    def convert(x: np.ndarray, target) -> np.ndarray:
         if target.is_bool:
             return x != 0
         if x.dtype.kind == "f" and target.is_int:

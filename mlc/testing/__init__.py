@@ -310,12 +310,13 @@ class _Builder:
         results = self.emit("mlc.scan", [h0, seq], attrs, regions=[Region([body])])
         return results[0]
 
-    def build(self, n_ops: int):
+    FAMILIES = ("unary", "binary", "constant", "select", "reduction", "matmul", "transpose", "reshape",
+                "slice_or_pad", "concat", "softmax", "clamp_or_cast", "conv_or_pool", "gather", "cross_entropy",
+                "call", "scan")
+
+    def build(self, n_ops: int, families=FAMILIES):
         self.fresh_float()
-        generators = [self.unary, self.binary, self.binary, self.constant, self.select, self.reduction,
-                      self.matmul, self.transpose, self.reshape, self.slice_or_pad, self.concat, self.softmax,
-                      self.clamp_or_cast, self.conv_or_pool, self.gather, self.cross_entropy, self.call, self.scan,
-                      self.fresh_float]
+        generators = [getattr(self, name) for name in families] + [self.binary, self.fresh_float]
         for _ in range(n_ops):
             self.draw(st.sampled_from(generators))()
 
@@ -331,14 +332,15 @@ def _broadcastable(b: _Builder, x, y) -> bool:
 
 
 @st.composite
-def programs(draw, max_ops: int = 8, dynamic: bool | None = None) -> Program:
-    """A verified module with one public function `@main` and inputs for it."""
+def programs(draw, max_ops: int = 8, dynamic: bool | None = None, families=_Builder.FAMILIES) -> Program:
+    """A verified module with one public function `@main` and inputs for it. `families` picks the
+    kinds of ops drawn (see _Builder.FAMILIES), e.g. to test a backend on what it supports."""
     load_dialects()
     module = Module("generated")
     batch = draw(st.integers(1, 4))
     dynamic = draw(st.booleans()) if dynamic is None else dynamic
     b = _Builder(draw, module, batch, dynamic)
-    b.build(draw(st.integers(1, max_ops)))
+    b.build(draw(st.integers(1, max_ops)), families)
     outputs = [b.pool[-1]] + draw(st.lists(st.sampled_from(b.pool), max_size=2))
     outputs = list(dict.fromkeys(outputs))
     ftype = FunctionType(tuple(a.type for a in b.block.args), tuple(v.type for v in outputs))

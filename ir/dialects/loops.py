@@ -1,0 +1,289 @@
+"""Loop-level dialects: buffers (`mem`), loops (`loop`) and scalar arithmetic (`arith`).
+
+    %n = mem.dim %x {axis = 0} : (memref<?x4xf32>) -> index
+    %y = mem.alloc %n : (index) -> memref<?x4xf32>
+    loop.for %c0, %n {step = 1, parallel} : index, index {
+    ^bb0(%i: index):
+      %v = mem.load %x, %i, %j : (memref<?x4xf32>, index, index) -> f32
+      %e = arith.exp %v : (f32) -> f32
+      mem.store %e, %y, %i, %j : f32, memref<?x4xf32>, index, index
+      loop.yield
+    }
+
+The scalar `arith` ops are the mlc elementwise ops on scalars: they are generated from the same
+tables (ir/dialects/mlc.py), so a scalar `arith.exp` means exactly what `mlc.exp` means per element.
+On the interpreter a memref is a mutable numpy array, an index a Python int, a scalar a numpy scalar.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..attributes import BoolAttr, FloatAttr, IntAttr
+from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, VerifyError, lookup_op
+from ..types import ElementType, MemRefType, TensorType, i1, index
+from . import mlc
+from .mlc import RuntimeCheck
+from .shapes import fmt_shape
+
+
+def _memref(t, what="operand 0") -> MemRefType:
+    if not isinstance(t, MemRefType):
+        raise VerifyError(f"{what} must be a memref, got {t}")
+    return t
+
+
+def _scalar(t, what) -> ElementType:
+    if not isinstance(t, ElementType):
+        raise VerifyError(f"{what} must be a scalar, got {t}")
+    return t
+
+
+def _indices(types, rank, first):
+    if len(types) != rank:
+        raise VerifyError(f"expects {rank} indices for a rank-{rank} memref, got {len(types)}")
+    for i, t in enumerate(types):
+        if t != index:
+            raise VerifyError(f"operand {first + i} must be an index, got {t}")
+
+
+def _checked(buffer: np.ndarray, idx: tuple):
+    for k, (i, n) in enumerate(zip(idx, buffer.shape)):
+        if not 0 <= i < n:
+            raise RuntimeCheck(f"index {i} is out of bounds for dim {k} of a buffer of shape {fmt_shape(buffer.shape)}")
+    return idx
+
+
+# ---------------------------------------------------------------------------------------------------
+# mem: buffers
+
+class Alloc(OpDef):
+    """A new buffer; one index operand per `?` dim of the result type, in order. Zero-filled."""
+    name = "mem.alloc"
+    operands = (0, None)
+
+    @staticmethod
+    def infer(op, ctx):
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. ': (index) -> memref<?x4xf32>'")
+        t = _memref(op.results[0].type, "result")
+        _indices(op.operand_types, t.shape.count(None), 0)
+        return [t]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        t = op.results[0].type
+        sizes = iter(int(v) for v in ins)
+        return np.zeros([next(sizes) if d is None else d for d in t.shape], t.element.np_dtype)
+
+
+class Dim(OpDef):
+    name = "mem.dim"
+    operands = 1
+    traits = {PURE}
+    attrs = {"axis": Attr("int", required=True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        t = op.operand_types[0]
+        if not isinstance(t, (MemRefType, TensorType)):
+            raise VerifyError(f"operand 0 must be a memref or tensor, got {t}")
+        if not 0 <= op.attr("axis") < t.rank:
+            raise VerifyError(f"axis {op.attr('axis')} is out of range for rank {t.rank}")
+        return [index]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ins[0].shape[op.attr("axis")]
+
+
+class Load(OpDef):
+    name = "mem.load"
+    operands = (1, None)
+    traits = {READS}
+
+    @staticmethod
+    def infer(op, ctx):
+        t = _memref(op.operand_types[0])
+        _indices(op.operand_types[1:], t.rank, 1)
+        return [t.element]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ins[0][_checked(ins[0], tuple(int(i) for i in ins[1:]))]
+
+
+class Store(OpDef):
+    name = "mem.store"
+    operands = (2, None)
+    results = 0
+
+    @staticmethod
+    def infer(op, ctx):
+        v = _scalar(op.operand_types[0], "operand 0 (the value)")
+        t = _memref(op.operand_types[1], "operand 1")
+        if v != t.element:
+            raise VerifyError(f"stores a {v} into a buffer of {t.element}")
+        _indices(op.operand_types[2:], t.rank, 2)
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        ins[1][_checked(ins[1], tuple(int(i) for i in ins[2:]))] = ins[0]
+        return []
+
+
+class FromTensor(OpDef):
+    """A buffer holding a copy of a tensor (at function entry and for constants)."""
+    name = "mem.from_tensor"
+    operands = 1
+
+    @staticmethod
+    def infer(op, ctx):
+        t = op.operand_types[0]
+        if not isinstance(t, TensorType):
+            raise VerifyError(f"operand 0 must be a tensor, got {t}")
+        return [MemRefType(t.shape, t.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.array(ins[0])
+
+
+class ToTensor(OpDef):
+    """The tensor value of a buffer (at function exit)."""
+    name = "mem.to_tensor"
+    operands = 1
+    traits = {READS}
+
+    @staticmethod
+    def infer(op, ctx):
+        t = _memref(op.operand_types[0])
+        return [TensorType(t.shape, t.element)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.array(ins[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# loop: counted loops
+
+class For(OpDef):
+    """`for i in range(lb, ub, step)` over its region (one index argument). `parallel` marks loops
+    whose iterations are independent."""
+    name = "loop.for"
+    operands = 2
+    results = 0
+    regions = 1
+    attrs = {"step": Attr("int", 1), "parallel": Attr("bool", False)}
+
+    @staticmethod
+    def infer(op, ctx):
+        for i, t in enumerate(op.operand_types):
+            if t != index:
+                raise VerifyError(f"bound {i} must be an index, got {t}")
+        if op.attr("step") < 1:
+            raise VerifyError(f"'step' must be positive, got {op.attr('step')}")
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        block = op.regions[0].blocks[0]
+        if [a.type for a in block.args] != [index]:
+            raise VerifyError("the body takes one index argument, ^bb0(%i: index)")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        region = op.regions[0]
+        for i in range(int(ins[0]), int(ins[1]), op.attr("step")):
+            ctx.run_region(region, [i])
+        return []
+
+
+class LoopYield(OpDef):
+    name = "loop.yield"
+    results = 0
+    traits = {TERMINATOR}
+
+    @staticmethod
+    def infer(op, ctx):
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        parent = op.parent_op
+        if parent is None or parent.name != "loop.for" or op.next is not None:
+            raise VerifyError("must be the last op of a loop.for body")
+
+
+# ---------------------------------------------------------------------------------------------------
+# arith: scalar arithmetic, from the mlc elementwise tables
+
+class ScalarConstant(OpDef):
+    name = "arith.constant"
+    traits = {PURE}
+    attrs = {"value": Attr("any", required=True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        a = op.attributes["value"]
+        if isinstance(a, (IntAttr, FloatAttr)):
+            return [a.type]
+        if isinstance(a, BoolAttr):
+            return [i1]
+        raise VerifyError(f"'value' must be a number or boolean, got {a}")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return op.attr("value")
+
+
+def _scalar_family(base):
+    """The arith twin of an mlc elementwise op: same element rules, same kernel, scalar types."""
+
+    class Scalar(base):
+        @classmethod
+        def infer(cls, op, ctx):
+            types = [_scalar(t, f"operand {i}") for i, t in enumerate(op.operand_types)]
+            as_tensors = [TensorType((), t) for t in types]
+            probe = _Probe(op, as_tensors)
+            return [r.element for r in base.infer(probe, ctx)]
+
+        fold = staticmethod(lambda op, consts: None)
+    return Scalar
+
+
+class _Probe:
+    """Stands in for an op with tensor-typed operands so a tensor op's inference can be reused."""
+
+    def __init__(self, op, operand_types):
+        self.operand_types, self.results, self._op = operand_types, [], op
+
+    def attr(self, name, default=None):
+        return self._op.attr(name, default)
+
+
+for _name in list(mlc.UNARY) + ["gelu"]:
+    _base = lookup_op(f"mlc.{_name}")
+    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": {PURE, ELEMENTWISE}})
+for _name in list(mlc.BINARY) + ["select"]:
+    _base = lookup_op(f"mlc.{_name}")
+    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}})
+
+
+class ScalarCast(OpDef):
+    """mlc.cast on one value; the result type is the target."""
+    name = "arith.cast"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        _scalar(op.operand_types[0], "operand 0")
+        if not op.results:
+            raise VerifyError("needs its result type")
+        return [_scalar(op.results[0].type, "result")]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return mlc.Cast.convert(np.asarray(ins[0]), op.results[0].type)

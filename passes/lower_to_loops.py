@@ -1,0 +1,432 @@
+"""lower-to-loops: tensor ops become loop nests over buffers (the `mem`, `loop` and `arith` dialects).
+
+Each tensor value gets a buffer; an op's rule allocates its result buffer and fills it with a loop
+nest of scalar `arith` ops. Function signatures stay tensors: arguments are copied into buffers at
+entry (`mem.from_tensor`) and results read back at exit (`mem.to_tensor`), so a lowered module runs on
+the interpreter with the same inputs as the original — which is how it is tested. Calls and globals
+cross the boundary the same way. An op without a rule is an error naming it, never skipped.
+
+Broadcasting: a result dim that is `?` has the size of the largest operand dim there (they are equal
+or 1); an operand dim that may be 1 at run time is read at `min(i, size - 1)`.
+"""
+from __future__ import annotations
+
+from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
+from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
+from mlc.ir.diagnostics import error
+from mlc.ir.dialects import mlc as tensor_ops
+from mlc.ir.dialects.shapes import norm_axis
+from mlc.ir.types import MemRefType, TensorType, i64, index
+
+from .manager import Pass
+
+RULES: dict[str, callable] = {}
+
+
+def rule(*names):
+    def register(fn):
+        for n in names:
+            RULES[n] = fn
+        return fn
+    return register
+
+
+class LowerToLoops(Pass):
+    name = "lower-to-loops"
+    summary = "lower tensor ops to loop nests over buffers"
+
+    def run(self, module: Module) -> None:
+        for f in list(module.functions.values()):
+            FunctionLowering(module, f).run()
+
+
+class FunctionLowering:
+    def __init__(self, module: Module, func):
+        self.module, self.func = module, func
+        self.buffers: dict[Value, Value] = {}
+        self.consts: dict = {}
+        self.b = Builder(func.body, func.body.first, module)
+
+    # --- driving ---------------------------------------------------------------------------------------
+    def run(self):
+        for a in self.func.args:
+            if isinstance(a.type, TensorType):
+                self.buffers[a] = self.b.create("mem.from_tensor", [a], name_hint=a.name_hint).result
+        originals = [op for op in self.func.body.ops if op.name.startswith("mlc.") or op.name == "func.call"]
+        self.lower_ops(originals)
+        ret = self.func.body.last
+        self.b = Builder.before(ret, self.module)
+        for i, v in enumerate(ret.operands):
+            if v in self.buffers:
+                ret.set_operand(i, self.tensor(v))
+
+    def lower_ops(self, ops):
+        """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""
+        for op in ops:
+            lower = RULES.get(op.name)
+            if lower is None:
+                raise error(op.loc, "cannot lower this op to loops yet", op.name)
+            self.b = Builder.before(op, self.module)
+            for r, buf in zip(op.results, lower(self, op)):
+                self.buffers[r] = buf
+        for op in reversed(ops):
+            if op.name in TENSOR_LEVEL and any(r.uses for r in op.results):
+                continue
+            op.drop_all_references()
+            op.detach()
+
+    # --- helpers ---------------------------------------------------------------------------------------
+    def tensor(self, v: Value) -> Value:
+        """The tensor value of v's buffer, read at the current point."""
+        return self.b.create("mem.to_tensor", [self.buffers[v]]).result
+
+    def idx(self, n: int) -> Value:
+        """An index constant, made once per function at the very top (so it dominates every use)."""
+        if n not in self.consts:
+            top = Builder(self.func.body, self.func.body.first, self.module)
+            self.consts[n] = top.create("arith.constant", attributes={"value": IntAttr(n, index)}).result
+        return self.consts[n]
+
+    def const(self, b: Builder, value, element) -> Value:
+        attr = BoolAttr(bool(value)) if element.is_bool else \
+            FloatAttr(float(value), element) if element.is_float else IntAttr(int(value), element)
+        return b.create("arith.constant", attributes={"value": attr}).result
+
+    def dim(self, buf, axis: int) -> Value:
+        buf = getattr(buf, "buf", buf)  # a batch view reads the dims of its buffer
+        d = buf.type.shape[axis]
+        return self.idx(d) if d is not None else self.b.create("mem.dim", [buf], {"axis": axis}).result
+
+    def dims(self, buf: Value) -> list:
+        return [self.dim(buf, i) for i in range(buf.type.rank)]
+
+    def alloc(self, t: TensorType, sizes: list, name_hint=None) -> Value:
+        dynamic = [s for s, d in zip(sizes, t.shape) if d is None]
+        return self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
+
+    def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
+        return b.create(name, list(operands), attrs or None).result
+
+    def nest(self, sizes: list, body, parallel: bool = True, b: Builder | None = None):
+        """Loops over 0..size for each size; body(builder, ivs) fills the innermost block."""
+        def level(b, ivs):
+            if len(ivs) == len(sizes):
+                body(b, ivs)
+                return
+            block = Block([index], ["i"])
+            b.create("loop.for", [self.idx(0), sizes[len(ivs)]], {"parallel": True} if parallel else None,
+                     regions=[Region([block])])
+            inner = Builder.at_end(block, self.module)
+            level(inner, ivs + [block.args[0]])
+            inner.create("loop.yield")
+        level(b or self.b, [])
+
+    def broadcast_reader(self, buf, result_rank: int):
+        """A function (builder, result ivs) -> the indices that read `buf` broadcast to the result."""
+        lead = result_rank - buf.type.rank
+        last = [self.op(self.b, "arith.sub", self.dim(buf, axis), self.idx(1)) if d is None else None
+                for axis, d in enumerate(buf.type.shape)]
+
+        def indices(b, ivs):
+            out = []
+            for axis, d in enumerate(buf.type.shape):
+                iv = ivs[lead + axis]
+                out.append(self.idx(0) if d == 1 else iv if d is not None else self.op(b, "arith.minimum", iv, last[axis]))
+            return out
+        return indices
+
+    def result_sizes(self, t: TensorType, operands) -> list:
+        """Sizes of a broadcast result: static dims as constants, `?` dims the largest operand dim."""
+        sizes = []
+        for i, d in enumerate(t.shape):
+            if d is not None:
+                sizes.append(self.idx(d))
+                continue
+            candidates = [self.dim(v, v.type.rank - t.rank + i) for v in operands
+                          if v.type.rank - t.rank + i >= 0 and v.type.shape[v.type.rank - t.rank + i] != 1]
+            size = candidates[0]
+            for c in candidates[1:]:
+                size = self.op(self.b, "arith.maximum", size, c)
+            sizes.append(size)
+        return sizes
+
+
+TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules
+
+SCALAR_TWIN = {name: f"arith.{name}" for name in list(tensor_ops.UNARY) + list(tensor_ops.BINARY) + ["gelu", "select"]}
+
+
+@rule(*[f"mlc.{n}" for n in SCALAR_TWIN] + ["mlc.clamp", "mlc.cast", "mlc.broadcast_to"])
+def elementwise(L: FunctionLowering, op: Operation):
+    t = op.results[0].type
+    ins = [L.buffers[v] for v in op.operands]
+    sizes = L.result_sizes(t, ins) if op.name != "mlc.broadcast_to" else \
+        [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    readers = [L.broadcast_reader(v, t.rank) for v in ins]
+
+    def body(b, ivs):
+        xs = [b.create("mem.load", [v] + read(b, ivs)).result for v, read in zip(ins, readers)]
+        y = scalar(L, b, op, xs)
+        b.create("mem.store", [y, out] + ivs)
+    L.nest(sizes, body)
+    return [out]
+
+
+def scalar(L, b, op, xs) -> Value:
+    """The scalar computation of an elementwise op on loaded values."""
+    short = op.name[4:]
+    if short in SCALAR_TWIN:
+        attrs = {"approximate": op.attr("approximate")} if short == "gelu" else None
+        return b.create(SCALAR_TWIN[short], xs, attrs).result
+    if op.name == "mlc.cast":
+        return b.create("arith.cast", xs, result_types=[op.results[0].type.element]).result
+    if op.name == "mlc.broadcast_to":
+        return xs[0]
+    x, e = xs[0], op.results[0].type.element  # clamp
+    if op.attr("min") is not None:
+        x = L.op(b, "arith.maximum", x, L.const(b, op.attr("min"), e))
+    if op.attr("max") is not None:
+        x = L.op(b, "arith.minimum", x, L.const(b, op.attr("max"), e))
+    return x
+
+
+@rule("mlc.constant", "mlc.global_load", "func.call")
+def boundary(L: FunctionLowering, op: Operation):
+    """These stay tensor ops: their operands are read from buffers, their results copied into buffers."""
+    for i, v in enumerate(op.operands):
+        if v in L.buffers:
+            op.set_operand(i, L.tensor(v))
+    return [Builder.after(op, L.module).create("mem.from_tensor", [r], name_hint=r.name_hint).result for r in op.results]
+
+
+@rule("mlc.global_store")
+def global_store(L: FunctionLowering, op: Operation):
+    new = op.clone()
+    new.set_operand(0, L.tensor(op.operands[0]))
+    op.parent.insert_before(op, new)
+    return []
+
+
+IDENTITY = {"mlc.reduce_sum": 0, "mlc.reduce_mean": 0, "mlc.reduce_prod": 1}
+COMBINE = {"mlc.reduce_sum": "arith.add", "mlc.reduce_mean": "arith.add", "mlc.reduce_prod": "arith.mul",
+           "mlc.reduce_max": "arith.maximum", "mlc.reduce_min": "arith.minimum"}
+
+
+@rule("mlc.reduce_sum", "mlc.reduce_mean", "mlc.reduce_prod", "mlc.reduce_max", "mlc.reduce_min", "mlc.argmax", "mlc.argmin")
+def reduction(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t, e = op.results[0].type, x.type.element
+    axes = op.opdef.axes(op, x.type.rank)
+    keep = bool(op.attr("keepdims"))
+    in_sizes = L.dims(x)
+    out_sizes = [L.idx(1) if i in axes else s for i, s in enumerate(in_sizes)] if keep \
+        else [s for i, s in enumerate(in_sizes) if i not in axes]
+    out = L.alloc(t, out_sizes, op.results[0].name_hint)
+    arg = op.name in ("mlc.argmax", "mlc.argmin")
+    best = L.alloc(TensorType(t.shape, e), out_sizes) if arg else out
+
+    def out_index(ivs):
+        """Input indices -> result indices."""
+        return [L.idx(0) if i in axes else iv for i, iv in enumerate(ivs)] if keep else \
+            [iv for i, iv in enumerate(ivs) if i not in axes]
+
+    def first_element(ivs):
+        """Result indices -> the input indices of the first element reduced into them."""
+        rest = iter(ivs)
+        return [L.idx(0) if i in axes else (ivs[i] if keep else next(rest)) for i in range(x.type.rank)]
+
+    def init(b, ivs):
+        if op.name in IDENTITY:
+            b.create("mem.store", [L.const(b, IDENTITY[op.name], e), out] + ivs)
+            return
+        b.create("mem.store", [b.create("mem.load", [x] + first_element(ivs)).result, best] + ivs)
+        if arg:
+            b.create("mem.store", [L.const(b, 0, i64), out] + ivs)
+    L.nest(out_sizes, init)
+
+    def body(b, ivs):
+        o = out_index(ivs)
+        v = b.create("mem.load", [x] + ivs).result
+        acc = b.create("mem.load", [best] + o).result
+        if not arg:
+            b.create("mem.store", [L.op(b, COMBINE[op.name], acc, v), out] + o)
+            return
+        # strictly better, or a NaN where the best so far is not (numpy: NaN counts as extreme)
+        better = L.op(b, "arith.gt" if op.name == "mlc.argmax" else "arith.lt", v, acc)
+        nan_v, num_acc = L.op(b, "arith.ne", v, v), L.op(b, "arith.eq", acc, acc)
+        take = L.op(b, "arith.or", better, L.op(b, "arith.and", nan_v, num_acc))
+        position = b.create("arith.cast", [ivs[axes[0]]], result_types=[i64]).result
+        b.create("mem.store", [L.op(b, "arith.select", take, v, acc), best] + o)
+        old = b.create("mem.load", [out] + o).result
+        b.create("mem.store", [L.op(b, "arith.select", take, position, old), out] + o)
+    L.nest(in_sizes, body, parallel=False)
+
+    if op.name == "mlc.reduce_mean":
+        count = L.idx(1)
+        for a in axes:
+            count = L.op(L.b, "arith.mul", count, in_sizes[a])
+        n = L.b.create("arith.cast", [count], result_types=[e]).result
+        L.nest(out_sizes, lambda b, ivs: b.create(
+            "mem.store", [L.op(b, "arith.div", b.create("mem.load", [out] + ivs).result, n), out] + ivs))
+    return [out]
+
+
+@rule("mlc.matmul")
+def matmul(L: FunctionLowering, op: Operation):
+    """numpy `@`: a rank-1 operand is a row (left) or column (right) whose extra dim is dropped."""
+    a, bm = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    ra, rb = a.type.rank, bm.type.rank
+    batch_rank = t.rank - (ra > 1) - (rb > 1)
+    batch = TensorType(t.shape[:batch_rank], t.element)
+    views = [_BatchView(v) for v in (a, bm) if v.type.rank > 2]
+    sizes = L.result_sizes(batch, views) if batch_rank else []
+    rows = [L.dim(a, ra - 2)] if ra > 1 else []
+    cols = [L.dim(bm, rb - 1)] if rb > 1 else []
+    k = L.dim(a, ra - 1)
+    out = L.alloc(t, sizes + rows + cols, op.results[0].name_hint)
+    read_a = L.broadcast_reader(_BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
+    read_b = L.broadcast_reader(_BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
+
+    def body(b, ivs):
+        bi, rest = ivs[:batch_rank], ivs[batch_rank:]
+        row = rest[:1] if ra > 1 else []
+        col = rest[-1:] if rb > 1 else []
+        b.create("mem.store", [L.const(b, 0, t.element), out] + ivs)
+
+        def accumulate(ib, kk):
+            x = ib.create("mem.load", [a] + read_a(ib, bi) + row + kk).result
+            y = ib.create("mem.load", [bm] + read_b(ib, bi) + kk + col).result
+            acc = ib.create("mem.load", [out] + ivs).result
+            ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + ivs)
+        L.nest([k], accumulate, parallel=False, b=b)
+    L.nest(sizes + rows + cols, body)
+    return [out]
+
+
+class _BatchView:
+    """A buffer seen without its last two dims: its batch dims, for broadcasting batch indices."""
+
+    def __init__(self, buf):
+        self.buf = buf
+        self.type = MemRefType(buf.type.shape[:-2], buf.type.element)
+
+
+
+@rule("mlc.transpose")
+def transpose(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    perm = op.attr("perm")
+    sizes = [L.dim(x, p) for p in perm]
+    out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
+
+    def body(b, ivs):
+        src = [None] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            src[in_axis] = ivs[out_axis]
+        b.create("mem.store", [b.create("mem.load", [x] + src).result, out] + ivs)
+    L.nest(sizes, body)
+    return [out]
+
+
+@rule("mlc.reshape")
+def reshape(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    in_sizes = L.dims(x)
+    total = L.idx(1)
+    for s in in_sizes:
+        total = L.op(L.b, "arith.mul", total, s)
+    known = L.idx(1)
+    for d in t.shape:
+        if d is not None:
+            known = L.op(L.b, "arith.mul", known, L.idx(d))
+    sizes = [L.idx(d) if d is not None else L.op(L.b, "arith.div", total, known) for d in t.shape]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def body(b, ivs):
+        flat = L.idx(0)
+        for iv, s in zip(ivs, sizes):
+            flat = L.op(b, "arith.add", L.op(b, "arith.mul", flat, s), iv)
+        src = []
+        for s in reversed(in_sizes):
+            q = L.op(b, "arith.div", flat, s)
+            src.append(L.op(b, "arith.sub", flat, L.op(b, "arith.mul", q, s)))
+            flat = q
+        b.create("mem.store", [b.create("mem.load", [x] + src[::-1]).result, out] + ivs)
+    L.nest(sizes, body)
+    return [out]
+
+
+@rule("mlc.iota")
+def iota(L: FunctionLowering, op: Operation):
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), t.rank)
+    sizes = [L.idx(d) for d in t.shape]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [b.create("arith.cast", [ivs[axis]], result_types=[t.element]).result, out] + ivs))
+    return [out]
+
+
+@rule("mlc.softmax", "mlc.log_softmax")
+def softmax(L: FunctionLowering, op: Operation):
+    """Decomposed into tensor ops (max, sub, exp, sum, then div or log and sub), which are lowered."""
+    x = op.operands[0]
+    red = {"axes": [norm_axis(op.attr("axis"), x.type.rank)], "keepdims": True}
+    made = []
+
+    def make(name, *operands, **attrs):
+        made.append(L.b.create(name, list(operands), attrs or None))
+        return made[-1].result
+    shifted = make("mlc.sub", x, make("mlc.reduce_max", x, **red))
+    e = make("mlc.exp", shifted)
+    z = make("mlc.reduce_sum", e, **red)
+    y = make("mlc.div", e, z) if op.name == "mlc.softmax" else make("mlc.sub", shifted, make("mlc.log", z))
+    L.lower_ops(made)
+    return [L.buffers[y]]
+
+
+@rule("mlc.cross_entropy")
+def cross_entropy(L: FunctionLowering, op: Operation):
+    """Per row: log(sum(exp(x - max))) + max - x[label]; then the mean over rows."""
+    x, labels = (L.buffers[v] for v in op.operands)
+    if x.type.rank != 2:
+        raise error(op.loc, "cannot lower cross_entropy over more than 2 dims to loops yet", op.name)
+    e = x.type.element
+    n, c = L.dims(x)
+    out = L.alloc(op.results[0].type, [], op.results[0].name_hint)
+    b = L.b
+    b.create("mem.store", [L.const(b, 0, e), out])
+    scratch = L.alloc(TensorType((2,), e), [])  # running max, running sum for one row
+
+    def row(b, ivs):
+        i = ivs[0]
+        b.create("mem.store", [b.create("mem.load", [x, i, L.idx(0)]).result, scratch, L.idx(0)])
+        b.create("mem.store", [L.const(b, 0, e), scratch, L.idx(1)])
+
+        def find_max(ib, js):
+            m = ib.create("mem.load", [scratch, L.idx(0)]).result
+            v = ib.create("mem.load", [x, i, js[0]]).result
+            ib.create("mem.store", [L.op(ib, "arith.maximum", m, v), scratch, L.idx(0)])
+        L.nest([c], find_max, parallel=False, b=b)
+        m = b.create("mem.load", [scratch, L.idx(0)]).result
+
+        def add_exp(ib, js):
+            s = ib.create("mem.load", [scratch, L.idx(1)]).result
+            v = ib.create("mem.load", [x, i, js[0]]).result
+            ib.create("mem.store", [L.op(ib, "arith.add", s, L.op(ib, "arith.exp", L.op(ib, "arith.sub", v, m))), scratch, L.idx(1)])
+        L.nest([c], add_exp, parallel=False, b=b)
+        label = b.create("arith.cast", [b.create("mem.load", [labels, i]).result], result_types=[index]).result
+        picked = b.create("mem.load", [x, i, label]).result
+        s = b.create("mem.load", [scratch, L.idx(1)]).result
+        loss = L.op(b, "arith.sub", L.op(b, "arith.add", L.op(b, "arith.log", s), m), picked)
+        b.create("mem.store", [L.op(b, "arith.add", b.create("mem.load", [out]).result, loss), out])
+    L.nest([n], row, parallel=False)
+    count = L.b.create("arith.cast", [n], result_types=[e]).result
+    L.b.create("mem.store", [L.op(L.b, "arith.div", L.b.create("mem.load", [out]).result, count), out])
+    return [out]
