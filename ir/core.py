@@ -432,8 +432,8 @@ class Builder:
         self.symbols = module.symbols() if module is not None else {}
 
     @classmethod
-    def at_end(cls, block: Block, module=None) -> "Builder":
-        return cls(block, None, module)
+    def at_end(cls, block: Block, module=None, loc: Location = UNKNOWN) -> "Builder":
+        return cls(block, None, module, loc)
 
     @classmethod
     def before(cls, op: Operation, module=None) -> "Builder":

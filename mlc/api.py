@@ -50,3 +50,9 @@ def run_passes(module: Module, pipeline: str, **kwargs) -> Module:
     from mlc.passes.manager import PassManager
     PassManager.parse(pipeline, **kwargs).run(module)
     return module
+
+
+def compile(module: Module, target: str = "cpu"):
+    """Compile every public function to native code; `exe["f"](*arrays)` runs one."""
+    from mlc.runtime.executable import Executable
+    return Executable(module, target)

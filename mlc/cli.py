@@ -63,11 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--list-passes", action="store_true", help="list the passes and exit")
     o.set_defaults(func=cmd_opt)
 
+    c = sub.add_parser("compile", help="compile to native code and print a stage",
+                       description="Compile FILE for the CPU and print the stage named by --emit.")
+    c.add_argument("file", metavar="FILE")
+    c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm"], default="loops",
+                   help="ir: after the tensor-level passes; loops: the loop-level IR; llvm: optimised LLVM IR; asm: assembly")
+    c.add_argument("--target", default="cpu", choices=["cpu"], help="the target (cpu)")
+    c.add_argument("-o", "--output", metavar="OUT", help="write the stage here instead of standard output")
+    c.set_defaults(func=cmd_compile)
+
     r = sub.add_parser("run", help="run a function", description="Run a function of FILE on inputs given as .npy files.")
     r.add_argument("file", metavar="FILE")
     r.add_argument("--entry", default=None, metavar="@F", help="the function to run (default: the only or the first public one)")
     r.add_argument("--backend", default="interp", choices=["interp", "cpu", "cuda"],
-                   help="interp: the numpy reference interpreter (cpu and cuda arrive with their backends)")
+                   help="interp: the numpy reference interpreter; cpu: native code (cuda arrives with its backend)")
     r.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input by argument name (x for %%x); FILE.npz alone gives every array in it by name")
     r.add_argument("--random-inputs", action="store_true", help="fill inputs not given with random values")
@@ -124,14 +133,38 @@ def cmd_opt(args):
     return 0
 
 
+def cmd_compile(args):
+    from mlc.ir.printer import print_module
+    from mlc.passes import PassManager
+    from mlc.runtime.executable import CPU_PIPELINE, Executable
+    module = load_module(args.file)
+    if args.emit == "ir":
+        PassManager.parse(CPU_PIPELINE.split(",lower-to-loops")[0]).run(module)
+        text = print_module(module)
+    else:
+        exe = Executable(module, args.target)
+        text = {"loops": lambda: print_module(exe.lowered), "llvm": lambda: exe.jit.optimised_ir,
+                "asm": exe.jit.assembly}[args.emit]()
+    if args.output:
+        write_atomically(args.output, text.encode())
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def cmd_run(args):
     from mlc.ir.interpreter import Interpreter, arg_names
-    if args.backend != "interp":
-        raise error(Location(args.file, 0, 0), f"the '{args.backend}' backend is not available yet; use --backend interp")
+    if args.backend == "cuda":
+        raise error(Location(args.file, 0, 0), "the 'cuda' backend is not available yet; use --backend cpu or interp")
     module = load_module(args.file)
     func = pick_entry(module, args.entry, args.file)
     inputs = gather_inputs(func, args)
-    results = Interpreter(module).call_public(func.sym_name, [inputs[n] for n in arg_names(func)])
+    arrays = [inputs[n] for n in arg_names(func)]
+    if args.backend == "cpu":
+        from mlc.runtime.executable import Executable
+        results = Executable(module)[func.sym_name](*arrays)
+    else:
+        results = Interpreter(module).call_public(func.sym_name, arrays)
     results = results if isinstance(results, tuple) else (results,)
     if args.output:
         save_npz(args.output, {f"result{i}": r for i, r in enumerate(results)})

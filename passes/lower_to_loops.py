@@ -116,7 +116,7 @@ class FunctionLowering:
             block = Block([index], ["i"])
             b.create("loop.for", [self.idx(0), sizes[len(ivs)]], {"parallel": True} if parallel else None,
                      regions=[Region([block])])
-            inner = Builder.at_end(block, self.module)
+            inner = Builder.at_end(block, self.module, b.loc)
             level(inner, ivs + [block.args[0]])
             inner.create("loop.yield")
         level(b or self.b, [])

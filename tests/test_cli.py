@@ -106,7 +106,7 @@ def test_run_with_inputs_and_output(tmp_path):
     (["--input", "y=whatever.npy"], "has no argument 'y' (arguments: x)"),
     (["--input", "x=/does/not/exist.npy"], "/does/not/exist.npy: error: no such file"),
     (["--input", "x"], "expected NAME=FILE.npy"),
-    (["--backend", "cpu", "--random-inputs"], "'cpu' backend is not available yet"),
+    (["--backend", "cuda", "--random-inputs"], "'cuda' backend is not available yet"),
 ])
 def test_run_errors(args, fragment):
     code, _, err = mlc_cmd("run", MLP, *args)

@@ -1,0 +1,480 @@
+"""LLVM emission: loop-level IR (mem/loop/arith, see passes/lower_to_loops.py) to LLVM IR with llvmlite.
+
+Every public function becomes `void @name(ptr %args)`, one calling convention for all signatures.
+`args` is an array of pointers:
+
+    args[0]              the globals table: one data pointer per mlc.global, in module order
+    args[1 + 2k]         data of tensor argument k
+    args[2 + 2k]         its dims (i64[rank])
+    then per result r:   a slot receiving a malloc'd data pointer (the caller frees it), and a slot
+                         receiving its dims (i64[rank])
+    args[last]           an i64 error slot: 0, or 1 + the index of the op (in `FunctionCode.checks`)
+                         whose data-dependent index was out of bounds; the function returns at once.
+
+Buffers are row-major; `mem.alloc` is calloc. Lowered code writes only buffers it allocated, so
+arguments, constants and globals are read in place.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from llvmlite import ir
+
+from mlc.ir.core import FuncOp, Module, Operation, Value
+from mlc.ir.diagnostics import error
+from mlc.ir.types import ElementType, TensorType
+
+PTR = ir.PointerType()
+I64 = ir.IntType(64)
+I8 = ir.IntType(8)
+I1 = ir.IntType(1)
+F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
+
+SCALAR = {"f16": F16, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
+STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
+LIBM = {"tanh": "tanh", "erf": "erf", "log1p": "log1p"}  # libm functions (suffix f for f32)
+
+
+def scalar_type(e: ElementType):
+    if e.name not in SCALAR:
+        raise ValueError(f"{e} is not supported by the CPU backend yet")
+    return SCALAR[e.name]
+
+
+@dataclass
+class Buffer:
+    """A memref or tensor in registers: its data pointer, element type and one i64 per dim."""
+    data: ir.Value
+    element: ElementType
+    dims: list
+    owned: bool = False  # allocated by this function (freed at exit unless returned)
+    slot: object = None  # its stack slot, for the failure path
+
+
+@dataclass
+class FunctionCode:
+    name: str
+    checks: list = field(default_factory=list)  # locations of ops with run-time bounds checks
+
+
+class ModuleEmitter:
+    def __init__(self, module: Module):
+        self.module = module
+        self.llvm = ir.Module(name=module.name or "mlc")
+        self.globals = list(module.globals)
+        self.constants = 0
+        self.functions: dict[str, FunctionCode] = {}
+        self.libm: set[str] = set()
+        self.decls: dict = {}
+
+    def emit(self) -> ir.Module:
+        for name, f in self.module.functions.items():
+            if not f.is_private:
+                self.functions[name] = FunctionEmitter(self, f).emit()
+        return self.llvm
+
+    def declare(self, name: str, ret, args):
+        fn = self.decls.get(name)
+        if fn is None:
+            fn = self.decls[name] = ir.Function(self.llvm, ir.FunctionType(ret, args), name=name)
+        return fn
+
+    def intrinsic(self, name: str, t, n_args: int = 1):
+        suffix = {F32: "f32", F64: "f64", F16: "f16"}.get(t) or f"i{t.width}"
+        return self.declare(f"llvm.{name}.{suffix}", t, [t] * n_args)
+
+    def constant_data(self, array) -> ir.GlobalVariable:
+        from mlc.ir.types import element_of
+        e = element_of(array.dtype)
+        t = ir.ArrayType(STORAGE[e.name], max(array.size, 1))
+        values = [int(v) if e.is_int else float(v) for v in array.reshape(-1)] or [0]
+        g = ir.GlobalVariable(self.llvm, t, name=f"const{self.constants}")
+        self.constants += 1
+        g.global_constant, g.linkage, g.align = True, "internal", 64
+        g.initializer = ir.Constant(t, values)
+        return g
+
+
+class FunctionEmitter:
+    def __init__(self, parent: ModuleEmitter, func: FuncOp):
+        self.parent, self.func = parent, func
+        self.code = FunctionCode(func.sym_name)
+        self.fn = ir.Function(parent.llvm, ir.FunctionType(ir.VoidType(), [PTR]), name=func.sym_name)
+        self.prologue = ir.IRBuilder(self.fn.append_basic_block("prologue"))  # stack slots, then entry
+        self.entry = self.fn.append_basic_block("entry")
+        self.b = ir.IRBuilder(self.entry)
+        self.values: dict[Value, object] = {}
+        self.trusted: set = set()  # index values known to be in bounds (loop ivs, dims, their arithmetic)
+        self.owned: list[Buffer] = []
+
+    def arg(self, i: int):
+        slot = self.b.gep(self.fn.args[0], [ir.Constant(I64, i)], source_etype=PTR)
+        return self.b.load(slot, typ=PTR)
+
+    def emit(self) -> FunctionCode:
+        n_in = len(self.func.args)
+        n_out = len(self.func.type.results)
+        self.globals_table = self.arg(0)
+        for k, a in enumerate(self.func.args):
+            if not isinstance(a.type, TensorType):
+                raise error(self.func.loc, f"argument {k} has type {a.type}; the CPU backend takes tensors", "func.func")
+            data, dims = self.arg(1 + 2 * k), self.arg(2 + 2 * k)
+            self.values[a] = Buffer(data, a.type.element, [self.static_or_load(dims, i, d) for i, d in enumerate(a.type.shape)])
+        self.out_slots = [(self.arg(1 + 2 * n_in + 2 * r), self.arg(2 + 2 * n_in + 2 * r)) for r in range(n_out)]
+        self.error_slot = self.arg(1 + 2 * n_in + 2 * n_out)
+        self.exit_block = self.fn.append_basic_block("fail")
+        self.block(self.func.body)
+        with self.b.goto_block(self.exit_block):  # not every allocation dominates this block: free via slots
+            free = self.parent.declare("free", ir.VoidType(), [PTR])
+            for buf in self.owned:
+                self.b.call(free, [self.b.load(buf.slot, typ=PTR)])
+            self.b.ret_void()
+        self.prologue.branch(self.entry)
+        return self.code
+
+    def static_or_load(self, dims_ptr, i, d):
+        if d is not None:
+            return ir.Constant(I64, d)
+        return self.b.load(self.b.gep(dims_ptr, [ir.Constant(I64, i)], source_etype=I64), typ=I64)
+
+    # --- ops ----------------------------------------------------------------------------------------------
+    def block(self, block):
+        for op in block:
+            handler = OPS.get(op.name)
+            if handler is None:
+                if op.name.startswith("arith."):
+                    self.values[op.results[0]] = self.arith(op)
+                    continue
+                raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
+            handler(self, op)
+
+    def get(self, v: Value):
+        return self.values[v]
+
+    def offset(self, buf: Buffer, indices) -> ir.Value:
+        off = ir.Constant(I64, 0)
+        for d, i in zip(buf.dims, indices):
+            off = self.b.add(self.b.mul(off, d), i)
+        return off
+
+    def address(self, buf: Buffer, indices):
+        return self.b.gep(buf.data, [self.offset(buf, indices)], inbounds=True, source_etype=STORAGE[buf.element.name])
+
+    def check_indices(self, op: Operation, buf: Buffer, index_values: list):
+        """Data-dependent indices (e.g. labels) are checked; a bad one reports the op and returns."""
+        untrusted = [(d, self.get(v)) for d, v in zip(buf.dims, index_values) if v not in self.trusted]
+        if not untrusted:
+            return
+        bad = ir.Constant(I1, 0)
+        for d, i in untrusted:
+            bad = self.b.or_(bad, self.b.icmp_unsigned(">=", i, d))
+        self.code.checks.append(op.loc)
+        with self.b.if_then(bad, likely=False):
+            self.b.store(ir.Constant(I64, len(self.code.checks)), self.error_slot)
+            self.b.branch(self.exit_block)
+
+    def free_owned(self):
+        free = self.parent.declare("free", ir.VoidType(), [PTR])
+        for buf in self.owned:
+            if buf.owned:
+                self.b.call(free, [buf.data])
+
+    def arith(self, op: Operation) -> ir.Value:
+        xs = [self.get(v) for v in op.operands]
+        e = op.results[0].type
+        if all(v in self.trusted for v in op.operands) and e.name == "index":
+            self.trusted.add(op.results[0])
+        return ArithEmitter(self).emit(op.name[6:], xs, op, e)
+
+
+def _element_bytes(e: ElementType) -> int:
+    return {"f16": 2, "f32": 4, "f64": 8, "i1": 1, "i8": 1, "i32": 4, "i64": 8, "index": 8}[e.name]
+
+
+def _const(self: FunctionEmitter, op):
+    value = op.attributes["value"]
+    self.values[op.results[0]] = Buffer(self.parent.constant_data(value.value), value.type.element,
+                                        [ir.Constant(I64, d) for d in value.type.shape])
+
+
+def _scalar_const(self: FunctionEmitter, op):
+    e = op.results[0].type
+    v = op.attr("value")
+    t = scalar_type(e)
+    self.values[op.results[0]] = ir.Constant(t, float(v) if e.is_float else int(v))
+    if e.name == "index":
+        self.trusted.add(op.results[0])
+
+
+def _global_load(self: FunctionEmitter, op):
+    name = op.attr("global")
+    k = self.parent.globals.index(name)
+    data = self.b.load(self.b.gep(self.globals_table, [ir.Constant(I64, k)], source_etype=PTR), typ=PTR)
+    t = op.results[0].type
+    self.values[op.results[0]] = Buffer(data, t.element, [ir.Constant(I64, d) for d in t.shape])
+
+
+def _global_store(self: FunctionEmitter, op):
+    src = self.get(op.operands[0])
+    k = self.parent.globals.index(op.attr("global"))
+    dst = self.b.load(self.b.gep(self.globals_table, [ir.Constant(I64, k)], source_etype=PTR), typ=PTR)
+    t = op.operands[0].type
+    self.memcpy(dst, src.data, ir.Constant(I64, math.prod(t.shape) * _element_bytes(t.element)))
+
+
+def _alias(self: FunctionEmitter, op):
+    """from_tensor / to_tensor: the same data (lowered code never writes what it did not allocate)."""
+    self.values[op.results[0]] = self.get(op.operands[0])
+
+
+def _dim(self: FunctionEmitter, op):
+    self.values[op.results[0]] = self.get(op.operands[0]).dims[op.attr("axis")]
+    self.trusted.add(op.results[0])
+
+
+def _alloc(self: FunctionEmitter, op):
+    t = op.results[0].type
+    sizes = iter(self.get(v) for v in op.operands)
+    dims = [ir.Constant(I64, d) if d is not None else next(sizes) for d in t.shape]
+    count = ir.Constant(I64, 1)
+    for d in dims:
+        count = self.b.mul(count, d)
+    calloc = self.parent.declare("calloc", PTR, [I64, I64])
+    data = self.b.call(calloc, [self.b.add(count, ir.Constant(I64, 1)), ir.Constant(I64, _element_bytes(t.element))])
+    buf = Buffer(data, t.element, dims, owned=True)
+    buf.slot = self.prologue.alloca(PTR)  # a slot the failure path frees (null until allocated)
+    self.prologue.store(ir.Constant(PTR, None), buf.slot)
+    self.b.store(data, buf.slot)
+    self.owned.append(buf)
+    self.values[op.results[0]] = buf
+
+
+def _load(self: FunctionEmitter, op):
+    buf = self.get(op.operands[0])
+    self.check_indices(op, buf, op.operands[1:])
+    v = self.b.load(self.address(buf, [self.get(i) for i in op.operands[1:]]), typ=STORAGE[buf.element.name])
+    self.values[op.results[0]] = self.b.trunc(v, I1) if buf.element.is_bool else v
+
+
+def _store(self: FunctionEmitter, op):
+    v, buf = self.get(op.operands[0]), self.get(op.operands[1])
+    self.check_indices(op, buf, op.operands[2:])
+    if buf.element.is_bool:
+        v = self.b.zext(v, I8)
+    self.b.store(v, self.address(buf, [self.get(i) for i in op.operands[2:]]))
+
+
+def _for(self: FunctionEmitter, op):
+    lb, ub = (self.get(v) for v in op.operands)
+    step = ir.Constant(I64, op.attr("step"))
+    pre = self.b.block
+    header = self.fn.append_basic_block("loop")
+    body = self.fn.append_basic_block("body")
+    done = self.fn.append_basic_block("done")
+    self.b.branch(header)
+    self.b.position_at_end(header)
+    iv = self.b.phi(I64)
+    iv.add_incoming(lb, pre)
+    self.b.cbranch(self.b.icmp_signed("<", iv, ub), body, done)
+    self.b.position_at_end(body)
+    block = op.regions[0].blocks[0]
+    self.values[block.args[0]] = iv
+    self.trusted.add(block.args[0])
+    self.block(block)
+    nxt = self.b.add(iv, step, flags=["nsw"])
+    iv.add_incoming(nxt, self.b.block)
+    self.b.branch(header)
+    self.b.position_at_end(done)
+
+
+def _yield(self: FunctionEmitter, op):
+    pass
+
+
+def _return(self: FunctionEmitter, op):
+    returned = set()
+    for (data_slot, dims_slot), v in zip(self.out_slots, op.operands):
+        buf = self.get(v)
+        if buf.owned and id(buf) not in returned:
+            returned.add(id(buf))
+            data = buf.data
+        else:  # an argument, constant, global or a buffer already returned: hand out a copy
+            count = ir.Constant(I64, 1)
+            for d in buf.dims:
+                count = self.b.mul(count, d)
+            size = self.b.mul(count, ir.Constant(I64, _element_bytes(buf.element)))
+            data = self.b.call(self.parent.declare("malloc", PTR, [I64]), [self.b.add(size, ir.Constant(I64, 1))])
+            self.memcpy(data, buf.data, size)
+        self.b.store(data, data_slot)
+        for i, d in enumerate(buf.dims):
+            self.b.store(d, self.b.gep(dims_slot, [ir.Constant(I64, i)], source_etype=I64))
+    for buf in self.owned:
+        if id(buf) in returned:
+            buf.owned = False
+    self.free_owned()
+    self.b.ret_void()
+
+
+def _memcpy(self: FunctionEmitter, dst, src, size):
+    fn = self.parent.declare("llvm.memcpy.p0.p0.i64", ir.VoidType(), [PTR, PTR, I64, I1])
+    self.b.call(fn, [dst, src, size, ir.Constant(I1, 0)])
+
+
+FunctionEmitter.memcpy = _memcpy
+
+OPS = {
+    "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
+    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
+    "mem.load": _load, "mem.store": _store, "loop.for": _for, "loop.yield": _yield, "func.return": _return,
+    "arith.constant": _scalar_const,
+}
+
+
+class ArithEmitter:
+    """Scalar ops, each meaning what the mlc op of the same name means per element."""
+
+    def __init__(self, fe: FunctionEmitter):
+        self.fe, self.b = fe, fe.b
+
+    def emit(self, name, xs, op, result):
+        t = xs[0].type if xs else scalar_type(result)
+        if name == "cast":
+            return self.cast(xs[0], op.operand_types[0], result)
+        if name == "select":
+            return self.b.select(*xs)
+        if t == F16:  # half: compute in float, round once
+            out = self.emit(name, [self.b.fpext(x, F32) for x in xs], op, result if not result.is_float else ElementType("f32"))
+            return self.b.fptrunc(out, F16) if result.is_float else out
+        is_float = t in (F32, F64)
+        fn = getattr(self, ("f_" if is_float else "i_") + name, None)
+        if fn is None:
+            raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
+        return fn(t, *xs, op=op) if name == "gelu" else fn(t, *xs)
+
+    # floats
+    def call(self, name, t, *xs):
+        return self.b.call(self.fe.parent.intrinsic(name, t, len(xs)), list(xs))
+
+    def libm(self, name, t, x):
+        symbol = LIBM[name] + ("f" if t == F32 else "")
+        self.fe.parent.libm.add(symbol)
+        return self.b.call(self.fe.parent.declare(symbol, t, [t]), [x])
+
+    def one(self, t):
+        return ir.Constant(t, 1.0)
+
+    def f_add(self, t, a, b): return self.b.fadd(a, b)
+    def f_sub(self, t, a, b): return self.b.fsub(a, b)
+    def f_mul(self, t, a, b): return self.b.fmul(a, b)
+    def f_div(self, t, a, b): return self.b.fdiv(a, b)
+    def f_pow(self, t, a, b): return self.call("pow", t, a, b)
+    def f_maximum(self, t, a, b): return self.call("maximum", t, a, b)
+    def f_minimum(self, t, a, b): return self.call("minimum", t, a, b)
+    def f_eq(self, t, a, b): return self.b.fcmp_ordered("==", a, b)
+    def f_ne(self, t, a, b): return self.b.fcmp_unordered("!=", a, b)
+    def f_lt(self, t, a, b): return self.b.fcmp_ordered("<", a, b)
+    def f_le(self, t, a, b): return self.b.fcmp_ordered("<=", a, b)
+    def f_gt(self, t, a, b): return self.b.fcmp_ordered(">", a, b)
+    def f_ge(self, t, a, b): return self.b.fcmp_ordered(">=", a, b)
+    def f_neg(self, t, x): return self.b.fneg(x)
+    def f_abs(self, t, x): return self.call("fabs", t, x)
+    def f_exp(self, t, x): return self.call("exp", t, x)
+    def f_log(self, t, x): return self.call("log", t, x)
+    def f_sqrt(self, t, x): return self.call("sqrt", t, x)
+    def f_sin(self, t, x): return self.call("sin", t, x)
+    def f_cos(self, t, x): return self.call("cos", t, x)
+    def f_floor(self, t, x): return self.call("floor", t, x)
+    def f_rsqrt(self, t, x): return self.b.fdiv(self.one(t), self.call("sqrt", t, x))
+    def f_reciprocal(self, t, x): return self.b.fdiv(self.one(t), x)
+    def f_square(self, t, x): return self.b.fmul(x, x)
+    def f_relu(self, t, x): return self.call("maximum", t, x, ir.Constant(t, 0.0))
+    def f_tanh(self, t, x): return self.libm("tanh", t, x)
+    def f_erf(self, t, x): return self.libm("erf", t, x)
+    def f_log1p(self, t, x): return self.libm("log1p", t, x)
+
+    def f_sign(self, t, x):
+        pos = self.b.select(self.b.fcmp_ordered(">", x, ir.Constant(t, 0.0)), self.one(t), x)
+        return self.b.select(self.b.fcmp_ordered("<", x, ir.Constant(t, 0.0)), ir.Constant(t, -1.0), pos)
+
+    def f_sigmoid(self, t, x):
+        e = self.call("exp", t, self.b.fneg(self.call("fabs", t, x)))
+        denom = self.b.fadd(self.one(t), e)
+        return self.b.select(self.b.fcmp_ordered(">=", x, ir.Constant(t, 0.0)), self.b.fdiv(self.one(t), denom),
+                             self.b.fdiv(e, denom))
+
+    def f_gelu(self, t, x, op=None):
+        half = self.b.fmul(ir.Constant(t, 0.5), x)
+        if op is not None and op.attr("approximate") == "tanh":
+            cube = self.b.fmul(self.b.fmul(x, x), x)
+            inner = self.b.fadd(x, self.b.fmul(ir.Constant(t, 0.044715), cube))
+            th = self.libm("tanh", t, self.b.fmul(ir.Constant(t, math.sqrt(2 / math.pi)), inner))
+            return self.b.fmul(half, self.b.fadd(self.one(t), th))
+        return self.b.fmul(half, self.b.fadd(self.one(t), self.libm("erf", t, self.b.fmul(x, ir.Constant(t, 1 / math.sqrt(2))))))
+
+    # integers (and i1)
+    def i_add(self, t, a, b): return self.b.add(a, b)
+    def i_sub(self, t, a, b): return self.b.sub(a, b)
+    def i_mul(self, t, a, b): return self.b.mul(a, b)
+
+    def i_div(self, t, a, b):
+        """Truncating; x / 0 = 0 and MIN / -1 wraps (numpy's results, never LLVM's undefined ones)."""
+        zero, one = ir.Constant(t, 0), ir.Constant(t, 1)
+        minus_one = self.b.icmp_signed("==", b, ir.Constant(t, -1))
+        safe = self.b.select(self.b.or_(self.b.icmp_signed("==", b, zero), minus_one), one, b)
+        q = self.b.sdiv(a, safe)
+        q = self.b.select(minus_one, self.b.sub(zero, a), q)
+        return self.b.select(self.b.icmp_signed("==", b, zero), zero, q)
+
+    def i_maximum(self, t, a, b): return self.b.select(self.b.icmp_signed(">", a, b), a, b)
+    def i_minimum(self, t, a, b): return self.b.select(self.b.icmp_signed("<", a, b), a, b)
+    def i_eq(self, t, a, b): return self.b.icmp_signed("==", a, b)
+    def i_ne(self, t, a, b): return self.b.icmp_signed("!=", a, b)
+    def i_lt(self, t, a, b): return self.b.icmp_signed("<", a, b) if t != I1 else self.b.icmp_unsigned("<", a, b)
+    def i_le(self, t, a, b): return self.b.icmp_signed("<=", a, b) if t != I1 else self.b.icmp_unsigned("<=", a, b)
+    def i_gt(self, t, a, b): return self.b.icmp_signed(">", a, b) if t != I1 else self.b.icmp_unsigned(">", a, b)
+    def i_ge(self, t, a, b): return self.b.icmp_signed(">=", a, b) if t != I1 else self.b.icmp_unsigned(">=", a, b)
+    def i_and(self, t, a, b): return self.b.and_(a, b)
+    def i_or(self, t, a, b): return self.b.or_(a, b)
+    def i_not(self, t, x): return self.b.not_(x)
+    def i_neg(self, t, x): return self.b.neg(x)
+    def i_abs(self, t, x): return self.b.select(self.b.icmp_signed("<", x, ir.Constant(t, 0)), self.b.neg(x), x)
+    def i_square(self, t, x): return self.b.mul(x, x)
+    def i_relu(self, t, x): return self.i_maximum(t, x, ir.Constant(t, 0))
+
+    def i_sign(self, t, x):
+        zero = ir.Constant(t, 0)
+        pos = self.b.select(self.b.icmp_signed(">", x, zero), ir.Constant(t, 1), zero)
+        return self.b.select(self.b.icmp_signed("<", x, zero), ir.Constant(t, -1), pos)
+
+    def cast(self, x, src: ElementType, dst: ElementType):
+        """mlc.cast per element: saturating float -> int with NaN -> 0; to i1 is `!= 0`."""
+        st, dt = scalar_type(src), scalar_type(dst)
+        if dst.is_bool:
+            return self.b.fcmp_unordered("!=", x, ir.Constant(st, 0.0)) if src.is_float else self.b.icmp_signed("!=", x, ir.Constant(st, 0))
+        if src.is_float and dst.is_float:
+            return x if st == dt else (self.b.fpext(x, dt) if _bits(st) < _bits(dt) else self.b.fptrunc(x, dt))
+        if src.is_float:
+            fn = self.fe.parent.declare(f"llvm.fptosi.sat.i{dt.width}.{ {F32: 'f32', F64: 'f64', F16: 'f16'}[st] }", dt, [st])
+            return self.b.call(fn, [x])
+        if dst.is_float:
+            return self.b.uitofp(x, dt) if src.is_bool else self.b.sitofp(x, dt)
+        if st.width == dt.width:
+            return x
+        if st.width < dt.width:
+            return self.b.zext(x, dt) if src.is_bool else self.b.sext(x, dt)
+        return self.b.trunc(x, dt)
+
+
+def _bits(t) -> int:
+    return {F16: 16, F32: 32, F64: 64}[t]
+
+
+def emit_module(module: Module) -> tuple[ir.Module, ModuleEmitter]:
+    """LLVM IR for a lowered module (see passes/lower_to_loops.py)."""
+    emitter = ModuleEmitter(module)
+    try:
+        return emitter.emit(), emitter
+    except ValueError as e:
+        raise error(module.loc, str(e)) from None
+

@@ -1,0 +1,116 @@
+"""Executables: a module compiled to native code, its functions callable on numpy arrays.
+
+    exe = mlc.compile(module, target="cpu")
+    y = exe["forward"](x)          # arguments checked against the signature before native code runs
+
+Globals live in the executable (numpy arrays initialised from the module seed) and persist across
+calls. Results are numpy arrays that own the memory the native code allocated.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import weakref
+
+import numpy as np
+
+from mlc.ir.core import Module
+from mlc.ir.diagnostics import Diagnostics, DiagnosticError
+from mlc.ir.dialects.mlc import Global
+from mlc.ir.interpreter import check_arguments
+
+from .jit import JitModule
+
+# The tensor-level clean-up, then loops; the same names work in `mlc opt --pass-pipeline`.
+CPU_PIPELINE = "inline,symbol-dce,canonicalize,cse,lower-to-loops,canonicalize,cse"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
+_libc.free.argtypes = [ctypes.c_void_p]
+
+
+def lower_for_cpu(module: Module) -> Module:
+    """A copy of the module lowered to loop-level IR by CPU_PIPELINE."""
+    from mlc.passes import PassManager
+    lowered = module.clone()
+    PassManager.parse(CPU_PIPELINE).run(lowered)
+    return lowered
+
+
+class Executable:
+    def __init__(self, module: Module, target: str = "cpu"):
+        if target != "cpu":
+            raise DiagnosticError([_diag(module, f"target '{target}' is not available yet (targets: cpu)")])
+        from mlc.codegen.llvm import emit_module
+        self.module = module
+        self.lowered = lower_for_cpu(module)
+        llvm_module, emitter = emit_module(self.lowered)
+        self.llvm_ir = str(llvm_module)
+        self.jit = JitModule(self.llvm_ir, sorted(emitter.libm))
+        self.globals = {name: np.array(Global.initial_value(op, module.seed), order="C")
+                        for name, op in module.globals.items()}
+        self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(
+            *[a.ctypes.data for a in self.globals.values()])
+        self.functions = {name: NativeFunction(self, module.functions[name], code)
+                          for name, code in emitter.functions.items()}
+
+    def __getitem__(self, name: str) -> "NativeFunction":
+        name = name.lstrip("@")
+        if name not in self.functions:
+            raise KeyError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in self.functions)})")
+        return self.functions[name]
+
+    def __repr__(self):
+        return f"<Executable {', '.join('@' + n for n in self.functions)} for cpu>"
+
+
+class NativeFunction:
+    def __init__(self, exe: Executable, func, code):
+        self.exe, self.func, self.code = exe, func, code
+        self.address = exe.jit.address(code.name)
+        self.c_function = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.address)
+        self.result_types = list(func.type.results)
+
+    def __call__(self, *args):
+        arrays = check_arguments(self.func, args)
+        n_in, n_out = len(arrays), len(self.result_types)
+        slots = (ctypes.c_void_p * (2 + 2 * n_in + 2 * n_out))()
+        dims = [np.array(a.shape if a.ndim else [0], np.int64) for a in arrays]
+        out_data = (ctypes.c_void_p * max(n_out, 1))()
+        out_dims = [np.zeros(max(t.rank, 1), np.int64) for t in self.result_types]
+        error = ctypes.c_int64(0)
+        slots[0] = ctypes.addressof(self.exe._globals_table)
+        for k, (a, d) in enumerate(zip(arrays, dims)):
+            slots[1 + 2 * k] = a.ctypes.data
+            slots[2 + 2 * k] = d.ctypes.data
+        for r in range(n_out):
+            slots[1 + 2 * n_in + 2 * r] = ctypes.addressof(out_data) + r * ctypes.sizeof(ctypes.c_void_p)
+            slots[2 + 2 * n_in + 2 * r] = out_dims[r].ctypes.data
+        slots[1 + 2 * n_in + 2 * n_out] = ctypes.addressof(error)
+        self.c_function(ctypes.addressof(slots))
+        if error.value:
+            loc = self.code.checks[error.value - 1]
+            d = Diagnostics()
+            d.error(loc, "an index read from the data is out of range (e.g. a label or gather index)")
+            raise DiagnosticError(d.errors)
+        results = [_wrap(out_data[r], out_dims[r][: t.rank], t.element.np_dtype) for r, t in enumerate(self.result_types)]
+        return results[0] if n_out == 1 else tuple(results)
+
+
+def _wrap(address: int, shape, dtype) -> np.ndarray:
+    """A numpy array over memory the native code malloc'd; freed when the array is collected."""
+    shape = tuple(int(d) for d in shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    holder = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(address)
+    weakref.finalize(holder, _libc.free, address)
+    return np.frombuffer(holder, dtype, count).reshape(shape)
+
+
+def _diag(module, message):
+    d = Diagnostics()
+    d.error(module.loc, message)
+    return d.errors[0]
+
+
+def compile(module: Module, target: str = "cpu") -> Executable:
+    """Compile every public function of a verified module to native code."""
+    return Executable(module, target)

@@ -1,0 +1,70 @@
+"""LLVM IR to native code in this process (llvmlite MCJIT), optimised for the host CPU."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import threading
+
+import llvmlite.binding as llvm
+
+_lock = threading.Lock()
+_ready = False
+_symbols: set[str] = set()
+
+
+def _initialise():
+    global _ready
+    with _lock:
+        if not _ready:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            _ready = True
+
+
+def target_machine():
+    _initialise()
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+                                        opt=3, codemodel="jitdefault")
+
+
+def _provide(symbols):
+    """Make libm functions (tanhf, erff, ...) resolvable by the JIT."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    for name in symbols:
+        if name not in _symbols:
+            llvm.add_symbol(name, ctypes.cast(getattr(libm, name), ctypes.c_void_p).value)
+            _symbols.add(name)
+
+
+def optimise(llvm_ir: str, tm) -> "llvm.ModuleRef":
+    module = llvm.parse_assembly(llvm_ir)
+    module.triple, module.data_layout = tm.triple, str(tm.target_data)
+    module.verify()
+    pto = llvm.create_pipeline_tuning_options(speed_level=3)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pto.loop_unrolling = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(module, pb)
+    return module
+
+
+class JitModule:
+    def __init__(self, llvm_ir: str, libm_symbols=()):
+        _initialise()
+        _provide(libm_symbols)
+        self.tm = target_machine()
+        self.module = optimise(llvm_ir, self.tm)
+        self.engine = llvm.create_mcjit_compiler(self.module, self.tm)
+        self.engine.finalize_object()
+
+    def address(self, name: str) -> int:
+        return self.engine.get_function_address(name)
+
+    @property
+    def optimised_ir(self) -> str:
+        return str(self.module)
+
+    def assembly(self) -> str:
+        return self.tm.emit_assembly(self.module)

@@ -1,0 +1,164 @@
+"""The CPU backend (lower-to-loops + LLVM) agrees with the reference interpreter.
+
+Tolerances: elementwise f32 results within 1 ulp-ish (rtol 1e-6) except libm functions (erf, tanh,
+log1p; rtol 1e-5); reductions and matmul sum in a different order than numpy's pairwise sums
+(rtol 1e-4, atol 1e-5 over generated programs, whose chains of exp/pow amplify differences).
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import mlc
+from mlc.ir.interpreter import Interpreter
+from mlc.testing import programs, run
+
+from helpers import ROOT
+from test_loops import SUPPORTED
+from test_ops import BINARY_REF, UNARY_REF, run1, ttype
+
+rng = np.random.default_rng(0)
+
+
+def compile_and_compare(text, entry, *inputs, rtol=1e-6, atol=0.0):
+    m = mlc.parse(text)
+    want = mlc.interpret(m, entry, *inputs)
+    got = mlc.compile(m)[entry](*inputs)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype and w.shape == g.shape
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def one_op(op, *inputs, attrs="", result=None):
+    args = ", ".join(f"%a{i}: {ttype(a)}" for i, a in enumerate(inputs))
+    operands = ", ".join(f"%a{i}" for i in range(len(inputs)))
+    sig = f" : ({', '.join(ttype(a) for a in inputs)}) -> {result}" if result else ""
+    rtype = ttype(np.asarray(run1(op, *inputs, attrs=attrs, result=result)))
+    return (f"module {{ func.func @f({args}) -> {rtype} {{\n    %r = {op} {operands} {attrs}{sig}\n"
+            f"    return %r : {rtype}\n  }} }}")
+
+
+@pytest.mark.parametrize("name", sorted(UNARY_REF) + ["gelu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unary(name, dtype):
+    x = (rng.standard_normal((3, 17)) * 3).astype(dtype)
+    x[0, :3] = [np.nan, np.inf, -np.inf]
+    if name in ("log", "sqrt", "rsqrt", "log1p"):
+        x = np.abs(x)
+    libm = name in ("erf", "tanh", "log1p", "gelu", "sigmoid")
+    compile_and_compare(one_op(f"mlc.{name}", x), "f", x, rtol=1e-5 if libm else 1e-6, atol=1e-7 if libm else 0)
+
+
+@pytest.mark.parametrize("name", sorted(BINARY_REF))
+def test_binary_with_broadcasting(name):
+    a, b = rng.standard_normal((4, 1, 5)).astype(np.float32), rng.standard_normal((3, 1)).astype(np.float32)
+    a[0, 0, :2] = np.nan
+    if name == "pow":
+        a = np.abs(a)
+    compile_and_compare(one_op(f"mlc.{name}", a, b), "f", a, b)
+
+
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "div", "maximum", "minimum", "eq", "lt", "ge"])
+@pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64])
+def test_integer_binary(name, dtype):
+    info = np.iinfo(dtype)
+    a = np.array([7, -7, 7, -7, 5, 0, info.min, info.max, info.min], dtype)
+    b = np.array([2, 2, -2, -2, 0, 3, -1, 1, 1], dtype)
+    compile_and_compare(one_op(f"mlc.{name}", a, b), "f", a, b)
+
+
+def test_logic_select_clamp_and_casts():
+    c = rng.integers(0, 2, (3, 4)).astype(bool)
+    d = rng.integers(0, 2, (4,)).astype(bool)
+    for op in ("mlc.and", "mlc.or"):
+        compile_and_compare(one_op(op, c, d), "f", c, d)
+    compile_and_compare(one_op("mlc.not", c), "f", c)
+    a, b = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4,)).astype(np.float32)
+    compile_and_compare(one_op("mlc.select", c, a, b), "f", c, a, b)
+    compile_and_compare(one_op("mlc.clamp", a, attrs="{min = -0.5, max = 0.25}"), "f", a)
+    f = np.array([1.7, -1.7, np.nan, np.inf, -np.inf, 3e10, -3e10, 0.0, 255.9, -128.5], np.float32)
+    for target in ("i8", "i32", "i64", "i1", "f64", "f16"):
+        compile_and_compare(one_op("mlc.cast", f, attrs=f"{{to = {target}}}"), "f", f)
+    i = np.array([-3, 0, 5, 2**31 - 1], np.int64)
+    for target in ("i8", "i32", "f32", "i1"):
+        compile_and_compare(one_op("mlc.cast", i, attrs=f"{{to = {target}}}"), "f", i)
+
+
+def test_half_precision_elementwise():
+    x = rng.standard_normal(33).astype(np.float16)
+    compile_and_compare(one_op("mlc.exp", x), "f", x)
+    compile_and_compare(one_op("mlc.mul", x, x), "f", x, x)
+
+
+@pytest.mark.parametrize("name", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"])
+@pytest.mark.parametrize("attrs", ["{axes = [1]}", "{axes = [0, 2], keepdims}", "{axes = [2]}"])
+def test_reductions(name, attrs):
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    x[1, 2, 3] = np.nan
+    if name.startswith("arg"):
+        attrs = attrs.replace("0, 2", "2")
+    compile_and_compare(one_op(f"mlc.{name}", x, attrs=attrs), "f", x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shapes", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 1, 3, 4), (5, 4, 2)), ((4,), (4, 3)), ((3, 4), (4,))])
+def test_matmul(shapes):
+    a, b = rng.standard_normal(shapes[0]).astype(np.float32), rng.standard_normal(shapes[1]).astype(np.float32)
+    compile_and_compare(one_op("mlc.matmul", a, b), "f", a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["mlp.ir", "transformer.ir"])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_examples_agree_at_dynamic_batch_sizes(path, batch):
+    m = mlc.load(ROOT / "examples" / path)
+    exe = mlc.compile(m)
+    f = m.functions["forward"]
+    inputs = [rng.standard_normal([batch if d is None else d for d in a.type.shape]).astype(np.float32)
+              if a.type.element.is_float else rng.integers(0, 2, a.type.shape).astype(bool) for a in f.args]
+    np.testing.assert_allclose(exe["forward"](*inputs), mlc.interpret(m, "forward", *inputs), rtol=1e-4, atol=1e-5)
+
+
+@given(p=programs(max_ops=6, families=SUPPORTED))
+def test_generated_programs_agree(p):
+    want = run(p.module, p.entry, p.inputs)
+    got = mlc.compile(p.module)[p.entry](*p.inputs)
+    got = list(got) if isinstance(got, tuple) else [got]
+    for w, g in zip(want, got):
+        assert w.shape == g.shape and w.dtype == g.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+def test_globals_persist_across_calls_and_arguments_are_checked():
+    text = """module {
+      mlc.global @count : tensor<i64> {init = "zeros"}
+      func.func @step(%x: tensor<3xf32>) -> (tensor<i64>, tensor<3xf32>) {
+        %c = mlc.global_load @count : tensor<i64>
+        %one = mlc.constant dense<1> : tensor<i64>
+        %n = mlc.add %c, %one
+        mlc.global_store @count, %n : tensor<i64>
+        %y = mlc.mul %x, %x
+        return %n, %y : tensor<i64>, tensor<3xf32>
+      } }"""
+    exe = mlc.compile(mlc.parse(text))
+    x = np.arange(3, dtype=np.float32)
+    assert [int(exe["step"](x)[0]) for _ in range(3)] == [1, 2, 3]
+    assert int(exe.globals["count"]) == 3
+    with pytest.raises(mlc.DiagnosticError, match="argument 'x' must have dtype float32"):
+        exe["step"](np.arange(3.0))
+    with pytest.raises(mlc.DiagnosticError, match=r"argument 'x' must have shape \[3\]"):
+        exe["step"](np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(exe["step"](x[::-1])[1], (x[::-1]) ** 2)  # non-contiguous input
+
+
+def test_bad_label_is_caught_before_reading_out_of_bounds():
+    m = mlc.load(ROOT / "examples" / "mlp.ir")
+    exe = mlc.compile(m)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(mlc.DiagnosticError, match="out of range") as e:
+        exe["loss"](x, np.array([3, 10]))
+    assert e.value.diagnostics[0].file.endswith("mlp.ir") and e.value.diagnostics[0].line > 0
+    np.testing.assert_allclose(exe["loss"](x, np.array([3, 9])), Interpreter(m).call_public("loss", [x, np.array([3, 9])]), rtol=1e-5)
+
+
+def test_unsupported_op_is_an_error_not_a_fallback():
+    with pytest.raises(mlc.DiagnosticError, match="'mlc.conv2d': cannot lower this op to loops yet"):
+        mlc.compile(mlc.load(ROOT / "examples" / "cnn.ir"))
