@@ -105,7 +105,7 @@ class FunctionEmitter:
         self.entry = self.fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.entry)
         self.values: dict[Value, object] = {}
-        self.trusted: set = set()  # index values known to be in bounds (loop ivs, dims, their arithmetic)
+        self.trusted: set = set()  # values computed from shapes alone (loop ivs, dims, constants, their arithmetic)
         self.owned: list[Buffer] = []
 
     def arg(self, i: int):
@@ -183,7 +183,7 @@ class FunctionEmitter:
     def arith(self, op: Operation) -> ir.Value:
         xs = [self.get(v) for v in op.operands]
         e = op.results[0].type
-        if all(v in self.trusted for v in op.operands) and e.name == "index":
+        if all(v in self.trusted for v in op.operands):  # computed from shapes, not from data
             self.trusted.add(op.results[0])
         return ArithEmitter(self).emit(op.name[6:], xs, op, e)
 

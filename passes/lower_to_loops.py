@@ -16,6 +16,8 @@ from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
+import numpy as np
+
 from mlc.ir.types import MemRefType, TensorType, i64, index
 
 from .manager import Pass
@@ -429,4 +431,262 @@ def cross_entropy(L: FunctionLowering, op: Operation):
     L.nest([n], row, parallel=False)
     count = L.b.create("arith.cast", [n], result_types=[e]).result
     L.b.create("mem.store", [L.op(L.b, "arith.div", L.b.create("mem.load", [out]).result, count), out])
+    return [out]
+
+
+def _copy_nest(L: FunctionLowering, src, dst, sizes, src_index, dst_index, parallel=True):
+    """dst[dst_index(ivs)] = src[src_index(ivs)] over `sizes`."""
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [b.create("mem.load", [src] + src_index(b, ivs)).result, dst]
+                                          + dst_index(b, ivs)), parallel)
+
+
+@rule("mlc.slice")
+def slice_(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    start, limit, stride = op.opdef.bounds(op, x.type.rank)
+    first, sizes = [], []
+    for axis, (d, s, lim, k) in enumerate(zip(x.type.shape, start, limit, stride)):
+        if d is not None:
+            lo, hi, _ = slice(s, lim, k).indices(d)
+            first.append(L.idx(lo))
+            sizes.append(L.idx(t.shape[axis]))
+            continue
+        if s < 0 or lim < 0:
+            raise error(op.loc, "cannot lower a slice with negative bounds on a '?' dim to loops yet", op.name)
+        dim = L.dim(x, axis)  # Python semantics: bounds clamp to the dim
+        lo = L.op(L.b, "arith.minimum", L.idx(s), dim)
+        hi = L.op(L.b, "arith.minimum", L.idx(lim), dim)
+        span = L.op(L.b, "arith.add", L.op(L.b, "arith.sub", hi, lo), L.idx(k - 1))
+        first.append(lo)
+        sizes.append(L.op(L.b, "arith.div", span, L.idx(k)))
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def src(b, ivs):
+        return [L.op(b, "arith.add", f, L.op(b, "arith.mul", iv, L.idx(k))) for f, iv, k in zip(first, ivs, stride)]
+    _copy_nest(L, x, out, sizes, src, lambda b, ivs: ivs)
+    return [out]
+
+
+@rule("mlc.pad")
+def pad(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    low, high = op.attr("low"), op.attr("high")
+    in_sizes = L.dims(x)
+    sizes = [L.op(L.b, "arith.add", s, L.idx(lo + hi)) if d is None else L.idx(d)
+             for s, d, lo, hi in zip(in_sizes, t.shape, low, high)]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [L.const(b, op.attr("value"), t.element), out] + ivs))
+    _copy_nest(L, x, out, in_sizes, lambda b, ivs: ivs,
+               lambda b, ivs: [L.op(b, "arith.add", iv, L.idx(lo)) for iv, lo in zip(ivs, low)])
+    return [out]
+
+
+@rule("mlc.concat")
+def concat(L: FunctionLowering, op: Operation):
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), t.rank)
+    ins = [L.buffers[v] for v in op.operands]
+    total = L.idx(0)
+    for v in ins:
+        total = L.op(L.b, "arith.add", total, L.dim(v, axis))
+    sizes = [L.idx(d) if d is not None else total if i == axis else L.dim(ins[0], i) for i, d in enumerate(t.shape)]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    offset = L.idx(0)
+    for v in ins:
+        at = offset
+        _copy_nest(L, v, out, L.dims(v), lambda b, ivs: ivs,
+                   lambda b, ivs, at=at: [L.op(b, "arith.add", iv, at) if i == axis else iv for i, iv in enumerate(ivs)])
+        offset = L.op(L.b, "arith.add", offset, L.dim(v, axis))
+    return [out]
+
+
+def _as_index(L, b, v):
+    return b.create("arith.cast", [v], result_types=[index]).result
+
+
+@rule("mlc.gather")
+def gather(L: FunctionLowering, op: Operation):
+    x, idx = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    k = idx.type.rank
+    sizes = L.dims(x)[:axis] + L.dims(idx) + L.dims(x)[axis + 1:]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def src(b, ivs):
+        i = _as_index(L, b, b.create("mem.load", [idx] + ivs[axis:axis + k]).result)
+        return ivs[:axis] + [i] + ivs[axis + k:]
+    _copy_nest(L, x, out, sizes, src, lambda b, ivs: ivs)
+    return [out]
+
+
+@rule("mlc.scatter_add")
+def scatter_add(L: FunctionLowering, op: Operation):
+    x, idx, upd = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    k = idx.type.rank
+    out = L.alloc(t, L.dims(x), op.results[0].name_hint)
+    _copy_nest(L, x, out, L.dims(x), lambda b, ivs: ivs, lambda b, ivs: ivs)
+
+    def body(b, ivs):
+        i = _as_index(L, b, b.create("mem.load", [idx] + ivs[axis:axis + k]).result)
+        at = ivs[:axis] + [i] + ivs[axis + k:]
+        total = L.op(b, "arith.add", b.create("mem.load", [out] + at).result, b.create("mem.load", [upd] + ivs).result)
+        b.create("mem.store", [total, out] + at)
+    L.nest(L.dims(upd), body, parallel=False)  # repeated indices accumulate: in order
+    return [out]
+
+
+def _window_index(L, b, o, kk, stride, dilation, low):
+    """o * stride + kk * dilation - low (may be outside the input: the caller guards it)."""
+    at = L.op(b, "arith.add", L.op(b, "arith.mul", o, L.idx(stride)), L.op(b, "arith.mul", kk, L.idx(dilation)))
+    return L.op(b, "arith.sub", at, L.idx(low))
+
+
+def _inside(L, b, position, size):
+    """0 <= position < size for an index that may have gone negative (index arithmetic wraps as i64)."""
+    return L.op(b, "arith.and", L.op(b, "arith.ge", position, L.idx(0)), L.op(b, "arith.lt", position, size))
+
+
+def _guarded_load(L, b, buf, indices, inside, fill):
+    """buf[indices] where `inside`, else `fill`: the index is clamped so the load is always in bounds."""
+    safe = [L.op(b, "arith.select", inside, i, L.idx(0)) for i in indices]
+    return L.op(b, "arith.select", inside, b.create("mem.load", [buf] + safe).result, fill)
+
+
+@rule("mlc.conv2d")
+def conv2d(L: FunctionLowering, op: Operation):
+    """A direct loop nest: out[n, o, y, x] = sum over c, i, j of in[n, g*C + c, y*s + i*d - top, ...] * w[o, c, i, j]."""
+    x, w = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (sh, sw), (pt, pl, _, _), (dh, dw), groups = op.opdef.params(op)
+    n, c_in, h, wd = L.dims(x)
+    o_ch, cg, kh, kw = L.dims(w)
+    oh, ow = (L.idx(d) if d is not None else None for d in t.shape[2:])
+    oh = oh or _window_size(L, op, h, 2)
+    ow = ow or _window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
+    per_group = L.idx(t.shape[1] // groups) if t.shape[1] is not None else L.op(L.b, "arith.div", o_ch, L.idx(groups))
+    e = t.element
+
+    def body(b, ivs):
+        bn, o, oy, ox = ivs
+        b.create("mem.store", [L.const(b, 0, e), out] + ivs)
+        group_base = L.op(b, "arith.mul", L.op(b, "arith.div", o, per_group), cg)
+
+        def acc(ib, kvs):
+            c, i, j = kvs
+            iy, ix = _window_index(L, ib, oy, i, sh, dh, pt), _window_index(L, ib, ox, j, sw, dw, pl)
+            inside = L.op(ib, "arith.and", _inside(L, ib, iy, h), _inside(L, ib, ix, wd))
+            v = _guarded_load(L, ib, x, [bn, L.op(ib, "arith.add", group_base, c), iy, ix], inside, L.const(ib, 0, e))
+            prod = L.op(ib, "arith.mul", v, ib.create("mem.load", [w, o, c, i, j]).result)
+            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + ivs).result, prod), out] + ivs)
+        L.nest([cg, kh, kw], acc, parallel=False, b=b)
+    L.nest([n, o_ch, oh, ow], body)
+    return [out]
+
+
+def _window_size(L, op, size, axis):
+    """A pooled/convolved output size at run time: (size + lo + hi - span) / stride + 1."""
+    params = op.opdef.params(op)
+    if op.name == "mlc.conv2d":
+        (sh, sw), (pt, pl, pb, pr), (dh, dw), _ = params
+        kernel = op.operand_types[1].shape[axis]
+    else:
+        (kh, kw), (sh, sw), (pt, pl, pb, pr) = params
+        kernel, dh, dw = (kh if axis == 2 else kw), 1, 1
+    lo, hi, s, d = (pt, pb, sh, dh) if axis == 2 else (pl, pr, sw, dw)
+    span = d * (kernel - 1) + 1
+    grown = L.op(L.b, "arith.sub", L.op(L.b, "arith.add", size, L.idx(lo + hi)), L.idx(span))
+    return L.op(L.b, "arith.add", L.op(L.b, "arith.div", grown, L.idx(s)), L.idx(1))
+
+
+@rule("mlc.max_pool2d", "mlc.avg_pool2d")
+def pool2d(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    n, c, h, wd = L.dims(x)
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else _window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else _window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, c, oh, ow], op.results[0].name_hint)
+    e = t.element
+    is_max = op.name == "mlc.max_pool2d"
+    lowest = -np.inf if e.is_float else np.iinfo(e.np_dtype).min
+    counts = L.alloc(TensorType((), e), []) if not is_max else None
+
+    def body(b, ivs):
+        bn, ch, oy, ox = ivs
+        b.create("mem.store", [L.const(b, lowest if is_max else 0, e), out] + ivs)
+        if counts is not None:
+            b.create("mem.store", [L.const(b, 0, e), counts])
+
+        def acc(ib, kvs):
+            i, j = kvs
+            iy, ix = _window_index(L, ib, oy, i, sh, 1, pt), _window_index(L, ib, ox, j, sw, 1, pl)
+            inside = L.op(ib, "arith.and", _inside(L, ib, iy, h), _inside(L, ib, ix, wd))
+            v = _guarded_load(L, ib, x, [bn, ch, iy, ix], inside, L.const(ib, lowest if is_max else 0, e))
+            cur = ib.create("mem.load", [out] + ivs).result
+            ib.create("mem.store", [L.op(ib, "arith.maximum" if is_max else "arith.add", cur, v), out] + ivs)
+            if counts is not None:
+                one = ib.create("arith.cast", [inside], result_types=[e]).result
+                ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [counts]).result, one), counts])
+        L.nest([L.idx(kh), L.idx(kw)], acc, parallel=False, b=b)
+        if not is_max:
+            divisor = L.const(b, kh * kw, e) if op.attr("count_include_pad") else b.create("mem.load", [counts]).result
+            b.create("mem.store", [L.op(b, "arith.div", b.create("mem.load", [out] + ivs).result, divisor), out] + ivs)
+    L.nest([n, c, oh, ow], body, parallel=counts is None)
+    return [out]
+
+
+@rule("mlc.conv2d_transpose")
+def conv2d_transpose(L: FunctionLowering, op: Operation):
+    """Gather form: out[n, g*O + o, y, x] = sum over c, i, j of in[n, g*C + c, (y + top - i*d) / s, ...]
+    * w[g*C + c, o, i, j], where the division is exact and lands inside the input."""
+    x, w = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (sh, sw), pads, (dh, dw), groups = tensor_ops.Conv2d.params(op)
+    pt, pl = pads[:2]
+    n, c_in, h, wd = L.dims(x)
+    _, og, kh, kw = L.dims(w)
+    sizes = [n, L.op(L.b, "arith.mul", og, L.idx(groups)) if t.shape[1] is None else L.idx(t.shape[1])]
+    for axis, (size, s, d, lo) in ((2, (h, sh, dh, pt)), (3, (wd, sw, dw, pl))):
+        if t.shape[axis] is not None:
+            sizes.append(L.idx(t.shape[axis]))
+            continue
+        k = op.operand_types[1].shape[axis]
+        hi = pads[axis]
+        extra = op.attr("output_padding")[axis - 2]
+        grown = L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", size, L.idx(1)), L.idx(s))
+        sizes.append(L.op(L.b, "arith.add", grown, L.idx(d * (k - 1) + extra + 1 - lo - hi)))
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    cg = L.op(L.b, "arith.div", c_in, L.idx(groups))
+    e = t.element
+
+    def source(b, position, kk, s, d, lo, size):
+        num = L.op(b, "arith.sub", L.op(b, "arith.add", position, L.idx(lo)), L.op(b, "arith.mul", kk, L.idx(d)))
+        q = L.op(b, "arith.div", num, L.idx(s))
+        exact = L.op(b, "arith.eq", L.op(b, "arith.mul", q, L.idx(s)), num)
+        inside = L.op(b, "arith.and", L.op(b, "arith.ge", num, L.idx(0)), L.op(b, "arith.and", exact, L.op(b, "arith.lt", q, size)))
+        return q, inside
+
+    def body(b, ivs):
+        bn, oc, oy, ox = ivs
+        b.create("mem.store", [L.const(b, 0, e), out] + ivs)
+        g = L.op(b, "arith.div", oc, og)
+        o = L.op(b, "arith.sub", oc, L.op(b, "arith.mul", g, og))
+
+        def acc(ib, kvs):
+            c, i, j = kvs
+            iy, in_y = source(ib, oy, i, sh, dh, pt, h)
+            ix, in_x = source(ib, ox, j, sw, dw, pl, wd)
+            ci = L.op(ib, "arith.add", L.op(ib, "arith.mul", g, cg), c)
+            v = _guarded_load(L, ib, x, [bn, ci, iy, ix], L.op(ib, "arith.and", in_y, in_x), L.const(ib, 0, e))
+            prod = L.op(ib, "arith.mul", v, ib.create("mem.load", [w, ci, o, i, j]).result)
+            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + ivs).result, prod), out] + ivs)
+        L.nest([cg, kh, kw], acc, parallel=False, b=b)
+    L.nest(sizes, body)
     return [out]

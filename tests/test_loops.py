@@ -58,7 +58,7 @@ def test_loop_level_diagnostics(body, fragment):
 
 
 SUPPORTED = ("unary", "binary", "constant", "select", "reduction", "matmul", "transpose", "reshape", "softmax",
-             "clamp_or_cast", "call", "cross_entropy")
+             "clamp_or_cast", "call", "cross_entropy", "slice_or_pad", "concat", "gather", "conv_or_pool")
 
 
 @given(p=programs(max_ops=6, families=SUPPORTED))
@@ -79,6 +79,6 @@ def test_mlp_example_lowers_and_agrees():
 
 
 def test_unsupported_op_is_a_located_error():
-    with pytest.raises(mlc.DiagnosticError, match="'mlc.conv2d': cannot lower this op to loops yet") as e:
-        mlc.run_passes(mlc.load(ROOT / "examples" / "cnn.ir"), "lower-to-loops")
-    assert e.value.diagnostics[0].file.endswith("cnn.ir") and e.value.diagnostics[0].line > 0
+    with pytest.raises(mlc.DiagnosticError, match="'mlc.scan': cannot lower this op to loops yet") as e:
+        mlc.run_passes(mlc.load(ROOT / "examples" / "rnn.ir"), "lower-to-loops")
+    assert e.value.diagnostics[0].file.endswith("rnn.ir") and e.value.diagnostics[0].line > 0

@@ -196,7 +196,7 @@ class For(OpDef):
     def interpret(ins, op, ctx):
         region = op.regions[0]
         for i in range(int(ins[0]), int(ins[1]), op.attr("step")):
-            ctx.run_region(region, [i])
+            ctx.run_region(region, [np.int64(i)])
         return []
 
 

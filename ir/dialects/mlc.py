@@ -212,6 +212,7 @@ class Binary(OpDef):
 
 def _div(a, b):
     """Floats: IEEE division. Integers: truncation toward zero (C, LLVM sdiv); x / 0 is 0."""
+    a, b = np.asarray(a), np.asarray(b)
     if a.dtype.kind == "f":
         return a / b
     a, b = np.broadcast_arrays(a, b)
