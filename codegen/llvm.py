@@ -169,7 +169,11 @@ class FunctionEmitter:
         bad = ir.Constant(I1, 0)
         for d, i in untrusted:
             bad = self.b.or_(bad, self.b.icmp_unsigned(">=", i, d))
-        self.code.checks.append(op.loc)
+        self.fail_if(bad, op, "an index read from the data is out of range (e.g. a label or gather index)")
+
+    def fail_if(self, bad, op, message):
+        """Report `message` at op's location and return at once when `bad` holds."""
+        self.code.checks.append((op.loc, op.attr("op") or op.name, message))
         with self.b.if_then(bad, likely=False):
             self.b.store(ir.Constant(I64, len(self.code.checks)), self.error_slot)
             self.b.branch(self.exit_block)
@@ -292,6 +296,17 @@ def _yield(self: FunctionEmitter, op):
     pass
 
 
+def _dealloc(self: FunctionEmitter, op):
+    buf = self.get(op.operands[0])
+    self.b.call(self.parent.declare("free", ir.VoidType(), [PTR]), [buf.data])
+    self.b.store(ir.Constant(PTR, None), buf.slot)
+    buf.owned = False
+
+
+def _check(self: FunctionEmitter, op):
+    self.fail_if(self.b.not_(self.get(op.operands[0])), op, op.attr("message"))
+
+
 def _return(self: FunctionEmitter, op):
     returned = set()
     for (data_slot, dims_slot), v in zip(self.out_slots, op.operands):
@@ -326,7 +341,7 @@ FunctionEmitter.memcpy = _memcpy
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
     "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
-    "mem.load": _load, "mem.store": _store, "loop.for": _for, "loop.yield": _yield, "func.return": _return,
+    "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield, "func.return": _return,
     "arith.constant": _scalar_const,
 }
 

@@ -47,6 +47,7 @@ class FunctionLowering:
         self.module, self.func = module, func
         self.buffers: dict[Value, Value] = {}
         self.consts: dict = {}
+        self.allocs: list[Value] = []  # in order, so a loop body can free what it allocated
         self.b = Builder(func.body, func.body.first, module)
 
     # --- driving ---------------------------------------------------------------------------------------
@@ -69,6 +70,7 @@ class FunctionLowering:
             if lower is None:
                 raise error(op.loc, "cannot lower this op to loops yet", op.name)
             self.b = Builder.before(op, self.module)
+            self.current = op
             for r, buf in zip(op.results, lower(self, op)):
                 self.buffers[r] = buf
         for op in reversed(ops):
@@ -104,7 +106,12 @@ class FunctionLowering:
 
     def alloc(self, t: TensorType, sizes: list, name_hint=None) -> Value:
         dynamic = [s for s, d in zip(sizes, t.shape) if d is None]
-        return self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
+        buf = self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
+        self.allocs.append(buf)
+        return buf
+
+    def check(self, b: Builder, condition: Value, message: str):
+        b.create("mem.check", [condition], {"message": message, "op": self.current.name})
 
     def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
         return b.create(name, list(operands), attrs or None).result
@@ -149,6 +156,10 @@ class FunctionLowering:
             size = candidates[0]
             for c in candidates[1:]:
                 size = self.op(self.b, "arith.maximum", size, c)
+            for c in candidates if len(candidates) > 1 else []:  # numpy: equal, or 1
+                same = self.op(self.b, "arith.eq", c, size)
+                self.check(self.b, self.op(self.b, "arith.or", same, self.op(self.b, "arith.eq", c, self.idx(1))),
+                           f"operand sizes along dim {i} cannot be broadcast together")
             sizes.append(size)
         return sizes
 
@@ -690,3 +701,88 @@ def conv2d_transpose(L: FunctionLowering, op: Operation):
         L.nest([cg, kh, kw], acc, parallel=False, b=b)
     L.nest(sizes, body)
     return [out]
+
+
+@rule("mlc.scan")
+def scan(L: FunctionLowering, op: Operation):
+    """A loop over the steps. Carries live in buffers made before the loop; each step copies its
+    sequence slices into per-step buffers, runs the lowered body, copies the yielded carries back and
+    the outputs into their slot of the stacked results, and frees what the body allocated."""
+    k = op.attr("num_carries")
+    carries, seqs = [L.buffers[v] for v in op.operands[:k]], [L.buffers[v] for v in op.operands[k:]]
+    block = op.regions[0].blocks[0]
+    yield_op = block.last
+    steps = L.dim(seqs[0], 0) if seqs else L.idx(op.attr("length"))
+    state = []
+    for c, r in zip(carries, op.results[:k]):
+        state.append(L.alloc(TensorType(c.type.shape, c.type.element), L.dims(c), r.name_hint))
+        _copy_nest(L, c, state[-1], L.dims(c), lambda b, ivs: ivs, lambda b, ivs: ivs)
+    slices = [L.alloc(TensorType(s.type.shape[1:], s.type.element), L.dims(s)[1:]) for s in seqs]
+    loop_block = Block([index], ["t"])
+    loop = L.b.create("loop.for", [L.idx(0), steps], regions=[Region([loop_block])])
+    before_loop = Builder.before(loop, L.module)
+    L.b = Builder.at_end(loop_block, L.module, op.loc)
+    t = loop_block.args[0]
+    if op.attr("reverse"):
+        t = L.op(L.b, "arith.sub", L.op(L.b, "arith.sub", steps, L.idx(1)), t)
+    for s, sl in zip(seqs, slices):
+        _copy_nest(L, s, sl, L.dims(sl), lambda b, ivs: [t] + ivs, lambda b, ivs: ivs)
+    for arg, buf in zip(block.args, state + slices):
+        L.buffers[arg] = buf
+    first_alloc = len(L.allocs)
+    body_ops = [o for o in block.ops if o is not yield_op]
+    for o in body_ops:  # the body is lowered inside the loop, in place
+        o.detach()
+        loop_block.append(o)
+    L.lower_ops(body_ops)
+    L.b = Builder.at_end(loop_block, L.module, op.loc)
+    yielded = [L.buffers[v] for v in yield_op.operands]
+    for buf, y in zip(state, yielded[:k]):
+        _copy_nest(L, y, buf, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
+    results = list(state)
+    for r, y in zip(op.results[k:], yielded[k:]):
+        sizes = [steps] + [L.idx(d) if d is not None else _size_before(L, loop, before_loop, y, i, op)
+                           for i, d in enumerate(r.type.shape[1:])]
+        saved, L.b = L.b, before_loop
+        stacked = L.alloc(r.type, sizes, r.name_hint)
+        L.b = saved
+        _copy_nest(L, y, stacked, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: [t] + ivs)
+        results.append(stacked)
+    for buf in L.allocs[first_alloc:]:
+        if buf.defining_op().parent is loop_block:
+            L.b.create("mem.dealloc", [buf])
+    L.b.create("loop.yield")
+    L.b = Builder.before(op, L.module)
+    return results
+
+
+def _in_loop(loop: Operation, v: Value) -> bool:
+    op = v.defining_op() if v.defining_op() is not None else v.owner.parent.parent
+    while op is not None:
+        if op is loop:
+            return True
+        op = op.parent_op
+    return False
+
+
+def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
+    """Dim `axis` of a buffer made in the loop body, computed before the loop: the body's shape code
+    uses only dims of buffers made before the loop (carries, slices, captured values) and arithmetic."""
+    def size_of(buf, axis):
+        if not _in_loop(loop, buf):
+            return b.create("mem.dim", [buf], {"axis": axis}).result if buf.type.shape[axis] is None \
+                else L.idx(buf.type.shape[axis])
+        alloc = buf.defining_op()
+        dynamic = [i for i, d in enumerate(buf.type.shape) if d is None]
+        return expr(alloc.operands[dynamic.index(axis)])
+
+    def expr(v):
+        if not _in_loop(loop, v):
+            return v
+        d = v.defining_op()
+        if d is not None and d.name == "mem.dim":
+            return size_of(d.operands[0], d.attr("axis"))
+        if d is not None and d.name.startswith("arith.") and v.type == index:
+            return b.create(d.name, [expr(o) for o in d.operands], dict(d.attributes)).result
+        raise error(op.loc, "cannot size this scan's outputs before its loop yet", op.name)
+    return size_of(buf, axis)

@@ -88,9 +88,9 @@ class NativeFunction:
         slots[1 + 2 * n_in + 2 * n_out] = ctypes.addressof(error)
         self.c_function(ctypes.addressof(slots))
         if error.value:
-            loc = self.code.checks[error.value - 1]
+            loc, op_name, message = self.code.checks[error.value - 1]
             d = Diagnostics()
-            d.error(loc, "an index read from the data is out of range (e.g. a label or gather index)")
+            d.error(loc, message, op_name)
             raise DiagnosticError(d.errors)
         results = [_wrap(out_data[r], out_dims[r][: t.rank], t.element.np_dtype) for r, t in enumerate(self.result_types)]
         return results[0] if n_out == 1 else tuple(results)

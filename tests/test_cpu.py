@@ -106,7 +106,7 @@ def test_matmul(shapes):
     compile_and_compare(one_op("mlc.matmul", a, b), "f", a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["mlp.ir", "transformer.ir", "cnn.ir"])
+@pytest.mark.parametrize("path", ["mlp.ir", "transformer.ir", "cnn.ir"])  # rnn.ir: below
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_examples_agree_at_dynamic_batch_sizes(path, batch):
     m = mlc.load(ROOT / "examples" / path)
@@ -160,5 +160,19 @@ def test_bad_label_is_caught_before_reading_out_of_bounds():
 
 
 def test_unsupported_op_is_an_error_not_a_fallback():
-    with pytest.raises(mlc.DiagnosticError, match="'mlc.scan': cannot lower this op to loops yet"):
-        mlc.compile(mlc.load(ROOT / "examples" / "rnn.ir"))
+    text = """module { func.func @f(%key: tensor<2xi64>) -> tensor<4xf32> {
+      %r = mlc.random_normal %key : (tensor<2xi64>) -> tensor<4xf32>
+      return %r : tensor<4xf32> } }"""
+    with pytest.raises(mlc.DiagnosticError, match="'mlc.random_normal': cannot lower this op to loops yet"):
+        mlc.compile(mlc.parse(text))
+
+
+def test_rnn_example_and_runtime_shape_errors():
+    m = mlc.load(ROOT / "examples" / "rnn.ir")
+    exe = mlc.compile(m)
+    for batch in (1, 5):
+        xs, h0 = rng.standard_normal((12, batch, 8)).astype(np.float32), rng.standard_normal((batch, 16)).astype(np.float32)
+        for w, g in zip(mlc.interpret(m, "forward", xs, h0), exe["forward"](xs, h0)):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(mlc.DiagnosticError, match="'mlc.matmul'|'mlc.add'|broadcast"):
+        exe["forward"](rng.standard_normal((12, 3, 8)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32))

@@ -58,7 +58,7 @@ def test_loop_level_diagnostics(body, fragment):
 
 
 SUPPORTED = ("unary", "binary", "constant", "select", "reduction", "matmul", "transpose", "reshape", "softmax",
-             "clamp_or_cast", "call", "cross_entropy", "slice_or_pad", "concat", "gather", "conv_or_pool")
+             "clamp_or_cast", "call", "cross_entropy", "slice_or_pad", "concat", "gather", "conv_or_pool", "scan")
 
 
 @given(p=programs(max_ops=6, families=SUPPORTED))
@@ -79,6 +79,21 @@ def test_mlp_example_lowers_and_agrees():
 
 
 def test_unsupported_op_is_a_located_error():
-    with pytest.raises(mlc.DiagnosticError, match="'mlc.scan': cannot lower this op to loops yet") as e:
-        mlc.run_passes(mlc.load(ROOT / "examples" / "rnn.ir"), "lower-to-loops")
-    assert e.value.diagnostics[0].file.endswith("rnn.ir") and e.value.diagnostics[0].line > 0
+    text = """module { func.func @f() -> tensor<4xf32> {
+      %key = mlc.constant dense<[1, 2]> : tensor<2xi64>
+      %r = mlc.random_uniform %key : (tensor<2xi64>) -> tensor<4xf32>
+      return %r : tensor<4xf32> } }"""
+    with pytest.raises(mlc.DiagnosticError, match="'mlc.random_uniform': cannot lower this op to loops yet") as e:
+        mlc.run_passes(mlc.parse(text, "rand.ir"), "lower-to-loops")
+    assert (e.value.diagnostics[0].file, e.value.diagnostics[0].line) == ("rand.ir", 3)
+
+
+def test_broadcast_mismatch_of_dynamic_dims_is_reported_at_the_op():
+    text = """module { func.func @f(%a: tensor<?x3xf32>, %b: tensor<?x3xf32>) -> tensor<?x3xf32> {
+      %c = mlc.add %a, %b
+      return %c : tensor<?x3xf32> } }"""
+    m = mlc.parse(text, "bc.ir")
+    mlc.run_passes(m, "lower-to-loops")
+    with pytest.raises(mlc.DiagnosticError, match="bc.ir:2:12: error: 'mlc.add': operand sizes along dim 0 cannot be broadcast"):
+        mlc.interpret(m, "f", np.ones((2, 3), np.float32), np.ones((5, 3), np.float32))
+    assert mlc.interpret(m, "f", np.ones((1, 3), np.float32), np.ones((5, 3), np.float32)).shape == (5, 3)

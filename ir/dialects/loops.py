@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
+from ..diagnostics import error
 from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, VerifyError, lookup_op
 from ..types import ElementType, MemRefType, TensorType, i1, index
 from . import mlc
@@ -129,6 +130,42 @@ class Store(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         ins[1][_checked(ins[1], tuple(int(i) for i in ins[2:]))] = ins[0]
+        return []
+
+
+class Dealloc(OpDef):
+    """Frees a buffer made by mem.alloc (in loop bodies, so each iteration's buffers do not pile up)."""
+    name = "mem.dealloc"
+    operands = 1
+    results = 0
+
+    @staticmethod
+    def infer(op, ctx):
+        _memref(op.operand_types[0])
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return []
+
+
+class Check(OpDef):
+    """A run-time condition (e.g. two `?` dims agree); false is an error at this op's location."""
+    name = "mem.check"
+    operands = 1
+    results = 0
+    attrs = {"message": Attr("str", required=True), "op": Attr("str")}  # op: the checked op, for the report
+
+    @staticmethod
+    def infer(op, ctx):
+        if op.operand_types[0] != i1:
+            raise VerifyError(f"operand 0 must be i1, got {op.operand_types[0]}")
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        if not ins[0]:
+            raise error(op.loc, op.attr("message"), op.attr("op") or op.name)
         return []
 
 
