@@ -306,19 +306,23 @@ def matmul(L: FunctionLowering, op: Operation):
     read_a = L.broadcast_reader(_BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
     read_b = L.broadcast_reader(_BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
 
+    # Zero the result, then accumulate with the reduction loop outside the column loop: the innermost
+    # loop walks rows of b and out contiguously, which LLVM vectorises.
+    L.nest(sizes + rows + cols, lambda b, ivs: b.create("mem.store", [L.const(b, 0, t.element), out] + ivs))
+
     def body(b, ivs):
         bi, rest = ivs[:batch_rank], ivs[batch_rank:]
         row = rest[:1] if ra > 1 else []
-        col = rest[-1:] if rb > 1 else []
-        b.create("mem.store", [L.const(b, 0, t.element), out] + ivs)
+        x = b.create("mem.load", [a] + read_a(b, bi) + row + [rest[-1]]).result
 
-        def accumulate(ib, kk):
-            x = ib.create("mem.load", [a] + read_a(ib, bi) + row + kk).result
-            y = ib.create("mem.load", [bm] + read_b(ib, bi) + kk + col).result
-            acc = ib.create("mem.load", [out] + ivs).result
-            ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + ivs)
-        L.nest([k], accumulate, parallel=False, b=b)
-    L.nest(sizes + rows + cols, body)
+        def accumulate(ib, js):
+            col = js if rb > 1 else []
+            at = bi + row + col
+            y = ib.create("mem.load", [bm] + read_b(ib, bi) + [rest[-1]] + col).result
+            acc = ib.create("mem.load", [out] + at).result
+            ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + at)
+        L.nest(cols or [L.idx(1)], accumulate, parallel=True, b=b)
+    L.nest(sizes + rows + [k], body, parallel=False)
     return [out]
 
 

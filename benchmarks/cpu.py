@@ -1,0 +1,156 @@
+"""The CPU backend against numpy and torch, measured side by side in one run; prints one table.
+
+    python benchmarks/cpu.py [--quick]
+
+Each figure is the best of a few runs (this machine is noisy); ratios > 1 mean mlc is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import mlc
+
+
+def best(fn, repeat=3):
+    fn()  # warm up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def compile_one(text):
+    t0 = time.perf_counter()
+    exe = mlc.compile(mlc.parse(text))
+    return exe, time.perf_counter() - t0
+
+
+def sgemm(n):
+    text = f"""module {{ func.func @f(%a: tensor<{n}x{n}xf32>, %b: tensor<{n}x{n}xf32>) -> tensor<{n}x{n}xf32> {{
+      %c = mlc.matmul %a, %b
+      return %c : tensor<{n}x{n}xf32> }} }}"""
+    exe, _ = compile_one(text)
+    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+    t_mlc, t_np = best(lambda: exe["f"](a, b), 1 if n >= 1024 else 3), best(lambda: a @ b)
+    flops = 2 * n ** 3
+    return f"SGEMM {n}", t_mlc, t_np, "numpy", f"{flops / t_mlc / 1e9:.1f} vs {flops / t_np / 1e9:.1f} GFLOP/s"
+
+
+def elementwise(n):
+    text = f"""module {{ func.func @f(%x: tensor<{n}xf32>) -> tensor<{n}xf32> {{
+      %half = mlc.constant dense<0.5> : tensor<f32>
+      %one = mlc.constant dense<1.0> : tensor<f32>
+      %a = mlc.mul %x, %half
+      %b = mlc.add %a, %one
+      %r = mlc.relu %b
+      %t = mlc.tanh %x
+      %y = mlc.mul %r, %t
+      return %y : tensor<{n}xf32> }} }}"""
+    exe, _ = compile_one(text)
+    x = np.random.randn(n).astype(np.float32)
+
+    def numpy_chain():
+        return np.maximum(x * np.float32(0.5) + np.float32(1), 0) * np.tanh(x)
+    return "relu(x*0.5+1)*tanh(x), 16M f32", best(lambda: exe["f"](x)), best(numpy_chain), "numpy", ""
+
+
+def softmax():
+    text = """module { func.func @f(%x: tensor<4096x1024xf32>) -> tensor<4096x1024xf32> {
+      %y = mlc.softmax %x {axis = 1}
+      return %y : tensor<4096x1024xf32> } }"""
+    exe, _ = compile_one(text)
+    x = np.random.randn(4096, 1024).astype(np.float32)
+
+    def numpy_softmax():
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return "row softmax 4096x1024", best(lambda: exe["f"](x)), best(numpy_softmax), "numpy", ""
+
+
+def conv(torch):
+    text = """module { func.func @f(%x: tensor<8x64x56x56xf32>, %w: tensor<64x64x3x3xf32>) -> tensor<8x64x56x56xf32> {
+      %y = mlc.conv2d %x, %w {padding = [1, 1, 1, 1]}
+      return %y : tensor<8x64x56x56xf32> } }"""
+    exe, _ = compile_one(text)
+    x, w = np.random.randn(8, 64, 56, 56).astype(np.float32), np.random.randn(64, 64, 3, 3).astype(np.float32)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    return ("conv2d 3x3 64->64 56x56 b8", best(lambda: exe["f"](x, w), 1),
+            best(lambda: torch.nn.functional.conv2d(tx, tw, padding=1)), "torch", "")
+
+
+MLP = """module @mlp {
+  mlc.global @w1 : tensor<784x1024xf32> {init = "glorot_uniform"}
+  mlc.global @b1 : tensor<1024xf32> {init = "zeros"}
+  mlc.global @w2 : tensor<1024x1024xf32> {init = "glorot_uniform"}
+  mlc.global @b2 : tensor<1024xf32> {init = "zeros"}
+  mlc.global @w3 : tensor<1024x10xf32> {init = "glorot_uniform"}
+  func.func @forward(%x: tensor<?x784xf32>) -> tensor<?x10xf32> {
+    %w1 = mlc.global_load @w1 : tensor<784x1024xf32>
+    %b1 = mlc.global_load @b1 : tensor<1024xf32>
+    %w2 = mlc.global_load @w2 : tensor<1024x1024xf32>
+    %b2 = mlc.global_load @b2 : tensor<1024xf32>
+    %w3 = mlc.global_load @w3 : tensor<1024x10xf32>
+    %h1 = mlc.matmul %x, %w1 : (tensor<?x784xf32>, tensor<784x1024xf32>) -> tensor<?x1024xf32>
+    %a1 = mlc.add %h1, %b1 : (tensor<?x1024xf32>, tensor<1024xf32>) -> tensor<?x1024xf32>
+    %r1 = mlc.relu %a1
+    %h2 = mlc.matmul %r1, %w2 : (tensor<?x1024xf32>, tensor<1024x1024xf32>) -> tensor<?x1024xf32>
+    %a2 = mlc.add %h2, %b2 : (tensor<?x1024xf32>, tensor<1024xf32>) -> tensor<?x1024xf32>
+    %r2 = mlc.relu %a2
+    %y = mlc.matmul %r2, %w3 : (tensor<?x1024xf32>, tensor<1024x10xf32>) -> tensor<?x10xf32>
+    return %y : tensor<?x10xf32>
+  }
+}"""
+
+
+def mlp(torch):
+    exe, _ = compile_one(MLP)
+    g = exe.globals
+    x = np.random.randn(256, 784).astype(np.float32)
+    net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+                              torch.nn.Linear(1024, 10, bias=False))
+    with torch.no_grad():
+        for layer, w, b in ((net[0], g["w1"], g["b1"]), (net[2], g["w2"], g["b2"]), (net[4], g["w3"], None)):
+            layer.weight.copy_(torch.from_numpy(w.T))
+            if b is not None:
+                layer.bias.copy_(torch.from_numpy(b))
+    tx = torch.from_numpy(x)
+    np.testing.assert_allclose(exe["forward"](x), net(tx).detach().numpy(), rtol=1e-3, atol=1e-3)
+
+    def torch_forward():
+        with torch.no_grad():
+            return net(tx)
+    return "MLP 784-1024-1024-10 b256", best(lambda: exe["forward"](x), 1), best(torch_forward), "torch", ""
+
+
+def compile_time():
+    t0 = time.perf_counter()
+    mlc.compile(mlc.parse(MLP))
+    cold = time.perf_counter() - t0
+    return "compile MLP (cold, no cache yet)", cold, None, "", ""
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller problems")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(2)
+    rows = [sgemm(256), sgemm(512)] + ([] if args.quick else [sgemm(1024)])
+    rows += [elementwise(1 << 20 if args.quick else 1 << 24), softmax(), mlp(torch)]
+    if not args.quick:
+        rows.append(conv(torch))
+    rows.append(compile_time())
+    print(f"{'benchmark':<36}{'mlc (ms)':>11}{'peer (ms)':>11}  {'peer':<6}{'mlc/peer speed':>15}  notes")
+    for name, t, peer, who, note in rows:
+        ratio = f"{peer / t:.2f}x" if peer else ""
+        peer_ms = f"{peer * 1e3:.1f}" if peer else ""
+        print(f"{name:<36}{t * 1e3:>11.1f}{peer_ms:>11}  {who:<6}{ratio:>15}  {note}")
+
+
+if __name__ == "__main__":
+    main()
