@@ -394,7 +394,25 @@ class ArithEmitter:
     def f_ge(self, t, a, b): return self.b.fcmp_ordered(">=", a, b)
     def f_neg(self, t, x): return self.b.fneg(x)
     def f_abs(self, t, x): return self.call("fabs", t, x)
-    def f_exp(self, t, x): return self.call("exp", t, x)
+    def f_exp(self, t, x):
+        """f32: Cephes' expf as straight-line code, so loops vectorise (LLVM has no vector libm here);
+        within 2 ulp, inf above 88.72, NaN kept."""
+        if t != F32:
+            return self.call("exp", t, x)
+        c = lambda v: ir.Constant(F32, v)  # noqa: E731
+        b = self.b
+        clamped = self.call("minimum", t, self.call("maximum", t, x, c(-88.3762626647949)), c(88.3762626647950))
+        fx = self.call("floor", t, b.fadd(b.fmul(clamped, c(1.44269504088896341)), c(0.5)))
+        r = b.fsub(b.fsub(clamped, b.fmul(fx, c(0.693359375))), b.fmul(fx, c(-2.12194440e-4)))
+        y = c(1.9875691500e-4)
+        for coeff in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            y = b.fadd(b.fmul(y, r), c(coeff))
+        y = b.fadd(b.fadd(b.fmul(y, b.fmul(r, r)), r), c(1.0))
+        n = b.fptosi(fx, ir.IntType(32))
+        scale = b.bitcast(b.shl(b.add(n, ir.Constant(ir.IntType(32), 127)), ir.Constant(ir.IntType(32), 23)), F32)
+        out = b.fmul(y, scale)
+        out = b.select(b.fcmp_ordered(">", x, c(88.72283935546875)), c(float("inf")), out)
+        return b.select(b.fcmp_unordered("uno", x, x), x, out)
     def f_log(self, t, x): return self.call("log", t, x)
     def f_sqrt(self, t, x): return self.call("sqrt", t, x)
     def f_sin(self, t, x): return self.call("sin", t, x)
@@ -404,7 +422,24 @@ class ArithEmitter:
     def f_reciprocal(self, t, x): return self.b.fdiv(self.one(t), x)
     def f_square(self, t, x): return self.b.fmul(x, x)
     def f_relu(self, t, x): return self.call("maximum", t, x, ir.Constant(t, 0.0))
-    def f_tanh(self, t, x): return self.libm("tanh", t, x)
+    def f_tanh(self, t, x):
+        """f32: a 13/6 rational approximation (as Eigen's), within 7 ulp and vectorisable."""
+        if t != F32:
+            return self.libm("tanh", t, x)
+        c = lambda v: ir.Constant(F32, v)  # noqa: E731
+        b = self.b
+        bound = 7.90531110763549805
+        xc = self.call("minimum", t, self.call("maximum", t, x, c(-bound)), c(bound))
+        x2 = b.fmul(xc, xc)
+        p = c(-2.76076847742355e-16)
+        for coeff in (2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08, 1.48572235717979e-05,
+                      6.37261928875436e-04, 4.89352455891786e-03):
+            p = b.fadd(b.fmul(p, x2), c(coeff))
+        q = c(1.19825839466702e-06)
+        for coeff in (1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03):
+            q = b.fadd(b.fmul(q, x2), c(coeff))
+        r = b.fdiv(b.fmul(p, xc), q)
+        return b.select(b.fcmp_ordered("<", self.call("fabs", t, x), c(0.0004)), x, r)
     def f_erf(self, t, x): return self.libm("erf", t, x)
     def f_log1p(self, t, x): return self.libm("log1p", t, x)
 

@@ -48,6 +48,7 @@ class FunctionLowering:
         self.buffers: dict[Value, Value] = {}
         self.consts: dict = {}
         self.allocs: list[Value] = []  # in order, so a loop body can free what it allocated
+        self.fused: set[Operation] = set()
         self.b = Builder(func.body, func.body.first, module)
 
     # --- driving ---------------------------------------------------------------------------------------
@@ -65,7 +66,10 @@ class FunctionLowering:
 
     def lower_ops(self, ops):
         """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""
+        self.fused.update(op for op in ops if fusible(op))
         for op in ops:
+            if op in self.fused:  # computed inside its consumer's loop nest
+                continue
             lower = RULES.get(op.name)
             if lower is None:
                 raise error(op.loc, "cannot lower this op to loops yet", op.name)
@@ -173,20 +177,49 @@ TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}
 SCALAR_TWIN = {name: f"arith.{name}" for name in list(tensor_ops.UNARY) + list(tensor_ops.BINARY) + ["gelu", "select"]}
 
 
-@rule(*[f"mlc.{n}" for n in SCALAR_TWIN] + ["mlc.clamp", "mlc.cast", "mlc.broadcast_to"])
-def elementwise(L: FunctionLowering, op: Operation):
-    t = op.results[0].type
-    ins = [L.buffers[v] for v in op.operands]
-    sizes = L.result_sizes(t, ins) if op.name != "mlc.broadcast_to" else \
-        [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
-    out = L.alloc(t, sizes, op.results[0].name_hint)
-    readers = [L.broadcast_reader(v, t.rank) for v in ins]
+ELEMENTWISE = {f"mlc.{n}" for n in SCALAR_TWIN} | {"mlc.clamp", "mlc.cast"}
 
-    def body(b, ivs):
-        xs = [b.create("mem.load", [v] + read(b, ivs)).result for v, read in zip(ins, readers)]
-        y = scalar(L, b, op, xs)
-        b.create("mem.store", [y, out] + ivs)
-    L.nest(sizes, body)
+
+def fusible(op: Operation) -> bool:
+    """An elementwise op whose only user is an elementwise op of the same rank and shape is computed
+    inside that user's loop nest (no buffer, no recomputation: one use, no broadcasting up)."""
+    if op.name not in ELEMENTWISE or len(op.results[0].uses) != 1:
+        return False
+    (user, _), = op.results[0].uses
+    mine, theirs = op.results[0].type, user.results[0].type if user.results else None
+    return (user.name in ELEMENTWISE and user.parent is op.parent and theirs.rank == mine.rank
+            and all(a is None or b is None or a == b for a, b in zip(mine.shape, theirs.shape)))
+
+
+@rule(*ELEMENTWISE, "mlc.broadcast_to")
+def elementwise(L: FunctionLowering, op: Operation):
+    """One loop nest over the result; fused producers are computed in it from their own operands."""
+    t = op.results[0].type
+    leaves = []  # operands read from buffers (those of fused producers included)
+
+    def collect(o):
+        for v in o.operands:
+            p = v.defining_op()
+            if p is not None and p in L.fused:
+                collect(p)
+            elif v not in leaves:
+                leaves.append(v)
+    collect(op)
+    ins = [L.buffers[v] for v in op.operands if v in L.buffers]
+    if op.name == "mlc.broadcast_to":
+        sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
+    else:
+        sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
+
+    def value(b, v, ivs):
+        p = v.defining_op()
+        if p is not None and p in L.fused:
+            return scalar(L, b, p, [value(b, o, ivs) for o in p.operands])
+        return b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [scalar(L, b, op, [value(b, v, ivs) for v in op.operands]), out] + ivs))
     return [out]
 
 
