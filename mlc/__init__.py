@@ -8,6 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import DiagnosticError, Module, compile, interpret, load, parse, run_passes, verify  # noqa: E402,F401
+from .api import DiagnosticError, Module, compile, interpret, load, load_executable, parse, run_passes, verify  # noqa: E402,F401
 
-__all__ = ["parse", "verify", "load", "interpret", "compile", "run_passes", "Module", "DiagnosticError", "__version__"]
+__all__ = ["parse", "verify", "load", "interpret", "compile", "load_executable", "run_passes", "Module", "DiagnosticError", "__version__"]

@@ -52,7 +52,14 @@ def run_passes(module: Module, pipeline: str, **kwargs) -> Module:
     return module
 
 
-def compile(module: Module, target: str = "cpu"):
-    """Compile every public function to native code; `exe["f"](*arrays)` runs one."""
-    from mlc.runtime.executable import Executable
-    return Executable(module, target)
+def compile(module: Module, target: str = "cpu", cache: bool = True):
+    """Compile every public function to native code; `exe["f"](*arrays)` runs one. Compiled code is
+    kept in the on-disk cache (MLC_CACHE_DIR) unless cache=False."""
+    from mlc.runtime.executable import compile as build
+    return build(module, target, cache)
+
+
+def load_executable(path):
+    """Load an artifact written by `exe.save(path)` or `mlc compile model.ir -o model.mlcz`."""
+    from mlc.runtime.artifact import load_executable as load_artifact
+    return load_artifact(path)

@@ -63,20 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--list-passes", action="store_true", help="list the passes and exit")
     o.set_defaults(func=cmd_opt)
 
-    c = sub.add_parser("compile", help="compile to native code and print a stage",
-                       description="Compile FILE for the CPU and print the stage named by --emit.")
+    c = sub.add_parser("compile", help="compile to a native artifact (.mlcz), or print a stage",
+                       description="Compile every public function of FILE into a self-contained artifact, "
+                                   "or with --emit print that stage instead.")
     c.add_argument("file", metavar="FILE")
-    c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm"], default="loops",
+    c.add_argument("-o", "--output", metavar="OUT", help="the artifact (default: FILE with .mlcz), or where --emit writes")
+    c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm"],
                    help="ir: after the tensor-level passes; loops: the loop-level IR; llvm: optimised LLVM IR; asm: assembly")
     c.add_argument("--target", default="cpu", choices=["cpu"], help="the target (cpu)")
-    c.add_argument("-o", "--output", metavar="OUT", help="write the stage here instead of standard output")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a function", description="Run a function of FILE on inputs given as .npy files.")
-    r.add_argument("file", metavar="FILE")
+    r.add_argument("file", metavar="FILE", help="an .ir file, or an artifact made by 'mlc compile' (.mlcz)")
     r.add_argument("--entry", default=None, metavar="@F", help="the function to run (default: the only or the first public one)")
-    r.add_argument("--backend", default="interp", choices=["interp", "cpu", "cuda"],
-                   help="interp: the numpy reference interpreter; cpu: native code (cuda arrives with its backend)")
+    r.add_argument("--backend", default="cpu", choices=["interp", "cpu", "cuda"],
+                   help="cpu (default): native code, compiled with an on-disk cache; interp: the numpy reference "
+                        "interpreter (cuda arrives with its backend)")
     r.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input by argument name (x for %%x); FILE.npz alone gives every array in it by name")
     r.add_argument("--random-inputs", action="store_true", help="fill inputs not given with random values")
@@ -138,11 +140,16 @@ def cmd_compile(args):
     from mlc.passes import PassManager
     from mlc.runtime.executable import CPU_PIPELINE, Executable
     module = load_module(args.file)
+    if args.emit is None:
+        out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
+        Executable.build(module, args.target).save(out)
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     if args.emit == "ir":
         PassManager.parse(CPU_PIPELINE.split(",lower-to-loops")[0]).run(module)
         text = print_module(module)
     else:
-        exe = Executable(module, args.target)
+        exe = Executable.build(module, args.target, cache=False)
         text = {"loops": lambda: print_module(exe.lowered), "llvm": lambda: exe.jit.optimised_ir,
                 "asm": exe.jit.assembly}[args.emit]()
     if args.output:
@@ -156,13 +163,22 @@ def cmd_run(args):
     from mlc.ir.interpreter import Interpreter, arg_names
     if args.backend == "cuda":
         raise error(Location(args.file, 0, 0), "the 'cuda' backend is not available yet; use --backend cpu or interp")
-    module = load_module(args.file)
+    exe = None
+    if args.file.endswith(".mlcz"):
+        from mlc.runtime.artifact import load_executable
+        exe = load_executable(args.file)
+        module = exe.module
+    else:
+        module = load_module(args.file)
     func = pick_entry(module, args.entry, args.file)
+    if exe is not None and func.sym_name not in exe.functions:
+        raise error(Location(args.file, 0, 0), f"'@{func.sym_name}' is private: the artifact has no code for it")
     inputs = gather_inputs(func, args)
     arrays = [inputs[n] for n in arg_names(func)]
-    if args.backend == "cpu":
+    if exe is not None or args.backend == "cpu":
         from mlc.runtime.executable import Executable
-        results = Executable(module)[func.sym_name](*arrays)
+        exe = exe or Executable.build(module)
+        results = exe[func.sym_name](*arrays)
     else:
         results = Interpreter(module).call_public(func.sym_name, arrays)
     results = results if isinstance(results, tuple) else (results,)

@@ -149,21 +149,22 @@ class FunctionLowering:
         return indices
 
     def result_sizes(self, t: TensorType, operands) -> list:
-        """Sizes of a broadcast result: static dims as constants, `?` dims the largest operand dim."""
+        """Sizes of a broadcast result: static dims as constants, `?` dims the largest operand dim.
+        Operand dims known only at run time are checked: equal to the result's, or 1 (numpy's rule)."""
         sizes = []
         for i, d in enumerate(t.shape):
+            aligned = [(v, v.type.rank - t.rank + i) for v in operands if v.type.rank - t.rank + i >= 0]
+            candidates = [self.dim(v, a) for v, a in aligned if v.type.shape[a] != 1]
             if d is not None:
-                sizes.append(self.idx(d))
-                continue
-            candidates = [self.dim(v, v.type.rank - t.rank + i) for v in operands
-                          if v.type.rank - t.rank + i >= 0 and v.type.shape[v.type.rank - t.rank + i] != 1]
-            size = candidates[0]
-            for c in candidates[1:]:
-                size = self.op(self.b, "arith.maximum", size, c)
-            for c in candidates if len(candidates) > 1 else []:  # numpy: equal, or 1
-                same = self.op(self.b, "arith.eq", c, size)
-                self.check(self.b, self.op(self.b, "arith.or", same, self.op(self.b, "arith.eq", c, self.idx(1))),
-                           f"operand sizes along dim {i} cannot be broadcast together")
+                size = self.idx(d)
+            else:
+                size = candidates[0]
+                for c in candidates[1:]:
+                    size = self.op(self.b, "arith.maximum", size, c)
+            dynamic = [self.dim(v, a) for v, a in aligned if v.type.shape[a] is None]
+            for c in dynamic if len(candidates) > 1 or d is not None else []:
+                ok = self.op(self.b, "arith.or", self.op(self.b, "arith.eq", c, size), self.op(self.b, "arith.eq", c, self.idx(1)))
+                self.check(self.b, ok, f"operand sizes along dim {i} cannot be broadcast together")
             sizes.append(size)
         return sizes
 

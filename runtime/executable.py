@@ -37,21 +37,41 @@ def lower_for_cpu(module: Module) -> Module:
 
 
 class Executable:
-    def __init__(self, module: Module, target: str = "cpu"):
+    """Native code for every public function of a module, with the module's globals."""
+
+    def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict, lowered: Module | None = None):
+        self.module, self.jit, self.lowered = module, jit, lowered
+        self.globals = globals_
+        self._globals_table = (ctypes.c_void_p * max(len(globals_), 1))(*[a.ctypes.data for a in globals_.values()])
+        self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
+
+    @classmethod
+    def build(cls, module: Module, target: str = "cpu", cache: bool = True) -> "Executable":
         if target != "cpu":
             raise DiagnosticError([_diag(module, f"target '{target}' is not available yet (targets: cpu)")])
+        from .artifact import cached, store_in_cache
+        globals_ = {name: np.array(Global.initial_value(op, module.seed), order="C") for name, op in module.globals.items()}
+        hit = cached(module) if cache else None
+        if hit is not None:
+            jit, codes = hit
+            return cls(module, jit, codes, globals_)
         from mlc.codegen.llvm import emit_module
-        self.module = module
-        self.lowered = lower_for_cpu(module)
-        llvm_module, emitter = emit_module(self.lowered)
-        self.llvm_ir = str(llvm_module)
-        self.jit = JitModule(self.llvm_ir, sorted(emitter.libm))
-        self.globals = {name: np.array(Global.initial_value(op, module.seed), order="C")
-                        for name, op in module.globals.items()}
-        self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(
-            *[a.ctypes.data for a in self.globals.values()])
-        self.functions = {name: NativeFunction(self, module.functions[name], code)
-                          for name, code in emitter.functions.items()}
+        lowered = lower_for_cpu(module)
+        llvm_module, emitter = emit_module(lowered)
+        jit = JitModule(str(llvm_module), sorted(emitter.libm))
+        exe = cls(module, jit, emitter.functions, globals_, lowered)
+        if cache:
+            store_in_cache(exe)
+        return exe
+
+    @property
+    def llvm_ir(self) -> str:
+        return self.jit.optimised_ir
+
+    def save(self, path):
+        """Write a self-contained artifact (see runtime/artifact.py); the write is atomic."""
+        from .artifact import save
+        save(self, path)
 
     def __getitem__(self, name: str) -> "NativeFunction":
         name = name.lstrip("@")
@@ -111,6 +131,6 @@ def _diag(module, message):
     return d.errors[0]
 
 
-def compile(module: Module, target: str = "cpu") -> Executable:
-    """Compile every public function of a verified module to native code."""
-    return Executable(module, target)
+def compile(module: Module, target: str = "cpu", cache: bool = True) -> Executable:
+    """Compile every public function of a verified module to native code (using the on-disk cache)."""
+    return Executable.build(module, target, cache)

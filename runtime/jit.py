@@ -50,13 +50,29 @@ def optimise(llvm_ir: str, tm) -> "llvm.ModuleRef":
     return module
 
 
+def host_key() -> dict:
+    """What native code depends on: the CPU, its features and the LLVM behind llvmlite."""
+    _initialise()
+    import llvmlite
+    return {"triple": llvm.get_process_triple(), "cpu": llvm.get_host_cpu_name(),
+            "features": llvm.get_host_cpu_features().flatten(), "llvmlite": llvmlite.__version__}
+
+
 class JitModule:
-    def __init__(self, llvm_ir: str, libm_symbols=()):
+    """Optimised LLVM IR and the native code made from it (or loaded: `object_code`)."""
+
+    def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
         _initialise()
         _provide(libm_symbols)
         self.tm = target_machine()
-        self.module = optimise(llvm_ir, self.tm)
-        self.engine = llvm.create_mcjit_compiler(self.module, self.tm)
+        if object_code is None:
+            self.module = optimise(llvm_ir, self.tm)
+            self.object_code = self.tm.emit_object(self.module)
+        else:
+            self.module = llvm.parse_assembly(llvm_ir)
+            self.object_code = object_code
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
+        self.engine.add_object_file(llvm.ObjectFileRef.from_data(self.object_code))
         self.engine.finalize_object()
 
     def address(self, name: str) -> int:

@@ -94,7 +94,7 @@ def test_run_with_inputs_and_output(tmp_path):
     assert code == 0, err
     got = np.load(tmp_path / "out.npz")["result0"]
     want = mlc.interpret(mlc.load(MLP), "loss", x, labels)
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=1e-6)  # the CPU backend (default) against the interpreter
     np.savez(tmp_path / "in.npz", x=x)
     code, out, err = mlc_cmd("run", MLP, "--input", tmp_path / "in.npz")
     assert code == 0 and "result0: tensor<?x10xf32>" in out, err
@@ -133,8 +133,9 @@ def test_run_time_errors_are_located(tmp_path):
     path.write_text("module {\n  func.func @f(%x: tensor<?x3xf32>, %y: tensor<4x3xf32>) -> tensor<4x3xf32> {\n"
                     "    %z = mlc.add %x, %y : (tensor<?x3xf32>, tensor<4x3xf32>) -> tensor<4x3xf32>\n"
                     "    return %z : tensor<4x3xf32>\n  }\n}\n")
-    code, _, err = mlc_cmd("run", path, "--random-inputs", "--dynamic-size", "2")
-    assert code == 1 and err.startswith(f"{path}:3:10: error: 'mlc.add'"), err
+    for backend in ("cpu", "interp"):
+        code, _, err = mlc_cmd("run", path, "--random-inputs", "--dynamic-size", "2", "--backend", backend)
+        assert code == 1 and err.startswith(f"{path}:3:10: error: 'mlc.add'"), err
 
 
 def test_stdin_is_dash():

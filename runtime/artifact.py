@@ -1,0 +1,186 @@
+"""Artifacts (.mlcz) and the compile cache.
+
+An artifact is a zip archive:
+
+    manifest.json   format name and version, host key (triple, CPU, features, llvmlite), functions
+                    with their run-time checks, globals, and the sha256 of every other member
+    module.ir       the module's IR (function signatures and argument names come from it)
+    code.ll         the optimised LLVM IR
+    code.o          native object code for the host key
+    globals/*.npy   the globals' current values (plain .npy, loaded without pickle)
+
+Loading parses the IR with mlc's parser and reads arrays with numpy (allow_pickle=False); it refuses
+a damaged, altered or wrong-version file with a message. Object code built for another host is not
+used: the LLVM IR is compiled again. The cache (MLC_CACHE_DIR, default ~/.cache/mlc) keeps the code
+part of an artifact per (module text, mlc version, host key); a corrupt entry is ignored and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+import mlc
+from mlc.codegen.llvm import FunctionCode
+from mlc.ir.diagnostics import DiagnosticError, Location, error
+
+from .jit import JitModule, host_key
+
+FORMAT, VERSION = "mlc-artifact", 1
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _members(exe, with_globals: bool) -> dict[str, bytes]:
+    files = {"module.ir": str(exe.module).encode(), "code.ll": exe.jit.optimised_ir.encode(),
+             "code.o": bytes(exe.jit.object_code)}
+    if with_globals:
+        for name, value in exe.globals.items():
+            buf = io.BytesIO()
+            np.save(buf, value, allow_pickle=False)
+            files[f"globals/{name}.npy"] = buf.getvalue()
+    return files
+
+
+def _manifest(exe, files) -> dict:
+    return {"format": FORMAT, "version": VERSION, "mlc": mlc.__version__, "host": host_key(),
+            "functions": {name: {"checks": [[loc.file, loc.line, loc.col, op, msg] for loc, op, msg in f.code.checks]}
+                          for name, f in exe.functions.items()},
+            "libm": sorted(_libm_symbols(exe.jit.optimised_ir)),
+            "files": {name: _sha(data) for name, data in files.items()}}
+
+
+def _libm_symbols(llvm_ir: str) -> set[str]:
+    from mlc.codegen.llvm import LIBM
+    names = {v + s for v in LIBM.values() for s in ("", "f")}
+    return {n for n in names if f'@"{n}"(' in llvm_ir or f"@{n}(" in llvm_ir}
+
+
+def _write_zip(path, files, manifest):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("manifest.json", json.dumps(manifest, indent=1))
+        for name, data in files.items():
+            z.writestr(name, data)
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".mlcz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save(exe, path):
+    files = _members(exe, with_globals=True)
+    try:
+        _write_zip(path, files, _manifest(exe, files))
+    except OSError as e:
+        raise error(Location(str(path), 0, 0), f"cannot write: {e.strerror}") from None
+
+
+def _read(path) -> tuple[dict, dict]:
+    where = Location(str(path), 0, 0)
+    try:
+        with zipfile.ZipFile(path) as z:
+            files = {n: z.read(n) for n in z.namelist()}
+    except FileNotFoundError:
+        raise error(where, "no such file") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zipfile.LargeZipFile) as e:
+        raise error(where, f"not an mlc artifact (unreadable archive: {e})") from None
+    try:
+        manifest = json.loads(files.pop("manifest.json"))
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise error(where, "not an mlc artifact (no readable manifest.json)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise error(where, "not an mlc artifact (wrong format name)")
+    if manifest.get("version") != VERSION:
+        raise error(where, f"artifact format version {manifest.get('version')} is not supported (this mlc reads version {VERSION})")
+    expected = manifest.get("files")
+    if not isinstance(expected, dict) or set(expected) != set(files):
+        raise error(where, "damaged artifact: its members do not match the manifest")
+    for name, data in files.items():
+        if _sha(data) != expected[name]:
+            raise error(where, f"damaged artifact: '{name}' does not match its checksum")
+    return manifest, files
+
+
+def _executable(manifest, files, module_name, where, globals_=None):
+    from .executable import Executable
+    try:
+        module = mlc.parse(files["module.ir"].decode("utf-8"), f"{module_name}:module.ir")
+        functions = manifest["functions"]
+        codes = {}
+        for name, f in functions.items():
+            code = FunctionCode(name)
+            code.checks = [(Location(file, line, col), op, msg) for file, line, col, op, msg in f["checks"]]
+            codes[name] = code
+        same_host = manifest.get("host") == host_key()
+        jit = JitModule(files["code.ll"].decode("utf-8"), manifest.get("libm", []),
+                        object_code=files["code.o"] if same_host else None)
+    except DiagnosticError:
+        raise
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, RuntimeError) as e:
+        raise error(where, f"damaged artifact ({type(e).__name__}: {e})") from None
+    if globals_ is None:
+        globals_ = {}
+        for name, op in module.globals.items():
+            try:
+                value = np.load(io.BytesIO(files[f"globals/{name}.npy"]), allow_pickle=False)
+            except (KeyError, ValueError, OSError) as e:
+                raise error(where, f"damaged artifact: global '@{name}' is unreadable ({e})") from None
+            t = op.attr("type")
+            if value.shape != t.shape or value.dtype != t.element.np_dtype:
+                raise error(where, f"damaged artifact: global '@{name}' has shape {list(value.shape)} {value.dtype}, expected {t}")
+            globals_[name] = np.array(value, order="C")
+    return Executable(module, jit, codes, globals_)
+
+
+def load_executable(path):
+    """Load an artifact written by `exe.save` or `mlc compile -o`."""
+    manifest, files = _read(path)
+    return _executable(manifest, files, os.path.basename(str(path)), Location(str(path), 0, 0))
+
+
+# --- the compile cache --------------------------------------------------------------------------------------
+
+def cache_dir() -> str:
+    return os.environ.get("MLC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlc")
+
+
+def _cache_path(module) -> str:
+    key = json.dumps([str(module), mlc.__version__, host_key()], sort_keys=True).encode()
+    return os.path.join(cache_dir(), _sha(key) + ".mlcz")
+
+
+def cached(module):
+    """(jit, codes) for a module compiled before on this host, or None."""
+    path = _cache_path(module)
+    if not os.path.exists(path):
+        return None
+    try:
+        manifest, files = _read(path)
+        exe = _executable(manifest, files, "cache", Location(path, 0, 0), globals_={})
+        return exe.jit, {name: f.code for name, f in exe.functions.items()}
+    except DiagnosticError:  # a corrupt entry: ignore it (it is rebuilt and replaced)
+        return None
+
+
+def store_in_cache(exe):
+    try:
+        files = _members(exe, with_globals=False)
+        _write_zip(_cache_path(exe.module), files, _manifest(exe, files))
+    except OSError:
+        pass  # a read-only or full cache directory only costs speed
