@@ -176,3 +176,28 @@ def test_rnn_example_and_runtime_shape_errors():
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(mlc.DiagnosticError, match="'mlc.matmul'|'mlc.add'|broadcast"):
         exe["forward"](rng.standard_normal((12, 3, 8)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32))
+
+
+def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
+    text = """module {
+      mlc.global @g : tensor<4xf32>
+      func.func private @twice(%a: tensor<4xf32>) -> tensor<4xf32> {
+        %b = mlc.add %a, %a
+        return %b : tensor<4xf32>
+      }
+      func.func @f(%x: tensor<4xf32>) -> tensor<4xf32> {
+        %e = mlc.exp %x
+        %s = mlc.reduce_sum %e {axes = [0], keepdims} : (tensor<4xf32>) -> tensor<1xf32>
+        %n = mlc.div %e, %s : (tensor<4xf32>, tensor<1xf32>) -> tensor<4xf32>
+        mlc.global_store @g, %n : tensor<4xf32>
+        %t = mlc.tanh %n
+        return %t : tensor<4xf32>
+      } }"""
+    m = mlc.parse(text)
+    exe = mlc.compile(m)
+    x = rng.standard_normal(4).astype(np.float32)
+    for _ in range(3):
+        np.testing.assert_allclose(exe["f"](x), mlc.interpret(m, "f", x), rtol=1e-6)
+    np.testing.assert_allclose(exe.globals["g"], np.exp(x) / np.exp(x).sum(), rtol=1e-6)
+    loops = str(exe.lowered)
+    assert loops.count("mem.dealloc") >= 2
