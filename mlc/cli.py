@@ -86,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dynamic-size", type=int, default=4, metavar="N", help="size of '?' dims for --random-inputs (default 4)")
     r.add_argument("-o", "--output", metavar="OUT.npz", help="save results as result0, result1, ... in an .npz")
     r.set_defaults(func=cmd_run)
+    z = sub.add_parser("fuzz", help="find programs on which two configurations disagree",
+                       description="Generate well-typed programs and inputs, run each under two configurations and, "
+                                   "on a disagreement, write a shrunk reproducer (repro.ir + repro.npz) to --out.")
+    z.add_argument("--against", default="interp", metavar="CONFIG", help="the reference configuration (default: interp)")
+    z.add_argument("--backend", default="cpu", choices=["cpu", "interp"], help="the configuration under test (default: cpu)")
+    z.add_argument("--pipeline", default="", metavar="PASSES", help="passes to run before the configuration under test")
+    z.add_argument("--examples", type=int, default=100, metavar="N", help="how many programs (default 100)")
+    z.add_argument("--out", default="mlc-fuzz", metavar="DIR", help="where a reproducer goes (default: mlc-fuzz)")
+    z.add_argument("--seed", type=int, default=None, help="make the run repeatable")
+    z.set_defaults(func=cmd_fuzz)
     return p
 
 
@@ -189,6 +199,33 @@ def cmd_run(args):
             print(f"result{i}: {t} =")
             print(np.array2string(np.asarray(r), precision=6, threshold=200, edgeitems=4, max_line_width=100))
     return 0
+
+
+def cmd_fuzz(args):
+    from mlc.passes import PipelineError, parse_pipeline
+    from mlc.passes.manager import pipeline_error
+    from mlc.testing import fuzz
+    if args.pipeline:
+        try:
+            parse_pipeline(args.pipeline)
+        except PipelineError as e:
+            raise pipeline_error(str(e)) from None
+    under_test = args.backend + (":" + args.pipeline if args.pipeline else "")
+
+    def progress(done, total):
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\rfuzz {args.against} vs {under_test} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        sys.stderr.flush()
+    found = fuzz(args.examples, args.against, under_test, args.out, seed=args.seed, progress=progress)
+    sys.stderr.write("\n")
+    if found is None:
+        print(f"no disagreement in {args.examples} programs")
+        return 0
+    print(f"disagreement: {str(found).splitlines()[0]}")
+    if found.reproducer:
+        print(f"reproducer: {found.reproducer[0]} with inputs {found.reproducer[1]}")
+    return 1
 
 
 def pick_entry(module, entry, path):

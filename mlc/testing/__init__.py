@@ -405,3 +405,100 @@ def mutations(draw, text: str) -> str:
     tokens = ["tensor<?xf32>", "f32", "i64", "mlc.add", "mlc.scan", "return", "%x", "%0#3", "@main", "dense<[1.0]>",
               "{axis = 1}", "{", "}", "(", ")", "->", ":", "over", "^bb0(", "loc(\"x\":1:1)", "array<i64: 1>", "9999999999999999999999"]
     return text[:i] + draw(st.sampled_from(tokens)) + text[j:]
+
+
+# --- differential checks between configurations (interpreter, CPU backend, pass pipelines) -----------------
+
+class Disagreement(AssertionError):
+    """Two configurations gave different results; `.reproducer` names the files written, if any."""
+
+    def __init__(self, message, reproducer=None):
+        super().__init__(message)
+        self.reproducer = reproducer
+
+
+def run_config(module: Module, entry: str, inputs, config: str) -> list:
+    """Results of `entry` under a configuration: "interp", "cpu", or either after a pass pipeline,
+    written "interp:inline,canonicalize" / "cpu:cse"."""
+    backend, _, pipeline = config.partition(":")
+    if pipeline:
+        from mlc.passes import PassManager
+        module = module.clone()
+        PassManager.parse(pipeline).run(module)
+    if backend == "interp":
+        return run(module, entry, inputs)
+    if backend == "cpu":
+        import mlc
+        out = mlc.compile(module)[entry](*inputs)
+        return list(out) if isinstance(out, tuple) else [out]
+    raise ValueError(f"unknown configuration '{config}' (use interp or cpu, optionally with ':pipeline')")
+
+
+def _outcome(program, config):
+    import mlc
+    try:
+        return run_config(program.module, program.entry, program.inputs, config), None
+    except mlc.DiagnosticError as e:
+        return None, str(e).splitlines()[0]
+
+
+def check_agreement(program: Program, a: str = "interp", b: str = "cpu", out_dir=None, rtol=1e-4, atol=1e-5):
+    """Run a program under two configurations; on disagreement write `repro.ir` and `repro.npz` (its
+    inputs, by argument name) into out_dir and raise Disagreement. Both failing with an error counts
+    as agreement (bad inputs are refused the same way)."""
+    (ra, ea), (rb, eb) = _outcome(program, a), _outcome(program, b)
+    problem = None
+    if (ea is None) != (eb is None):
+        problem = f"{a} {'failed: ' + ea if ea else 'succeeded'}; {b} {'failed: ' + eb if eb else 'succeeded'}"
+    elif ra is not None:
+        try:
+            assert_same_results(ra, rb, rtol, atol, what=f"{b} against {a}")
+        except AssertionError as e:
+            problem = str(e)
+    if problem is None:
+        return
+    paths = write_reproducer(program, out_dir, f"{a} vs {b}: {problem.splitlines()[0]}") if out_dir else None
+    raise Disagreement(problem, paths)
+
+
+def write_reproducer(program: Program, out_dir, note: str):
+    """A self-contained reproducer: the module as .ir and its inputs as .npz (named after the arguments)."""
+    import io
+    import os
+    from mlc.cli import write_atomically
+    from mlc.ir.interpreter import arg_names
+    os.makedirs(out_dir, exist_ok=True)
+    ir_path, npz_path = os.path.join(out_dir, "repro.ir"), os.path.join(out_dir, "repro.npz")
+    names = arg_names(program.module.functions[program.entry])
+    write_atomically(ir_path, (f"// {note}\n// inputs: {os.path.basename(npz_path)} (mlc run repro.ir --entry @{program.entry} "
+                               f"--input repro.npz)\n" + program.text).encode())
+    buf = io.BytesIO()
+    np.savez(buf, **dict(zip(names, program.inputs)))
+    write_atomically(npz_path, buf.getvalue())
+    return ir_path, npz_path
+
+
+def fuzz(examples: int = 100, a: str = "interp", b: str = "cpu", out_dir="mlc-fuzz", families=None, seed=None,
+         progress=None):
+    """Generate programs until one disagrees between configurations a and b; hypothesis shrinks it and
+    the smallest reproducer is written to out_dir. Returns None, or the Disagreement."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as fixed_seed
+    count = [0]
+    strategy = programs(families=families) if families else programs()
+
+    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def one(p):
+        count[0] += 1
+        if progress:
+            progress(count[0], examples)
+        check_agreement(p, a, b, out_dir)
+
+    if seed is not None:
+        one = fixed_seed(seed)(one)
+    try:
+        one()
+    except Disagreement as e:
+        return e
+    return None
