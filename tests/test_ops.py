@@ -300,8 +300,8 @@ def test_scan_with_captured_value(reverse):
     for t in (range(4, -1, -1) if reverse else range(5)):
         want[t] = 1 / (1 + np.exp(-h))
         h = np.tanh(h @ w + xs[t])
-    np.testing.assert_allclose(h_last, h, rtol=1e-5)
-    np.testing.assert_allclose(ys, want, rtol=1e-5)
+    np.testing.assert_allclose(h_last, h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
 
 
 def test_calls_and_globals_persist_within_a_session():
