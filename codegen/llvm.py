@@ -11,8 +11,8 @@ Every public function becomes `void @name(ptr %args)`, one calling convention fo
     args[last]           an i64 error slot: 0, or 1 + the index of the op (in `FunctionCode.checks`)
                          whose data-dependent index was out of bounds; the function returns at once.
 
-Buffers are row-major; `mem.alloc` is calloc. Lowered code writes only buffers it allocated, so
-arguments, constants and globals are read in place.
+Buffers are row-major; `mem.alloc` is malloc (lowered code writes every element before reading it).
+Lowered code writes only buffers it allocated, so arguments, constants and globals are read in place.
 """
 from __future__ import annotations
 
@@ -244,8 +244,9 @@ def _alloc(self: FunctionEmitter, op):
     count = ir.Constant(I64, 1)
     for d in dims:
         count = self.b.mul(count, d)
-    calloc = self.parent.declare("calloc", PTR, [I64, I64])
-    data = self.b.call(calloc, [self.b.add(count, ir.Constant(I64, 1)), ir.Constant(I64, _element_bytes(t.element))])
+    malloc = self.parent.declare("malloc", PTR, [I64])
+    size = self.b.mul(self.b.add(count, ir.Constant(I64, 1)), ir.Constant(I64, _element_bytes(t.element)))
+    data = self.b.call(malloc, [size])  # uninitialised: lowered code writes before it reads
     buf = Buffer(data, t.element, dims, owned=True)
     buf.slot = self.prologue.alloca(PTR)  # a slot the failure path frees (null until allocated)
     self.prologue.store(ir.Constant(PTR, None), buf.slot)

@@ -58,7 +58,9 @@ def _checked(buffer: np.ndarray, idx: tuple):
 # mem: buffers
 
 class Alloc(OpDef):
-    """A new buffer; one index operand per `?` dim of the result type, in order. Zero-filled."""
+    """A new buffer; one index operand per `?` dim of the result type, in order. Its contents are
+    undefined until written: the interpreter fills it with NaN (or an unlikely integer), so a read
+    before a write shows up in the differential tests; native code does not initialise it."""
     name = "mem.alloc"
     operands = (0, None)
 
@@ -74,7 +76,9 @@ class Alloc(OpDef):
     def interpret(ins, op, ctx):
         t = op.results[0].type
         sizes = iter(int(v) for v in ins)
-        return np.zeros([next(sizes) if d is None else d for d in t.shape], t.element.np_dtype)
+        shape = [next(sizes) if d is None else d for d in t.shape]
+        garbage = np.nan if t.element.is_float else (True if t.element.is_bool else -77)
+        return np.full(shape, garbage, t.element.np_dtype)
 
 
 class Dim(OpDef):
