@@ -59,8 +59,8 @@ class FunctionCode:
 
 
 class ModuleEmitter:
-    def __init__(self, module: Module):
-        self.module = module
+    def __init__(self, module: Module, threads: bool = True):
+        self.module, self.threads = module, threads
         self.llvm = ir.Module(name=module.name or "mlc")
         self.globals = list(module.globals)
         self.constants = 0
@@ -107,6 +107,19 @@ class FunctionEmitter:
         self.values: dict[Value, object] = {}
         self.trusted: set = set()  # values computed from shapes alone (loop ivs, dims, constants, their arithmetic)
         self.owned: list[Buffer] = []
+        self.threads = parent.threads
+
+    @classmethod
+    def outlined(cls, outer: "FunctionEmitter", fn: ir.Function) -> "FunctionEmitter":
+        """An emitter for a loop body moved into its own function (shares checks and trust facts)."""
+        sub = cls.__new__(cls)
+        sub.parent, sub.func, sub.code, sub.fn = outer.parent, outer.func, outer.code, fn
+        sub.prologue = ir.IRBuilder(fn.append_basic_block("prologue"))
+        sub.entry = fn.append_basic_block("entry")
+        sub.b = ir.IRBuilder(sub.entry)
+        sub.values, sub.trusted, sub.owned, sub.threads = {}, set(outer.trusted), [], False
+        sub.exit_block = fn.append_basic_block("fail")
+        return sub
 
     def arg(self, i: int):
         slot = self.b.gep(self.fn.args[0], [ir.Constant(I64, i)], source_etype=PTR)
@@ -271,8 +284,15 @@ def _store(self: FunctionEmitter, op):
 
 
 def _for(self: FunctionEmitter, op):
+    if op.attr("parallel") and op.parent is self.func.body and self.threads:
+        _parallel_for(self, op)
+        return
     lb, ub = (self.get(v) for v in op.operands)
-    step = ir.Constant(I64, op.attr("step"))
+    self.loop(op.regions[0].blocks[0], lb, ub, op.attr("step"))
+
+
+def _loop(self: FunctionEmitter, block, lb, ub, step):
+    step = ir.Constant(I64, step)
     pre = self.b.block
     header = self.fn.append_basic_block("loop")
     body = self.fn.append_basic_block("body")
@@ -283,7 +303,6 @@ def _for(self: FunctionEmitter, op):
     iv.add_incoming(lb, pre)
     self.b.cbranch(self.b.icmp_signed("<", iv, ub), body, done)
     self.b.position_at_end(body)
-    block = op.regions[0].blocks[0]
     self.values[block.args[0]] = iv
     self.trusted.add(block.args[0])
     self.block(block)
@@ -291,6 +310,94 @@ def _for(self: FunctionEmitter, op):
     iv.add_incoming(nxt, self.b.block)
     self.b.branch(header)
     self.b.position_at_end(done)
+
+
+PARALLEL_MIN_WORK = 1 << 15  # elements: smaller loop nests run on the calling thread
+
+
+def _static_work(op) -> int | None:
+    """Iterations of the nest below a loop (one trip of it), when every inner bound is a constant."""
+    work = 1
+    for inner in op.regions[0].walk():
+        if inner.name == "loop.for":
+            lb, ub = (v.defining_op() for v in inner.operands)
+            if lb is None or ub is None or lb.name != "arith.constant" or ub.name != "arith.constant":
+                return None
+            work *= max(ub.attr("value") - lb.attr("value"), 1)
+    return work
+
+
+def _parallel_for(self: FunctionEmitter, op):
+    """A top-level parallel loop runs in chunks on worker threads: its body is outlined into
+    `void @f.parN(ptr ctx, i64 lo, i64 hi)` and handed to the runtime's `mlc_parallel_for`, which
+    splits [lb, ub) when the work is large enough. Values the body uses travel in `ctx`."""
+    block = op.regions[0].blocks[0]
+    inside = {r for o in op.regions[0].walk() for r in o.results} | {a for o in op.regions[0].walk()
+                                                                      for rg in o.regions for b in rg.blocks for a in b.args}
+    inside |= set(block.args)
+    free = list(dict.fromkeys(v for o in op.regions[0].walk() for v in o.operands if v not in inside))
+    slots, layout = [], []  # (llvm value, type) per 8-byte ctx slot; layout rebuilds the values inside
+    for v in free:
+        val = self.get(v)
+        if isinstance(val, Buffer):
+            layout.append((v, "buffer", len(slots), len(val.dims)))
+            slots += [(val.data, PTR)] + [(d, I64) for d in val.dims]
+        else:
+            layout.append((v, "scalar", len(slots), 0))
+            slots.append((val, val.type))
+    slots.append((self.error_slot, PTR))
+    n = len(self.parent.llvm.functions)
+    chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), name=f"{self.fn.name}.par{n}")
+    sub = FunctionEmitter.outlined(self, chunk)
+    ctx, lo, hi = chunk.args
+    for v, kind, at, rank in layout:
+        load = lambda k, t: _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64), t)  # noqa: E731
+        if kind == "buffer":
+            buf = self.get(v)
+            sub.values[v] = Buffer(load(at, PTR), buf.element, [load(at + 1 + i, I64) for i in range(rank)])
+        else:
+            sub.values[v] = load(at, self.get(v).type)
+    sub.error_slot = _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, len(slots) - 1)], source_etype=I64), typ=I64), PTR)
+    sub.loop(block, lo, hi, op.attr("step"))
+    sub.b.ret_void()
+    with sub.b.goto_block(sub.exit_block):
+        sub.b.ret_void()
+    sub.prologue.branch(sub.entry)
+    # the caller: fill ctx, run the chunks, stop if one failed
+    ctx_array = self.prologue.alloca(I64, size=len(slots))
+    for k, (val, t) in enumerate(slots):
+        self.b.store(_to_word(self.b, val), self.b.gep(ctx_array, [ir.Constant(I64, k)], source_etype=I64))
+    lb, ub = (self.get(v) for v in op.operands)
+    work = _static_work(op)
+    per_trip = ir.Constant(I64, work if work is not None else PARALLEL_MIN_WORK)
+    runner = self.parent.declare("mlc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
+    big = self.b.icmp_signed(">=", self.b.mul(self.b.sub(ub, lb), per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
+    with self.b.if_else(big) as (threads, inline):
+        with threads:
+            self.b.call(runner, [chunk, ctx_array, lb, ub])
+        with inline:
+            self.b.call(chunk, [ctx_array, lb, ub])
+    failed = self.b.icmp_signed("!=", self.b.load(self.error_slot, typ=I64), ir.Constant(I64, 0))
+    with self.b.if_then(failed, likely=False):
+        self.b.branch(self.exit_block)
+
+
+def _to_word(b: ir.IRBuilder, v) -> ir.Value:
+    """Any scalar or pointer as the 64 bits of a ctx slot."""
+    t = v.type
+    if t == PTR or isinstance(t, ir.PointerType):
+        return b.ptrtoint(v, I64)
+    if t in (F16, F32, F64):
+        v = b.bitcast(v, ir.IntType(_bits(t)))
+    return v if v.type == I64 else b.zext(v, I64)
+
+
+def _from_word(b: ir.IRBuilder, w, t) -> ir.Value:
+    if t == PTR or isinstance(t, ir.PointerType):
+        return b.inttoptr(w, PTR)
+    if t in (F16, F32, F64):
+        return b.bitcast(w if t == F64 else b.trunc(w, ir.IntType(_bits(t))), t)
+    return w if t == I64 else b.trunc(w, t)
 
 
 def _yield(self: FunctionEmitter, op):
@@ -338,6 +445,7 @@ def _memcpy(self: FunctionEmitter, dst, src, size):
 
 
 FunctionEmitter.memcpy = _memcpy
+FunctionEmitter.loop = _loop
 
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
@@ -521,9 +629,10 @@ def _bits(t) -> int:
     return {F16: 16, F32: 32, F64: 64}[t]
 
 
-def emit_module(module: Module) -> tuple[ir.Module, ModuleEmitter]:
-    """LLVM IR for a lowered module (see passes/lower_to_loops.py)."""
-    emitter = ModuleEmitter(module)
+def emit_module(module: Module, threads: bool = True) -> tuple[ir.Module, ModuleEmitter]:
+    """LLVM IR for a lowered module (see passes/lower_to_loops.py); with threads, large top-level
+    parallel loops call the runtime's `mlc_parallel_for`."""
+    emitter = ModuleEmitter(module, threads)
     try:
         return emitter.emit(), emitter
     except ValueError as e:

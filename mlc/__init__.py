@@ -8,6 +8,14 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# In a source checkout the subpackages (ir/, passes/, codegen/, runtime/) sit beside this folder;
+# installed, they are inside it. Let `import mlc` work from the checkout's root too.
+import os as _os  # noqa: E402
+
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "ir", "registry.py")) and _checkout not in __path__:
+    __path__.append(_checkout)
+
 from .api import DiagnosticError, Module, compile, interpret, load, load_executable, parse, run_passes, verify  # noqa: E402,F401
 
 __all__ = ["parse", "verify", "load", "interpret", "compile", "load_executable", "run_passes", "Module", "DiagnosticError", "__version__"]

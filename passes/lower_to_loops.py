@@ -145,14 +145,17 @@ class FunctionLowering:
     def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
         return b.create(name, list(operands), attrs or None).result
 
-    def nest(self, sizes: list, body, parallel: bool = True, b: Builder | None = None):
-        """Loops over 0..size for each size; body(builder, ivs) fills the innermost block."""
+    def nest(self, sizes: list, body, parallel=True, b: Builder | None = None):
+        """Loops over 0..size for each size; body(builder, ivs) fills the innermost block. `parallel`
+        (one flag, or one per loop) marks loops whose iterations write disjoint elements."""
+        flags = parallel if isinstance(parallel, (list, tuple)) else [parallel] * len(sizes)
+
         def level(b, ivs):
             if len(ivs) == len(sizes):
                 body(b, ivs)
                 return
             block = Block([index], ["i"])
-            b.create("loop.for", [self.idx(0), sizes[len(ivs)]], {"parallel": True} if parallel else None,
+            b.create("loop.for", [self.idx(0), sizes[len(ivs)]], {"parallel": True} if flags[len(ivs)] else None,
                      regions=[Region([block])])
             inner = Builder.at_end(block, self.module, b.loc)
             level(inner, ivs + [block.args[0]])
@@ -336,7 +339,7 @@ def reduction(L: FunctionLowering, op: Operation):
         b.create("mem.store", [L.op(b, "arith.select", take, v, acc), best] + o)
         old = b.create("mem.load", [out] + o).result
         b.create("mem.store", [L.op(b, "arith.select", take, position, old), out] + o)
-    L.nest(in_sizes, body, parallel=False)
+    L.nest(in_sizes, body, parallel=[i not in axes for i in range(x.type.rank)])
 
     if op.name == "mlc.reduce_mean":
         count = L.idx(1)
@@ -381,7 +384,7 @@ def matmul(L: FunctionLowering, op: Operation):
             acc = ib.create("mem.load", [out] + at).result
             ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + at)
         L.nest(cols or [L.idx(1)], accumulate, parallel=True, b=b)
-    L.nest(sizes + rows + [k], body, parallel=False)
+    L.nest(sizes + rows + [k], body, parallel=[True] * (len(sizes) + len(rows)) + [False])
     return [out]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 
 import llvmlite.binding as llvm
@@ -28,8 +29,46 @@ def target_machine():
                                         opt=3, codemodel="jitdefault")
 
 
+# --- threads: native code hands large parallel loops to `mlc_parallel_for` -------------------------------
+
+_CHUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+_chunks: dict[int, object] = {}
+_pool = None
+
+
+def _workers() -> int:
+    env = os.environ.get("MLC_NUM_THREADS")
+    return max(1, int(env)) if env and env.isdigit() else max(1, os.cpu_count() or 1)
+
+
+def _parallel_for(fn: int, ctx: int, lo: int, hi: int):
+    """Split [lo, hi) into one chunk per thread; ctypes releases the GIL while each chunk runs."""
+    global _pool
+    chunk = _chunks.get(fn)
+    if chunk is None:
+        chunk = _chunks[fn] = _CHUNK(fn)
+    n = _workers()
+    if n == 1 or hi - lo < 2:
+        chunk(ctx, lo, hi)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="mlc")
+    bounds = [lo + (hi - lo) * k // n for k in range(n + 1)]
+    futures = [_pool.submit(chunk, ctx, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    chunk(ctx, bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+_parallel_for_c = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(_parallel_for)
+
+
 def _provide(symbols):
     """Make libm functions (tanhf, erff, ...) resolvable by the JIT."""
+    if "mlc_parallel_for" not in _symbols:
+        llvm.add_symbol("mlc_parallel_for", ctypes.cast(_parallel_for_c, ctypes.c_void_p).value)
+        _symbols.add("mlc_parallel_for")
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     for name in symbols:
         if name not in _symbols:
