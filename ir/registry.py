@@ -94,9 +94,11 @@ class OpDef:
         if cls.__dict__.get("name"):  # families and helpers without their own name stay unregistered
             _REGISTRY[cls.name] = cls
 
-    @staticmethod
-    def infer(op, ctx):
-        """Result types from operand types and attributes."""
+    @classmethod
+    def infer(cls, op, ctx):
+        """Result types from operand types and attributes (none for ops without results)."""
+        if cls.results == 0:
+            return []
         raise VerifyError("cannot infer the result types; write the signature")
 
     @staticmethod
@@ -116,6 +118,25 @@ class OpDef:
     @classmethod
     def operand_range(cls) -> tuple:
         return (cls.operands, cls.operands) if isinstance(cls.operands, int) else cls.operands
+
+
+class Terminator(OpDef):
+    """Ends the region of a `parent` op; subclasses check the values it hands back."""
+    operands = (0, None)
+    results = 0
+    traits = {TERMINATOR}
+    parent = ""
+
+    @classmethod
+    def verify(cls, op, ctx):
+        owner = op.parent_op
+        if owner is None or owner.name != cls.parent or op.next is not None:
+            raise VerifyError(f"must be the last op of a {cls.parent} region")
+        cls.check_values(op, owner)
+
+    @staticmethod
+    def check_values(op, owner):
+        pass
 
 
 def lookup_op(name: str) -> type[OpDef] | None:

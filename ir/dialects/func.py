@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..core import FuncOp
-from ..registry import SYMBOL, TERMINATOR, USES_SYMBOLS, Attr, OpDef, VerifyError
+from ..registry import SYMBOL, USES_SYMBOLS, Attr, OpDef, Terminator, VerifyError
 from ..types import FunctionType, types_compatible
 
 
@@ -20,9 +20,6 @@ class Func(OpDef):
              "res_attrs": Attr("any")}
     cls = FuncOp
 
-    @staticmethod
-    def infer(op, ctx):
-        return []
 
     @staticmethod
     def verify(op, ctx):
@@ -34,21 +31,12 @@ class Func(OpDef):
             raise VerifyError(f"entry block arguments {_types(args)} do not match the signature {_types(ftype.inputs)}")
 
 
-class Return(OpDef):
+class Return(Terminator):
     name = "func.return"
-    operands = (0, None)
-    results = 0
-    traits = {TERMINATOR}
+    parent = "func.func"
 
     @staticmethod
-    def infer(op, ctx):
-        return []
-
-    @staticmethod
-    def verify(op, ctx):
-        func = op.parent_op
-        if func is None or func.name != "func.func" or op.next is not None:
-            raise VerifyError("must be the last op of a function body")
+    def check_values(op, func):
         want = func.attr("function_type").results
         got = op.operand_types
         if len(want) != len(got) or not all(types_compatible(a, b) for a, b in zip(want, got)):

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
 from ..diagnostics import error
-from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, VerifyError, lookup_op
+from ..registry import ELEMENTWISE, PURE, READS, Attr, OpDef, Terminator, VerifyError, lookup_op
 from ..types import ElementType, MemRefType, TensorType, i1, index
 from . import mlc
 from .mlc import RuntimeCheck
@@ -241,20 +241,10 @@ class For(OpDef):
         return []
 
 
-class LoopYield(OpDef):
+class LoopYield(Terminator):
     name = "loop.yield"
-    results = 0
-    traits = {TERMINATOR}
-
-    @staticmethod
-    def infer(op, ctx):
-        return []
-
-    @staticmethod
-    def verify(op, ctx):
-        parent = op.parent_op
-        if parent is None or parent.name != "loop.for" or op.next is not None:
-            raise VerifyError("must be the last op of a loop.for body")
+    operands = 0
+    parent = "loop.for"
 
 
 # ---------------------------------------------------------------------------------------------------

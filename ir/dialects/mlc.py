@@ -13,7 +13,7 @@ import numpy as np
 from .. import random as rng
 from ..attributes import DenseAttr
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
-                        Attr, OpDef, VerifyError)
+                        Attr, OpDef, Terminator, VerifyError)
 from ..types import ERROR, TensorType, f32, i1, i64, types_compatible
 from .shapes import (broadcast_shapes, fmt_shape, norm_axes, norm_axis, num_elements, pads4, positive,
                      require_element, same_element, tensor_type, window_out)
@@ -1114,21 +1114,10 @@ class Scan(OpDef):
         return carries + stacked
 
 
-class Yield(OpDef):
+class Yield(Terminator):
     name = "mlc.yield"
-    operands = (0, None)
-    results = 0
+    parent = "mlc.scan"
     traits = {TERMINATOR, PURE}
-
-    @staticmethod
-    def infer(op, ctx):
-        return []
-
-    @staticmethod
-    def verify(op, ctx):
-        parent = op.parent_op
-        if parent is None or parent.name != "mlc.scan" or op.next is not None:
-            raise VerifyError("must be the last op of an mlc.scan region")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1146,9 +1135,6 @@ class Global(OpDef):
              "init": Attr("init", "zeros"), "trainable": Attr("bool", False), "low": Attr("float", 0.0),
              "high": Attr("float", 1.0), "mean": Attr("float", 0.0), "std": Attr("float", 1.0)}
 
-    @staticmethod
-    def infer(op, ctx):
-        return []
 
     @staticmethod
     def verify(op, ctx):
