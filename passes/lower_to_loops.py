@@ -636,33 +636,46 @@ def _guarded_load(L, b, buf, indices, inside, fill):
 
 @rule("mlc.conv2d")
 def conv2d(L: FunctionLowering, op: Operation):
-    """A direct loop nest: out[n, o, y, x] = sum over c, i, j of in[n, g*C + c, y*s + i*d - top, ...] * w[o, c, i, j]."""
+    """Direct convolution on an explicitly padded copy of the input, so every read is in bounds
+    without guards; the loops run n, o | c, i, j | y, x with x innermost (contiguous for stride 1)
+    and the weight read once per (c, i, j)."""
     x, w = (L.buffers[v] for v in op.operands)
     t = op.results[0].type
-    (sh, sw), (pt, pl, _, _), (dh, dw), groups = op.opdef.params(op)
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), groups = op.opdef.params(op)
     n, c_in, h, wd = L.dims(x)
     o_ch, cg, kh, kw = L.dims(w)
-    oh, ow = (L.idx(d) if d is not None else None for d in t.shape[2:])
-    oh = oh or _window_size(L, op, h, 2)
-    ow = ow or _window_size(L, op, wd, 3)
-    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
-    per_group = L.idx(t.shape[1] // groups) if t.shape[1] is not None else L.op(L.b, "arith.div", o_ch, L.idx(groups))
     e = t.element
+    if pt or pl or pb or pr:
+        padded_type = TensorType((x.type.shape[0], x.type.shape[1],
+                                  None if x.type.shape[2] is None else x.type.shape[2] + pt + pb,
+                                  None if x.type.shape[3] is None else x.type.shape[3] + pl + pr), e)
+        psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr))]
+        xp = L.alloc(padded_type, psizes)
+        L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
+        _copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
+                   lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
+    else:
+        xp = x
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else _window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else _window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
+    L.nest([n, o_ch, oh, ow], lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), out] + ivs))
+    per_group = L.idx(t.shape[1] // groups) if t.shape[1] is not None else L.op(L.b, "arith.div", o_ch, L.idx(groups))
 
     def body(b, ivs):
-        bn, o, oy, ox = ivs
-        b.create("mem.store", [L.const(b, 0, e), out] + ivs)
-        group_base = L.op(b, "arith.mul", L.op(b, "arith.div", o, per_group), cg)
+        bn, o, c, i, j = ivs
+        channel = L.op(b, "arith.add", L.op(b, "arith.mul", L.op(b, "arith.div", o, per_group), cg), c)
+        weight = b.create("mem.load", [w, o, c, i, j]).result
 
-        def acc(ib, kvs):
-            c, i, j = kvs
-            iy, ix = _window_index(L, ib, oy, i, sh, dh, pt), _window_index(L, ib, ox, j, sw, dw, pl)
-            inside = L.op(ib, "arith.and", _inside(L, ib, iy, h), _inside(L, ib, ix, wd))
-            v = _guarded_load(L, ib, x, [bn, L.op(ib, "arith.add", group_base, c), iy, ix], inside, L.const(ib, 0, e))
-            prod = L.op(ib, "arith.mul", v, ib.create("mem.load", [w, o, c, i, j]).result)
-            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + ivs).result, prod), out] + ivs)
-        L.nest([cg, kh, kw], acc, parallel=False, b=b)
-    L.nest([n, o_ch, oh, ow], body)
+        def accumulate(ib, yx):
+            oy, ox = yx
+            iy = L.op(ib, "arith.add", L.op(ib, "arith.mul", oy, L.idx(sh)), L.op(ib, "arith.mul", i, L.idx(dh)))
+            ix = L.op(ib, "arith.add", L.op(ib, "arith.mul", ox, L.idx(sw)), L.op(ib, "arith.mul", j, L.idx(dw)))
+            v = ib.create("mem.load", [xp, bn, channel, iy, ix]).result
+            at = [bn, o, oy, ox]
+            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + at).result, L.op(ib, "arith.mul", v, weight)), out] + at)
+        L.nest([oh, ow], accumulate, parallel=True, b=b)
+    L.nest([n, o_ch, cg, kh, kw], body, parallel=[True, True, False, False, False])
     return [out]
 
 
