@@ -11,13 +11,13 @@ or 1); an operand dim that may be 1 at run time is read at `min(i, size - 1)`.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
 from mlc.ir.core import Block, Builder, Module, Operation, Region, Value, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
-import numpy as np
-
 from mlc.ir.types import MemRefType, TensorType, i64, index
 
 from .manager import Pass

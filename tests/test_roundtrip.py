@@ -1,7 +1,6 @@
 """print(parse(text)) is a fixed point; the generic form parses to the same module."""
 
 import numpy as np
-
 import pytest
 from hypothesis import given
 
