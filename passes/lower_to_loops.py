@@ -154,13 +154,17 @@ class FunctionLowering:
             if len(ivs) == len(sizes):
                 body(b, ivs)
                 return
-            block = Block([index], ["i"])
-            b.create("loop.for", [self.idx(0), sizes[len(ivs)]], {"parallel": True} if flags[len(ivs)] else None,
-                     regions=[Region([block])])
-            inner = Builder.at_end(block, self.module, b.loc)
-            level(inner, ivs + [block.args[0]])
-            inner.create("loop.yield")
+            self.loop(b, self.idx(0), sizes[len(ivs)], lambda inner, iv: level(inner, ivs + [iv]), flags[len(ivs)])
         level(b or self.b, [])
+
+    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1):
+        """One loop.for from lb to ub; body(builder, iv) fills it."""
+        block = Block([index], ["i"])
+        attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {})}
+        b.create("loop.for", [lb, ub], attrs or None, regions=[Region([block])])
+        inner = Builder.at_end(block, self.module, b.loc)
+        body(inner, block.args[0])
+        inner.create("loop.yield")
 
     def broadcast_reader(self, buf, result_rank: int):
         """A function (builder, result ivs) -> the indices that read `buf` broadcast to the result."""
@@ -372,19 +376,36 @@ def matmul(L: FunctionLowering, op: Operation):
     # loop walks rows of b and out contiguously, which LLVM vectorises.
     L.nest(sizes + rows + cols, lambda b, ivs: b.create("mem.store", [L.const(b, 0, t.element), out] + ivs))
 
-    def body(b, ivs):
-        bi, rest = ivs[:batch_rank], ivs[batch_rank:]
-        row = rest[:1] if ra > 1 else []
-        x = b.create("mem.load", [a] + read_a(b, bi) + row + [rest[-1]]).result
+    def row_block(b, bi, first, count, kk):
+        """out[first + r, :] += a[first + r, kk] * b[kk, :] for r < count: one pass over a row of b
+        feeds `count` rows of the result (register blocking)."""
+        xs = [b.create("mem.load", [a] + read_a(b, bi) + ([L.op(b, "arith.add", first, L.idx(r))] if ra > 1 else []) + [kk]).result
+              for r in range(count)]
 
         def accumulate(ib, js):
             col = js if rb > 1 else []
-            at = bi + row + col
-            y = ib.create("mem.load", [bm] + read_b(ib, bi) + [rest[-1]] + col).result
-            acc = ib.create("mem.load", [out] + at).result
-            ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + at)
+            y = ib.create("mem.load", [bm] + read_b(ib, bi) + [kk] + col).result
+            for r, x in enumerate(xs):
+                at = bi + ([L.op(ib, "arith.add", first, L.idx(r))] if ra > 1 else []) + col
+                acc = ib.create("mem.load", [out] + at).result
+                ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + at)
         L.nest(cols or [L.idx(1)], accumulate, parallel=True, b=b)
-    L.nest(sizes + rows + [k], body, parallel=[True] * (len(sizes) + len(rows)) + [False])
+
+    block_rows = 4
+
+    def per_batch(b, bi):
+        if ra == 1:
+            L.loop(b, L.idx(0), k, lambda kb, kk: row_block(kb, bi, None, 1, kk))
+            return
+        m = rows[0]
+        whole = L.op(b, "arith.mul", L.op(b, "arith.div", m, L.idx(block_rows)), L.idx(block_rows))
+        for lb, ub, count, step in ((L.idx(0), whole, block_rows, block_rows), (whole, m, 1, 1)):
+            L.loop(b, lb, ub, lambda ib, i, count=count: L.loop(ib, L.idx(0), k, lambda kb, kk: row_block(kb, bi, i, count, kk)),
+                   parallel=True, step=step)
+    if batch_rank:
+        L.nest(sizes, per_batch, parallel=True)
+    else:
+        per_batch(L.b, [])
     return [out]
 
 
