@@ -159,11 +159,30 @@ def test_bad_label_is_caught_before_reading_out_of_bounds():
     np.testing.assert_allclose(exe["loss"](x, np.array([3, 9])), Interpreter(m).call_public("loss", [x, np.array([3, 9])]), rtol=1e-5)
 
 
+def test_random_numbers_are_bit_identical_to_the_interpreter():
+    text = """module { func.func @f(%key: tensor<2xi64>, %like: tensor<?x5xf32>) -> (tensor<?x5xf32>, tensor<9xf32>) {
+      %u = mlc.random_uniform %key, %like {low = -1.0, high = 2.0}
+      %n = mlc.random_normal %key {mean = 1.0, std = 3.0} : (tensor<2xi64>) -> tensor<9xf32>
+      return %u, %n : tensor<?x5xf32>, tensor<9xf32> } }"""
+    m = mlc.parse(text)
+    exe = mlc.compile(m)
+    for key in ([0, 0], [42, 2**40 + 7], [-1, 123456789]):
+        args = np.array(key, np.int64), np.zeros((3, 5), np.float32)
+        for w, g in zip(mlc.interpret(m, "f", *args), exe["f"](*args)):
+            np.testing.assert_array_equal(g, w)
+
+
 def test_unsupported_op_is_an_error_not_a_fallback():
-    text = """module { func.func @f(%key: tensor<2xi64>) -> tensor<4xf32> {
-      %r = mlc.random_normal %key : (tensor<2xi64>) -> tensor<4xf32>
-      return %r : tensor<4xf32> } }"""
-    with pytest.raises(mlc.DiagnosticError, match="'mlc.random_normal': cannot lower this op to loops yet"):
+    text = """module {
+      func.func private @loop(%x: tensor<2xf32>) -> tensor<2xf32> {
+        %y = func.call @loop(%x) : (tensor<2xf32>) -> tensor<2xf32>
+        return %y : tensor<2xf32>
+      }
+      func.func @f(%x: tensor<2xf32>) -> tensor<2xf32> {
+        %y = func.call @loop(%x) : (tensor<2xf32>) -> tensor<2xf32>
+        return %y : tensor<2xf32>
+      } }"""
+    with pytest.raises(mlc.DiagnosticError, match="'func.call': the CPU backend cannot compile this op yet"):
         mlc.compile(mlc.parse(text))
 
 

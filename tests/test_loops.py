@@ -78,14 +78,17 @@ def test_mlp_example_lowers_and_agrees():
     np.testing.assert_allclose(mlc.interpret(m, "loss", x, labels), want[1], rtol=1e-5)
 
 
-def test_unsupported_op_is_a_located_error():
-    text = """module { func.func @f() -> tensor<4xf32> {
-      %key = mlc.constant dense<[1, 2]> : tensor<2xi64>
-      %r = mlc.random_uniform %key : (tensor<2xi64>) -> tensor<4xf32>
-      return %r : tensor<4xf32> } }"""
-    with pytest.raises(mlc.DiagnosticError, match="'mlc.random_uniform': cannot lower this op to loops yet") as e:
-        mlc.run_passes(mlc.parse(text, "rand.ir"), "lower-to-loops")
-    assert (e.value.diagnostics[0].file, e.value.diagnostics[0].line) == ("rand.ir", 3)
+def test_random_ops_lower_to_the_same_bits():
+    text = """module { func.func @f(%key: tensor<2xi64>, %like: tensor<?x5xf32>) -> (tensor<?x5xf32>, tensor<7xf64>) {
+      %u = mlc.random_uniform %key, %like {low = -1.0, high = 2.0}
+      %n = mlc.random_normal %key {mean = 1.0, std = 3.0} : (tensor<2xi64>) -> tensor<7xf64>
+      return %u, %n : tensor<?x5xf32>, tensor<7xf64> } }"""
+    m = mlc.parse(text)
+    key, like = np.array([42, 2**40 + 7], np.int64), np.zeros((3, 5), np.float32)
+    want = mlc.interpret(m, "f", key, like)
+    mlc.run_passes(m, "lower-to-loops")
+    for w, g in zip(want, mlc.interpret(m, "f", key, like)):
+        np.testing.assert_array_equal(g, w)
 
 
 def test_broadcast_mismatch_of_dynamic_dims_is_reported_at_the_op():

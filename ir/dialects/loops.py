@@ -302,6 +302,33 @@ for _name in list(mlc.BINARY) + ["select"]:
     type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}})
 
 
+class BitOp(OpDef):
+    """Integer bit operations for generated code (e.g. Philox): no tensor twin."""
+    operands = 2
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        a, b = (_scalar(t, f"operand {i}") for i, t in enumerate(op.operand_types))
+        if a != b or not a.is_int or a.is_bool:
+            raise VerifyError(f"operands must be the same integer type, got {a} and {b}")
+        return [a]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        a, b = (np.asarray(v) for v in ins)
+        return cls.fn(a, b)
+
+
+def _shift_right_logical(a, b):
+    unsigned = {np.dtype(np.int64): np.uint64, np.dtype(np.int32): np.uint32, np.dtype(np.int8): np.uint8}[a.dtype]
+    return (a.astype(a.dtype).view(unsigned) >> b.astype(unsigned)).view(a.dtype)
+
+
+for _name, _fn in (("xor", np.bitwise_xor), ("shl", np.left_shift), ("shru", _shift_right_logical)):
+    type(f"Bit{_name.capitalize()}", (BitOp,), {"name": f"arith.{_name}", "fn": staticmethod(_fn)})
+
+
 class ScalarCast(OpDef):
     """mlc.cast on one value; the result type is the target."""
     name = "arith.cast"
