@@ -125,13 +125,14 @@ class Terminator(OpDef):
     operands = (0, None)
     results = 0
     traits = {TERMINATOR}
-    parent = ""
+    parent: str | tuple = ""  # the op (or ops) whose region it ends
 
     @classmethod
     def verify(cls, op, ctx):
         owner = op.parent_op
-        if owner is None or owner.name != cls.parent or op.next is not None:
-            raise VerifyError(f"must be the last op of a {cls.parent} region")
+        parents = cls.parent if isinstance(cls.parent, tuple) else (cls.parent,)
+        if owner is None or owner.name not in parents or op.next is not None:
+            raise VerifyError(f"must be the last op of a {' or '.join(parents)} region")
         cls.check_values(op, owner)
 
     @staticmethod

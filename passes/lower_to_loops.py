@@ -91,7 +91,6 @@ class FunctionLowering:
 
     def lower_ops(self, ops):
         """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""
-        self.fused.update(op for op in ops if fusible(op))
         for op in ops:
             if op in self.fused:  # computed inside its consumer's loop nest
                 continue
@@ -213,20 +212,21 @@ SCALAR_TWIN = {name: f"arith.{name}" for name in list(tensor_ops.UNARY) + list(t
 ELEMENTWISE = {f"mlc.{n}" for n in SCALAR_TWIN} | {"mlc.clamp", "mlc.cast"}
 
 
-def fusible(op: Operation) -> bool:
-    """An elementwise op whose only user is an elementwise op of the same rank and shape is computed
-    inside that user's loop nest (no buffer, no recomputation: one use, no broadcasting up)."""
-    if op.name not in ELEMENTWISE or len(op.results[0].uses) != 1:
-        return False
-    (user, _), = op.results[0].uses
-    mine, theirs = op.results[0].type, user.results[0].type if user.results else None
-    return (user.name in ELEMENTWISE and user.parent is op.parent and theirs.rank == mine.rank
-            and all(a is None or b is None or a == b for a, b in zip(mine.shape, theirs.shape)))
+@rule("mlc.fusion")
+def fusion(L: FunctionLowering, op: Operation):
+    """A kernel made by the fuse pass: one loop nest computing the root from the region's ops."""
+    block = op.regions[0].blocks[0]
+    for arg, v in zip(block.args, op.operands):
+        L.buffers[arg] = L.buffers[v]
+    root = block.last.operands[0].defining_op()
+    L.fused.update(o for o in block if o is not root and o is not block.last)
+    return elementwise(L, root)
 
 
 @rule(*ELEMENTWISE, "mlc.broadcast_to")
 def elementwise(L: FunctionLowering, op: Operation):
-    """One loop nest over the result; fused producers are computed in it from their own operands."""
+    """One loop nest over the result; fused producers (inside an mlc.fusion) are computed in it from
+    their own operands."""
     t = op.results[0].type
     leaves = []  # operands read from buffers (those of fused producers included)
 

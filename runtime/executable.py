@@ -22,7 +22,7 @@ from mlc.ir.interpreter import check_arguments
 from .jit import JitModule
 
 # The tensor-level clean-up, then loops; the same names work in `mlc opt --pass-pipeline`.
-CPU_PIPELINE = "inline,symbol-dce,canonicalize,cse,lower-to-loops,canonicalize,cse"
+CPU_PIPELINE = "inline,symbol-dce,canonicalize,cse,fuse,lower-to-loops,canonicalize,cse"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
 _libc.free.argtypes = [ctypes.c_void_p]

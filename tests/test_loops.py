@@ -61,9 +61,10 @@ SUPPORTED = ("unary", "binary", "constant", "select", "reduction", "matmul", "tr
              "clamp_or_cast", "call", "cross_entropy", "slice_or_pad", "concat", "gather", "conv_or_pool", "scan")
 
 
+@pytest.mark.parametrize("pipeline", ["lower-to-loops", "fuse,lower-to-loops"])
 @given(p=programs(max_ops=6, families=SUPPORTED))
-def test_lowering_keeps_results(p):
-    lowered = check_pipeline(p, "lower-to-loops", rtol=1e-4, atol=1e-5)
+def test_lowering_keeps_results(pipeline, p):
+    lowered = check_pipeline(p, pipeline, rtol=1e-4, atol=1e-5)
     assert not any(op.name.startswith("mlc.") and op.name not in ("mlc.constant", "mlc.global_load")
                    for op in lowered.walk())
 

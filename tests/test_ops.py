@@ -345,3 +345,16 @@ def test_every_op_has_a_kernel_test_here():
     source = pathlib.Path(__file__).read_text()
     untested = [name for name in all_ops() if name.startswith("mlc.") and name.split(".")[1] not in source]
     assert not untested, untested
+
+
+def test_fusion_runs_its_region():
+    text = """module { func.func @f(%x: tensor<2x3xf32>, %b: tensor<3xf32>) -> tensor<2x3xf32> {
+      %y = mlc.fusion %x, %b : (tensor<2x3xf32>, tensor<3xf32>) -> tensor<2x3xf32> {
+      ^bb0(%u: tensor<2x3xf32>, %v: tensor<3xf32>):
+        %s = mlc.add %u, %v
+        %t = mlc.tanh %s
+        mlc.yield %t : tensor<2x3xf32>
+      }
+      return %y : tensor<2x3xf32> } }"""
+    x, b = normal(2, 3), normal(3)
+    np.testing.assert_allclose(mlc.interpret(mlc.parse(text), "f", x, b), np.tanh(x + b), rtol=1e-6)

@@ -1114,9 +1114,36 @@ class Scan(OpDef):
         return carries + stacked
 
 
+class Fusion(OpDef):
+    """A kernel boundary made by the `fuse` pass: its region computes the results elementwise from the
+    operands (region arguments) and is compiled as one loop nest. The interpreter runs the region."""
+    name = "mlc.fusion"
+    operands = (0, None)
+    results = None
+    regions = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        block = op.regions[0].blocks[0] if op.regions and op.regions[0].blocks else None
+        if block is None or block.last is None or block.last.name != "mlc.yield":
+            raise VerifyError("the region must end with mlc.yield")
+        return list(block.last.operand_types)
+
+    @staticmethod
+    def verify(op, ctx):
+        args = [a.type for a in op.regions[0].blocks[0].args]
+        if args != op.operand_types:
+            raise VerifyError("region arguments must have the operands' types")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ctx.run_region(op.regions[0], list(ins))
+
+
 class Yield(Terminator):
     name = "mlc.yield"
-    parent = "mlc.scan"
+    parent = ("mlc.scan", "mlc.fusion")
     traits = {TERMINATOR, PURE}
 
 

@@ -1,0 +1,69 @@
+"""fuse: groups chains of elementwise ops into `mlc.fusion` ops, one kernel (loop nest) each.
+
+An elementwise op joins its consumer's group when it has exactly one use, that use is elementwise,
+in the same block, and of the same rank and shape (so nothing is recomputed and nothing broadcast up).
+Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
+from __future__ import annotations
+
+from mlc.ir.core import Block, Module, Operation, Region, create_op
+from mlc.ir.registry import ELEMENTWISE
+
+from .manager import Pass
+
+
+def elementwise(op: Operation) -> bool:
+    return op.name.startswith("mlc.") and op.opdef is not None and ELEMENTWISE in op.opdef.traits
+
+
+def joins_consumer(op: Operation) -> bool:
+    if not elementwise(op) or len(op.results[0].uses) != 1:
+        return False
+    (user, _), = op.results[0].uses
+    mine = op.results[0].type
+    theirs = user.results[0].type if user.results else None
+    return (elementwise(user) and user.parent is op.parent and theirs.rank == mine.rank
+            and all(a is None or b is None or a == b for a, b in zip(mine.shape, theirs.shape)))
+
+
+def group_of(root: Operation) -> list[Operation]:
+    """The root and, transitively, the producers that join it, in program order."""
+    members, stack = {root}, [root]
+    while stack:
+        for v in stack.pop().operands:
+            p = v.defining_op()
+            if p is not None and p not in members and joins_consumer(p):
+                members.add(p)
+                stack.append(p)
+    return [op for op in root.parent if op in members]
+
+
+def fuse_group(ops: list[Operation]) -> Operation:
+    root = ops[-1]
+    inside = set(ops)
+    leaves = list(dict.fromkeys(v for op in ops for v in op.operands if v.defining_op() not in inside))
+    block = Block([v.type for v in leaves], [v.name_hint for v in leaves])
+    mapping = dict(zip(leaves, block.args))
+    for op in ops:
+        block.append(op.clone(mapping))
+    block.append(create_op("mlc.yield", [mapping[root.results[0]]], [], loc=root.loc))
+    fusion = create_op("mlc.fusion", leaves, root.result_types, regions=[Region([block])], loc=root.loc,
+                       result_names=[root.results[0].name_hint])
+    root.parent.insert_before(root, fusion)
+    root.results[0].replace_all_uses_with(fusion.results[0])
+    for op in reversed(ops):
+        op.erase()
+    return fusion
+
+
+class Fuse(Pass):
+    name = "fuse"
+    summary = "group elementwise chains into mlc.fusion kernels"
+
+    def run(self, module: Module) -> None:
+        for f in module.functions.values():
+            for block in [b for op in f.walk() for r in op.regions for b in r.blocks]:
+                roots = [op for op in block if elementwise(op) and not joins_consumer(op)]
+                for root in roots:
+                    group = group_of(root)
+                    if len(group) > 1:
+                        fuse_group(group)
