@@ -105,11 +105,10 @@ class JitModule:
         _provide(libm_symbols)
         self.tm = target_machine()
         if object_code is None:
-            self.module = optimise(llvm_ir, self.tm)
-            self.object_code = self.tm.emit_object(self.module)
-        else:
-            self.module = llvm.parse_assembly(llvm_ir)
-            self.object_code = object_code
+            module = optimise(llvm_ir, self.tm)
+            self._ir, self.object_code = str(module), self.tm.emit_object(module)
+        else:  # from an artifact or the cache: the IR is only parsed if someone asks for assembly
+            self._ir, self.object_code = llvm_ir, object_code
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
         self.engine.add_object_file(llvm.ObjectFileRef.from_data(self.object_code))
         self.engine.finalize_object()
@@ -119,7 +118,7 @@ class JitModule:
 
     @property
     def optimised_ir(self) -> str:
-        return str(self.module)
+        return self._ir
 
     def assembly(self) -> str:
-        return self.tm.emit_assembly(self.module)
+        return self.tm.emit_assembly(llvm.parse_assembly(self._ir))
