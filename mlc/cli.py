@@ -137,9 +137,13 @@ def cmd_opt(args):
     if args.no_verify_each:
         from mlc.ir.verifier import verify
         verify(module)
-    text = print_module(module, generic=args.print_generic)
-    if args.output:
-        write_atomically(args.output, text.encode())
+    return emit_text(print_module(module, generic=args.print_generic), args.output)
+
+
+def emit_text(text: str, output: str | None) -> int:
+    """Write to `output` atomically, or to standard output."""
+    if output:
+        write_atomically(output, text.encode())
     else:
         sys.stdout.write(text)
     return 0
@@ -162,11 +166,7 @@ def cmd_compile(args):
         exe = Executable.build(module, args.target, cache=False)
         text = {"loops": lambda: print_module(exe.lowered), "llvm": lambda: exe.jit.optimised_ir,
                 "asm": exe.jit.assembly}[args.emit]()
-    if args.output:
-        write_atomically(args.output, text.encode())
-    else:
-        sys.stdout.write(text)
-    return 0
+    return emit_text(text, args.output)
 
 
 def cmd_run(args):
