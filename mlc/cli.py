@@ -164,9 +164,16 @@ def cmd_compile(args):
         text = print_module(module)
     else:
         exe = Executable.build(module, args.target, cache=False)
-        text = {"loops": lambda: print_module(exe.lowered), "llvm": lambda: exe.jit.optimised_ir,
-                "asm": exe.jit.assembly}[args.emit]()
+        text = {"loops": lambda: memory_report(exe.lowered) + print_module(exe.lowered),
+                "llvm": lambda: exe.jit.optimised_ir, "asm": exe.jit.assembly}[args.emit]()
     return emit_text(text, args.output)
+
+
+def memory_report(lowered) -> str:
+    from mlc.passes.lower_to_loops import peak_intermediate_bytes
+    lines = [f"// @{name}: peak intermediate bytes {peak_intermediate_bytes(f):,} (with ? = 1), "
+             f"{peak_intermediate_bytes(f, 256):,} (with ? = 256)" for name, f in lowered.functions.items()]
+    return "\n".join(lines) + "\n"
 
 
 def cmd_run(args):

@@ -959,3 +959,21 @@ def random(L: FunctionLowering, op: Operation):
         b.create("mem.store", [b.create("arith.cast", [v], result_types=[t.element]).result, out] + ivs)
     L.nest(sizes, body)
     return [out]
+
+
+def peak_intermediate_bytes(func, dynamic_size: int = 1) -> int:
+    """The most bytes held at once by buffers a lowered function allocates at its top level, walking
+    allocations and deallocations in order (`?` dims counted as `dynamic_size`; returned buffers count
+    until the end)."""
+    live = peak = 0
+    sizes = {}
+    for op in func.body:
+        if op.name == "mem.alloc":
+            t = op.results[0].type
+            sizes[op.results[0]] = int(np.prod([dynamic_size if d is None else d for d in t.shape], dtype=np.int64)) \
+                * t.element.np_dtype.itemsize
+            live += sizes[op.results[0]]
+            peak = max(peak, live)
+        elif op.name == "mem.dealloc":
+            live -= sizes.pop(op.operands[0], 0)
+    return peak
