@@ -118,7 +118,6 @@ def cmd_opt(args):
     from mlc.ir.printer import print_module
     from mlc.passes import PASSES, PassManager, PipelineError, load_passes, parse_pipeline
     from mlc.passes.manager import pipeline_error
-    from mlc.passes.pipelines import expand
     if args.list_passes:
         load_passes()
         for name, cls in sorted(PASSES.items()):
@@ -128,7 +127,7 @@ def cmd_opt(args):
     if args.file is None:
         raise error(Location("mlc opt", 0, 0), "give the .ir file to optimise (or --list-passes)")
     try:
-        passes = parse_pipeline(expand(args.pass_pipeline))
+        passes = parse_pipeline(args.pass_pipeline)
     except PipelineError as e:
         raise pipeline_error(str(e)) from None
     module = load_module(args.file)
@@ -152,7 +151,7 @@ def emit_text(text: str, output: str | None) -> int:
 def cmd_compile(args):
     from mlc.ir.printer import print_module
     from mlc.passes import PassManager
-    from mlc.runtime.executable import CPU_PIPELINE, Executable
+    from mlc.runtime.executable import Executable
     module = load_module(args.file)
     if args.emit is None:
         out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
@@ -160,7 +159,7 @@ def cmd_compile(args):
         print(f"wrote {out}", file=sys.stderr)
         return 0
     if args.emit == "ir":
-        PassManager.parse(CPU_PIPELINE.split(",lower-to-loops")[0]).run(module)
+        PassManager.parse("cpu-tensor").run(module)
         text = print_module(module)
     else:
         exe = Executable.build(module, args.target, cache=False)

@@ -69,10 +69,14 @@ def _convert(default, text: str, key: str, pass_name: str):
 _ITEM = re.compile(r"\s*([A-Za-z][\w\-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
 
-def parse_pipeline(text: str) -> list[Pass]:
-    """`a,b{key=value other=1},c` -> pass instances; raises PipelineError with a readable reason."""
+def parse_pipeline(text: str, _depth: int = 0) -> list[Pass]:
+    """`a,b{key=value other=1},c` -> pass instances (named pipelines expand in place); raises
+    PipelineError with a readable reason."""
     from . import load_passes
+    from .pipelines import PIPELINES
     load_passes()
+    if _depth > 8:
+        raise PipelineError("named pipelines refer to each other in a cycle")
     text = text.strip()
     if text.startswith("builtin.module(") and text.endswith(")"):
         text = text[len("builtin.module("):-1]
@@ -82,9 +86,14 @@ def parse_pipeline(text: str) -> list[Pass]:
         if not m or m.end() == pos:
             raise PipelineError(f"cannot parse the pipeline at column {pos + 1}: '{text[pos:]}'")
         name, opts = m.group(1), m.group(2)
+        if name in PIPELINES and not opts:
+            passes += parse_pipeline(PIPELINES[name], _depth + 1)
+            pos = m.end()
+            continue
         cls = PASSES.get(name)
         if cls is None:
-            raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(PASSES))})")
+            raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(PASSES))}; "
+                                f"pipelines: {', '.join(sorted(PIPELINES))})")
         options = {}
         for item in re.split(r"[\s,]+", (opts or "").strip()):
             if not item:

@@ -1,12 +1,11 @@
-"""Named pipelines: the compiler's plan, visible in one place. Names work in `--pass-pipeline`."""
+"""Named pipelines: the compiler's plan, visible in one place. The names work wherever a pipeline
+string does (`mlc opt --pass-pipeline=cpu`, `PassManager.parse`), and may name each other."""
 
 PIPELINES = {
     # tensor-level clean-up every backend starts from
     "simplify": "inline,symbol-dce,canonicalize,cse,canonicalize",
+    # the CPU backend's tensor-level stage (`mlc compile --emit ir` shows its result)
+    "cpu-tensor": "inline,symbol-dce,canonicalize,cse,fuse",
+    # then loop nests over buffers (`--emit loops`); codegen/llvm.py takes it from there
+    "cpu": "cpu-tensor,lower-to-loops,canonicalize,cse",
 }
-
-
-def expand(pipeline: str) -> str:
-    """Replace a named pipeline by its passes."""
-    return ",".join(PIPELINES.get(part.strip(), part.strip()) for part in pipeline.split(",")) \
-        if "{" not in pipeline else pipeline

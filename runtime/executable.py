@@ -21,18 +21,16 @@ from mlc.ir.interpreter import check_arguments
 
 from .jit import JitModule
 
-# The tensor-level clean-up, then loops; the same names work in `mlc opt --pass-pipeline`.
-CPU_PIPELINE = "inline,symbol-dce,canonicalize,cse,fuse,lower-to-loops,canonicalize,cse"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
 _libc.free.argtypes = [ctypes.c_void_p]
 
 
 def lower_for_cpu(module: Module) -> Module:
-    """A copy of the module lowered to loop-level IR by CPU_PIPELINE."""
+    """A copy of the module lowered to loop-level IR by the `cpu` pipeline (passes/pipelines.py)."""
     from mlc.passes import PassManager
     lowered = module.clone()
-    PassManager.parse(CPU_PIPELINE).run(lowered)
+    PassManager.parse("cpu").run(lowered)
     return lowered
 
 
