@@ -176,17 +176,19 @@ class FunctionEmitter:
 
     def check_indices(self, op: Operation, buf: Buffer, index_values: list):
         """Data-dependent indices (e.g. labels) are checked; a bad one reports the op and returns."""
-        untrusted = [(d, self.get(v)) for d, v in zip(buf.dims, index_values) if v not in self.trusted]
+        untrusted = [(d, v) for d, v in zip(buf.dims, index_values) if v not in self.trusted]
         if not untrusted:
             return
         bad = ir.Constant(I1, 0)
-        for d, i in untrusted:
-            bad = self.b.or_(bad, self.b.icmp_unsigned(">=", i, d))
-        self.fail_if(bad, op, "an index read from the data is out of range (e.g. a label or gather index)")
+        for d, v in untrusted:
+            bad = self.b.or_(bad, self.b.icmp_unsigned(">=", self.get(v), d))
+        origin = next((v.defining_op().attr("mlc.origin") for _, v in untrusted
+                       if v.defining_op() is not None and v.defining_op().attr("mlc.origin")), None)
+        self.fail_if(bad, op, "an index read from the data is out of range (e.g. a label or gather index)", origin)
 
-    def fail_if(self, bad, op, message):
-        """Report `message` at op's location and return at once when `bad` holds."""
-        self.code.checks.append((op.loc, op.attr("op") or op.name, message))
+    def fail_if(self, bad, op, message, op_name=None):
+        """Report `message` at op's location (as `op_name`) and return at once when `bad` holds."""
+        self.code.checks.append((op.loc, op_name or op.attr("op") or op.name, message))
         with self.b.if_then(bad, likely=False):
             self.b.store(ir.Constant(I64, len(self.code.checks)), self.error_slot)
             self.b.branch(self.exit_block)

@@ -94,7 +94,7 @@ VISIBILITY: /(?:private|public)(?![\w$.])/
 TRUE: /true(?![\w$.])/
 FALSE: /false(?![\w$.])/
 UNIT: /unit(?![\w$.])/
-BARE_ID: /[A-Za-z_][\w$.\-]*/
+BARE_ID.2: /[A-Za-z_][\w$.\-]*(?=\s*[=,}}])/
 STRING: /"(?:[^"\\\n]|\\.)*"/
 FLOAT: /[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+)/
 INT: /[-+]?(?:0x[0-9a-fA-F]+|\d+)/

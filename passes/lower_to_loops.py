@@ -521,7 +521,7 @@ def cross_entropy(L: FunctionLowering, op: Operation):
             v = ib.create("mem.load", [x, i, js[0]]).result
             ib.create("mem.store", [L.op(ib, "arith.add", s, L.op(ib, "arith.exp", L.op(ib, "arith.sub", v, m))), scratch, L.idx(1)])
         L.nest([c], add_exp, parallel=False, b=b)
-        label = b.create("arith.cast", [b.create("mem.load", [labels, i]).result], result_types=[index]).result
+        label = _as_index(L, b, b.create("mem.load", [labels, i]).result)
         picked = b.create("mem.load", [x, i, label]).result
         s = b.create("mem.load", [scratch, L.idx(1)]).result
         loss = L.op(b, "arith.sub", L.op(b, "arith.add", L.op(b, "arith.log", s), m), picked)
@@ -601,7 +601,8 @@ def concat(L: FunctionLowering, op: Operation):
 
 
 def _as_index(L, b, v):
-    return b.create("arith.cast", [v], result_types=[index]).result
+    """An index read from data; `mlc.origin` names the op it serves, for the run-time bounds error."""
+    return b.create("arith.cast", [v], {"mlc.origin": L.current.name}, result_types=[index]).result
 
 
 @rule("mlc.gather")

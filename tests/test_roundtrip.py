@@ -147,3 +147,14 @@ def test_spec_attribute_and_generic_examples():
     m = mlc.parse(text)
     assert m.attributes["eps"].value == np.float32(1e-05)
     assert m.attributes["strides"].value == (2, 2)
+
+
+def test_dialect_attributes_on_an_op_without_signature():
+    """`{mlc.origin = "..."}` after operands is an attribute dictionary, not a region holding an op."""
+    text = """module { func.func @f(%x: tensor<2xf32>) -> tensor<2xf32> {
+      %y = mlc.relu %x {mlc.origin = "mlc.gather", mlc.flag}
+      return %y : tensor<2xf32> } }"""
+    m = mlc.parse(text)
+    op = m.functions["f"].body.first
+    assert op.attributes["mlc.origin"].value == "mlc.gather" and "mlc.flag" in op.attributes
+    assert_round_trips(text)
