@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .types import ElementType, TensorType, Type, f32, f64, i1, i64
+from .types import ElementType, TensorType, Type, f64, i64
 
 
 class Attribute:
@@ -207,14 +207,6 @@ def to_attr(value) -> Attribute:
     raise TypeError(f"cannot make an attribute of {value!r}")
 
 
-def float_attr(value: float, element: ElementType = f32) -> FloatAttr:
-    return FloatAttr(float(value), element)
-
-
-def bool_or_unit(attr) -> bool:
-    return attr is not None and bool(attr.value)
-
-
 __all__ = ["Attribute", "IntAttr", "FloatAttr", "BoolAttr", "StringAttr", "UnitAttr", "ArrayAttr",
            "DenseArrayAttr", "TypeAttr", "SymbolRefAttr", "DictAttr", "DenseAttr", "UNIT", "to_attr",
-           "format_float", "format_attr_dict", "quote", "i1", "f32", "float_attr", "bool_or_unit"]
+           "format_float", "format_attr_dict", "quote"]

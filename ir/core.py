@@ -139,12 +139,6 @@ class Operation:
     def parent_op(self) -> "Operation | None":
         return self.parent.parent.parent if self.parent and self.parent.parent else None
 
-    def ancestors(self) -> Iterator["Operation"]:
-        op = self.parent_op
-        while op is not None:
-            yield op
-            op = op.parent_op
-
     def erase(self):
         """Detach from the block and drop all uses; the results must be unused."""
         for r in self.results:
