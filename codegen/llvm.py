@@ -23,7 +23,7 @@ from llvmlite import ir
 
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.types import ElementType, TensorType
+from mlc.ir.types import ElementType, TensorType, VectorType
 
 PTR = ir.PointerType()
 I64 = ir.IntType(64)
@@ -40,6 +40,10 @@ def scalar_type(e: ElementType):
     if e.name not in SCALAR:
         raise ValueError(f"{e} is not supported by the CPU backend yet")
     return SCALAR[e.name]
+
+
+def vector_type(t: VectorType) -> ir.VectorType:
+    return ir.VectorType(scalar_type(t.element), t.shape[0])
 
 
 @dataclass
@@ -81,8 +85,9 @@ class ModuleEmitter:
         return fn
 
     def intrinsic(self, name: str, t, n_args: int = 1):
-        suffix = {F32: "f32", F64: "f64", F16: "f16"}.get(t) or f"i{t.width}"
-        return self.declare(f"llvm.{name}.{suffix}", t, [t] * n_args)
+        lanes, e = (f"v{t.count}", t.element) if isinstance(t, ir.VectorType) else ("", t)
+        suffix = {F32: "f32", F64: "f64", F16: "f16"}.get(e) or f"i{e.width}"
+        return self.declare(f"llvm.{name}.{lanes}{suffix}", t, [t] * n_args)
 
     def constant_data(self, array) -> ir.GlobalVariable:
         from mlc.ir.types import element_of
@@ -289,11 +294,13 @@ def _for(self: FunctionEmitter, op):
     if op.attr("parallel") and op.parent is self.func.body and self.threads:
         _parallel_for(self, op)
         return
-    lb, ub = (self.get(v) for v in op.operands)
-    self.loop(op.regions[0].blocks[0], lb, ub, op.attr("step"))
+    lb, ub = (self.get(v) for v in op.operands[:2])
+    finals = self.loop(op.regions[0].blocks[0], lb, ub, op.attr("step"), [self.get(v) for v in op.operands[2:]])
+    self.values.update(zip(op.results, finals))
 
 
-def _loop(self: FunctionEmitter, block, lb, ub, step):
+def _loop(self: FunctionEmitter, block, lb, ub, step, inits=()):
+    """Emits the counted loop; returns the carried values as the loop leaves (phis in its header)."""
     step = ir.Constant(I64, step)
     pre = self.b.block
     header = self.fn.append_basic_block("loop")
@@ -303,15 +310,23 @@ def _loop(self: FunctionEmitter, block, lb, ub, step):
     self.b.position_at_end(header)
     iv = self.b.phi(I64)
     iv.add_incoming(lb, pre)
+    carried = []
+    for v in inits:
+        phi = self.b.phi(v.type)
+        phi.add_incoming(v, pre)
+        carried.append(phi)
     self.b.cbranch(self.b.icmp_signed("<", iv, ub), body, done)
     self.b.position_at_end(body)
-    self.values[block.args[0]] = iv
+    self.values.update(zip(block.args, [iv] + carried))
     self.trusted.add(block.args[0])
     self.block(block)
     nxt = self.b.add(iv, step, flags=["nsw"])
     iv.add_incoming(nxt, self.b.block)
+    for phi, v in zip(carried, block.last.operands):
+        phi.add_incoming(self.get(v), self.b.block)
     self.b.branch(header)
     self.b.position_at_end(done)
+    return carried
 
 
 PARALLEL_MIN_WORK = 1 << 15  # elements: smaller loop nests run on the calling thread
@@ -322,7 +337,7 @@ def _static_work(op) -> int | None:
     work = 1
     for inner in op.regions[0].walk():
         if inner.name == "loop.for":
-            lb, ub = (v.defining_op() for v in inner.operands)
+            lb, ub = (v.defining_op() for v in inner.operands[:2])
             if lb is None or ub is None or lb.name != "arith.constant" or ub.name != "arith.constant":
                 return None
             work *= max(ub.attr("value") - lb.attr("value"), 1)
@@ -331,8 +346,9 @@ def _static_work(op) -> int | None:
 
 def _parallel_for(self: FunctionEmitter, op):
     """A top-level parallel loop runs in chunks on worker threads: its body is outlined into
-    `void @f.parN(ptr ctx, i64 lo, i64 hi)` and handed to the runtime's `mlc_parallel_for`, which
-    splits [lb, ub) when the work is large enough. Values the body uses travel in `ctx`."""
+    `void @f.parN(ptr ctx, i64 lo, i64 hi)`, running trips lo..hi, and handed to the runtime's
+    `mlc_parallel_for`, which splits the trips when the work is large enough. Values the body uses
+    (and the loop's bounds) travel in `ctx`."""
     block = op.regions[0].blocks[0]
     inside = {r for o in op.regions[0].walk() for r in o.results} | {a for o in op.regions[0].walk()
                                                                       for rg in o.regions for b in rg.blocks for a in b.args}
@@ -344,10 +360,16 @@ def _parallel_for(self: FunctionEmitter, op):
         if isinstance(val, Buffer):
             layout.append((v, "buffer", len(slots), len(val.dims)))
             slots += [(val.data, PTR)] + [(d, I64) for d in val.dims]
+        elif isinstance(val.type, ir.VectorType):  # wider than a slot: passed through a stack copy
+            spill = self.prologue.alloca(val.type)
+            self.b.store(val, spill)
+            layout.append((v, "vector", len(slots), 0))
+            slots.append((spill, PTR))
         else:
             layout.append((v, "scalar", len(slots), 0))
             slots.append((val, val.type))
-    slots.append((self.error_slot, PTR))
+    lb, ub = (self.get(v) for v in op.operands)
+    slots += [(self.error_slot, PTR), (lb, I64), (ub, I64)]
     n = len(self.parent.llvm.functions)
     chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), name=f"{self.fn.name}.par{n}")
     sub = FunctionEmitter.outlined(self, chunk)
@@ -357,10 +379,18 @@ def _parallel_for(self: FunctionEmitter, op):
         if kind == "buffer":
             buf = self.get(v)
             sub.values[v] = Buffer(load(at, PTR), buf.element, [load(at + 1 + i, I64) for i in range(rank)])
+        elif kind == "vector":
+            sub.values[v] = sub.b.load(load(at, PTR), typ=self.get(v).type)
         else:
             sub.values[v] = load(at, self.get(v).type)
-    sub.error_slot = _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, len(slots) - 1)], source_etype=I64), typ=I64), PTR)
-    sub.loop(block, lo, hi, op.attr("step"))
+    word = lambda k: sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)  # noqa: E731
+    sub.error_slot = _from_word(sub.b, word(len(slots) - 3), PTR)
+    # the runtime splits trip numbers, so every chunk starts on the loop's step
+    first, last, step = word(len(slots) - 2), word(len(slots) - 1), ir.Constant(I64, op.attr("step"))
+    start = sub.b.add(first, sub.b.mul(lo, step))
+    stop = sub.b.add(first, sub.b.mul(hi, step))
+    stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
+    sub.loop(block, start, stop, op.attr("step"))
     sub.b.ret_void()
     with sub.b.goto_block(sub.exit_block):
         sub.b.ret_void()
@@ -369,16 +399,18 @@ def _parallel_for(self: FunctionEmitter, op):
     ctx_array = self.prologue.alloca(I64, size=len(slots))
     for k, (val, t) in enumerate(slots):
         self.b.store(_to_word(self.b, val), self.b.gep(ctx_array, [ir.Constant(I64, k)], source_etype=I64))
-    lb, ub = (self.get(v) for v in op.operands)
+    step = op.attr("step")
+    trips = self.b.sdiv(self.b.add(self.b.sub(ub, lb), ir.Constant(I64, step - 1)), ir.Constant(I64, step))
+    trips = self.b.select(self.b.icmp_signed("<", trips, ir.Constant(I64, 0)), ir.Constant(I64, 0), trips)
     work = _static_work(op)
     per_trip = ir.Constant(I64, work if work is not None else PARALLEL_MIN_WORK)
     runner = self.parent.declare("mlc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
-    big = self.b.icmp_signed(">=", self.b.mul(self.b.sub(ub, lb), per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
+    big = self.b.icmp_signed(">=", self.b.mul(trips, per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
     with self.b.if_else(big) as (threads, inline):
         with threads:
-            self.b.call(runner, [chunk, ctx_array, lb, ub])
+            self.b.call(runner, [chunk, ctx_array, ir.Constant(I64, 0), trips])
         with inline:
-            self.b.call(chunk, [ctx_array, lb, ub])
+            self.b.call(chunk, [ctx_array, ir.Constant(I64, 0), trips])
     failed = self.b.icmp_signed("!=", self.b.load(self.error_slot, typ=I64), ir.Constant(I64, 0))
     with self.b.if_then(failed, likely=False):
         self.b.branch(self.exit_block)
@@ -449,11 +481,38 @@ def _memcpy(self: FunctionEmitter, dst, src, size):
 FunctionEmitter.memcpy = _memcpy
 FunctionEmitter.loop = _loop
 
+def _vector_load(self: FunctionEmitter, op):
+    buf = self.get(op.operands[0])
+    self.check_indices(op, buf, op.operands[1:])
+    address = self.address(buf, [self.get(i) for i in op.operands[1:]])
+    self.values[op.results[0]] = self.b.load(address, typ=vector_type(op.results[0].type), align=_element_bytes(buf.element))
+
+
+def _vector_store(self: FunctionEmitter, op):
+    buf = self.get(op.operands[1])
+    self.check_indices(op, buf, op.operands[2:])
+    address = self.address(buf, [self.get(i) for i in op.operands[2:]])
+    self.b.store(self.get(op.operands[0]), address, align=_element_bytes(buf.element))
+
+
+def _vector_broadcast(self: FunctionEmitter, op):
+    t = vector_type(op.results[0].type)
+    lane0 = self.b.insert_element(ir.Constant(t, ir.Undefined), self.get(op.operands[0]), ir.Constant(ir.IntType(32), 0))
+    self.values[op.results[0]] = self.b.shuffle_vector(lane0, ir.Constant(t, ir.Undefined),
+                                                       ir.Constant(ir.VectorType(ir.IntType(32), t.count), [0] * t.count))
+
+
+def _vector_fma(self: FunctionEmitter, op):
+    xs = [self.get(v) for v in op.operands]
+    self.values[op.results[0]] = self.b.call(self.parent.intrinsic("fma", xs[0].type, 3), xs)
+
+
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
     "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
     "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield, "func.return": _return,
-    "arith.constant": _scalar_const,
+    "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
+    "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma,
 }
 
 
@@ -469,6 +528,10 @@ class ArithEmitter:
             return self.cast(xs[0], op.operand_types[0], result)
         if name == "select":
             return self.b.select(*xs)
+        if isinstance(t, ir.VectorType):  # lane by lane: the float rules apply to the lane type
+            if t.element not in (F32, F64):
+                raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
+            return getattr(self, "f_" + name)(t, *xs)
         if t == F16:  # half: compute in float, round once
             out = self.emit(name, [self.b.fpext(x, F32) for x in xs], op, result if not result.is_float else ElementType("f32"))
             return self.b.fptrunc(out, F16) if result.is_float else out

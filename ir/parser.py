@@ -532,7 +532,7 @@ class IRBuilder:
         opdef = lookup_op(name)
         if not operands:
             return FunctionType((), tuple(types))
-        if opdef is not None and opdef.results == 0:
+        if opdef is not None and opdef.short_form_lists_operands(len(operands)):
             if len(types) != len(operands):
                 self.error(tok, f"{len(types)} types for {len(operands)} operands", offset, name)
             return FunctionType(tuple(types), ())

@@ -169,7 +169,7 @@ class Printer:
             text += " " + attrs
         if not op.operands and op.results:
             text += " : " + ", ".join(str(t) for t in op.result_types)
-        elif not op.results and op.operands and d.results == 0:
+        elif not op.results and op.operands and d.short_form_lists_operands(len(op.operands)):
             text += " : " + ", ".join(str(v.type) for v in op.operands)
         elif op.operands or op.results:
             text += " : " + self.signature(op)

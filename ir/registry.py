@@ -119,6 +119,12 @@ class OpDef:
     def operand_range(cls) -> tuple:
         return (cls.operands, cls.operands) if isinstance(cls.operands, int) else cls.operands
 
+    @classmethod
+    def short_form_lists_operands(cls, n_operands: int) -> bool:
+        """Whether `op %a, %b : T, U` (no results) lists operand types rather than one shared type: for
+        ops without results, and for ops whose results vary (e.g. loop.for) used with none."""
+        return cls.results == 0 or (cls.results is None and n_operands > 1)
+
 
 class Terminator(OpDef):
     """Ends the region of a `parent` op; subclasses check the values it hands back."""

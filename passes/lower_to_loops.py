@@ -20,6 +20,7 @@ from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import MemRefType, TensorType, f64, i64, index
 
+from . import gemm
 from .manager import Pass
 
 RULES: dict[str, callable] = {}
@@ -156,14 +157,16 @@ class FunctionLowering:
             self.loop(b, self.idx(0), sizes[len(ivs)], lambda inner, iv: level(inner, ivs + [iv]), flags[len(ivs)])
         level(b or self.b, [])
 
-    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1):
-        """One loop.for from lb to ub; body(builder, iv) fills it."""
-        block = Block([index], ["i"])
+    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1, carried=()):
+        """One loop.for from lb to ub; body(builder, iv) fills it. With `carried` initial values,
+        body(builder, iv, *values) returns their next values and the loop returns the last ones."""
+        block = Block([index] + [v.type for v in carried], ["i"] + ["acc"] * len(carried))
         attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {})}
-        b.create("loop.for", [lb, ub], attrs or None, regions=[Region([block])])
+        loop = b.create("loop.for", [lb, ub, *carried], attrs or None, regions=[Region([block])])
         inner = Builder.at_end(block, self.module, b.loc)
-        body(inner, block.args[0])
-        inner.create("loop.yield")
+        out = body(inner, *block.args)
+        inner.create("loop.yield", list(out) if carried else [])
+        return loop.results
 
     def broadcast_reader(self, buf, result_rank: int):
         """A function (builder, result ivs) -> the indices that read `buf` broadcast to the result."""
@@ -371,6 +374,20 @@ def matmul(L: FunctionLowering, op: Operation):
     out = L.alloc(t, sizes + rows + cols, op.results[0].name_hint)
     read_a = L.broadcast_reader(_BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
     read_b = L.broadcast_reader(_BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
+
+    if ra > 1 and rb > 1 and gemm.supports(t.element):
+        def tiled(b, bi):
+            at_a, at_b = read_a(b, bi), read_b(b, bi)
+            gemm.Gemm(rows[0], cols[0], k, t.element,
+                      load_a=lambda kb, i, kk: kb.create("mem.load", [a] + at_a + [i, kk]).result,
+                      load_b=lambda kb, kk, j: kb.create("mem.load", [bm] + at_b + [kk, j]).result,
+                      load_b_vector=lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
+                      c=out, c_prefix=bi).emit(L, b, parallel=not batch_rank)
+        if batch_rank:
+            L.nest(sizes, tiled, parallel=True)
+        else:
+            tiled(L.b, [])
+        return [out]
 
     # Zero the result, then accumulate with the reduction loop outside the column loop: the innermost
     # loop walks rows of b and out contiguously, which LLVM vectorises.
@@ -964,15 +981,21 @@ def random(L: FunctionLowering, op: Operation):
 
 def peak_intermediate_bytes(func, dynamic_size: int = 1) -> int:
     """The most bytes held at once by buffers a lowered function allocates at its top level, walking
-    allocations and deallocations in order (`?` dims counted as `dynamic_size`; returned buffers count
-    until the end)."""
+    allocations and deallocations in order (the `?` dims of arguments counted as `dynamic_size`, sizes
+    computed from them evaluated; returned buffers count until the end)."""
     live = peak = 0
-    sizes = {}
+    sizes, known = {}, {}
     for op in func.body:
-        if op.name == "mem.alloc":
+        if op.name == "mem.dim":
+            known[op.results[0]] = op.operand_types[0].shape[op.attr("axis")] or dynamic_size
+        elif op.name.startswith("arith.") and op.results and op.results[0].type == index \
+                and all(v in known for v in op.operands):
+            known[op.results[0]] = int(op.opdef.interpret([np.int64(known[v]) for v in op.operands], op, None))
+        elif op.name == "mem.alloc":
             t = op.results[0].type
-            sizes[op.results[0]] = int(np.prod([dynamic_size if d is None else d for d in t.shape], dtype=np.int64)) \
-                * t.element.np_dtype.itemsize
+            dynamic = iter(known.get(v, dynamic_size) for v in op.operands)
+            count = int(np.prod([next(dynamic) if d is None else d for d in t.shape], dtype=np.int64))
+            sizes[op.results[0]] = count * t.element.np_dtype.itemsize
             live += sizes[op.results[0]]
             peak = max(peak, live)
         elif op.name == "mem.dealloc":

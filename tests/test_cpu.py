@@ -220,3 +220,19 @@ def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
     np.testing.assert_allclose(exe.globals["g"], np.exp(x) / np.exp(x).sum(), rtol=1e-6)
     loops = str(exe.lowered)
     assert loops.count("mem.dealloc") >= 2
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 37, 21), (7, 5, 3), (100, 300, 64), (49, 257, 33), (0, 4, 5), (3, 0, 17), (97, 64, 48)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
+    """Ragged row blocks and panels, K deeper than one slice, empty dims, and row blocks split over
+    threads at the loop's step (100 rows = 3 blocks of 48 on 2 threads)."""
+    e = {np.float32: "f32", np.float64: "f64"}[dtype]
+    text = f"""func.func @f(%a: tensor<?x{k}x{e}>, %b: tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}> {{
+      %c = mlc.matmul %a, %b : (tensor<?x{k}x{e}>, tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}>
+      return %c : tensor<?x{n}x{e}> }}"""
+    a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](a, b), a @ b, rtol=1e-4 if e == "f32" else 1e-10, atol=1e-4 if e == "f32" else 1e-10)
+    if m * k * n < 20000:  # the tiled loop nest itself, on the interpreter
+        lowered = mlc.run_passes(mlc.parse(text), "cpu")
+        np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,5 @@
-"""Loop-level dialects: buffers (`mem`), loops (`loop`) and scalar arithmetic (`arith`).
+"""Loop-level dialects: buffers (`mem`), loops (`loop`), scalar arithmetic (`arith`) and short vectors
+(`vector`).
 
     %n = mem.dim %x {axis = 0} : (memref<?x4xf32>) -> index
     %y = mem.alloc %n : (index) -> memref<?x4xf32>
@@ -11,7 +12,9 @@
     }
 
 The scalar `arith` ops are the mlc elementwise ops on scalars: they are generated from the same
-tables (ir/dialects/mlc.py), so a scalar `arith.exp` means exactly what `mlc.exp` means per element.
+tables (ir/dialects/mlc.py), so a scalar `arith.exp` means exactly what `mlc.exp` means per element;
+they apply lane by lane to vectors (`vector<8xf32>`), which `vector.load` reads from the contiguous last
+dim of a buffer — the register tiles of matmul are built from them.
 On the interpreter a memref is a mutable numpy array, an index a Python int, a scalar a numpy scalar.
 """
 from __future__ import annotations
@@ -20,8 +23,8 @@ import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
 from ..diagnostics import error
-from ..registry import ELEMENTWISE, PURE, READS, Attr, OpDef, Terminator, VerifyError, lookup_op
-from ..types import ElementType, MemRefType, TensorType, i1, index
+from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError, lookup_op
+from ..types import ElementType, MemRefType, TensorType, VectorType, i1, index
 from . import mlc
 from .mlc import RuntimeCheck
 from .shapes import fmt_shape
@@ -210,41 +213,60 @@ class ToTensor(OpDef):
 # loop: counted loops
 
 class For(OpDef):
-    """`for i in range(lb, ub, step)` over its region (one index argument). `parallel` marks loops
-    whose iterations are independent."""
+    """`for i in range(lb, ub, step)` over its region, whose first argument is the index. Values after
+    the bounds are carried from one iteration to the next (MLIR's iter_args): the body receives them
+    after the index, yields their next values, and the loop's results are the last ones (the initial
+    values when it runs no iteration). `parallel` marks loops whose iterations are independent.
+
+        %sum = loop.for %c0, %n, %zero {step = 1} : (index, index, f32) -> f32 {
+        ^bb0(%i: index, %acc: f32):
+          ...
+          loop.yield %next : f32
+        }
+    """
     name = "loop.for"
-    operands = 2
-    results = 0
+    operands = (2, None)
+    results = None
     regions = 1
     attrs = {"step": Attr("int", 1), "parallel": Attr("bool", False)}
 
     @staticmethod
     def infer(op, ctx):
-        for i, t in enumerate(op.operand_types):
+        for i, t in enumerate(op.operand_types[:2]):
             if t != index:
                 raise VerifyError(f"bound {i} must be an index, got {t}")
         if op.attr("step") < 1:
             raise VerifyError(f"'step' must be positive, got {op.attr('step')}")
-        return []
+        carried = list(op.operand_types[2:])
+        if carried and op.attr("parallel"):
+            raise VerifyError("a parallel loop cannot carry values between iterations")
+        return carried
 
     @staticmethod
     def verify(op, ctx):
         block = op.regions[0].blocks[0]
-        if [a.type for a in block.args] != [index]:
-            raise VerifyError("the body takes one index argument, ^bb0(%i: index)")
+        expected = [index] + list(op.operand_types[2:])
+        if [a.type for a in block.args] != expected:
+            raise VerifyError(f"the body takes ({', '.join(map(str, expected))}): the index, then the carried values")
 
     @staticmethod
     def interpret(ins, op, ctx):
-        region = op.regions[0]
+        region, carried = op.regions[0], list(ins[2:])
         for i in range(int(ins[0]), int(ins[1]), op.attr("step")):
-            ctx.run_region(region, [np.int64(i)])
-        return []
+            carried = ctx.run_region(region, [np.int64(i)] + carried)
+        return carried
 
 
 class LoopYield(Terminator):
     name = "loop.yield"
-    operands = 0
     parent = "loop.for"
+    traits = {TERMINATOR, PURE}
+
+    @staticmethod
+    def check_values(op, owner):
+        expected = list(owner.operand_types[2:])
+        if list(op.operand_types) != expected:
+            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the loop carries ({', '.join(map(str, expected))})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,10 +297,14 @@ def _scalar_family(base):
     class Scalar(base):
         @classmethod
         def infer(cls, op, ctx):
-            types = [_scalar(t, f"operand {i}") for i, t in enumerate(op.operand_types)]
-            as_tensors = [TensorType((), t) for t in types]
-            probe = _Probe(op, as_tensors)
-            return [r.element for r in base.infer(probe, ctx)]
+            vectors = {t.shape for t in op.operand_types if isinstance(t, VectorType)}
+            if len(vectors) > 1 or (vectors and not all(isinstance(t, VectorType) for t in op.operand_types)):
+                raise VerifyError(f"operands must be all scalars or all vectors of one length, got "
+                                  f"{', '.join(map(str, op.operand_types))}")
+            types = [_scalar(getattr(t, "element", t), f"operand {i}") for i, t in enumerate(op.operand_types)]
+            probe = _Probe(op, [TensorType((), t) for t in types])
+            elements = [r.element for r in base.infer(probe, ctx)]
+            return [VectorType(next(iter(vectors)), e) for e in elements] if vectors else elements
 
         fold = staticmethod(lambda op, consts: None)
     return Scalar
@@ -345,3 +371,104 @@ class ScalarCast(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return mlc.Cast.convert(np.asarray(ins[0]), op.results[0].type)
+
+
+# ---------------------------------------------------------------------------------------------------
+# vector: short vectors in registers
+
+def _vector(t, what) -> VectorType:
+    if not isinstance(t, VectorType) or t.rank != 1 or not t.is_static:
+        raise VerifyError(f"{what} must be a vector like vector<8xf32>, got {t}")
+    return t
+
+
+def _lanes(buffer: np.ndarray, idx: tuple, n: int):
+    """The index expression of n elements along the last dim from idx, checked like mem.load."""
+    _checked(buffer, idx)
+    if idx[-1] + n > buffer.shape[-1]:
+        raise RuntimeCheck(f"{n} lanes from index {idx[-1]} run past dim {len(idx) - 1} of a buffer of shape {fmt_shape(buffer.shape)}")
+    return idx[:-1] + (slice(idx[-1], idx[-1] + n),)
+
+
+class VectorLoad(OpDef):
+    """Consecutive elements along the last dim, starting at the indices."""
+    name = "vector.load"
+    operands = (2, None)
+    traits = {READS}
+
+    @staticmethod
+    def infer(op, ctx):
+        t = _memref(op.operand_types[0])
+        _indices(op.operand_types[1:], t.rank, 1)
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. '-> vector<8xf32>'")
+        v = _vector(op.results[0].type, "result")
+        if v.element != t.element:
+            raise VerifyError(f"loads {v} from a buffer of {t.element}")
+        return [v]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        n = op.results[0].type.shape[0]
+        return ins[0][_lanes(ins[0], tuple(int(i) for i in ins[1:]), n)].copy()
+
+
+class VectorStore(OpDef):
+    name = "vector.store"
+    operands = (3, None)
+    results = 0
+
+    @staticmethod
+    def infer(op, ctx):
+        v = _vector(op.operand_types[0], "operand 0 (the value)")
+        t = _memref(op.operand_types[1], "operand 1")
+        if v.element != t.element:
+            raise VerifyError(f"stores {v} into a buffer of {t.element}")
+        _indices(op.operand_types[2:], t.rank, 2)
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        ins[1][_lanes(ins[1], tuple(int(i) for i in ins[2:]), len(ins[0]))] = ins[0]
+        return []
+
+
+class Broadcast(OpDef):
+    """A scalar in every lane."""
+    name = "vector.broadcast"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        e = _scalar(op.operand_types[0], "operand 0")
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. '-> vector<8xf32>'")
+        v = _vector(op.results[0].type, "result")
+        if v.element != e:
+            raise VerifyError(f"broadcasts {e} to {v}")
+        return [v]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.full(op.results[0].type.shape, ins[0], op.results[0].type.element.np_dtype)
+
+
+class FusedMultiplyAdd(OpDef):
+    """a * b + c, rounded once (the CPU's FMA instruction)."""
+    name = "vector.fma"
+    operands = 3
+    traits = {PURE, ELEMENTWISE}
+
+    @staticmethod
+    def infer(op, ctx):
+        a, b, c = op.operand_types
+        _vector(a, "operand 0")
+        if not a == b == c or not a.element.is_float:
+            raise VerifyError(f"operands must be one floating-point vector type, got {a}, {b}, {c}")
+        return [a]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        a, b, c = (np.asarray(x, np.float64) for x in ins)
+        return (a * b + c).astype(ins[0].dtype)
