@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 from llvmlite import ir
 
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.types import ElementType, TensorType, VectorType
+from mlc.ir.types import ElementType, TensorType, VectorType, index
 
 PTR = ir.PointerType()
 I64 = ir.IntType(64)
@@ -209,6 +210,9 @@ class FunctionEmitter:
         e = op.results[0].type
         if all(v in self.trusted for v in op.operands):  # computed from shapes, not from data
             self.trusted.add(op.results[0])
+        if e == index and xs and all(isinstance(x, ir.Constant) for x in xs):
+            # folded here, so sizes stay constants in outlined loop bodies too (LLVM sees them as such)
+            return ir.Constant(I64, int(op.opdef.interpret([np.int64(x.constant) for x in xs], op, None)))
         return ArithEmitter(self).emit(op.name[6:], xs, op, e)
 
 
@@ -360,6 +364,8 @@ def _parallel_for(self: FunctionEmitter, op):
         if isinstance(val, Buffer):
             layout.append((v, "buffer", len(slots), len(val.dims)))
             slots += [(val.data, PTR)] + [(d, I64) for d in val.dims]
+        elif isinstance(val, ir.Constant):  # constants stay constants, so the chunk folds them
+            layout.append((v, "constant", 0, 0))
         elif isinstance(val.type, ir.VectorType):  # wider than a slot: passed through a stack copy
             spill = self.prologue.alloca(val.type)
             self.b.store(val, spill)
@@ -378,7 +384,10 @@ def _parallel_for(self: FunctionEmitter, op):
         load = lambda k, t: _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64), t)  # noqa: E731
         if kind == "buffer":
             buf = self.get(v)
-            sub.values[v] = Buffer(load(at, PTR), buf.element, [load(at + 1 + i, I64) for i in range(rank)])
+            dims = [d if isinstance(d, ir.Constant) else load(at + 1 + i, I64) for i, d in enumerate(buf.dims)]
+            sub.values[v] = Buffer(load(at, PTR), buf.element, dims)  # static dims stay constants
+        elif kind == "constant":
+            sub.values[v] = self.get(v)
         elif kind == "vector":
             sub.values[v] = sub.b.load(load(at, PTR), typ=self.get(v).type)
         else:

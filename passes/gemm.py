@@ -27,6 +27,7 @@ VECTOR_BYTES = 32  # AVX2
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
+CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
 
 
 def supports(element) -> bool:
@@ -98,7 +99,6 @@ class Gemm:
     def row_block(self, b, i0, panels):
         L = self.L
         end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(MC)), self.M)
-        tiled_end = L.op(b, "arith.add", i0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", end, i0), L.idx(MR)), L.idx(MR)))
         zero = L.const(b, 0, self.element)
         L.loop(b, i0, end, lambda rb, i: L.loop(rb, L.idx(0), self.N, lambda cb, j: cb.create(
             "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
@@ -106,47 +106,176 @@ class Gemm:
 
         def k_slice(kb, k0):
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(KC)), self.K)
-            for lo, hi, ragged in ((L.idx(0), self.full_panels, None), (self.full_panels, panels, scratch)):
-                def panel(pb, jp, ragged=ragged):
-                    L.loop(pb, i0, tiled_end, lambda tb, i: self.tile(tb, i, jp, k0, k1, MR, ragged), step=MR)
-                    L.loop(pb, tiled_end, end, lambda tb, i: self.tile(tb, i, jp, k0, k1, 1, ragged))
-                L.loop(kb, lo, hi, panel)
+            split_columns(L, kb, L.idx(0), self.N, self.lanes, lambda pb, j0, vectors, width: split_rows(
+                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j0, vectors, k0, k1, width, scratch)))
         L.loop(b, L.idx(0), self.K, k_slice, step=KC)
         b.create("mem.dealloc", [scratch])
         if self.epilogue is not None:
             L.loop(b, i0, end, self.epilogue)
 
-    def tile(self, b, i, jp, k0, k1, rows, scratch):
-        """C[i:i+rows, panel jp] += A[i:i+rows, k0:k1] @ Bp[jp, k0:k1]."""
-        L, lanes, vectors = self.L, self.lanes, self.nr // self.lanes
+    def tile(self, b, i, rows, j0, vectors, k0, k1, width, scratch):
+        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from the packed panels."""
+        L, lanes = self.L, self.lanes
         row = [i] + [L.op(b, "arith.add", i, L.idx(r)) for r in range(1, rows)]
-        zero = b.create("vector.broadcast", [L.const(b, 0, self.element)], result_types=[self.vt]).result
+        jp = L.op(b, "arith.div", j0, L.idx(self.nr))
+        lane0 = L.op(b, "arith.sub", j0, L.op(b, "arith.mul", jp, L.idx(self.nr)))
+        offsets = [lane0] + [L.op(b, "arith.add", lane0, L.idx(h * lanes)) for h in range(1, vectors)]
 
         def step(kb, k, *acc):
-            bs = [kb.create("vector.load", [self.packed, jp, k, L.idx(h * lanes)], result_types=[self.vt]).result
-                  for h in range(vectors)]
-            out = []
-            for r in range(rows):
-                a = kb.create("vector.broadcast", [self.load_a(kb, row[r], k)], result_types=[self.vt]).result
-                out += [kb.create("vector.fma", [a, bs[h], acc[r * vectors + h]]).result for h in range(vectors)]
-            return out
-        acc = L.loop(b, k0, k1, step, carried=[zero] * (rows * vectors))
-        j0 = L.op(b, "arith.mul", jp, L.idx(self.nr))
-        if scratch is None:
-            for r in range(rows):
-                for h in range(vectors):
-                    at = self.c_prefix + [row[r], L.op(b, "arith.add", j0, L.idx(h * lanes))]
-                    old = b.create("vector.load", [self.c] + at, result_types=[self.vt]).result
-                    b.create("vector.store", [L.op(b, "arith.add", old, acc[r * vectors + h]), self.c] + at)
-            return
+            bs = [kb.create("vector.load", [self.packed, jp, k, off], result_types=[self.vt]).result for off in offsets]
+            return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
+        acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
+        store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt, width, scratch, add=True)
+
+
+# --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------
+
+def split_rows(L, b, lo, hi, body):
+    """body(builder, i, rows) over lo..hi in tiles of MR rows, then one each of 4, 2 and 1 as needed."""
+    for size in (MR, 4, 2, 1):
+        end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(size)), L.idx(size)))
+        L.loop(b, lo, end, lambda tb, i, size=size: body(tb, i, size), step=size)
+        lo = end
+
+
+def split_columns(L, b, lo, hi, lanes, body):
+    """body(builder, j0, vectors, width) over lo..hi: tiles of two vectors, then one of one vector,
+    then a ragged one (width = the columns left, fewer than lanes; None for the whole ones)."""
+    for vectors in (2, 1):
+        end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(vectors * lanes)), L.idx(vectors * lanes)))
+        L.loop(b, lo, end, lambda tb, j0, vectors=vectors: body(tb, j0, vectors, None), step=vectors * lanes)
+        lo = end
+    L.loop(b, lo, hi, lambda tb, j0: body(tb, j0, 1, L.op(tb, "arith.sub", hi, j0)), step=lanes)
+
+
+def zero_tile(L, b, vt, count):
+    zero = b.create("vector.broadcast", [L.const(b, 0, vt.element)], result_types=[vt]).result
+    return [zero] * count
+
+
+def fma_tile(b, a_scalars, b_vectors, acc):
+    """acc[r][h] += a[r] * b[h]: one broadcast per row, one fma per accumulator."""
+    out = []
+    for r, a in enumerate(a_scalars):
+        a = b.create("vector.broadcast", [a], result_types=[b_vectors[0].type]).result
+        out += [b.create("vector.fma", [a, bv, acc[r * len(b_vectors) + h]]).result for h, bv in enumerate(b_vectors)]
+    return out
+
+
+def store_tile(L, b, acc, rows, c, at, j0, vt, width=None, scratch=None, add=False):
+    """Writes (or with `add`, adds) `rows` rows of accumulators to c at columns j0...; at(r, j) gives
+    the indices of row r, column j. With `width`, only that many columns exist: the tile goes through
+    `scratch` and is copied element by element."""
+    lanes, per_row = vt.shape[0], len(acc) // rows
+    if width is None:
         for r in range(rows):
-            for h in range(vectors):
-                b.create("vector.store", [acc[r * vectors + h], scratch, L.idx(r), L.idx(h * lanes)])
-        width = L.op(b, "arith.sub", self.N, j0)
-        for r in range(rows):
-            def add(cb, c, r=r):
-                at = self.c_prefix + [row[r], L.op(cb, "arith.add", j0, c)]
-                old = cb.create("mem.load", [self.c] + at).result
-                new = cb.create("mem.load", [scratch, L.idx(r), c]).result
-                cb.create("mem.store", [L.op(cb, "arith.add", old, new), self.c] + at)
-            L.loop(b, L.idx(0), width, add)
+            for h in range(per_row):
+                where = at(r, L.op(b, "arith.add", j0, L.idx(h * lanes)))
+                v = acc[r * per_row + h]
+                if add:
+                    v = L.op(b, "arith.add", b.create("vector.load", [c] + where, result_types=[vt]).result, v)
+                b.create("vector.store", [v, c] + where)
+        return
+    for r in range(rows):
+        for h in range(per_row):
+            b.create("vector.store", [acc[r * per_row + h], scratch, L.idx(r), L.idx(h * lanes)])
+    for r in range(rows):
+        def copy(cb, j, r=r):
+            where = at(r, L.op(cb, "arith.add", j0, j))
+            v = cb.create("mem.load", [scratch, L.idx(r), j]).result
+            if add:
+                v = L.op(cb, "arith.add", cb.create("mem.load", [c] + where).result, v)
+            cb.create("mem.store", [v, c] + where)
+        L.loop(b, L.idx(0), width, copy)
+
+
+# --- direct convolution ------------------------------------------------------------------------------------
+
+@dataclass
+class DirectConv:
+    """conv2d with stride 1 along x, on an input padded with at least `lanes_needed()` zero columns
+    on the right: out[n, o, y, x:x+NR] is one micro-tile row, and its B vectors are contiguous runs of
+    an input row, so nothing is packed. Micro-tiles are MR output channels x NR output columns,
+    reduced over (channel, ky, kx) in registers; rows (n, y) are the parallel loop."""
+    xp: object
+    w: object
+    out: object
+    sizes: list            # n, out channels, oh, ow
+    channels_per_group: object
+    groups: int
+    stride_y: int
+    dilation: tuple
+    element: object
+
+    @staticmethod
+    def extra_columns(element) -> int:
+        return 2 * VECTOR_BYTES // {"f32": 4, "f64": 8}[element.name]
+
+    def emit(self, L, b):
+        self.L = L
+        self.lanes = VECTOR_BYTES // {"f32": 4, "f64": 8}[self.element.name]
+        self.nr = 2 * self.lanes
+        self.vt = VectorType((self.lanes,), self.element)
+        n, o_ch, oh, ow = self.sizes
+        # the weights as [c, ky, kx, o]: a tile's rows are consecutive, one base address per (c, ky, kx)
+        o_dim, c_dim, kh_dim, kw_dim = self.w.type.shape
+        wsizes = [L.dim(self.w, a) for a in range(4)]
+        self.wt = b.create("mem.alloc", [d for d, s in zip(wsizes[1:] + wsizes[:1], (c_dim, kh_dim, kw_dim, o_dim)) if s is None],
+                           result_types=[MemRefType((c_dim, kh_dim, kw_dim, o_dim), self.element)], name_hint="wt").result
+        L.nest(wsizes, lambda wb, ivs: wb.create("mem.store", [wb.create("mem.load", [self.w] + ivs).result, self.wt] + ivs[1:] + ivs[:1]))
+        rows = L.op(b, "arith.mul", n, oh)
+        def row(rb, t):
+            bn = L.op(rb, "arith.div", t, oh)
+            self.output_row(rb, bn, L.op(rb, "arith.sub", t, L.op(rb, "arith.mul", bn, oh)))
+        L.loop(b, L.idx(0), rows, row, parallel=True)
+        b.create("mem.dealloc", [self.wt])
+
+    def output_row(self, b, bn, y):
+        L = self.L
+        _, o_ch, _, ow = self.sizes
+        per_group = L.op(b, "arith.div", o_ch, L.idx(self.groups))
+        scratch = b.create("mem.alloc", result_types=[MemRefType((MR, self.nr), self.element)], name_hint="tile").result
+
+        zero = L.const(b, 0, self.element)
+
+        def group(gb, g):
+            o0 = L.op(gb, "arith.mul", g, per_group)
+            o1 = L.op(gb, "arith.add", o0, per_group)
+            L.loop(gb, o0, o1, lambda ob, o: L.loop(ob, L.idx(0), ow, lambda xb, x: xb.create("mem.store", [zero, self.out, bn, o, y, x])))
+
+            def channel_block(cb, c0):  # the input rows of a block of channels stay in L1
+                c1 = L.op(cb, "arith.minimum", L.op(cb, "arith.add", c0, L.idx(CHANNEL_BLOCK)), self.channels_per_group)
+                split_columns(L, cb, L.idx(0), ow, self.lanes, lambda xb, x0, vectors, width: split_rows(
+                    L, xb, o0, o1, lambda tb, o, rows: self.tile(tb, bn, y, g, o, x0, rows, vectors, width, scratch, c0, c1)))
+            L.loop(gb, L.idx(0), self.channels_per_group, channel_block, step=CHANNEL_BLOCK)
+        L.loop(b, L.idx(0), L.idx(self.groups), group)
+        b.create("mem.dealloc", [scratch])
+
+    def tile(self, b, bn, y, g, o, x0, rows, vectors, width, scratch, c0, c1):
+        L, lanes = self.L, self.lanes
+        dh, dw = self.dilation
+        kh, kw = (L.dim(self.w, a) for a in (2, 3))
+        outs = [o] + [L.op(b, "arith.add", o, L.idx(r)) for r in range(1, rows)]
+        first_channel = L.op(b, "arith.mul", g, self.channels_per_group)
+        top = L.op(b, "arith.mul", y, L.idx(self.stride_y))
+
+        def step(jb, c, i, j, acc):
+            channel = L.op(jb, "arith.add", first_channel, c)
+            iy = L.op(jb, "arith.add", top, L.op(jb, "arith.mul", i, L.idx(dh)))
+            ix = L.op(jb, "arith.add", x0, L.op(jb, "arith.mul", j, L.idx(dw)))
+            bs = [jb.create("vector.load", [self.xp, bn, channel, iy, L.op(jb, "arith.add", ix, L.idx(h * lanes))],
+                            result_types=[self.vt]).result for h in range(vectors)]
+            a = [jb.create("mem.load", [self.wt, c, i, j, oo]).result for oo in outs]
+            return fma_tile(jb, a, bs, acc)
+
+        def over_c(cb, c, *acc):
+            window = self.w.type.shape[2:]
+            if None not in window and window[0] * window[1] <= 49:  # unrolled: addresses are base + constant
+                for i in range(window[0]):
+                    for j in range(window[1]):
+                        acc = step(cb, c, L.idx(i), L.idx(j), acc)
+                return acc
+            return L.loop(cb, L.idx(0), kh, lambda ib, i, *acc: L.loop(
+                ib, L.idx(0), kw, lambda jb, j, *acc: step(jb, c, i, j, acc), carried=acc), carried=acc)
+        acc = L.loop(b, c0, c1, over_c, carried=zero_tile(L, b, self.vt, rows * vectors))
+        store_tile(L, b, acc, rows, self.out, lambda r, x: [bn, outs[r], y, x], x0, self.vt, width, scratch, add=True)

@@ -684,6 +684,8 @@ def conv2d(L: FunctionLowering, op: Operation):
     n, c_in, h, wd = L.dims(x)
     o_ch, cg, kh, kw = L.dims(w)
     e = t.element
+    if sw == 1 and gemm.supports(e):
+        return _tiled_conv2d(L, op, x, w)
     if pt or pl or pb or pr:
         padded_type = TensorType((x.type.shape[0], x.type.shape[1],
                                   None if x.type.shape[2] is None else x.type.shape[2] + pt + pb,
@@ -715,6 +717,30 @@ def conv2d(L: FunctionLowering, op: Operation):
             ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + at).result, L.op(ib, "arith.mul", v, weight)), out] + at)
         L.nest([oh, ow], accumulate, parallel=True, b=b)
     L.nest([n, o_ch, cg, kh, kw], body, parallel=[True, True, False, False, False])
+    return [out]
+
+
+def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w):
+    """Stride 1 along x: the register-tiled direct convolution of passes/gemm.py, on a copy of the
+    input padded with zeros (and with spare columns on the right for the last tile's lanes)."""
+    t = op.results[0].type
+    (sh, _), (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
+    n, c_in, h, wd = L.dims(x)
+    e = t.element
+    spare = gemm.DirectConv.extra_columns(e)
+    shape = x.type.shape
+    padded_type = TensorType((shape[0], shape[1], None if shape[2] is None else shape[2] + pt + pb,
+                              None if shape[3] is None else shape[3] + pl + pr + spare), e)
+    psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr + spare))]
+    xp = L.alloc(padded_type, psizes)
+    L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
+    _copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
+               lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
+    o_ch = L.dim(w, 0)
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else _window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else _window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
+    gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e).emit(L, L.b)
     return [out]
 
 

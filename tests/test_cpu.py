@@ -236,3 +236,24 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
     if m * k * n < 20000:  # the tiled loop nest itself, on the interpreter
         lowered = mlc.run_passes(mlc.parse(text), "cpu")
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,c,o,hw,k,stride,pad,dil,groups,dtype", [
+    (2, 3, 13, (9, 37), 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.float32),    # ragged rows (13 = 6+6+1) and columns (37 = 32+5)
+    (1, 4, 8, (7, 24), 3, (2, 1), (0, 2, 1, 0), (1, 2), 2, np.float32),     # stride 2 along y, groups, dilation
+    (3, 2, 6, (5, 8), 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, np.float64),      # 1x1, exactly one 8-lane f32 tile / two f64
+    (1, 20, 7, (6, 11), 2, (1, 1), (1, 0, 0, 1), (1, 1), 1, np.float32),    # more channels than one channel block
+    (2, 4, 4, (6, 9), 3, (2, 2), (1, 1, 1, 1), (1, 1), 4, np.float32),      # depthwise, stride 2: the scalar path
+])
+def test_conv2d_native_matches_torch(n, c, o, hw, k, stride, pad, dil, groups, dtype):
+    import torch
+    import torch.nn.functional as F
+    from test_ops import conv_attrs
+    x = rng.standard_normal((n, c) + hw).astype(dtype)
+    w = rng.standard_normal((o, c // groups, k, k)).astype(dtype)
+    text = one_op("mlc.conv2d", x, w, attrs=conv_attrs(stride, pad, dil, groups))
+    top, left, bottom, right = pad
+    want = F.conv2d(F.pad(torch.from_numpy(x), (left, right, top, bottom)), torch.from_numpy(w), stride=stride,
+                    dilation=dil, groups=groups).numpy()
+    got = mlc.compile(mlc.parse(text))["f"](x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
