@@ -2,6 +2,9 @@
 
 An elementwise op joins its consumer's group when it has exactly one use, that use is elementwise,
 in the same block, and of the same rank and shape (so nothing is recomputed and nothing broadcast up).
+A matmul or conv2d joins the same way as the group's *anchor* (at most one per group, and only when
+the group's result has its element type): the chain becomes its epilogue, applied to each block of
+the result while it is in cache, in place — bias + activation cost no extra pass over memory.
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
@@ -15,8 +18,11 @@ def elementwise(op: Operation) -> bool:
     return op.name.startswith("mlc.") and op.opdef is not None and ELEMENTWISE in op.opdef.traits
 
 
+ANCHORS = ("mlc.matmul", "mlc.conv2d")
+
+
 def joins_consumer(op: Operation) -> bool:
-    if not elementwise(op) or len(op.results[0].uses) != 1:
+    if not (elementwise(op) or op.name in ANCHORS) or len(op.results[0].uses) != 1:
         return False
     (user, _), = op.results[0].uses
     mine = op.results[0].type
@@ -27,14 +33,38 @@ def joins_consumer(op: Operation) -> bool:
 
 def group_of(root: Operation) -> list[Operation]:
     """The root and, transitively, the producers that join it, in program order."""
-    members, stack = {root}, [root]
+    members, stack, anchor = {root}, [root], None
     while stack:
         for v in stack.pop().operands:
             p = v.defining_op()
-            if p is not None and p not in members and joins_consumer(p):
-                members.add(p)
-                stack.append(p)
+            if p is None or p in members or not joins_consumer(p):
+                continue
+            if p.name in ANCHORS:
+                if anchor is not None or p.results[0].type.element != root.results[0].type.element:
+                    continue
+                anchor = p
+                members.add(p)  # its operands stay outside: the anchor reads them itself
+                continue
+            members.add(p)
+            stack.append(p)
+    if anchor is not None and not _cannot_broadcast_up(anchor, members):
+        members.discard(anchor)
     return [op for op in root.parent if op in members]
+
+
+def _cannot_broadcast_up(anchor: Operation, members) -> bool:
+    """The epilogue runs in place over the anchor's result, so no other input of the chain may make
+    the result larger: each of their dims must be 1 or the anchor's (static) size."""
+    shape = anchor.results[0].type.shape
+    for op in members:
+        for v in op.operands:
+            if op is anchor or v.defining_op() in members:
+                continue
+            leaf = v.type.shape
+            for d, a in zip(reversed(leaf), reversed(shape)):
+                if d != 1 and (d is None or d != a):
+                    return False
+    return True
 
 
 def fuse_group(ops: list[Operation]) -> Operation:

@@ -206,6 +206,7 @@ class DirectConv:
     stride_y: int
     dilation: tuple
     element: object
+    epilogue: Callable | None = None  # (builder, n, y): output row (n, :, y, :) is final
 
     @staticmethod
     def extra_columns(element) -> int:
@@ -250,6 +251,8 @@ class DirectConv:
             L.loop(gb, L.idx(0), self.channels_per_group, channel_block, step=CHANNEL_BLOCK)
         L.loop(b, L.idx(0), L.idx(self.groups), group)
         b.create("mem.dealloc", [scratch])
+        if self.epilogue is not None:
+            self.epilogue(b, bn, y)
 
     def tile(self, b, bn, y, g, o, x0, rows, vectors, width, scratch, c0, c1):
         L, lanes = self.L, self.lanes

@@ -204,6 +204,7 @@ class FunctionLowering:
 
 
 TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}
+ANCHOR_RULES: dict[str, callable] = {}  # ops that take a fused elementwise epilogue (see passes/fuse.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -222,16 +223,30 @@ def fusion(L: FunctionLowering, op: Operation):
     for arg, v in zip(block.args, op.operands):
         L.buffers[arg] = L.buffers[v]
     root = block.last.operands[0].defining_op()
-    L.fused.update(o for o in block if o is not root and o is not block.last)
-    return elementwise(L, root)
+    anchor = next((o for o in block if o.name in ANCHOR_RULES), None)
+    L.fused.update(o for o in block if o is not root and o is not block.last and o is not anchor)
+    if anchor is None:
+        return elementwise(L, root)
+    # The anchor writes the result buffer; epilogue(b, out, indices) then rewrites an element in place.
+    leaves = _leaves(L, root)
+    readers = {v: L.broadcast_reader(L.buffers[v], root.results[0].type.rank) for v in leaves if v is not anchor.results[0]}
+
+    def epilogue(b, out, ivs):
+        def value(v):
+            if v is anchor.results[0]:
+                return b.create("mem.load", [out] + ivs).result
+            p = v.defining_op()
+            if p is root or p in L.fused:
+                return scalar(L, b, p, [value(o) for o in p.operands])
+            return b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+        b.create("mem.store", [value(root.results[0]), out] + ivs)
+
+    return ANCHOR_RULES[anchor.name](L, anchor, epilogue=epilogue)
 
 
-@rule(*ELEMENTWISE, "mlc.broadcast_to")
-def elementwise(L: FunctionLowering, op: Operation):
-    """One loop nest over the result; fused producers (inside an mlc.fusion) are computed in it from
-    their own operands."""
-    t = op.results[0].type
-    leaves = []  # operands read from buffers (those of fused producers included)
+def _leaves(L, op):
+    """The values a fused group reads from buffers: operands of op and of its fused producers."""
+    leaves = []
 
     def collect(o):
         for v in o.operands:
@@ -241,6 +256,15 @@ def elementwise(L: FunctionLowering, op: Operation):
             elif v not in leaves:
                 leaves.append(v)
     collect(op)
+    return leaves
+
+
+@rule(*ELEMENTWISE, "mlc.broadcast_to")
+def elementwise(L: FunctionLowering, op: Operation):
+    """One loop nest over the result; fused producers (inside an mlc.fusion) are computed in it from
+    their own operands."""
+    t = op.results[0].type
+    leaves = _leaves(L, op)  # operands read from buffers (those of fused producers included)
     ins = [L.buffers[v] for v in op.operands if v in L.buffers]
     if op.name == "mlc.broadcast_to":
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
@@ -359,7 +383,7 @@ def reduction(L: FunctionLowering, op: Operation):
 
 
 @rule("mlc.matmul")
-def matmul(L: FunctionLowering, op: Operation):
+def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     """numpy `@`: a rank-1 operand is a row (left) or column (right) whose extra dim is dropped."""
     a, bm = (L.buffers[v] for v in op.operands)
     t = op.results[0].type
@@ -382,7 +406,8 @@ def matmul(L: FunctionLowering, op: Operation):
                       load_a=lambda kb, i, kk: kb.create("mem.load", [a] + at_a + [i, kk]).result,
                       load_b=lambda kb, kk, j: kb.create("mem.load", [bm] + at_b + [kk, j]).result,
                       load_b_vector=lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
-                      c=out, c_prefix=bi).emit(L, b, parallel=not batch_rank)
+                      c=out, c_prefix=bi, epilogue=epilogue and (lambda rb, i: L.loop(
+                          rb, L.idx(0), cols[0], lambda jb, j: epilogue(jb, out, bi + [i, j])))).emit(L, b, parallel=not batch_rank)
         if batch_rank:
             L.nest(sizes, tiled, parallel=True)
         else:
@@ -423,6 +448,16 @@ def matmul(L: FunctionLowering, op: Operation):
         L.nest(sizes, per_batch, parallel=True)
     else:
         per_batch(L.b, [])
+    return _apply_epilogue(L, out, sizes + rows + cols, epilogue)
+
+
+ANCHOR_RULES.update({"mlc.matmul": matmul})
+
+
+def _apply_epilogue(L, out, sizes, epilogue):
+    """A fused elementwise chain as its own pass over the result (for lowerings without a hook)."""
+    if epilogue is not None:
+        L.nest(sizes, lambda b, ivs: epilogue(b, out, ivs))
     return [out]
 
 
@@ -674,7 +709,7 @@ def _guarded_load(L, b, buf, indices, inside, fill):
 
 
 @rule("mlc.conv2d")
-def conv2d(L: FunctionLowering, op: Operation):
+def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
     """Direct convolution on an explicitly padded copy of the input, so every read is in bounds
     without guards; the loops run n, o | c, i, j | y, x with x innermost (contiguous for stride 1)
     and the weight read once per (c, i, j)."""
@@ -685,7 +720,7 @@ def conv2d(L: FunctionLowering, op: Operation):
     o_ch, cg, kh, kw = L.dims(w)
     e = t.element
     if sw == 1 and gemm.supports(e):
-        return _tiled_conv2d(L, op, x, w)
+        return _tiled_conv2d(L, op, x, w, epilogue)
     if pt or pl or pb or pr:
         padded_type = TensorType((x.type.shape[0], x.type.shape[1],
                                   None if x.type.shape[2] is None else x.type.shape[2] + pt + pb,
@@ -717,10 +752,10 @@ def conv2d(L: FunctionLowering, op: Operation):
             ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + at).result, L.op(ib, "arith.mul", v, weight)), out] + at)
         L.nest([oh, ow], accumulate, parallel=True, b=b)
     L.nest([n, o_ch, cg, kh, kw], body, parallel=[True, True, False, False, False])
-    return [out]
+    return _apply_epilogue(L, out, [n, o_ch, oh, ow], epilogue)
 
 
-def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w):
+def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     """Stride 1 along x: the register-tiled direct convolution of passes/gemm.py, on a copy of the
     input padded with zeros (and with spare columns on the right for the last tile's lanes)."""
     t = op.results[0].type
@@ -740,8 +775,12 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w):
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else _window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else _window_size(L, op, wd, 3)
     out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
-    gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e).emit(L, L.b)
+    row_epilogue = epilogue and (lambda b, bn, y: L.nest([o_ch, ow], lambda eb, ivs: epilogue(eb, out, [bn, ivs[0], y, ivs[1]]), b=b))
+    gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e, row_epilogue).emit(L, L.b)
     return [out]
+
+
+ANCHOR_RULES["mlc.conv2d"] = conv2d
 
 
 def _window_size(L, op, size, axis):

@@ -257,3 +257,19 @@ def test_conv2d_native_matches_torch(n, c, o, hw, k, stride, pad, dil, groups, d
                     dilation=dil, groups=groups).numpy()
     got = mlc.compile(mlc.parse(text))["f"](x, w)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fused_conv_bias_relu_epilogue_matches_torch(stride):
+    import torch
+    import torch.nn.functional as F
+    text = f"""func.func @f(%x: tensor<?x3x9x20xf32>, %w: tensor<7x3x3x3xf32>, %b: tensor<7x1x1xf32>) -> tensor<?x7x?x?xf32> {{
+      %c = mlc.conv2d %x, %w {{stride = [{stride}, {stride}], padding = [1, 1, 1, 1]}} : (tensor<?x3x9x20xf32>, tensor<7x3x3x3xf32>) -> tensor<?x7x?x?xf32>
+      %a = mlc.add %c, %b : (tensor<?x7x?x?xf32>, tensor<7x1x1xf32>) -> tensor<?x7x?x?xf32>
+      %r = mlc.relu %a : (tensor<?x7x?x?xf32>) -> tensor<?x7x?x?xf32>
+      return %r : tensor<?x7x?x?xf32> }}"""
+    fused = mlc.run_passes(mlc.parse(text), "fuse")
+    assert [op.name for op in fused.functions["f"].body] == ["mlc.fusion", "func.return"]
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 9, 20), (7, 3, 3, 3), (7, 1, 1)))
+    want = F.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b.reshape(7)), stride=stride, padding=1)).numpy()
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x, w, b), want, rtol=1e-4, atol=1e-5)
