@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
-from mlc.ir.core import Block, Builder, Module, Operation, Region, Value, create_op
+from mlc.ir.core import Block, BlockArgument, Builder, Module, Operation, Region, Value, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
@@ -270,7 +270,7 @@ def elementwise(L: FunctionLowering, op: Operation):
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
     else:
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
-    out = L.alloc(t, sizes, op.results[0].name_hint)
+    out = _dying_operand_buffer(L, t, leaves) or L.alloc(t, sizes, op.results[0].name_hint)
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
 
     def value(b, v, ivs):
@@ -281,6 +281,27 @@ def elementwise(L: FunctionLowering, op: Operation):
 
     L.nest(sizes, lambda b, ivs: b.create("mem.store", [scalar(L, b, op, [value(b, v, ivs) for v in op.operands]), out] + ivs))
     return [out]
+
+
+def _dying_operand_buffer(L, t, leaves):
+    """An operand's buffer the result may be written into, in place: the operand is used only here,
+    its buffer is a top-level intermediate of this function that no other value shares, and it has
+    the result's type, so it is read at the very index being written. At a `?` result dim no other
+    operand may be larger than it (each has 1 there, or does not reach that axis)."""
+    if L.current.parent is not L.func.body:
+        return None
+    for v in leaves:
+        fused_arg = L.current.name == "mlc.fusion" and isinstance(v, BlockArgument) and v.owner is L.current.regions[0].blocks[0]
+        outer = L.current.operands[v.index] if fused_arg else v
+        buf = L.buffers[v]
+        if (len(outer.uses) != 1 or buf.type != MemRefType(t.shape, t.element) or buf not in L.allocs
+                or buf.defining_op().parent is not L.func.body or sum(b is buf for b in L.buffers.values()) > 1 + (outer is not v)):
+            continue
+        others = [w.type.shape for w in leaves if w is not v]
+        if all(all(len(s) < t.rank - axis or s[axis - t.rank] == 1 for s in others)
+               for axis, d in enumerate(t.shape) if d is None):
+            return buf
+    return None
 
 
 def scalar(L, b, op, xs) -> Value:
