@@ -50,6 +50,15 @@ def _indices(types, rank, first):
             raise VerifyError(f"operand {first + i} must be an index, got {t}")
 
 
+def _store_into(op, value) -> list:
+    """Checks `store %value, %buffer, %indices...` for a scalar or vector value."""
+    t = _memref(op.operand_types[1], "operand 1")
+    if getattr(value, "element", value) != t.element:
+        raise VerifyError(f"stores {'a ' if isinstance(value, ElementType) else ''}{value} into a buffer of {t.element}")
+    _indices(op.operand_types[2:], t.rank, 2)
+    return []
+
+
 def _checked(buffer: np.ndarray, idx: tuple):
     for k, (i, n) in enumerate(zip(idx, buffer.shape)):
         if not 0 <= i < n:
@@ -127,12 +136,7 @@ class Store(OpDef):
 
     @staticmethod
     def infer(op, ctx):
-        v = _scalar(op.operand_types[0], "operand 0 (the value)")
-        t = _memref(op.operand_types[1], "operand 1")
-        if v != t.element:
-            raise VerifyError(f"stores a {v} into a buffer of {t.element}")
-        _indices(op.operand_types[2:], t.rank, 2)
-        return []
+        return _store_into(op, _scalar(op.operand_types[0], "operand 0 (the value)"))
 
     @staticmethod
     def interpret(ins, op, ctx):
@@ -420,12 +424,7 @@ class VectorStore(OpDef):
 
     @staticmethod
     def infer(op, ctx):
-        v = _vector(op.operand_types[0], "operand 0 (the value)")
-        t = _memref(op.operand_types[1], "operand 1")
-        if v.element != t.element:
-            raise VerifyError(f"stores {v} into a buffer of {t.element}")
-        _indices(op.operand_types[2:], t.rank, 2)
-        return []
+        return _store_into(op, _vector(op.operand_types[0], "operand 0 (the value)"))
 
     @staticmethod
     def interpret(ins, op, ctx):
