@@ -34,6 +34,11 @@ def supports(element) -> bool:
     return element.name in ("f32", "f64")
 
 
+def lanes(element) -> int:
+    """Elements of one vector register."""
+    return VECTOR_BYTES // element.np_dtype.itemsize
+
+
 @dataclass
 class Gemm:
     M: object
@@ -42,15 +47,15 @@ class Gemm:
     element: object
     load_a: Callable                      # (builder, i, k) -> scalar A[i, k]
     load_b: Callable                      # (builder, k, j) -> scalar B[k, j]
+    load_b_vector: Callable               # (builder, k, j, type) -> B[k, j:j+lanes] (rows of B are contiguous)
     c: object                             # the result buffer; C[i, j] is c[*c_prefix, i, j]
     c_prefix: list
-    load_b_vector: Callable | None = None  # (builder, k, j, type) -> B[k, j:j+lanes], where contiguous
     epilogue: Callable | None = None      # (builder, i): row i of C is final
 
     def emit(self, L, b, parallel: bool):
         """The loop nest at b. `parallel`: the row-block loop may run on threads (top level only)."""
         e, self.L = self.element, L
-        self.lanes = VECTOR_BYTES // {"f32": 4, "f64": 8}[e.name]
+        self.lanes = lanes(e)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
         nr = L.idx(self.nr)
@@ -71,14 +76,8 @@ class Gemm:
 
             def row(kb, k):
                 for h in range(0, self.nr, lanes):
-                    j = L.op(kb, "arith.add", j0, L.idx(h))
-                    if self.load_b_vector is not None:
-                        v = self.load_b_vector(kb, k, j, self.vt)
-                        kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
-                    else:
-                        for c in range(h, h + lanes):
-                            jc = L.op(kb, "arith.add", j0, L.idx(c))
-                            kb.create("mem.store", [self.load_b(kb, k, jc), self.packed, jp, k, L.idx(c)])
+                    v = self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h)), self.vt)
+                    kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
             L.loop(pb, L.idx(0), self.K, row)
 
         def ragged(pb, jp):  # the last panel: columns past N are zeros
@@ -210,11 +209,11 @@ class DirectConv:
 
     @staticmethod
     def extra_columns(element) -> int:
-        return 2 * VECTOR_BYTES // {"f32": 4, "f64": 8}[element.name]
+        return 2 * lanes(element)
 
     def emit(self, L, b):
         self.L = L
-        self.lanes = VECTOR_BYTES // {"f32": 4, "f64": 8}[self.element.name]
+        self.lanes = lanes(self.element)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), self.element)
         n, o_ch, oh, ow = self.sizes

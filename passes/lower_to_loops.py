@@ -21,6 +21,7 @@ from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import MemRefType, TensorType, f64, i64, index
 
 from . import gemm
+from .fuse import ANCHORS
 from .manager import Pass
 
 RULES: dict[str, callable] = {}
@@ -204,7 +205,6 @@ class FunctionLowering:
 
 
 TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}
-ANCHOR_RULES: dict[str, callable] = {}  # ops that take a fused elementwise epilogue (see passes/fuse.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def fusion(L: FunctionLowering, op: Operation):
     for arg, v in zip(block.args, op.operands):
         L.buffers[arg] = L.buffers[v]
     root = block.last.operands[0].defining_op()
-    anchor = next((o for o in block if o.name in ANCHOR_RULES), None)
+    anchor = next((o for o in block if o.name in ANCHORS), None)
     L.fused.update(o for o in block if o is not root and o is not block.last and o is not anchor)
     if anchor is None:
         return elementwise(L, root)
@@ -241,7 +241,7 @@ def fusion(L: FunctionLowering, op: Operation):
             return b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
         b.create("mem.store", [value(root.results[0]), out] + ivs)
 
-    return ANCHOR_RULES[anchor.name](L, anchor, epilogue=epilogue)
+    return RULES[anchor.name](L, anchor, epilogue=epilogue)  # the anchor rules take an epilogue
 
 
 def _leaves(L, op):
@@ -470,9 +470,6 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     else:
         per_batch(L.b, [])
     return _apply_epilogue(L, out, sizes + rows + cols, epilogue)
-
-
-ANCHOR_RULES.update({"mlc.matmul": matmul})
 
 
 def _apply_epilogue(L, out, sizes, epilogue):
@@ -799,9 +796,6 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     row_epilogue = epilogue and (lambda b, bn, y: L.nest([o_ch, ow], lambda eb, ivs: epilogue(eb, out, [bn, ivs[0], y, ivs[1]]), b=b))
     gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e, row_epilogue).emit(L, L.b)
     return [out]
-
-
-ANCHOR_RULES["mlc.conv2d"] = conv2d
 
 
 def _window_size(L, op, size, axis):
