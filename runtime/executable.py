@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import os
 import weakref
 
 import numpy as np
@@ -26,6 +28,18 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"))
 _libc.free.argtypes = [ctypes.c_void_p]
 
 
+@functools.cache
+def keep_freed_memory() -> None:
+    """Ask glibc to serve large buffers from its heap and keep freed ones there (as PyTorch's caching
+    allocators do), instead of mmap'ing fresh pages per buffer: first-touch page faults of a fresh
+    64 MiB result cost more than computing it. MLC_KEEP_FREED_MEMORY=0 leaves malloc as it is."""
+    if os.environ.get("MLC_KEEP_FREED_MEMORY", "1") == "0" or not hasattr(_libc, "mallopt"):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    _libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def lower_for_cpu(module: Module) -> Module:
     """A copy of the module lowered to loop-level IR by the `cpu` pipeline (passes/pipelines.py)."""
     from mlc.passes import PassManager
@@ -38,6 +52,7 @@ class Executable:
     """Native code for every public function of a module, with the module's globals."""
 
     def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict, lowered: Module | None = None):
+        keep_freed_memory()
         self.module, self.jit, self.lowered = module, jit, lowered
         self.globals = globals_
         self._globals_table = (ctypes.c_void_p * max(len(globals_), 1))(*[a.ctypes.data for a in globals_.values()])
