@@ -545,10 +545,18 @@ class ArithEmitter:
             out = self.emit(name, [self.b.fpext(x, F32) for x in xs], op, result if not result.is_float else ElementType("f32"))
             return self.b.fptrunc(out, F16) if result.is_float else out
         is_float = t in (F32, F64)
+        if is_float and op.attr("reassoc"):
+            return self.reassociable(name, t, *xs)
         fn = getattr(self, ("f_" if is_float else "i_") + name, None)
         if fn is None:
             raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
         return fn(t, *xs, op=op) if name == "gelu" else fn(t, *xs)
+
+    def reassociable(self, name, t, a, b):
+        """A reduction step LLVM may regroup, so the loop vectorises (the sum's rounding may change)."""
+        if name in ("add", "mul"):
+            return (self.b.fadd if name == "add" else self.b.fmul)(a, b, flags=("reassoc", "nsz"))
+        return self.b.call(self.fe.parent.intrinsic(name, t, 2), [a, b], fastmath=("reassoc", "nsz"))
 
     # floats
     def call(self, name, t, *xs):

@@ -5,6 +5,10 @@ in the same block, and of the same rank and shape (so nothing is recomputed and 
 A matmul or conv2d joins the same way as the group's *anchor* (at most one per group, and only when
 the group's result has its element type): the chain becomes its epilogue, applied to each block of
 the result while it is in cache, in place — bias + activation cost no extra pass over memory.
+Row kernels come first: a reduction over trailing (static) dims joins, as one kernel, its elementwise
+producers and consumers of the full row shape and the reduced values computed from it (softmax or
+layer norm written out in ops), as long as every value but the last is used only inside. Lowered, each
+row is read in a few passes while it is in cache, rather than each op making a pass over memory.
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
@@ -85,13 +89,88 @@ def fuse_group(ops: list[Operation]) -> Operation:
     return fusion
 
 
+ROW_REDUCTIONS = ("mlc.reduce_sum", "mlc.reduce_mean", "mlc.reduce_max", "mlc.reduce_min", "mlc.reduce_prod")
+
+
+def _compatible(a, b) -> bool:
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
+def row_reduction(op: Operation):
+    """(row shape, number of reduced trailing dims) of a reduction a row kernel can hold, else None."""
+    if op.name not in ROW_REDUCTIONS or op.results[0].type.element.name not in ("f32", "f64"):
+        return None
+    shape = op.operands[0].type.shape
+    axes = sorted(op.opdef.axes(op, len(shape)))
+    inner = len(axes)
+    if not inner or axes != list(range(len(shape) - inner, len(shape))) or None in shape[-inner:]:
+        return None
+    return shape, inner
+
+
+def fits_row(op: Operation, shape, inner: int) -> bool:
+    """Whether op can live in a row kernel over `shape` reducing its last `inner` dims: a reduction of
+    exactly those, or an elementwise op on whole rows or on reduced (size-1) rows."""
+    if op.name in ROW_REDUCTIONS:
+        return row_reduction(op) is not None and row_reduction(op)[1] == inner and _compatible(op.operands[0].type.shape, shape)
+    if not elementwise(op):
+        return False
+    mine = op.results[0].type.shape
+    reduced = tuple(shape[:-inner]) + (1,) * inner
+    return _compatible(mine, shape) or _compatible(mine, reduced)
+
+
+def row_groups(block: Block) -> list[list[Operation]]:
+    """Row kernels: for each reduction (last first), the latest op it reaches whose producers,
+    collected backwards while all their uses are inside, include it."""
+    ops = list(block)
+    position = {op: i for i, op in enumerate(ops)}
+    taken, groups = set(), []
+    for seed in reversed(ops):
+        row = None if seed in taken else row_reduction(seed)
+        if row is None:
+            continue
+        eligible = lambda op: op not in taken and op.parent is block and fits_row(op, *row)  # noqa: E731
+        reached, frontier = {seed}, [seed]
+        while frontier:
+            for user in frontier.pop().results[0].users:
+                if user not in reached and eligible(user):
+                    reached.add(user)
+                    frontier.append(user)
+        for root in sorted(reached, key=position.get, reverse=True):
+            group = {root}
+            for p in reversed(ops[:position[root]]):
+                keeps_dims = p.name not in ROW_REDUCTIONS or p.attr("keepdims")  # else it must be the root
+                if eligible(p) and keeps_dims and p.results[0].uses and all(u in group for u in p.results[0].users):
+                    group.add(p)
+            if seed in group:
+                break
+        if len(group) > 1 and _one_source_per_dynamic_dim(group, row[0]):
+            groups.append([op for op in ops if op in group])
+            taken |= group
+    return groups
+
+
+def _one_source_per_dynamic_dim(group, shape) -> bool:
+    """At a `?` row dim at most one input may be larger than 1, so no value is smaller than the row
+    at run time and recomputed for every row it is broadcast to."""
+    leaves = {v for op in group for v in op.operands if v.defining_op() not in group}
+    for axis, d in enumerate(shape):
+        offset = axis - len(shape)
+        if d is None and sum(v.type.rank >= -offset and v.type.shape[offset] != 1 for v in leaves) > 1:
+            return False
+    return True
+
+
 class Fuse(Pass):
     name = "fuse"
-    summary = "group elementwise chains into mlc.fusion kernels"
+    summary = "group reductions with their rows, and elementwise chains, into mlc.fusion kernels"
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
-            for block in [b for op in f.walk() for r in op.regions for b in r.blocks]:
+            for block in [b for op in f.walk() if op.name != "mlc.fusion" for r in op.regions for b in r.blocks]:
+                for group in row_groups(block):
+                    fuse_group(group)
                 roots = [op for op in block if elementwise(op) and not joins_consumer(op)]
                 for root in roots:
                     group = group_of(root)

@@ -21,7 +21,7 @@ from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import MemRefType, TensorType, f64, i64, index
 
 from . import gemm
-from .fuse import ANCHORS
+from .fuse import ANCHORS, ROW_REDUCTIONS
 from .manager import Pass
 
 RULES: dict[str, callable] = {}
@@ -225,6 +225,8 @@ def fusion(L: FunctionLowering, op: Operation):
     root = block.last.operands[0].defining_op()
     anchor = next((o for o in block if o.name in ANCHORS), None)
     L.fused.update(o for o in block if o is not root and o is not block.last and o is not anchor)
+    if any(o.name in ROW_REDUCTIONS for o in block):
+        return row_kernel(L, [o for o in block if o is not block.last])
     if anchor is None:
         return elementwise(L, root)
     # The anchor writes the result buffer; epilogue(b, out, indices) then rewrites an element in place.
@@ -545,9 +547,11 @@ def iota(L: FunctionLowering, op: Operation):
 
 @rule("mlc.softmax", "mlc.log_softmax")
 def softmax(L: FunctionLowering, op: Operation):
-    """Decomposed into tensor ops (max, sub, exp, sum, then div or log and sub), which are lowered."""
+    """Written out in tensor ops (max, sub, exp, sum, then div or log and sub) and lowered as a row
+    kernel when the axis is the last with a static size, else op by op."""
     x = op.operands[0]
-    red = {"axes": [norm_axis(op.attr("axis"), x.type.rank)], "keepdims": True}
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    red = {"axes": [axis], "keepdims": True}
     made = []
 
     def make(name, *operands, **attrs):
@@ -557,8 +561,116 @@ def softmax(L: FunctionLowering, op: Operation):
     e = make("mlc.exp", shifted)
     z = make("mlc.reduce_sum", e, **red)
     y = make("mlc.div", e, z) if op.name == "mlc.softmax" else make("mlc.sub", shifted, make("mlc.log", z))
-    L.lower_ops(made)
-    return [L.buffers[y]]
+    if axis != x.type.rank - 1 or x.type.shape[axis] is None or x.type.element.name not in ("f32", "f64"):
+        L.lower_ops(made)
+        return [L.buffers[y]]
+    out = row_kernel(L, made)
+    for o in reversed(made):
+        o.erase()
+    return out
+
+
+IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
+               "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
+EXPENSIVE = {f"mlc.{n}" for n in ("exp", "log", "log1p", "tanh", "sigmoid", "gelu", "erf", "pow", "sin", "cos")}
+
+
+def row_kernel(L: FunctionLowering, members: list[Operation]):
+    """A row kernel made by `fuse` (reductions over the trailing dims with their elementwise producers
+    and consumers; the last op is the result): a parallel loop over rows and in it, per row, a loop per
+    reduction carrying its accumulator in a register, then a loop writing the result row. Whole-row
+    values are recomputed in each loop that needs them, except one expensive value that the result
+    needs too (softmax's exp): the first reduction over it also stores it into the result row, and
+    later loops read it back from there, in cache."""
+    root = members[-1]
+    inside = set(members)
+    first = next(o for o in members if o.name in ROW_REDUCTIONS)
+    full = first.operands[0].type
+    inner = len(first.opdef.axes(first, full.rank))
+    leaves = list(dict.fromkeys(v for o in members for v in o.operands if v.defining_op() not in inside))
+    sizes = L.result_sizes(TensorType(full.shape, full.element), [L.buffers[v] for v in leaves])
+    outer, row_sizes = sizes[:-inner], sizes[-inner:]
+    t = root.results[0].type
+    whole_rows = root.name not in ROW_REDUCTIONS and t.shape[-inner:] == full.shape[-inner:]
+    stash = _stash(members, root, inner) if whole_rows else None
+    out = (whole_rows and stash is None and _dying_operand_buffer(L, t, leaves)) or \
+        L.alloc(t, sizes if whole_rows else outer + [L.idx(1)] * (t.rank - len(outer)), root.results[0].name_hint)
+    readers = {v: L.broadcast_reader(L.buffers[v], full.rank) for v in leaves}
+
+    def row(b, outer_ivs):
+        known = {}  # per-row values (reductions and what is computed from them): scalars
+
+        def value(b, v, ivs, memo):
+            """v at ivs, computed in b; memo holds what b already computed."""
+            if v in known:
+                return known[v] if known[v] is not None else b.create("mem.load", [out] + ivs).result
+            if v not in memo:
+                p = v.defining_op()
+                memo[v] = scalar(L, b, p, [value(b, o, ivs, memo) for o in p.operands]) if p in inside else \
+                    b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+            return memo[v]
+
+        def needs_stash(v):
+            p = v.defining_op()
+            return v is stash or (v not in known and p in inside and any(needs_stash(o) for o in p.operands))
+
+        row_start = outer_ivs + [L.idx(0)] * inner
+        for o in members:
+            if o.name in ROW_REDUCTIONS:
+                keep = stash is not None and stash not in known and needs_stash(o.operands[0])
+                known[o.results[0]] = _reduce_row(L, b, o, row_sizes, outer_ivs, value, stash if keep else None, out)
+                if keep:
+                    known[stash] = None  # read back from the result row from now on
+            elif o is not root and o.results[0].type.shape[-inner:] != full.shape[-inner:]:
+                known[o.results[0]] = value(b, o.results[0], row_start, {})
+        if whole_rows:
+            L.nest(row_sizes, lambda ib, ivs: ib.create(
+                "mem.store", [value(ib, root.results[0], outer_ivs + ivs, {}), out] + outer_ivs + ivs), parallel=False, b=b)
+        else:
+            result = value(b, root.results[0], row_start, {})
+            b.create("mem.store", [result, out] + outer_ivs + [L.idx(0)] * (t.rank - len(outer)))
+    L.nest(outer, row)
+    return [out]
+
+
+IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
+               "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
+EXPENSIVE = {f"mlc.{n}" for n in ("exp", "log", "log1p", "tanh", "sigmoid", "gelu", "erf", "pow", "sin", "cos")}
+
+
+def _stash(members, root, inner):
+    """The latest expensive whole-row value, of the result's element type, that the result and some
+    reduction both compute from (else None)."""
+    def reaches(v, target):
+        p = v.defining_op()
+        return v is target or (p in members and p.name not in ROW_REDUCTIONS and any(reaches(o, target) for o in p.operands))
+    reductions = [o for o in members if o.name in ROW_REDUCTIONS]
+    element, row = root.results[0].type.element, root.results[0].type.shape[-inner:]
+    for o in reversed(members[:-1]):
+        v = o.results[0]
+        if (o.name in EXPENSIVE and v.type.element == element and v.type.shape[-inner:] == row
+                and reaches(root.results[0], v) and any(reaches(r.operands[0], v) for r in reductions)):
+            return v
+    return None
+
+
+def _reduce_row(L, b, op, row_sizes, outer_ivs, value, stash, out):
+    """One reduction over a row: nested loops carrying the accumulator, marked reassociable so they
+    vectorise; with `stash`, each element of that value is also stored into the result row."""
+    def level(b, ivs, acc):
+        if len(ivs) < len(row_sizes):
+            return L.loop(b, L.idx(0), row_sizes[len(ivs)], lambda ib, iv, a: [level(ib, ivs + [iv], a)], carried=[acc])[0]
+        at, memo = outer_ivs + ivs, {}
+        x = value(b, op.operands[0], at, memo)
+        if stash is not None:
+            b.create("mem.store", [value(b, stash, at, memo), out] + at)
+        return b.create(COMBINE[op.name], [acc, x], {"reassoc": True}).result
+    e = op.results[0].type.element
+    total = level(b, [], L.const(b, IDENTITY_OF[op.name], e))
+    if op.name == "mlc.reduce_mean":
+        count = int(np.prod([s.defining_op().attr("value") for s in row_sizes]))
+        total = L.op(b, "arith.div", total, L.const(b, count, e))
+    return total
 
 
 @rule("mlc.cross_entropy")

@@ -209,7 +209,8 @@ def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
         %s = mlc.reduce_sum %e {axes = [0], keepdims} : (tensor<4xf32>) -> tensor<1xf32>
         %n = mlc.div %e, %s : (tensor<4xf32>, tensor<1xf32>) -> tensor<4xf32>
         mlc.global_store @g, %n : tensor<4xf32>
-        %t = mlc.tanh %n
+        %h = mlc.tanh %n
+        %t = mlc.add %h, %e
         return %t : tensor<4xf32>
       } }"""
     m = mlc.parse(text)

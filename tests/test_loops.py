@@ -183,19 +183,20 @@ def test_vector_lanes_past_the_end_are_a_located_error():
 
 def test_elementwise_results_take_over_dying_operand_buffers():
     """relu(q) * q (one kernel) writes into q's buffer: q dies there. m lives on (two uses), and x is
-    an argument, so neither is overwritten; results still match the interpreter on the tensor IR."""
-    text = """func.func @f(%x: tensor<?x32xf32>) -> tensor<?x32xf32> {
-      %s = mlc.reduce_sum %x {axes = [1], keepdims = true} : (tensor<?x32xf32>) -> tensor<?x1xf32>
-      %m = mlc.sub %x, %s : (tensor<?x32xf32>, tensor<?x1xf32>) -> tensor<?x32xf32>
-      %q = mlc.reduce_max %m {axes = [1], keepdims = true} : (tensor<?x32xf32>) -> tensor<?x1xf32>
+    an argument, so neither is overwritten; results still match the interpreter on the tensor IR.
+    (The reductions are over the leading dim, so no row kernel takes them.)"""
+    text = """func.func @f(%x: tensor<32x?xf32>) -> tensor<32x?xf32> {
+      %s = mlc.reduce_sum %x {axes = [0], keepdims = true} : (tensor<32x?xf32>) -> tensor<1x?xf32>
+      %m = mlc.sub %x, %s : (tensor<32x?xf32>, tensor<1x?xf32>) -> tensor<32x?xf32>
+      %q = mlc.reduce_max %m {axes = [0], keepdims = true} : (tensor<32x?xf32>) -> tensor<1x?xf32>
       %e = mlc.relu %q
-      %z = mlc.mul %e, %q : (tensor<?x1xf32>, tensor<?x1xf32>) -> tensor<?x1xf32>
-      %t = mlc.sub %m, %z : (tensor<?x32xf32>, tensor<?x1xf32>) -> tensor<?x32xf32>
-      return %t : tensor<?x32xf32> }"""
+      %z = mlc.mul %e, %q : (tensor<1x?xf32>, tensor<1x?xf32>) -> tensor<1x?xf32>
+      %t = mlc.sub %m, %z : (tensor<32x?xf32>, tensor<1x?xf32>) -> tensor<32x?xf32>
+      return %t : tensor<32x?xf32> }"""
     lowered = mlc.run_passes(mlc.parse(text), "cpu")
     allocs = [op.results[0].name_hint for op in lowered.functions["f"].body if op.name == "mem.alloc"]
     assert allocs == ["s", "m", "q", "t"], allocs  # no buffer for z
-    x = np.random.default_rng(2).standard_normal((5, 32)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((32, 5)).astype(np.float32)
     want = mlc.interpret(mlc.parse(text), "f", x)
     np.testing.assert_allclose(mlc.interpret(lowered, "f", x), want, rtol=1e-6)
     np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x), want, rtol=1e-5)

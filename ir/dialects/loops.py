@@ -327,9 +327,12 @@ class _Probe:
 for _name in list(mlc.UNARY) + ["gelu"]:
     _base = lookup_op(f"mlc.{_name}")
     type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": {PURE, ELEMENTWISE}})
+REASSOCIATIVE = ("add", "mul", "maximum", "minimum")  # `{reassoc}`: a reduction may be regrouped (vectorised)
 for _name in list(mlc.BINARY) + ["select"]:
     _base = lookup_op(f"mlc.{_name}")
-    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}})
+    _attrs = {**_base.attrs, "reassoc": Attr("bool", False)} if _name in REASSOCIATIVE else _base.attrs
+    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),),
+         {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}, "attrs": _attrs})
 
 
 class BitOp(OpDef):
