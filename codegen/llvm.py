@@ -24,7 +24,7 @@ from llvmlite import ir
 
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.types import ElementType, TensorType, VectorType, index
+from mlc.ir.types import ElementType, TensorType, VectorType, index, round_to_element
 
 PTR = ir.PointerType()
 I64 = ir.IntType(64)
@@ -32,7 +32,7 @@ I8 = ir.IntType(8)
 I1 = ir.IntType(1)
 F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 
-SCALAR = {"f16": F16, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
+SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
 LIBM = {"tanh": "tanh", "erf": "erf", "log1p": "log1p"}  # libm functions (suffix f for f32)
 
@@ -213,11 +213,21 @@ class FunctionEmitter:
         if e == index and xs and all(isinstance(x, ir.Constant) for x in xs):
             # folded here, so sizes stay constants in outlined loop bodies too (LLVM sees them as such)
             return ir.Constant(I64, int(op.opdef.interpret([np.int64(x.constant) for x in xs], op, None)))
-        return ArithEmitter(self).emit(op.name[6:], xs, op, e)
+        out = ArithEmitter(self).emit(op.name[6:], xs, op, e)
+        return self.round_bf16(out) if e == ElementType("bf16") else out
+
+    def round_bf16(self, x):
+        """bf16 values live in f32 (as in numpy and the interpreter): each result is rounded to the
+        nearest even on its top 16 bits; NaN stays NaN."""
+        i32 = ir.IntType(32)
+        bits = self.b.bitcast(x, i32)
+        odd = self.b.and_(self.b.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = self.b.and_(self.b.add(bits, self.b.add(odd, ir.Constant(i32, 0x7FFF))), ir.Constant(i32, -65536))
+        return self.b.select(self.b.fcmp_unordered("uno", x, x), x, self.b.bitcast(rounded, F32))
 
 
 def _element_bytes(e: ElementType) -> int:
-    return {"f16": 2, "f32": 4, "f64": 8, "i1": 1, "i8": 1, "i32": 4, "i64": 8, "index": 8}[e.name]
+    return {"f16": 2, "bf16": 4, "f32": 4, "f64": 8, "i1": 1, "i8": 1, "i32": 4, "i64": 8, "index": 8}[e.name]
 
 
 def _const(self: FunctionEmitter, op):
@@ -230,6 +240,8 @@ def _scalar_const(self: FunctionEmitter, op):
     e = op.results[0].type
     v = op.attr("value")
     t = scalar_type(e)
+    if e.name == "bf16":
+        v = round_to_element(np.float32(v), e)[()]
     self.values[op.results[0]] = ir.Constant(t, float(v) if e.is_float else int(v))
     if e.name == "index":
         self.trusted.add(op.results[0])

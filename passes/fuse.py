@@ -44,7 +44,8 @@ def group_of(root: Operation) -> list[Operation]:
             if p is None or p in members or not joins_consumer(p):
                 continue
             if p.name in ANCHORS:
-                if anchor is not None or p.results[0].type.element != root.results[0].type.element:
+                element = p.results[0].type.element
+                if anchor is not None or element != root.results[0].type.element or element.name not in ("f32", "f64"):
                     continue
                 anchor = p
                 members.add(p)  # its operands stay outside: the anchor reads them itself

@@ -18,7 +18,7 @@ from mlc.ir.core import Block, BlockArgument, Builder, Module, Operation, Region
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
-from mlc.ir.types import MemRefType, TensorType, f64, i64, index
+from mlc.ir.types import ElementType, MemRefType, TensorType, f64, i64, index
 
 from . import gemm
 from .fuse import ANCHORS, ROW_REDUCTIONS
@@ -96,7 +96,7 @@ class FunctionLowering:
         for op in ops:
             if op in self.fused:  # computed inside its consumer's loop nest
                 continue
-            lower = RULES.get(op.name)
+            lower = widened if _accumulates_in_half(op) else RULES.get(op.name)
             if lower is None:
                 raise error(op.loc, "cannot lower this op to loops yet", op.name)
             self.b = Builder.before(op, self.module)
@@ -205,6 +205,29 @@ class FunctionLowering:
 
 
 TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}
+HALF = ("f16", "bf16")
+ACCUMULATING = {"mlc.matmul", "mlc.conv2d", "mlc.conv2d_transpose", "mlc.reduce_sum", "mlc.reduce_mean", "mlc.reduce_prod",
+                "mlc.softmax", "mlc.log_softmax", "mlc.cross_entropy", "mlc.avg_pool2d"}
+
+
+def _accumulates_in_half(op) -> bool:
+    return op.name in ACCUMULATING and op.operands[0].type.element.name in HALF
+
+
+def widened(L: FunctionLowering, op: Operation):
+    """An op that sums f16/bf16 values runs in f32 and is rounded once at the end, as the
+    interpreter (and PyTorch's CPU kernels) do: casts around an f32 twin, lowered in turn."""
+    f32 = ElementType("f32")
+    made = []
+
+    def make(name, operands, result_types=None):
+        made.append(L.b.create(name, operands, dict(op.attributes) if name == op.name else None, result_types=result_types))
+        return made[-1].results
+    wide = [make("mlc.cast", [v], [TensorType(v.type.shape, f32)])[0] if v.type.element.name in HALF else v for v in op.operands]
+    results = make(op.name, wide)
+    narrow = [make("mlc.cast", [r], [o.type])[0] for r, o in zip(results, op.results)]
+    L.lower_ops(made)
+    return [L.buffers[v] for v in narrow]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,6 +90,27 @@ def test_half_precision_elementwise():
     compile_and_compare(one_op("mlc.mul", x, x), "f", x, x)
 
 
+@pytest.mark.parametrize("dt", ["f16", "bf16"])
+def test_half_precision_sums_accumulate_in_f32_and_bf16_rounds_every_result(dt):
+    """Matmul, sums and softmax over f16/bf16 run in f32 and round once (as the interpreter and
+    PyTorch do); bf16 values live in f32 arrays and every op rounds them to nearest-even. Within one
+    bf16 rounding step (tanh's f32 kernel may round the other way), where summing in half would not be."""
+    text = f"""module {{ func.func @f(%a: tensor<5x40x{dt}>, %b: tensor<40x7x{dt}>) -> (tensor<5x7x{dt}>, tensor<5x1x{dt}>, tensor<5x40x{dt}>, tensor<5x40x{dt}>) {{
+      %c = mlc.matmul %a, %b
+      %s = mlc.reduce_sum %a {{axes = [1], keepdims = true}}
+      %m = mlc.softmax %a {{axis = 1}}
+      %t = mlc.tanh %a
+      %u = mlc.mul %t, %s
+      %w = mlc.cast %u : (tensor<5x40x{dt}>) -> tensor<5x40xf32>
+      %v = mlc.cast %w : (tensor<5x40xf32>) -> tensor<5x40x{dt}>
+      return %c, %s, %m, %v : tensor<5x7x{dt}>, tensor<5x1x{dt}>, tensor<5x40x{dt}>, tensor<5x40x{dt}> }} }}"""
+    np_type = np.float16 if dt == "f16" else np.float32
+    a, b = rng.standard_normal((5, 40)).astype(np_type), rng.standard_normal((40, 7)).astype(np_type)
+    if dt == "bf16":
+        a, b = (mlc.ir.types.round_to_element(v, mlc.ir.types.ElementType("bf16")) for v in (a, b))
+    compile_and_compare(text, "f", a, b, rtol=2 ** -8, atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"])
 @pytest.mark.parametrize("attrs", ["{axes = [1]}", "{axes = [0, 2], keepdims}", "{axes = [2]}"])
 def test_reductions(name, attrs):
