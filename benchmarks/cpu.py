@@ -107,10 +107,10 @@ MLP = """module @mlp {
 }"""
 
 
-def mlp(torch):
+def mlp(torch, batch):
     exe, _ = compile_one(MLP)
     g = exe.globals
-    x = np.random.randn(256, 784).astype(np.float32)
+    x = np.random.randn(batch, 784).astype(np.float32)
     net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
                               torch.nn.Linear(1024, 10, bias=False))
     with torch.no_grad():
@@ -124,7 +124,29 @@ def mlp(torch):
     def torch_forward():
         with torch.no_grad():
             return net(tx)
-    return "MLP 784-1024-1024-10 b256", best(lambda: exe["forward"](x), 1), best(torch_forward), "torch", ""
+    repeat = 1 if batch > 16 else 20
+    return f"MLP 784-1024-1024-10 b{batch}", best(lambda: exe["forward"](x), repeat), best(torch_forward, repeat), "torch", ""
+
+
+def layer_norm(torch):
+    text = """module { func.func @f(%x: tensor<4096x1024xf32>, %g: tensor<1024xf32>, %b: tensor<1024xf32>) -> tensor<4096x1024xf32> {
+      %eps = mlc.constant dense<1.0e-5> : tensor<f32>
+      %m = mlc.reduce_mean %x {axes = [1], keepdims = true}
+      %d = mlc.sub %x, %m
+      %sq = mlc.mul %d, %d
+      %v = mlc.reduce_mean %sq {axes = [1], keepdims = true}
+      %ve = mlc.add %v, %eps
+      %rs = mlc.rsqrt %ve
+      %n = mlc.mul %d, %rs
+      %s = mlc.mul %n, %g
+      %y = mlc.add %s, %b
+      return %y : tensor<4096x1024xf32> } }"""
+    exe, _ = compile_one(text)
+    x, g, b = np.random.randn(4096, 1024).astype(np.float32), np.random.rand(1024).astype(np.float32), np.random.rand(1024).astype(np.float32)
+    tx, tg, tb = torch.from_numpy(x), torch.from_numpy(g), torch.from_numpy(b)
+    np.testing.assert_allclose(exe["f"](x, g, b), torch.nn.functional.layer_norm(tx, (1024,), tg, tb).numpy(), rtol=1e-4, atol=1e-4)
+    return ("layer norm (as ops) 4096x1024", best(lambda: exe["f"](x, g, b)),
+            best(lambda: torch.nn.functional.layer_norm(tx, (1024,), tg, tb)), "torch", "")
 
 
 def compile_times():
@@ -149,7 +171,7 @@ def main():
     torch.set_num_threads(2)
     os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-bench-cache-"))
     rows = [sgemm(256), sgemm(512)] + ([] if args.quick else [sgemm(1024)])
-    rows += [elementwise(1 << 20 if args.quick else 1 << 24), softmax(), mlp(torch)]
+    rows += [elementwise(1 << 20 if args.quick else 1 << 24), softmax(), layer_norm(torch), mlp(torch, 256), mlp(torch, 1)]
     if not args.quick:
         rows.append(conv(torch))
     rows += compile_times()

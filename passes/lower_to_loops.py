@@ -18,7 +18,7 @@ from mlc.ir.core import Block, BlockArgument, Builder, Module, Operation, Region
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
-from mlc.ir.types import ElementType, MemRefType, TensorType, f64, i64, index
+from mlc.ir.types import ElementType, MemRefType, TensorType, f64, i1, i64, index
 
 from . import gemm
 from .fuse import ANCHORS, ROW_REDUCTIONS
@@ -1203,7 +1203,7 @@ def peak_intermediate_bytes(func, dynamic_size: int = 1) -> int:
     for op in func.body:
         if op.name == "mem.dim":
             known[op.results[0]] = op.operand_types[0].shape[op.attr("axis")] or dynamic_size
-        elif op.name.startswith("arith.") and op.results and op.results[0].type == index \
+        elif op.name.startswith("arith.") and op.results and op.results[0].type in (index, i1) \
                 and all(v in known for v in op.operands):
             known[op.results[0]] = int(op.opdef.interpret([np.int64(known[v]) for v in op.operands], op, None))
         elif op.name == "mem.alloc":
