@@ -109,6 +109,8 @@ class OpDef:
     def interpret(ins, op, ctx):
         raise NotImplementedError(f"no interpreter kernel for {op.name}")
 
+    vjp = None  # reverse-mode rule: vjp(d, op, g) -> a cotangent (or None) per operand; see passes/grad.py
+
     @staticmethod
     def fold(op, consts):
         """Algebraic simplification: return replacement values/arrays for the results, or None.

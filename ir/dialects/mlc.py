@@ -172,9 +172,34 @@ UNARY = {  # name: (numpy definition, element kind)
     "erf": (_erf_array, "float"), "sin": (np.sin, "float"), "cos": (np.cos, "float"),
     "sign": (np.sign, "num"), "floor": (np.floor, "float"), "not": (_not, "logic"),
 }
+UNARY_VJP = {  # name: d(x)/dx applied to the cotangent g, in ops (y is the op's result)
+    "neg": lambda d, x, y, g: d("mlc.neg", g),
+    "abs": lambda d, x, y, g: d("mlc.mul", g, d("mlc.sign", x)),
+    "exp": lambda d, x, y, g: d("mlc.mul", g, y),
+    "log": lambda d, x, y, g: d("mlc.div", g, x),
+    "log1p": lambda d, x, y, g: d("mlc.div", g, d("mlc.add", x, d.scalar(1, x))),
+    "sqrt": lambda d, x, y, g: d("mlc.div", g, d("mlc.mul", y, d.scalar(2, x))),
+    "rsqrt": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(-0.5, x), d("mlc.div", y, x))),
+    "reciprocal": lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.mul", y, y))),
+    "square": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", x, d.scalar(2, x))),
+    "tanh": lambda d, x, y, g: d("mlc.mul", g, d("mlc.sub", d.scalar(1, y), d("mlc.mul", y, y))),
+    "sigmoid": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", y, d("mlc.sub", d.scalar(1, y), y))),
+    "relu": lambda d, x, y, g: d("mlc.select", d("mlc.gt", x, d.scalar(0, x)), g, d.scalar(0, x)),
+    "erf": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(2 / math.sqrt(math.pi), x), d("mlc.exp", d("mlc.neg", d("mlc.mul", x, x))))),
+    "sin": lambda d, x, y, g: d("mlc.mul", g, d("mlc.cos", x)),
+    "cos": lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.sin", x))),
+    "sign": lambda d, x, y, g: None, "floor": lambda d, x, y, g: None,  # zero almost everywhere
+}
+
+
+def _unary_vjp(rule):
+    return staticmethod(lambda d, op, g: [rule(d, op.operands[0], op.results[0], g)])
+
+
 for _name, (_fn, _kind) in UNARY.items():
     type(_name.capitalize(), (Unary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
-                                        "fold": staticmethod(_UNARY_FOLDS.get(_name, OpDef.fold))})
+                                        "fold": staticmethod(_UNARY_FOLDS.get(_name, OpDef.fold)),
+                                        "vjp": _unary_vjp(UNARY_VJP[_name]) if _name in UNARY_VJP else None})
 
 
 class Gelu(Unary):
@@ -232,9 +257,45 @@ BINARY = {  # name: (numpy definition, element kind, commutative, comparison)
     "gt": (np.greater, "any", False, True), "ge": (np.greater_equal, "any", False, True),
     "and": (np.bitwise_and, "logic", True, False), "or": (np.bitwise_or, "logic", True, False),
 }
+def _extremum_vjp(wins):
+    """maximum/minimum, as PyTorch: the cotangent goes to the winner, split evenly on a tie."""
+    def rule(d, a, b, y, g):
+        half = d("mlc.mul", g, d.scalar(0.5, g))
+        zero = d.scalar(0, g)
+        return (d("mlc.select", d(wins, a, b), g, d("mlc.select", d("mlc.eq", a, b), half, zero)),
+                d("mlc.select", d(wins, b, a), g, d("mlc.select", d("mlc.eq", a, b), half, zero)))
+    return rule
+
+
+def _pow_vjp(d, a, b, y, g):
+    """d/da = b a^(b-1); d/db = y log a, taken as 0 where a = 0 and b >= 0 (PyTorch's convention)."""
+    da = d("mlc.mul", g, d("mlc.mul", b, d("mlc.pow", a, d("mlc.sub", b, d.scalar(1, b)))))
+    at_zero = d("mlc.and", d("mlc.eq", a, d.scalar(0, a)), d("mlc.ge", b, d.scalar(0, b)))
+    db = d("mlc.select", at_zero, d.scalar(0, g), d("mlc.mul", g, d("mlc.mul", y, d("mlc.log", a))))
+    return da, db
+
+
+BINARY_VJP = {  # name: (cotangent of a, of b) before summing back over broadcast dims
+    "add": lambda d, a, b, y, g: (g, g),
+    "sub": lambda d, a, b, y, g: (g, d("mlc.neg", g)),
+    "mul": lambda d, a, b, y, g: (d("mlc.mul", g, b), d("mlc.mul", g, a)),
+    "div": lambda d, a, b, y, g: (d("mlc.div", g, b), d("mlc.neg", d("mlc.div", d("mlc.mul", g, y), b))),
+    "pow": _pow_vjp, "maximum": _extremum_vjp("mlc.gt"), "minimum": _extremum_vjp("mlc.lt"),
+}
+
+
+def _binary_vjp(rule):
+    def vjp(d, op, g):
+        a, b = op.operands
+        ga, gb = rule(d, a, b, op.results[0], g)
+        return [d.sum_to(ga, a.type), d.sum_to(gb, b.type)]
+    return staticmethod(vjp)
+
+
 for _name, (_fn, _kind, _comm, _cmp) in BINARY.items():
     type(_name.capitalize(), (Binary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
-                                         "compares": _cmp, "traits": Binary.traits | ({COMMUTATIVE} if _comm else set())})
+                                         "compares": _cmp, "traits": Binary.traits | ({COMMUTATIVE} if _comm else set()),
+                                         "vjp": _binary_vjp(BINARY_VJP[_name]) if _name in BINARY_VJP else None})
 
 
 class Select(OpDef):
@@ -255,6 +316,12 @@ class Select(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return np.where(*ins)
+
+    @staticmethod
+    def vjp(d, op, g):
+        c, a, b = op.operands
+        zero = d.scalar(0, g)
+        return [None, d.sum_to(d("mlc.select", c, g, zero), a.type), d.sum_to(d("mlc.select", c, zero, g), b.type)]
 
 
 class Clamp(OpDef):
@@ -414,6 +481,11 @@ class ReduceSum(Reduction):
     name = "mlc.reduce_sum"
     fn = staticmethod(_sum)
 
+    @staticmethod
+    def vjp(d, op, g):
+        x = op.operands[0]
+        return [d.expand(d.keepdims(g, op), x)]
+
 
 class ReduceProd(Reduction):
     name = "mlc.reduce_prod"
@@ -424,6 +496,16 @@ class ReduceMean(Reduction):
     name = "mlc.reduce_mean"
     kind = "float"
     fn = staticmethod(lambda x, axes, keep: np.mean(_acc(x), axis=axes, keepdims=keep))
+
+    @staticmethod
+    def vjp(d, op, g):
+        x = op.operands[0]
+        axes = Reduction.axes(op, x.type.rank)
+        sizes = [x.type.shape[a] for a in axes]
+        kept = d.keepdims(g, op)
+        count = d.scalar(math.prod(sizes), x) if None not in sizes else \
+            d("mlc.reduce_sum", d.expand(d.scalar(1, x), x), axes=list(axes), keepdims=True)
+        return [d.expand(d("mlc.div", kept, count), x)]
 
 
 class ReduceMax(Reduction):
@@ -498,6 +580,24 @@ class Matmul(OpDef):
             return np.matmul(a, b)
         return np.matmul(_acc(a), _acc(b))
 
+    @staticmethod
+    def vjp(d, op, g):
+        """da = g @ b^T, db = a^T @ g (a vector operand as a matrix of one row or column), each
+        summed back over the batch dims it was broadcast along."""
+        a, b = op.operands
+        a2 = a if a.type.rank > 1 else d.reshape(a, (1,) + a.type.shape)
+        b2 = b if b.type.rank > 1 else d.reshape(b, b.type.shape + (1,))
+        g2 = g
+        if a.type.rank == 1:
+            g2 = d.reshape(g2, g.type.shape[:-1 if b.type.rank > 1 else None] + (1,) + ((g.type.shape[-1],) if b.type.rank > 1 else ()))
+        if b.type.rank == 1:
+            g2 = d.reshape(g2, g2.type.shape + (1,))
+        ga = d("mlc.matmul", g2, d.swap_last(b2))
+        gb = d("mlc.matmul", d.swap_last(a2), g2)
+        ga = d.sum_to(ga, a2.type) if a.type.rank > 1 else d.reshape(d.sum_to(ga, a2.type), a.type.shape)
+        gb = d.sum_to(gb, b2.type) if b.type.rank > 1 else d.reshape(d.sum_to(gb, b2.type), b.type.shape)
+        return [ga, gb]
+
 
 # ---------------------------------------------------------------------------------------------------
 # Shape ops
@@ -533,6 +633,10 @@ class Reshape(OpDef):
             raise RuntimeCheck(f"cannot reshape an input of shape {fmt_shape(x.shape)} into {op.results[0].type}")
         return x.reshape(shape)
 
+    @staticmethod
+    def vjp(d, op, g):
+        return [d.reshape(g, op.operands[0].type.shape)]
+
 
 class Transpose(OpDef):
     name = "mlc.transpose"
@@ -552,6 +656,11 @@ class Transpose(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return np.transpose(ins[0], op.attr("perm"))
+
+    @staticmethod
+    def vjp(d, op, g):
+        perm = list(op.attr("perm"))
+        return [d("mlc.transpose", g, perm=[perm.index(i) for i in range(len(perm))])]
 
 
 class BroadcastTo(OpDef):
