@@ -593,11 +593,6 @@ def softmax(L: FunctionLowering, op: Operation):
     return out
 
 
-IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
-               "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
-EXPENSIVE = {f"mlc.{n}" for n in ("exp", "log", "log1p", "tanh", "sigmoid", "gelu", "erf", "pow", "sin", "cos")}
-
-
 def row_kernel(L: FunctionLowering, members: list[Operation]):
     """A row kernel made by `fuse` (reductions over the trailing dims with their elementwise producers
     and consumers; the last op is the result): a parallel loop over rows and in it, per row, a loop per
