@@ -17,8 +17,11 @@ import numpy as np
 from mlc.ir.attributes import DenseAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.types import TensorType, i1
+from mlc.ir.dialects.mlc import END
+from mlc.ir.registry import VerifyError
+from mlc.ir.types import TensorType, element_of, i1
 
+from .inline import inline_call, recursive_functions
 from .manager import Pass
 
 
@@ -56,6 +59,34 @@ class Cotangents:
         axes = op.opdef.axes(op, x.type.rank)
         return self.reshape(g, tuple(1 if i in axes else d for i, d in enumerate(x.type.shape)))
 
+    def const(self, array: np.ndarray) -> Value:
+        t = TensorType(array.shape, element_of(array.dtype))
+        return self("mlc.constant", result_type=t, value=DenseAttr(array, t))
+
+    def zeros(self, like: Value, resized: dict | None = None) -> Value:
+        """Zeros of like's shape, with dims {axis: size} replaced."""
+        if not resized:
+            return self.expand(self.scalar(0, like), like)
+        shape = tuple(resized.get(i, s) for i, s in enumerate(like.type.shape))
+        if None not in shape:
+            return self("mlc.broadcast_to", self.scalar(0, like), result_type=like.type.with_shape(shape))
+        one = self.slice(like, {axis: (0, 1, 1) for axis in resized})
+        return self("mlc.broadcast_to", self.expand(self.scalar(0, like), one), result_type=like.type.with_shape(shape))
+
+    def slice(self, v: Value, bounds: dict) -> Value:
+        """v[start:limit:stride] along the dims in bounds ({axis: (start, limit, stride)})."""
+        rank = v.type.rank
+        full = [bounds.get(i, (0, END, 1)) for i in range(rank)]
+        if all(b == (0, END, 1) or (b[0], b[2]) == (0, 1) and b[1] == v.type.shape[i] for i, b in enumerate(full)):
+            return v
+        return self("mlc.slice", v, start=[b[0] for b in full], limit=[b[1] for b in full], stride=[b[2] for b in full])
+
+    def pad(self, v: Value, widths: dict) -> Value:
+        """v with zeros (low, high) around the dims in widths ({axis: (low, high)})."""
+        rank = v.type.rank
+        return self("mlc.pad", v, low=[widths.get(i, (0, 0))[0] for i in range(rank)],
+                    high=[widths.get(i, (0, 0))[1] for i in range(rank)])
+
     def sum_to(self, g: Value | None, t: TensorType) -> Value | None:
         """g summed over the dims along which a value of type t was broadcast to g's shape."""
         if g is None or g.type.shape == t.shape:
@@ -76,7 +107,7 @@ def differentiable(v: Value) -> bool:
 class Grad(Pass):
     name = "grad"
     summary = "add @f_grad returning f's scalar result and its gradients (reverse mode)"
-    options = {"func": ""}
+    options = {"func": "", "wrt": "args"}
 
     def run(self, module: Module) -> None:
         name = self.option("func").lstrip("@")
@@ -87,29 +118,85 @@ class Grad(Pass):
         if len(results) != 1 or not isinstance(results[0], TensorType) or results[0].rank != 0 or not results[0].element.is_float:
             raise error(f.loc, f"grad: @{name} must return one floating-point scalar (tensor<f32>), not "
                                f"({', '.join(map(str, results))})")
-        wrt = [i for i, a in enumerate(f.args) if differentiable(a)]
-        g = FuncOp.build(f"{name}_grad", list(f.type.inputs), [results[0]] + [f.args[i].type for i in wrt],
-                         [a.name_hint for a in f.args], loc=f.loc, private=f.is_private)
-        module.body.insert_after(f, g)
-        b = Builder.at_end(g.body, module)
-        mapping = dict(zip(f.args, g.args))
-        forward = []
-        for op in f.body:
-            if op.name == "func.return":
-                loss = mapping[op.operands[0]]
-                break
-            forward.append(b.block.append(op.clone(mapping)))
-        d = Cotangents(b)
-        adjoint = {loss: d.scalar(1.0, loss)}
-        for op in reversed(forward):
-            cts = [adjoint.get(r) for r in op.results]
-            if all(c is None for c in cts) or not any(differentiable(v) for v in op.operands):
-                continue
-            if op.opdef is None or op.opdef.vjp is None:
-                raise error(op.loc, "grad: no gradient rule for this op yet", op.name)
-            b.loc = op.loc
-            for v, ct in zip(op.operands, op.opdef.vjp(d, op, cts[0])):
-                if ct is not None and differentiable(v):
-                    adjoint[v] = ct if v not in adjoint else d("mlc.add", adjoint[v], ct)
-        grads = [adjoint.get(g.args[i]) or d.expand(d.scalar(0, g.args[i]), g.args[i]) for i in wrt]
-        b.create("func.return", [loss] + grads, result_types=[])
+        differentiate(module, f, self.option("wrt"))
+
+
+def differentiate(module: Module, f, wrt: str = "args") -> FuncOp:
+    """Adds and returns @f_grad (see the module docstring); wrt is "args" (every floating-point
+    argument), "globals" (every trainable global, in declaration order) or a list of argument names."""
+    arg_indices, globals_ = _targets(module, f, wrt)
+    grad_types = [f.args[i].type for i in arg_indices] + [module.globals[s].attr("type") for s in globals_]
+    g = FuncOp.build(f"{f.sym_name}_grad", list(f.type.inputs), [f.type.results[0]] + grad_types,
+                     [a.name_hint for a in f.args], loc=f.loc, private=f.is_private)
+    module.body.insert_after(f, g)
+    b = Builder.at_end(g.body, module)
+    mapping = dict(zip(f.args, g.args))
+    for op in f.body:
+        if op.name == "func.return":
+            loss = mapping[op.operands[0]]
+            break
+        b.block.append(op.clone(mapping))
+    _inline_calls(module, g)
+    forward = list(g.body)
+    d = Cotangents(b)
+    adjoint = {loss: d.scalar(1.0, loss)}
+    for op in reversed(forward):
+        cts = [adjoint.get(r) for r in op.results]
+        if all(c is None for c in cts) or not any(differentiable(v) for v in op.operands):
+            continue
+        if op.opdef is None or op.opdef.vjp is None:
+            raise error(op.loc, "grad: no gradient rule for this op yet", op.name)
+        b.loc = op.loc
+        try:
+            operand_cts = op.opdef.vjp(d, op, cts[0]) if len(op.results) == 1 else op.opdef.vjp(d, op, cts)
+        except VerifyError as e:
+            raise error(op.loc, str(e), op.name) from None
+        for v, ct in zip(op.operands, operand_cts):
+            if ct is not None and differentiable(v):
+                adjoint[v] = ct if v not in adjoint else d("mlc.add", adjoint[v], ct)
+    grads = [adjoint.get(g.args[i]) or d.zeros(g.args[i]) for i in arg_indices]
+    for sym in globals_:
+        loads = [op.results[0] for op in forward if op.name == "mlc.global_load" and op.attr("global") == sym]
+        total = None
+        for v in loads:
+            if v in adjoint:
+                total = adjoint[v] if total is None else d("mlc.add", total, adjoint[v])
+        if total is None:
+            t = module.globals[sym].attr("type")
+            total = d("mlc.broadcast_to", d("mlc.constant", result_type=TensorType((), t.element),
+                                             value=DenseAttr(np.zeros((), t.element.np_dtype), TensorType((), t.element))), result_type=t)
+        grads.append(total)
+    b.create("func.return", [loss] + grads, result_types=[])
+    return g
+
+
+def _targets(module: Module, f, wrt: str):
+    """(indices of the arguments, names of the globals) whose gradients are asked for."""
+    if wrt == "globals":
+        return [], [op.attr("sym_name") for op in module.body if op.name == "mlc.global" and op.attr("trainable")]
+    if wrt == "args":
+        return [i for i, a in enumerate(f.args) if differentiable(a)], []
+    names = [n.strip().lstrip("%") for n in wrt.strip("[]").split(",") if n.strip()]
+    by_name = {a.name_hint: i for i, a in enumerate(f.args)}
+    indices = []
+    for n in names:
+        if n not in by_name:
+            raise error(f.loc, f"grad: @{f.sym_name} has no argument %{n} (wrt=args, globals or [names])")
+        a = f.args[by_name[n]]
+        if not differentiable(a):
+            raise error(f.loc, f"grad: %{n} has type {a.type}; only floating-point values have gradients")
+        indices.append(by_name[n])
+    return indices, []
+
+
+def _inline_calls(module: Module, g) -> None:
+    """Calls are differentiated through: their bodies are inlined into the copy first."""
+    recursive = recursive_functions(module)
+    while True:
+        calls = [op for op in g.body if op.name == "func.call"]
+        if not calls:
+            return
+        for call in calls:
+            if call.attr("callee") in recursive:
+                raise error(call.loc, "grad: cannot differentiate a recursive call", call.name)
+            inline_call(call, module.functions[call.attr("callee")])

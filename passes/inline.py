@@ -25,7 +25,8 @@ def recursive_functions(module: Module) -> set[str]:
     return recursive
 
 
-def inline_call(call: Operation, callee) -> None:
+def inline_call(call: Operation, callee) -> list:
+    """Replaces call by a copy of callee's body; returns the values that stand for its results."""
     mapping = dict(zip(callee.args, call.operands))
     block = call.parent
     results = []
@@ -33,11 +34,9 @@ def inline_call(call: Operation, callee) -> None:
         if op.name == "func.return":
             results = [mapping.get(v, v) for v in op.operands]
             break
-        new = op.clone(mapping)
-        if call.loc is not None and not getattr(new.loc, "explicit", False):
-            new.loc = new.loc
-        block.insert_before(call, new)
+        block.insert_before(call, op.clone(mapping))
     call.replace_with(results)
+    return results
 
 
 class Inline(Pass):

@@ -981,6 +981,94 @@ def pool2d(L: FunctionLowering, op: Operation):
     return [out]
 
 
+@rule("mlc.max_pool2d_grad")
+def max_pool2d_grad(L: FunctionLowering, op: Operation):
+    """Scatter form, one (n, c) plane per parallel iteration: for each window in order, find its
+    first maximum (carried in registers) and add the window's cotangent there."""
+    x, g = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    n, c, h, wd = L.dims(x)
+    oh, ow = L.dim(g, 2), L.dim(g, 3)
+    e = t.element
+    out = L.alloc(t, [n, c, h, wd], op.results[0].name_hint)
+
+    def plane(b, ivs):
+        L.nest([h, wd], lambda zb, yx: zb.create("mem.store", [L.const(zb, 0, e), out] + ivs + yx), parallel=False, b=b)
+
+        def window(wb, oyx):
+            oy, ox = oyx
+            top, left = (L.op(wb, "arith.maximum", L.op(wb, "arith.sub", L.op(wb, "arith.mul", o, L.idx(s)), L.idx(lo)), L.idx(0))
+                         for o, s, lo in ((oy, sh, pt), (ox, sw, pl)))
+
+            def row(rb, i, best, by, bx):
+                def col(cb, j, best, by, bx):
+                    iy, ix = _window_index(L, cb, oy, i, sh, 1, pt), _window_index(L, cb, ox, j, sw, 1, pl)
+                    inside = L.op(cb, "arith.and", _inside(L, cb, iy, h), _inside(L, cb, ix, wd))
+                    v = _guarded_load(L, cb, x, ivs + [iy, ix], inside, L.const(cb, -np.inf, e))
+                    better = L.op(cb, "arith.gt", v, best)
+                    return [L.op(cb, "arith.select", better, v, best), L.op(cb, "arith.select", better, iy, by),
+                            L.op(cb, "arith.select", better, ix, bx)]
+                return L.loop(rb, L.idx(0), L.idx(kw), col, carried=[best, by, bx])
+            _, by, bx = L.loop(wb, L.idx(0), L.idx(kh), row, carried=[L.const(wb, -np.inf, e), top, left])
+            at = ivs + [by, bx]
+            total = L.op(wb, "arith.add", wb.create("mem.load", [out] + at).result, wb.create("mem.load", [g] + ivs + oyx).result)
+            wb.create("mem.store", [total, out] + at)
+        L.nest([oh, ow], window, parallel=False, b=b)
+    L.nest([n, c], plane)
+    return [out]
+
+
+@rule("mlc.avg_pool2d_grad")
+def avg_pool2d_grad(L: FunctionLowering, op: Operation):
+    """Gather form: each input element sums g / divisor over the windows that hold it."""
+    x, g = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    n, c, h, wd = L.dims(x)
+    oh, ow = L.dim(g, 2), L.dim(g, 3)
+    e = t.element
+    out = L.alloc(t, [n, c, h, wd], op.results[0].name_hint)
+
+    def covered(b, o, s, lo, k, size):
+        """How many of window o's rows (or columns) lie inside the input."""
+        start = L.op(b, "arith.sub", L.op(b, "arith.mul", o, L.idx(s)), L.idx(lo))
+        stop = L.op(b, "arith.minimum", L.op(b, "arith.add", start, L.idx(k)), size)
+        return L.op(b, "arith.sub", stop, L.op(b, "arith.maximum", start, L.idx(0)))
+
+    def element(b, ivs):
+        bn, ch, iy, ix = ivs
+
+        def row(rb, i, acc):
+            oy, in_y = _source_index(L, rb, iy, i, sh, 1, pt, oh)
+
+            def col(cb, j, acc):
+                ox, in_x = _source_index(L, cb, ix, j, sw, 1, pl, ow)
+                inside = L.op(cb, "arith.and", in_y, in_x)
+                share = _guarded_load(L, cb, g, [bn, ch, oy, ox], inside, L.const(cb, 0, e))
+                if op.attr("count_include_pad"):
+                    divisor = L.const(cb, kh * kw, e)
+                else:
+                    cells = L.op(cb, "arith.mul", covered(cb, oy, sh, pt, kh, h), covered(cb, ox, sw, pl, kw, wd))
+                    divisor = cb.create("arith.cast", [L.op(cb, "arith.maximum", cells, L.idx(1))], result_types=[e]).result
+                return [L.op(cb, "arith.add", acc, L.op(cb, "arith.div", share, divisor))]
+            return L.loop(rb, L.idx(0), L.idx(kw), col, carried=[acc])
+        total = L.loop(b, L.idx(0), L.idx(kh), row, carried=[L.const(b, 0, e)])[0]
+        b.create("mem.store", [total, out] + ivs)
+    L.nest([n, c, h, wd], element)
+    return [out]
+
+
+def _source_index(L, b, position, kk, s, d, lo, size):
+    """The window (or transposed-convolution input) index q with q * s + kk * d - lo == position, and
+    whether there is one inside 0..size."""
+    num = L.op(b, "arith.sub", L.op(b, "arith.add", position, L.idx(lo)), L.op(b, "arith.mul", kk, L.idx(d)))
+    q = L.op(b, "arith.div", num, L.idx(s))
+    exact = L.op(b, "arith.eq", L.op(b, "arith.mul", q, L.idx(s)), num)
+    inside = L.op(b, "arith.and", L.op(b, "arith.ge", num, L.idx(0)), L.op(b, "arith.and", exact, L.op(b, "arith.lt", q, size)))
+    return q, inside
+
+
 @rule("mlc.conv2d_transpose")
 def conv2d_transpose(L: FunctionLowering, op: Operation):
     """Gather form: out[n, g*O + o, y, x] = sum over c, i, j of in[n, g*C + c, (y + top - i*d) / s, ...]
@@ -1005,13 +1093,6 @@ def conv2d_transpose(L: FunctionLowering, op: Operation):
     cg = L.op(L.b, "arith.div", c_in, L.idx(groups))
     e = t.element
 
-    def source(b, position, kk, s, d, lo, size):
-        num = L.op(b, "arith.sub", L.op(b, "arith.add", position, L.idx(lo)), L.op(b, "arith.mul", kk, L.idx(d)))
-        q = L.op(b, "arith.div", num, L.idx(s))
-        exact = L.op(b, "arith.eq", L.op(b, "arith.mul", q, L.idx(s)), num)
-        inside = L.op(b, "arith.and", L.op(b, "arith.ge", num, L.idx(0)), L.op(b, "arith.and", exact, L.op(b, "arith.lt", q, size)))
-        return q, inside
-
     def body(b, ivs):
         bn, oc, oy, ox = ivs
         b.create("mem.store", [L.const(b, 0, e), out] + ivs)
@@ -1020,8 +1101,8 @@ def conv2d_transpose(L: FunctionLowering, op: Operation):
 
         def acc(ib, kvs):
             c, i, j = kvs
-            iy, in_y = source(ib, oy, i, sh, dh, pt, h)
-            ix, in_x = source(ib, ox, j, sw, dw, pl, wd)
+            iy, in_y = _source_index(L, ib, oy, i, sh, dh, pt, h)
+            ix, in_x = _source_index(L, ib, ox, j, sw, dw, pl, wd)
             ci = L.op(ib, "arith.add", L.op(ib, "arith.mul", g, cg), c)
             v = _guarded_load(L, ib, x, [bn, ci, iy, ix], L.op(ib, "arith.and", in_y, in_x), L.const(ib, 0, e))
             prod = L.op(ib, "arith.mul", v, ib.create("mem.load", [w, ci, o, i, j]).result)

@@ -1,7 +1,7 @@
 """Passes, the pass registry, pipeline strings and the pass manager.
 
 A pipeline is text, as in `mlir-opt --pass-pipeline`: `inline,canonicalize{max-iterations=5},cse`
-(options inside braces, separated by spaces or commas). The manager verifies the module after every
+(options inside braces, separated by spaces or commas; a list value is bracketed, `wrt=[x,w]`). The manager verifies the module after every
 pass (a failure names the pass), can print the IR after each pass and time them.
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def parse_pipeline(text: str, _depth: int = 0) -> list[Pass]:
             raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(PASSES))}; "
                                 f"pipelines: {', '.join(sorted(PIPELINES))})")
         options = {}
-        for item in re.split(r"[\s,]+", (opts or "").strip()):
+        for item in re.findall(r"[^\s,\[]+(?:\[[^\]]*\])?", opts or ""):  # a [list, value] stays whole
             if not item:
                 continue
             key, eq, value = item.partition("=")

@@ -242,6 +242,22 @@ def test_pools_match_torch(k, s, data, include):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@given(k=st.integers(1, 3), s=st.integers(1, 3), data=st.data(), include=st.booleans())
+def test_pool_gradients_match_torch_autograd(k, s, data, include):
+    p = data.draw(st.integers(0, k // 2))
+    x = normal(2, 3, 7, 6)
+    attrs = f"{{kernel = [{k}, {k}], stride = [{s}, {s}], padding = [{p}, {p}, {p}, {p}]"
+    for name, pool, extra in (("max_pool2d_grad", lambda t: F.max_pool2d(t, k, s, p), ""),
+                              ("avg_pool2d_grad", lambda t: F.avg_pool2d(t, k, s, p, count_include_pad=include),
+                               f", count_include_pad = {'true' if include else 'false'}")):
+        t = torch.from_numpy(x).requires_grad_()
+        y = pool(t)
+        g = normal(*y.shape)
+        y.backward(torch.from_numpy(g))
+        got = run1(f"mlc.{name}", x, g, attrs=attrs + extra + "}")
+        np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_softmax_log_softmax_cross_entropy_match_torch():
     x = normal(4, 7) * 5
     t = torch.from_numpy(x)

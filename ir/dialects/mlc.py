@@ -214,6 +214,23 @@ class Gelu(Unary):
             return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
         return 0.5 * x * (1 + _erf_array(x / math.sqrt(2)))
 
+    @staticmethod
+    def vjp(d, op, g):
+        """Exact: Phi(x) + x phi(x). Tanh form: 0.5 (1 + t) + 0.5 x (1 - t^2) u'(x), u = c (x + a x^3)."""
+        x = op.operands[0]
+        k = lambda v: d.scalar(v, x)  # noqa: E731
+        xx = d("mlc.mul", x, x)
+        if op.attr("approximate") == "tanh":
+            c, a = math.sqrt(2 / math.pi), 0.044715
+            t = d("mlc.tanh", d("mlc.mul", k(c), d("mlc.add", x, d("mlc.mul", k(a), d("mlc.mul", xx, x)))))
+            du = d("mlc.mul", k(c), d("mlc.add", k(1), d("mlc.mul", k(3 * a), xx)))
+            left = d("mlc.mul", k(0.5), d("mlc.add", k(1), t))
+            right = d("mlc.mul", d("mlc.mul", k(0.5), x), d("mlc.mul", d("mlc.sub", k(1), d("mlc.mul", t, t)), du))
+            return [d("mlc.mul", g, d("mlc.add", left, right))]
+        cdf = d("mlc.mul", k(0.5), d("mlc.add", k(1), d("mlc.erf", d("mlc.mul", x, k(1 / math.sqrt(2))))))
+        pdf = d("mlc.mul", k(1 / math.sqrt(2 * math.pi)), d("mlc.exp", d("mlc.mul", xx, k(-0.5))))
+        return [d("mlc.mul", g, d("mlc.add", cdf, d("mlc.mul", x, pdf)))]
+
 
 class Binary(OpDef):
     operands = 2
@@ -348,6 +365,16 @@ class Clamp(OpDef):
             x = np.minimum(x, np.array(hi).astype(x.dtype))
         return x
 
+    @staticmethod
+    def vjp(d, op, g):
+        """Passes where min <= x <= max (bounds included), as torch.clamp."""
+        x, inside = op.operands[0], None
+        for bound, within in ((op.attr("min"), "mlc.ge"), (op.attr("max"), "mlc.le")):
+            if bound is not None:
+                c = d(within, x, d.scalar(bound, x))
+                inside = c if inside is None else d("mlc.and", inside, c)
+        return [g if inside is None else d("mlc.select", inside, g, d.scalar(0, g))]
+
 
 class Cast(OpDef):
     """Element type conversion; the result type (or `to`) gives the target. float -> int truncates
@@ -371,6 +398,11 @@ class Cast(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return Cast.convert(ins[0], op.results[0].type.element)
+
+    @staticmethod
+    def vjp(d, op, g):
+        x = op.operands[0]
+        return [d("mlc.cast", g, result_type=x.type)]
 
     @staticmethod
     def convert(x: np.ndarray, target) -> np.ndarray:
@@ -508,15 +540,27 @@ class ReduceMean(Reduction):
         return [d.expand(d("mlc.div", kept, count), x)]
 
 
+def _extremum_reduction_vjp(d, op, g):
+    """As torch.amax/amin: the cotangent is split evenly among the elements equal to the extremum."""
+    x = op.operands[0]
+    axes = list(Reduction.axes(op, x.type.rank))
+    kept = d.keepdims(op.results[0], op)
+    hit = d("mlc.eq", x, kept)
+    count = d("mlc.reduce_sum", d("mlc.select", hit, d.scalar(1, x), d.scalar(0, x)), axes=axes, keepdims=True)
+    return [d("mlc.select", hit, d("mlc.div", d.keepdims(g, op), count), d.scalar(0, x))]
+
+
 class ReduceMax(Reduction):
     name = "mlc.reduce_max"
     needs_elements = True
+    vjp = staticmethod(_extremum_reduction_vjp)
     fn = staticmethod(lambda x, axes, keep: np.max(x, axis=axes, keepdims=keep))
 
 
 class ReduceMin(Reduction):
     name = "mlc.reduce_min"
     needs_elements = True
+    vjp = staticmethod(_extremum_reduction_vjp)
     fn = staticmethod(lambda x, axes, keep: np.min(x, axis=axes, keepdims=keep))
 
 
@@ -695,6 +739,10 @@ class BroadcastTo(OpDef):
         except ValueError:
             raise RuntimeCheck(f"cannot broadcast shape {fmt_shape(x.shape)} to {fmt_shape(target)}") from None
 
+    @staticmethod
+    def vjp(d, op, g):
+        return [d.sum_to(g, op.operands[0].type)]
+
 
 class Concat(OpDef):
     name = "mlc.concat"
@@ -726,6 +774,19 @@ class Concat(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return np.concatenate(ins, axis=op.attr("axis"))
+
+    @staticmethod
+    def vjp(d, op, g):
+        """Each operand's part of g, sliced out along the axis."""
+        axis = norm_axis(op.attr("axis"), g.type.rank)
+        start, cts = 0, []
+        for v in op.operands:
+            size = v.type.shape[axis]
+            if size is None:
+                raise VerifyError("grad: concatenating along a '?' dim is not supported")
+            cts.append(d.slice(g, {axis: (start, start + size, 1)}))
+            start += size
+        return cts
 
 
 class Slice(OpDef):
@@ -760,6 +821,27 @@ class Slice(OpDef):
         start, limit, stride = Slice.bounds(op, ins[0].ndim)
         return ins[0][tuple(slice(s, l, k) for s, l, k in zip(start, limit, stride))]
 
+    @staticmethod
+    def vjp(d, op, g):
+        """g put back where the slice came from, zeros elsewhere: a pad per dim with stride 1, a
+        scatter_add of the picked indices otherwise."""
+        x = op.operands[0]
+        for axis, (n, s, l, k) in reversed(list(enumerate(zip(x.type.shape, *Slice.bounds(op, x.type.rank))))):
+            if n is None:
+                if (s, k) != (0, 1) or l < END:
+                    raise VerifyError("grad: slicing a '?' dim is not supported")
+                continue
+            picked = range(*slice(s, l, k).indices(n))
+            if len(picked) == n:
+                continue
+            if k == 1 or not picked:
+                low = picked.start if picked else 0
+                g = d.pad(g, {axis: (low, n - low - len(picked))})
+            else:
+                idx = d.const(np.array(picked, np.int64))
+                g = d("mlc.scatter_add", d.zeros(g, {axis: n}), idx, g, axis=axis)
+        return [g]
+
 
 class Pad(OpDef):
     """Constant padding: `low[i]` before and `high[i]` after dim i, filled with `value`."""
@@ -783,6 +865,13 @@ class Pad(OpDef):
     def interpret(ins, op, ctx):
         x = ins[0]
         return np.pad(x, list(zip(op.attr("low"), op.attr("high"))), constant_values=np.array(op.attr("value")).astype(x.dtype))
+
+    @staticmethod
+    def vjp(d, op, g):
+        return [d.slice(g, {axis: (lo, -hi if hi else END, 1) for axis, (lo, hi) in enumerate(zip(op.attr("low"), op.attr("high")))})]
+
+
+END = 2**62  # a slice limit past the end of any dim
 
 
 def _check_indices(idx, size, what="index"):
@@ -811,6 +900,11 @@ class Gather(OpDef):
         axis = op.attr("axis") % x.ndim
         _check_indices(idx, x.shape[axis])
         return np.take(x, idx, axis=axis)
+
+    @staticmethod
+    def vjp(d, op, g):
+        x, idx = op.operands
+        return [d("mlc.scatter_add", d.zeros(x), idx, g, axis=op.attr("axis")), None]
 
 
 class ScatterAdd(OpDef):
@@ -841,6 +935,11 @@ class ScatterAdd(OpDef):
         k = idx.ndim
         np.add.at(np.moveaxis(out, axis, 0), idx, np.moveaxis(upd, list(range(axis, axis + k)), list(range(k))))
         return out
+
+    @staticmethod
+    def vjp(d, op, g):
+        x, idx, upd = op.operands
+        return [g, None, d("mlc.gather", g, idx, axis=op.attr("axis"))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -906,6 +1005,51 @@ class Conv2d(OpDef):
         out = np.einsum("ngcyxij,gocij->ngoyx", cols, wg, optimize=True)
         return out.reshape(n, w.shape[0], oh, ow)
 
+    @staticmethod
+    def vjp(d, op, g):
+        x, w = op.operands
+        stride, pads, dilation, groups = Conv2d.params(op)
+        return [_conv_input_grad(d, g, w, x.type, stride, pads, dilation, groups),
+                _conv_weight_grad(d, x, g, w.type, stride, pads, dilation, groups)]
+
+
+def _static_hw(*types):
+    for t in types:
+        if None in t.shape[2:]:
+            raise VerifyError(f"grad: convolution over a '?' height or width ({t}) is not supported")
+
+
+def _conv_input_grad(d, g, w, x_type, stride, pads, dilation, groups):
+    """The transposed convolution of g, with output_padding restoring the rows and columns that the
+    forward stride skipped at the bottom and right."""
+    _static_hw(x_type)
+    kernel = w.type.shape[2:]
+    extra = [(size + lo + hi - dl * (k - 1) - 1) % s
+             for size, lo, hi, k, s, dl in zip(x_type.shape[2:], pads[:2], pads[2:], kernel, stride, dilation)]
+    return d("mlc.conv2d_transpose", g, w, stride=list(stride), padding=list(pads), output_padding=extra,
+             dilation=list(dilation), groups=groups)
+
+
+def _conv_weight_grad(d, x, g, w_type, stride, pads, dilation, groups):
+    """dw[o, c, i, j] = sum over n, y, x of xpad[n, c, y s + i d, x s + j d] g[n, o, y, x]: itself a
+    convolution, of x with batch and channels swapped by g as the kernel (stride and dilation swap
+    too), cropped to the kernel size."""
+    _static_hw(g.type)
+    n, c, h, wd = x.type.shape
+    o, cg, kh, kw = w_type.shape
+    og = None if g.type.shape[1] is None else g.type.shape[1] // groups
+    if groups == 1:
+        xs, gs = (d("mlc.transpose", v, perm=[1, 0, 2, 3]) for v in (x, g))
+    else:
+        xs = d.reshape(d("mlc.transpose", d.reshape(x, (n, groups, cg, h, wd)), perm=[2, 1, 0, 3, 4]),
+                       (cg, None if n is None else groups * n, h, wd))
+        oh, ow = g.type.shape[2:]
+        gs = d.reshape(d("mlc.transpose", d.reshape(g, (n, groups, og, oh, ow)), perm=[1, 2, 0, 3, 4]),
+                       (g.type.shape[1], n, oh, ow))
+    r = d("mlc.conv2d", xs, gs, stride=list(dilation), padding=list(pads), dilation=list(stride), groups=groups)
+    r = d("mlc.transpose", r, perm=[1, 0, 2, 3])
+    return d.slice(r, {2: (0, kh, 1), 3: (0, kw, 1)})
+
 
 class Conv2dTranspose(OpDef):
     """torch.nn.functional.conv_transpose2d: input NCHW, weight C x (O/groups) x kh x kw; the output is
@@ -964,6 +1108,17 @@ class Conv2dTranspose(OpDef):
         full = full.reshape(n, g * og, full_h, full_w)
         return full[:, :, pt: full_h - pb, pl: full_w - pr]
 
+    @staticmethod
+    def vjp(d, op, g):
+        """The input's cotangent is the convolution of g (the transpose's adjoint); the weight's is
+        conv2d's weight gradient with g as the input and x as the output's cotangent."""
+        x, w = op.operands
+        stride, pads, dilation, groups = Conv2d.params(op)
+        _static_hw(x.type)
+        gx = d("mlc.conv2d", g, w, stride=list(stride), padding=list(pads), dilation=list(dilation), groups=groups)
+        gx = d.slice(gx, {2: (0, x.type.shape[2], 1), 3: (0, x.type.shape[3], 1)})
+        return [gx, _conv_weight_grad(d, g, x, w.type, stride, pads, dilation, groups)]
+
 
 class Pool2d(OpDef):
     operands = 1
@@ -1001,6 +1156,10 @@ class MaxPool2d(Pool2d):
         low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
         return _windows(_pad_nchw(x, pads, low), kh, kw, sh, sw, 1, 1).max(axis=(4, 5))
 
+    @staticmethod
+    def vjp(d, op, g):
+        return [d("mlc.max_pool2d_grad", op.operands[0], g, **_pool_attrs(op))]
+
 
 class AvgPool2d(Pool2d):
     """torch avg_pool2d: with count_include_pad (default) padding counts toward the divisor."""
@@ -1017,6 +1176,87 @@ class AvgPool2d(Pool2d):
             return sums / (kh * kw)
         ones = _pad_nchw(np.ones((1, 1) + x.shape[2:], x.dtype), pads)
         return sums / _windows(ones, kh, kw, sh, sw, 1, 1).sum(axis=(4, 5))
+
+    @staticmethod
+    def vjp(d, op, g):
+        return [d("mlc.avg_pool2d_grad", op.operands[0], g, **_pool_attrs(op), count_include_pad=op.attr("count_include_pad"))]
+
+
+def _pool_attrs(op):
+    kernel, stride, pads = Pool2d.params(op)
+    return {"kernel": list(kernel), "stride": list(stride), "padding": list(pads)}
+
+
+class Pool2dGrad(Pool2d):
+    """The cotangent of a pooling's input: operands the input x and the cotangent g of the pooled
+    result; the result has x's type. Made by `grad`."""
+    operands = 2
+
+    @classmethod
+    def infer(cls, op, ctx):
+        x, g = _tensors(op)
+        same_element([x, g])
+        (pooled,) = Pool2d.infer.__func__(cls, _Probe1(op, x), ctx)
+        if len(g.shape) != 4 or not all(a is None or b is None or a == b for a, b in zip(pooled.shape, g.shape)):
+            raise VerifyError(f"cotangent must have the pooled shape {fmt_shape(pooled.shape)}, got {fmt_shape(g.shape)}")
+        return [x]
+
+
+class _Probe1:
+    """op seen as the one-operand pooling it differentiates (for the shared shape rule)."""
+    def __init__(self, op, x):
+        self.op, self.operand_types = op, [x]
+
+    def attr(self, name, default=None):
+        return self.op.attr(name, default)
+
+
+class MaxPool2dGrad(Pool2dGrad):
+    """g[n, c, y, x] goes to the first maximum of its window, as in torch; overlapping windows add."""
+    name = "mlc.max_pool2d_grad"
+    kind = "float"
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, g = ins
+        (kh, kw), (sh, sw), pads = MaxPool2dGrad.params(op)
+        xp = _pad_nchw(x, pads, -np.inf)
+        windows = _windows(xp, kh, kw, sh, sw, 1, 1)
+        n, c, oh, ow = windows.shape[:4]
+        best = np.argmax(windows.reshape(n, c, oh, ow, kh * kw), axis=-1)
+        rows = np.arange(oh)[:, None] * sh + best // kw
+        cols = np.arange(ow)[None, :] * sw + best % kw
+        out = np.zeros(xp.shape, np.float64)
+        np.add.at(out, (np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols), g)
+        return out[:, :, pads[0]: xp.shape[2] - pads[2], pads[1]: xp.shape[3] - pads[3]]
+
+
+class AvgPool2dGrad(Pool2dGrad):
+    """g[n, c, y, x] / (its window's divisor) added to every input element of the window."""
+    name = "mlc.avg_pool2d_grad"
+    kind = "float"
+    attrs = AvgPool2d.attrs
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, g = ins
+        (kh, kw), (sh, sw), pads = AvgPool2dGrad.params(op)
+        xp = _pad_nchw(np.zeros(x.shape, np.float64), pads)
+        oh, ow = g.shape[2:]
+        if op.attr("count_include_pad"):
+            share = _acc(g) / (kh * kw)
+        else:
+            ones = _pad_nchw(np.ones((1, 1) + x.shape[2:]), pads)
+            share = _acc(g) / _windows(ones, kh, kw, sh, sw, 1, 1).sum(axis=(4, 5))
+        for i in range(kh):
+            for j in range(kw):
+                xp[:, :, i: i + (oh - 1) * sh + 1: sh, j: j + (ow - 1) * sw + 1: sw] += share
+        return xp[:, :, pads[0]: xp.shape[2] - pads[2], pads[1]: xp.shape[3] - pads[3]]
+
+    @staticmethod
+    def vjp(d, op, g):
+        """Linear in the pooled cotangent: its adjoint is the pooling itself."""
+        return [None, d("mlc.avg_pool2d", g, **_pool_attrs(op), count_include_pad=op.attr("count_include_pad"))]
 
 
 def _pair(values, what):
@@ -1050,6 +1290,13 @@ class Softmax(OpDef):
         e = np.exp(x - np.max(x, axis=op.attr("axis"), keepdims=True))
         return e / np.sum(e, axis=op.attr("axis"), keepdims=True)
 
+    @staticmethod
+    def vjp(d, op, g):
+        """y (g - sum(g y))."""
+        y, axis = op.results[0], op.attr("axis")
+        dot = d("mlc.reduce_sum", d("mlc.mul", g, y), axes=[axis], keepdims=True)
+        return [d("mlc.mul", y, d("mlc.sub", g, dot))]
+
 
 class LogSoftmax(Softmax):
     name = "mlc.log_softmax"
@@ -1059,6 +1306,13 @@ class LogSoftmax(Softmax):
         x = _acc(ins[0])
         s = x - np.max(x, axis=op.attr("axis"), keepdims=True)
         return s - np.log(np.sum(np.exp(s), axis=op.attr("axis"), keepdims=True))
+
+    @staticmethod
+    def vjp(d, op, g):
+        """g - softmax(x) sum(g)."""
+        y, axis = op.results[0], op.attr("axis")
+        total = d("mlc.reduce_sum", g, axes=[axis], keepdims=True)
+        return [d("mlc.sub", g, d("mlc.mul", d("mlc.exp", y), total))]
 
 
 class CrossEntropy(OpDef):
@@ -1088,6 +1342,23 @@ class CrossEntropy(OpDef):
         logp = s - np.log(np.sum(np.exp(s), axis=1, keepdims=True))
         picked = np.take_along_axis(logp, np.expand_dims(y, 1), axis=1)
         return -np.mean(picked)
+
+    @staticmethod
+    def vjp(d, op, g):
+        """(softmax(x) - onehot(labels)) g / (number of labels)."""
+        x, labels = op.operands
+        classes = x.type.shape[1]
+        if classes is None:
+            raise VerifyError("grad: cross_entropy over a '?' number of classes is not supported")
+        column = (1, classes) + (1,) * (x.type.rank - 2)
+        iota = d("mlc.iota", axis=1, result_type=TensorType(column, labels.type.element))
+        onehot = d("mlc.eq", iota, d.reshape(labels, labels.type.shape[:1] + (1,) + labels.type.shape[1:]))
+        n = num_elements(labels.type.shape)
+        count = d.scalar(n, x) if n is not None else \
+            d("mlc.reduce_sum", d.expand(d.scalar(1, x), d("mlc.cast", labels, result_type=labels.type.with_element(x.type.element))))
+        p = d("mlc.softmax", x, axis=1)
+        diff = d("mlc.sub", p, d("mlc.select", onehot, d.scalar(1, x), d.scalar(0, x)))
+        return [d("mlc.mul", diff, d("mlc.div", g, count)), None]
 
 
 # ---------------------------------------------------------------------------------------------------
