@@ -1,0 +1,184 @@
+"""train_step{loss=@loss optimizer=adam lr=1e-3}: one function that trains.
+
+Adds `@train_step` (option `name`) taking @loss's arguments and returning the loss. It computes the
+gradients of the trainable globals (`grad` with wrt=globals), clips them by their global norm
+(`clip-norm`, when > 0), schedules the learning rate and applies the optimiser, storing the new
+weights and the optimiser's state with `global_store`. The state lives in globals of its own, named
+after the weight (`@w.exp_avg`), and a step counter `@train_step.step`, so a checkpoint of the globals
+is a checkpoint of the training.
+
+The update rules are torch.optim's, in its order of operations:
+  sgd    momentum, dampening, nesterov, weight-decay (L2 added to the gradient)
+  adam   beta1, beta2, eps, weight-decay (L2 added to the gradient)
+  adamw  beta1, beta2, eps, weight-decay (decoupled; torch's default 0.01)
+Learning-rate schedules count optimiser steps t = 0, 1, ...:
+  constant; step: lr gamma^floor(t / step-size); cosine: eta-min + (lr - eta-min)(1 + cos(pi t / t-max)) / 2
+"""
+from __future__ import annotations
+
+import math
+
+from mlc.ir.attributes import StringAttr, SymbolRefAttr, TypeAttr
+from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
+from mlc.ir.diagnostics import error
+from mlc.ir.types import TensorType, f64
+
+from .grad import Cotangents, differentiate
+from .inline import inline_call
+from .manager import Pass
+
+
+class SGD:
+    states = ("momentum_buffer",)
+    defaults = {"weight-decay": 0.0}
+
+    def __init__(self, o):
+        self.momentum, self.dampening, self.nesterov, self.wd = o["momentum"], o["dampening"], o["nesterov"], o["weight-decay"]
+        if self.momentum == 0:
+            self.states = ()
+
+    def update(self, d, p, g, state, t, lr):
+        """(new p, new state) from weight p, its gradient g, the step count t and learning rate lr (f64)."""
+        if self.wd:
+            g = d("mlc.add", g, d("mlc.mul", p, d.scalar(self.wd, p)))
+        new = {}
+        if self.momentum:
+            buf = state["momentum_buffer"]
+            later = d("mlc.add", d("mlc.mul", buf, d.scalar(self.momentum, p)), d("mlc.mul", g, d.scalar(1 - self.dampening, p)))
+            first = d("mlc.eq", t, d.scalar(0, t))  # torch starts the buffer at the first gradient
+            buf = new["momentum_buffer"] = d("mlc.select", first, g, later)
+            g = d("mlc.add", g, d("mlc.mul", buf, d.scalar(self.momentum, p))) if self.nesterov else buf
+        return d("mlc.sub", p, d("mlc.mul", g, _like(d, lr, p))), new
+
+
+class Adam:
+    states = ("exp_avg", "exp_avg_sq")
+    defaults = {"weight-decay": 0.0}
+    decoupled = False
+
+    def __init__(self, o):
+        self.b1, self.b2, self.eps, self.wd = o["beta1"], o["beta2"], o["eps"], o["weight-decay"]
+
+    def update(self, d, p, g, state, t, lr):
+        if self.wd and self.decoupled:
+            p = d("mlc.mul", p, _like(d, d("mlc.sub", d.scalar(1, lr), d("mlc.mul", lr, d.scalar(self.wd, lr))), p))
+        elif self.wd:
+            g = d("mlc.add", g, d("mlc.mul", p, d.scalar(self.wd, p)))
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m = d("mlc.add", m, d("mlc.mul", d("mlc.sub", g, m), d.scalar(1 - self.b1, p)))
+        v = d("mlc.add", d("mlc.mul", v, d.scalar(self.b2, p)), d("mlc.mul", d("mlc.mul", d.scalar(1 - self.b2, p), g), g))
+        step = d("mlc.add", t, d.scalar(1, t))  # bias corrections in f64, as torch computes them in Python floats
+        correction1 = d("mlc.sub", d.scalar(1, t), d("mlc.pow", d.scalar(self.b1, t), step))
+        correction2 = d("mlc.sqrt", d("mlc.sub", d.scalar(1, t), d("mlc.pow", d.scalar(self.b2, t), step)))
+        step_size = d("mlc.div", lr, correction1)
+        denom = d("mlc.add", d("mlc.div", d("mlc.sqrt", v), _like(d, correction2, p)), d.scalar(self.eps, p))
+        p = d("mlc.sub", p, d("mlc.mul", _like(d, step_size, p), d("mlc.div", m, denom)))
+        return p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+class AdamW(Adam):
+    defaults = {"weight-decay": 0.01}
+    decoupled = True
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def _like(d, scalar: Value, p: Value) -> Value:
+    """A rank-0 value in p's element type."""
+    t = TensorType((), p.type.element)
+    return scalar if scalar.type == t else d("mlc.cast", scalar, result_type=t)
+
+
+class TrainStep(Pass):
+    name = "train_step"
+    summary = "add @train_step: loss, gradients of the trainable globals, clipping, optimiser update"
+    options = {"loss": "", "name": "train_step", "optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "dampening": 0.0,
+               "nesterov": False, "weight-decay": "default", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+               "clip-norm": 0.0, "schedule": "constant", "step-size": 1, "gamma": 0.1, "t-max": 1, "eta-min": 0.0}
+
+    def run(self, module: Module) -> None:
+        o = dict(self.values)
+        loss_name = o["loss"].lstrip("@")
+        f = module.functions.get(loss_name)
+        if f is None:
+            raise error(module.loc, f"train_step: no loss function @{loss_name} (give loss=@name)")
+        kind = OPTIMIZERS.get(o["optimizer"])
+        if kind is None:
+            raise error(module.loc, f"train_step: unknown optimizer '{o['optimizer']}' (optimizers: {', '.join(OPTIMIZERS)})")
+        if o["schedule"] not in ("constant", "step", "cosine"):
+            raise error(module.loc, f"train_step: unknown schedule '{o['schedule']}' (constant, step or cosine)")
+        try:
+            o["weight-decay"] = float(kind.defaults["weight-decay"] if o["weight-decay"] == "default" else o["weight-decay"])
+        except ValueError:
+            raise error(module.loc, f"train_step: weight-decay takes a number, got '{o['weight-decay']}'") from None
+        optimizer = kind(o)
+        params = [op for op in module.body if op.name == "mlc.global" and op.attr("trainable")]
+        if not params:
+            raise error(f.loc, "train_step: the module has no trainable globals (mark weights `{trainable}`)")
+
+        grad_fn = differentiate(module, f, "globals")
+        step = FuncOp.build(o["name"], list(f.type.inputs), [f.type.results[0]], [a.name_hint for a in f.args], loc=f.loc)
+        module.body.insert_after(grad_fn, step)
+        b = Builder.at_end(step.body, module)
+        b.loc = f.loc
+        call = b.create("func.call", list(step.args), {"callee": SymbolRefAttr(grad_fn.sym_name)},
+                        result_types=list(grad_fn.type.results))
+        loss, *grads = inline_call(call, grad_fn)
+        grad_fn.detach()
+        d = Cotangents(b)
+
+        counter = _declare(module, b, params[-1], f"{o['name']}.step", TensorType((), f64))
+        t = d("mlc.global_load", **{"global": SymbolRefAttr(counter)})
+        if o["clip-norm"] > 0:
+            grads = _clip_by_global_norm(d, grads, o["clip-norm"])
+        for param, g in zip(params, grads):
+            name = param.attr("sym_name")
+            p = d("mlc.global_load", **{"global": SymbolRefAttr(name)})
+            state_names = {s: _declare(module, b, param, f"{name}.{s}", p.type) for s in optimizer.states}
+            state = {s: d("mlc.global_load", **{"global": SymbolRefAttr(n)}) for s, n in state_names.items()}
+            new_p, new_state = optimizer.update(d, p, g, state, t, _learning_rate(d, o, t))
+            b.create("mlc.global_store", [new_p], {"global": SymbolRefAttr(name)}, result_types=[])
+            for s, v in new_state.items():
+                b.create("mlc.global_store", [v], {"global": SymbolRefAttr(state_names[s])}, result_types=[])
+        b.create("mlc.global_store", [d("mlc.add", t, d.scalar(1, t))], {"global": SymbolRefAttr(counter)}, result_types=[])
+        b.create("func.return", [loss], result_types=[])
+
+
+def _declare(module: Module, b: Builder, after, name: str, t: TensorType) -> str:
+    """A zero-initialised global for optimiser state (reused when it is already declared)."""
+    existing = module.globals.get(name)
+    if existing is not None:
+        if existing.attr("type") != t:
+            raise error(existing.loc, f"train_step: @{name} exists with type {existing.attr('type')}, not {t}")
+        return name
+    decl = create_op("mlc.global", attributes={"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("zeros")},
+                     loc=after.loc)
+    module.body.insert_after(after, decl)
+    b.symbols[name] = decl
+    return name
+
+
+def _learning_rate(d, o, t: Value) -> Value:
+    """The scheduled learning rate at step t (f64)."""
+    lr = d.scalar(o["lr"], t)
+    if o["schedule"] == "step":
+        periods = d("mlc.floor", d("mlc.div", t, d.scalar(max(o["step-size"], 1), t)))
+        return d("mlc.mul", lr, d("mlc.pow", d.scalar(o["gamma"], t), periods))
+    if o["schedule"] == "cosine":
+        low = o["eta-min"]
+        phase = d("mlc.cos", d("mlc.mul", t, d.scalar(math.pi / max(o["t-max"], 1), t)))
+        return d("mlc.add", d.scalar(low, t), d("mlc.mul", d.scalar((o["lr"] - low) / 2, t), d("mlc.add", d.scalar(1, t), phase)))
+    return lr
+
+
+def _clip_by_global_norm(d, grads, max_norm: float):
+    """torch.nn.utils.clip_grad_norm_: scale every gradient by min(1, max_norm / (norm + 1e-6))."""
+    total = None
+    for g in grads:
+        s = d("mlc.reduce_sum", d("mlc.mul", g, g))
+        total = s if total is None else d("mlc.add", total, s)
+    norm = d("mlc.sqrt", total)
+    coef = d("mlc.minimum", d("mlc.div", d.scalar(max_norm, norm), d("mlc.add", norm, d.scalar(1e-6, norm))), d.scalar(1, norm))
+    return [d("mlc.mul", g, _like(d, coef, g)) for g in grads]
+
