@@ -110,6 +110,8 @@ class OpDef:
         raise NotImplementedError(f"no interpreter kernel for {op.name}")
 
     vjp = None  # reverse-mode rule: vjp(d, op, g) -> a cotangent (or None) per operand; see passes/grad.py
+    decompose = None  # decompose(d, op) -> its results built from simpler ops (passes/decompose.py);
+    #                   grad and the backends use it where they have no rule of their own
 
     @staticmethod
     def fold(op, consts):

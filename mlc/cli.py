@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import traceback
 
 import numpy as np
 
 from mlc import __version__
 from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.runtime.files import read_npz, save_npz, write_atomically
 
 
 def main(argv=None) -> int:
@@ -71,7 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm"],
                    help="ir: after the tensor-level passes; loops: the loop-level IR; llvm: optimised LLVM IR; asm: assembly")
     c.add_argument("--target", default="cpu", choices=["cpu"], help="the target (cpu)")
+    c.add_argument("--train", action="store_true", help="also compile @train_step: one training step of --loss (the train_step pass)")
+    add_optimizer_arguments(c)
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("train", help="train a model's trainable globals",
+                       description="Train FILE's trainable globals on DATA: shuffled mini-batches through one compiled "
+                                   "step (loss, gradients, optimiser), a progress bar, per-epoch evaluation and "
+                                   "checkpoints that survive interruption.")
+    t.add_argument("file", metavar="FILE")
+    t.add_argument("--data", required=True, metavar="DATA",
+                   help="an .npz with an array per argument of the loss (by name), or 'digits' (scikit-learn's 8x8 digits, train split)")
+    t.add_argument("--eval", metavar="DATA", help="data to evaluate on after each epoch ('digits': the test split)")
+    t.add_argument("--predict", metavar="@F", help="the function whose outputs --metric scores (default @forward)")
+    t.add_argument("--metric", default="accuracy", choices=["accuracy"], help="accuracy: argmax of @F's output against the integer labels")
+    t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the data (default 10)")
+    t.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per step (default 32)")
+    t.add_argument("--seed", type=int, default=None, help="initialises the weights and orders the batches (default: the module's seed)")
+    t.add_argument("-o", "--output", metavar="OUT.mlcz", help="the trained artifact (default: FILE with -trained.mlcz)")
+    t.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here after each epoch (atomically)")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS", help="also checkpoint every STEPS steps")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    t.add_argument("--plot", metavar="LOSS.png", help="draw the loss curve (matplotlib)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_optimizer_arguments(t, train=True)
+    t.set_defaults(func=cmd_train)
 
     r = sub.add_parser("run", help="run a function", description="Run a function of FILE on inputs given as .npy files.")
     r.add_argument("file", metavar="FILE", help="an .ir file, or an artifact made by 'mlc compile' (.mlcz)")
@@ -97,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--seed", type=int, default=None, help="make the run repeatable")
     z.set_defaults(func=cmd_fuzz)
     return p
+
+
+def add_optimizer_arguments(p, train=False):
+    p.add_argument("--loss", default="@loss", metavar="@LOSS", help="the loss function (default @loss)")
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "adam", "adamw"], help="torch.optim's rules (default adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, default=None, help="L2 (sgd, adam) or decoupled (adamw) weight decay")
+    p.add_argument("--clip-norm", type=float, default=0.0, metavar="MAX", help="clip gradients to this global norm (0: off)")
+    p.add_argument("--schedule", default="constant", choices=["constant", "step", "cosine"] if train else ["constant"],
+                   help="learning-rate schedule" + (" (step: x0.1 per epoch; cosine: to 0 over the run)" if train else ""))
+
+
+def optimizer_options(args):
+    from mlc.train import Options
+    if args.lr <= 0 or args.lr != args.lr:
+        raise error(Location("--lr", 0, 0), f"the learning rate must be positive, got {args.lr}")
+    return Options(loss=args.loss, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                   weight_decay=args.weight_decay, clip_norm=args.clip_norm, schedule=args.schedule)
 
 
 # --- commands -------------------------------------------------------------------------------------------
@@ -153,6 +196,9 @@ def cmd_compile(args):
     from mlc.passes import PassManager
     from mlc.runtime.executable import Executable
     module = load_module(args.file)
+    if args.train:
+        from mlc.train import train_step_pipeline
+        PassManager.parse(train_step_pipeline(optimizer_options(args))).run(module)
     if args.emit is None:
         out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
         Executable.build(module, args.target).save(out)
@@ -166,6 +212,24 @@ def cmd_compile(args):
         text = {"loops": lambda: memory_report(exe.lowered) + print_module(exe.lowered),
                 "llvm": lambda: exe.jit.optimised_ir, "asm": exe.jit.assembly}[args.emit]()
     return emit_text(text, args.output)
+
+
+def cmd_train(args):
+    from mlc.train import fit
+    o = optimizer_options(args)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise error(Location("--" + name.replace("_", "-"), 0, 0), f"must be at least 1, got {getattr(args, name)}")
+    if args.resume and not args.checkpoint_dir:
+        raise error(Location("--resume", 0, 0), "needs --checkpoint-dir (where the checkpoint is)")
+    o.data, o.eval, o.predict, o.metric = args.data, args.eval, args.predict, args.metric
+    o.epochs, o.batch_size, o.seed = args.epochs, args.batch_size, args.seed
+    o.checkpoint_dir, o.checkpoint_every, o.resume, o.plot = args.checkpoint_dir, args.checkpoint_every, args.resume, args.plot
+    o.progress = not args.quiet
+    out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
+    fit(load_module(args.file), o, output=out)
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)
+    return 0
 
 
 def memory_report(lowered) -> str:
@@ -257,7 +321,7 @@ def gather_inputs(func, args) -> dict:
         name, eq, path = item.partition("=")
         if not eq and not item.endswith(".npz"):
             raise error(Location("--input", 0, 0), f"expected NAME=FILE.npy (or FILE.npz), got '{item}'")
-        arrays = read_arrays(item) if not eq else {name.strip().lstrip("%"): path}
+        arrays = read_npz(item) if not eq else {name.strip().lstrip("%"): path}
         for name, value in arrays.items():
             if name not in types:
                 raise error(Location("--input", 0, 0),
@@ -297,42 +361,6 @@ def read_array(path: str) -> np.ndarray:
     if isinstance(a, np.lib.npyio.NpzFile):
         raise error(where, "is an .npz archive; give it alone as --input FILE.npz")
     return a
-
-
-def read_arrays(path: str) -> dict:
-    where = Location(path, 0, 0)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise error(where, "no such file") from None
-    except (ValueError, OSError, EOFError, AttributeError) as e:
-        raise error(where, f"not a readable .npz file ({e})") from None
-
-
-def write_atomically(path: str, data: bytes):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    except OSError as e:
-        raise error(Location(path, 0, 0), f"cannot write: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        os.unlink(tmp)
-        raise error(Location(path, 0, 0), f"cannot write: {e.strerror}") from None
-
-
-def save_npz(path: str, arrays: dict):
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_atomically(path, buf.getvalue())
 
 
 if __name__ == "__main__":

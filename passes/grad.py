@@ -17,87 +17,14 @@ import numpy as np
 from mlc.ir.attributes import DenseAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.dialects.mlc import END
 from mlc.ir.registry import VerifyError
-from mlc.ir.types import TensorType, element_of, i1
+from mlc.ir.types import TensorType
+
+from .builder import OpBuilder
+from .decompose import decomposable, decompose_ops
 
 from .inline import inline_call, recursive_functions
 from .manager import Pass
-
-
-class Cotangents:
-    """What a `vjp` rule builds with: `d(name, *operands, **attrs)` makes an op and returns its result."""
-
-    def __init__(self, b: Builder):
-        self.b = b
-
-    def __call__(self, name, *operands, result_type=None, **attrs) -> Value:
-        return self.b.create(name, list(operands), attrs or None, result_types=None if result_type is None else [result_type]).result
-
-    def scalar(self, value, like: Value) -> Value:
-        """A rank-0 constant of like's element type (it broadcasts)."""
-        t = TensorType((), like.type.element)
-        return self("mlc.constant", result_type=t, value=DenseAttr(np.array(value, t.element.np_dtype), t))
-
-    def expand(self, small: Value, like: Value) -> Value:
-        """small broadcast to like's shape (where(true, small, like) keeps like's values out of it)."""
-        true = self("mlc.constant", result_type=TensorType((), i1), value=DenseAttr(np.array(True), TensorType((), i1)))
-        return self("mlc.select", true, small, like)
-
-    def reshape(self, v: Value, shape) -> Value:
-        return v if v.type.shape == tuple(shape) else self("mlc.reshape", v, result_type=v.type.with_shape(tuple(shape)))
-
-    def swap_last(self, v: Value) -> Value:
-        r = v.type.rank
-        return self("mlc.transpose", v, perm=list(range(r - 2)) + [r - 1, r - 2])
-
-    def keepdims(self, g: Value, op) -> Value:
-        """A reduction's cotangent with its reduced dims back as 1s."""
-        x = op.operands[0]
-        if op.attr("keepdims"):
-            return g
-        axes = op.opdef.axes(op, x.type.rank)
-        return self.reshape(g, tuple(1 if i in axes else d for i, d in enumerate(x.type.shape)))
-
-    def const(self, array: np.ndarray) -> Value:
-        t = TensorType(array.shape, element_of(array.dtype))
-        return self("mlc.constant", result_type=t, value=DenseAttr(array, t))
-
-    def zeros(self, like: Value, resized: dict | None = None) -> Value:
-        """Zeros of like's shape, with dims {axis: size} replaced."""
-        if not resized:
-            return self.expand(self.scalar(0, like), like)
-        shape = tuple(resized.get(i, s) for i, s in enumerate(like.type.shape))
-        if None not in shape:
-            return self("mlc.broadcast_to", self.scalar(0, like), result_type=like.type.with_shape(shape))
-        one = self.slice(like, {axis: (0, 1, 1) for axis in resized})
-        return self("mlc.broadcast_to", self.expand(self.scalar(0, like), one), result_type=like.type.with_shape(shape))
-
-    def slice(self, v: Value, bounds: dict) -> Value:
-        """v[start:limit:stride] along the dims in bounds ({axis: (start, limit, stride)})."""
-        rank = v.type.rank
-        full = [bounds.get(i, (0, END, 1)) for i in range(rank)]
-        if all(b == (0, END, 1) or (b[0], b[2]) == (0, 1) and b[1] == v.type.shape[i] for i, b in enumerate(full)):
-            return v
-        return self("mlc.slice", v, start=[b[0] for b in full], limit=[b[1] for b in full], stride=[b[2] for b in full])
-
-    def pad(self, v: Value, widths: dict) -> Value:
-        """v with zeros (low, high) around the dims in widths ({axis: (low, high)})."""
-        rank = v.type.rank
-        return self("mlc.pad", v, low=[widths.get(i, (0, 0))[0] for i in range(rank)],
-                    high=[widths.get(i, (0, 0))[1] for i in range(rank)])
-
-    def sum_to(self, g: Value | None, t: TensorType) -> Value | None:
-        """g summed over the dims along which a value of type t was broadcast to g's shape."""
-        if g is None or g.type.shape == t.shape:
-            return g
-        lead = g.type.rank - t.rank
-        if lead:
-            g = self("mlc.reduce_sum", g, axes=list(range(lead)))
-        ones = [i for i, (d, e) in enumerate(zip(t.shape, g.type.shape)) if d == 1 and e != 1]
-        if ones:
-            g = self("mlc.reduce_sum", g, axes=ones, keepdims=True)
-        return g
 
 
 def differentiable(v: Value) -> bool:
@@ -137,8 +64,9 @@ def differentiate(module: Module, f, wrt: str = "args") -> FuncOp:
             break
         b.block.append(op.clone(mapping))
     _inline_calls(module, g)
+    decompose_ops(module, [op for op in g.body if decomposable(op) and op.opdef.vjp is None])
     forward = list(g.body)
-    d = Cotangents(b)
+    d = OpBuilder(b)
     adjoint = {loss: d.scalar(1.0, loss)}
     for op in reversed(forward):
         cts = [adjoint.get(r) for r in op.results]

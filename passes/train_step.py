@@ -23,7 +23,8 @@ from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.types import TensorType, f64
 
-from .grad import Cotangents, differentiate
+from .builder import OpBuilder
+from .grad import differentiate
 from .inline import inline_call
 from .manager import Pass
 
@@ -126,7 +127,7 @@ class TrainStep(Pass):
                         result_types=list(grad_fn.type.results))
         loss, *grads = inline_call(call, grad_fn)
         grad_fn.detach()
-        d = Cotangents(b)
+        d = OpBuilder(b)
 
         counter = _declare(module, b, params[-1], f"{o['name']}.step", TensorType((), f64))
         t = d("mlc.global_load", **{"global": SymbolRefAttr(counter)})

@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
@@ -29,6 +28,7 @@ import mlc
 from mlc.codegen.llvm import FunctionCode
 from mlc.ir.diagnostics import DiagnosticError, Location, error
 
+from .files import write_atomically
 from .jit import JitModule, host_key
 
 FORMAT, VERSION = "mlc-artifact", 1
@@ -69,26 +69,12 @@ def _write_zip(path, files, manifest):
         z.writestr("manifest.json", json.dumps(manifest, indent=1))
         for name, data in files.items():
             z.writestr(name, data)
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".mlcz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomically(path, buf.getvalue())
 
 
 def save(exe, path):
     files = _members(exe, with_globals=True)
-    try:
-        _write_zip(path, files, _manifest(exe, files))
-    except OSError as e:
-        raise error(Location(str(path), 0, 0), f"cannot write: {e.strerror}") from None
+    _write_zip(path, files, _manifest(exe, files))
 
 
 def _read(path) -> tuple[dict, dict]:
@@ -182,5 +168,5 @@ def store_in_cache(exe):
     try:
         files = _members(exe, with_globals=False)
         _write_zip(_cache_path(exe.module), files, _manifest(exe, files))
-    except OSError:
+    except (OSError, DiagnosticError):
         pass  # a read-only or full cache directory only costs speed

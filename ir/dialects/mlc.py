@@ -1361,6 +1361,105 @@ class CrossEntropy(OpDef):
         return [d("mlc.mul", diff, d("mlc.div", g, count)), None]
 
 
+class BatchNorm(OpDef):
+    """torch.nn.functional.batch_norm over channel axis 1 of x [N, C, ...]: operands x, weight, bias,
+    running_mean, running_var (each [C]) and training (i1 scalar). Results: y, and the running statistics
+    to store back. Training normalises with the batch's mean and biased variance and moves the running
+    ones by `momentum` (the variance unbiased, n / (n - 1)); evaluation uses the running ones and
+    returns them unchanged."""
+    name = "mlc.batch_norm"
+    operands = 6
+    results = 3
+    traits = {PURE}
+    attrs = {"eps": Attr("float", 1e-5), "momentum": Attr("float", 0.1)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, *params, training = _tensors(op)
+        require_element(x, "float")
+        if x.rank < 2:
+            raise VerifyError(f"input must have rank >= 2 (batch, channels, ...), got {x}")
+        for i, t in enumerate(params):
+            if t.element != x.element or t.rank != 1 or not all(a is None or b is None or a == b for a, b in [(t.shape[0], x.shape[1])]):
+                raise VerifyError(f"operand {i + 1} must be tensor<{x.shape[1] or '?'}x{x.element}> (one per channel), got {t}")
+        if training.element != i1 or training.rank != 0:
+            raise VerifyError(f"operand 5 (training) must be tensor<i1>, got {training}")
+        return [x, params[2], params[3]]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, w, b, rm, rv, training = ins
+        axes = (0,) + tuple(range(2, x.ndim))
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        m, eps = op.attr("momentum"), op.attr("eps")
+        if not training:
+            return (x - rm.reshape(shape)) / np.sqrt(rv.reshape(shape) + eps) * w.reshape(shape) + b.reshape(shape), rm, rv
+        n = x.size // max(x.shape[1], 1)
+        mean, var = x.mean(axis=axes), x.var(axis=axes)
+        y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape) + b.reshape(shape)
+        with np.errstate(all="ignore"):
+            unbiased = var * n / (n - 1)
+        return y, (1 - m) * rm + m * mean, (1 - m) * rv + m * unbiased
+
+    @staticmethod
+    def decompose(d, op):
+        x, w, b, rm, rv, training = op.operands
+        rank = x.type.rank
+        axes = [0] + list(range(2, rank))
+        per_channel = lambda v: d.reshape(v, (1, x.type.shape[1]) + (1,) * (rank - 2))  # noqa: E731
+        k = lambda v: d.scalar(v, x)  # noqa: E731
+        mean = d("mlc.reduce_mean", x, axes=axes)
+        centred = d("mlc.sub", x, per_channel(mean))
+        var = d("mlc.reduce_mean", d("mlc.mul", centred, centred), axes=axes)
+        use_mean, use_var = d("mlc.select", training, mean, rm), d("mlc.select", training, var, rv)
+        scale = d("mlc.mul", d("mlc.rsqrt", d("mlc.add", use_var, k(op.attr("eps")))), w)
+        y = d("mlc.add", d("mlc.mul", d("mlc.sub", x, per_channel(use_mean)), per_channel(scale)), per_channel(b))
+        n = d("mlc.reduce_sum", d.expand(k(1), x), axes=axes)
+        unbiased = d("mlc.div", d("mlc.mul", var, n), d("mlc.sub", n, k(1)))
+        m = op.attr("momentum")
+        moved = [d("mlc.add", d("mlc.mul", old, k(1 - m)), d("mlc.mul", new, k(m))) for old, new in ((rm, mean), (rv, unbiased))]
+        return [y, d("mlc.select", training, moved[0], rm), d("mlc.select", training, moved[1], rv)]
+
+
+class Dropout(OpDef):
+    """torch.nn.functional.dropout: in training (operand 2, i1 scalar) each element is zeroed with
+    probability p and the rest scaled by 1 / (1 - p); the mask is `random_uniform(key, x) >= p`, so it
+    is reproducible from the key (seed, counter) on every backend. Otherwise x passes unchanged."""
+    name = "mlc.dropout"
+    operands = 3
+    traits = {PURE}
+    attrs = {"p": Attr("float", 0.5)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, key, training = _tensors(op)
+        require_element(x, "float")
+        if key.element != i64 or key.shape not in ((2,), (None,)):
+            raise VerifyError(f"key must be tensor<2xi64> (seed, counter), got {key}")
+        if training.element != i1 or training.rank != 0:
+            raise VerifyError(f"operand 2 (training) must be tensor<i1>, got {training}")
+        if not 0 <= op.attr("p") <= 1:
+            raise VerifyError(f"'p' must be in [0, 1], got {op.attr('p')}")
+        return [x]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, key, training = ins
+        p = op.attr("p")
+        if not training:
+            return x
+        keep = rng.uniform(x.shape, int(key[0]), int(key[1]), dtype=np.float64).astype(x.dtype) >= np.array(p, x.dtype)
+        return np.where(keep, x * np.array(1 / (1 - p) if p < 1 else 0, x.dtype), np.array(0, x.dtype))
+
+    @staticmethod
+    def decompose(d, op):
+        x, key, training = op.operands
+        p = op.attr("p")
+        keep = d("mlc.ge", d("mlc.random_uniform", key, x), d.scalar(p, x))
+        dropped = d("mlc.select", keep, d("mlc.mul", x, d.scalar(1 / (1 - p) if p < 1 else 0, x)), d.scalar(0, x))
+        return [d("mlc.select", training, dropped, x)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Randomness
 

@@ -465,7 +465,7 @@ def write_reproducer(program: Program, out_dir, note: str):
     """A self-contained reproducer: the module as .ir and its inputs as .npz (named after the arguments)."""
     import io
     import os
-    from mlc.cli import write_atomically
+    from mlc.runtime.files import write_atomically
     from mlc.ir.interpreter import arg_names
     os.makedirs(out_dir, exist_ok=True)
     ir_path, npz_path = os.path.join(out_dir, "repro.ir"), os.path.join(out_dir, "repro.npz")

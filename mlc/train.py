@@ -1,0 +1,297 @@
+"""Training an .ir model: what `mlc train` runs (SPEC §5), callable from Python as `mlc.train.fit`.
+
+The `train_step` pass turns the loss into one compiled step that updates the trainable globals and
+the optimiser state in the executable. This module feeds it shuffled mini-batches, evaluates, and
+checkpoints everything the step reads (all globals: weights, optimiser state, step and RNG counters)
+with the position in the data, so `resume` continues exactly where the checkpoint was taken: the
+final weights equal those of an uninterrupted run. Checkpoints are written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+
+import numpy as np
+
+from mlc.ir.attributes import IntAttr, StringAttr
+from mlc.ir.diagnostics import Location, error
+from mlc.runtime.files import read_npz, save_npz, write_atomically
+
+CHECKPOINT = "checkpoint.npz"
+META = "__mlc_checkpoint__"
+
+
+@dataclasses.dataclass
+class Options:
+    loss: str = "@loss"
+    data: str = "digits"
+    eval: str | None = None
+    predict: str | None = None
+    metric: str = "accuracy"
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float | None = None
+    clip_norm: float = 0.0
+    schedule: str = "constant"
+    seed: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0: at the end of each epoch only
+    resume: bool = False
+    plot: str | None = None
+    progress: bool = True
+
+
+def train_step_pipeline(o, steps_per_epoch: int = 1) -> str:
+    """The `train_step{...}` pass for these options (a cosine schedule spans the whole run)."""
+    opts = [f"loss=@{o.loss.lstrip('@')}", f"optimizer={o.optimizer}", f"lr={o.lr!r}", f"momentum={o.momentum!r}",
+            f"clip-norm={o.clip_norm!r}", f"schedule={o.schedule}"]
+    if o.weight_decay is not None:
+        opts.append(f"weight-decay={o.weight_decay!r}")
+    if o.schedule == "cosine":
+        opts.append(f"t-max={max(1, o.epochs * steps_per_epoch)}")
+    if o.schedule == "step":
+        opts.append(f"step-size={max(1, steps_per_epoch)}")
+    return "train_step{" + " ".join(opts) + "}"
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+def digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download) scaled to [0, 1], with a fixed
+    stratified split: a fifth of each class, picked by a seeded shuffle, is the test set."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise error(Location("digits", 0, 0), "the built-in digits set needs scikit-learn: pip install 'mlc[train]'") from None
+    d = load_digits()
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(d.target), bool)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(d.target == c))
+        test[idx[: len(idx) // 5]] = True
+    pick = test if split == "test" else ~test
+    return (d.data[pick] / 16.0).astype(np.float32), d.target[pick].astype(np.int64)
+
+
+def load_data(spec: str, func, role: str) -> dict[str, np.ndarray]:
+    """Arrays for func's arguments, by name: from an .npz, or `digits` (train split for --data, test
+    split for --eval) given to the floating-point argument (reshaped to it) and the integer one."""
+    from mlc.ir.interpreter import arg_names
+    names, types = arg_names(func), list(func.type.inputs)
+    where = Location(spec, 0, 0)
+    if spec == "digits":
+        images, labels = digits("test" if role == "eval" else "train")
+        arrays, images_given = {}, False
+        for n, t in zip(names, types):
+            if t.element.is_float and not images_given:
+                images_given = True
+                shape = tuple(-1 if d is None else d for d in t.shape)
+                try:
+                    arrays[n] = images.reshape(shape).astype(t.element.np_dtype)
+                except ValueError:
+                    raise error(where, f"digits images are 8x8; argument %{n} of @{func.sym_name} has type {t}") from None
+            elif t.element.is_int and t.rank == 1:
+                arrays[n] = labels.astype(t.element.np_dtype)
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise error(where, f"digits gives images and labels; @{func.sym_name} also takes {', '.join('%' + n for n in missing)}")
+        return arrays
+    arrays = read_npz(spec)
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise error(where, f"has no array for argument {', '.join('%' + n for n in missing)} of @{func.sym_name} "
+                           f"(it has: {', '.join(arrays) or 'none'})")
+    arrays = {n: arrays[n] for n in names}
+    lengths = {a.shape[0] if a.ndim else None for a in arrays.values()}
+    if len(lengths) != 1 or None in lengths:
+        raise error(where, "arrays must share their first (example) dimension: " +
+                    ", ".join(f"{n} {list(a.shape)}" for n, a in arrays.items()))
+    return arrays
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+def save_checkpoint(directory, exe, state: dict) -> None:
+    arrays = {f"global/{n}": v for n, v in exe.globals.items()}
+    arrays[META] = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    save_npz(os.path.join(directory, CHECKPOINT), arrays)
+
+
+def load_checkpoint(directory, exe, fingerprint: str) -> dict | None:
+    path = os.path.join(directory, CHECKPOINT)
+    if not os.path.exists(path):
+        return None
+    arrays = read_npz(path)
+    where = Location(path, 0, 0)
+    try:
+        state = json.loads(arrays.pop(META).tobytes().decode())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise error(where, "not an mlc checkpoint (no readable state)") from None
+    if state.get("fingerprint") != fingerprint:
+        raise error(where, "was written for a different model or training setup (loss, optimiser, batch size, seed); "
+                           "use another --checkpoint-dir, or train without --resume")
+    for name, value in exe.globals.items():
+        saved = arrays.get(f"global/{name}")
+        if saved is None or saved.shape != value.shape or saved.dtype != value.dtype:
+            raise error(where, f"damaged checkpoint: global @{name} is missing or has the wrong shape")
+        value[...] = saved  # in place: native code holds pointers to these arrays
+    return state
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+def fit(module, o: Options, output: str | None = None, out=sys.stderr):
+    """Train `module` (a Module, not modified) as `o` says; returns the executable holding the trained
+    weights, saved to `output` (an artifact) when given."""
+    from mlc.api import run_passes
+    from mlc.runtime.executable import Executable
+    module = module.clone()
+    if o.seed is not None:
+        module.attributes["seed"] = IntAttr(o.seed)
+    seed = module.seed
+    loss_fn = module.functions.get(o.loss.lstrip("@"))
+    if loss_fn is None:
+        raise error(module.loc, f"no loss function {o.loss} (functions: {', '.join('@' + n for n in module.functions)})")
+    data = load_data(o.data, loss_fn, "train")
+    n = len(next(iter(data.values())))
+    if n == 0:
+        raise error(Location(o.data, 0, 0), "has no examples")
+    steps_per_epoch = -(-n // o.batch_size)
+    run_passes(module, train_step_pipeline(o, steps_per_epoch))
+    loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
+    exe = Executable.build(module)
+    step = exe["train_step"]
+    predict, evaluation = _evaluation(module, exe, o)
+
+    fingerprint = hashlib.sha256(json.dumps([str(module), o.data, o.batch_size, seed]).encode()).hexdigest()
+    state = {"fingerprint": fingerprint, "epoch": 0, "batch": 0, "losses": [], "metrics": []}
+    if o.checkpoint_dir and o.resume:
+        restored = load_checkpoint(o.checkpoint_dir, exe, fingerprint)
+        if restored is None:
+            print(f"mlc train: no checkpoint in {o.checkpoint_dir}; starting from the beginning", file=out)
+        else:
+            state = restored
+            print(f"mlc train: resuming at epoch {state['epoch'] + 1}, batch {state['batch']}", file=out)
+
+    bar = _progress(o, out)
+    for epoch in range(state["epoch"], o.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        first = state["batch"]
+        if bar:
+            bar.reset(total=steps_per_epoch)
+            bar.set_description(f"epoch {epoch + 1}/{o.epochs}")
+            bar.update(first)
+        running = []
+        for b in range(first, steps_per_epoch):
+            idx = order[b * o.batch_size: (b + 1) * o.batch_size]
+            loss = float(step(*(a[idx] for a in data.values())))
+            state["losses"].append(loss)
+            running.append(loss)
+            state["batch"] = b + 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", refresh=False)
+            if o.checkpoint_dir and o.checkpoint_every and (b + 1) % o.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                save_checkpoint(o.checkpoint_dir, exe, state)
+        state["epoch"], state["batch"] = epoch + 1, 0
+        line = f"epoch {epoch + 1}/{o.epochs}: train loss {np.mean(running) if running else float('nan'):.4f}"
+        if evaluation is not None:
+            metrics = evaluate(exe, predict, evaluation)
+            state["metrics"].append(metrics)
+            line += "".join(f", {k} {v:.4f}" if k != "accuracy" else f", {k} {100 * v:.2f}%" for k, v in metrics.items())
+        if bar:
+            bar.refresh()
+            bar.write(line, file=out)
+        else:
+            print(line, file=out)
+        if o.checkpoint_dir:
+            save_checkpoint(o.checkpoint_dir, exe, state)
+    if bar:
+        bar.close()
+    exe.history = state
+    if output:
+        exe.save(output)
+    if o.plot:
+        plot(state, o.plot, steps_per_epoch)
+    return exe
+
+
+def _progress(o, out):
+    if not o.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=0, file=out, leave=False, dynamic_ncols=True, unit="step")
+
+
+def _evaluation(module, exe, o):
+    """(the predict function, the eval arrays) or (None, None)."""
+    if o.eval is None:
+        return None, None
+    name = (o.predict or "@forward").lstrip("@")
+    if name not in exe.functions:
+        raise error(module.loc, f"no public function @{name} to predict with (give --predict @f)")
+    predict = module.functions[name]
+    loss_fn = module.functions[o.loss.lstrip("@")]
+    arrays = load_data(o.eval, loss_fn, "eval")
+    from mlc.ir.interpreter import arg_names
+    unknown = [a for a in arg_names(predict) if a not in arrays]
+    if unknown:
+        raise error(module.loc, f"@{name} takes {', '.join('%' + a for a in unknown)}, which the loss @{loss_fn.sym_name} does not")
+    if o.metric != "accuracy":
+        raise error(Location("--metric", 0, 0), f"unknown metric '{o.metric}' (metrics: accuracy)")
+    if not any(a.dtype.kind in "iu" for a in arrays.values()):
+        raise error(Location(o.eval, 0, 0), "accuracy needs integer labels among the arrays")
+    return predict, arrays
+
+
+def evaluate(exe, predict, arrays: dict, batch: int = 512) -> dict:
+    """Accuracy of @predict's argmax against the integer labels of the evaluation set, in batches."""
+    from mlc.ir.interpreter import arg_names
+    labels = next(a for a in arrays.values() if a.dtype.kind in "iu")
+    wanted = arg_names(predict)
+    correct = 0
+    for start in range(0, len(labels), batch):
+        scores = exe[predict.sym_name](*(arrays[k][start: start + batch] for k in wanted))
+        scores = scores[0] if isinstance(scores, tuple) else scores
+        correct += int((np.argmax(scores, axis=1) == labels[start: start + batch]).sum())
+    return {"accuracy": correct / len(labels)}
+
+
+def plot(state: dict, path: str, steps_per_epoch: int) -> None:
+    """The loss per step and its per-epoch mean (and the accuracy, when evaluated), as an image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    losses = np.array(state["losses"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(np.arange(1, len(losses) + 1) / steps_per_epoch, losses, lw=0.6, alpha=0.5, label="loss per step")
+    epochs = len(losses) // steps_per_epoch
+    if epochs:
+        means = losses[: epochs * steps_per_epoch].reshape(epochs, steps_per_epoch).mean(axis=1)
+        ax.plot(np.arange(1, epochs + 1), means, marker="o", label="mean per epoch")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    accuracy = [m["accuracy"] for m in state["metrics"] if "accuracy" in m]
+    if accuracy:
+        twin = ax.twinx()
+        twin.plot(np.arange(1, len(accuracy) + 1), accuracy, color="tab:green", marker="s", label="eval accuracy")
+        twin.set_ylabel("eval accuracy")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        fig.savefig(buf, format=ext)
+    except ValueError:
+        raise error(Location(path, 0, 0), f"cannot draw a '.{ext}' image (use .png, .pdf or .svg)") from None
+    finally:
+        plt.close(fig)
+    write_atomically(path, buf.getvalue())
