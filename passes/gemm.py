@@ -47,7 +47,8 @@ class Gemm:
     element: object
     load_a: Callable                      # (builder, i, k) -> scalar A[i, k]
     load_b: Callable                      # (builder, k, j) -> scalar B[k, j]
-    load_b_vector: Callable               # (builder, k, j, type) -> B[k, j:j+lanes] (rows of B are contiguous)
+    load_b_vector: Callable | None        # (builder, k, j, type) -> B[k, j:j+lanes] where rows of B are
+    #                                       contiguous; None where columns are (a transposed operand)
     c: object                             # the result buffer; C[i, j] is c[*c_prefix, i, j]
     c_prefix: list
     epilogue: Callable | None = None      # (builder, i): row i of C is final
@@ -80,19 +81,23 @@ class Gemm:
                     kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
             L.loop(pb, L.idx(0), self.K, row)
 
-        def ragged(pb, jp):  # the last panel: columns past N are zeros
+        def scalars(pb, jp, down_columns=False):  # element by element; columns past N are zeros
             j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
             last = L.op(pb, "arith.sub", self.N, L.idx(1))
             zero = L.const(pb, 0, self.element)
 
             def element(cb, k, c):
                 j = L.op(cb, "arith.add", j0, c)
-                inside = L.op(cb, "arith.lt", j, self.N)
                 v = self.load_b(cb, k, L.op(cb, "arith.minimum", j, last))
-                cb.create("mem.store", [L.op(cb, "arith.select", inside, v, zero), self.packed, jp, k, c])
-            L.nest([self.K, L.idx(self.nr)], lambda cb, ivs: element(cb, *ivs), parallel=False, b=pb)
+                cb.create("mem.store", [L.op(cb, "arith.select", L.op(cb, "arith.lt", j, self.N), v, zero), self.packed, jp, k, c])
+            sizes = [self.K, L.idx(self.nr)]
+            L.nest(sizes[::-1] if down_columns else sizes, lambda cb, ivs: element(cb, *(ivs[::-1] if down_columns else ivs)),
+                   parallel=False, b=pb)
+        if self.load_b_vector is None:  # columns of B are contiguous: walk down each
+            L.loop(b, L.idx(0), panels, lambda pb, jp: scalars(pb, jp, down_columns=True), parallel=parallel)
+            return
         L.loop(b, L.idx(0), self.full_panels, full, parallel=parallel)
-        L.loop(b, self.full_panels, panels, ragged)
+        L.loop(b, self.full_panels, panels, scalars)
 
     # --- one block of rows ---------------------------------------------------------------------------
     def row_block(self, b, i0, panels):

@@ -127,6 +127,8 @@ class FunctionLowering:
         return b.create("arith.constant", attributes={"value": attr}).result
 
     def dim(self, buf, axis: int) -> Value:
+        if isinstance(buf, Transposed):
+            return self.dim(buf.source, 1 - axis)
         buf = getattr(buf, "buf", buf)  # a batch view reads the dims of its buffer
         d = buf.type.shape[axis]
         return self.idx(d) if d is not None else self.b.create("mem.dim", [buf], {"axis": axis}).result
@@ -446,12 +448,16 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     read_b = L.broadcast_reader(_BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
 
     if ra > 1 and rb > 1 and gemm.supports(t.element):
+        def load(buf, prefix):
+            if isinstance(buf, Transposed):
+                return lambda kb, x, y: kb.create("mem.load", [buf.source, y, x]).result
+            return lambda kb, x, y: kb.create("mem.load", [buf] + prefix + [x, y]).result
+
         def tiled(b, bi):
             at_a, at_b = read_a(b, bi), read_b(b, bi)
-            gemm.Gemm(rows[0], cols[0], k, t.element,
-                      load_a=lambda kb, i, kk: kb.create("mem.load", [a] + at_a + [i, kk]).result,
-                      load_b=lambda kb, kk, j: kb.create("mem.load", [bm] + at_b + [kk, j]).result,
-                      load_b_vector=lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
+            gemm.Gemm(rows[0], cols[0], k, t.element, load_a=load(a, at_a), load_b=load(bm, at_b),
+                      load_b_vector=None if isinstance(bm, Transposed) else
+                      lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
                       c=out, c_prefix=bi, epilogue=epilogue and (lambda rb, i: L.loop(
                           rb, L.idx(0), cols[0], lambda jb, j: epilogue(jb, out, bi + [i, j])))).emit(L, b, parallel=not batch_rank)
         if batch_rank:
@@ -513,10 +519,32 @@ class _BatchView:
 
 
 
+class Transposed:
+    """A matrix read through its transpose: what `mlc.transpose {perm = [1, 0]}` lowers to when every
+    use is a GEMM operand, which then reads the source with its indices swapped (no copy)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.type = MemRefType(source.type.shape[::-1], source.type.element)
+
+
+def _only_gemm_operand(v: Value) -> bool:
+    """Every use of v is a 2-d operand of a matmul the GEMM computes (inside a fusion or not)."""
+    for user, index in v.uses:
+        if user.name == "mlc.fusion":
+            if not _only_gemm_operand(user.regions[0].blocks[0].args[index]):
+                return False
+        elif user.name != "mlc.matmul" or any(o.type.rank != 2 for o in user.operands) or not gemm.supports(v.type.element):
+            return False
+    return bool(v.uses)
+
+
 @rule("mlc.transpose")
 def transpose(L: FunctionLowering, op: Operation):
     x = L.buffers[op.operands[0]]
     perm = op.attr("perm")
+    if list(perm) == [1, 0] and _only_gemm_operand(op.results[0]) and not isinstance(x, Transposed):
+        return [Transposed(x)]
     sizes = [L.dim(x, p) for p in perm]
     out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
 
