@@ -18,6 +18,21 @@ class OpBuilder:
     def __call__(self, name, *operands, result_type=None, **attrs) -> Value:
         return self.b.create(name, list(operands), attrs or None, result_types=None if result_type is None else [result_type]).result
 
+    def op(self, name, operands, result_types, regions=(), **attrs):
+        """An op with several results or regions (returns the op)."""
+        return self.b.create(name, list(operands), attrs or None, result_types=list(result_types), regions=regions)
+
+    def inside(self, block) -> "OpBuilder":
+        """A builder appending to block (a region's body being built)."""
+        b = Builder.at_end(block, None, self.b.loc)
+        b.symbols = self.b.symbols
+        return OpBuilder(b)
+
+    def backprop(self, ops, adjoint: dict) -> dict:
+        """Reverse mode over ops from the seeded cotangents (passes/grad.py); for rules of region ops."""
+        from .grad import backprop
+        return backprop(self, ops, adjoint)
+
     def scalar(self, value, like: Value) -> Value:
         """A rank-0 constant of like's element type (it broadcasts)."""
         t = TensorType((), like.type.element)

@@ -20,6 +20,8 @@ from mlc.ir.diagnostics import error
 from mlc.ir.registry import VerifyError
 from mlc.ir.types import TensorType
 
+from mlc.ir.dialects.mlc import captured
+
 from .builder import OpBuilder
 from .decompose import decomposable, decompose_ops
 
@@ -59,29 +61,15 @@ def differentiate(module: Module, f, wrt: str = "args") -> FuncOp:
     b = Builder.at_end(g.body, module)
     mapping = dict(zip(f.args, g.args))
     for op in f.body:
-        if op.name == "func.return":
-            loss = mapping[op.operands[0]]
-            break
         b.block.append(op.clone(mapping))
     _inline_calls(module, g)
     decompose_ops(module, [op for op in g.body if decomposable(op) and op.opdef.vjp is None])
+    ret = g.body.last
+    loss = ret.operands[0]
+    ret.erase()
     forward = list(g.body)
     d = OpBuilder(b)
-    adjoint = {loss: d.scalar(1.0, loss)}
-    for op in reversed(forward):
-        cts = [adjoint.get(r) for r in op.results]
-        if all(c is None for c in cts) or not any(differentiable(v) for v in op.operands):
-            continue
-        if op.opdef is None or op.opdef.vjp is None:
-            raise error(op.loc, "grad: no gradient rule for this op yet", op.name)
-        b.loc = op.loc
-        try:
-            operand_cts = op.opdef.vjp(d, op, cts[0]) if len(op.results) == 1 else op.opdef.vjp(d, op, cts)
-        except VerifyError as e:
-            raise error(op.loc, str(e), op.name) from None
-        for v, ct in zip(op.operands, operand_cts):
-            if ct is not None and differentiable(v):
-                adjoint[v] = ct if v not in adjoint else d("mlc.add", adjoint[v], ct)
+    adjoint = backprop(d, forward, {loss: d.scalar(1.0, loss)})
     grads = [adjoint.get(g.args[i]) or d.zeros(g.args[i]) for i in arg_indices]
     for sym in globals_:
         loads = [op.results[0] for op in forward if op.name == "mlc.global_load" and op.attr("global") == sym]
@@ -96,6 +84,31 @@ def differentiate(module: Module, f, wrt: str = "args") -> FuncOp:
         grads.append(total)
     b.create("func.return", [loss] + grads, result_types=[])
     return g
+
+
+def backprop(d: OpBuilder, ops, adjoint: dict) -> dict:
+    """Walks ops backwards from the seeded cotangents in `adjoint` (value -> cotangent), adding the
+    cotangent of every value they depend on; returns adjoint. A rule returns one cotangent (or None)
+    per operand, or a {value: cotangent} dict when it has more to give (a scan's captured values)."""
+    for op in reversed(ops):
+        cts = [adjoint.get(r) for r in op.results]
+        if all(c is None for c in cts) or not any(differentiable(v) for v in _inputs(op)):
+            continue
+        if op.opdef is None or op.opdef.vjp is None:
+            raise error(op.loc, "grad: no gradient rule for this op yet", op.name)
+        d.b.loc = op.loc
+        try:
+            given = op.opdef.vjp(d, op, cts[0]) if len(op.results) == 1 else op.opdef.vjp(d, op, cts)
+        except VerifyError as e:
+            raise error(op.loc, str(e), op.name) from None
+        for v, ct in (given.items() if isinstance(given, dict) else zip(op.operands, given)):
+            if ct is not None and differentiable(v):
+                adjoint[v] = ct if v not in adjoint else d("mlc.add", adjoint[v], ct)
+    return adjoint
+
+
+def _inputs(op):
+    return op.operands + captured(op) if op.regions else op.operands
 
 
 def _targets(module: Module, f, wrt: str):

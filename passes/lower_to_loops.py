@@ -1174,10 +1174,8 @@ def scan(L: FunctionLowering, op: Operation):
     L.lower_ops(body_ops)
     L.b = Builder.at_end(loop_block, L.module, op.loc)
     yielded = [L.buffers[v] for v in yield_op.operands]
-    for buf, y in zip(state, yielded[:k]):
-        _copy_nest(L, y, buf, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
     results = list(state)
-    for r, y in zip(op.results[k:], yielded[k:]):
+    for r, y in zip(op.results[k:], yielded[k:]):  # outputs first: one may be a carry this step started from
         sizes = [steps] + [L.idx(d) if d is not None else _size_before(L, loop, before_loop, y, i, op)
                            for i, d in enumerate(r.type.shape[1:])]
         saved, L.b = L.b, before_loop
@@ -1185,6 +1183,16 @@ def scan(L: FunctionLowering, op: Operation):
         L.b = saved
         _copy_nest(L, y, stacked, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: [t] + ivs)
         results.append(stacked)
+    next_carries = []
+    for i, y in enumerate(yielded[:k]):  # a carry passed on to another slot is read before it is overwritten
+        if y in state and y is not state[i]:
+            copy = L.alloc(TensorType(y.type.shape, y.type.element), L.dims(y))
+            _copy_nest(L, y, copy, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
+            y = copy
+        next_carries.append(y)
+    for buf, y in zip(state, next_carries):
+        if y is not buf:
+            _copy_nest(L, y, buf, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
     for buf in L.allocs[first_alloc:]:
         if buf.defining_op().parent is loop_block:
             L.b.create("mem.dealloc", [buf])

@@ -295,3 +295,17 @@ def test_fused_conv_bias_relu_epilogue_matches_torch(stride):
     x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((2, 3, 9, 20), (7, 3, 3, 3), (7, 1, 1)))
     want = F.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b.reshape(7)), stride=stride, padding=1)).numpy()
     np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x, w, b), want, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_outputs_and_swapped_carries_read_the_carries_the_step_started_from():
+    """A step that outputs its incoming carry and passes carries on to each other's slots."""
+    text = """module { func.func @f(%c: tensor<3xf64>, %d: tensor<3xf64>, %xs: tensor<5x3xf64>)
+        -> (tensor<3xf64>, tensor<3xf64>, tensor<5x3xf64>, tensor<5x3xf64>) {
+      %r, %q, %ys, %zs = mlc.scan %c, %d over %xs : (tensor<3xf64>, tensor<3xf64>, tensor<5x3xf64>)
+          -> (tensor<3xf64>, tensor<3xf64>, tensor<5x3xf64>, tensor<5x3xf64>) {
+      ^bb0(%h: tensor<3xf64>, %g: tensor<3xf64>, %x: tensor<3xf64>):
+        %n = mlc.add %h, %x
+        mlc.yield %g, %n, %h, %g : tensor<3xf64>, tensor<3xf64>, tensor<3xf64>, tensor<3xf64>
+      }
+      return %r, %q, %ys, %zs : tensor<3xf64>, tensor<3xf64>, tensor<5x3xf64>, tensor<5x3xf64> } }"""
+    compile_and_compare(text, "f", rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal((5, 3)))

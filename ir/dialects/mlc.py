@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import random as rng
 from ..attributes import DenseAttr
+from ..core import Block, Region
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
                         Attr, OpDef, Terminator, VerifyError)
 from ..types import ERROR, TensorType, f32, i1, i64, types_compatible
@@ -1591,6 +1592,85 @@ class Scan(OpDef):
         stacked = [np.stack([o[j] for o in outs]) if steps else np.zeros((0,) + tuple(d or 0 for d in t.shape[1:]), t.element.np_dtype)
                    for j, t in enumerate(out_types)]
         return carries + stacked
+
+
+def _scan_vjp(d, op, cts):
+    """Back-propagation through time: a scan that also stacks each step's incoming carries (the
+    forward again), then a reverse scan over (xs, those carries, the outputs' cotangents) carrying
+    the carries' cotangents and sums for the captured values' cotangents. Its body recomputes the
+    step and applies each op's rule to it; nothing is unrolled."""
+    k = op.attr("num_carries")
+    body = op.regions[0].blocks[0]
+    carries, seqs = op.operands[:k], op.operands[k:]
+    outs = op.results[k:]
+    # 1. the forward again, stacking the carries each step starts from
+    fwd_block = Block([a.type for a in body.args], [a.name_hint for a in body.args])
+    fd = d.inside(fwd_block)
+    mapping = dict(zip(body.args, fwd_block.args))
+    for inner in body:
+        if inner.name != "mlc.yield":
+            fd.b.block.append(inner.clone(mapping))
+    yielded = [mapping.get(v, v) for v in body.last.operands]
+    fd.op("mlc.yield", yielded + list(fwd_block.args[:k]), [])
+    steps = op.results[k].type.shape[0] if outs else (seqs[0].type.shape[0] if seqs else op.attr("length"))
+    stacked = [TensorType((steps,) + c.type.shape, c.type.element) for c in carries]
+    again = d.op("mlc.scan", op.operands, list(op.result_types) + stacked, [Region([fwd_block])], num_carries=k,
+                 reverse=op.attr("reverse"), **({"length": op.attr("length")} if op.attr("length") is not None else {}))
+    carries_in = again.results[len(op.results):]
+    # 2. the reverse scan
+    seeds = [(i, ct) for i, ct in enumerate(cts[k:]) if ct is not None]
+    outer = [v for v in captured(op) if v.type.element.is_float]
+    init = [cts[i] if cts[i] is not None else d.zeros(c) for i, c in enumerate(carries)] + [d.zeros(v) for v in outer]
+    xs = [s for s in seqs]
+    arg_types = [v.type for v in init] + [s.type.with_shape(s.type.shape[1:]) for s in xs] + \
+        [c.type for c in carries] + [ct.type.with_shape(ct.type.shape[1:]) for _, ct in seeds]
+    back_block = Block(arg_types)
+    bd = d.inside(back_block)
+    a = back_block.args
+    carry_ct, sums = a[:k], a[k:k + len(outer)]
+    x_t = a[k + len(outer): k + len(outer) + len(xs)]
+    c_t = a[k + len(outer) + len(xs): 2 * k + len(outer) + len(xs)]
+    out_ct = a[2 * k + len(outer) + len(xs):]
+    mapping = dict(zip(body.args, list(c_t) + list(x_t)))
+    step_ops = []
+    for inner in body:
+        if inner.name != "mlc.yield":
+            step_ops.append(bd.b.block.append(inner.clone(mapping)))
+    ys = [mapping.get(v, v) for v in body.last.operands]
+    adjoint = {}
+    for v, ct in list(zip(ys[:k], carry_ct)) + [(ys[k + i], out_ct[j]) for j, (i, _) in enumerate(seeds)]:
+        adjoint[v] = ct if v not in adjoint else bd("mlc.add", adjoint[v], ct)
+    adjoint = bd.backprop(step_ops, adjoint)
+    new_carry_ct = [adjoint.get(c) or bd.zeros(c) for c in c_t]
+    new_sums = [bd("mlc.add", s, adjoint[v]) if v in adjoint else s for s, v in zip(sums, outer)]
+    x_cts = [adjoint.get(x) or bd.zeros(x) for x in x_t]
+    bd.op("mlc.yield", new_carry_ct + new_sums + x_cts, [])
+    back = d.op("mlc.scan", init + xs + list(carries_in) + [ct for _, ct in seeds],
+                [v.type for v in init] + [s.type for s in xs], [Region([back_block])],
+                num_carries=k + len(outer), reverse=not op.attr("reverse"))
+    r = back.results
+    given = dict(zip(carries, r[:k]))
+    for v, total in zip(outer, r[k:k + len(outer)]):
+        given[v] = total
+    for s, ct in zip(xs, r[k + len(outer):]):
+        given[s] = ct if s not in given else d("mlc.add", given[s], ct)
+    return given
+
+
+def captured(op) -> list:
+    """Values from outside op's regions that ops inside use, in order of first use."""
+    inside = set()
+    for inner in op.regions[0].walk():
+        inside.update(inner.results)
+        for r in inner.regions:
+            for blk in r.blocks:
+                inside.update(blk.args)
+    for blk in op.regions[0].blocks:
+        inside.update(blk.args)
+    return list(dict.fromkeys(v for inner in op.regions[0].walk() for v in inner.operands if v not in inside))
+
+
+Scan.vjp = staticmethod(_scan_vjp)
 
 
 class Fusion(OpDef):
