@@ -1009,17 +1009,21 @@ def pool2d(L: FunctionLowering, op: Operation):
     return [out]
 
 
+def _pool_grad_buffers(L: FunctionLowering, op: Operation):
+    """(input, cotangent, the result buffer, kernel, stride, padding) of a pooling's gradient op."""
+    x, g = (L.buffers[v] for v in op.operands)
+    out = L.alloc(op.results[0].type, L.dims(x), op.results[0].name_hint)
+    return (x, g, out) + tuple(op.opdef.params(op))
+
+
 @rule("mlc.max_pool2d_grad")
 def max_pool2d_grad(L: FunctionLowering, op: Operation):
     """Scatter form, one (n, c) plane per parallel iteration: for each window in order, find its
     first maximum (carried in registers) and add the window's cotangent there."""
-    x, g = (L.buffers[v] for v in op.operands)
-    t = op.results[0].type
-    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    x, g, out, (kh, kw), (sh, sw), (pt, pl, _, _) = _pool_grad_buffers(L, op)
     n, c, h, wd = L.dims(x)
     oh, ow = L.dim(g, 2), L.dim(g, 3)
-    e = t.element
-    out = L.alloc(t, [n, c, h, wd], op.results[0].name_hint)
+    e = out.type.element
 
     def plane(b, ivs):
         L.nest([h, wd], lambda zb, yx: zb.create("mem.store", [L.const(zb, 0, e), out] + ivs + yx), parallel=False, b=b)
@@ -1050,13 +1054,10 @@ def max_pool2d_grad(L: FunctionLowering, op: Operation):
 @rule("mlc.avg_pool2d_grad")
 def avg_pool2d_grad(L: FunctionLowering, op: Operation):
     """Gather form: each input element sums g / divisor over the windows that hold it."""
-    x, g = (L.buffers[v] for v in op.operands)
-    t = op.results[0].type
-    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    x, g, out, (kh, kw), (sh, sw), (pt, pl, _, _) = _pool_grad_buffers(L, op)
     n, c, h, wd = L.dims(x)
     oh, ow = L.dim(g, 2), L.dim(g, 3)
-    e = t.element
-    out = L.alloc(t, [n, c, h, wd], op.results[0].name_hint)
+    e = out.type.element
 
     def covered(b, o, s, lo, k, size):
         """How many of window o's rows (or columns) lie inside the input."""

@@ -460,3 +460,73 @@ def test_rnn_gradients_match_torch_autograd():
     np.testing.assert_allclose(got[0], loss.item(), rtol=1e-5)
     for name, value in zip(["wx", "wh", "b", "wout"], got[1:]):
         np.testing.assert_allclose(value, g[name].grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_layer_norm_written_in_ops_matches_torch_autograd():
+    torch = pytest.importorskip("torch")
+    x, w, b, probe = (rng.standard_normal(s).astype(np.float32) for s in ((6, 16), (16,), (16,), (6, 16)))
+    m = mlc.parse("""module { func.func @loss(%x: tensor<6x16xf32>, %w: tensor<16xf32>, %b: tensor<16xf32>,
+                                               %probe: tensor<6x16xf32>) -> tensor<f32> {
+      %mean = mlc.reduce_mean %x {axes = [1], keepdims = true} : (tensor<6x16xf32>) -> tensor<6x1xf32>
+      %d = mlc.sub %x, %mean : (tensor<6x16xf32>, tensor<6x1xf32>) -> tensor<6x16xf32>
+      %d2 = mlc.mul %d, %d
+      %var = mlc.reduce_mean %d2 {axes = [1], keepdims = true} : (tensor<6x16xf32>) -> tensor<6x1xf32>
+      %eps = mlc.constant dense<1.0e-05> : tensor<f32>
+      %ve = mlc.add %var, %eps : (tensor<6x1xf32>, tensor<f32>) -> tensor<6x1xf32>
+      %inv = mlc.rsqrt %ve
+      %n = mlc.mul %d, %inv : (tensor<6x16xf32>, tensor<6x1xf32>) -> tensor<6x16xf32>
+      %s = mlc.mul %n, %w : (tensor<6x16xf32>, tensor<16xf32>) -> tensor<6x16xf32>
+      %y = mlc.add %s, %b : (tensor<6x16xf32>, tensor<16xf32>) -> tensor<6x16xf32>
+      %p = mlc.mul %y, %probe
+      %l = mlc.reduce_sum %p : (tensor<6x16xf32>) -> tensor<f32>
+      return %l : tensor<f32> } }""")
+    mlc.run_passes(m, "grad{func=@loss wrt=[x, w, b]}")
+    tx, tw, tb = (torch.tensor(a, requires_grad=True) for a in (x, w, b))
+    (torch.nn.functional.layer_norm(tx, (16,), tw, tb) * torch.tensor(probe)).sum().backward()
+    for got in (mlc.interpret(m, "loss_grad", x, w, b, probe), mlc.compile(m)["loss_grad"](x, w, b, probe)):
+        for g, t in zip(got[1:], (tx, tw, tb)):
+            np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@given(st.data())
+def test_generated_shape_ops_match_finite_differences(data):
+    """slice, pad, concat, broadcast_to, gather, reduce_max, softmax over generated shapes and attributes."""
+    rank = data.draw(st.integers(1, 3))
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=rank, max_size=rank)))
+    x = rng.standard_normal(shape)
+    kind = data.draw(st.sampled_from(["slice", "pad", "concat", "broadcast", "gather", "reduce_max", "softmax"]))
+    axis = data.draw(st.integers(0, rank - 1))
+    fixed = {}
+    if kind == "slice":
+        bounds = [sorted(data.draw(st.lists(st.integers(-d, d), min_size=2, max_size=2))) for d in shape]
+        stride = [data.draw(st.integers(1, 3)) for _ in shape]
+        start, limit = [b[0] for b in bounds], [b[1] for b in bounds]
+        y = x[tuple(slice(s, l, k) for s, l, k in zip(start, limit, stride))]
+        if y.size == 0:
+            return
+        body = f"%y = mlc.slice %x {{start = {start}, limit = {limit}, stride = {stride}}} : ({ttype(shape)}) -> {ttype(y.shape)}"
+    elif kind == "pad":
+        low, high = ([data.draw(st.integers(0, 2)) for _ in shape] for _ in range(2))
+        y = np.pad(x, list(zip(low, high)))
+        body = f"%y = mlc.pad %x {{low = {low}, high = {high}}} : ({ttype(shape)}) -> {ttype(y.shape)}"
+    elif kind == "concat":
+        y = np.concatenate([x, x[..., :1] if axis == rank - 1 else x], axis=axis)
+        other = "%x" if axis != rank - 1 else "%first"
+        first = f"%first = mlc.slice %x {{start = {[0] * rank}, limit = {list(shape[:-1]) + [1]}}} : ({ttype(shape)}) -> {ttype(shape[:-1] + (1,))}\n      "
+        body = (first if axis == rank - 1 else "") + \
+            f"%y = mlc.concat %x, {other} {{axis = {axis}}} : ({ttype(shape)}, {ttype(y.shape[:axis] + (y.shape[axis] - shape[axis],) + y.shape[axis + 1:])}) -> {ttype(y.shape)}"
+    elif kind == "broadcast":
+        y = np.broadcast_to(x, (2,) + shape)
+        body = f"%y = mlc.broadcast_to %x : ({ttype(shape)}) -> {ttype(y.shape)}"
+    elif kind == "gather":
+        idx = np.array(data.draw(st.lists(st.integers(0, shape[axis] - 1), min_size=1, max_size=5)))
+        fixed = {"i": idx}
+        y = np.take(x, idx, axis=axis)
+        body = f"%y = mlc.gather %x, %i {{axis = {axis}}} : ({ttype(shape)}, {ttype(idx.shape, 'i64')}) -> {ttype(y.shape)}"
+    elif kind == "reduce_max":
+        y = x.max(axis=axis)
+        body = f"%y = mlc.reduce_max %x {{axes = [{axis}]}} : ({ttype(shape)}) -> {ttype(y.shape)}"
+    else:
+        y = x
+        body = f"%y = mlc.softmax %x {{axis = {axis}}}"
+    check(body, y.shape, native=False, fixed=fixed, x=x)
