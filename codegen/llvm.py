@@ -260,7 +260,8 @@ def _global_store(self: FunctionEmitter, op):
     k = self.parent.globals.index(op.attr("global"))
     dst = self.b.load(self.b.gep(self.globals_table, [ir.Constant(I64, k)], source_etype=PTR), typ=PTR)
     t = op.operands[0].type
-    self.memcpy(dst, src.data, ir.Constant(I64, math.prod(t.shape) * _element_bytes(t.element)))
+    with self.b.if_then(self.b.icmp_unsigned("!=", dst, src.data)):  # equal: the kernel wrote the global in place
+        self.memcpy(dst, src.data, ir.Constant(I64, math.prod(t.shape) * _element_bytes(t.element)))
 
 
 def _alias(self: FunctionEmitter, op):

@@ -51,6 +51,7 @@ class FunctionLowering:
         self.consts: dict = {}
         self.allocs: list[Value] = []  # in order, so a loop body can free what it allocated
         self.fused: set[Operation] = set()
+        self.order: dict[Operation, int] = {}  # the function's own tensor ops, in order
         self.b = Builder(func.body, func.body.first, module)
 
     # --- driving ---------------------------------------------------------------------------------------
@@ -93,6 +94,8 @@ class FunctionLowering:
 
     def lower_ops(self, ops):
         """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""
+        if not self.order:  # the top-level call (scan bodies come later)
+            self.order = {op: i for i, op in enumerate(ops)}
         for op in ops:
             if op in self.fused:  # computed inside its consumer's loop nest
                 continue
@@ -297,7 +300,8 @@ def elementwise(L: FunctionLowering, op: Operation):
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
     else:
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
-    out = _dying_operand_buffer(L, t, leaves) or L.alloc(t, sizes, op.results[0].name_hint)
+    out = _global_updated_in_place(L, t, leaves) or _dying_operand_buffer(L, t, leaves) or \
+        L.alloc(t, sizes, op.results[0].name_hint)
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
 
     def value(b, v, ivs):
@@ -308,6 +312,35 @@ def elementwise(L: FunctionLowering, op: Operation):
 
     L.nest(sizes, lambda b, ivs: b.create("mem.store", [scalar(L, b, op, [value(b, v, ivs) for v in op.operands]), out] + ivs))
     return [out]
+
+
+def _global_updated_in_place(L, t, leaves):
+    """The storage of global @g, when this kernel's result is stored into @g and the kernel reads @g's
+    current value at the very index it writes, with nothing after it reading @g before the store (an
+    optimiser's update: w = w - lr * g). The kernel then writes @g in place and the store copies
+    nothing."""
+    op = L.current
+    if op.parent is not L.func.body:
+        return None
+    stores = [u for u, _ in op.results[0].uses if u.name == "mlc.global_store" and u.parent is op.parent]
+    if len(stores) != 1:
+        return None
+    name, at, until = stores[0].attr("global"), L.order[op], L.order[stores[0]]
+    loads = [o for o in L.order if o.name == "mlc.global_load" and o.attr("global") == name]
+    if any(L.order[o] > at for o in L.order if o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0]
+           and L.order[o] < until):
+        return None
+    for load in loads:  # no one reads @g's old value after this kernel
+        for user, _ in load.results[0].uses:
+            while user.parent is not op.parent:
+                user = user.parent_op
+            if L.order.get(user, -1) > at:  # (ops made by lowering read the buffer, not this value)
+                return None
+    for v in leaves:
+        outer = op.operands[v.index] if op.regions and isinstance(v, BlockArgument) and v.owner is op.regions[0].blocks[0] else v
+        if outer.defining_op() in loads and outer.type == TensorType(t.shape, t.element) and t.is_static:
+            return L.buffers[v]
+    return None
 
 
 def _dying_operand_buffer(L, t, leaves):

@@ -87,7 +87,8 @@ def test_matmul(shapes):
 
 
 @pytest.mark.parametrize("op,attrs", [("reduce_sum", "{axes = [1]}"), ("reduce_sum", "{axes = [0, 2], keepdims = true}"),
-                                      ("reduce_mean", ""), ("reduce_mean", "{axes = [2], keepdims = true}")])
+                                      ("reduce_mean", ""), ("reduce_mean", "{axes = [2], keepdims = true}"),
+                                      ("reduce_prod", "{axes = [1]}"), ("reduce_prod", "{axes = [0, 2], keepdims = true}")])
 def test_reductions(op, attrs):
     x = rng.standard_normal((2, 3, 4))
     keep = "keepdims" in attrs
@@ -147,10 +148,14 @@ def test_integer_arguments_get_no_gradient_and_rule_gaps_are_named():
       return %s : tensor<f64> } }""", "g.ir")
     out = mlc.run_passes(m.clone(), "grad{func=@f}")
     assert out.functions["f_grad"].type.results == out.functions["f"].type.results + (out.functions["f"].args[0].type,)
-    m2 = mlc.parse("""module { func.func @f(%x: tensor<4xf64>) -> tensor<f64> {
-      %s = mlc.reduce_prod %x : (tensor<4xf64>) -> tensor<f64>
+    m2 = mlc.parse("""module { func.func @f(%x: tensor<4x3xf64>) -> tensor<f64> {
+      %s = mlc.fusion %x : (tensor<4x3xf64>) -> tensor<f64> {
+      ^bb0(%a: tensor<4x3xf64>):
+        %r = mlc.reduce_sum %a : (tensor<4x3xf64>) -> tensor<f64>
+        mlc.yield %r : tensor<f64>
+      }
       return %s : tensor<f64> } }""", "c.ir")
-    with pytest.raises(mlc.DiagnosticError, match=r"c.ir:2:\d+: error: 'mlc.reduce_prod': grad: no gradient rule for this op yet"):
+    with pytest.raises(mlc.DiagnosticError, match=r"c.ir:2:\d+: error: 'mlc.fusion': grad: no gradient rule for this op yet"):
         mlc.run_passes(m2, "grad{func=@f}")
     with pytest.raises(mlc.DiagnosticError, match=r"g.ir:1:\d+: error: grad: %i has type tensor<3xi64>; only floating-point"):
         mlc.run_passes(m.clone(), "grad{func=@f wrt=[x, i]}")
@@ -172,6 +177,16 @@ def test_elementwise_and_row_ops(body):
     x = away_from(rng.standard_normal((3, 4)), [-0.5, 0.7, 0.2])
     y_shape = (3,) if "axes = [1]" in body else (1, 4) if "keepdims" in body else (3, 4)
     check(body, y_shape, x=x)
+
+
+def test_reduce_prod_with_zeros_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.array([[0.0, 2.0, 3.0], [1.5, 2.0, -1.0], [0.0, 4.0, 0.0]])
+    m = grad_module("%y = mlc.reduce_prod %x {axes = [1]}", (3,), {"x": x})
+    probe = np.array([1.0, -2.0, 0.5])
+    tx = torch.tensor(x, requires_grad=True)
+    (tx.prod(dim=1) * torch.tensor(probe)).sum().backward()
+    np.testing.assert_allclose(mlc.interpret(m, "loss_grad", x, probe)[1], tx.grad.numpy())
 
 
 def test_reduce_max_splits_ties_evenly_as_torch_amax():
@@ -530,3 +545,39 @@ def test_generated_shape_ops_match_finite_differences(data):
         y = x
         body = f"%y = mlc.softmax %x {{axis = {axis}}}"
     check(body, y.shape, native=False, fixed=fixed, x=x)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_convolution_and_cross_entropy_gradients_match_torch_autograd(transposed):
+    """conv (stride 2, asymmetric padding, dilation, groups) -> log_softmax -> cross_entropy, in f32 on
+    the CPU backend, against torch.autograd."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    if transposed:
+        w = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+        conv = "mlc.conv2d_transpose %x, %w {stride = [2, 1], padding = [1, 0, 1, 0], output_padding = [1, 0], groups = 2}"
+        y_shape = (2, 6, 14, 7)
+    else:
+        w = rng.standard_normal((6, 2, 3, 2)).astype(np.float32)
+        conv = "mlc.conv2d %x, %w {stride = [2, 1], padding = [1, 0, 2, 1], dilation = [1, 2], groups = 2}"
+        y_shape = (2, 6, 4, 5)
+    labels = rng.integers(0, 6, (2,) + y_shape[2:])
+    ys = ttype(y_shape, "f32")
+    m = mlc.parse(f"""module {{ func.func @loss(%x: tensor<2x4x7x6xf32>, %w: {ttype(w.shape, 'f32')}, %t: {ttype(labels.shape, 'i64')}) -> tensor<f32> {{
+      %y = {conv} : (tensor<2x4x7x6xf32>, {ttype(w.shape, 'f32')}) -> {ys}
+      %s = mlc.log_softmax %y {{axis = 1}} : ({ys}) -> {ys}
+      %l = mlc.cross_entropy %s, %t : ({ys}, {ttype(labels.shape, 'i64')}) -> tensor<f32>
+      return %l : tensor<f32> }} }}""")
+    mlc.run_passes(m, "grad{func=@loss}")
+    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    if transposed:
+        ty = F.conv_transpose2d(tx, tw, stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2)
+    else:
+        ty = F.conv2d(F.pad(tx, (0, 1, 1, 2)), tw, stride=(2, 1), dilation=(1, 2), groups=2)
+    loss = F.cross_entropy(F.log_softmax(ty, dim=1), torch.tensor(labels))
+    loss.backward()
+    got = mlc.interpret(m, "loss_grad", x, w, labels)
+    np.testing.assert_allclose(got[0], loss.item(), rtol=1e-5)
+    np.testing.assert_allclose(got[1], tx.grad.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[2], tw.grad.numpy(), rtol=1e-4, atol=1e-6)

@@ -524,6 +524,20 @@ class ReduceProd(Reduction):
     name = "mlc.reduce_prod"
     fn = staticmethod(_prod)
 
+    @staticmethod
+    def vjp(d, op, g):
+        """The product of the other elements, as torch: y / x without zeros; with one zero, the
+        product of the rest at the zero and 0 elsewhere; with more, 0."""
+        x = op.operands[0]
+        axes = list(Reduction.axes(op, x.type.rank))
+        zero, one = d.scalar(0, x), d.scalar(1, x)
+        is_zero = d("mlc.eq", x, zero)
+        others = d("mlc.reduce_prod", d("mlc.select", is_zero, one, x), axes=axes, keepdims=True)
+        zeros = d("mlc.reduce_sum", d("mlc.select", is_zero, one, zero), axes=axes, keepdims=True)
+        lone_zero = d("mlc.and", is_zero, d("mlc.eq", zeros, one))
+        share = d("mlc.select", d("mlc.eq", zeros, zero), d("mlc.div", others, x), d("mlc.select", lone_zero, others, zero))
+        return [d("mlc.mul", d.keepdims(g, op), share)]
+
 
 class ReduceMean(Reduction):
     name = "mlc.reduce_mean"
