@@ -325,11 +325,12 @@ def _global_updated_in_place(L, t, leaves):
     stores = [u for u, _ in op.results[0].uses if u.name == "mlc.global_store" and u.parent is op.parent]
     if len(stores) != 1:
         return None
-    name, at, until = stores[0].attr("global"), L.order[op], L.order[stores[0]]
+    name, at = stores[0].attr("global"), L.order[op]
     loads = [o for o in L.order if o.name == "mlc.global_load" and o.attr("global") == name]
-    if any(L.order[o] > at for o in L.order if o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0]
-           and L.order[o] < until):
-        return None
+    if any(L.order[o] > at for o in L.order if o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0]):
+        return None  # another store would overwrite the result while it is still a value
+    if any(user.name == "func.return" for user in op.results[0].users):
+        return None  # the caller frees what it is given
     for load in loads:  # no one reads @g's old value after this kernel
         for user, _ in load.results[0].uses:
             while user.parent is not op.parent:

@@ -309,3 +309,41 @@ def test_scan_outputs_and_swapped_carries_read_the_carries_the_step_started_from
       }
       return %r, %q, %ys, %zs : tensor<3xf64>, tensor<3xf64>, tensor<5x3xf64>, tensor<5x3xf64> } }"""
     compile_and_compare(text, "f", rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal((5, 3)))
+
+
+def test_a_global_is_updated_in_place_only_where_no_one_sees_the_difference():
+    """w = w + x stored back writes @g's storage directly; a result that is returned or stored over
+    again still gets a buffer of its own. Globals and results agree with the interpreter each call."""
+    text = """module {
+      mlc.global @g : tensor<4xf32> {init = "ones"}
+      func.func @update(%x: tensor<4xf32>) -> tensor<f32> {
+        %g = mlc.global_load @g : tensor<4xf32>
+        %n = mlc.add %g, %x
+        mlc.global_store @g, %n : tensor<4xf32>
+        %s = mlc.reduce_sum %n : (tensor<4xf32>) -> tensor<f32>
+        return %s : tensor<f32>
+      }
+      func.func @returned(%x: tensor<4xf32>) -> tensor<4xf32> {
+        %g = mlc.global_load @g : tensor<4xf32>
+        %n = mlc.add %g, %x
+        mlc.global_store @g, %n : tensor<4xf32>
+        return %n : tensor<4xf32>
+      }
+      func.func @stored_twice(%x: tensor<4xf32>) -> tensor<4xf32> {
+        %g = mlc.global_load @g : tensor<4xf32>
+        %n = mlc.add %g, %x
+        mlc.global_store @g, %n : tensor<4xf32>
+        %m = mlc.mul %n, %x
+        mlc.global_store @g, %m : tensor<4xf32>
+        %r = mlc.add %n, %n
+        return %r : tensor<4xf32>
+      }
+    }"""
+    m = mlc.parse(text)
+    lowered = mlc.run_passes(m.clone(), "cpu")
+    assert sum(op.name == "mem.alloc" for op in lowered.functions["update"].body.walk()) == 1  # the sum's result only
+    exe, reference = mlc.compile(m), Interpreter(m)
+    x = np.arange(4, dtype=np.float32)
+    for f in ["update", "returned", "stored_twice", "update", "returned"]:
+        np.testing.assert_array_equal(exe[f](x), reference.call_public(f, (x,)))
+        np.testing.assert_array_equal(exe.globals["g"], reference.globals["g"])
