@@ -14,6 +14,7 @@ import io
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -164,10 +165,12 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     if n == 0:
         raise error(Location(o.data, 0, 0), "has no examples")
     steps_per_epoch = -(-n // o.batch_size)
+    started = time.perf_counter()
     run_passes(module, train_step_pipeline(o, steps_per_epoch))
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
     exe = Executable.build(module)
     step = exe["train_step"]
+    print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
     predict, evaluation = _evaluation(module, exe, o)
 
     fingerprint = hashlib.sha256(json.dumps([str(module), o.data, o.batch_size, seed]).encode()).hexdigest()
@@ -188,7 +191,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             bar.reset(total=steps_per_epoch)
             bar.set_description(f"epoch {epoch + 1}/{o.epochs}")
             bar.update(first)
-        running = []
+        running, started = [], time.perf_counter()
         for b in range(first, steps_per_epoch):
             idx = order[b * o.batch_size: (b + 1) * o.batch_size]
             loss = float(step(*(a[idx] for a in data.values())))
@@ -206,6 +209,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             metrics = evaluate(exe, predict, evaluation)
             state["metrics"].append(metrics)
             line += "".join(f", {k} {v:.4f}" if k != "accuracy" else f", {k} {100 * v:.2f}%" for k, v in metrics.items())
+        line += f" ({time.perf_counter() - started:.1f} s)"
         if bar:
             bar.refresh()
             bar.write(line, file=out)
