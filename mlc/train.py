@@ -231,7 +231,7 @@ def _progress(o, out):
     if not o.progress:
         return None
     from tqdm import tqdm
-    return tqdm(total=0, file=out, leave=False, dynamic_ncols=True, unit="step")
+    return tqdm(total=0, file=out, leave=False, dynamic_ncols=True, unit="step", disable=None)  # None: off when not a terminal
 
 
 def _evaluation(module, exe, o):
