@@ -28,6 +28,12 @@ class OpBuilder:
         b.symbols = self.b.symbols
         return OpBuilder(b)
 
+    def before(self, op) -> "OpBuilder":
+        """A builder inserting just before op."""
+        b = Builder.before(op)
+        b.symbols = self.b.symbols
+        return OpBuilder(b)
+
     def backprop(self, ops, adjoint: dict) -> dict:
         """Reverse mode over ops from the seeded cotangents (passes/grad.py); for rules of region ops."""
         from .grad import backprop

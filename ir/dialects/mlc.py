@@ -1609,10 +1609,10 @@ class Scan(OpDef):
 
 
 def _scan_vjp(d, op, cts):
-    """Back-propagation through time: a scan that also stacks each step's incoming carries (the
-    forward again), then a reverse scan over (xs, those carries, the outputs' cotangents) carrying
-    the carries' cotangents and sums for the captured values' cotangents. Its body recomputes the
-    step and applies each op's rule to it; nothing is unrolled."""
+    """Back-propagation through time: the forward scan is replaced by one that also stacks each step's
+    incoming carries; then a reverse scan over (xs, those carries, the outputs' cotangents) carries
+    the carries' cotangents and sums of the captured values' cotangents. Its body recomputes the step
+    and applies each op's rule to it; nothing is unrolled."""
     k = op.attr("num_carries")
     body = op.regions[0].blocks[0]
     carries, seqs = op.operands[:k], op.operands[k:]
@@ -1628,8 +1628,8 @@ def _scan_vjp(d, op, cts):
     fd.op("mlc.yield", yielded + list(fwd_block.args[:k]), [])
     steps = op.results[k].type.shape[0] if outs else (seqs[0].type.shape[0] if seqs else op.attr("length"))
     stacked = [TensorType((steps,) + c.type.shape, c.type.element) for c in carries]
-    again = d.op("mlc.scan", op.operands, list(op.result_types) + stacked, [Region([fwd_block])], num_carries=k,
-                 reverse=op.attr("reverse"), **({"length": op.attr("length")} if op.attr("length") is not None else {}))
+    again = d.before(op).op("mlc.scan", op.operands, list(op.result_types) + stacked, [Region([fwd_block])], num_carries=k,
+                            **{a: op.attributes[a] for a in ("reverse", "length") if a in op.attributes})
     carries_in = again.results[len(op.results):]
     # 2. the reverse scan
     seeds = [(i, ct) for i, ct in enumerate(cts[k:]) if ct is not None]
@@ -1661,13 +1661,14 @@ def _scan_vjp(d, op, cts):
     bd.op("mlc.yield", new_carry_ct + new_sums + x_cts, [])
     back = d.op("mlc.scan", init + xs + list(carries_in) + [ct for _, ct in seeds],
                 [v.type for v in init] + [s.type for s in xs], [Region([back_block])],
-                num_carries=k + len(outer), reverse=not op.attr("reverse"))
+                num_carries=k + len(outer), **({} if op.attr("reverse") else {"reverse": True}))
     r = back.results
     given = dict(zip(carries, r[:k]))
     for v, total in zip(outer, r[k:k + len(outer)]):
         given[v] = total
     for s, ct in zip(xs, r[k + len(outer):]):
         given[s] = ct if s not in given else d("mlc.add", given[s], ct)
+    op.replace_with(again.results[:len(op.results)])  # its results now come from the scan that stacks
     return given
 
 
