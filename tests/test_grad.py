@@ -581,3 +581,33 @@ def test_convolution_and_cross_entropy_gradients_match_torch_autograd(transposed
     np.testing.assert_allclose(got[0], loss.item(), rtol=1e-5)
     np.testing.assert_allclose(got[1], tx.grad.numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got[2], tw.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+
+
+@given(st.sampled_from(UNARY + ["gelu", "clamp"]), shapes, st.integers(0, 2**16))
+def test_generated_unary_gradients(name, shape, seed):
+    x = np.random.default_rng(seed).standard_normal(shape)
+    x = np.abs(x) + 0.5 if name in POSITIVE else away_from(x, [0.0, -0.3, 0.4])  # away from kinks and clamp bounds
+    body = "%y = mlc.clamp %x {min = -0.3, max = 0.4}" if name == "clamp" else f"%y = mlc.{name} %x"
+    check(body, shape, native=False, x=x)
+
+
+@given(st.sampled_from(["add", "sub", "mul", "div", "maximum", "minimum", "pow", "select"]), shapes, st.data())
+def test_generated_binary_gradients_sum_back_over_broadcast_dims(name, shape, data):
+    """The second operand's shape drops leading dims and turns some dims into 1 (numpy broadcasting)."""
+    lead = data.draw(st.integers(0, len(shape)))
+    other = tuple(1 if data.draw(st.booleans()) else d for d in shape[lead:])
+    r = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    a, b = r.standard_normal(shape), r.standard_normal(other)
+    if name == "pow":
+        a = np.abs(a) + 0.5
+    if name == "div":
+        b = np.where(np.abs(b) < 0.3, 0.7, b)
+    if name in ("maximum", "minimum"):
+        b = b + 0.05  # no ties
+    body = (f"%c = mlc.gt %a, %b : ({ttype(shape)}, {ttype(other)}) -> {ttype(shape, 'i1')}\n      "
+            f"%y = mlc.select %c, %a, %b : ({ttype(shape, 'i1')}, {ttype(shape)}, {ttype(other)}) -> {ttype(shape)}"
+            if name == "select" else f"%y = mlc.{name} %a, %b : ({ttype(shape)}, {ttype(other)}) -> {ttype(shape)}")
+    check(body, shape, native=False, a=a, b=b)
