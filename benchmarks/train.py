@@ -3,8 +3,8 @@
 
     python benchmarks/train.py [--steps N]
 
-Time: the best of a few runs of --steps steps each (this machine is noisy); ratio > 1 means mlc is
-faster. Memory: each framework trains in a fresh subprocess that reports the growth of its peak
+Time: the best of 5 runs of --steps steps each, mlc's and torch's interleaved (this machine's speed
+drifts); ratio > 1 means mlc is faster. Memory: each framework trains in a fresh subprocess that reports the growth of its peak
 resident set over its state (weights, data; torch's optimiser state appears at its first step, mlc's
 is allocated up front) during the steps, and mlc's own estimate of the step's peak intermediate buffers.
 """
@@ -80,16 +80,20 @@ def torch_step():
     return step
 
 
-def timed(step, data, repeat=3):
-    for x, y in data[:2]:
-        step(x, y)  # warm up: caches, allocator, optimiser state
-    runs = []
+def timed(steps: dict, data, repeat=5) -> dict:
+    """Best time per step of each of `steps`, their runs interleaved so that both see the same
+    machine (this one's speed drifts by tens of percent)."""
+    for step in steps.values():
+        for x, y in data[:2]:
+            step(x, y)  # warm up: caches, allocator, optimiser state
+    runs = {name: [] for name in steps}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        for x, y in data:
-            step(x, y)
-        runs.append((time.perf_counter() - t0) / len(data))
-    return min(runs)
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for x, y in data:
+                step(x, y)
+            runs[name].append((time.perf_counter() - t0) / len(data))
+    return {name: min(r) for name, r in runs.items()}
 
 
 def memory_probe(which: str, steps: int) -> dict:
@@ -124,14 +128,15 @@ def main():
     from mlc.runtime.executable import lower_for_cpu
     data = batches(args.steps)
     step, compile_s, module = mlc_step()
-    t_mlc, t_torch = timed(step, data), timed(torch_step(), data)
+    best = timed({"mlc": step, "torch": torch_step()}, data)
+    t_mlc, t_torch = best["mlc"], best["torch"]
     probes = {}
     for which in ("mlc", "torch"):
         out = subprocess.run([sys.executable, __file__, "--probe", which, "--steps", str(args.steps)], capture_output=True,
                              text=True, check=True, env={**os.environ, "MLC_NUM_THREADS": "2"})
         probes[which] = json.loads(out.stdout)
     estimate = peak_intermediate_bytes(lower_for_cpu(module).functions["train_step"], BATCH) / 2**20
-    print(f"MLP 784-1024-1024-10, Adam, batch {BATCH}, {args.steps} steps per run, best of 3")
+    print(f"MLP 784-1024-1024-10, Adam, batch {BATCH}, {args.steps} steps per run, best of 5 interleaved runs")
     print(f"{'':<28}{'mlc':>12}{'torch':>12}{'torch/mlc':>12}")
     print(f"{'train step (ms)':<28}{t_mlc * 1e3:>12.2f}{t_torch * 1e3:>12.2f}{t_torch / t_mlc:>11.2f}x")
     grow = {k: v["peak"] - v["before"] for k, v in probes.items()}
