@@ -9,6 +9,8 @@ Row kernels come first: a reduction over trailing (static) dims joins, as one ke
 producers and consumers of the full row shape and the reduced values computed from it (softmax or
 layer norm written out in ops), as long as every value but the last is used only inside. Lowered, each
 row is read in a few passes while it is in cache, rather than each op making a pass over memory.
+An op that is also stored to a global after the group (an optimiser's new moment, which the new weight
+uses too) joins as a second result of the kernel: the update is one pass over memory, not one per value.
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
@@ -35,13 +37,31 @@ def joins_consumer(op: Operation) -> bool:
             and all(a is None or b is None or a == b for a, b in zip(mine.shape, theirs.shape)))
 
 
+def stored_after(op: Operation, root: Operation, members, order) -> bool:
+    """op can be a second result of root's kernel: of root's type, used inside the group and otherwise
+    only by global_stores after root (an optimiser's new moments, stored and used for the weight)."""
+    if not elementwise(op) or op.parent is not root.parent or op.results[0].type != root.results[0].type:
+        return False
+    outside = [u for u, _ in op.results[0].uses if u not in members]
+    return 0 < len(outside) < len(op.results[0].uses) and all(
+        u.name == "mlc.global_store" and u.parent is root.parent and order[u] > order[root] for u in outside)
+
+
 def group_of(root: Operation) -> list[Operation]:
     """The root and, transitively, the producers that join it, in program order."""
-    members, stack, anchor = {root}, [root], None
+    members, stack, anchor, extra = {root}, [root], None, False
+    order = None
     while stack:
         for v in stack.pop().operands:
             p = v.defining_op()
-            if p is None or p in members or not joins_consumer(p):
+            if p is None or p in members:
+                continue
+            if not joins_consumer(p):
+                order = order or {o: i for i, o in enumerate(root.parent)}
+                if stored_after(p, root, members, order):
+                    members.add(p)
+                    stack.append(p)
+                    extra = True
                 continue
             if p.name in ANCHORS:
                 element = p.results[0].type.element
@@ -52,8 +72,8 @@ def group_of(root: Operation) -> list[Operation]:
                 continue
             members.add(p)
             stack.append(p)
-    if anchor is not None and not _cannot_broadcast_up(anchor, members):
-        members.discard(anchor)
+    if anchor is not None and (extra or not _cannot_broadcast_up(anchor, members)):
+        members.discard(anchor)  # (a kernel with an anchor has one result)
     return [op for op in root.parent if op in members]
 
 
@@ -80,11 +100,16 @@ def fuse_group(ops: list[Operation]) -> Operation:
     mapping = dict(zip(leaves, block.args))
     for op in ops:
         block.append(op.clone(mapping))
-    block.append(create_op("mlc.yield", [mapping[root.results[0]]], [], loc=root.loc))
-    fusion = create_op("mlc.fusion", leaves, root.result_types, regions=[Region([block])], loc=root.loc,
-                       result_names=[root.results[0].name_hint])
+    extras = [op for op in ops[:-1] if any(u not in inside for u, _ in op.results[0].uses)]  # see stored_after
+    results = [root.results[0]] + [op.results[0] for op in extras]
+    block.append(create_op("mlc.yield", [mapping[r] for r in results], [], loc=root.loc))
+    fusion = create_op("mlc.fusion", leaves, [r.type for r in results], regions=[Region([block])], loc=root.loc,
+                       result_names=[r.name_hint for r in results])
     root.parent.insert_before(root, fusion)
-    root.results[0].replace_all_uses_with(fusion.results[0])
+    for r, new in zip(results, fusion.results):
+        for user, i in list(r.uses):
+            if user not in inside:
+                user.set_operand(i, new)
     for op in reversed(ops):
         op.erase()
     return fusion
@@ -173,7 +198,9 @@ class Fuse(Pass):
                 for group in row_groups(block):
                     fuse_group(group)
                 roots = [op for op in block if elementwise(op) and not joins_consumer(op)]
-                for root in roots:
+                for root in reversed(roots):  # consumers first: a root may join a later kernel as a second result
+                    if root.parent is None:
+                        continue
                     group = group_of(root)
                     if len(group) > 1:
                         fuse_group(group)

@@ -256,7 +256,7 @@ def fusion(L: FunctionLowering, op: Operation):
     if any(o.name in ROW_REDUCTIONS for o in block):
         return row_kernel(L, [o for o in block if o is not block.last])
     if anchor is None:
-        return elementwise(L, root)
+        return elementwise(L, root, [v.defining_op() for v in block.last.operands[1:]])
     # The anchor writes the result buffer; epilogue(b, out, indices) then rewrites an element in place.
     leaves = _leaves(L, root)
     readers = {v: L.broadcast_reader(L.buffers[v], root.results[0].type.rank) for v in leaves if v is not anchor.results[0]}
@@ -290,9 +290,10 @@ def _leaves(L, op):
 
 
 @rule(*ELEMENTWISE, "mlc.broadcast_to")
-def elementwise(L: FunctionLowering, op: Operation):
+def elementwise(L: FunctionLowering, op: Operation, extras=()):
     """One loop nest over the result; fused producers (inside an mlc.fusion) are computed in it from
-    their own operands."""
+    their own operands. `extras`: fused ops whose values the kernel also returns (of the same type),
+    stored in the same pass after every value of the element is computed."""
     t = op.results[0].type
     leaves = _leaves(L, op)  # operands read from buffers (those of fused producers included)
     ins = [L.buffers[v] for v in op.operands if v in L.buffers]
@@ -300,21 +301,27 @@ def elementwise(L: FunctionLowering, op: Operation):
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
     else:
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
-    out = _global_updated_in_place(L, t, leaves) or _dying_operand_buffer(L, t, leaves) or \
-        L.alloc(t, sizes, op.results[0].name_hint)
+    outs = [_global_updated_in_place(L, t, leaves, i) or (not i and _dying_operand_buffer(L, t, leaves)) or
+            L.alloc(t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
 
-    def value(b, v, ivs):
-        p = v.defining_op()
-        if p is not None and p in L.fused:
-            return scalar(L, b, p, [value(b, o, ivs) for o in p.operands])
-        return b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+    def value(b, v, ivs, memo):
+        if v not in memo:
+            p = v.defining_op()
+            memo[v] = scalar(L, b, p, [value(b, o, ivs, memo) for o in p.operands]) if p is not None and p in L.fused else \
+                b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+        return memo[v]
 
-    L.nest(sizes, lambda b, ivs: b.create("mem.store", [scalar(L, b, op, [value(b, v, ivs) for v in op.operands]), out] + ivs))
-    return [out]
+    def element(b, ivs):
+        memo = {}
+        results = [scalar(L, b, o, [value(b, v, ivs, memo) for v in o.operands]) for o in [op, *extras]]
+        for r, out in zip(results, outs):
+            b.create("mem.store", [r, out] + ivs)
+    L.nest(sizes, element)
+    return outs
 
 
-def _global_updated_in_place(L, t, leaves):
+def _global_updated_in_place(L, t, leaves, result: int = 0):
     """The storage of global @g, when this kernel's result is stored into @g and the kernel reads @g's
     current value at the very index it writes, with nothing after it reading @g before the store (an
     optimiser's update: w = w - lr * g). The kernel then writes @g in place and the store copies
@@ -322,14 +329,14 @@ def _global_updated_in_place(L, t, leaves):
     op = L.current
     if op.parent is not L.func.body:
         return None
-    stores = [u for u, _ in op.results[0].uses if u.name == "mlc.global_store" and u.parent is op.parent]
+    stores = [u for u, _ in op.results[result].uses if u.name == "mlc.global_store" and u.parent is op.parent]
     if len(stores) != 1:
         return None
     name, at = stores[0].attr("global"), L.order[op]
     loads = [o for o in L.order if o.name == "mlc.global_load" and o.attr("global") == name]
     if any(L.order[o] > at for o in L.order if o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0]):
         return None  # another store would overwrite the result while it is still a value
-    if any(user.name == "func.return" for user in op.results[0].users):
+    if any(user.name == "func.return" for user in op.results[result].users):
         return None  # the caller frees what it is given
     for load in loads:  # no one reads @g's old value after this kernel
         for user, _ in load.results[0].uses:
