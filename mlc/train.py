@@ -171,7 +171,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     exe = Executable.build(module)
     step = exe["train_step"]
     print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
-    predict, evaluation = _evaluation(module, exe, o)
+    predict, evaluation = _evaluation(module, exe, o, loss_fn)
 
     fingerprint = hashlib.sha256(json.dumps([str(module), o.data, o.batch_size, seed]).encode()).hexdigest()
     state = {"fingerprint": fingerprint, "epoch": 0, "batch": 0, "losses": [], "metrics": []}
@@ -191,7 +191,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             bar.reset(total=steps_per_epoch)
             bar.set_description(f"epoch {epoch + 1}/{o.epochs}")
             bar.update(first)
-        running, started = [], time.perf_counter()
+        running, epoch_started = [], time.perf_counter()
         for b in range(first, steps_per_epoch):
             idx = order[b * o.batch_size: (b + 1) * o.batch_size]
             loss = float(step(*(a[idx] for a in data.values())))
@@ -208,8 +208,8 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
         if evaluation is not None:
             metrics = evaluate(exe, predict, evaluation)
             state["metrics"].append(metrics)
-            line += "".join(f", {k} {v:.4f}" if k != "accuracy" else f", {k} {100 * v:.2f}%" for k, v in metrics.items())
-        line += f" ({time.perf_counter() - started:.1f} s)"
+            line += f", accuracy {100 * metrics['accuracy']:.2f}%"
+        line += f" ({time.perf_counter() - epoch_started:.1f} s)"
         if bar:
             bar.refresh()
             bar.write(line, file=out)
@@ -234,7 +234,7 @@ def _progress(o, out):
     return tqdm(total=0, file=out, leave=False, dynamic_ncols=True, unit="step", disable=None)  # None: off when not a terminal
 
 
-def _evaluation(module, exe, o):
+def _evaluation(module, exe, o, loss_fn):
     """(the predict function, the eval arrays) or (None, None)."""
     if o.eval is None:
         return None, None
@@ -242,7 +242,6 @@ def _evaluation(module, exe, o):
     if name not in exe.functions:
         raise error(module.loc, f"no public function @{name} to predict with (give --predict @f)")
     predict = module.functions[name]
-    loss_fn = module.functions[o.loss.lstrip("@")]
     arrays = load_data(o.eval, loss_fn, "eval")
     from mlc.ir.interpreter import arg_names
     unknown = [a for a in arg_names(predict) if a not in arrays]

@@ -68,13 +68,19 @@ class OpBuilder:
         t = TensorType(array.shape, element_of(array.dtype))
         return self("mlc.constant", result_type=t, value=DenseAttr(array, t))
 
+    def zeros_of(self, t: TensorType) -> Value:
+        """Zeros of a static tensor type."""
+        zero = TensorType((), t.element)
+        return self("mlc.broadcast_to", self("mlc.constant", result_type=zero, value=DenseAttr(np.zeros((), t.element.np_dtype), zero)),
+                    result_type=t)
+
     def zeros(self, like: Value, resized: dict | None = None) -> Value:
         """Zeros of like's shape, with dims {axis: size} replaced."""
         if not resized:
             return self.expand(self.scalar(0, like), like)
         shape = tuple(resized.get(i, s) for i, s in enumerate(like.type.shape))
         if None not in shape:
-            return self("mlc.broadcast_to", self.scalar(0, like), result_type=like.type.with_shape(shape))
+            return self.zeros_of(like.type.with_shape(shape))
         one = self.slice(like, {axis: (0, 1, 1) for axis in resized})
         return self("mlc.broadcast_to", self.expand(self.scalar(0, like), one), result_type=like.type.with_shape(shape))
 

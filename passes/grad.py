@@ -12,15 +12,13 @@ not supported.
 """
 from __future__ import annotations
 
-import numpy as np
+import functools
 
-from mlc.ir.attributes import DenseAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value
 from mlc.ir.diagnostics import error
+from mlc.ir.dialects.mlc import captured
 from mlc.ir.registry import VerifyError
 from mlc.ir.types import TensorType
-
-from mlc.ir.dialects.mlc import captured
 
 from .builder import OpBuilder
 from .decompose import decomposable, decompose_ops
@@ -71,17 +69,10 @@ def differentiate(module: Module, f, wrt: str = "args") -> FuncOp:
     d = OpBuilder(b)
     adjoint = backprop(d, forward, {loss: d.scalar(1.0, loss)})
     grads = [adjoint.get(g.args[i]) or d.zeros(g.args[i]) for i in arg_indices]
-    for sym in globals_:
-        loads = [op.results[0] for op in forward if op.name == "mlc.global_load" and op.attr("global") == sym]
-        total = None
-        for v in loads:
-            if v in adjoint:
-                total = adjoint[v] if total is None else d("mlc.add", total, adjoint[v])
-        if total is None:
-            t = module.globals[sym].attr("type")
-            total = d("mlc.broadcast_to", d("mlc.constant", result_type=TensorType((), t.element),
-                                             value=DenseAttr(np.zeros((), t.element.np_dtype), TensorType((), t.element))), result_type=t)
-        grads.append(total)
+    for sym in globals_:  # a global loaded several times: the loads' cotangents add up
+        cts = [adjoint[op.results[0]] for op in forward
+               if op.name == "mlc.global_load" and op.attr("global") == sym and op.results[0] in adjoint]
+        grads.append(functools.reduce(lambda x, y: d("mlc.add", x, y), cts) if cts else d.zeros_of(module.globals[sym].attr("type")))
     b.create("func.return", [loss] + grads, result_types=[])
     return g
 

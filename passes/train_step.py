@@ -129,20 +129,26 @@ class TrainStep(Pass):
         grad_fn.detach()
         d = OpBuilder(b)
 
+        def load(name):
+            return d("mlc.global_load", **{"global": SymbolRefAttr(name)})
+
+        def store(name, value):
+            b.create("mlc.global_store", [value], {"global": SymbolRefAttr(name)}, result_types=[])
+
         counter = _declare(module, b, params[-1], f"{o['name']}.step", TensorType((), f64))
-        t = d("mlc.global_load", **{"global": SymbolRefAttr(counter)})
+        t = load(counter)
+        lr = _learning_rate(d, o, t)
         if o["clip-norm"] > 0:
             grads = _clip_by_global_norm(d, grads, o["clip-norm"])
         for param, g in zip(params, grads):
             name = param.attr("sym_name")
-            p = d("mlc.global_load", **{"global": SymbolRefAttr(name)})
+            p = load(name)
             state_names = {s: _declare(module, b, param, f"{name}.{s}", p.type) for s in optimizer.states}
-            state = {s: d("mlc.global_load", **{"global": SymbolRefAttr(n)}) for s, n in state_names.items()}
-            new_p, new_state = optimizer.update(d, p, g, state, t, _learning_rate(d, o, t))
-            b.create("mlc.global_store", [new_p], {"global": SymbolRefAttr(name)}, result_types=[])
+            new_p, new_state = optimizer.update(d, p, g, {s: load(n) for s, n in state_names.items()}, t, lr)
+            store(name, new_p)
             for s, v in new_state.items():
-                b.create("mlc.global_store", [v], {"global": SymbolRefAttr(state_names[s])}, result_types=[])
-        b.create("mlc.global_store", [d("mlc.add", t, d.scalar(1, t))], {"global": SymbolRefAttr(counter)}, result_types=[])
+                store(state_names[s], v)
+        store(counter, d("mlc.add", t, d.scalar(1, t)))
         b.create("func.return", [loss], result_types=[])
 
 

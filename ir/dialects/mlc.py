@@ -1616,17 +1616,11 @@ def _scan_vjp(d, op, cts):
     k = op.attr("num_carries")
     body = op.regions[0].blocks[0]
     carries, seqs = op.operands[:k], op.operands[k:]
-    outs = op.results[k:]
-    # 1. the forward again, stacking the carries each step starts from
+    # 1. the forward, stacking the carries each step starts from
     fwd_block = Block([a.type for a in body.args], [a.name_hint for a in body.args])
-    fd = d.inside(fwd_block)
-    mapping = dict(zip(body.args, fwd_block.args))
-    for inner in body:
-        if inner.name != "mlc.yield":
-            fd.b.block.append(inner.clone(mapping))
-    yielded = [mapping.get(v, v) for v in body.last.operands]
-    fd.op("mlc.yield", yielded + list(fwd_block.args[:k]), [])
-    steps = op.results[k].type.shape[0] if outs else (seqs[0].type.shape[0] if seqs else op.attr("length"))
+    _, yielded = _clone_step(d.inside(fwd_block), body, fwd_block.args)
+    d.inside(fwd_block).op("mlc.yield", yielded + list(fwd_block.args[:k]), [])
+    steps = op.results[k].type.shape[0] if op.results[k:] else (seqs[0].type.shape[0] if seqs else op.attr("length"))
     stacked = [TensorType((steps,) + c.type.shape, c.type.element) for c in carries]
     again = d.before(op).op("mlc.scan", op.operands, list(op.result_types) + stacked, [Region([fwd_block])], num_carries=k,
                             **{a: op.attributes[a] for a in ("reverse", "length") if a in op.attributes})
@@ -1635,41 +1629,35 @@ def _scan_vjp(d, op, cts):
     seeds = [(i, ct) for i, ct in enumerate(cts[k:]) if ct is not None]
     outer = [v for v in captured(op) if v.type.element.is_float]
     init = [cts[i] if cts[i] is not None else d.zeros(c) for i, c in enumerate(carries)] + [d.zeros(v) for v in outer]
-    xs = [s for s in seqs]
-    arg_types = [v.type for v in init] + [s.type.with_shape(s.type.shape[1:]) for s in xs] + \
-        [c.type for c in carries] + [ct.type.with_shape(ct.type.shape[1:]) for _, ct in seeds]
-    back_block = Block(arg_types)
+    step_of = lambda t: t.with_shape(t.shape[1:])  # noqa: E731
+    back_block = Block([v.type for v in init] + [step_of(s.type) for s in seqs] + [c.type for c in carries] +
+                       [step_of(ct.type) for _, ct in seeds])
+    args = iter(back_block.args)
+    carry_ct, sums, x_t, c_t, out_ct = ([next(args) for _ in range(n)] for n in (k, len(outer), len(seqs), k, len(seeds)))
     bd = d.inside(back_block)
-    a = back_block.args
-    carry_ct, sums = a[:k], a[k:k + len(outer)]
-    x_t = a[k + len(outer): k + len(outer) + len(xs)]
-    c_t = a[k + len(outer) + len(xs): 2 * k + len(outer) + len(xs)]
-    out_ct = a[2 * k + len(outer) + len(xs):]
-    mapping = dict(zip(body.args, list(c_t) + list(x_t)))
-    step_ops = []
-    for inner in body:
-        if inner.name != "mlc.yield":
-            step_ops.append(bd.b.block.append(inner.clone(mapping)))
-    ys = [mapping.get(v, v) for v in body.last.operands]
+    step_ops, ys = _clone_step(bd, body, c_t + x_t)
     adjoint = {}
     for v, ct in list(zip(ys[:k], carry_ct)) + [(ys[k + i], out_ct[j]) for j, (i, _) in enumerate(seeds)]:
         adjoint[v] = ct if v not in adjoint else bd("mlc.add", adjoint[v], ct)
     adjoint = bd.backprop(step_ops, adjoint)
-    new_carry_ct = [adjoint.get(c) or bd.zeros(c) for c in c_t]
     new_sums = [bd("mlc.add", s, adjoint[v]) if v in adjoint else s for s, v in zip(sums, outer)]
-    x_cts = [adjoint.get(x) or bd.zeros(x) for x in x_t]
-    bd.op("mlc.yield", new_carry_ct + new_sums + x_cts, [])
-    back = d.op("mlc.scan", init + xs + list(carries_in) + [ct for _, ct in seeds],
-                [v.type for v in init] + [s.type for s in xs], [Region([back_block])],
+    bd.op("mlc.yield", [adjoint.get(c) or bd.zeros(c) for c in c_t] + new_sums + [adjoint.get(x) or bd.zeros(x) for x in x_t], [])
+    back = d.op("mlc.scan", init + seqs + list(carries_in) + [ct for _, ct in seeds],
+                [v.type for v in init] + [s.type for s in seqs], [Region([back_block])],
                 num_carries=k + len(outer), **({} if op.attr("reverse") else {"reverse": True}))
-    r = back.results
-    given = dict(zip(carries, r[:k]))
-    for v, total in zip(outer, r[k:k + len(outer)]):
-        given[v] = total
-    for s, ct in zip(xs, r[k + len(outer):]):
-        given[s] = ct if s not in given else d("mlc.add", given[s], ct)
+    given = {}
+    for v, ct in zip(carries + outer + seqs, back.results):  # a value may be all three: its cotangents add
+        given[v] = ct if v not in given else d("mlc.add", given[v], ct)
     op.replace_with(again.results[:len(op.results)])  # its results now come from the scan that stacks
     return given
+
+
+def _clone_step(b, body, args):
+    """The scan body's ops (not its yield) copied through b with its arguments bound to args; returns
+    the copies and the values they yield."""
+    mapping = dict(zip(body.args, args))
+    ops = [b.b.block.append(inner.clone(mapping)) for inner in body if inner.name != "mlc.yield"]
+    return ops, [mapping.get(v, v) for v in body.last.operands]
 
 
 def captured(op) -> list:
