@@ -12,13 +12,16 @@ The update rules are torch.optim's, in its order of operations:
   adam   beta1, beta2, eps, weight-decay (L2 added to the gradient)
   adamw  beta1, beta2, eps, weight-decay (decoupled; torch's default 0.01)
 Learning-rate schedules count optimiser steps t = 0, 1, ...:
-  constant; step: lr gamma^floor(t / step-size); cosine: eta-min + (lr - eta-min)(1 + cos(pi t / t-max)) / 2
+  constant; step: lr gamma^floor(t / step-size); cosine: eta-min + (lr - eta-min)(1 + cos(pi t / t-max)) / 2;
+  global: read from the global @train_step.lr (f64, initially lr), which the caller sets (mlc.optim's schedulers)
 """
 from __future__ import annotations
 
 import math
 
-from mlc.ir.attributes import StringAttr, SymbolRefAttr, TypeAttr
+import numpy as np
+
+from mlc.ir.attributes import DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.types import TensorType, f64
@@ -107,8 +110,8 @@ class TrainStep(Pass):
         kind = OPTIMIZERS.get(o["optimizer"])
         if kind is None:
             raise error(module.loc, f"train_step: unknown optimizer '{o['optimizer']}' (optimizers: {', '.join(OPTIMIZERS)})")
-        if o["schedule"] not in ("constant", "step", "cosine"):
-            raise error(module.loc, f"train_step: unknown schedule '{o['schedule']}' (constant, step or cosine)")
+        if o["schedule"] not in ("constant", "step", "cosine", "global"):
+            raise error(module.loc, f"train_step: unknown schedule '{o['schedule']}' (constant, step, cosine or global)")
         try:
             o["weight-decay"] = float(kind.defaults["weight-decay"] if o["weight-decay"] == "default" else o["weight-decay"])
         except ValueError:
@@ -137,7 +140,10 @@ class TrainStep(Pass):
 
         counter = _declare(module, b, params[-1], f"{o['name']}.step", TensorType((), f64))
         t = load(counter)
-        lr = _learning_rate(d, o, t)
+        if o["schedule"] == "global":
+            lr = load(_declare(module, b, params[-1], f"{o['name']}.lr", TensorType((), f64), o["lr"]))
+        else:
+            lr = _learning_rate(d, o, t)
         if o["clip-norm"] > 0:
             grads = _clip_by_global_norm(d, grads, o["clip-norm"])
         for param, g in zip(params, grads):
@@ -152,15 +158,15 @@ class TrainStep(Pass):
         b.create("func.return", [loss], result_types=[])
 
 
-def _declare(module: Module, b: Builder, after, name: str, t: TensorType) -> str:
-    """A zero-initialised global for optimiser state (reused when it is already declared)."""
+def _declare(module: Module, b: Builder, after, name: str, t: TensorType, value: float = 0.0) -> str:
+    """A global for optimiser state, filled with value (reused when it is already declared)."""
     existing = module.globals.get(name)
     if existing is not None:
         if existing.attr("type") != t:
             raise error(existing.loc, f"train_step: @{name} exists with type {existing.attr('type')}, not {t}")
         return name
-    decl = create_op("mlc.global", attributes={"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("zeros")},
-                     loc=after.loc)
+    init = DenseAttr(np.full(t.shape, value, t.element.np_dtype), t) if value else StringAttr("zeros")
+    decl = create_op("mlc.global", attributes={"sym_name": StringAttr(name), "type": TypeAttr(t), "init": init}, loc=after.loc)
     module.body.insert_after(after, decl)
     b.symbols[name] = decl
     return name

@@ -77,6 +77,16 @@ class Executable:
             store_in_cache(exe)
         return exe
 
+    def bind_global(self, name: str, array: np.ndarray) -> None:
+        """Make the native code read and write global @name in `array` (C-contiguous, of its type) from now
+        on: several executables can share one model's weights."""
+        old = self.globals[name]
+        if array.dtype != old.dtype or array.shape != old.shape or not array.flags.c_contiguous or not array.flags.writeable:
+            raise ValueError(f"@{name} needs a writeable C-contiguous {old.dtype} array of shape {old.shape}, "
+                             f"got {array.dtype} {array.shape}")
+        self.globals[name] = array
+        self._globals_table[list(self.globals).index(name)] = array.ctypes.data
+
     @property
     def llvm_ir(self) -> str:
         return self.jit.optimised_ir

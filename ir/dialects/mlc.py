@@ -377,6 +377,30 @@ class Clamp(OpDef):
         return [g if inside is None else d("mlc.select", inside, g, d.scalar(0, g))]
 
 
+class StopGradient(OpDef):
+    """x itself, through which no gradient flows (jax.lax.stop_gradient, torch's detach).
+    `decompose` removes it once gradients are taken."""
+    name = "mlc.stop_gradient"
+    operands = 1
+    traits = {PURE, ELEMENTWISE}
+
+    @staticmethod
+    def infer(op, ctx):
+        return list(_tensors(op))
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ins[0]
+
+    @staticmethod
+    def vjp(d, op, g):
+        return [None]
+
+    @staticmethod
+    def decompose(d, op):
+        return [op.operands[0]]
+
+
 class Cast(OpDef):
     """Element type conversion; the result type (or `to`) gives the target. float -> int truncates
     toward zero and saturates (NaN -> 0); to i1 is `x != 0`."""
