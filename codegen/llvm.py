@@ -72,6 +72,18 @@ class ModuleEmitter:
         self.functions: dict[str, FunctionCode] = {}
         self.libm: set[str] = set()
         self.decls: dict = {}
+        self.kernels: dict[str, ir.Function] = {}  # outlined loop bodies by their text: each emitted once
+
+    def shared(self, fn: ir.Function) -> ir.Function:
+        """fn, or an identical function emitted before (fn is then dropped): a model repeats the same
+        layer shapes, and LLVM's time grows with the code it is given."""
+        body = str(fn).replace(f'@"{fn.name}"', "@self", 1).replace(f"@{fn.name}(", "@self(", 1)
+        known = self.kernels.get(body)
+        if known is None:
+            self.kernels[body] = fn
+            return fn
+        del self.llvm.globals[fn.name]
+        return known
 
     def emit(self) -> ir.Module:
         for name, f in self.module.functions.items():
@@ -107,6 +119,9 @@ class FunctionEmitter:
         self.parent, self.func = parent, func
         self.code = FunctionCode(func.sym_name)
         self.fn = ir.Function(parent.llvm, ir.FunctionType(ir.VoidType(), [PTR]), name=func.sym_name)
+        if parent.threads:  # every loop nest is outlined: what stays here is glue, not worth LLVM's time
+            self.fn.attributes.add("noinline")
+            self.fn.attributes.add("optnone")
         self.prologue = ir.IRBuilder(self.fn.append_basic_block("prologue"))  # stack slots, then entry
         self.entry = self.fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.entry)
@@ -308,9 +323,12 @@ def _store(self: FunctionEmitter, op):
 
 
 def _for(self: FunctionEmitter, op):
-    if op.attr("parallel") and op.parent is self.func.body and self.threads:
-        _parallel_for(self, op)
+    carries_vectors = any(isinstance(self.get(v).type, ir.VectorType) for v in op.operands[2:])
+    if op.parent is self.func.body and self.threads and not carries_vectors:
+        _outlined_for(self, op, parallel=op.attr("parallel") and not op.results)
         return
+    if op.parent is self.func.body:  # a loop left here needs the optimiser after all
+        self.fn.attributes.discard("optnone")
     lb, ub = (self.get(v) for v in op.operands[:2])
     finals = self.loop(op.regions[0].blocks[0], lb, ub, op.attr("step"), [self.get(v) for v in op.operands[2:]])
     self.values.update(zip(op.results, finals))
@@ -361,11 +379,12 @@ def _static_work(op) -> int | None:
     return work
 
 
-def _parallel_for(self: FunctionEmitter, op):
-    """A top-level parallel loop runs in chunks on worker threads: its body is outlined into
-    `void @f.parN(ptr ctx, i64 lo, i64 hi)`, running trips lo..hi, and handed to the runtime's
-    `mlc_parallel_for`, which splits the trips when the work is large enough. Values the body uses
-    (and the loop's bounds) travel in `ctx`."""
+def _outlined_for(self: FunctionEmitter, op, parallel: bool):
+    """Each top-level loop nest is a function of its own, `void @f.parN(ptr ctx, i64 lo, i64 hi)`
+    running trips lo..hi: identical nests share one (ModuleEmitter.shared), and LLVM optimises many
+    small functions much faster than one large one. A parallel loop's function is handed to the
+    runtime's `mlc_parallel_for`, which splits the trips over threads when the work is large enough.
+    Values the body uses (and the loop's bounds) travel in `ctx`."""
     block = op.regions[0].blocks[0]
     inside = {r for o in op.regions[0].walk() for r in o.results} | {a for o in op.regions[0].walk()
                                                                       for rg in o.regions for b in rg.blocks for a in b.args}
@@ -387,10 +406,11 @@ def _parallel_for(self: FunctionEmitter, op):
         else:
             layout.append((v, "scalar", len(slots), 0))
             slots.append((val, val.type))
-    lb, ub = (self.get(v) for v in op.operands)
+    lb, ub = (self.get(v) for v in op.operands[:2])
     slots += [(self.error_slot, PTR), (lb, I64), (ub, I64)]
-    n = len(self.parent.llvm.functions)
-    chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]), name=f"{self.fn.name}.par{n}")
+    chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]),
+                        name=self.parent.llvm.get_unique_name(f"{self.fn.name}.par"))
+    chunk.attributes.add("noinline")  # one copy of each kernel, however many places call it
     sub = FunctionEmitter.outlined(self, chunk)
     ctx, lo, hi = chunk.args
     for v, kind, at, rank in layout:
@@ -407,19 +427,28 @@ def _parallel_for(self: FunctionEmitter, op):
             sub.values[v] = load(at, self.get(v).type)
     word = lambda k: sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)  # noqa: E731
     sub.error_slot = _from_word(sub.b, word(len(slots) - 3), PTR)
-    # the runtime splits trip numbers, so every chunk starts on the loop's step
-    first, last, step = word(len(slots) - 2), word(len(slots) - 1), ir.Constant(I64, op.attr("step"))
-    start = sub.b.add(first, sub.b.mul(lo, step))
-    stop = sub.b.add(first, sub.b.mul(hi, step))
-    stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
-    sub.loop(block, start, stop, op.attr("step"))
+    lb, ub, *inits = (self.get(v) for v in op.operands)
+    if inits:  # a loop carrying values runs whole; its last values come back through ctx
+        finals = sub.loop(block, word(len(slots) - 2), word(len(slots) - 1), op.attr("step"),
+                          [_from_word(sub.b, word(len(slots) + k), v.type) for k, v in enumerate(inits)])
+        for k, v in enumerate(finals):
+            sub.b.store(_to_word(sub.b, v), sub.b.gep(ctx, [ir.Constant(I64, len(slots) + k)], source_etype=I64))
+    elif not parallel and isinstance(lb, ir.Constant) and isinstance(ub, ir.Constant):
+        sub.loop(block, lb, ub, op.attr("step"))  # run whole: constant trip counts let LLVM unroll and vectorise
+    else:  # the runtime splits trip numbers, so every chunk starts on the loop's step
+        first, last, step = word(len(slots) - 2), word(len(slots) - 1), ir.Constant(I64, op.attr("step"))
+        start = sub.b.add(first, sub.b.mul(lo, step))
+        stop = sub.b.add(first, sub.b.mul(hi, step))
+        stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
+        sub.loop(block, start, stop, op.attr("step"))
     sub.b.ret_void()
     with sub.b.goto_block(sub.exit_block):
         sub.b.ret_void()
     sub.prologue.branch(sub.entry)
+    chunk = self.parent.shared(chunk)
     # the caller: fill ctx, run the chunks, stop if one failed
-    ctx_array = self.prologue.alloca(I64, size=len(slots))
-    for k, (val, t) in enumerate(slots):
+    ctx_array = self.prologue.alloca(I64, size=len(slots) + len(inits))
+    for k, val in enumerate([val for val, _ in slots] + inits):
         self.b.store(_to_word(self.b, val), self.b.gep(ctx_array, [ir.Constant(I64, k)], source_etype=I64))
     step = op.attr("step")
     trips = self.b.sdiv(self.b.add(self.b.sub(ub, lb), ir.Constant(I64, step - 1)), ir.Constant(I64, step))
@@ -427,12 +456,17 @@ def _parallel_for(self: FunctionEmitter, op):
     work = _static_work(op)
     per_trip = ir.Constant(I64, work if work is not None else PARALLEL_MIN_WORK)
     runner = self.parent.declare("mlc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
-    big = self.b.icmp_signed(">=", self.b.mul(trips, per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
-    with self.b.if_else(big) as (threads, inline):
-        with threads:
-            self.b.call(runner, [chunk, ctx_array, ir.Constant(I64, 0), trips])
-        with inline:
-            self.b.call(chunk, [ctx_array, ir.Constant(I64, 0), trips])
+    if parallel:
+        big = self.b.icmp_signed(">=", self.b.mul(trips, per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
+        with self.b.if_else(big) as (threads, inline):
+            with threads:
+                self.b.call(runner, [chunk, ctx_array, ir.Constant(I64, 0), trips])
+            with inline:
+                self.b.call(chunk, [ctx_array, ir.Constant(I64, 0), trips])
+    else:
+        self.b.call(chunk, [ctx_array, ir.Constant(I64, 0), trips])
+    self.values.update({r: _from_word(self.b, self.b.load(self.b.gep(ctx_array, [ir.Constant(I64, len(slots) + k)], source_etype=I64), typ=I64),
+                                      v.type) for k, (r, v) in enumerate(zip(op.results, inits))})
     failed = self.b.icmp_signed("!=", self.b.load(self.error_slot, typ=I64), ir.Constant(I64, 0))
     with self.b.if_then(failed, likely=False):
         self.b.branch(self.exit_block)

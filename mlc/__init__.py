@@ -21,14 +21,14 @@ if _os.path.isfile(_os.path.join(_checkout, "ir", "registry.py")) and _checkout 
     __path__.append(_checkout)
 
 from .api import DiagnosticError, Module, compile, interpret, load, load_executable, parse, run_passes, verify  # noqa: E402,F401
-from .tracing import (Buffer, Parameter, Tensor, TracingError, Variable, default_backend, grad, jit,  # noqa: E402,F401
-                      trace, value_and_grad)
+from .tracing import (Buffer, Parameter, Tensor, TracingError, Variable, default_backend, export, grad,  # noqa: E402,F401
+                      jit, trace, value_and_grad)
 from .ops import *  # noqa: E402,F401,F403
-from . import nn, optim  # noqa: E402,F401
+from . import models, nn, optim  # noqa: E402,F401
 from .optim import compile_train_step  # noqa: E402,F401
 from .nn.functional import manual_seed  # noqa: E402,F401
 from .ops import __all__ as _ops_all  # noqa: E402
 
 __all__ = ["parse", "verify", "load", "interpret", "compile", "load_executable", "run_passes", "Module", "DiagnosticError",
-           "jit", "trace", "grad", "value_and_grad", "default_backend", "Tensor", "Variable", "Parameter", "Buffer",
-           "TracingError", "nn", "optim", "compile_train_step", "manual_seed", "__version__"] + _ops_all
+           "jit", "trace", "export", "grad", "value_and_grad", "default_backend", "Tensor", "Variable", "Parameter", "Buffer",
+           "TracingError", "nn", "optim", "models", "compile_train_step", "manual_seed", "__version__"] + _ops_all

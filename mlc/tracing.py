@@ -460,7 +460,7 @@ def trace_function(fn, args, module: Module | None = None, variables="args", par
     types = [tensor_type(x) for x in leaves]
     if dynamic_batch:
         types = [t.with_shape((None,) + t.shape[1:]) if t.rank else t for t in types]
-    module = module if module is not None else Module(_ssa_name(getattr(fn, "__name__", "traced")))
+    module = module if module is not None else Module(_ssa_name(getattr(fn, "__name__", type(fn).__name__)))
     t = Trace(module, name or getattr(fn, "__name__", "f"), types, _arg_names(fn, in_structure, len(leaves)),
               variables, parent, private, embed_values, user_location(2), names)
     t.discard_writes = discard_writes
@@ -493,6 +493,39 @@ def trace(fn, *examples, variables: str = "globals", dynamic_batch: bool = False
     traced = trace_function(fn, examples, variables=variables, embed_values=embed_values, dynamic_batch=dynamic_batch,
                             names=names, name="forward" if names is not None else None)
     return verify(traced.module)
+
+
+def export(fn, *examples, path=None, loss_fn=None, target=None, dynamic_batch: bool = True) -> Module:
+    """fn (an nn.Module or a function) traced on example arguments as a self-contained module: its
+    variables become globals holding their current values (parameters `trainable`), the function
+    @forward. With loss_fn and an example target, @loss(inputs..., target) = loss_fn(fn(inputs...),
+    target) is added (traced in training mode), so `mlc train` can train it. Written atomically to
+    `path` when given; `mlc compile`, `mlc run` and `mlc train` take the file."""
+    names = fn._variable_names() if hasattr(fn, "_variable_names") else {}
+    training = getattr(fn, "training", None)
+    try:
+        if training is not None:
+            fn.eval()
+        traced = trace_function(fn, examples, variables="globals", embed_values=True, dynamic_batch=dynamic_batch,
+                                name="forward", names=dict(names))
+        if loss_fn is not None:
+            if target is None:
+                raise TypeError("export: loss_fn needs an example target")
+            if training is not None:
+                fn.train()
+            trace_function(lambda *a: loss_fn(fn(*a[:-1]), a[-1]), examples + (target,), traced.module, "globals",
+                           embed_values=True, dynamic_batch=dynamic_batch, name="loss", names=dict(names))
+            args = traced.module.functions["loss"].args
+            for a, n in zip(args, [a.name_hint for a in traced.func.args] + ["target"]):
+                a.name_hint = n
+    finally:
+        if training is not None:
+            fn.train(training)
+    module = verify(traced.module)
+    if path is not None:
+        from mlc.runtime.files import write_atomically
+        write_atomically(path, str(module).encode())
+    return module
 
 
 # --- jit -----------------------------------------------------------------------------------------------

@@ -153,12 +153,22 @@ def split_rows(L, b, lo, hi, body):
 
 def split_columns(L, b, lo, hi, lanes, body):
     """body(builder, j0, vectors, width) over lo..hi: tiles of two vectors, then one of one vector,
-    then a ragged one (width = the columns left, fewer than lanes; None for the whole ones)."""
+    then a ragged one (width = the columns left, fewer than lanes; None for the whole ones). With
+    static bounds only the kinds of tile that occur are emitted (less code for LLVM to optimise)."""
+    span = _static(hi) - _static(lo) if _static(hi) is not None and _static(lo) is not None else None
     for vectors in (2, 1):
         end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(vectors * lanes)), L.idx(vectors * lanes)))
-        L.loop(b, lo, end, lambda tb, j0, vectors=vectors: body(tb, j0, vectors, None), step=vectors * lanes)
+        if span is None or span >= vectors * lanes:
+            L.loop(b, lo, end, lambda tb, j0, vectors=vectors: body(tb, j0, vectors, None), step=vectors * lanes)
         lo = end
-    L.loop(b, lo, hi, lambda tb, j0: body(tb, j0, 1, L.op(tb, "arith.sub", hi, j0)), step=lanes)
+        span = None if span is None else span % (vectors * lanes)
+    if span is None or span:
+        L.loop(b, lo, hi, lambda tb, j0: body(tb, j0, 1, L.op(tb, "arith.sub", hi, j0)), step=lanes)
+
+
+def _static(v):
+    op = v.defining_op()
+    return op.attr("value") if op is not None and op.name == "arith.constant" else None
 
 
 def zero_tile(L, b, vt, count):

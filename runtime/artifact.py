@@ -16,6 +16,7 @@ part of an artifact per (module text, mlc version, host key); a corrupt entry is
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -146,8 +147,21 @@ def cache_dir() -> str:
     return os.environ.get("MLC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlc")
 
 
+@functools.cache
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own source, so code cached by an older compiler is not reused."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds ir/, passes/, codegen/, runtime/
+    digest = hashlib.sha256()
+    for package in ("ir", "passes", "codegen", "runtime"):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, package))):
+            for name in sorted(f for f in files if f.endswith(".py")):
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
 def _cache_path(module) -> str:
-    key = json.dumps([str(module), mlc.__version__, host_key()], sort_keys=True).encode()
+    key = json.dumps([str(module), mlc.__version__, compiler_fingerprint(), host_key()], sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")
 
 

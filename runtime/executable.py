@@ -102,6 +102,13 @@ class Executable:
             raise KeyError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in self.functions)})")
         return self.functions[name]
 
+    def __getattr__(self, name: str) -> "NativeFunction":
+        """exe.forward(x), as exe["forward"](x)."""
+        functions = self.__dict__.get("functions", {})
+        if name in functions:
+            return functions[name]
+        raise AttributeError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in functions)})")
+
     def __repr__(self):
         return f"<Executable {', '.join('@' + n for n in self.functions)} for cpu>"
 
