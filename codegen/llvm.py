@@ -129,6 +129,7 @@ class FunctionEmitter:
         self.trusted: set = set()  # values computed from shapes alone (loop ivs, dims, constants, their arithmetic)
         self.owned: list[Buffer] = []
         self.threads = parent.threads
+        self.sequential_outline = False
 
     @classmethod
     def outlined(cls, outer: "FunctionEmitter", fn: ir.Function) -> "FunctionEmitter":
@@ -139,6 +140,7 @@ class FunctionEmitter:
         sub.entry = fn.append_basic_block("entry")
         sub.b = ir.IRBuilder(sub.entry)
         sub.values, sub.trusted, sub.owned, sub.threads = {}, set(outer.trusted), [], False
+        sub.sequential_outline = False  # set for the body of a sequential loop: its parallel loops may use threads
         sub.exit_block = fn.append_basic_block("fail")
         return sub
 
@@ -327,6 +329,10 @@ def _for(self: FunctionEmitter, op):
     if op.parent is self.func.body and self.threads and not carries_vectors:
         _outlined_for(self, op, parallel=op.attr("parallel") and not op.results)
         return
+    if op.attr("parallel") and not op.results and self.sequential_outline:
+        # e.g. a matrix product inside a scan's step: the step loop is sequential, its products need not be
+        _outlined_for(self, op, parallel=True)
+        return
     if op.parent is self.func.body:  # a loop left here needs the optimiser after all
         self.fn.attributes.discard("optnone")
     lb, ub = (self.get(v) for v in op.operands[:2])
@@ -412,6 +418,7 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
                         name=self.parent.llvm.get_unique_name(f"{self.fn.name}.par"))
     chunk.attributes.add("noinline")  # one copy of each kernel, however many places call it
     sub = FunctionEmitter.outlined(self, chunk)
+    sub.sequential_outline = not parallel and self.threads
     ctx, lo, hi = chunk.args
     for v, kind, at, rank in layout:
         load = lambda k, t: _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64), t)  # noqa: E731

@@ -35,7 +35,7 @@ model = mlc.models.TransformerSeq2Seq(VOCAB, d_model=64, nhead=4, num_encoder_la
                                       dim_feedforward=128, dropout=0.0)
 optimizer = mlc.optim.Adam(model.parameters(), lr=1e-3)
 step = mlc.compile_train_step(model, loss_fn, optimizer)
-steps = 1500
+steps = 2500
 scheduler = mlc.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
 
 start = time.time()

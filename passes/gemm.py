@@ -74,7 +74,21 @@ class Gemm:
         self.packed = b.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
                                name_hint="packed").result
         self.pack_b(b, panels, parallel)
-        L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0, panels), parallel=parallel, step=MC)
+        n = _static(self.N)
+        if parallel and self.epilogue is None and n is not None and n % (2 * self.nr) == 0 and n >= 4 * self.nr:
+            # two column halves per block of rows, so that a product of few rows (a batch of 1 or 32)
+            # still has a task per core; a row epilogue needs whole rows, so it keeps one
+            half = n // 2
+            blocks = L.op(b, "arith.div", L.op(b, "arith.add", self.M, L.idx(MC - 1)), L.idx(MC))
+
+            def task(tb, t):
+                block = L.op(tb, "arith.div", t, L.idx(2))
+                i0 = L.op(tb, "arith.mul", block, L.idx(MC))
+                j0 = L.op(tb, "arith.mul", L.op(tb, "arith.sub", t, L.op(tb, "arith.mul", block, L.idx(2))), L.idx(half))
+                self.row_block(tb, i0, j0, half)
+            L.loop(b, L.idx(0), L.op(b, "arith.mul", blocks, L.idx(2)), task, parallel=True)
+        else:
+            L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=MC)
         b.create("mem.dealloc", [self.packed])
 
     # --- packing -------------------------------------------------------------------------------------
@@ -109,18 +123,21 @@ class Gemm:
         L.loop(b, self.full_panels, panels, scalars)
 
     # --- one block of rows ---------------------------------------------------------------------------
-    def row_block(self, b, i0, panels):
+    def row_block(self, b, i0, j0=None, width=None):
+        """Rows i0 .. i0 + MC of C (columns j0 .. j0 + width, a static width; all when None)."""
         L = self.L
         end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(MC)), self.M)
+        lo = L.idx(0) if j0 is None else j0
+        hi = self.N if j0 is None else L.op(b, "arith.add", j0, L.idx(width))
         zero = L.const(b, 0, self.element)
-        L.loop(b, i0, end, lambda rb, i: L.loop(rb, L.idx(0), self.N, lambda cb, j: cb.create(
+        L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
             "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
         scratch = b.create("mem.alloc", result_types=[MemRefType((MR, self.nr), self.element)], name_hint="tile").result
 
         def k_slice(kb, k0):
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(KC)), self.K)
-            split_columns(L, kb, L.idx(0), self.N, self.lanes, lambda pb, j0, vectors, width: split_rows(
-                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j0, vectors, k0, k1, width, scratch)))
+            split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
+                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch)), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=KC)
         b.create("mem.dealloc", [scratch])
         if self.epilogue is not None:
@@ -151,11 +168,13 @@ def split_rows(L, b, lo, hi, body):
         lo = end
 
 
-def split_columns(L, b, lo, hi, lanes, body):
+def split_columns(L, b, lo, hi, lanes, body, span=None):
     """body(builder, j0, vectors, width) over lo..hi: tiles of two vectors, then one of one vector,
     then a ragged one (width = the columns left, fewer than lanes; None for the whole ones). With
-    static bounds only the kinds of tile that occur are emitted (less code for LLVM to optimise)."""
-    span = _static(hi) - _static(lo) if _static(hi) is not None and _static(lo) is not None else None
+    static bounds (or a static `span` = hi - lo) only the kinds of tile that occur are emitted (less code
+    for LLVM to optimise)."""
+    if span is None and _static(hi) is not None and _static(lo) is not None:
+        span = _static(hi) - _static(lo)
     for vectors in (2, 1):
         end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(vectors * lanes)), L.idx(vectors * lanes)))
         if span is None or span >= vectors * lanes:
