@@ -4,9 +4,12 @@ Tolerances: elementwise f32 results within 1 ulp-ish (rtol 1e-6) except libm fun
 log1p; rtol 1e-5); reductions and matmul sum in a different order than numpy's pairwise sums
 (rtol 1e-4, atol 1e-5 over generated programs, whose chains of exp/pow amplify differences).
 """
+import os
+
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import mlc
 from mlc.ir.interpreter import Interpreter
@@ -347,3 +350,18 @@ def test_a_global_is_updated_in_place_only_where_no_one_sees_the_difference():
     for f in ["update", "returned", "stored_twice", "update", "returned"]:
         np.testing.assert_array_equal(exe[f](x), reference.call_public(f, (x,)))
         np.testing.assert_array_equal(exe.globals["g"], reference.globals["g"])
+
+
+@settings(max_examples=int(os.environ.get("MLC_STRIDED_EXAMPLES", "10")))  # each example compiles
+@given(st.integers(1, 7), st.integers(2, 3), st.integers(0, 3), st.sampled_from([1, 2]), st.integers(7, 12), st.integers(7, 12))
+def test_strided_convolutions_as_phases_agree_with_the_interpreter(k, s, p, groups, h, w):
+    """strided-conv (in the cpu pipeline) rewrites these into stride-1 convolutions over the input's phases."""
+    assume(h + 2 * p >= k and w + 2 * p >= k)
+    r = np.random.default_rng(k * 100 + s * 10 + p)
+    x = r.standard_normal((2, 4, h, w)).astype(np.float32)
+    wt = r.standard_normal((6, 4 // groups, k, k)).astype(np.float32)
+    module = mlc.jit(lambda x, wt: mlc.nn.functional.conv2d(x, wt, stride=s, padding=p, groups=groups)).lower(x, wt)
+    want = mlc.interpret(module, "lambda", x, wt)
+    rewritten = mlc.run_passes(module.clone(), "strided-conv")
+    np.testing.assert_allclose(mlc.interpret(rewritten, "lambda", x, wt), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlc.compile(module)["lambda"](x, wt), want, rtol=1e-4, atol=1e-4)
