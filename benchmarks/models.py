@@ -64,9 +64,13 @@ def resnet(torch, mlc, repeat):
 
 def onnxruntime_session(torch, model, example):
     try:
+        import warnings
+
         import onnxruntime
         path = os.path.join(tempfile.mkdtemp(), "resnet18.onnx")
-        torch.onnx.export(model, (example,), path, input_names=["x"], dynamo=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), path, input_names=["x"], dynamo=False)
         return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception:  # not installed, or this torch cannot export: the column is left out
         return None
