@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlc.ir.attributes import DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
+from mlc.ir.attributes import UNIT, DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
 from mlc.ir.diagnostics import DiagnosticError, Location, error
 from mlc.ir.registry import VerifyError
@@ -366,7 +366,7 @@ class Trace:
             init = DenseAttr(var.data.copy(), t) if self.embed_values else StringAttr("zeros")
             attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": init}
             if var.trainable:
-                attrs["trainable"] = to_unit()
+                attrs["trainable"] = UNIT
             decl = create_op("mlc.global", attributes=attrs, loc=self.loc)
             self.module.body.insert_before(self._first_function(), decl)
             self.builder.symbols[name] = decl
@@ -396,11 +396,6 @@ class Trace:
         self.builder.create("func.return", values, result_types=[])
         self.func.set_type([a.type for a in self.func.args], [v.type for v in values])
         return values
-
-
-def to_unit():
-    from mlc.ir.attributes import UNIT
-    return UNIT
 
 
 def _ssa_name(name: str) -> str:

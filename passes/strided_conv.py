@@ -13,7 +13,6 @@ It needs static spatial sizes and dilation 1; other convolutions are left as the
 from __future__ import annotations
 
 from mlc.ir.core import Builder, Module
-from mlc.ir.types import TensorType
 
 from .builder import OpBuilder
 from .manager import Pass
@@ -44,7 +43,7 @@ def _rewrite(d: OpBuilder, op):
     n, c, h, wd = x.type.shape
     o, cg, kh, kw = w.type.shape
     out = op.results[0].type
-    oh, ow = out.shape[2:]
+    oh, ow = (h + pt + pb - kh) // s + 1, (wd + pl + pr - kw) // s + 1  # (the result type may say `?`)
     if (kh, kw) == (1, 1):  # only phase (0, 0) is read
         if pt or pl or pb or pr:
             x = d.pad(x, {2: (pt, pb), 3: (pl, pr)})
@@ -61,7 +60,7 @@ def _rewrite(d: OpBuilder, op):
     w = d.reshape(w, (o, cg, kh2, s, kw2, s))
     w = d("mlc.transpose", w, perm=[0, 1, 3, 5, 2, 4])
     w = d.reshape(w, (o, cg * s * s, kh2, kw2))
-    return d("mlc.conv2d", x, w, result_type=TensorType(out.shape, out.element), **_groups(groups))
+    return d("mlc.conv2d", x, w, result_type=out, **_groups(groups))
 
 
 def _groups(groups: int) -> dict:
