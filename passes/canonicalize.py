@@ -1,11 +1,12 @@
 """canonicalize: constant folding, per-op fold hooks (algebraic identities, see each op's `fold` in
-the dialect) and removal of dead pure ops, driven greedily to a fixed point."""
+the dialect), removal of dead pure ops and hoisting of loop-invariant ops out of scans, driven
+greedily to a fixed point."""
 from __future__ import annotations
 
 import numpy as np
 
 from mlc.ir.attributes import DenseAttr
-from mlc.ir.core import Module
+from mlc.ir.core import BlockArgument, Module
 from mlc.ir.diagnostics import DiagnosticError
 from mlc.ir.registry import HAS_REGION, PURE
 from mlc.ir.types import TensorType
@@ -64,7 +65,34 @@ class Canonicalize(Pass):
                                for v, r in zip(replacement, op.results)])
             return True
 
-        apply_greedily(module, {"*": [fold]}, self.option("max-iterations"))
+        apply_greedily(module, {"*": [fold, hoist_out_of_scan]}, self.option("max-iterations"))
+
+
+def hoist_out_of_scan(op, rw) -> bool:
+    """A pure op in a scan's body that uses only values from outside it (a transpose of a weight, a
+    broadcast) is computed once, before the scan."""
+    scan = op.parent_op
+    if scan is None or scan.name != "mlc.scan" or op.opdef is None or PURE not in op.opdef.traits \
+            or HAS_REGION in op.opdef.traits or not op.operands or any(_inside(v, scan) for v in op.operands):
+        return False
+    op.detach()
+    scan.parent.insert_before(scan, op)
+    for r in op.results:
+        for user, _ in list(r.uses):
+            rw.push(user)
+    rw.changed = True
+    return True
+
+
+def _inside(v, region_op) -> bool:
+    """Whether v is defined within region_op's regions."""
+    block = v.owner if isinstance(v, BlockArgument) else v.defining_op().parent
+    while block is not None:
+        owner = block.parent.parent if block.parent is not None else None
+        if owner is region_op:
+            return True
+        block = owner.parent if owner is not None else None
+    return False
 
 
 def _foldable(op, limit) -> bool:

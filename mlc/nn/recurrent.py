@@ -52,7 +52,10 @@ class _RNNBase(Module):
                 state = [s[layer * directions + d] for s in states]
                 w_ih, w_hh, b_ih, b_hh = self._weights(layer, suffix)
                 projected = F.linear(x, w_ih, b_ih)  # the whole sequence at once
-                last, ys = ops.scan(lambda s, p: self._step(s, p, w_hh, b_hh), tuple(state), projected, reverse=d == 1)
+                # the recurrent weight transposed once, outside the scan: the step's product then reads
+                # rows of it, which it packs with vector copies
+                w_t = ops.transpose(w_hh)
+                last, ys = ops.scan(lambda s, p: self._step(s, p, w_t, b_hh), tuple(state), projected, reverse=d == 1)
                 outputs.append(ys)
                 finals.append(last)
             x = ops.concatenate(outputs, axis=-1) if directions == 2 else outputs[0]
@@ -80,6 +83,12 @@ class _RNNBase(Module):
         return f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
 
 
+def _recurrent(h, w_t, b_hh):
+    """h @ W_hh^T + b_hh, with W_hh^T given."""
+    z = ops.matmul(h, w_t)
+    return z if b_hh is None else z + b_hh
+
+
 class RNN(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False):
@@ -88,9 +97,9 @@ class RNN(_RNNBase):
         super().__init__(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
         self.nonlinearity = nonlinearity
 
-    def _step(self, state, projected, w_hh, b_hh):
+    def _step(self, state, projected, w_t, b_hh):
         (h,) = state
-        z = projected + F.linear(h, w_hh, b_hh)
+        z = projected + _recurrent(h, w_t, b_hh)
         h = ops.tanh(z) if self.nonlinearity == "tanh" else ops.relu(z)
         return (h,), h
 
@@ -99,9 +108,9 @@ class LSTM(_RNNBase):
     gates = 4
     state_count = 2
 
-    def _step(self, state, projected, w_hh, b_hh):
+    def _step(self, state, projected, w_t, b_hh):
         h, c = state
-        i, f, g, o = ops.split(projected + F.linear(h, w_hh, b_hh), 4, axis=-1)
+        i, f, g, o = ops.split(projected + _recurrent(h, w_t, b_hh), 4, axis=-1)
         c = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
         h = ops.sigmoid(o) * ops.tanh(c)
         return (h, c), h
@@ -113,10 +122,10 @@ class LSTM(_RNNBase):
 class GRU(_RNNBase):
     gates = 3
 
-    def _step(self, state, projected, w_hh, b_hh):
+    def _step(self, state, projected, w_t, b_hh):
         (h,) = state
         xr, xz, xn = ops.split(projected, 3, axis=-1)
-        hr, hz, hn = ops.split(F.linear(h, w_hh, b_hh), 3, axis=-1)
+        hr, hz, hn = ops.split(_recurrent(h, w_t, b_hh), 3, axis=-1)
         r, z = ops.sigmoid(xr + hr), ops.sigmoid(xz + hz)
         n = ops.tanh(xn + r * hn)
         h = (1 - z) * n + z * h
