@@ -242,6 +242,11 @@ def test_losses_match_torch():
         np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_cross_entropy_refuses_float_targets_that_are_not_probabilities():
+    with pytest.raises(mlc.TracingError, match="class probabilities shaped like the input"):
+        F.cross_entropy(randn(3, 2), np.ones(3, np.float32))
+
+
 @pytest.mark.parametrize("mask", [None, "causal", "bool", "float"])
 def test_scaled_dot_product_attention(mask):
     q, k, v = randn(2, 3, 4, 8), randn(2, 3, 6, 8), randn(2, 3, 6, 5)

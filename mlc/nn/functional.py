@@ -238,6 +238,9 @@ def cross_entropy(input, target, reduction="mean", label_smoothing=0.0):
     if t.type.element.is_int:
         classes = np.arange(x.shape[1]).reshape((-1,) + (1,) * (x.ndim - 2))
         t = ops.astype(ops.expand_dims(t, 1) == classes, x.dtype)
+    elif t.shape != x.shape:
+        raise tracing_error(f"cross_entropy: a floating-point target holds class probabilities shaped like the "
+                            f"input {x.shape}, got {t.shape} (class indices must be integers)")
     if label_smoothing:
         t = t * (1 - label_smoothing) + label_smoothing / x.shape[1]
     return _reduce(-ops.sum(t * logp, 1), reduction)
