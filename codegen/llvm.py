@@ -420,8 +420,13 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     sub = FunctionEmitter.outlined(self, chunk)
     sub.sequential_outline = not parallel and self.threads
     ctx, lo, hi = chunk.args
+
+    def word(k):  # ctx slot k
+        return sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)
+
+    def load(k, t):
+        return _from_word(sub.b, word(k), t)
     for v, kind, at, rank in layout:
-        load = lambda k, t: _from_word(sub.b, sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64), t)  # noqa: E731
         if kind == "buffer":
             buf = self.get(v)
             dims = [d if isinstance(d, ir.Constant) else load(at + 1 + i, I64) for i, d in enumerate(buf.dims)]
@@ -432,12 +437,11 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
             sub.values[v] = sub.b.load(load(at, PTR), typ=self.get(v).type)
         else:
             sub.values[v] = load(at, self.get(v).type)
-    word = lambda k: sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)  # noqa: E731
-    sub.error_slot = _from_word(sub.b, word(len(slots) - 3), PTR)
+    sub.error_slot = load(len(slots) - 3, PTR)
     lb, ub, *inits = (self.get(v) for v in op.operands)
     if inits:  # a loop carrying values runs whole; its last values come back through ctx
         finals = sub.loop(block, word(len(slots) - 2), word(len(slots) - 1), op.attr("step"),
-                          [_from_word(sub.b, word(len(slots) + k), v.type) for k, v in enumerate(inits)])
+                          [load(len(slots) + k, v.type) for k, v in enumerate(inits)])
         for k, v in enumerate(finals):
             sub.b.store(_to_word(sub.b, v), sub.b.gep(ctx, [ir.Constant(I64, len(slots) + k)], source_etype=I64))
     elif not parallel and isinstance(lb, ir.Constant) and isinstance(ub, ir.Constant):
@@ -460,10 +464,10 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     step = op.attr("step")
     trips = self.b.sdiv(self.b.add(self.b.sub(ub, lb), ir.Constant(I64, step - 1)), ir.Constant(I64, step))
     trips = self.b.select(self.b.icmp_signed("<", trips, ir.Constant(I64, 0)), ir.Constant(I64, 0), trips)
-    work = _static_work(op)
-    per_trip = ir.Constant(I64, work if work is not None else PARALLEL_MIN_WORK)
-    runner = self.parent.declare("mlc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
     if parallel:
+        work = _static_work(op)
+        per_trip = ir.Constant(I64, work if work is not None else PARALLEL_MIN_WORK)
+        runner = self.parent.declare("mlc_parallel_for", ir.VoidType(), [PTR, PTR, I64, I64])
         big = self.b.icmp_signed(">=", self.b.mul(trips, per_trip), ir.Constant(I64, PARALLEL_MIN_WORK))
         with self.b.if_else(big) as (threads, inline):
             with threads:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from .tracing import _STACK, Variable, default_backend, flatten, trace_function, tracing_error
+from .tracing import _STACK, Variable, default_backend, flatten, signature, trace_function, tracing_error
 
 
 class Optimizer:
@@ -212,7 +212,7 @@ class TrainStep:
         if _STACK:
             raise tracing_error("a compiled training step cannot be called inside a traced function")
         leaves, structure = flatten(batch)
-        key = (structure, tuple((np.shape(x)[1:] if self.dynamic_batch else np.shape(x), np.asarray(x).dtype.str) for x in leaves))
+        key = (structure, signature(leaves, self.dynamic_batch))
         program = self.programs.get(key)
         if program is None:
             program = self.programs[key] = self._compile(batch)

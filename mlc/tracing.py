@@ -303,16 +303,14 @@ class Trace:
     def tensor(self, x) -> Tensor:
         return x if isinstance(x, Tensor) and x.trace is self else Tensor(self.value(x), self)
 
-    def value(self, x, element=None) -> Value:
-        """The IR value for a Tensor, Variable, array or Python number (numbers take `element`)."""
+    def value(self, x) -> Value:
+        """The IR value for a Tensor, Variable, array or Python number."""
         if isinstance(x, Tensor):
             return x.value if x.trace is self else self._lift(x).value
         if isinstance(x, Variable):
             return self._lift(x).value
         if isinstance(x, Value):
             return x
-        if isinstance(x, (bool, int, float)) and element is not None:
-            x = np.array(x, element.np_dtype)
         a = np.asarray(x)
         if a.dtype == np.float64 and not isinstance(x, np.ndarray):
             a = a.astype(np.float32)  # Python floats default to f32, as in torch
@@ -416,7 +414,8 @@ def _unique(module: Module, name: str) -> str:
 def _arg_names(fn, structure, count: int) -> list[str]:
     """Readable names for the array leaves: the Python parameter names (x, w; params_0, params_1, ...)."""
     try:
-        params = [p for p in inspect.signature(fn).parameters if not p.startswith("*")]
+        params = [name for name, p in inspect.signature(fn).parameters.items()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         params = []
     names = []
@@ -587,25 +586,31 @@ class jit:
         args = tuple(_Static(a) if i in self.static_argnums else a for i, a in enumerate(args))
         leaves, structure = flatten(args)
         backend = self.backend or default_backend()
-        key = (structure, backend, tuple(self._signature(x) for x in leaves))
+        key = (structure, backend, signature(leaves, self.dynamic_batch))
         compiled = self.cache.get(key)
         if compiled is None:
-            traced = trace_function(self._unwrap_statics, args, dynamic_batch=self.dynamic_batch, name=self.__name__,
-                                    names=self.names() if self.names else None)
-            compiled = self.cache[key] = Compiled(traced, backend)
+            compiled = self.cache[key] = Compiled(self._trace(args), backend)
         return compiled(leaves)
 
-    def _signature(self, x):
-        shape, dtype = np.shape(x), np.asarray(x).dtype.str
-        return (shape[1:] if self.dynamic_batch and shape else shape), dtype
-
-    def _unwrap_statics(self, *args):
-        return self.fn(*(a.value if isinstance(a, _Static) else a for a in args))
+    def _trace(self, args) -> Traced:
+        @functools.wraps(self.fn)  # (the IR's argument names come from fn's signature)
+        def unwrapped(*a):
+            return self.fn(*(x.value if isinstance(x, _Static) else x for x in a))
+        return trace_function(unwrapped, args, dynamic_batch=self.dynamic_batch, name=self.__name__,
+                              names=self.names() if self.names else None)
 
     def lower(self, *args) -> Module:
         """The traced module for these arguments (what the first call compiles)."""
-        return verify(trace_function(self._unwrap_statics, args, dynamic_batch=self.dynamic_batch, name=self.__name__,
-                                     names=self.names() if self.names else None).module)
+        return verify(self._trace(args).module)
+
+
+def signature(leaves, dynamic_batch: bool) -> tuple:
+    """What a compiled function is specialised on: each array's shape (less the batch dim when it is
+    dynamic) and dtype."""
+    def one(x):
+        shape = np.shape(x)
+        return (shape[1:] if dynamic_batch and shape else shape), np.asarray(x).dtype.str
+    return tuple(one(x) for x in leaves)
 
 
 @dataclass(frozen=True)
