@@ -24,6 +24,7 @@ from llvmlite import ir
 
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
+from mlc.ir.dialects.mlc import BINARY, UNARY
 from mlc.ir.types import ElementType, TensorType, VectorType, index, round_to_element
 
 PTR = ir.PointerType()
@@ -34,7 +35,8 @@ F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 
 SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
-LIBM = {"tanh": "tanh", "erf": "erf", "log1p": "log1p"}  # libm functions (suffix f for f32)
+INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "pow"}  # math functions LLVM has as intrinsics (others: libm)
+ELEMENTWISE_ROWS = {**UNARY, **BINARY}
 
 
 def scalar_type(e: ElementType):
@@ -584,31 +586,41 @@ OPS = {
 
 
 class ArithEmitter:
-    """Scalar ops, each meaning what the mlc op of the same name means per element."""
+    """Scalar ops, each meaning what the mlc op of the same name means per element. The elementwise
+    rows (ir/dialects/mlc.py) say how: built in here (f_add, i_add, ...), a math function, or an
+    expansion over other scalar ops."""
 
     def __init__(self, fe: FunctionEmitter):
         self.fe, self.b = fe, fe.b
 
     def emit(self, name, xs, op, result):
-        t = xs[0].type if xs else scalar_type(result)
         if name == "cast":
             return self.cast(xs[0], op.operand_types[0], result)
-        if name == "select":
-            return self.b.select(*xs)
-        if isinstance(t, ir.VectorType):  # lane by lane: the float rules apply to the lane type
-            if t.element not in (F32, F64):
-                raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
-            return getattr(self, "f_" + name)(t, *xs)
+        t = xs[0].type if xs else scalar_type(result)
         if t == F16:  # half: compute in float, round once
             out = self.emit(name, [self.b.fpext(x, F32) for x in xs], op, result if not result.is_float else ElementType("f32"))
             return self.b.fptrunc(out, F16) if result.is_float else out
-        is_float = t in (F32, F64)
-        if is_float and op.attr("reassoc"):
+        if t in (F32, F64) and op.attr("reassoc"):
             return self.reassociable(name, t, *xs)
+        return self.compute(name, xs, op)
+
+    def compute(self, name, xs, op):
+        """arith.<name> of xs: scalars, or vectors lane by lane (the float rules apply to the lane type)."""
+        t = xs[0].type
+        is_float = getattr(t, "element", t) in (F32, F64)
+        if isinstance(t, ir.VectorType) and not is_float:
+            raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
+        if name == "select":
+            return self.b.select(*xs)
+        row = ELEMENTWISE_ROWS.get(name)
+        if row is not None and callable(row.scalar):
+            return row.scalar(_Expansion(self, op, t), *xs)
+        if row is not None and row.scalar and is_float:
+            return self.math(row.scalar, t, *xs)
         fn = getattr(self, ("f_" if is_float else "i_") + name, None)
         if fn is None:
             raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
-        return fn(t, *xs, op=op) if name == "gelu" else fn(t, *xs)
+        return fn(t, *xs)
 
     def reassociable(self, name, t, a, b):
         """A reduction step LLVM may regroup, so the loop vectorises (the sum's rounding may change)."""
@@ -617,22 +629,24 @@ class ArithEmitter:
         return self.b.call(self.fe.parent.intrinsic(name, t, 2), [a, b], fastmath=("reassoc", "nsz"))
 
     # floats
+    def math(self, name, t, *xs):
+        """A C math function: straight-line f32 code where we have it (it vectorises), an LLVM
+        intrinsic where LLVM has one, else libm."""
+        if t == F32 and name in FAST_F32:
+            return FAST_F32[name](self, *xs)
+        if name in INTRINSICS:
+            return self.call(name, t, *xs)
+        symbol = name + ("f" if t == F32 else "")
+        self.fe.parent.libm.add(symbol)
+        return self.b.call(self.fe.parent.declare(symbol, t, [t] * len(xs)), list(xs))
+
     def call(self, name, t, *xs):
         return self.b.call(self.fe.parent.intrinsic(name, t, len(xs)), list(xs))
-
-    def libm(self, name, t, x):
-        symbol = LIBM[name] + ("f" if t == F32 else "")
-        self.fe.parent.libm.add(symbol)
-        return self.b.call(self.fe.parent.declare(symbol, t, [t]), [x])
-
-    def one(self, t):
-        return ir.Constant(t, 1.0)
 
     def f_add(self, t, a, b): return self.b.fadd(a, b)
     def f_sub(self, t, a, b): return self.b.fsub(a, b)
     def f_mul(self, t, a, b): return self.b.fmul(a, b)
     def f_div(self, t, a, b): return self.b.fdiv(a, b)
-    def f_pow(self, t, a, b): return self.call("pow", t, a, b)
     def f_maximum(self, t, a, b): return self.call("maximum", t, a, b)
     def f_minimum(self, t, a, b): return self.call("minimum", t, a, b)
     def f_eq(self, t, a, b): return self.b.fcmp_ordered("==", a, b)
@@ -643,11 +657,11 @@ class ArithEmitter:
     def f_ge(self, t, a, b): return self.b.fcmp_ordered(">=", a, b)
     def f_neg(self, t, x): return self.b.fneg(x)
     def f_abs(self, t, x): return self.call("fabs", t, x)
-    def f_exp(self, t, x):
-        """f32: Cephes' expf as straight-line code, so loops vectorise (LLVM has no vector libm here);
+
+    def expf(self, x):
+        """Cephes' expf as straight-line code, so loops vectorise (LLVM has no vector libm here);
         within 2 ulp, inf above 88.72, NaN kept."""
-        if t != F32:
-            return self.call("exp", t, x)
+        t = F32
         c = lambda v: ir.Constant(F32, v)  # noqa: E731
         b = self.b
         clamped = self.call("minimum", t, self.call("maximum", t, x, c(-88.3762626647949)), c(88.3762626647950))
@@ -662,19 +676,10 @@ class ArithEmitter:
         out = b.fmul(y, scale)
         out = b.select(b.fcmp_ordered(">", x, c(88.72283935546875)), c(float("inf")), out)
         return b.select(b.fcmp_unordered("uno", x, x), x, out)
-    def f_log(self, t, x): return self.call("log", t, x)
-    def f_sqrt(self, t, x): return self.call("sqrt", t, x)
-    def f_sin(self, t, x): return self.call("sin", t, x)
-    def f_cos(self, t, x): return self.call("cos", t, x)
-    def f_floor(self, t, x): return self.call("floor", t, x)
-    def f_rsqrt(self, t, x): return self.b.fdiv(self.one(t), self.call("sqrt", t, x))
-    def f_reciprocal(self, t, x): return self.b.fdiv(self.one(t), x)
-    def f_square(self, t, x): return self.b.fmul(x, x)
-    def f_relu(self, t, x): return self.call("maximum", t, x, ir.Constant(t, 0.0))
-    def f_tanh(self, t, x):
-        """f32: a 13/6 rational approximation (as Eigen's), within 7 ulp and vectorisable."""
-        if t != F32:
-            return self.libm("tanh", t, x)
+
+    def tanhf(self, x):
+        """A 13/6 rational approximation (as Eigen's), within 7 ulp and vectorisable."""
+        t = F32
         c = lambda v: ir.Constant(F32, v)  # noqa: E731
         b = self.b
         bound = 7.90531110763549805
@@ -689,27 +694,6 @@ class ArithEmitter:
             q = b.fadd(b.fmul(q, x2), c(coeff))
         r = b.fdiv(b.fmul(p, xc), q)
         return b.select(b.fcmp_ordered("<", self.call("fabs", t, x), c(0.0004)), x, r)
-    def f_erf(self, t, x): return self.libm("erf", t, x)
-    def f_log1p(self, t, x): return self.libm("log1p", t, x)
-
-    def f_sign(self, t, x):
-        pos = self.b.select(self.b.fcmp_ordered(">", x, ir.Constant(t, 0.0)), self.one(t), x)
-        return self.b.select(self.b.fcmp_ordered("<", x, ir.Constant(t, 0.0)), ir.Constant(t, -1.0), pos)
-
-    def f_sigmoid(self, t, x):
-        e = self.call("exp", t, self.b.fneg(self.call("fabs", t, x)))
-        denom = self.b.fadd(self.one(t), e)
-        return self.b.select(self.b.fcmp_ordered(">=", x, ir.Constant(t, 0.0)), self.b.fdiv(self.one(t), denom),
-                             self.b.fdiv(e, denom))
-
-    def f_gelu(self, t, x, op=None):
-        half = self.b.fmul(ir.Constant(t, 0.5), x)
-        if op is not None and op.attr("approximate") == "tanh":
-            cube = self.b.fmul(self.b.fmul(x, x), x)
-            inner = self.b.fadd(x, self.b.fmul(ir.Constant(t, 0.044715), cube))
-            th = self.libm("tanh", t, self.b.fmul(ir.Constant(t, math.sqrt(2 / math.pi)), inner))
-            return self.b.fmul(half, self.b.fadd(self.one(t), th))
-        return self.b.fmul(half, self.b.fadd(self.one(t), self.libm("erf", t, self.b.fmul(x, ir.Constant(t, 1 / math.sqrt(2))))))
 
     # integers (and i1)
     def i_add(self, t, a, b): return self.b.add(a, b)
@@ -741,13 +725,6 @@ class ArithEmitter:
     def i_not(self, t, x): return self.b.not_(x)
     def i_neg(self, t, x): return self.b.neg(x)
     def i_abs(self, t, x): return self.b.select(self.b.icmp_signed("<", x, ir.Constant(t, 0)), self.b.neg(x), x)
-    def i_square(self, t, x): return self.b.mul(x, x)
-    def i_relu(self, t, x): return self.i_maximum(t, x, ir.Constant(t, 0))
-
-    def i_sign(self, t, x):
-        zero = ir.Constant(t, 0)
-        pos = self.b.select(self.b.icmp_signed(">", x, zero), ir.Constant(t, 1), zero)
-        return self.b.select(self.b.icmp_signed("<", x, zero), ir.Constant(t, -1), pos)
 
     def cast(self, x, src: ElementType, dst: ElementType):
         """mlc.cast per element: saturating float -> int with NaN -> 0; to i1 is `!= 0`."""
@@ -766,6 +743,27 @@ class ArithEmitter:
         if st.width < dt.width:
             return self.b.zext(x, dt) if src.is_bool else self.b.sext(x, dt)
         return self.b.trunc(x, dt)
+
+
+FAST_F32 = {"exp": ArithEmitter.expf, "tanh": ArithEmitter.tanhf}
+
+
+class _Expansion:
+    """The `s` that an elementwise row's scalar expansion builds with (see ir/dialects/mlc.py)."""
+
+    def __init__(self, arith: ArithEmitter, op, t):
+        self.arith, self.op, self.t = arith, op, t
+
+    def __call__(self, name, *xs):
+        return self.arith.compute(name, list(xs), self.op)
+
+    def const(self, value):
+        lane = getattr(self.t, "element", self.t)
+        c = ir.Constant(lane, float(value) if lane in (F32, F64) else int(value))
+        return ir.Constant(self.t, [c] * self.t.count) if isinstance(self.t, ir.VectorType) else c
+
+    def attr(self, name):
+        return self.op.attr(name)
 
 
 def _bits(t) -> int:

@@ -238,7 +238,7 @@ def widened(L: FunctionLowering, op: Operation):
 # ---------------------------------------------------------------------------------------------------
 # Rules
 
-SCALAR_TWIN = {name: f"arith.{name}" for name in list(tensor_ops.UNARY) + list(tensor_ops.BINARY) + ["gelu", "select"]}
+SCALAR_TWIN = {name: f"arith.{name}" for name in [*tensor_ops.UNARY, *tensor_ops.BINARY, "select"]}
 
 
 ELEMENTWISE = {f"mlc.{n}" for n in SCALAR_TWIN} | {"mlc.clamp", "mlc.cast"}
@@ -722,7 +722,6 @@ def row_kernel(L: FunctionLowering, members: list[Operation]):
 
 IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
                "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
-EXPENSIVE = {f"mlc.{n}" for n in ("exp", "log", "log1p", "tanh", "sigmoid", "gelu", "erf", "pow", "sin", "cos")}
 
 
 def _stash(members, root, inner):
@@ -735,7 +734,7 @@ def _stash(members, root, inner):
     element, row = root.results[0].type.element, root.results[0].type.shape[-inner:]
     for o in reversed(members[:-1]):
         v = o.results[0]
-        if (o.name in EXPENSIVE and v.type.element == element and v.type.shape[-inner:] == row
+        if (getattr(o.opdef, "cost", None) == tensor_ops.EXPENSIVE and v.type.element == element and v.type.shape[-inner:] == row
                 and reaches(root.results[0], v) and any(reaches(r.operands[0], v) for r in reductions)):
             return v
     return None

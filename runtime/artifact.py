@@ -54,14 +54,8 @@ def _manifest(exe, files) -> dict:
     return {"format": FORMAT, "version": VERSION, "mlc": mlc.__version__, "host": host_key(),
             "functions": {name: {"checks": [[loc.file, loc.line, loc.col, op, msg] for loc, op, msg in f.code.checks]}
                           for name, f in exe.functions.items()},
-            "libm": sorted(_libm_symbols(exe.jit.optimised_ir)),
+            "libm": exe.jit.libm_symbols,
             "files": {name: _sha(data) for name, data in files.items()}}
-
-
-def _libm_symbols(llvm_ir: str) -> set[str]:
-    from mlc.codegen.llvm import LIBM
-    names = {v + s for v in LIBM.values() for s in ("", "f")}
-    return {n for n in names if f'@"{n}"(' in llvm_ir or f"@{n}(" in llvm_ir}
 
 
 def _write_zip(path, files, manifest):

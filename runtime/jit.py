@@ -103,6 +103,7 @@ class JitModule:
     def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
         _initialise()
         _provide(libm_symbols)
+        self.libm_symbols = sorted(libm_symbols)
         self.tm = target_machine()
         if object_code is None:
             module = optimise(llvm_ir, self.tm)

@@ -324,12 +324,10 @@ class _Probe:
         return self._op.attr(name, default)
 
 
-for _name in list(mlc.UNARY) + ["gelu"]:
-    _base = lookup_op(f"mlc.{_name}")
+for _name, _base in mlc.UNARY.items():
     type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": {PURE, ELEMENTWISE}})
 REASSOCIATIVE = ("add", "mul", "maximum", "minimum")  # `{reassoc}`: a reduction may be regrouped (vectorised)
-for _name in list(mlc.BINARY) + ["select"]:
-    _base = lookup_op(f"mlc.{_name}")
+for _name, _base in [*mlc.BINARY.items(), ("select", mlc.Select)]:
     _attrs = {**_base.attrs, "reassoc": Attr("bool", False)} if _name in REASSOCIATIVE else _base.attrs
     type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),),
          {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}, "attrs": _attrs})

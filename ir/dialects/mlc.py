@@ -128,12 +128,61 @@ def _fold_select(op, consts):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Elementwise families
+# Elementwise ops: one row each
+#
+# A row is a class declaration whose keywords say everything about the op:
+#   fn      its numpy definition (the interpreter's kernel)
+#   kind    the element types it takes (shapes.require_element): "float", "num", "logic" or "any"
+#   grad    its derivative applied to the cotangent g, in ops: grad(d, x, y, g) -> the cotangent of x
+#           (binary: grad(d, a, b, y, g) -> those of a and b, before broadcast dims are summed back);
+#           y is the op's result
+#   fold    a folding hook (above)
+#   cost    EXPENSIVE where an element costs a math-library call or more: fused kernels compute such
+#           a value once and keep it rather than recompute it
+#   scalar  how a code generator computes one element: None where every generator has the operation
+#           built in (add, neg, ...); a C math function's name ("erf"), which each generator maps (to an
+#           LLVM intrinsic or libm on the CPU, libdevice on CUDA); or an expansion (s, *xs) -> value over
+#           other scalar ops, where s(name, *xs) makes arith.<name>, s.const(v) a constant of the
+#           operands' type and s.attr(name) reads the op's attribute
+# Each row also gets a scalar twin `arith.<name>` for loop-level code (ir/dialects/loops.py).
 
-class Unary(OpDef):
-    operands = 1
+CHEAP, EXPENSIVE = "cheap", "expensive"
+UNARY: dict[str, type[OpDef]] = {}   # short name -> row
+BINARY: dict[str, type[OpDef]] = {}
+
+
+class Elementwise(OpDef):
     traits = {PURE, ELEMENTWISE}
-    kind = "float"  # which element types the op takes (see shapes.require_element)
+    cost = CHEAP
+    scalar = None
+
+    def __init_subclass__(cls, name=None, fn=None, kind=None, grad=None, fold=None, cost=None, scalar=None, **kw):
+        for key, value in (("name", name), ("kind", kind), ("cost", cost)):
+            if value is not None:
+                setattr(cls, key, value)
+        for key, value in (("fn", fn), ("fold", fold)):
+            if value is not None:
+                setattr(cls, key, staticmethod(value))
+        if scalar is not None:
+            cls.scalar = staticmethod(scalar) if callable(scalar) else scalar
+        if grad is not None:
+            cls.vjp = cls.vjp_from(grad)
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("name", "").startswith("mlc."):  # (not the arith twins)
+            cls.table()[cls.name[len("mlc."):]] = cls
+
+
+class Unary(Elementwise):
+    operands = 1
+    kind = "float"
+
+    @staticmethod
+    def table():
+        return UNARY
+
+    @staticmethod
+    def vjp_from(grad):
+        return staticmethod(lambda d, op, g: [grad(d, op.operands[0], op.results[0], g)])
 
     @classmethod
     def infer(cls, op, ctx):
@@ -147,9 +196,61 @@ class Unary(OpDef):
             return cls.fn(ins[0])
 
 
+class Binary(Elementwise):
+    operands = 2
+    traits = {PURE, ELEMENTWISE, BROADCASTING}
+    kind = "num"
+    compares = False
+    fold = staticmethod(_fold_binary)
+
+    def __init_subclass__(cls, commutative=False, compares=False, **kw):
+        if compares:
+            cls.compares = True
+        if commutative:
+            cls.traits = frozenset(cls.traits) | {COMMUTATIVE}
+        super().__init_subclass__(**kw)
+
+    @staticmethod
+    def table():
+        return BINARY
+
+    @staticmethod
+    def vjp_from(grad):
+        def vjp(d, op, g):
+            a, b = op.operands
+            ga, gb = grad(d, a, b, op.results[0], g)
+            return [d.sum_to(ga, a.type), d.sum_to(gb, b.type)]
+        return staticmethod(vjp)
+
+    @classmethod
+    def infer(cls, op, ctx):
+        a, b = _tensors(op)
+        same_element([a, b])
+        require_element(a, cls.kind)
+        return [TensorType(broadcast_shapes([a.shape, b.shape]), i1 if cls.compares else a.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        with np.errstate(all="ignore"):
+            return cls.fn(*ins)
+
+
 def _sigmoid(x):
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _sigmoid_scalar(s, x):
+    """As _sigmoid: exp of -|x| only, so it never overflows."""
+    e = s("exp", s("neg", s("abs", x)))
+    denom = s("add", s.const(1), e)
+    return s("select", s("ge", x, s.const(0)), s("div", s.const(1), denom), s("div", e, denom))
+
+
+def _sign_scalar(s, x):
+    """-1, 1, or x itself (0, -0.0, NaN)."""
+    zero = s.const(0)
+    return s("select", s("lt", x, zero), s.const(-1), s("select", s("gt", x, zero), s.const(1), x))
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)
@@ -163,49 +264,49 @@ def _not(x):
     return np.logical_not(x) if x.dtype == np.bool_ else np.invert(x)
 
 
-_UNARY_FOLDS = {"neg": _fold_involution, "not": _fold_involution, "relu": _fold_idempotent_unary,
-                "abs": _fold_idempotent_unary, "floor": _fold_idempotent_unary}
-UNARY = {  # name: (numpy definition, element kind)
-    "neg": (np.negative, "num"), "abs": (np.abs, "num"), "exp": (np.exp, "float"), "log": (np.log, "float"),
-    "log1p": (np.log1p, "float"), "sqrt": (np.sqrt, "float"), "rsqrt": (lambda x: 1 / np.sqrt(x), "float"),
-    "reciprocal": (lambda x: 1 / x, "float"), "square": (np.square, "num"), "tanh": (np.tanh, "float"),
-    "sigmoid": (_sigmoid, "float"), "relu": (lambda x: np.maximum(x, x.dtype.type(0)), "num"),
-    "erf": (_erf_array, "float"), "sin": (np.sin, "float"), "cos": (np.cos, "float"),
-    "sign": (np.sign, "num"), "floor": (np.floor, "float"), "not": (_not, "logic"),
-}
-UNARY_VJP = {  # name: d(x)/dx applied to the cotangent g, in ops (y is the op's result)
-    "neg": lambda d, x, y, g: d("mlc.neg", g),
-    "abs": lambda d, x, y, g: d("mlc.mul", g, d("mlc.sign", x)),
-    "exp": lambda d, x, y, g: d("mlc.mul", g, y),
-    "log": lambda d, x, y, g: d("mlc.div", g, x),
-    "log1p": lambda d, x, y, g: d("mlc.div", g, d("mlc.add", x, d.scalar(1, x))),
-    "sqrt": lambda d, x, y, g: d("mlc.div", g, d("mlc.mul", y, d.scalar(2, x))),
-    "rsqrt": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(-0.5, x), d("mlc.div", y, x))),
-    "reciprocal": lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.mul", y, y))),
-    "square": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", x, d.scalar(2, x))),
-    "tanh": lambda d, x, y, g: d("mlc.mul", g, d("mlc.sub", d.scalar(1, y), d("mlc.mul", y, y))),
-    "sigmoid": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", y, d("mlc.sub", d.scalar(1, y), y))),
-    "relu": lambda d, x, y, g: d("mlc.select", d("mlc.gt", x, d.scalar(0, x)), g, d.scalar(0, x)),
-    "erf": lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(2 / math.sqrt(math.pi), x), d("mlc.exp", d("mlc.neg", d("mlc.mul", x, x))))),
-    "sin": lambda d, x, y, g: d("mlc.mul", g, d("mlc.cos", x)),
-    "cos": lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.sin", x))),
-    "sign": lambda d, x, y, g: None, "floor": lambda d, x, y, g: None,  # zero almost everywhere
-}
+def _one(d, x):
+    return d.scalar(1, x)
 
 
-def _unary_vjp(rule):
-    return staticmethod(lambda d, op, g: [rule(d, op.operands[0], op.results[0], g)])
+class Neg(Unary, name="mlc.neg", fn=np.negative, kind="num", fold=_fold_involution, grad=lambda d, x, y, g: d("mlc.neg", g)): ...
+class Abs(Unary, name="mlc.abs", fn=np.abs, kind="num", fold=_fold_idempotent_unary, grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.sign", x))): ...
+class Exp(Unary, name="mlc.exp", fn=np.exp, cost=EXPENSIVE, scalar="exp", grad=lambda d, x, y, g: d("mlc.mul", g, y)): ...
+class Log(Unary, name="mlc.log", fn=np.log, cost=EXPENSIVE, scalar="log", grad=lambda d, x, y, g: d("mlc.div", g, x)): ...
+class Log1p(Unary, name="mlc.log1p", fn=np.log1p, cost=EXPENSIVE, scalar="log1p",
+            grad=lambda d, x, y, g: d("mlc.div", g, d("mlc.add", x, _one(d, x)))): ...
+class Sqrt(Unary, name="mlc.sqrt", fn=np.sqrt, scalar="sqrt", grad=lambda d, x, y, g: d("mlc.div", g, d("mlc.mul", y, d.scalar(2, x)))): ...
+class Rsqrt(Unary, name="mlc.rsqrt", fn=lambda x: 1 / np.sqrt(x), scalar=lambda s, x: s("div", s.const(1), s("sqrt", x)),
+            grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(-0.5, x), d("mlc.div", y, x)))): ...
+class Reciprocal(Unary, name="mlc.reciprocal", fn=lambda x: 1 / x, scalar=lambda s, x: s("div", s.const(1), x),
+                 grad=lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.mul", y, y)))): ...
+class Square(Unary, name="mlc.square", fn=np.square, kind="num", scalar=lambda s, x: s("mul", x, x),
+             grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", x, d.scalar(2, x)))): ...
+class Tanh(Unary, name="mlc.tanh", fn=np.tanh, cost=EXPENSIVE, scalar="tanh",
+           grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.sub", _one(d, y), d("mlc.mul", y, y)))): ...
+class Sigmoid(Unary, name="mlc.sigmoid", fn=_sigmoid, cost=EXPENSIVE, scalar=_sigmoid_scalar,
+              grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", y, d("mlc.sub", _one(d, y), y)))): ...
+class Relu(Unary, name="mlc.relu", fn=lambda x: np.maximum(x, x.dtype.type(0)), kind="num", fold=_fold_idempotent_unary,
+           scalar=lambda s, x: s("maximum", x, s.const(0)),
+           grad=lambda d, x, y, g: d("mlc.select", d("mlc.gt", x, d.scalar(0, x)), g, d.scalar(0, x))): ...
+class Erf(Unary, name="mlc.erf", fn=_erf_array, cost=EXPENSIVE, scalar="erf",
+          grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.mul", d.scalar(2 / math.sqrt(math.pi), x), d("mlc.exp", d("mlc.neg", d("mlc.mul", x, x)))))): ...
+class Sin(Unary, name="mlc.sin", fn=np.sin, cost=EXPENSIVE, scalar="sin", grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.cos", x))): ...
+class Cos(Unary, name="mlc.cos", fn=np.cos, cost=EXPENSIVE, scalar="cos", grad=lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.sin", x)))): ...
+class Sign(Unary, name="mlc.sign", fn=np.sign, kind="num", scalar=_sign_scalar, grad=lambda d, x, y, g: None): ...  # zero almost everywhere
+class Floor(Unary, name="mlc.floor", fn=np.floor, scalar="floor", fold=_fold_idempotent_unary, grad=lambda d, x, y, g: None): ...
+class Not(Unary, name="mlc.not", fn=_not, kind="logic", fold=_fold_involution): ...
 
 
-for _name, (_fn, _kind) in UNARY.items():
-    type(_name.capitalize(), (Unary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
-                                        "fold": staticmethod(_UNARY_FOLDS.get(_name, OpDef.fold)),
-                                        "vjp": _unary_vjp(UNARY_VJP[_name]) if _name in UNARY_VJP else None})
+def _gelu_scalar(s, x):
+    half = s("mul", s.const(0.5), x)
+    if s.attr("approximate") == "tanh":
+        inner = s("add", x, s("mul", s.const(0.044715), s("mul", s("mul", x, x), x)))
+        return s("mul", half, s("add", s.const(1), s("tanh", s("mul", s.const(math.sqrt(2 / math.pi)), inner))))
+    return s("mul", half, s("add", s.const(1), s("erf", s("mul", x, s.const(1 / math.sqrt(2))))))
 
 
-class Gelu(Unary):
+class Gelu(Unary, name="mlc.gelu", cost=EXPENSIVE, scalar=_gelu_scalar):
     """0.5 x (1 + erf(x / sqrt 2)); with approximate = "tanh" PyTorch's tanh approximation."""
-    name = "mlc.gelu"
     attrs = {"approximate": Attr("str", "none", choices=("none", "tanh"))}
 
     @staticmethod
@@ -233,26 +334,6 @@ class Gelu(Unary):
         return [d("mlc.mul", g, d("mlc.add", cdf, d("mlc.mul", x, pdf)))]
 
 
-class Binary(OpDef):
-    operands = 2
-    traits = {PURE, ELEMENTWISE, BROADCASTING}
-    kind = "num"
-    compares = False
-    fold = staticmethod(_fold_binary)
-
-    @classmethod
-    def infer(cls, op, ctx):
-        a, b = _tensors(op)
-        same_element([a, b])
-        require_element(a, cls.kind)
-        return [TensorType(broadcast_shapes([a.shape, b.shape]), i1 if cls.compares else a.element)]
-
-    @classmethod
-    def interpret(cls, ins, op, ctx):
-        with np.errstate(all="ignore"):
-            return cls.fn(*ins)
-
-
 def _div(a, b):
     """Floats: IEEE division. Integers: truncation toward zero (C, LLVM sdiv); x / 0 is 0."""
     a, b = np.asarray(a), np.asarray(b)
@@ -265,27 +346,17 @@ def _div(a, b):
     return np.where(b == 0, 0, q).astype(a.dtype)
 
 
-BINARY = {  # name: (numpy definition, element kind, commutative, comparison)
-    "add": (np.add, "num", True, False), "sub": (np.subtract, "num", False, False),
-    "mul": (np.multiply, "num", True, False), "div": (_div, "num", False, False),
-    "pow": (np.power, "float", False, False), "maximum": (np.maximum, "num", True, False),
-    "minimum": (np.minimum, "num", True, False),
-    "eq": (np.equal, "any", True, True), "ne": (np.not_equal, "any", True, True),
-    "lt": (np.less, "any", False, True), "le": (np.less_equal, "any", False, True),
-    "gt": (np.greater, "any", False, True), "ge": (np.greater_equal, "any", False, True),
-    "and": (np.bitwise_and, "logic", True, False), "or": (np.bitwise_or, "logic", True, False),
-}
-def _extremum_vjp(wins):
+def _extremum_grad(wins):
     """maximum/minimum, as PyTorch: the cotangent goes to the winner, split evenly on a tie."""
-    def rule(d, a, b, y, g):
+    def grad(d, a, b, y, g):
         half = d("mlc.mul", g, d.scalar(0.5, g))
         zero = d.scalar(0, g)
         return (d("mlc.select", d(wins, a, b), g, d("mlc.select", d("mlc.eq", a, b), half, zero)),
                 d("mlc.select", d(wins, b, a), g, d("mlc.select", d("mlc.eq", a, b), half, zero)))
-    return rule
+    return grad
 
 
-def _pow_vjp(d, a, b, y, g):
+def _pow_grad(d, a, b, y, g):
     """d/da = b a^(b-1); d/db = y log a, taken as 0 where a = 0 and b >= 0 (PyTorch's convention)."""
     da = d("mlc.mul", g, d("mlc.mul", b, d("mlc.pow", a, d("mlc.sub", b, d.scalar(1, b)))))
     at_zero = d("mlc.and", d("mlc.eq", a, d.scalar(0, a)), d("mlc.ge", b, d.scalar(0, b)))
@@ -293,27 +364,22 @@ def _pow_vjp(d, a, b, y, g):
     return da, db
 
 
-BINARY_VJP = {  # name: (cotangent of a, of b) before summing back over broadcast dims
-    "add": lambda d, a, b, y, g: (g, g),
-    "sub": lambda d, a, b, y, g: (g, d("mlc.neg", g)),
-    "mul": lambda d, a, b, y, g: (d("mlc.mul", g, b), d("mlc.mul", g, a)),
-    "div": lambda d, a, b, y, g: (d("mlc.div", g, b), d("mlc.neg", d("mlc.div", d("mlc.mul", g, y), b))),
-    "pow": _pow_vjp, "maximum": _extremum_vjp("mlc.gt"), "minimum": _extremum_vjp("mlc.lt"),
-}
-
-
-def _binary_vjp(rule):
-    def vjp(d, op, g):
-        a, b = op.operands
-        ga, gb = rule(d, a, b, op.results[0], g)
-        return [d.sum_to(ga, a.type), d.sum_to(gb, b.type)]
-    return staticmethod(vjp)
-
-
-for _name, (_fn, _kind, _comm, _cmp) in BINARY.items():
-    type(_name.capitalize(), (Binary,), {"name": f"mlc.{_name}", "fn": staticmethod(_fn), "kind": _kind,
-                                         "compares": _cmp, "traits": Binary.traits | ({COMMUTATIVE} if _comm else set()),
-                                         "vjp": _binary_vjp(BINARY_VJP[_name]) if _name in BINARY_VJP else None})
+class Add(Binary, name="mlc.add", fn=np.add, commutative=True, grad=lambda d, a, b, y, g: (g, g)): ...
+class Sub(Binary, name="mlc.sub", fn=np.subtract, grad=lambda d, a, b, y, g: (g, d("mlc.neg", g))): ...
+class Mul(Binary, name="mlc.mul", fn=np.multiply, commutative=True, grad=lambda d, a, b, y, g: (d("mlc.mul", g, b), d("mlc.mul", g, a))): ...
+class Div(Binary, name="mlc.div", fn=_div,
+          grad=lambda d, a, b, y, g: (d("mlc.div", g, b), d("mlc.neg", d("mlc.div", d("mlc.mul", g, y), b)))): ...
+class Pow(Binary, name="mlc.pow", fn=np.power, kind="float", cost=EXPENSIVE, scalar="pow", grad=_pow_grad): ...
+class Maximum(Binary, name="mlc.maximum", fn=np.maximum, commutative=True, grad=_extremum_grad("mlc.gt")): ...
+class Minimum(Binary, name="mlc.minimum", fn=np.minimum, commutative=True, grad=_extremum_grad("mlc.lt")): ...
+class Eq(Binary, name="mlc.eq", fn=np.equal, kind="any", commutative=True, compares=True): ...
+class Ne(Binary, name="mlc.ne", fn=np.not_equal, kind="any", commutative=True, compares=True): ...
+class Lt(Binary, name="mlc.lt", fn=np.less, kind="any", compares=True): ...
+class Le(Binary, name="mlc.le", fn=np.less_equal, kind="any", compares=True): ...
+class Gt(Binary, name="mlc.gt", fn=np.greater, kind="any", compares=True): ...
+class Ge(Binary, name="mlc.ge", fn=np.greater_equal, kind="any", compares=True): ...
+class And(Binary, name="mlc.and", fn=np.bitwise_and, kind="logic", commutative=True): ...
+class Or(Binary, name="mlc.or", fn=np.bitwise_or, kind="logic", commutative=True): ...
 
 
 class Select(OpDef):
