@@ -125,7 +125,7 @@ def main():
         return
     os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-bench-cache-"))
     from mlc.passes.lower_to_loops import peak_intermediate_bytes
-    from mlc.runtime.executable import lower_for_cpu
+    from mlc.compiler import lower
     data = batches(args.steps)
     step, compile_s, module = mlc_step()
     best = timed({"mlc": step, "torch": torch_step()}, data)
@@ -135,7 +135,7 @@ def main():
         out = subprocess.run([sys.executable, __file__, "--probe", which, "--steps", str(args.steps)], capture_output=True,
                              text=True, check=True, env={**os.environ, "MLC_NUM_THREADS": "2"})
         probes[which] = json.loads(out.stdout)
-    estimate = peak_intermediate_bytes(lower_for_cpu(module).functions["train_step"], BATCH) / 2**20
+    estimate = peak_intermediate_bytes(lower(module).functions["train_step"], BATCH) / 2**20
     print(f"MLP 784-1024-1024-10, Adam, batch {BATCH}, {args.steps} steps per run, best of 5 interleaved runs")
     print(f"{'':<28}{'mlc':>12}{'torch':>12}{'torch/mlc':>12}")
     print(f"{'train step (ms)':<28}{t_mlc * 1e3:>12.2f}{t_torch * 1e3:>12.2f}{t_torch / t_mlc:>11.2f}x")

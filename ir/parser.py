@@ -126,7 +126,7 @@ _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
 
 
 def unquote(s: str) -> str:
-    """A string literal's value: MLIR escapes \\ \" \n \t and \XX (hex); others stand for themselves."""
+    r"""A string literal's value: MLIR escapes \\ \" \n \t and \XX (hex); others stand for themselves."""
     body = s[1:-1]
     if "\\" not in body:
         return body

@@ -55,7 +55,7 @@ def run_passes(module: Module, pipeline: str, **kwargs) -> Module:
 def compile(module: Module, target: str = "cpu", cache: bool = True):
     """Compile every public function to native code; `exe["f"](*arrays)` runs one. Compiled code is
     kept in the on-disk cache (MLC_CACHE_DIR) unless cache=False."""
-    from mlc.runtime.executable import compile as build
+    from mlc.compiler import compile as build
     return build(module, target, cache)
 
 

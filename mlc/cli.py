@@ -192,25 +192,27 @@ def emit_text(text: str, output: str | None) -> int:
 
 
 def cmd_compile(args):
+    from mlc import compiler
     from mlc.ir.printer import print_module
     from mlc.passes import PassManager
-    from mlc.runtime.executable import Executable
     module = load_module(args.file)
     if args.train:
         from mlc.train import train_step_pipeline
         PassManager.parse(train_step_pipeline(optimizer_options(args))).run(module)
     if args.emit is None:
         out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
-        Executable.build(module, args.target).save(out)
+        compiler.compile(module, args.target).save(out)
         print(f"wrote {out}", file=sys.stderr)
         return 0
     if args.emit == "ir":
         PassManager.parse("cpu-tensor").run(module)
         text = print_module(module)
+    elif args.emit == "loops":
+        lowered = compiler.lower(module, args.target)
+        text = memory_report(lowered) + print_module(lowered)
     else:
-        exe = Executable.build(module, args.target, cache=False)
-        text = {"loops": lambda: memory_report(exe.lowered) + print_module(exe.lowered),
-                "llvm": lambda: exe.jit.optimised_ir, "asm": exe.jit.assembly}[args.emit]()
+        exe = compiler.compile(module, args.target, cache=False)
+        text = exe.jit.optimised_ir if args.emit == "llvm" else exe.jit.assembly()
     return emit_text(text, args.output)
 
 
@@ -256,8 +258,8 @@ def cmd_run(args):
     inputs = gather_inputs(func, args)
     arrays = [inputs[n] for n in arg_names(func)]
     if exe is not None or args.backend == "cpu":
-        from mlc.runtime.executable import Executable
-        exe = exe or Executable.build(module)
+        from mlc.compiler import compile
+        exe = exe or compile(module)
         results = exe[func.sym_name](*arrays)
     else:
         results = Interpreter(module).call_public(func.sym_name, arrays)

@@ -152,7 +152,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     """Train `module` (a Module, not modified) as `o` says; returns the executable holding the trained
     weights, saved to `output` (an artifact) when given."""
     from mlc.api import run_passes
-    from mlc.runtime.executable import Executable
+    from mlc.compiler import compile
     module = module.clone()
     if o.seed is not None:
         module.attributes["seed"] = IntAttr(o.seed)
@@ -168,7 +168,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     started = time.perf_counter()
     run_passes(module, train_step_pipeline(o, steps_per_epoch))
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
-    exe = Executable.build(module)
+    exe = compile(module)
     step = exe["train_step"]
     print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
     predict, evaluation = _evaluation(module, exe, o, loss_fn)

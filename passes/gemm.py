@@ -18,13 +18,12 @@ and convolution, whose B is an im2col view of the input packed on the fly.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
 from mlc.ir.types import MemRefType, VectorType
 
-VECTOR_BYTES = 32  # AVX2; the GEMM's micro-kernel uses the host's widest (gemm_vector_bytes)
+VECTOR_BYTES = 32  # AVX2; the GEMM's micro-kernel takes lower-to-loops' `vector-bytes` (the driver's: the host's widest)
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
@@ -38,14 +37,6 @@ def supports(element) -> bool:
 def lanes(element, vector_bytes: int = VECTOR_BYTES) -> int:
     """Elements of one vector register."""
     return vector_bytes // element.np_dtype.itemsize
-
-
-@functools.cache
-def gemm_vector_bytes() -> int:
-    """64 where the host has AVX-512 (a 6 x 32 f32 tile in 12 of its 32 registers), else 32. The
-    direct convolution stays at 32: its tiles run along image rows, often narrower than 32."""
-    import llvmlite.binding as llvm
-    return 64 if "+avx512f" in llvm.get_host_cpu_features().flatten().split(",") else VECTOR_BYTES
 
 
 @dataclass
@@ -63,9 +54,11 @@ class Gemm:
     epilogue: Callable | None = None      # (builder, i): row i of C is final
 
     def emit(self, L, b, parallel: bool):
-        """The loop nest at b. `parallel`: the row-block loop may run on threads (top level only)."""
+        """The loop nest at b, with vectors of L.vector_bytes: 64 gives 6 x 32 f32 tiles in 12 of
+        AVX-512's 32 registers. `parallel`: the row-block loop may run on threads (top level only).
+        The direct convolution stays at 32 bytes: its tiles run along image rows, often narrower."""
         e, self.L = self.element, L
-        self.lanes = lanes(e, gemm_vector_bytes())
+        self.lanes = lanes(e, L.vector_bytes)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
         nr = L.idx(self.nr)

@@ -38,15 +38,16 @@ def rule(*names):
 class LowerToLoops(Pass):
     name = "lower-to-loops"
     summary = "lower tensor ops to loop nests over buffers"
+    options = {"vector-bytes": gemm.VECTOR_BYTES}  # the GEMM micro-kernel's vector width (the driver gives the host's)
 
     def run(self, module: Module) -> None:
         for f in list(module.functions.values()):
-            FunctionLowering(module, f).run()
+            FunctionLowering(module, f, self.option("vector-bytes")).run()
 
 
 class FunctionLowering:
-    def __init__(self, module: Module, func):
-        self.module, self.func = module, func
+    def __init__(self, module: Module, func, vector_bytes: int = gemm.VECTOR_BYTES):
+        self.module, self.func, self.vector_bytes = module, func, vector_bytes
         self.buffers: dict[Value, Value] = {}
         self.consts: dict = {}
         self.allocs: list[Value] = []  # in order, so a loop body can free what it allocated

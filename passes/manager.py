@@ -69,14 +69,16 @@ def _convert(default, text: str, key: str, pass_name: str):
 _ITEM = re.compile(r"\s*([A-Za-z][\w\-]*)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
 
 
-def parse_pipeline(text: str, _depth: int = 0) -> list[Pass]:
-    """`a,b{key=value other=1},c` -> pass instances (named pipelines expand in place); raises
-    PipelineError with a readable reason."""
+def parse_pipeline(text: str, _depth: int = 0, _forwarded: dict | None = None) -> list[Pass]:
+    """`a,b{key=value other=1},c` -> pass instances; raises PipelineError with a readable reason. A
+    named pipeline expands in place, and its options go to each of its passes that has that option:
+    `cpu{vector-bytes=64}` sets lower-to-loops' vector width."""
     from . import load_passes
     from .pipelines import PIPELINES
     load_passes()
     if _depth > 8:
         raise PipelineError("named pipelines refer to each other in a cycle")
+    forwarded = _forwarded or {}
     text = text.strip()
     if text.startswith("builtin.module(") and text.endswith(")"):
         text = text[len("builtin.module("):-1]
@@ -85,31 +87,39 @@ def parse_pipeline(text: str, _depth: int = 0) -> list[Pass]:
         m = _ITEM.match(text, pos)
         if not m or m.end() == pos:
             raise PipelineError(f"cannot parse the pipeline at column {pos + 1}: '{text[pos:]}'")
-        name, opts = m.group(1), m.group(2)
-        if name in PIPELINES and not opts:
-            passes += parse_pipeline(PIPELINES[name], _depth + 1)
-            pos = m.end()
+        name, opts = m.group(1), _options(m.group(2), m.group(1))
+        pos = m.end()
+        if name in PIPELINES:
+            expanded = parse_pipeline(PIPELINES[name], _depth + 1, {**forwarded, **opts})
+            unused = [key for key in opts if not any(key in p.options for p in expanded)]
+            if unused:
+                known = sorted({key for p in expanded for key in p.options})
+                raise PipelineError(f"no pass of pipeline '{name}' has option '{unused[0]}' (options: {', '.join(known)})")
+            passes += expanded
             continue
         cls = PASSES.get(name)
         if cls is None:
             raise PipelineError(f"unknown pass '{name}' (passes: {', '.join(sorted(PASSES))}; "
                                 f"pipelines: {', '.join(sorted(PIPELINES))})")
-        options = {}
-        for item in re.findall(r"[^\s,\[]+(?:\[[^\]]*\])?", opts or ""):  # a [list, value] stays whole
-            if not item:
-                continue
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise PipelineError(f"option '{item}' of pass '{name}' needs a value (key=value)")
-            key = key.replace("_", "-")
-            default = cls.options.get(key)
+        values = {key: value for key, value in forwarded.items() if key in cls.options}
+        for key, value in opts.items():
             if key not in cls.options:
                 known = ", ".join(cls.options) or "none"
                 raise PipelineError(f"pass '{name}' has no option '{key}' (options: {known})")
-            options[key] = _convert(default, value, key, name)
-        passes.append(cls(**options))
-        pos = m.end()
+            values[key] = value
+        passes.append(cls(**{key: _convert(cls.options[key], value, key, name) for key, value in values.items()}))
     return passes
+
+
+def _options(text: str | None, name: str) -> dict[str, str]:
+    """`key=value other=1` (spaces or commas between; a [list, value] stays whole) -> {key: text}."""
+    options = {}
+    for item in re.findall(r"[^\s,\[]+(?:\[[^\]]*\])?", text or ""):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise PipelineError(f"option '{item}' of '{name}' needs a value (key=value)")
+        options[key.replace("_", "-")] = value
+    return options
 
 
 class PassManager:

@@ -12,7 +12,7 @@ An artifact is a zip archive:
 Loading parses the IR with mlc's parser and reads arrays with numpy (allow_pickle=False); it refuses
 a damaged, altered or wrong-version file with a message. Object code built for another host is not
 used: the LLVM IR is compiled again. The cache (MLC_CACHE_DIR, default ~/.cache/mlc) keeps the code
-part of an artifact per (module text, mlc version, host key); a corrupt entry is ignored and rebuilt.
+part of an artifact per (module text, compiler source, host key); a corrupt entry is ignored and rebuilt.
 """
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ import zipfile
 
 import numpy as np
 
-import mlc
-from mlc.codegen.llvm import FunctionCode
-from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.ir.diagnostics import DiagnosticError, Diagnostics, Location, error
+from mlc.ir.parser import parse_module
+from mlc.ir.verifier import verify
 
 from .files import write_atomically
+from .executable import Executable, FunctionCode
 from .jit import JitModule, host_key
 
 FORMAT, VERSION = "mlc-artifact", 1
@@ -51,7 +52,7 @@ def _members(exe, with_globals: bool) -> dict[str, bytes]:
 
 
 def _manifest(exe, files) -> dict:
-    return {"format": FORMAT, "version": VERSION, "mlc": mlc.__version__, "host": host_key(),
+    return {"format": FORMAT, "version": VERSION, "compiler": compiler_fingerprint(), "host": host_key(),
             "functions": {name: {"checks": [[loc.file, loc.line, loc.col, op, msg] for loc, op, msg in f.code.checks]}
                           for name, f in exe.functions.items()},
             "libm": exe.jit.libm_symbols,
@@ -99,9 +100,8 @@ def _read(path) -> tuple[dict, dict]:
 
 
 def _executable(manifest, files, module_name, where, globals_=None):
-    from .executable import Executable
     try:
-        module = mlc.parse(files["module.ir"].decode("utf-8"), f"{module_name}:module.ir")
+        module = verify(parse_module(files["module.ir"].decode("utf-8"), f"{module_name}:module.ir", Diagnostics()))
         functions = manifest["functions"]
         codes = {}
         for name, f in functions.items():
@@ -155,7 +155,7 @@ def compiler_fingerprint() -> str:
 
 
 def _cache_path(module) -> str:
-    key = json.dumps([str(module), mlc.__version__, compiler_fingerprint(), host_key()], sort_keys=True).encode()
+    key = json.dumps([str(module), compiler_fingerprint(), host_key()], sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")
 
 

@@ -13,6 +13,7 @@ import ctypes.util
 import functools
 import os
 import weakref
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,42 +41,25 @@ def keep_freed_memory() -> None:
     _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
-def lower_for_cpu(module: Module) -> Module:
-    """A copy of the module lowered to loop-level IR by the `cpu` pipeline (passes/pipelines.py)."""
-    from mlc.passes import PassManager
-    lowered = module.clone()
-    PassManager.parse("cpu").run(lowered)
-    return lowered
+@dataclass
+class FunctionCode:
+    """A compiled function's symbol and the run-time checks its error slot indexes (codegen fills it)."""
+    name: str
+    checks: list = field(default_factory=list)  # (location, op name, message) of ops with run-time checks
 
 
 class Executable:
     """Native code for every public function of a module, with the module's globals."""
 
-    def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict, lowered: Module | None = None):
+    def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict | None = None, lowered: Module | None = None):
+        """Code for `module` (codes: name -> codegen's FunctionCode, addresses in `jit`); the globals'
+        arrays by name, initialised from the module seed when not given."""
         keep_freed_memory()
         self.module, self.jit, self.lowered = module, jit, lowered
-        self.globals = globals_
-        self._globals_table = (ctypes.c_void_p * max(len(globals_), 1))(*[a.ctypes.data for a in globals_.values()])
+        self.globals = globals_ if globals_ is not None else \
+            {name: np.array(Global.initial_value(op, module.seed), order="C") for name, op in module.globals.items()}
+        self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(*[a.ctypes.data for a in self.globals.values()])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
-
-    @classmethod
-    def build(cls, module: Module, target: str = "cpu", cache: bool = True) -> "Executable":
-        if target != "cpu":
-            raise DiagnosticError([_diag(module, f"target '{target}' is not available yet (targets: cpu)")])
-        from .artifact import cached, store_in_cache
-        globals_ = {name: np.array(Global.initial_value(op, module.seed), order="C") for name, op in module.globals.items()}
-        hit = cached(module) if cache else None
-        if hit is not None:
-            jit, codes = hit
-            return cls(module, jit, codes, globals_)
-        from mlc.codegen.llvm import emit_module
-        lowered = lower_for_cpu(module)
-        llvm_module, emitter = emit_module(lowered)
-        jit = JitModule(str(llvm_module), sorted(emitter.libm))
-        exe = cls(module, jit, emitter.functions, globals_, lowered)
-        if cache:
-            store_in_cache(exe)
-        return exe
 
     def bind_global(self, name: str, array: np.ndarray) -> None:
         """Make the native code read and write global @name in `array` (C-contiguous, of its type) from now
@@ -153,14 +137,3 @@ def _wrap(address: int, shape, dtype) -> np.ndarray:
     holder = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(address)
     weakref.finalize(holder, _libc.free, address)
     return np.frombuffer(holder, dtype, count).reshape(shape)
-
-
-def _diag(module, message):
-    d = Diagnostics()
-    d.error(module.loc, message)
-    return d.errors[0]
-
-
-def compile(module: Module, target: str = "cpu", cache: bool = True) -> Executable:
-    """Compile every public function of a verified module to native code (using the on-disk cache)."""
-    return Executable.build(module, target, cache)

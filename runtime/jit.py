@@ -29,6 +29,12 @@ def target_machine():
                                         opt=3, codemodel="jitdefault")
 
 
+def host_vector_bytes() -> int:
+    """The widest vector registers of this CPU: 64 with AVX-512, else 32."""
+    _initialise()
+    return 64 if "+avx512f" in llvm.get_host_cpu_features().flatten().split(",") else 32
+
+
 # --- threads: native code hands large parallel loops to `mlc_parallel_for` -------------------------------
 
 _CHUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)

@@ -105,10 +105,10 @@ def test_broadcast_mismatch_of_dynamic_dims_is_reported_at_the_op():
 
 def test_peak_intermediate_bytes_follow_buffer_lifetimes():
     from mlc.passes.lower_to_loops import peak_intermediate_bytes
-    from mlc.runtime.executable import lower_for_cpu
-    from mlc.passes.gemm import gemm_vector_bytes
-    lowered = lower_for_cpu(mlc.load(ROOT / "examples" / "mlp.ir"))
-    panel = 2 * gemm_vector_bytes() // 4  # columns of a packed panel of B: 16 with AVX2, 32 with AVX-512
+    from mlc.compiler import lower
+    from mlc.runtime.jit import host_vector_bytes
+    lowered = lower(mlc.load(ROOT / "examples" / "mlp.ir"))
+    panel = 2 * host_vector_bytes() // 4  # columns of a packed panel of B: 16 with AVX2, 32 with AVX-512
     # relu(x @ w1 + b1) is one fused buffer (256x32), live with the result (256x10) while w2 is packed
     # into one panel; at batch 1 the peak is while w1 (64x32) is packed into 32 / panel panels.
     at_256 = 256 * 32 * 4 + 256 * 10 * 4 + 32 * panel * 4

@@ -1,0 +1,53 @@
+"""The compiler driver: a verified module, through its target's pipeline, to loaded native code.
+
+    tensor IR --`cpu{vector-bytes=N}` (passes/pipelines.py)--> loop IR --codegen/llvm.py--> LLVM IR
+              --runtime/jit.py (optimise, object code, load)--> runtime.Executable
+
+`mlc.compile`, the command line, `mlc.jit` and the training steps all compile through here. The
+target's facts (the host's vector width) become pipeline options here, so no pass asks the host and a
+pipeline string means the same IR on every machine.
+"""
+from __future__ import annotations
+
+from mlc.codegen.llvm import emit_module
+from mlc.ir.core import Module
+from mlc.ir.diagnostics import error
+from mlc.passes import PassManager
+from mlc.runtime.artifact import cached, store_in_cache
+from mlc.runtime.executable import Executable
+from mlc.runtime.jit import JitModule, host_vector_bytes
+
+TARGETS = ("cpu",)
+
+
+def pipeline(target: str = "cpu") -> str:
+    """The pass pipeline that lowers a module for `target` on this machine."""
+    return f"cpu{{vector-bytes={host_vector_bytes()}}}"
+
+
+def lower(module: Module, target: str = "cpu") -> Module:
+    """A copy of the module lowered to loop-level IR (what `mlc compile --emit loops` prints)."""
+    _check_target(module, target)
+    lowered = module.clone()
+    PassManager.parse(pipeline(target)).run(lowered)
+    return lowered
+
+
+def compile(module: Module, target: str = "cpu", cache: bool = True) -> Executable:
+    """Native code for every public function of a verified module, with its globals initialised from
+    the module seed; compiled code is kept in the on-disk cache (runtime/artifact.py) unless cache=False."""
+    _check_target(module, target)
+    hit = cached(module) if cache else None
+    if hit is not None:
+        return Executable(module, *hit)
+    lowered = lower(module, target)
+    llvm_module, emitter = emit_module(lowered)
+    exe = Executable(module, JitModule(str(llvm_module), sorted(emitter.libm)), emitter.functions, lowered=lowered)
+    if cache:
+        store_in_cache(exe)
+    return exe
+
+
+def _check_target(module: Module, target: str) -> None:
+    if target not in TARGETS:
+        raise error(module.loc, f"target '{target}' is not available yet (targets: {', '.join(TARGETS)})")
