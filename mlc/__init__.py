@@ -21,8 +21,10 @@ if _os.path.isfile(_os.path.join(_checkout, "ir", "registry.py")) and _checkout 
     __path__.append(_checkout)
 
 from .api import DiagnosticError, Module, compile, interpret, load, load_executable, parse, run_passes, verify  # noqa: E402,F401
-from .tracing import (Buffer, Parameter, Tensor, TracingError, Variable, default_backend, export, grad,  # noqa: E402,F401
-                      jit, trace, value_and_grad)
+from .tensor import Buffer, Parameter, Tensor, Variable  # noqa: E402,F401
+from .trace_stack import TracingError  # noqa: E402,F401
+from .tracing import export, trace  # noqa: E402,F401
+from .jit import default_backend, grad, jit, value_and_grad  # noqa: E402,F401
 from .ops import *  # noqa: E402,F401,F403
 from . import models, nn, optim  # noqa: E402,F401
 from .optim import compile_train_step  # noqa: E402,F401

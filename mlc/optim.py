@@ -16,7 +16,11 @@ import math
 
 import numpy as np
 
-from .tracing import _STACK, Variable, default_backend, flatten, signature, trace_function, tracing_error
+from .jit import default_backend, signature
+from .pytree import flatten
+from .tensor import Variable
+from .trace_stack import _STACK, tracing_error
+from .tracing import trace_function
 
 
 class Optimizer:

@@ -1,247 +1,30 @@
-"""Tracing: Python functions over numpy-like Tensors, recorded as tensor IR (SPEC §6).
-
-    @mlc.jit                          # traced on the first call per signature, compiled, cached
-    def layer(x, w, b):
-        return mlc.relu(x @ w + b)
+"""Tracing: Python functions over Tensors (mlc/tensor.py), recorded as tensor IR (SPEC §6).
 
 A `Trace` builds one func.func. Each array argument becomes a block argument, and each operation on a
-`Tensor` appends an op located at the user's line, so the verifier's errors point there. State that
-outlives a call (nn parameters and buffers, the dropout generator) is held in `Variable`s. A trace
-lifts each variable it meets either to an extra argument (jit: the current values are passed on
+`Tensor` appends an op located at the user's line, so the verifier's errors point there. A trace
+lifts each `Variable` it meets either to an extra argument (jit: the current values are passed on
 every call, so training does not retrace) or to a global (export, compile_train_step); writes to a
-variable become extra results or global_stores. Arguments are pytrees: arrays in tuples, lists and
-dicts; other leaves (numbers, strings, None) are static, part of the signature.
+variable become extra results or global_stores. `trace` and `export` return the module; mlc/jit.py
+compiles it.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
-import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from mlc.ir.attributes import UNIT, DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
-from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.ir.diagnostics import Location, error
 from mlc.ir.registry import VerifyError
 from mlc.ir.types import TensorType, element_of
 from mlc.ir.verifier import verify
 
-_MLC_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (
-    __file__, sys.modules["mlc.ir"].__file__, sys.modules["mlc.ir.core"].__file__))
-
-
-def user_location(depth: int = 1) -> Location:
-    """Where the user's code called into mlc: the innermost frame outside the mlc package."""
-    f = sys._getframe(depth)
-    while f is not None and f.f_code.co_filename.startswith(_MLC_DIRS):
-        f = f.f_back
-    if f is None:
-        return Location("<python>", 0, 0)
-    line, col = f.f_lineno, 0
-    positions = f.f_code.co_positions() if hasattr(f.f_code, "co_positions") else None
-    if positions is not None:
-        for i, pos in enumerate(positions):
-            if i == f.f_lasti // 2:
-                line, col = pos[0] or line, (pos[2] or 0)
-                break
-    return Location(f.f_code.co_filename, line, col + 1, True)
-
-
-class TracingError(DiagnosticError, TypeError):
-    """A Python operation that tracing cannot record (e.g. `if` on a traced value), at the user's line."""
-
-
-def tracing_error(message: str) -> TracingError:
-    return TracingError(error(user_location(2), message).diagnostics)
-
-
-# --- variables: state that outlives a call ----------------------------------------------------------
-
-class Variable:
-    """A named array that traced code reads (and, for buffers, writes): nn parameters, running
-    statistics, the dropout generator. Outside a trace it behaves as its numpy array, `.data`."""
-
-    trainable = False
-
-    def __init__(self, data, name: str | None = None):
-        self.data = np.array(data, order="C")  # its own copy: executables write it in place
-        self.name = name
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
-
-    @property
-    def ndim(self):
-        return self.data.ndim
-
-    def numpy(self) -> np.ndarray:
-        return self.data
-
-    def __array__(self, dtype=None, copy=None):
-        return self.data if dtype is None else self.data.astype(dtype)
-
-    def assign(self, value):
-        """Inside a trace: record the new value (an extra result, or a global_store); outside: copy it in."""
-        if _STACK:
-            _STACK[-1].assign(self, value)
-        else:
-            self.data[...] = value
-
-    def tensor(self) -> "Tensor":
-        """This variable as a Tensor of the current trace."""
-        return current_trace().tensor(self)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.data!r})"
-
-
-class Parameter(Variable):
-    """A trainable variable (torch.nn.Parameter)."""
-    trainable = True
-
-
-class Buffer(Variable):
-    """A non-trainable variable that the model updates (BatchNorm's running statistics)."""
-
-
-def _delegate(name):
-    def method(self, *args):
-        target = self.tensor() if _STACK else self.data
-        return getattr(target, name)(*args)
-    method.__name__ = name
-    return method
-
-
-for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-              "__matmul__", "__rmatmul__", "__pow__", "__neg__", "__getitem__", "reshape", "transpose", "sum",
-              "mean", "astype"):
-    setattr(Variable, _name, _delegate(_name))
-Variable.T = property(lambda self: self.tensor().T if _STACK else self.data.T)
-
-
-# --- pytrees ---------------------------------------------------------------------------------------------
-
-def is_array(x) -> bool:
-    return isinstance(x, (np.ndarray, Tensor, Variable))
-
-
-def flatten(tree, leaves: list | None = None):
-    """(array leaves, a hashable description of the structure with the static leaves in it)."""
-    leaves = [] if leaves is None else leaves
-    if is_array(tree):
-        leaves.append(tree)
-        return leaves, "*"
-    if isinstance(tree, (tuple, list)):
-        return leaves, (type(tree).__name__, tuple(flatten(t, leaves)[1] for t in tree))
-    if isinstance(tree, dict):
-        return leaves, ("dict", tuple(tree), tuple(flatten(t, leaves)[1] for t in tree.values()))
-    if isinstance(tree, (np.generic,)):
-        tree = tree.item()
-    try:
-        hash(tree)
-    except TypeError:
-        raise TypeError(f"cannot pass a {type(tree).__name__} to a traced function: arguments are arrays, "
-                        f"numbers, strings, None, and tuples, lists and dicts of them") from None
-    return leaves, ("static", tree)
-
-
-def unflatten(structure, leaves):
-    it = iter(leaves)
-
-    def build(s):
-        if s == "*":
-            return next(it)
-        kind = s[0]
-        if kind == "static":
-            return s[1]
-        if kind == "dict":
-            return dict(zip(s[1], (build(c) for c in s[2])))
-        items = [build(c) for c in s[1]]
-        return tuple(items) if kind == "tuple" else items
-    return build(structure)
-
-
-# --- tensors ---------------------------------------------------------------------------------------------
-
-class Tensor:
-    """A traced value: what a traced function sees instead of a numpy array. Operators and methods
-    follow numpy (mlc/ops.py); each records an op."""
-    __slots__ = ("value", "trace")
-    __array_priority__ = 1000
-    __array_ufunc__ = None  # numpy defers to our reflected operators
-
-    def __init__(self, value: Value, trace: "Trace"):
-        self.value, self.trace = value, trace
-
-    @property
-    def type(self) -> TensorType:
-        return self.value.type
-
-    @property
-    def shape(self) -> tuple:
-        return self.value.type.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.value.type.rank
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.value.type.element.np_dtype
-
-    @property
-    def size(self):
-        return None if None in self.shape else int(np.prod(self.shape, dtype=np.int64))
-
-    def __len__(self):
-        if not self.shape or self.shape[0] is None:
-            raise tracing_error("len() of a traced value needs a static leading dimension")
-        return self.shape[0]
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-    def __bool__(self):
-        raise tracing_error("a traced value cannot decide Python control flow (`if`, `while`, `and`, `or`, "
-                            "`bool()`); use mlc.where(cond, a, b) for a choice made by data, or pass the "
-                            "value as a static argument (a Python number) so each value is traced apart")
-
-    def _concrete(self, *_):
-        raise tracing_error("a traced value has no concrete value while tracing (float(), int(), "
-                            "np.asarray()); keep the computation in mlc operations")
-
-    __float__ = __int__ = __index__ = __complex__ = __array__ = _concrete
-    __hash__ = object.__hash__
-
-    def __repr__(self):
-        return f"Tensor({self.type}, traced)"
-
-
-# --- traces ---------------------------------------------------------------------------------------------
-
-_STACK: list["Trace"] = []
-
-
-def current_trace() -> "Trace":
-    if not _STACK:
-        raise TracingError("no function is being traced")
-    return _STACK[-1]
-
-
-def tensor_type(x) -> TensorType:
-    if isinstance(x, Tensor):
-        return x.type
-    a = x.data if isinstance(x, Variable) else np.asarray(x)
-    return TensorType(a.shape, element_of(a.dtype))
+from .pytree import count_leaves, flatten, statics, unflatten
+from .tensor import Tensor, Variable, tensor_type
+from .trace_stack import _STACK, tracing_error, user_location
 
 
 @dataclass
@@ -421,16 +204,8 @@ def _arg_names(fn, structure, count: int) -> list[str]:
     names = []
     for i, s in enumerate(structure[1]):
         base = params[i] if i < len(params) else f"arg{i}"
-        names += [base] if s == "*" else [f"{base}_{j}" for j in range(_count(s))]
+        names += [base] if s == "*" else [f"{base}_{j}" for j in range(count_leaves(s))]
     return [_ssa_name(n) for n in names][:count]
-
-
-def _count(structure) -> int:
-    if structure == "*":
-        return 1
-    if structure[0] == "static":
-        return 0
-    return sum(_count(c) for c in structure[-1])
 
 
 # --- tracing a Python function ------------------------------------------------------------------------
@@ -461,23 +236,13 @@ def trace_function(fn, args, module: Module | None = None, variables="args", par
     with t:
         out = fn(*unflatten(in_structure, t.args))
         out_leaves, out_structure = flatten(out)
-        for s in _statics(out_structure):
+        for s in statics(out_structure):
             if not isinstance(s, (int, float, bool, type(None))):
                 raise tracing_error(f"a traced function returned a {type(s).__name__}; return arrays "
                                     f"(in tuples, lists or dicts)")
         t.finish(out_leaves)
     return Traced(module, t.func, in_structure, out_structure, t.extra_args, [v for v, _ in t.writes.values()],
                   len(out_leaves), t.globals)
-
-
-def _statics(structure):
-    if structure == "*":
-        return
-    if structure[0] == "static":
-        yield structure[1]
-        return
-    for c in structure[-1]:
-        yield from _statics(c)
 
 
 def trace(fn, *examples, variables: str = "globals", dynamic_batch: bool = False, embed_values: bool = True) -> Module:
@@ -520,171 +285,3 @@ def export(fn, *examples, path=None, loss_fn=None, target=None, dynamic_batch: b
         from mlc.runtime.files import write_atomically
         write_atomically(path, str(module).encode())
     return module
-
-
-# --- jit -----------------------------------------------------------------------------------------------
-
-_DEFAULT_BACKEND = ["cpu"]
-
-
-def default_backend(backend: str | None = None) -> str:
-    """The backend jit compiles for when none is named ("cpu" or "interp"); with an argument, sets it."""
-    if backend is not None:
-        if backend not in ("cpu", "interp"):
-            raise ValueError(f"backend must be 'cpu' or 'interp', got {backend!r}")
-        _DEFAULT_BACKEND[0] = backend
-    return _DEFAULT_BACKEND[0]
-
-
-class Compiled:
-    """One traced signature, compiled; called with the flat array arguments."""
-
-    def __init__(self, traced: Traced, backend: str):
-        self.traced, self.backend = traced, backend
-        verify(traced.module)
-        name = traced.func.sym_name
-        if backend == "interp":
-            from mlc.ir.interpreter import Interpreter
-            interp = Interpreter(traced.module)
-            self.run = lambda *arrays: interp.call_public(name, arrays)
-        else:
-            from .api import compile as compile_module
-            self.run = compile_module(traced.module)[name]
-
-    def __call__(self, leaves):
-        tr = self.traced
-        arrays = [np.asarray(x) for x in leaves] + [e.source.data for e in tr.extra]
-        results = self.run(*arrays)
-        results = list(results) if isinstance(results, tuple) else [results]
-        for var, new in zip(tr.writes, results[tr.n_outputs:]):
-            var.data[...] = new
-        return unflatten(tr.out_structure, results[: tr.n_outputs])
-
-
-class jit:
-    """fn traced on its first call for each signature (shapes, dtypes, static arguments), compiled for
-    `backend` ("cpu", "interp"; default: mlc.default_backend()), cached. Called inside another trace,
-    fn is simply traced inline. dynamic_batch=True makes every argument's leading dimension `?`."""
-
-    def __init__(self, fn=None, *, dynamic_batch: bool = False, backend: str | None = None, static_argnums=(), names=None):
-        self.fn, self.dynamic_batch, self.backend = fn, dynamic_batch, backend
-        self.names = names  # () -> {id(variable): name}: how lifted variables are named in the IR
-        self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-        self.cache: dict = {}
-        if fn is not None:
-            functools.update_wrapper(self, fn)
-
-    def __call__(self, *args, **kwargs):
-        if self.fn is None:  # @jit(dynamic_batch=True)
-            self.fn = args[0]
-            functools.update_wrapper(self, self.fn)
-            return self
-        if kwargs:
-            raise TypeError(f"{self.__name__}: pass arguments by position to a jit function")
-        if _STACK:
-            return self.fn(*args)
-        args = tuple(_Static(a) if i in self.static_argnums else a for i, a in enumerate(args))
-        leaves, structure = flatten(args)
-        backend = self.backend or default_backend()
-        key = (structure, backend, signature(leaves, self.dynamic_batch))
-        compiled = self.cache.get(key)
-        if compiled is None:
-            compiled = self.cache[key] = Compiled(self._trace(args), backend)
-        return compiled(leaves)
-
-    def _trace(self, args) -> Traced:
-        @functools.wraps(self.fn)  # (the IR's argument names come from fn's signature)
-        def unwrapped(*a):
-            return self.fn(*(x.value if isinstance(x, _Static) else x for x in a))
-        return trace_function(unwrapped, args, dynamic_batch=self.dynamic_batch, name=self.__name__,
-                              names=self.names() if self.names else None)
-
-    def lower(self, *args) -> Module:
-        """The traced module for these arguments (what the first call compiles)."""
-        return verify(self._trace(args).module)
-
-
-def signature(leaves, dynamic_batch: bool) -> tuple:
-    """What a compiled function is specialised on: each array's shape (less the batch dim when it is
-    dynamic) and dtype."""
-    def one(x):
-        shape = np.shape(x)
-        return (shape[1:] if dynamic_batch and shape else shape), np.asarray(x).dtype.str
-    return tuple(one(x) for x in leaves)
-
-
-@dataclass(frozen=True)
-class _Static:
-    value: object
-
-    def __hash__(self):
-        return hash((type(self.value), _hashable(self.value)))
-
-
-def _hashable(v):
-    if isinstance(v, np.ndarray):
-        return (v.shape, v.dtype.str, v.tobytes())
-    try:
-        hash(v)
-        return v
-    except TypeError:
-        return repr(v)
-
-
-# --- reverse-mode autodiff ------------------------------------------------------------------------------
-
-def grad(fn, argnums=0):
-    """The gradient of a scalar-valued fn with respect to argument(s) `argnums` (an int, or a tuple for
-    a tuple of gradients); each gradient has its argument's structure. Nestable: grad(grad(f))."""
-    return _GradFunction(fn, argnums, with_value=False)
-
-
-def value_and_grad(fn, argnums=0):
-    """fn's value and its gradient (as grad), as a pair."""
-    return _GradFunction(fn, argnums, with_value=True)
-
-
-class _GradFunction:
-    def __init__(self, fn, argnums, with_value):
-        self.fn, self.argnums, self.with_value = fn, argnums, with_value
-        functools.update_wrapper(self, fn)
-        self.__name__ = f"{'value_and_grad' if with_value else 'grad'}_of_{getattr(fn, '__name__', 'f')}"
-        self.compiled = jit(self._traced, backend=None)
-        self.compiled.__name__ = self.__name__
-
-    def __call__(self, *args):
-        return self._traced(*args) if _STACK else self.compiled(*args)
-
-    def _traced(self, *args):
-        outer = current_trace()
-        argnums = (self.argnums,) if isinstance(self.argnums, int) else tuple(self.argnums)
-        for i in argnums:
-            if not 0 <= i < len(args):
-                raise tracing_error(f"argnums {i} is out of range for {len(args)} arguments")
-        # The function is traced into a private function of its own, which `grad` differentiates.
-        inner = trace_function(self.fn, args, outer.module, outer.variables, parent=outer, private=True,
-                               name=getattr(self.fn, "__name__", "f"), names=outer.names, discard_writes=True)
-        ret = inner.func.type.results
-        if inner.n_outputs != 1 or len(ret) != 1 or ret[0].rank != 0 or not ret[0].element.is_float:
-            raise tracing_error(f"grad needs a function returning one floating-point scalar, but "
-                                f"{getattr(self.fn, '__name__', 'it')} returns ({', '.join(map(str, ret))})")
-        counts = [_count(s) for s in inner.in_structure[1]]
-        starts = np.cumsum([0] + counts)
-        wrt = [inner.func.args[j].name_hint for i in argnums for j in range(starts[i], starts[i + 1])]
-        from mlc.passes.grad import differentiate
-        g = differentiate(outer.module, inner.func, "[" + ",".join(wrt) + "]")
-        leaves, _ = flatten(tuple(args))
-        operands = leaves + [e.source for e in inner.extra]
-        call = outer.emit("func.call", operands, list(g.type.results), callee=SymbolRefAttr(g.sym_name))
-        value, *grads = [Tensor(r, outer) for r in call.results]
-        trees, k = [], 0
-        for i in argnums:
-            trees.append(unflatten(inner.in_structure[1][i], grads[k: k + counts[i]]))
-            k += counts[i]
-        gradient = trees[0] if isinstance(self.argnums, int) else tuple(trees)
-        return (value, gradient) if self.with_value else gradient
-
-
-from . import ops as _ops  # noqa: E402  (Tensor's operators are defined there)
-
-_ops.install_operators(Tensor)

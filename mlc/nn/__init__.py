@@ -1,5 +1,5 @@
 """mlc.nn: PyTorch's modules and functional API, traced into mlc IR (SPEC §6)."""
-from ..tracing import Buffer, Parameter  # noqa: F401
+from ..tensor import Buffer, Parameter  # noqa: F401
 from . import functional, init  # noqa: F401
 from .layers import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, ConvTranspose2d, Dropout,  # noqa: F401
                      Embedding, Flatten, GELU, Identity, LayerNorm, LeakyReLU, Linear, MaxPool2d, ReLU, Sigmoid, SiLU,

@@ -8,7 +8,8 @@ import numpy as np
 
 from .. import ops
 from ..ops import as_tensor, emit, log_softmax, relu, sigmoid, softmax, tanh, traceable  # noqa: F401
-from ..tracing import Buffer, current_trace, tracing_error
+from ..tensor import Buffer
+from ..trace_stack import current_trace, tracing_error
 
 gelu = traceable(lambda input, approximate="none": ops.gelu(input, approximate))
 gelu.__name__ = "gelu"

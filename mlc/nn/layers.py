@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from ..tracing import Buffer, Parameter
+from ..tensor import Buffer, Parameter
 from . import functional as F
 from . import init
 from .module import Module

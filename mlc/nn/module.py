@@ -13,7 +13,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from ..tracing import _STACK, Buffer, Parameter, Variable, jit
+from ..jit import jit
+from ..tensor import Buffer, Parameter, Variable
+from ..trace_stack import _STACK
 
 
 class Module:

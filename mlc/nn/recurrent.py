@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from .. import ops
-from ..tracing import Parameter
+from ..tensor import Parameter
 from . import functional as F
 from . import init
 from .module import Module

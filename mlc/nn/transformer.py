@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .. import ops
-from ..tracing import Buffer, Parameter
+from ..tensor import Buffer, Parameter
 from . import functional as F
 from . import init
 from .layers import Dropout, LayerNorm, Linear
