@@ -124,7 +124,7 @@ def main():
         print(json.dumps(memory_probe(args.probe, args.steps)))
         return
     os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-bench-cache-"))
-    from mlc.passes.lower_to_loops import peak_intermediate_bytes
+    from mlc.passes.memory import peak_intermediate_bytes
     from mlc.compiler import lower
     data = batches(args.steps)
     step, compile_s, module = mlc_step()

@@ -235,7 +235,7 @@ def cmd_train(args):
 
 
 def memory_report(lowered) -> str:
-    from mlc.passes.lower_to_loops import peak_intermediate_bytes
+    from mlc.passes.memory import peak_intermediate_bytes
     lines = [f"// @{name}: peak intermediate bytes {peak_intermediate_bytes(f):,} (with ? = 1), "
              f"{peak_intermediate_bytes(f, 256):,} (with ? = 256)" for name, f in lowered.functions.items()]
     return "\n".join(lines) + "\n"

@@ -375,3 +375,23 @@ def test_strided_convolutions_as_phases_agree_with_the_interpreter(k, s, p, grou
     rewritten = mlc.run_passes(module.clone(), "strided-conv")
     np.testing.assert_allclose(mlc.interpret(rewritten, "lambda", x, wt), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(mlc.compile(module)["lambda"](x, wt), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", ["", "{transpose_a}", "{transpose_b}", "{transpose_a, transpose_b}"])
+@pytest.mark.parametrize("dtype,batch", [(np.float32, ()), (np.float64, (3,)), (np.int32, ()), (np.float32, (2, 1))])
+def test_matmul_reads_operands_stored_transposed(flags, dtype, batch):
+    """layout's transpose_a/transpose_b: the GEMM reads the stored operand in place (the integer
+    loops read a transposed copy), with a dynamic row count and ragged tiles."""
+    m, k, n = 13, 37, 21
+    a = (rng.standard_normal(batch + ((k, m) if "transpose_a" in flags else (m, k))) * 4).astype(dtype)
+    b = (rng.standard_normal((2,) * (len(batch) > 1) + ((n, k) if "transpose_b" in flags else (k, n))) * 4).astype(dtype)
+    e = {np.float32: "f32", np.float64: "f64", np.int32: "i32"}[dtype]
+    ta = "tensor<" + "".join(f"{d}x" for d in a.shape) + e + ">"
+    tb = "tensor<" + "".join(f"{d}x" for d in b.shape) + e + ">"
+    tr = "tensor<" + "".join(f"{d}x" for d in np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (m, n)) + e + ">"
+    text = f"""module {{ func.func @f(%a: {ta}, %b: {tb}) -> {tr} {{
+      %y = mlc.matmul %a, %b {flags} : ({ta}, {tb}) -> {tr}
+      return %y : {tr} }} }}"""
+    want = np.matmul(np.swapaxes(a, -1, -2) if "transpose_a" in flags else a, np.swapaxes(b, -1, -2) if "transpose_b" in flags else b)
+    np.testing.assert_allclose(mlc.interpret(mlc.parse(text), "f", a, b), want, rtol=1e-5)
+    compile_and_compare(text, "f", a, b, rtol=1e-5, atol=1e-3)

@@ -86,6 +86,15 @@ def test_matmul(shapes):
     check("%y = mlc.matmul %a, %b", np.matmul(a, b).shape, a=a, b=b)
 
 
+@pytest.mark.parametrize("flags", ["{transpose_a}", "{transpose_b}", "{transpose_a, transpose_b}"])
+@pytest.mark.parametrize("batch", [(), (2,)])
+def test_matmul_of_operands_stored_transposed(flags, batch):
+    a, b = rng.standard_normal(batch + (3, 4)), rng.standard_normal(batch + (4, 5))
+    a_stored = np.swapaxes(a, -1, -2) if "transpose_a" in flags else a
+    b_stored = np.swapaxes(b, -1, -2) if "transpose_b" in flags else b
+    check(f"%y = mlc.matmul %a, %b {flags}", np.matmul(a, b).shape, a=a_stored, b=b_stored)
+
+
 @pytest.mark.parametrize("op,attrs", [("reduce_sum", "{axes = [1]}"), ("reduce_sum", "{axes = [0, 2], keepdims = true}"),
                                       ("reduce_mean", ""), ("reduce_mean", "{axes = [2], keepdims = true}"),
                                       ("reduce_prod", "{axes = [1]}"), ("reduce_prod", "{axes = [0, 2], keepdims = true}")])

@@ -104,7 +104,7 @@ def test_broadcast_mismatch_of_dynamic_dims_is_reported_at_the_op():
 
 
 def test_peak_intermediate_bytes_follow_buffer_lifetimes():
-    from mlc.passes.lower_to_loops import peak_intermediate_bytes
+    from mlc.passes.memory import peak_intermediate_bytes
     from mlc.compiler import lower
     from mlc.runtime.jit import host_vector_bytes
     lowered = lower(mlc.load(ROOT / "examples" / "mlp.ir"))

@@ -699,20 +699,31 @@ class Argmin(ArgReduction):
 # Linear algebra
 
 class Matmul(OpDef):
-    """numpy `@`: rank-1 operands are promoted and the added dim removed; batch dims broadcast."""
+    """numpy `@`: rank-1 operands are promoted and the added dim removed; batch dims broadcast.
+    `transpose_a` / `transpose_b` say that operand is stored transposed (its last two dims swapped),
+    as the layout pass writes a transpose that only feeds products: the kernel reads it in place."""
     name = "mlc.matmul"
     operands = 2
     traits = {PURE}
+    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False)}
 
     @staticmethod
-    def infer(op, ctx):
+    def stored_transposed(op) -> tuple[bool, bool]:
+        return bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
+
+    @classmethod
+    def infer(cls, op, ctx):
         a, b = _tensors(op)
         same_element([a, b])
         require_element(a, "num")
         if a.rank == 0 or b.rank == 0:
             raise VerifyError("operands must have rank >= 1")
-        sa = a.shape if a.rank > 1 else (1,) + a.shape
-        sb = b.shape if b.rank > 1 else b.shape + (1,)
+        for i, (t, flag) in enumerate(zip((a, b), cls.stored_transposed(op))):
+            if flag and t.rank < 2:
+                raise VerifyError(f"operand {i} is stored transposed, so it needs rank >= 2, got {t}")
+        ta, tb = cls.stored_transposed(op)
+        sa = _swap_last(a.shape) if ta else a.shape if a.rank > 1 else (1,) + a.shape
+        sb = _swap_last(b.shape) if tb else b.shape if b.rank > 1 else b.shape + (1,)
         k1, k2 = sa[-1], sb[-2]
         if k1 is not None and k2 is not None and k1 != k2:
             raise VerifyError(f"inner dimensions differ: {k1} (operand 0) vs {k2} (operand 1)")
@@ -722,18 +733,20 @@ class Matmul(OpDef):
                                  if not (i == len(shape) - 2 and a.rank == 1) and not (i == len(shape) - 1 and b.rank == 1)),
                            a.element)]
 
-    @staticmethod
-    def interpret(ins, op, ctx):
-        a, b = ins
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        a, b = (np.swapaxes(x, -1, -2) if flag else x for x, flag in zip(ins, cls.stored_transposed(op)))
         if a.dtype.kind != "f":
             return np.matmul(a, b)
         return np.matmul(_acc(a), _acc(b))
 
-    @staticmethod
-    def vjp(d, op, g):
+    @classmethod
+    def vjp(cls, d, op, g):
         """da = g @ b^T, db = a^T @ g (a vector operand as a matrix of one row or column), each
-        summed back over the batch dims it was broadcast along."""
-        a, b = op.operands
+        summed back over the batch dims it was broadcast along; an operand stored transposed gets
+        its cotangent transposed the same way."""
+        ta, tb = cls.stored_transposed(op)
+        a, b = (d.swap_last(v) if flag else v for v, flag in zip(op.operands, (ta, tb)))
         a2 = a if a.type.rank > 1 else d.reshape(a, (1,) + a.type.shape)
         b2 = b if b.type.rank > 1 else d.reshape(b, b.type.shape + (1,))
         g2 = g
@@ -745,7 +758,11 @@ class Matmul(OpDef):
         gb = d("mlc.matmul", d.swap_last(a2), g2)
         ga = d.sum_to(ga, a2.type) if a.type.rank > 1 else d.reshape(d.sum_to(ga, a2.type), a.type.shape)
         gb = d.sum_to(gb, b2.type) if b.type.rank > 1 else d.reshape(d.sum_to(gb, b2.type), b.type.shape)
-        return [ga, gb]
+        return [d.swap_last(ga) if ta else ga, d.swap_last(gb) if tb else gb]
+
+
+def _swap_last(shape: tuple) -> tuple:
+    return shape[:-2] + (shape[-1], shape[-2])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1402,6 +1419,23 @@ class Softmax(OpDef):
         dot = d("mlc.reduce_sum", d("mlc.mul", g, y), axes=[axis], keepdims=True)
         return [d("mlc.mul", y, d("mlc.sub", g, dot))]
 
+    @classmethod
+    def decompose(cls, d, op):
+        """exp(x - max) / sum: fused back into one row kernel. Half-precision input is computed in
+        f32 and rounded once, as the interpreter does."""
+        x, axes = op.operands[0], [op.attr("axis")]
+        half = x.type.element.name in ("f16", "bf16")
+        if half:
+            x = d("mlc.cast", x, result_type=x.type.with_element(f32))
+        shifted = d("mlc.sub", x, d("mlc.reduce_max", x, axes=axes, keepdims=True))
+        y = cls.normalise(d, shifted, axes)
+        return [d("mlc.cast", y, result_type=op.results[0].type) if half else y]
+
+    @staticmethod
+    def normalise(d, shifted, axes):
+        e = d("mlc.exp", shifted)
+        return d("mlc.div", e, d("mlc.reduce_sum", e, axes=axes, keepdims=True))
+
 
 class LogSoftmax(Softmax):
     name = "mlc.log_softmax"
@@ -1418,6 +1452,11 @@ class LogSoftmax(Softmax):
         y, axis = op.results[0], op.attr("axis")
         total = d("mlc.reduce_sum", g, axes=[axis], keepdims=True)
         return [d("mlc.sub", g, d("mlc.mul", d("mlc.exp", y), total))]
+
+    @staticmethod
+    def normalise(d, shifted, axes):
+        total = d("mlc.reduce_sum", d("mlc.exp", shifted), axes=axes, keepdims=True)
+        return d("mlc.sub", shifted, d("mlc.log", total))
 
 
 class CrossEntropy(OpDef):

@@ -13,8 +13,10 @@ like every other lowering:
                 ragged right edge)
         epilogue, row by row, while the rows are still in cache (bias, activation, ...)
 
-A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting)
-and convolution, whose B is an im2col view of the input packed on the fly.
+A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
+operands read through their transpose (no copy). DirectConv, below, reuses the micro-kernel's parts for
+a convolution with stride 1 along x: its B vectors are contiguous runs of a padded input row, so it
+packs nothing.
 """
 from __future__ import annotations
 
@@ -228,7 +230,7 @@ def store_tile(L, b, acc, rows, c, at, j0, vt, width=None, scratch=None, add=Fal
 
 @dataclass
 class DirectConv:
-    """conv2d with stride 1 along x, on an input padded with at least `lanes_needed()` zero columns
+    """conv2d with stride 1 along x, on an input padded with at least `extra_columns()` zero columns
     on the right: out[n, o, y, x:x+NR] is one micro-tile row, and its B vectors are contiguous runs of
     an input row, so nothing is packed. Micro-tiles are MR output channels x NR output columns,
     reduced over (channel, ky, kx) in registers; rows (n, y) are the parallel loop."""

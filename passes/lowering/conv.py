@@ -1,0 +1,126 @@
+"""mlc.conv2d (the register-tiled direct convolution of gemm.py for stride 1 along x, else loops over
+a padded copy of the input) and mlc.conv2d_transpose (gather form)."""
+from __future__ import annotations
+
+from mlc.ir.core import Operation
+from mlc.ir.dialects import mlc as tensor_ops
+from mlc.ir.types import TensorType
+
+from . import gemm
+from .core import FunctionLowering, apply_epilogue, copy_nest, rule
+from .windows import guarded_load, source_index, window_size
+
+
+@rule("mlc.conv2d")
+def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
+    """Direct convolution on an explicitly padded copy of the input, so every read is in bounds
+    without guards; the loops run n, o | c, i, j | y, x with x innermost (contiguous for stride 1)
+    and the weight read once per (c, i, j)."""
+    x, w = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), groups = op.opdef.params(op)
+    n, c_in, h, wd = L.dims(x)
+    o_ch, cg, kh, kw = L.dims(w)
+    e = t.element
+    if sw == 1 and gemm.supports(e):
+        return _tiled_conv2d(L, op, x, w, epilogue)
+    if pt or pl or pb or pr:
+        padded_type = TensorType((x.type.shape[0], x.type.shape[1],
+                                  None if x.type.shape[2] is None else x.type.shape[2] + pt + pb,
+                                  None if x.type.shape[3] is None else x.type.shape[3] + pl + pr), e)
+        psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr))]
+        xp = L.alloc(padded_type, psizes)
+        L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
+        copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
+                   lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
+    else:
+        xp = x
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
+    L.nest([n, o_ch, oh, ow], lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), out] + ivs))
+    per_group = L.idx(t.shape[1] // groups) if t.shape[1] is not None else L.op(L.b, "arith.div", o_ch, L.idx(groups))
+
+    def body(b, ivs):
+        bn, o, c, i, j = ivs
+        channel = L.op(b, "arith.add", L.op(b, "arith.mul", L.op(b, "arith.div", o, per_group), cg), c)
+        weight = b.create("mem.load", [w, o, c, i, j]).result
+
+        def accumulate(ib, yx):
+            oy, ox = yx
+            iy = L.op(ib, "arith.add", L.op(ib, "arith.mul", oy, L.idx(sh)), L.op(ib, "arith.mul", i, L.idx(dh)))
+            ix = L.op(ib, "arith.add", L.op(ib, "arith.mul", ox, L.idx(sw)), L.op(ib, "arith.mul", j, L.idx(dw)))
+            v = ib.create("mem.load", [xp, bn, channel, iy, ix]).result
+            at = [bn, o, oy, ox]
+            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + at).result, L.op(ib, "arith.mul", v, weight)), out] + at)
+        L.nest([oh, ow], accumulate, parallel=True, b=b)
+    L.nest([n, o_ch, cg, kh, kw], body, parallel=[True, True, False, False, False])
+    return apply_epilogue(L, out, [n, o_ch, oh, ow], epilogue)
+
+
+def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
+    """Stride 1 along x: the register-tiled direct convolution of gemm.py (DirectConv), on a copy of the
+    input padded with zeros (and with spare columns on the right for the last tile's lanes)."""
+    t = op.results[0].type
+    (sh, _), (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
+    n, c_in, h, wd = L.dims(x)
+    e = t.element
+    spare = gemm.DirectConv.extra_columns(e)
+    shape = x.type.shape
+    padded_type = TensorType((shape[0], shape[1], None if shape[2] is None else shape[2] + pt + pb,
+                              None if shape[3] is None else shape[3] + pl + pr + spare), e)
+    psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr + spare))]
+    xp = L.alloc(padded_type, psizes)
+    L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
+    copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
+               lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
+    o_ch = L.dim(w, 0)
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
+    out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
+    row_epilogue = epilogue and (lambda b, bn, y: L.nest([o_ch, ow], lambda eb, ivs: epilogue(eb, out, [bn, ivs[0], y, ivs[1]]), b=b))
+    gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e, row_epilogue).emit(L, L.b)
+    return [out]
+
+
+@rule("mlc.conv2d_transpose")
+def conv2d_transpose(L: FunctionLowering, op: Operation):
+    """Gather form: out[n, g*O + o, y, x] = sum over c, i, j of in[n, g*C + c, (y + top - i*d) / s, ...]
+    * w[g*C + c, o, i, j], where the division is exact and lands inside the input."""
+    x, w = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (sh, sw), pads, (dh, dw), groups = tensor_ops.Conv2d.params(op)
+    pt, pl = pads[:2]
+    n, c_in, h, wd = L.dims(x)
+    _, og, kh, kw = L.dims(w)
+    sizes = [n, L.op(L.b, "arith.mul", og, L.idx(groups)) if t.shape[1] is None else L.idx(t.shape[1])]
+    for axis, (size, s, d, lo) in ((2, (h, sh, dh, pt)), (3, (wd, sw, dw, pl))):
+        if t.shape[axis] is not None:
+            sizes.append(L.idx(t.shape[axis]))
+            continue
+        k = op.operand_types[1].shape[axis]
+        hi = pads[axis]
+        extra = op.attr("output_padding")[axis - 2]
+        grown = L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", size, L.idx(1)), L.idx(s))
+        sizes.append(L.op(L.b, "arith.add", grown, L.idx(d * (k - 1) + extra + 1 - lo - hi)))
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    cg = L.op(L.b, "arith.div", c_in, L.idx(groups))
+    e = t.element
+
+    def body(b, ivs):
+        bn, oc, oy, ox = ivs
+        b.create("mem.store", [L.const(b, 0, e), out] + ivs)
+        g = L.op(b, "arith.div", oc, og)
+        o = L.op(b, "arith.sub", oc, L.op(b, "arith.mul", g, og))
+
+        def acc(ib, kvs):
+            c, i, j = kvs
+            iy, in_y = source_index(L, ib, oy, i, sh, dh, pt, h)
+            ix, in_x = source_index(L, ib, ox, j, sw, dw, pl, wd)
+            ci = L.op(ib, "arith.add", L.op(ib, "arith.mul", g, cg), c)
+            v = guarded_load(L, ib, x, [bn, ci, iy, ix], L.op(ib, "arith.and", in_y, in_x), L.const(ib, 0, e))
+            prod = L.op(ib, "arith.mul", v, ib.create("mem.load", [w, ci, o, i, j]).result)
+            ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [out] + ivs).result, prod), out] + ivs)
+        L.nest([cg, kh, kw], acc, parallel=False, b=b)
+    L.nest(sizes, body)
+    return [out]

@@ -1,0 +1,114 @@
+"""mlc.matmul, through the register-tiled GEMM of gemm.py where it applies (else loops blocked over
+rows), and mlc.transpose."""
+from __future__ import annotations
+
+from mlc.ir.core import Operation, Value
+from mlc.ir.dialects.mlc import Matmul
+from mlc.ir.types import TensorType
+
+from . import gemm
+from .core import BatchView, FunctionLowering, apply_epilogue, copy_nest, rule
+
+
+@rule("mlc.matmul")
+def matmul(L: FunctionLowering, op: Operation, epilogue=None):
+    """numpy `@`: a rank-1 operand is a row (left) or column (right) whose extra dim is dropped. An
+    operand stored transposed (layout's `transpose_a`/`transpose_b`) is read in place by the GEMM,
+    with its indices swapped; the other loops read a transposed copy."""
+    a, bm = (L.buffers[v] for v in op.operands)
+    ta, tb = Matmul.stored_transposed(op)
+    t = op.results[0].type
+    ra, rb = a.type.rank, bm.type.rank
+    batch_rank = t.rank - (ra > 1) - (rb > 1)
+    batch = TensorType(t.shape[:batch_rank], t.element)
+    views = [BatchView(v) for v in (a, bm) if v.type.rank > 2]
+    sizes = L.result_sizes(batch, views) if batch_rank else []
+    tiled_gemm = ra > 1 and rb > 1 and gemm.supports(t.element)
+    if not tiled_gemm:
+        a, bm = (_transposed_copy(L, v) if flag else v for v, flag in ((a, ta), (bm, tb)))
+        ta = tb = False
+    rows = [L.dim(a, ra - 1 if ta else ra - 2)] if ra > 1 else []
+    cols = [L.dim(bm, rb - 2 if tb else rb - 1)] if rb > 1 else []
+    k = L.dim(a, ra - 2 if ta else ra - 1)
+    out = L.alloc(t, sizes + rows + cols, op.results[0].name_hint)
+    read_a = L.broadcast_reader(BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
+    read_b = L.broadcast_reader(BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
+
+    if tiled_gemm:
+        def load(buf, prefix, transposed):
+            return lambda kb, x, y: kb.create("mem.load", [buf] + prefix + ([y, x] if transposed else [x, y])).result
+
+        def tiled(b, bi):
+            at_a, at_b = read_a(b, bi), read_b(b, bi)
+            gemm.Gemm(rows[0], cols[0], k, t.element, load_a=load(a, at_a, ta), load_b=load(bm, at_b, tb),
+                      load_b_vector=None if tb else
+                      lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
+                      c=out, c_prefix=bi, epilogue=epilogue and (lambda rb, i: L.loop(
+                          rb, L.idx(0), cols[0], lambda jb, j: epilogue(jb, out, bi + [i, j])))).emit(L, b, parallel=not batch_rank)
+        if batch_rank:
+            L.nest(sizes, tiled, parallel=True)
+        else:
+            tiled(L.b, [])
+        return [out]
+
+    # Zero the result, then accumulate with the reduction loop outside the column loop: the innermost
+    # loop walks rows of b and out contiguously, which LLVM vectorises.
+    L.nest(sizes + rows + cols, lambda b, ivs: b.create("mem.store", [L.const(b, 0, t.element), out] + ivs))
+
+    def row_block(b, bi, first, count, kk):
+        """out[first + r, :] += a[first + r, kk] * b[kk, :] for r < count: one pass over a row of b
+        feeds `count` rows of the result (register blocking)."""
+        xs = [b.create("mem.load", [a] + read_a(b, bi) + ([L.op(b, "arith.add", first, L.idx(r))] if ra > 1 else []) + [kk]).result
+              for r in range(count)]
+
+        def accumulate(ib, js):
+            col = js if rb > 1 else []
+            y = ib.create("mem.load", [bm] + read_b(ib, bi) + [kk] + col).result
+            for r, x in enumerate(xs):
+                at = bi + ([L.op(ib, "arith.add", first, L.idx(r))] if ra > 1 else []) + col
+                acc = ib.create("mem.load", [out] + at).result
+                ib.create("mem.store", [L.op(ib, "arith.add", acc, L.op(ib, "arith.mul", x, y)), out] + at)
+        L.nest(cols or [L.idx(1)], accumulate, parallel=True, b=b)
+
+    block_rows = 4
+
+    def per_batch(b, bi):
+        if ra == 1:
+            L.loop(b, L.idx(0), k, lambda kb, kk: row_block(kb, bi, None, 1, kk))
+            return
+        m = rows[0]
+        whole = L.op(b, "arith.mul", L.op(b, "arith.div", m, L.idx(block_rows)), L.idx(block_rows))
+        for lb, ub, count, step in ((L.idx(0), whole, block_rows, block_rows), (whole, m, 1, 1)):
+            L.loop(b, lb, ub, lambda ib, i, count=count: L.loop(ib, L.idx(0), k, lambda kb, kk: row_block(kb, bi, i, count, kk)),
+                   parallel=True, step=step)
+    if batch_rank:
+        L.nest(sizes, per_batch, parallel=True)
+    else:
+        per_batch(L.b, [])
+    return apply_epilogue(L, out, sizes + rows + cols, epilogue)
+
+
+def _transposed_copy(L: FunctionLowering, buf: Value) -> Value:
+    """A buffer holding buf with its last two dims swapped."""
+    r = buf.type.rank
+    sizes = L.dims(buf)
+    sizes[-2:] = sizes[-1], sizes[-2]
+    out = L.alloc(TensorType(buf.type.shape[:-2] + buf.type.shape[:-3:-1], buf.type.element), sizes)
+    copy_nest(L, buf, out, sizes, lambda b, ivs: ivs[:r - 2] + [ivs[-1], ivs[-2]], lambda b, ivs: ivs)
+    return out
+
+
+@rule("mlc.transpose")
+def transpose(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    perm = op.attr("perm")
+    sizes = [L.dim(x, p) for p in perm]
+    out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
+
+    def body(b, ivs):
+        src = [None] * len(perm)
+        for out_axis, in_axis in enumerate(perm):
+            src[in_axis] = ivs[out_axis]
+        b.create("mem.store", [b.create("mem.load", [x] + src).result, out] + ivs)
+    L.nest(sizes, body)
+    return [out]

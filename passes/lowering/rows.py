@@ -1,0 +1,242 @@
+"""Reductions, softmax and cross-entropy, and the row kernels the fuse pass makes (reductions over
+the trailing dims with their elementwise producers and consumers)."""
+from __future__ import annotations
+
+import numpy as np
+
+from mlc.ir.core import Operation
+from mlc.ir.diagnostics import error
+from mlc.ir.dialects import mlc as tensor_ops
+from mlc.ir.dialects.shapes import norm_axis
+from mlc.ir.types import TensorType, i64
+
+from ..fuse import ROW_REDUCTIONS
+from .core import FunctionLowering, as_index, rule
+from .elementwise import dying_operand_buffer, scalar
+
+
+IDENTITY = {"mlc.reduce_sum": 0, "mlc.reduce_mean": 0, "mlc.reduce_prod": 1}
+COMBINE = {"mlc.reduce_sum": "arith.add", "mlc.reduce_mean": "arith.add", "mlc.reduce_prod": "arith.mul",
+           "mlc.reduce_max": "arith.maximum", "mlc.reduce_min": "arith.minimum"}
+
+
+@rule("mlc.reduce_sum", "mlc.reduce_mean", "mlc.reduce_prod", "mlc.reduce_max", "mlc.reduce_min", "mlc.argmax", "mlc.argmin")
+def reduction(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t, e = op.results[0].type, x.type.element
+    axes = op.opdef.axes(op, x.type.rank)
+    keep = bool(op.attr("keepdims"))
+    in_sizes = L.dims(x)
+    out_sizes = [L.idx(1) if i in axes else s for i, s in enumerate(in_sizes)] if keep \
+        else [s for i, s in enumerate(in_sizes) if i not in axes]
+    out = L.alloc(t, out_sizes, op.results[0].name_hint)
+    arg = op.name in ("mlc.argmax", "mlc.argmin")
+    best = L.alloc(TensorType(t.shape, e), out_sizes) if arg else out
+
+    def out_index(ivs):
+        """Input indices -> result indices."""
+        return [L.idx(0) if i in axes else iv for i, iv in enumerate(ivs)] if keep else \
+            [iv for i, iv in enumerate(ivs) if i not in axes]
+
+    def first_element(ivs):
+        """Result indices -> the input indices of the first element reduced into them."""
+        rest = iter(ivs)
+        return [L.idx(0) if i in axes else (ivs[i] if keep else next(rest)) for i in range(x.type.rank)]
+
+    def init(b, ivs):
+        if op.name in IDENTITY:
+            b.create("mem.store", [L.const(b, IDENTITY[op.name], e), out] + ivs)
+            return
+        b.create("mem.store", [b.create("mem.load", [x] + first_element(ivs)).result, best] + ivs)
+        if arg:
+            b.create("mem.store", [L.const(b, 0, i64), out] + ivs)
+    L.nest(out_sizes, init)
+
+    def body(b, ivs):
+        o = out_index(ivs)
+        v = b.create("mem.load", [x] + ivs).result
+        acc = b.create("mem.load", [best] + o).result
+        if not arg:
+            b.create("mem.store", [L.op(b, COMBINE[op.name], acc, v), out] + o)
+            return
+        # strictly better, or a NaN where the best so far is not (numpy: NaN counts as extreme)
+        better = L.op(b, "arith.gt" if op.name == "mlc.argmax" else "arith.lt", v, acc)
+        nan_v, num_acc = L.op(b, "arith.ne", v, v), L.op(b, "arith.eq", acc, acc)
+        take = L.op(b, "arith.or", better, L.op(b, "arith.and", nan_v, num_acc))
+        position = b.create("arith.cast", [ivs[axes[0]]], result_types=[i64]).result
+        b.create("mem.store", [L.op(b, "arith.select", take, v, acc), best] + o)
+        old = b.create("mem.load", [out] + o).result
+        b.create("mem.store", [L.op(b, "arith.select", take, position, old), out] + o)
+    L.nest(in_sizes, body, parallel=[i not in axes for i in range(x.type.rank)])
+
+    if op.name == "mlc.reduce_mean":
+        count = L.idx(1)
+        for a in axes:
+            count = L.op(L.b, "arith.mul", count, in_sizes[a])
+        n = L.b.create("arith.cast", [count], result_types=[e]).result
+        L.nest(out_sizes, lambda b, ivs: b.create(
+            "mem.store", [L.op(b, "arith.div", b.create("mem.load", [out] + ivs).result, n), out] + ivs))
+    return [out]
+
+
+@rule("mlc.softmax", "mlc.log_softmax")
+def softmax(L: FunctionLowering, op: Operation):
+    """Written out in tensor ops (max, sub, exp, sum, then div or log and sub) and lowered as a row
+    kernel when the axis is the last with a static size, else op by op."""
+    x = op.operands[0]
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    red = {"axes": [axis], "keepdims": True}
+    made = []
+
+    def make(name, *operands, **attrs):
+        made.append(L.b.create(name, list(operands), attrs or None))
+        return made[-1].result
+    shifted = make("mlc.sub", x, make("mlc.reduce_max", x, **red))
+    e = make("mlc.exp", shifted)
+    z = make("mlc.reduce_sum", e, **red)
+    y = make("mlc.div", e, z) if op.name == "mlc.softmax" else make("mlc.sub", shifted, make("mlc.log", z))
+    if axis != x.type.rank - 1 or x.type.shape[axis] is None or x.type.element.name not in ("f32", "f64"):
+        L.lower_ops(made)
+        return [L.buffers[y]]
+    out = row_kernel(L, made)
+    for o in reversed(made):
+        o.erase()
+    return out
+
+
+def row_kernel(L: FunctionLowering, members: list[Operation]):
+    """A row kernel made by `fuse` (reductions over the trailing dims with their elementwise producers
+    and consumers; the last op is the result): a parallel loop over rows and in it, per row, a loop per
+    reduction carrying its accumulator in a register, then a loop writing the result row. Whole-row
+    values are recomputed in each loop that needs them, except one expensive value that the result
+    needs too (softmax's exp): the first reduction over it also stores it into the result row, and
+    later loops read it back from there, in cache."""
+    root = members[-1]
+    inside = set(members)
+    first = next(o for o in members if o.name in ROW_REDUCTIONS)
+    full = first.operands[0].type
+    inner = len(first.opdef.axes(first, full.rank))
+    leaves = list(dict.fromkeys(v for o in members for v in o.operands if v.defining_op() not in inside))
+    sizes = L.result_sizes(TensorType(full.shape, full.element), [L.buffers[v] for v in leaves])
+    outer, row_sizes = sizes[:-inner], sizes[-inner:]
+    t = root.results[0].type
+    whole_rows = root.name not in ROW_REDUCTIONS and t.shape[-inner:] == full.shape[-inner:]
+    stash = _stash(members, root, inner) if whole_rows else None
+    out = (whole_rows and stash is None and dying_operand_buffer(L, t, leaves)) or \
+        L.alloc(t, sizes if whole_rows else outer + [L.idx(1)] * (t.rank - len(outer)), root.results[0].name_hint)
+    readers = {v: L.broadcast_reader(L.buffers[v], full.rank) for v in leaves}
+
+    def row(b, outer_ivs):
+        known = {}  # per-row values (reductions and what is computed from them): scalars
+
+        def value(b, v, ivs, memo):
+            """v at ivs, computed in b; memo holds what b already computed."""
+            if v in known:
+                return known[v] if known[v] is not None else b.create("mem.load", [out] + ivs).result
+            if v not in memo:
+                p = v.defining_op()
+                memo[v] = scalar(L, b, p, [value(b, o, ivs, memo) for o in p.operands]) if p in inside else \
+                    b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+            return memo[v]
+
+        def needs_stash(v):
+            p = v.defining_op()
+            return v is stash or (v not in known and p in inside and any(needs_stash(o) for o in p.operands))
+
+        row_start = outer_ivs + [L.idx(0)] * inner
+        for o in members:
+            if o.name in ROW_REDUCTIONS:
+                keep = stash is not None and stash not in known and needs_stash(o.operands[0])
+                known[o.results[0]] = _reduce_row(L, b, o, row_sizes, outer_ivs, value, stash if keep else None, out)
+                if keep:
+                    known[stash] = None  # read back from the result row from now on
+            elif o is not root and o.results[0].type.shape[-inner:] != full.shape[-inner:]:
+                known[o.results[0]] = value(b, o.results[0], row_start, {})
+        if whole_rows:
+            L.nest(row_sizes, lambda ib, ivs: ib.create(
+                "mem.store", [value(ib, root.results[0], outer_ivs + ivs, {}), out] + outer_ivs + ivs), parallel=False, b=b)
+        else:
+            result = value(b, root.results[0], row_start, {})
+            b.create("mem.store", [result, out] + outer_ivs + [L.idx(0)] * (t.rank - len(outer)))
+    L.nest(outer, row)
+    return [out]
+
+
+IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
+               "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
+
+
+def _stash(members, root, inner):
+    """The latest expensive whole-row value, of the result's element type, that the result and some
+    reduction both compute from (else None)."""
+    def reaches(v, target):
+        p = v.defining_op()
+        return v is target or (p in members and p.name not in ROW_REDUCTIONS and any(reaches(o, target) for o in p.operands))
+    reductions = [o for o in members if o.name in ROW_REDUCTIONS]
+    element, row = root.results[0].type.element, root.results[0].type.shape[-inner:]
+    for o in reversed(members[:-1]):
+        v = o.results[0]
+        if (getattr(o.opdef, "cost", None) == tensor_ops.EXPENSIVE and v.type.element == element and v.type.shape[-inner:] == row
+                and reaches(root.results[0], v) and any(reaches(r.operands[0], v) for r in reductions)):
+            return v
+    return None
+
+
+def _reduce_row(L, b, op, row_sizes, outer_ivs, value, stash, out):
+    """One reduction over a row: nested loops carrying the accumulator, marked reassociable so they
+    vectorise; with `stash`, each element of that value is also stored into the result row."""
+    def level(b, ivs, acc):
+        if len(ivs) < len(row_sizes):
+            return L.loop(b, L.idx(0), row_sizes[len(ivs)], lambda ib, iv, a: [level(ib, ivs + [iv], a)], carried=[acc])[0]
+        at, memo = outer_ivs + ivs, {}
+        x = value(b, op.operands[0], at, memo)
+        if stash is not None:
+            b.create("mem.store", [value(b, stash, at, memo), out] + at)
+        return b.create(COMBINE[op.name], [acc, x], {"reassoc": True}).result
+    e = op.results[0].type.element
+    total = level(b, [], L.const(b, IDENTITY_OF[op.name], e))
+    if op.name == "mlc.reduce_mean":
+        count = int(np.prod([s.defining_op().attr("value") for s in row_sizes]))
+        total = L.op(b, "arith.div", total, L.const(b, count, e))
+    return total
+
+
+@rule("mlc.cross_entropy")
+def cross_entropy(L: FunctionLowering, op: Operation):
+    """Per row: log(sum(exp(x - max))) + max - x[label]; then the mean over rows."""
+    x, labels = (L.buffers[v] for v in op.operands)
+    if x.type.rank != 2:
+        raise error(op.loc, "cannot lower cross_entropy over more than 2 dims to loops yet", op.name)
+    e = x.type.element
+    n, c = L.dims(x)
+    out = L.alloc(op.results[0].type, [], op.results[0].name_hint)
+    b = L.b
+    b.create("mem.store", [L.const(b, 0, e), out])
+    scratch = L.alloc(TensorType((2,), e), [])  # running max, running sum for one row
+
+    def row(b, ivs):
+        i = ivs[0]
+        b.create("mem.store", [b.create("mem.load", [x, i, L.idx(0)]).result, scratch, L.idx(0)])
+        b.create("mem.store", [L.const(b, 0, e), scratch, L.idx(1)])
+
+        def find_max(ib, js):
+            m = ib.create("mem.load", [scratch, L.idx(0)]).result
+            v = ib.create("mem.load", [x, i, js[0]]).result
+            ib.create("mem.store", [L.op(ib, "arith.maximum", m, v), scratch, L.idx(0)])
+        L.nest([c], find_max, parallel=False, b=b)
+        m = b.create("mem.load", [scratch, L.idx(0)]).result
+
+        def add_exp(ib, js):
+            s = ib.create("mem.load", [scratch, L.idx(1)]).result
+            v = ib.create("mem.load", [x, i, js[0]]).result
+            ib.create("mem.store", [L.op(ib, "arith.add", s, L.op(ib, "arith.exp", L.op(ib, "arith.sub", v, m))), scratch, L.idx(1)])
+        L.nest([c], add_exp, parallel=False, b=b)
+        label = as_index(L, b, b.create("mem.load", [labels, i]).result)
+        picked = b.create("mem.load", [x, i, label]).result
+        s = b.create("mem.load", [scratch, L.idx(1)]).result
+        loss = L.op(b, "arith.sub", L.op(b, "arith.add", L.op(b, "arith.log", s), m), picked)
+        b.create("mem.store", [L.op(b, "arith.add", b.create("mem.load", [out]).result, loss), out])
+    L.nest([n], row, parallel=False)
+    count = L.b.create("arith.cast", [n], result_types=[e]).result
+    L.b.create("mem.store", [L.op(L.b, "arith.div", L.b.create("mem.load", [out]).result, count), out])
+    return [out]

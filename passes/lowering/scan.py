@@ -1,0 +1,101 @@
+"""mlc.scan: a loop over the steps with the body lowered inside it."""
+from __future__ import annotations
+
+from mlc.ir.core import Block, Builder, Operation, Region, Value
+from mlc.ir.diagnostics import error
+from mlc.ir.types import TensorType, index
+
+from .core import FunctionLowering, copy_nest, rule
+
+
+@rule("mlc.scan")
+def scan(L: FunctionLowering, op: Operation):
+    """A loop over the steps. Carries live in buffers made before the loop; each step copies its
+    sequence slices into per-step buffers, runs the lowered body, copies the yielded carries back and
+    the outputs into their slot of the stacked results, and frees what the body allocated."""
+    k = op.attr("num_carries")
+    carries, seqs = [L.buffers[v] for v in op.operands[:k]], [L.buffers[v] for v in op.operands[k:]]
+    block = op.regions[0].blocks[0]
+    yield_op = block.last
+    steps = L.dim(seqs[0], 0) if seqs else L.idx(op.attr("length"))
+    state = []
+    for c, r in zip(carries, op.results[:k]):
+        state.append(L.alloc(TensorType(c.type.shape, c.type.element), L.dims(c), r.name_hint))
+        copy_nest(L, c, state[-1], L.dims(c), lambda b, ivs: ivs, lambda b, ivs: ivs)
+    slices = [L.alloc(TensorType(s.type.shape[1:], s.type.element), L.dims(s)[1:]) for s in seqs]
+    loop_block = Block([index], ["t"])
+    loop = L.b.create("loop.for", [L.idx(0), steps], regions=[Region([loop_block])])
+    before_loop = Builder.before(loop, L.module)
+    L.b = Builder.at_end(loop_block, L.module, op.loc)
+    t = loop_block.args[0]
+    if op.attr("reverse"):
+        t = L.op(L.b, "arith.sub", L.op(L.b, "arith.sub", steps, L.idx(1)), t)
+    for s, sl in zip(seqs, slices):
+        copy_nest(L, s, sl, L.dims(sl), lambda b, ivs: [t] + ivs, lambda b, ivs: ivs)
+    for arg, buf in zip(block.args, state + slices):
+        L.buffers[arg] = buf
+    first_alloc = len(L.allocs)
+    body_ops = [o for o in block.ops if o is not yield_op]
+    for o in body_ops:  # the body is lowered inside the loop, in place
+        o.detach()
+        loop_block.append(o)
+    L.lower_ops(body_ops)
+    L.b = Builder.at_end(loop_block, L.module, op.loc)
+    yielded = [L.buffers[v] for v in yield_op.operands]
+    results = list(state)
+    for r, y in zip(op.results[k:], yielded[k:]):  # outputs first: one may be a carry this step started from
+        sizes = [steps] + [L.idx(d) if d is not None else _size_before(L, loop, before_loop, y, i, op)
+                           for i, d in enumerate(r.type.shape[1:])]
+        saved, L.b = L.b, before_loop
+        stacked = L.alloc(r.type, sizes, r.name_hint)
+        L.b = saved
+        copy_nest(L, y, stacked, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: [t] + ivs)
+        results.append(stacked)
+    next_carries = []
+    for i, y in enumerate(yielded[:k]):  # a carry passed on to another slot is read before it is overwritten
+        if y in state and y is not state[i]:
+            copy = L.alloc(TensorType(y.type.shape, y.type.element), L.dims(y))
+            copy_nest(L, y, copy, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
+            y = copy
+        next_carries.append(y)
+    for buf, y in zip(state, next_carries):
+        if y is not buf:
+            copy_nest(L, y, buf, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
+    for buf in L.allocs[first_alloc:]:
+        if buf.defining_op().parent is loop_block:
+            L.b.create("mem.dealloc", [buf])
+    L.b.create("loop.yield")
+    L.b = Builder.before(op, L.module)
+    return results
+
+
+def _in_loop(loop: Operation, v: Value) -> bool:
+    op = v.defining_op() if v.defining_op() is not None else v.owner.parent.parent
+    while op is not None:
+        if op is loop:
+            return True
+        op = op.parent_op
+    return False
+
+
+def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
+    """Dim `axis` of a buffer made in the loop body, computed before the loop: the body's shape code
+    uses only dims of buffers made before the loop (carries, slices, captured values) and arithmetic."""
+    def size_of(buf, axis):
+        if not _in_loop(loop, buf):
+            return b.create("mem.dim", [buf], {"axis": axis}).result if buf.type.shape[axis] is None \
+                else L.idx(buf.type.shape[axis])
+        alloc = buf.defining_op()
+        dynamic = [i for i, d in enumerate(buf.type.shape) if d is None]
+        return expr(alloc.operands[dynamic.index(axis)])
+
+    def expr(v):
+        if not _in_loop(loop, v):
+            return v
+        d = v.defining_op()
+        if d is not None and d.name == "mem.dim":
+            return size_of(d.operands[0], d.attr("axis"))
+        if d is not None and d.name.startswith("arith.") and v.type == index:
+            return b.create(d.name, [expr(o) for o in d.operands], dict(d.attributes)).result
+        raise error(op.loc, "cannot size this scan's outputs before its loop yet", op.name)
+    return size_of(buf, axis)

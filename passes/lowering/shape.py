@@ -1,0 +1,144 @@
+"""Ops that move elements without arithmetic: reshape, iota, slice, pad, concat, gather, and
+scatter_add (which adds the updates in order)."""
+from __future__ import annotations
+
+from mlc.ir.core import Operation
+from mlc.ir.diagnostics import error
+from mlc.ir.dialects.shapes import norm_axis
+
+from .core import FunctionLowering, as_index, copy_nest, rule
+
+
+@rule("mlc.reshape")
+def reshape(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    in_sizes = L.dims(x)
+    total = L.idx(1)
+    for s in in_sizes:
+        total = L.op(L.b, "arith.mul", total, s)
+    known = L.idx(1)
+    for d in t.shape:
+        if d is not None:
+            known = L.op(L.b, "arith.mul", known, L.idx(d))
+    sizes = [L.idx(d) if d is not None else L.op(L.b, "arith.div", total, known) for d in t.shape]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def body(b, ivs):
+        flat = L.idx(0)
+        for iv, s in zip(ivs, sizes):
+            flat = L.op(b, "arith.add", L.op(b, "arith.mul", flat, s), iv)
+        src = []
+        for s in reversed(in_sizes):
+            q = L.op(b, "arith.div", flat, s)
+            src.append(L.op(b, "arith.sub", flat, L.op(b, "arith.mul", q, s)))
+            flat = q
+        b.create("mem.store", [b.create("mem.load", [x] + src[::-1]).result, out] + ivs)
+    L.nest(sizes, body)
+    return [out]
+
+
+@rule("mlc.iota")
+def iota(L: FunctionLowering, op: Operation):
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), t.rank)
+    sizes = [L.idx(d) for d in t.shape]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [b.create("arith.cast", [ivs[axis]], result_types=[t.element]).result, out] + ivs))
+    return [out]
+
+
+@rule("mlc.slice")
+def slice_(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    start, limit, stride = op.opdef.bounds(op, x.type.rank)
+    first, sizes = [], []
+    for axis, (d, s, lim, k) in enumerate(zip(x.type.shape, start, limit, stride)):
+        if d is not None:
+            lo, hi, _ = slice(s, lim, k).indices(d)
+            first.append(L.idx(lo))
+            sizes.append(L.idx(t.shape[axis]))
+            continue
+        if s < 0 or lim < 0:
+            raise error(op.loc, "cannot lower a slice with negative bounds on a '?' dim to loops yet", op.name)
+        dim = L.dim(x, axis)  # Python semantics: bounds clamp to the dim
+        lo = L.op(L.b, "arith.minimum", L.idx(s), dim)
+        hi = L.op(L.b, "arith.minimum", L.idx(lim), dim)
+        span = L.op(L.b, "arith.add", L.op(L.b, "arith.sub", hi, lo), L.idx(k - 1))
+        first.append(lo)
+        sizes.append(L.op(L.b, "arith.div", span, L.idx(k)))
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def src(b, ivs):
+        return [L.op(b, "arith.add", f, L.op(b, "arith.mul", iv, L.idx(k))) for f, iv, k in zip(first, ivs, stride)]
+    copy_nest(L, x, out, sizes, src, lambda b, ivs: ivs)
+    return [out]
+
+
+@rule("mlc.pad")
+def pad(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    low, high = op.attr("low"), op.attr("high")
+    in_sizes = L.dims(x)
+    sizes = [L.op(L.b, "arith.add", s, L.idx(lo + hi)) if d is None else L.idx(d)
+             for s, d, lo, hi in zip(in_sizes, t.shape, low, high)]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [L.const(b, op.attr("value"), t.element), out] + ivs))
+    copy_nest(L, x, out, in_sizes, lambda b, ivs: ivs,
+               lambda b, ivs: [L.op(b, "arith.add", iv, L.idx(lo)) for iv, lo in zip(ivs, low)])
+    return [out]
+
+
+@rule("mlc.concat")
+def concat(L: FunctionLowering, op: Operation):
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), t.rank)
+    ins = [L.buffers[v] for v in op.operands]
+    total = L.idx(0)
+    for v in ins:
+        total = L.op(L.b, "arith.add", total, L.dim(v, axis))
+    sizes = [L.idx(d) if d is not None else total if i == axis else L.dim(ins[0], i) for i, d in enumerate(t.shape)]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    offset = L.idx(0)
+    for v in ins:
+        at = offset
+        copy_nest(L, v, out, L.dims(v), lambda b, ivs: ivs,
+                   lambda b, ivs, at=at: [L.op(b, "arith.add", iv, at) if i == axis else iv for i, iv in enumerate(ivs)])
+        offset = L.op(L.b, "arith.add", offset, L.dim(v, axis))
+    return [out]
+
+
+@rule("mlc.gather")
+def gather(L: FunctionLowering, op: Operation):
+    x, idx = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    k = idx.type.rank
+    sizes = L.dims(x)[:axis] + L.dims(idx) + L.dims(x)[axis + 1:]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+
+    def src(b, ivs):
+        i = as_index(L, b, b.create("mem.load", [idx] + ivs[axis:axis + k]).result)
+        return ivs[:axis] + [i] + ivs[axis + k:]
+    copy_nest(L, x, out, sizes, src, lambda b, ivs: ivs)
+    return [out]
+
+
+@rule("mlc.scatter_add")
+def scatter_add(L: FunctionLowering, op: Operation):
+    x, idx, upd = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    k = idx.type.rank
+    out = L.alloc(t, L.dims(x), op.results[0].name_hint)
+    copy_nest(L, x, out, L.dims(x), lambda b, ivs: ivs, lambda b, ivs: ivs)
+
+    def body(b, ivs):
+        i = as_index(L, b, b.create("mem.load", [idx] + ivs[axis:axis + k]).result)
+        at = ivs[:axis] + [i] + ivs[axis + k:]
+        total = L.op(b, "arith.add", b.create("mem.load", [out] + at).result, b.create("mem.load", [upd] + ivs).result)
+        b.create("mem.store", [total, out] + at)
+    L.nest(L.dims(upd), body, parallel=False)  # repeated indices accumulate: in order
+    return [out]
