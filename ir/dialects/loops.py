@@ -89,8 +89,11 @@ class Alloc(OpDef):
         t = op.results[0].type
         sizes = iter(int(v) for v in ins)
         shape = [next(sizes) if d is None else d for d in t.shape]
-        garbage = np.nan if t.element.is_float else (True if t.element.is_bool else -77)
-        return np.full(shape, garbage, t.element.np_dtype)
+        return np.full(shape, _garbage(t.element), t.element.np_dtype)
+
+
+def _garbage(element):
+    return np.nan if element.is_float else (True if element.is_bool else -77)
 
 
 class Dim(OpDef):
@@ -145,7 +148,8 @@ class Store(OpDef):
 
 
 class Dealloc(OpDef):
-    """Frees a buffer made by mem.alloc (in loop bodies, so each iteration's buffers do not pile up)."""
+    """Frees a buffer made by mem.alloc. The interpreter fills it with the garbage of a new one, so a
+    read after the free shows up in the differential tests."""
     name = "mem.dealloc"
     operands = 1
     results = 0
@@ -157,6 +161,7 @@ class Dealloc(OpDef):
 
     @staticmethod
     def interpret(ins, op, ctx):
+        ins[0][...] = _garbage(op.operand_types[0].element)
         return []
 
 

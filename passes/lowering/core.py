@@ -16,7 +16,7 @@ and copy helpers several families use.
 from __future__ import annotations
 
 from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
-from mlc.ir.core import Block, Builder, Module, Operation, Region, Value, create_op
+from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.types import MemRefType, TensorType, index
 
@@ -42,7 +42,7 @@ class FunctionLowering:
         self.module, self.func, self.vector_bytes = module, func, vector_bytes
         self.buffers: dict[Value, Value] = {}
         self.consts: dict = {}
-        self.allocs: list[Value] = []  # in order, so a loop body can free what it allocated
+        self.allocs: list[Value] = []  # the buffers rules made (buffer-dealloc frees them, after this pass)
         self.fused: set[Operation] = set()
         self.order: dict[Operation, int] = {}  # the function's own tensor ops, in order
         self.b = Builder(func.body, func.body.first, module)
@@ -59,31 +59,6 @@ class FunctionLowering:
         for i, v in enumerate(ret.operands):
             if v in self.buffers:
                 ret.set_operand(i, self.tensor(v))
-        self.free_after_last_use(ret)
-
-    def free_after_last_use(self, ret):
-        """Each function-level buffer is freed right after the last op that uses it (returned ones
-        are handed to the caller), so intermediates do not all live until the end."""
-        top = self.func.body
-        position = {op: i for i, op in enumerate(top)}
-        returned = {v.defining_op().operands[0] for v in ret.operands
-                    if v.defining_op() is not None and v.defining_op().name == "mem.to_tensor"}
-        for buf in self.allocs:
-            alloc = buf.defining_op()
-            if alloc.parent is not top or buf in returned:
-                continue
-            last = alloc
-            users = list(buf.users)
-            for u in list(users):  # mem.to_tensor aliases the buffer in native code: its users count too
-                if u.name == "mem.to_tensor":
-                    users.extend(u.results[0].users)
-            for user in users:
-                while user.parent is not top:
-                    user = user.parent_op
-                if position[user] > position[last]:
-                    last = user
-            if last is not ret:
-                top.insert_after(last, create_op("mem.dealloc", [buf], [], loc=alloc.loc))
 
     def lower_ops(self, ops):
         """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""

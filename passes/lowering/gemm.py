@@ -84,7 +84,6 @@ class Gemm:
             L.loop(b, L.idx(0), L.op(b, "arith.mul", blocks, L.idx(2)), task, parallel=True)
         else:
             L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=MC)
-        b.create("mem.dealloc", [self.packed])
 
     # --- packing -------------------------------------------------------------------------------------
     def pack_b(self, b, panels, parallel):
@@ -134,7 +133,6 @@ class Gemm:
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
                 L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch)), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=KC)
-        b.create("mem.dealloc", [scratch])
         if self.epilogue is not None:
             L.loop(b, i0, end, self.epilogue)
 
@@ -266,7 +264,6 @@ class DirectConv:
             bn = L.op(rb, "arith.div", t, oh)
             self.output_row(rb, bn, L.op(rb, "arith.sub", t, L.op(rb, "arith.mul", bn, oh)))
         L.loop(b, L.idx(0), rows, row, parallel=True)
-        b.create("mem.dealloc", [self.wt])
 
     def output_row(self, b, bn, y):
         L = self.L
@@ -287,7 +284,6 @@ class DirectConv:
                     L, xb, o0, o1, lambda tb, o, rows: self.tile(tb, bn, y, g, o, x0, rows, vectors, width, scratch, c0, c1)))
             L.loop(gb, L.idx(0), self.channels_per_group, channel_block, step=CHANNEL_BLOCK)
         L.loop(b, L.idx(0), L.idx(self.groups), group)
-        b.create("mem.dealloc", [scratch])
         if self.epilogue is not None:
             self.epilogue(b, bn, y)
 

@@ -10,6 +10,7 @@ from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import TensorType, i64
 
+from ..builder import OpBuilder
 from ..fuse import ROW_REDUCTIONS
 from .core import FunctionLowering, as_index, rule
 from .elementwise import dying_operand_buffer, scalar
@@ -81,23 +82,21 @@ def reduction(L: FunctionLowering, op: Operation):
 
 @rule("mlc.softmax", "mlc.log_softmax")
 def softmax(L: FunctionLowering, op: Operation):
-    """Written out in tensor ops (max, sub, exp, sum, then div or log and sub) and lowered as a row
-    kernel when the axis is the last with a static size, else op by op."""
+    """The op's decomposition (max, sub, exp, sum, then div or log and sub; see its `decompose`),
+    lowered as one row kernel when the axis is the last with a static size, else op by op. (The cpu
+    pipeline decomposes softmax at the tensor level already; this is for lower-to-loops alone.)"""
     x = op.operands[0]
     axis = norm_axis(op.attr("axis"), x.type.rank)
-    red = {"axes": [axis], "keepdims": True}
+    first = op.prev
+    op.opdef.decompose(OpBuilder(L.b), op)
     made = []
-
-    def make(name, *operands, **attrs):
-        made.append(L.b.create(name, list(operands), attrs or None))
-        return made[-1].result
-    shifted = make("mlc.sub", x, make("mlc.reduce_max", x, **red))
-    e = make("mlc.exp", shifted)
-    z = make("mlc.reduce_sum", e, **red)
-    y = make("mlc.div", e, z) if op.name == "mlc.softmax" else make("mlc.sub", shifted, make("mlc.log", z))
-    if axis != x.type.rank - 1 or x.type.shape[axis] is None or x.type.element.name not in ("f32", "f64"):
+    o = first.next if first is not None else op.parent.first
+    while o is not op:
+        made.append(o)
+        o = o.next
+    if axis != x.type.rank - 1 or x.type.shape[axis] is None:
         L.lower_ops(made)
-        return [L.buffers[y]]
+        return [L.buffers[made[-1].results[0]]]
     out = row_kernel(L, made)
     for o in reversed(made):
         o.erase()

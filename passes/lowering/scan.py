@@ -12,7 +12,7 @@ from .core import FunctionLowering, copy_nest, rule
 def scan(L: FunctionLowering, op: Operation):
     """A loop over the steps. Carries live in buffers made before the loop; each step copies its
     sequence slices into per-step buffers, runs the lowered body, copies the yielded carries back and
-    the outputs into their slot of the stacked results, and frees what the body allocated."""
+    the outputs into their slot of the stacked results (buffer-dealloc frees what the body allocated)."""
     k = op.attr("num_carries")
     carries, seqs = [L.buffers[v] for v in op.operands[:k]], [L.buffers[v] for v in op.operands[k:]]
     block = op.regions[0].blocks[0]
@@ -34,7 +34,6 @@ def scan(L: FunctionLowering, op: Operation):
         copy_nest(L, s, sl, L.dims(sl), lambda b, ivs: [t] + ivs, lambda b, ivs: ivs)
     for arg, buf in zip(block.args, state + slices):
         L.buffers[arg] = buf
-    first_alloc = len(L.allocs)
     body_ops = [o for o in block.ops if o is not yield_op]
     for o in body_ops:  # the body is lowered inside the loop, in place
         o.detach()
@@ -61,9 +60,6 @@ def scan(L: FunctionLowering, op: Operation):
     for buf, y in zip(state, next_carries):
         if y is not buf:
             copy_nest(L, y, buf, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: ivs)
-    for buf in L.allocs[first_alloc:]:
-        if buf.defining_op().parent is loop_block:
-            L.b.create("mem.dealloc", [buf])
     L.b.create("loop.yield")
     L.b = Builder.before(op, L.module)
     return results
