@@ -63,7 +63,7 @@ SUPPORTED = ("unary", "binary", "constant", "select", "reduction", "matmul", "tr
 
 # every stage of the cpu pipeline after the tensor level, and all of it at AVX-512's width (a freed buffer
 # is garbage on the interpreter, so an early free shows up as a difference)
-@pytest.mark.parametrize("pipeline", ["lower-to-loops", "fuse,lower-to-loops", "layout,widen-half,fuse,lower-to-loops,buffer-dealloc",
+@pytest.mark.parametrize("pipeline", ["lower-to-loops", "fuse,lower-to-loops", "layout,widen-half,fuse,bufferize,lower-to-loops,buffer-dealloc",
                                       "cpu{vector-bytes=64}"])
 @given(p=programs(max_ops=6, families=SUPPORTED))
 def test_lowering_keeps_results(pipeline, p):

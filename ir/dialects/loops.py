@@ -23,7 +23,7 @@ import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
 from ..diagnostics import error
-from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError, lookup_op
+from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError
 from ..types import ElementType, MemRefType, TensorType, VectorType, i1, index
 from . import mlc
 from .mlc import RuntimeCheck

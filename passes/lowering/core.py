@@ -24,6 +24,7 @@ from . import gemm
 
 
 RULES: dict[str, callable] = {}
+IN_PLACE = "mlc.in_place"  # bufferize's choice: per result, the operand whose storage it is written over (-1: none)
 
 
 def rule(*names):
@@ -42,9 +43,7 @@ class FunctionLowering:
         self.module, self.func, self.vector_bytes = module, func, vector_bytes
         self.buffers: dict[Value, Value] = {}
         self.consts: dict = {}
-        self.allocs: list[Value] = []  # the buffers rules made (buffer-dealloc frees them, after this pass)
         self.fused: set[Operation] = set()
-        self.order: dict[Operation, int] = {}  # the function's own tensor ops, in order
         self.b = Builder(func.body, func.body.first, module)
 
     # --- driving ---------------------------------------------------------------------------------------
@@ -62,8 +61,6 @@ class FunctionLowering:
 
     def lower_ops(self, ops):
         """Lower tensor ops in order, then remove them (those left at the tensor level stay)."""
-        if not self.order:  # the top-level call (scan bodies come later)
-            self.order = {op: i for i, op in enumerate(ops)}
         for op in ops:
             if op in self.fused:  # computed inside its consumer's loop nest
                 continue
@@ -105,11 +102,17 @@ class FunctionLowering:
     def dims(self, buf: Value) -> list:
         return [self.dim(buf, i) for i in range(buf.type.rank)]
 
+    def result_buffer(self, result: int, t: TensorType, sizes: list, name_hint=None) -> Value:
+        """Where the op being lowered writes result `result`: over an operand's storage where bufferize
+        chose that (passes/bufferize.py), else a new buffer."""
+        into = self.current.attr(IN_PLACE)
+        if into is not None and into[result] >= 0:
+            return self.buffers[self.current.operands[into[result]]]
+        return self.alloc(t, sizes, name_hint)
+
     def alloc(self, t: TensorType, sizes: list, name_hint=None) -> Value:
         dynamic = [s for s, d in zip(sizes, t.shape) if d is None]
-        buf = self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
-        self.allocs.append(buf)
-        return buf
+        return self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
 
     def check(self, b: Builder, condition: Value, message: str):
         b.create("mem.check", [condition], {"message": message, "op": self.current.name})

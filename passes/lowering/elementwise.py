@@ -1,11 +1,10 @@
-"""Elementwise ops: one loop nest over the (broadcast) result, writing in place where an operand's
-buffer or a global's storage can be reused; and the ops that stay tensor ops (constants, globals,
-calls), whose values cross into buffers."""
+"""Elementwise ops: one loop nest over the (broadcast) result, written where bufferize says (a new
+buffer, or over an operand's storage); and the ops that stay tensor ops (constants, globals, calls),
+whose values cross into buffers."""
 from __future__ import annotations
 
-from mlc.ir.core import BlockArgument, Builder, Operation, Value
+from mlc.ir.core import Builder, Operation, Value
 from mlc.ir.dialects import mlc as tensor_ops
-from mlc.ir.types import MemRefType, TensorType
 
 from .core import FunctionLowering, rule
 
@@ -28,8 +27,7 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
     else:
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
-    outs = [_global_updated_in_place(L, t, leaves, i) or (not i and dying_operand_buffer(L, t, leaves)) or
-            L.alloc(t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
+    outs = [L.result_buffer(i, t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
 
     def value(b, v, ivs, memo):
@@ -61,57 +59,6 @@ def leaves_of(L, op):
                 leaves.append(v)
     collect(op)
     return leaves
-
-
-def _global_updated_in_place(L, t, leaves, result: int = 0):
-    """The storage of global @g, when this kernel's result is stored into @g and the kernel reads @g's
-    current value at the very index it writes, with nothing after it reading @g before the store (an
-    optimiser's update: w = w - lr * g). The kernel then writes @g in place and the store copies
-    nothing."""
-    op = L.current
-    if op.parent is not L.func.body:
-        return None
-    stores = [u for u, _ in op.results[result].uses if u.name == "mlc.global_store" and u.parent is op.parent]
-    if len(stores) != 1:
-        return None
-    name, at = stores[0].attr("global"), L.order[op]
-    loads = [o for o in L.order if o.name == "mlc.global_load" and o.attr("global") == name]
-    if any(L.order[o] > at for o in L.order if o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0]):
-        return None  # another store would overwrite the result while it is still a value
-    if any(user.name == "func.return" for user in op.results[result].users):
-        return None  # the caller frees what it is given
-    for load in loads:  # no one reads @g's old value after this kernel
-        for user, _ in load.results[0].uses:
-            while user.parent is not op.parent:
-                user = user.parent_op
-            if L.order.get(user, -1) > at:  # (ops made by lowering read the buffer, not this value)
-                return None
-    for v in leaves:
-        outer = op.operands[v.index] if op.regions and isinstance(v, BlockArgument) and v.owner is op.regions[0].blocks[0] else v
-        if outer.defining_op() in loads and outer.type == TensorType(t.shape, t.element) and t.is_static:
-            return L.buffers[v]
-    return None
-
-
-def dying_operand_buffer(L, t, leaves):
-    """An operand's buffer the result may be written into, in place: the operand is used only here,
-    its buffer is a top-level intermediate of this function that no other value shares, and it has
-    the result's type, so it is read at the very index being written. At a `?` result dim no other
-    operand may be larger than it (each has 1 there, or does not reach that axis)."""
-    if L.current.parent is not L.func.body:
-        return None
-    for v in leaves:
-        fused_arg = L.current.name == "mlc.fusion" and isinstance(v, BlockArgument) and v.owner is L.current.regions[0].blocks[0]
-        outer = L.current.operands[v.index] if fused_arg else v
-        buf = L.buffers[v]
-        if (len(outer.uses) != 1 or buf.type != MemRefType(t.shape, t.element) or buf not in L.allocs
-                or buf.defining_op().parent is not L.func.body or sum(b is buf for b in L.buffers.values()) > 1 + (outer is not v)):
-            continue
-        others = [w.type.shape for w in leaves if w is not v]
-        if all(all(len(s) < t.rank - axis or s[axis - t.rank] == 1 for s in others)
-               for axis, d in enumerate(t.shape) if d is None):
-            return buf
-    return None
 
 
 def scalar(L, b, op, xs) -> Value:

@@ -13,7 +13,7 @@ from mlc.ir.types import TensorType, i64
 from ..builder import OpBuilder
 from ..fuse import ROW_REDUCTIONS
 from .core import FunctionLowering, as_index, rule
-from .elementwise import dying_operand_buffer, scalar
+from .elementwise import scalar
 
 
 IDENTITY = {"mlc.reduce_sum": 0, "mlc.reduce_mean": 0, "mlc.reduce_prod": 1}
@@ -119,10 +119,9 @@ def row_kernel(L: FunctionLowering, members: list[Operation]):
     sizes = L.result_sizes(TensorType(full.shape, full.element), [L.buffers[v] for v in leaves])
     outer, row_sizes = sizes[:-inner], sizes[-inner:]
     t = root.results[0].type
-    whole_rows = root.name not in ROW_REDUCTIONS and t.shape[-inner:] == full.shape[-inner:]
+    whole_rows = _whole_rows(members)
     stash = _stash(members, root, inner) if whole_rows else None
-    out = (whole_rows and stash is None and dying_operand_buffer(L, t, leaves)) or \
-        L.alloc(t, sizes if whole_rows else outer + [L.idx(1)] * (t.rank - len(outer)), root.results[0].name_hint)
+    out = L.result_buffer(0, t, sizes if whole_rows else outer + [L.idx(1)] * (t.rank - len(outer)), root.results[0].name_hint)
     readers = {v: L.broadcast_reader(L.buffers[v], full.rank) for v in leaves}
 
     def row(b, outer_ivs):
@@ -163,6 +162,24 @@ def row_kernel(L: FunctionLowering, members: list[Operation]):
 
 IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
                "mlc.reduce_max": float("-inf"), "mlc.reduce_min": float("inf")}
+
+
+def _whole_rows(members) -> bool:
+    """Whether the row kernel's result has whole rows (else one value per row)."""
+    root = members[-1]
+    first = next(o for o in members if o.name in ROW_REDUCTIONS)
+    full, inner = first.operands[0].type, len(first.opdef.axes(first, first.operands[0].type.rank))
+    return root.name not in ROW_REDUCTIONS and root.results[0].type.shape[-inner:] == full.shape[-inner:]
+
+
+def writes_whole_rows(members) -> bool:
+    """Whether the row kernel of these ops (the last is the result) writes each element of its result
+    once, at the index its operands are read, keeping nothing in the result row: so it may write over
+    an operand (bufferize)."""
+    if not _whole_rows(members):
+        return False
+    first = next(o for o in members if o.name in ROW_REDUCTIONS)
+    return _stash(members, members[-1], len(first.opdef.axes(first, first.operands[0].type.rank))) is None
 
 
 def _stash(members, root, inner):
