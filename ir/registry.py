@@ -22,6 +22,7 @@ from .attributes import (ArrayAttr, BoolAttr, DenseArrayAttr, DenseAttr, FloatAt
 # Traits
 PURE = "pure"                  # no side effects: CSE-able, dead if unused
 READS = "reads"                # reads state (global_load): dead if unused, but not CSE-able
+WRITES = "writes"              # writes an operand's memory (an op with a region: not only its region's effects)
 ELEMENTWISE = "elementwise"
 BROADCASTING = "broadcasting"
 COMMUTATIVE = "commutative"

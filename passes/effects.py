@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from mlc.ir.core import Module, Operation
-from mlc.ir.registry import PURE, READS, SYMBOL, TERMINATOR
+from mlc.ir.registry import PURE, READS, SYMBOL, TERMINATOR, WRITES
 
 
 def impure_functions(module: Module) -> set[str]:
@@ -25,6 +25,8 @@ def _effectful_leaf(op: Operation) -> bool:
     d = op.opdef
     if d is None:
         return True
+    if WRITES in d.traits:
+        return True
     if op.name in ("func.call", "func.return", "mlc.yield") or op.regions:
         return False
     return not (d.traits & {PURE, READS})
@@ -37,7 +39,7 @@ def removable_if_unused(op: Operation, impure: set[str]) -> bool:
         return False
     if op.name == "func.call":
         return op.attr("callee") not in impure
-    if op.regions:
+    if op.regions and WRITES not in d.traits:
         return not any(_effectful_leaf(o) or (o.name == "func.call" and o.attr("callee") in impure)
                        for r in op.regions for o in r.walk())
     return bool(d.traits & {PURE, READS})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mlc.ir.core import Module
 
-from .lowering import FunctionLowering, gemm
+from .lowering import FunctionLowering
 from .lowering import conv, elementwise, fusion, matmul, pool, random, rows, scan, shape  # noqa: F401  (each registers its rules)
 from .manager import Pass
 
@@ -16,8 +16,7 @@ from .manager import Pass
 class LowerToLoops(Pass):
     name = "lower-to-loops"
     summary = "lower tensor ops to loop nests over buffers"
-    options = {"vector-bytes": gemm.VECTOR_BYTES}  # the GEMM micro-kernel's vector width (the driver gives the host's)
 
     def run(self, module: Module) -> None:
         for f in list(module.functions.values()):
-            FunctionLowering(module, f, self.option("vector-bytes")).run()
+            FunctionLowering(module, f).run()

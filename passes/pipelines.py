@@ -7,5 +7,5 @@ PIPELINES = {
     # the CPU backend's tensor-level stage (`mlc compile --emit ir` shows its result)
     "cpu-tensor": "inline,decompose,strided-conv,symbol-dce,canonicalize,cse,layout,widen-half,fuse",
     # then loop nests over buffers, freed buffers handed on (`--emit loops`); codegen/llvm.py takes it from there
-    "cpu": "cpu-tensor,bufferize,lower-to-loops,buffer-dealloc,canonicalize,cse,reuse-buffers",
+    "cpu": "cpu-tensor,bufferize,lower-to-loops,tile,buffer-dealloc,canonicalize,cse,reuse-buffers",
 }

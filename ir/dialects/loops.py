@@ -23,7 +23,7 @@ import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
 from ..diagnostics import error
-from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError
+from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, WRITES, Attr, OpDef, Terminator, VerifyError
 from ..types import ElementType, MemRefType, TensorType, VectorType, i1, index
 from . import mlc
 from .mlc import RuntimeCheck
@@ -276,6 +276,76 @@ class LoopYield(Terminator):
         expected = list(owner.operand_types[2:])
         if list(op.operand_types) != expected:
             raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the loop carries ({', '.join(map(str, expected))})")
+
+
+class Matmul(OpDef):
+    """C = A @ B over buffers with an epilogue per element, before tiling (the `tile` pass turns it
+    into the blocked, packed loop nest):
+
+        mem.matmul %a, %b, %c, %n, %n : memref<4x?x64xf32>, memref<64x32xf32>, memref<4x?x32xf32>, index, index {
+        ^bb0(%i: index, %j: index, %acc: f32):
+          %y = arith.relu %acc : (f32) -> f32
+          mem.yield %y : f32
+        }
+
+    The buffers' last two dims are the matrices; index operands pick one: first those of %a's leading
+    dims, then %b's, then %c's (here %a[%n] and %c[%n]). `transpose_a`/`transpose_b` say the operand
+    is stored transposed. The epilogue gets the row, the column and the product there, and yields
+    the element of C (`mem.yield %acc` for the product itself)."""
+    name = "mem.matmul"
+    operands = (3, None)
+    results = 0
+    regions = 1
+    traits = {WRITES}
+    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False)}
+
+    @staticmethod
+    def split(items, ranks) -> tuple[list, list]:
+        """The op's operands (or their values) -> the three buffers, and the leading indices of each."""
+        rest, leads = list(items[3:]), []
+        for r in ranks:
+            leads.append(rest[:r - 2])
+            rest = rest[r - 2:]
+        return list(items[:3]), leads
+
+    @staticmethod
+    def infer(op, ctx):
+        types = [_memref(t, f"operand {i}") for i, t in enumerate(op.operand_types[:3])]
+        if any(t.rank < 2 for t in types) or len({t.element for t in types}) != 1:
+            raise VerifyError("takes three buffers of one element type, each of rank >= 2")
+        _indices(op.operand_types[3:], sum(t.rank - 2 for t in types), 3)
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        e = op.operand_types[2].element
+        if [a.type for a in op.regions[0].blocks[0].args] != [index, index, e]:
+            raise VerifyError(f"the epilogue takes (index, index, {e}): the row, the column and the product")
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        (a, b, c), leads = cls.split(ins, [t.rank for t in op.operand_types[:3]])
+        a, b, out = (buf[tuple(int(i) for i in lead)] for buf, lead in zip((a, b, c), leads))
+        a = a.T if op.attr("transpose_a") else a
+        b = b.T if op.attr("transpose_b") else b
+        if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
+            raise RuntimeCheck(f"a {fmt_shape(a.shape)} by {fmt_shape(b.shape)} product does not fit a {fmt_shape(out.shape)} buffer")
+        product = (a.astype(np.float64) @ b.astype(np.float64)).astype(out.dtype) if a.dtype.kind == "f" else a @ b
+        for i, j in np.ndindex(product.shape):
+            out[i, j] = ctx.run_region(op.regions[0], [np.int64(i), np.int64(j), product[i, j]])[0]
+        return []
+
+
+class MatmulYield(Terminator):
+    name = "mem.yield"
+    parent = "mem.matmul"
+    traits = {TERMINATOR, PURE}
+
+    @staticmethod
+    def check_values(op, owner):
+        e = owner.operand_types[2].element
+        if list(op.operand_types) != [e]:
+            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the product's element is {e}")
 
 
 # ---------------------------------------------------------------------------------------------------

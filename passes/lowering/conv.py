@@ -7,7 +7,7 @@ from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.types import TensorType
 
 from . import gemm
-from .core import FunctionLowering, apply_epilogue, copy_nest, rule
+from .core import FunctionLowering, apply_epilogue, copy_nest, rule, store_epilogue
 from .windows import guarded_load, source_index, window_size
 
 
@@ -78,7 +78,8 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
     out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
-    row_epilogue = epilogue and (lambda b, bn, y: L.nest([o_ch, ow], lambda eb, ivs: epilogue(eb, out, [bn, ivs[0], y, ivs[1]]), b=b))
+    row_epilogue = epilogue and (lambda b, bn, y: L.nest(
+        [o_ch, ow], lambda eb, ivs: store_epilogue(L, eb, out, [bn, ivs[0], y, ivs[1]], epilogue), b=b))
     gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e, row_epilogue).emit(L, L.b)
     return [out]
 

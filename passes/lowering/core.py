@@ -20,7 +20,6 @@ from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.types import MemRefType, TensorType, index
 
-from . import gemm
 
 
 RULES: dict[str, callable] = {}
@@ -35,16 +34,70 @@ def rule(*names):
     return register
 
 
-class FunctionLowering:
+class LoopBuilder:
+    """Builds loop nests in a function: index constants made once at its top, loops, arithmetic.
+    lower-to-loops and tile build with it."""
+
+    def __init__(self, module: Module, func):
+        self.module, self.func = module, func
+        self.consts: dict = {}
+        self.b = Builder(func.body, func.body.first, module)
+
+    def idx(self, n: int) -> Value:
+        """An index constant, made once per function at the very top (so it dominates every use)."""
+        if n not in self.consts:
+            top = Builder(self.func.body, self.func.body.first, self.module)
+            self.consts[n] = top.create("arith.constant", attributes={"value": IntAttr(n, index)}).result
+        return self.consts[n]
+
+    def const(self, b: Builder, value, element) -> Value:
+        attr = BoolAttr(bool(value)) if element.is_bool else \
+            FloatAttr(float(value), element) if element.is_float else IntAttr(int(value), element)
+        return b.create("arith.constant", attributes={"value": attr}).result
+
+    def dim(self, buf, axis: int) -> Value:
+        buf = getattr(buf, "buf", buf)  # a batch view reads the dims of its buffer
+        d = buf.type.shape[axis]
+        return self.idx(d) if d is not None else self.b.create("mem.dim", [buf], {"axis": axis}).result
+
+    def dims(self, buf: Value) -> list:
+        return [self.dim(buf, i) for i in range(buf.type.rank)]
+
+    def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
+        return b.create(name, list(operands), attrs or None).result
+
+    def nest(self, sizes: list, body, parallel=True, b: Builder | None = None):
+        """Loops over 0..size for each size; body(builder, ivs) fills the innermost block. `parallel`
+        (one flag, or one per loop) marks loops whose iterations write disjoint elements."""
+        flags = parallel if isinstance(parallel, (list, tuple)) else [parallel] * len(sizes)
+
+        def level(b, ivs):
+            if len(ivs) == len(sizes):
+                body(b, ivs)
+                return
+            self.loop(b, self.idx(0), sizes[len(ivs)], lambda inner, iv: level(inner, ivs + [iv]), flags[len(ivs)])
+        level(b or self.b, [])
+
+    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1, carried=()):
+        """One loop.for from lb to ub; body(builder, iv) fills it. With `carried` initial values,
+        body(builder, iv, *values) returns their next values and the loop returns the last ones."""
+        block = Block([index] + [v.type for v in carried], ["i"] + ["acc"] * len(carried))
+        attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {})}
+        loop = b.create("loop.for", [lb, ub, *carried], attrs or None, regions=[Region([block])])
+        inner = Builder.at_end(block, self.module, b.loc)
+        out = body(inner, *block.args)
+        inner.create("loop.yield", list(out) if carried else [])
+        return loop.results
+
+
+class FunctionLowering(LoopBuilder):
     """Lowers one function in place: `buffers` maps each tensor value to its buffer, and the rules
     build their loop nests with the helpers below, at `b` (before the op being lowered, `current`)."""
 
-    def __init__(self, module: Module, func, vector_bytes: int = gemm.VECTOR_BYTES):
-        self.module, self.func, self.vector_bytes = module, func, vector_bytes
+    def __init__(self, module: Module, func):
+        super().__init__(module, func)
         self.buffers: dict[Value, Value] = {}
-        self.consts: dict = {}
         self.fused: set[Operation] = set()
-        self.b = Builder(func.body, func.body.first, module)
 
     # --- driving ---------------------------------------------------------------------------------------
     def run(self):
@@ -82,26 +135,6 @@ class FunctionLowering:
         """The tensor value of v's buffer, read at the current point."""
         return self.b.create("mem.to_tensor", [self.buffers[v]]).result
 
-    def idx(self, n: int) -> Value:
-        """An index constant, made once per function at the very top (so it dominates every use)."""
-        if n not in self.consts:
-            top = Builder(self.func.body, self.func.body.first, self.module)
-            self.consts[n] = top.create("arith.constant", attributes={"value": IntAttr(n, index)}).result
-        return self.consts[n]
-
-    def const(self, b: Builder, value, element) -> Value:
-        attr = BoolAttr(bool(value)) if element.is_bool else \
-            FloatAttr(float(value), element) if element.is_float else IntAttr(int(value), element)
-        return b.create("arith.constant", attributes={"value": attr}).result
-
-    def dim(self, buf, axis: int) -> Value:
-        buf = getattr(buf, "buf", buf)  # a batch view reads the dims of its buffer
-        d = buf.type.shape[axis]
-        return self.idx(d) if d is not None else self.b.create("mem.dim", [buf], {"axis": axis}).result
-
-    def dims(self, buf: Value) -> list:
-        return [self.dim(buf, i) for i in range(buf.type.rank)]
-
     def result_buffer(self, result: int, t: TensorType, sizes: list, name_hint=None) -> Value:
         """Where the op being lowered writes result `result`: over an operand's storage where bufferize
         chose that (passes/bufferize.py), else a new buffer."""
@@ -116,32 +149,6 @@ class FunctionLowering:
 
     def check(self, b: Builder, condition: Value, message: str):
         b.create("mem.check", [condition], {"message": message, "op": self.current.name})
-
-    def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
-        return b.create(name, list(operands), attrs or None).result
-
-    def nest(self, sizes: list, body, parallel=True, b: Builder | None = None):
-        """Loops over 0..size for each size; body(builder, ivs) fills the innermost block. `parallel`
-        (one flag, or one per loop) marks loops whose iterations write disjoint elements."""
-        flags = parallel if isinstance(parallel, (list, tuple)) else [parallel] * len(sizes)
-
-        def level(b, ivs):
-            if len(ivs) == len(sizes):
-                body(b, ivs)
-                return
-            self.loop(b, self.idx(0), sizes[len(ivs)], lambda inner, iv: level(inner, ivs + [iv]), flags[len(ivs)])
-        level(b or self.b, [])
-
-    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1, carried=()):
-        """One loop.for from lb to ub; body(builder, iv) fills it. With `carried` initial values,
-        body(builder, iv, *values) returns their next values and the loop returns the last ones."""
-        block = Block([index] + [v.type for v in carried], ["i"] + ["acc"] * len(carried))
-        attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {})}
-        loop = b.create("loop.for", [lb, ub, *carried], attrs or None, regions=[Region([block])])
-        inner = Builder.at_end(block, self.module, b.loc)
-        out = body(inner, *block.args)
-        inner.create("loop.yield", list(out) if carried else [])
-        return loop.results
 
     def broadcast_reader(self, buf, result_rank: int):
         """A function (builder, result ivs) -> the indices that read `buf` broadcast to the result."""
@@ -193,6 +200,11 @@ class BatchView:
 
 # --- helpers shared by several families of rules ------------------------------------------------------
 
+def store_epilogue(L: FunctionLowering, b: Builder, out, at: list, epilogue):
+    """out[at] = epilogue(b, out[at], at): a fused elementwise chain applied to an element in place."""
+    b.create("mem.store", [epilogue(b, b.create("mem.load", [out] + at).result, at), out] + at)
+
+
 def copy_nest(L: FunctionLowering, src, dst, sizes, src_index, dst_index, parallel=True):
     """dst[dst_index(ivs)] = src[src_index(ivs)] over `sizes`."""
     L.nest(sizes, lambda b, ivs: b.create("mem.store", [b.create("mem.load", [src] + src_index(b, ivs)).result, dst]
@@ -207,5 +219,5 @@ def as_index(L, b, v):
 def apply_epilogue(L, out, sizes, epilogue):
     """A fused elementwise chain as its own pass over the result (for lowerings without a hook)."""
     if epilogue is not None:
-        L.nest(sizes, lambda b, ivs: epilogue(b, out, ivs))
+        L.nest(sizes, lambda b, ivs: store_epilogue(L, b, out, ivs, epilogue))
     return [out]

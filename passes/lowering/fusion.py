@@ -23,18 +23,18 @@ def fusion(L: FunctionLowering, op: Operation):
         return row_kernel(L, [o for o in block if o is not block.last])
     if anchor is None:
         return elementwise(L, root, [v.defining_op() for v in block.last.operands[1:]])
-    # The anchor writes the result buffer; epilogue(b, out, indices) then rewrites an element in place.
+    # The anchor's rule applies epilogue(b, product, indices) -> the kernel's element, in IR.
     leaves = leaves_of(L, root)
     readers = {v: L.broadcast_reader(L.buffers[v], root.results[0].type.rank) for v in leaves if v is not anchor.results[0]}
 
-    def epilogue(b, out, ivs):
+    def epilogue(b, product, ivs):
         def value(v):
             if v is anchor.results[0]:
-                return b.create("mem.load", [out] + ivs).result
+                return product
             p = v.defining_op()
             if p is root or p in L.fused:
                 return scalar(L, b, p, [value(o) for o in p.operands])
             return b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
-        b.create("mem.store", [value(root.results[0]), out] + ivs)
+        return value(root.results[0])
 
     return RULES[anchor.name](L, anchor, epilogue=epilogue)  # the anchor rules take an epilogue

@@ -1,4 +1,5 @@
-"""Register-tiled matrix multiplication in loop IR, for lower-to-loops: C[M, N] = A[M, K] @ B[K, N].
+"""Register-tiled matrix multiplication in loop IR, for tile (mem.matmul) and lower-to-loops (the
+direct convolution): C[M, N] = A[M, K] @ B[K, N].
 
 The GotoBLAS/BLIS structure, spelled in loop IR so it prints, runs on the interpreter and is tested
 like every other lowering:
@@ -25,7 +26,7 @@ from typing import Callable
 
 from mlc.ir.types import MemRefType, VectorType
 
-VECTOR_BYTES = 32  # AVX2; the GEMM's micro-kernel takes lower-to-loops' `vector-bytes` (the driver's: the host's widest)
+VECTOR_BYTES = 32  # AVX2; the GEMM takes tile's `vector-bytes` (the driver gives the host's widest)
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
@@ -54,13 +55,16 @@ class Gemm:
     c: object                             # the result buffer; C[i, j] is c[*c_prefix, i, j]
     c_prefix: list
     epilogue: Callable | None = None      # (builder, i): row i of C is final
+    vector_bytes: int = VECTOR_BYTES      # 64 gives 6 x 32 f32 tiles in 12 of AVX-512's 32 registers
+    kc: int = KC
+    mc: int = MC
 
     def emit(self, L, b, parallel: bool):
-        """The loop nest at b, with vectors of L.vector_bytes: 64 gives 6 x 32 f32 tiles in 12 of
-        AVX-512's 32 registers. `parallel`: the row-block loop may run on threads (top level only).
-        The direct convolution stays at 32 bytes: its tiles run along image rows, often narrower."""
+        """The loop nest at b, built with L (a LoopBuilder). `parallel`: the row-block loop may run on
+        threads (not inside another parallel loop). The direct convolution stays at 32-byte vectors:
+        its tiles run along image rows, often narrower."""
         e, self.L = self.element, L
-        self.lanes = lanes(e, L.vector_bytes)
+        self.lanes = lanes(e, self.vector_bytes)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
         nr = L.idx(self.nr)
@@ -74,16 +78,16 @@ class Gemm:
             # two column halves per block of rows, so that a product of few rows (a batch of 1 or 32)
             # still has a task per core; a row epilogue needs whole rows, so it keeps one
             half = n // 2
-            blocks = L.op(b, "arith.div", L.op(b, "arith.add", self.M, L.idx(MC - 1)), L.idx(MC))
+            blocks = L.op(b, "arith.div", L.op(b, "arith.add", self.M, L.idx(self.mc - 1)), L.idx(self.mc))
 
             def task(tb, t):
                 block = L.op(tb, "arith.div", t, L.idx(2))
-                i0 = L.op(tb, "arith.mul", block, L.idx(MC))
+                i0 = L.op(tb, "arith.mul", block, L.idx(self.mc))
                 j0 = L.op(tb, "arith.mul", L.op(tb, "arith.sub", t, L.op(tb, "arith.mul", block, L.idx(2))), L.idx(half))
                 self.row_block(tb, i0, j0, half)
             L.loop(b, L.idx(0), L.op(b, "arith.mul", blocks, L.idx(2)), task, parallel=True)
         else:
-            L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=MC)
+            L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=self.mc)
 
     # --- packing -------------------------------------------------------------------------------------
     def pack_b(self, b, panels, parallel):
@@ -118,9 +122,9 @@ class Gemm:
 
     # --- one block of rows ---------------------------------------------------------------------------
     def row_block(self, b, i0, j0=None, width=None):
-        """Rows i0 .. i0 + MC of C (columns j0 .. j0 + width, a static width; all when None)."""
+        """Rows i0 .. i0 + mc of C (columns j0 .. j0 + width, a static width; all when None)."""
         L = self.L
-        end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(MC)), self.M)
+        end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(self.mc)), self.M)
         lo = L.idx(0) if j0 is None else j0
         hi = self.N if j0 is None else L.op(b, "arith.add", j0, L.idx(width))
         zero = L.const(b, 0, self.element)
@@ -129,10 +133,10 @@ class Gemm:
         scratch = b.create("mem.alloc", result_types=[MemRefType((MR, self.nr), self.element)], name_hint="tile").result
 
         def k_slice(kb, k0):
-            k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(KC)), self.K)
+            k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(self.kc)), self.K)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
                 L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch)), span=width)
-        L.loop(b, L.idx(0), self.K, k_slice, step=KC)
+        L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
             L.loop(b, i0, end, self.epilogue)
 

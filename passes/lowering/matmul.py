@@ -1,10 +1,10 @@
-"""mlc.matmul, through the register-tiled GEMM of gemm.py where it applies (else loops blocked over
-rows), and mlc.transpose."""
+"""mlc.matmul: a mem.matmul over buffers where the tiled GEMM applies (f32/f64 matrices; the tile pass
+blocks and packs it), else loops blocked over rows; and mlc.transpose."""
 from __future__ import annotations
 
-from mlc.ir.core import Operation, Value
+from mlc.ir.core import Block, Builder, Operation, Region, Value
 from mlc.ir.dialects.mlc import Matmul
-from mlc.ir.types import TensorType
+from mlc.ir.types import TensorType, index
 
 from . import gemm
 from .core import BatchView, FunctionLowering, apply_epilogue, copy_nest, rule
@@ -34,21 +34,18 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     read_a = L.broadcast_reader(BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
     read_b = L.broadcast_reader(BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
 
-    if tiled_gemm:
-        def load(buf, prefix, transposed):
-            return lambda kb, x, y: kb.create("mem.load", [buf] + prefix + ([y, x] if transposed else [x, y])).result
-
-        def tiled(b, bi):
-            at_a, at_b = read_a(b, bi), read_b(b, bi)
-            gemm.Gemm(rows[0], cols[0], k, t.element, load_a=load(a, at_a, ta), load_b=load(bm, at_b, tb),
-                      load_b_vector=None if tb else
-                      lambda kb, kk, j, vt: kb.create("vector.load", [bm] + at_b + [kk, j], result_types=[vt]).result,
-                      c=out, c_prefix=bi, epilogue=epilogue and (lambda rb, i: L.loop(
-                          rb, L.idx(0), cols[0], lambda jb, j: epilogue(jb, out, bi + [i, j])))).emit(L, b, parallel=not batch_rank)
+    if tiled_gemm:  # the tile pass makes the blocked, packed loop nest of it
+        def product(b, bi):
+            block = Block([index, index, t.element], ["i", "j", "acc"])
+            flags = {name: True for name, on in (("transpose_a", ta), ("transpose_b", tb)) if on}
+            b.create("mem.matmul", [a, bm, out, *read_a(b, bi), *read_b(b, bi), *bi], flags or None, regions=[Region([block])])
+            i, j, acc = block.args
+            eb = Builder.at_end(block, L.module, b.loc)
+            eb.create("mem.yield", [epilogue(eb, acc, bi + [i, j]) if epilogue else acc])
         if batch_rank:
-            L.nest(sizes, tiled, parallel=True)
+            L.nest(sizes, product, parallel=True)
         else:
-            tiled(L.b, [])
+            product(L.b, [])
         return [out]
 
     # Zero the result, then accumulate with the reduction loop outside the column loop: the innermost
