@@ -6,6 +6,10 @@ becomes
         zero them; for each `kc`-deep slice of K, micro-tiles of 6 rows x 2 vectors in registers;
         then the epilogue's ops, copied in, over each finished row
 
+and each mem.conv2d the direct convolution: parallel over output rows, micro-tiles of 6 output
+channels x 2 vectors along the row, reduced over blocks of input channels and the window in
+registers, then the epilogue over the finished row.
+
 The options fix the shape of the tiles, so the same pipeline prints the same IR on every machine; the
 compiler driver (mlc/compiler.py) gives the host's vector width: `tile{vector-bytes=64}` with AVX-512.
 """
@@ -33,13 +37,27 @@ class Tile(Pass):
     def run(self, module: Module) -> None:
         for f in module.functions.values():
             builder = LoopBuilder(module, f)
-            for op in [o for o in f.body.walk() if o.name == "mem.matmul"]:
-                self.tile(builder, op)
+            for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:
+                builder.b = Builder.before(op, module)
+                (self.tile_matmul if op.name == "mem.matmul" else self.tile_conv)(builder, op)
+                op.erase()
 
-    def tile(self, L: LoopBuilder, op: Operation) -> None:
+    def tile_conv(self, L: LoopBuilder, op: Operation) -> None:
+        """The direct convolution of gemm.py: micro-tiles of 6 output channels x 2 vectors (of 32
+        bytes: image rows are often narrower than wider tiles) along an output row."""
+        x, w, out = op.operands
+        n, o_ch, oh, ow = L.dims(out)
+        (dh, dw), e = op.attr("dilation"), out.type.element
+        span = L.op(L.b, "arith.add", ow, L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw)))
+        needed = L.op(L.b, "arith.add", span, L.idx(gemm.DirectConv.extra_columns(e)))
+        L.b.create("mem.check", [L.op(L.b, "arith.ge", L.dim(x, 3), needed)],
+                   {"message": "the input lacks the spare columns the tiled convolution reads", "op": op.name})
+        gemm.DirectConv(x, w, out, [n, o_ch, oh, ow], L.dim(w, 1), op.attr("groups"), op.attr("stride_y"), (dh, dw), e,
+                        _conv_row_epilogue(L, op, out, o_ch, ow)).emit(L, L.b)
+
+    def tile_matmul(self, L: LoopBuilder, op: Operation) -> None:
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, [t.rank for t in op.operand_types[:3]])
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
-        L.b = Builder.before(op, L.module)
         ra, rb = a.type.rank, b.type.rank
         m, k, n = L.dim(a, ra - 1 if ta else ra - 2), L.dim(a, ra - 2 if ta else ra - 1), L.dim(b, rb - 2 if tb else rb - 1)
 
@@ -52,25 +70,36 @@ class Tile(Pass):
                   c=c, c_prefix=at_c, epilogue=_row_epilogue(L, op, c, at_c, n),
                   vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc"),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
-        op.erase()
 
 
 def _row_epilogue(L: LoopBuilder, op: Operation, c, at_c: list, n):
-    """(builder, i) -> the epilogue's ops applied over row i of C, or None for `mem.yield %acc`."""
-    block = op.regions[0].blocks[0]
-    if block.last.operands[0] is block.args[2]:
+    """(builder, i) -> mem.matmul's epilogue over row i of C, or None for `mem.yield %acc`."""
+    if _is_identity(op):
         return None
+    return lambda rb, i: L.loop(rb, L.idx(0), n, lambda eb, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]))
 
-    def row(rb, i):
-        def element(eb, j):
-            at = at_c + [i, j]
-            mapping = dict(zip(block.args, [i, j, eb.create("mem.load", [c] + at).result]))
-            for inner in block:
-                if inner is not block.last:
-                    eb.block.insert_before(eb.anchor, inner.clone(mapping))
-            eb.create("mem.store", [mapping.get(block.last.operands[0], block.last.operands[0]), c] + at)
-        L.loop(rb, L.idx(0), n, element)
-    return row
+
+def _conv_row_epilogue(L: LoopBuilder, op: Operation, out, o_ch, ow):
+    """(builder, n, y) -> mem.conv2d's epilogue over output row (n, :, y, :), or None."""
+    if _is_identity(op):
+        return None
+    return lambda rb, n, y: L.nest([o_ch, ow], lambda eb, ox: _epilogue_at(eb, op, out, [n, ox[0], y, ox[1]]), b=rb)
+
+
+def _is_identity(op: Operation) -> bool:
+    block = op.regions[0].blocks[0]
+    return block.last.operands[0] is block.args[-1]
+
+
+def _epilogue_at(b: Builder, op: Operation, out, at: list, indices: list | None = None) -> None:
+    """out[at] = the epilogue's ops, copied in, on its indices (those of `at` unless given) and the
+    value at `at`."""
+    block = op.regions[0].blocks[0]
+    mapping = dict(zip(block.args, (at if indices is None else indices) + [b.create("mem.load", [out] + at).result]))
+    for inner in block:
+        if inner is not block.last:
+            b.block.insert_before(b.anchor, inner.clone(mapping))
+    b.create("mem.store", [mapping.get(block.last.operands[0], block.last.operands[0]), out] + at)
 
 
 def _in_parallel_loop(op: Operation) -> bool:

@@ -336,16 +336,72 @@ class Matmul(OpDef):
         return []
 
 
-class MatmulYield(Terminator):
+class Conv2d(OpDef):
+    """A convolution over buffers with stride 1 along x and an epilogue per element, before tiling
+    (the `tile` pass turns it into the register-tiled direct convolution):
+
+        out[n, o, y, x] = epilogue(n, o, y, x, sum over c, i, j of
+                                   input[n, g*C + c, y*stride_y + i*dh, x + j*dw] * w[o, c, i, j])
+
+    with g = o's group (w is OIHW: C input channels per group). The input is already padded; the
+    tiled kernel also reads up to 2 vectors (of 32 bytes) past the last column it needs, so the
+    input must have those columns too (lower-to-loops pads with them; tile checks at run time)."""
+    name = "mem.conv2d"
+    operands = 3
+    results = 0
+    regions = 1
+    traits = {WRITES}
+    attrs = {"stride_y": Attr("int", 1), "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)}
+
+    @staticmethod
+    def infer(op, ctx):
+        types = [_memref(t, f"operand {i}") for i, t in enumerate(op.operand_types)]
+        if any(t.rank != 4 for t in types) or len({t.element for t in types}) != 1:
+            raise VerifyError("takes the input, the weights (OIHW) and the result: buffers of rank 4 of one element type")
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        e = op.operand_types[2].element
+        if [a.type for a in op.regions[0].blocks[0].args] != [index] * 4 + [e]:
+            raise VerifyError(f"the epilogue takes (index, index, index, index, {e}): n, o, y, x and the sum")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, w, out = ins
+        (dh, dw), sy, groups = op.attr("dilation"), op.attr("stride_y"), op.attr("groups")
+        n, o_ch, oh, ow = out.shape
+        _, cg, kh, kw = w.shape
+        if (kh - 1) * dh + sy * (oh - 1) >= x.shape[2] or (kw - 1) * dw + ow > x.shape[3] or cg * groups != x.shape[1]:
+            raise RuntimeCheck(f"a {fmt_shape(out.shape)} result of a {fmt_shape(w.shape)} kernel does not fit a "
+                               f"{fmt_shape(x.shape)} input")
+        acc, per = np.zeros(out.shape, np.float64), o_ch // groups
+        for g in range(groups):
+            xs = x[:, g * cg:(g + 1) * cg].astype(np.float64)
+            for i in range(kh):
+                for j in range(kw):
+                    patch = xs[:, :, i * dh:i * dh + sy * (oh - 1) + 1:sy, j * dw:j * dw + ow]
+                    acc[:, g * per:(g + 1) * per] += np.einsum("ncyx,oc->noyx", patch, w[g * per:(g + 1) * per, :, i, j])
+        block = op.regions[0].blocks[0]
+        if block.last.operands[0] is block.args[4]:  # the sum itself
+            out[...] = acc
+            return []
+        for at in np.ndindex(out.shape):
+            out[at] = ctx.run_region(op.regions[0], [np.int64(k) for k in at] + [out.dtype.type(acc[at])])[0]
+        return []
+
+
+class EpilogueYield(Terminator):
+    """Ends the epilogue of mem.matmul or mem.conv2d: the element of the result."""
     name = "mem.yield"
-    parent = "mem.matmul"
+    parent = ("mem.matmul", "mem.conv2d")
     traits = {TERMINATOR, PURE}
 
     @staticmethod
     def check_values(op, owner):
         e = owner.operand_types[2].element
         if list(op.operand_types) != [e]:
-            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the product's element is {e}")
+            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the result's element is {e}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
-"""mlc.conv2d (the register-tiled direct convolution of gemm.py for stride 1 along x, else loops over
-a padded copy of the input) and mlc.conv2d_transpose (gather form)."""
+"""mlc.conv2d (a mem.conv2d, which the tile pass makes a register-tiled direct convolution, for stride
+1 along x; else loops over a padded copy of the input) and mlc.conv2d_transpose (gather form)."""
 from __future__ import annotations
 
-from mlc.ir.core import Operation
+from mlc.ir.core import Block, Builder, Operation, Region
 from mlc.ir.dialects import mlc as tensor_ops
-from mlc.ir.types import TensorType
+from mlc.ir.types import TensorType, index
 
 from . import gemm
-from .core import FunctionLowering, apply_epilogue, copy_nest, rule, store_epilogue
+from .core import FunctionLowering, apply_epilogue, copy_nest, rule
 from .windows import guarded_load, source_index, window_size
 
 
@@ -59,8 +59,9 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
 
 
 def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
-    """Stride 1 along x: the register-tiled direct convolution of gemm.py (DirectConv), on a copy of the
-    input padded with zeros (and with spare columns on the right for the last tile's lanes)."""
+    """Stride 1 along x: mem.conv2d (the tile pass makes the register-tiled direct convolution of it) on
+    a copy of the input padded with zeros and with the spare columns on the right that the last
+    tile's vectors read; the fused consumers are its epilogue."""
     t = op.results[0].type
     (sh, _), (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
     n, c_in, h, wd = L.dims(x)
@@ -78,9 +79,12 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
     out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
-    row_epilogue = epilogue and (lambda b, bn, y: L.nest(
-        [o_ch, ow], lambda eb, ivs: store_epilogue(L, eb, out, [bn, ivs[0], y, ivs[1]], epilogue), b=b))
-    gemm.DirectConv(xp, w, out, [n, o_ch, oh, ow], L.dim(w, 1), groups, sh, dilation, e, row_epilogue).emit(L, L.b)
+    block = Block([index] * 4 + [e], ["n", "o", "y", "x", "acc"])
+    attrs = {name: value for name, value, default in (("stride_y", sh, 1), ("dilation", list(dilation), [1, 1]), ("groups", groups, 1))
+             if value != default}
+    L.b.create("mem.conv2d", [xp, w, out], attrs or None, regions=[Region([block])])
+    eb = Builder.at_end(block, L.module, L.b.loc)
+    eb.create("mem.yield", [epilogue(eb, block.args[4], list(block.args[:4])) if epilogue else block.args[4]])
     return [out]
 
 

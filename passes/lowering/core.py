@@ -200,11 +200,6 @@ class BatchView:
 
 # --- helpers shared by several families of rules ------------------------------------------------------
 
-def store_epilogue(L: FunctionLowering, b: Builder, out, at: list, epilogue):
-    """out[at] = epilogue(b, out[at], at): a fused elementwise chain applied to an element in place."""
-    b.create("mem.store", [epilogue(b, b.create("mem.load", [out] + at).result, at), out] + at)
-
-
 def copy_nest(L: FunctionLowering, src, dst, sizes, src_index, dst_index, parallel=True):
     """dst[dst_index(ivs)] = src[src_index(ivs)] over `sizes`."""
     L.nest(sizes, lambda b, ivs: b.create("mem.store", [b.create("mem.load", [src] + src_index(b, ivs)).result, dst]
@@ -219,5 +214,5 @@ def as_index(L, b, v):
 def apply_epilogue(L, out, sizes, epilogue):
     """A fused elementwise chain as its own pass over the result (for lowerings without a hook)."""
     if epilogue is not None:
-        L.nest(sizes, lambda b, ivs: store_epilogue(L, b, out, ivs, epilogue))
+        L.nest(sizes, lambda b, ivs: b.create("mem.store", [epilogue(b, b.create("mem.load", [out] + ivs).result, ivs), out] + ivs))
     return [out]
