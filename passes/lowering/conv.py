@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from mlc.ir.core import Block, Builder, Operation, Region
 from mlc.ir.dialects import mlc as tensor_ops
-from mlc.ir.types import TensorType, index
+from mlc.ir.types import index
 
 from . import gemm
-from .core import FunctionLowering, apply_epilogue, copy_nest, rule
+from .core import FunctionLowering, apply_epilogue, rule
+from .shape import padded
 from .windows import guarded_load, source_index, window_size
 
 
@@ -24,17 +25,7 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
     e = t.element
     if sw == 1 and gemm.supports(e):
         return _tiled_conv2d(L, op, x, w, epilogue)
-    if pt or pl or pb or pr:
-        padded_type = TensorType((x.type.shape[0], x.type.shape[1],
-                                  None if x.type.shape[2] is None else x.type.shape[2] + pt + pb,
-                                  None if x.type.shape[3] is None else x.type.shape[3] + pl + pr), e)
-        psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr))]
-        xp = L.alloc(padded_type, psizes)
-        L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
-        copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
-                   lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
-    else:
-        xp = x
+    xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr]) if pt or pl or pb or pr else x
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
     out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
@@ -66,15 +57,7 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     (sh, _), (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
     n, c_in, h, wd = L.dims(x)
     e = t.element
-    spare = gemm.DirectConv.extra_columns(e)
-    shape = x.type.shape
-    padded_type = TensorType((shape[0], shape[1], None if shape[2] is None else shape[2] + pt + pb,
-                              None if shape[3] is None else shape[3] + pl + pr + spare), e)
-    psizes = [n, c_in, L.op(L.b, "arith.add", h, L.idx(pt + pb)), L.op(L.b, "arith.add", wd, L.idx(pl + pr + spare))]
-    xp = L.alloc(padded_type, psizes)
-    L.nest(psizes, lambda b, ivs: b.create("mem.store", [L.const(b, 0, e), xp] + ivs))
-    copy_nest(L, x, xp, [n, c_in, h, wd], lambda b, ivs: ivs,
-               lambda b, ivs: ivs[:2] + [L.op(b, "arith.add", ivs[2], L.idx(pt)), L.op(b, "arith.add", ivs[3], L.idx(pl))])
+    xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr + gemm.DirectConv.extra_columns(e)])
     o_ch = L.dim(w, 0)
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)

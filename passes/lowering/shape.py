@@ -5,6 +5,7 @@ from __future__ import annotations
 from mlc.ir.core import Operation
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.shapes import norm_axis
+from mlc.ir.types import TensorType
 
 from .core import FunctionLowering, as_index, copy_nest, rule
 
@@ -78,17 +79,19 @@ def slice_(L: FunctionLowering, op: Operation):
 
 @rule("mlc.pad")
 def pad(L: FunctionLowering, op: Operation):
-    x = L.buffers[op.operands[0]]
-    t = op.results[0].type
-    low, high = op.attr("low"), op.attr("high")
+    return [padded(L, L.buffers[op.operands[0]], op.attr("low"), op.attr("high"), op.attr("value"), op.results[0].name_hint)]
+
+
+def padded(L: FunctionLowering, x, low, high, value=0, name_hint=None):
+    """A new buffer holding x with `low`/`high` elements of `value` before/after each dim."""
+    t = TensorType(tuple(None if d is None else d + lo + hi for d, lo, hi in zip(x.type.shape, low, high)), x.type.element)
     in_sizes = L.dims(x)
-    sizes = [L.op(L.b, "arith.add", s, L.idx(lo + hi)) if d is None else L.idx(d)
-             for s, d, lo, hi in zip(in_sizes, t.shape, low, high)]
-    out = L.alloc(t, sizes, op.results[0].name_hint)
-    L.nest(sizes, lambda b, ivs: b.create("mem.store", [L.const(b, op.attr("value"), t.element), out] + ivs))
+    sizes = [L.op(L.b, "arith.add", s, L.idx(lo + hi)) if d is None else L.idx(d) for s, d, lo, hi in zip(in_sizes, t.shape, low, high)]
+    out = L.alloc(t, sizes, name_hint)
+    L.nest(sizes, lambda b, ivs: b.create("mem.store", [L.const(b, value, t.element), out] + ivs))
     copy_nest(L, x, out, in_sizes, lambda b, ivs: ivs,
-               lambda b, ivs: [L.op(b, "arith.add", iv, L.idx(lo)) for iv, lo in zip(ivs, low)])
-    return [out]
+              lambda b, ivs: [L.op(b, "arith.add", iv, L.idx(lo)) if lo else iv for iv, lo in zip(ivs, low)])
+    return out
 
 
 @rule("mlc.concat")
