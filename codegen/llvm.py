@@ -36,7 +36,6 @@ F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
 INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "pow"}  # math functions LLVM has as intrinsics (others: libm)
-ELEMENTWISE_ROWS = {**UNARY, **BINARY}
 
 
 def scalar_type(e: ElementType):
@@ -612,7 +611,7 @@ class ArithEmitter:
             raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
         if name == "select":
             return self.b.select(*xs)
-        row = ELEMENTWISE_ROWS.get(name)
+        row = UNARY.get(name) or BINARY.get(name)
         if row is not None and callable(row.scalar):
             return row.scalar(_Expansion(self, op, t), *xs)
         if row is not None and row.scalar and is_float:

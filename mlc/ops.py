@@ -13,7 +13,7 @@ import numpy as np
 
 from mlc.ir.attributes import UNIT
 from mlc.ir.core import Block, Region
-from mlc.ir.dialects.mlc import END
+from mlc.ir.dialects.mlc import END, UNARY
 from mlc.ir.types import TensorType, element_of
 
 from . import tensor
@@ -270,3 +270,13 @@ __all__ = ["add", "subtract", "multiply", "divide", "power", "floor_divide", "ma
            "reshape", "transpose", "swapaxes", "moveaxis", "expand_dims", "squeeze", "broadcast_to", "concatenate",
            "stack", "split", "pad", "take", "full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "arange",
            "tril", "triu", "scan", "stop_gradient"]
+
+
+# A unary row of the elementwise table (ir/dialects/mlc.py) without a function above gets one under its
+# own name, so that a new row is usable from Python at once.
+_NUMPY_NAMES = {"neg": "negative", "abs": "absolute", "not": "logical_not"}
+for _op, _row in UNARY.items():
+    _name = _NUMPY_NAMES.get(_op, _op)
+    if _name not in globals():
+        globals()[_name] = _unary(f"mlc.{_op}", floating=_row.kind == "float")
+        __all__.append(_name)

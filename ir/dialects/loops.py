@@ -455,13 +455,18 @@ class _Probe:
         return self._op.attr(name, default)
 
 
-for _name, _base in mlc.UNARY.items():
-    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),), {"name": f"arith.{_name}", "traits": {PURE, ELEMENTWISE}})
 REASSOCIATIVE = ("add", "mul", "maximum", "minimum")  # `{reassoc}`: a reduction may be regrouped (vectorised)
-for _name, _base in [*mlc.BINARY.items(), ("select", mlc.Select)]:
-    _attrs = {**_base.attrs, "reassoc": Attr("bool", False)} if _name in REASSOCIATIVE else _base.attrs
-    type(f"Scalar{_name.capitalize()}", (_scalar_family(_base),),
-         {"name": f"arith.{_name}", "traits": _base.traits - {"broadcasting"}, "attrs": _attrs})
+
+
+def _scalar_twin(name: str, base) -> None:
+    """arith.<name>, the twin of an elementwise row (or of select)."""
+    attrs = {**base.attrs, "reassoc": Attr("bool", False)} if name in REASSOCIATIVE else base.attrs
+    type(f"Scalar{name.capitalize()}", (_scalar_family(base),),
+         {"name": f"arith.{name}", "traits": base.traits - {"broadcasting"}, "attrs": attrs})
+
+
+mlc.on_each_row(_scalar_twin)  # the rows declared so far, and any declared later
+_scalar_twin("select", mlc.Select)
 
 
 class BitOp(OpDef):

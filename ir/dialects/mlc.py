@@ -149,6 +149,16 @@ def _fold_select(op, consts):
 CHEAP, EXPENSIVE = "cheap", "expensive"
 UNARY: dict[str, type[OpDef]] = {}   # short name -> row
 BINARY: dict[str, type[OpDef]] = {}
+_ROW_HOOKS: list = []
+
+
+def on_each_row(hook) -> None:
+    """Call hook(short name, row) for every elementwise row, those declared so far and those to come
+    (the loop dialect makes each row's scalar twin this way)."""
+    _ROW_HOOKS.append(hook)
+    for table in (UNARY, BINARY):
+        for name, row in list(table.items()):
+            hook(name, row)
 
 
 class Elementwise(OpDef):
@@ -170,6 +180,8 @@ class Elementwise(OpDef):
         super().__init_subclass__(**kw)
         if cls.__dict__.get("name", "").startswith("mlc."):  # (not the arith twins)
             cls.table()[cls.name[len("mlc."):]] = cls
+            for hook in _ROW_HOOKS:
+                hook(cls.name[len("mlc."):], cls)
 
 
 class Unary(Elementwise):
