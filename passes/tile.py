@@ -1,4 +1,4 @@
-"""tile: each mem.matmul becomes the blocked, packed, register-tiled loop nest of lowering/gemm.py:
+"""tile: each mem.matmul becomes the blocked, packed, register-tiled loop nest of gemm.py:
 
     mem.matmul %a, %b, %c {...} { epilogue }
 becomes
@@ -18,7 +18,7 @@ from __future__ import annotations
 from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.dialects.loops import Matmul
 
-from .lowering import gemm
+from . import gemm
 from .lowering.core import LoopBuilder
 from .manager import Pass, PipelineError
 

@@ -4,9 +4,8 @@
   elementwise  elementwise ops, broadcast_to; constants, globals and calls (they stay tensor ops)
   fusion       the kernels the fuse pass makes
   rows         reductions, softmax, cross_entropy, row kernels
-  matmul       matmul and transpose
-  gemm         the register-tiled GEMM and direct convolution, in loop IR
-  conv         conv2d, conv2d_transpose
+  matmul       matmul (a mem.matmul where the tiled GEMM applies) and transpose
+  conv         conv2d (a mem.conv2d where the tiled kernel applies), conv2d_transpose
   pool         pools and their gradients (windows: the index arithmetic they share with conv)
   shape        reshape, iota, slice, pad, concat, gather, scatter_add
   scan         scan

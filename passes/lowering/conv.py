@@ -6,7 +6,7 @@ from mlc.ir.core import Block, Builder, Operation, Region
 from mlc.ir.dialects import mlc as tensor_ops
 from mlc.ir.types import index
 
-from . import gemm
+from .. import gemm
 from .core import FunctionLowering, apply_epilogue, rule
 from .shape import padded
 from .windows import guarded_load, source_index, window_size

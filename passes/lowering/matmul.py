@@ -6,7 +6,7 @@ from mlc.ir.core import Block, Builder, Operation, Region, Value
 from mlc.ir.dialects.mlc import Matmul
 from mlc.ir.types import TensorType, index
 
-from . import gemm
+from .. import gemm
 from .core import BatchView, FunctionLowering, apply_epilogue, copy_nest, rule
 
 

@@ -1,5 +1,5 @@
-"""Register-tiled matrix multiplication in loop IR, for tile (mem.matmul) and lower-to-loops (the
-direct convolution): C[M, N] = A[M, K] @ B[K, N].
+"""The register-tiled kernels the tile pass emits, in loop IR: matrix multiplication (mem.matmul),
+C[M, N] = A[M, K] @ B[K, N], and the direct convolution (mem.conv2d).
 
 The GotoBLAS/BLIS structure, spelled in loop IR so it prints, runs on the interpreter and is tested
 like every other lowering:
