@@ -1,8 +1,9 @@
 """lower-to-loops: tensor ops become loop nests over buffers (the `mem`, `loop` and `arith` dialects).
 
 The driver and its helpers are in passes/lowering/core.py, the rules in passes/lowering/, one module
-per family of ops. Ops that accumulate f16/bf16 values are lowered as they are: widen-half, which the
-cpu pipeline runs first, makes them f32.
+per family of ops. What the passes around it decide, it follows or leaves to them: widen-half has
+made sums of f16/bf16 values f32, bufferize has said which results are written in place; products
+and stride-1 convolutions become mem.matmul / mem.conv2d for tile, and buffer-dealloc frees buffers.
 """
 from __future__ import annotations
 
