@@ -313,7 +313,11 @@ class Matmul(OpDef):
         types = [_memref(t, f"operand {i}") for i, t in enumerate(op.operand_types[:3])]
         if any(t.rank < 2 for t in types) or len({t.element for t in types}) != 1:
             raise VerifyError("takes three buffers of one element type, each of rank >= 2")
-        _indices(op.operand_types[3:], sum(t.rank - 2 for t in types), 3)
+        leading = sum(t.rank - 2 for t in types)
+        if len(op.operand_types) - 3 != leading:
+            raise VerifyError(f"takes {leading} indices after its buffers (one per dim before their matrices), "
+                              f"got {len(op.operand_types) - 3}")
+        _indices(op.operand_types[3:], leading, 3)
         return []
 
     @staticmethod
@@ -325,7 +329,7 @@ class Matmul(OpDef):
     @classmethod
     def interpret(cls, ins, op, ctx):
         (a, b, c), leads = cls.split(ins, [t.rank for t in op.operand_types[:3]])
-        a, b, out = (buf[tuple(int(i) for i in lead)] for buf, lead in zip((a, b, c), leads))
+        a, b, out = (buf[_checked(buf, tuple(int(i) for i in lead))] for buf, lead in zip((a, b, c), leads))
         a = a.T if op.attr("transpose_a") else a
         b = b.T if op.attr("transpose_b") else b
         if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
