@@ -12,12 +12,20 @@ becomes
 
 A transpose with any other use is left to be computed once, and the products read the copy (their
 kernel packs contiguous rows faster than it gathers columns).
+
+Convolutions in channel blocks, with `conv-block=b` (off by default: the blocked kernel is not tuned
+yet): a conv2d (groups 1, channels divisible by b) becomes mlc.conv2d_blocked on the input as
+N x C/b x H x W x b and the weights as O/b x C/b x kh x kw x b x b, with conversions (a reshape and a
+transpose each way) only at its boundaries; where one blocked convolution feeds another, the
+conversion back and the conversion in cancel (canonicalize composes them away).
 """
 from __future__ import annotations
 
 from mlc.ir.attributes import UNIT
-from mlc.ir.core import Module, Operation
+from mlc.ir.core import Builder, Module, Operation
 
+from .builder import OpBuilder
+from .canonicalize import Canonicalize
 from .manager import Pass
 
 FLAGS = ("transpose_a", "transpose_b")
@@ -25,7 +33,8 @@ FLAGS = ("transpose_a", "transpose_b")
 
 class Layout(Pass):
     name = "layout"
-    summary = "absorb 2-d transposes into the matmuls that read them (transpose_a / transpose_b)"
+    summary = "absorb 2-d transposes into the matmuls that read them; convolutions in channel blocks (conv-block)"
+    options = {"conv-block": 0}
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
@@ -35,6 +44,31 @@ class Layout(Pass):
                     user.set_operand(index, source)
                     _toggle(user, FLAGS[index])
                 transpose.erase()
+        block = self.option("conv-block")
+        convs = [o for f in module.functions.values() for o in f.body.walk() if o.name == "mlc.conv2d" and _blockable(o, block)]
+        for conv in convs:
+            b = Builder.before(conv, module)
+            b.loc = conv.loc
+            conv.replace_with([_blocked_conv(OpBuilder(b), conv, block)])
+        if convs:
+            Canonicalize().run(module)  # conversions back to back cancel
+
+
+def _blockable(op: Operation, block: int) -> bool:
+    x, w = (v.type for v in op.operands)
+    return block > 0 and op.opdef.params(op)[3] == 1 and x.element.name in ("f32", "f64") and \
+        None not in x.shape[1:] + op.results[0].type.shape[1:] and x.shape[1] % block == 0 and w.shape[0] % block == 0
+
+
+def _blocked_conv(d: OpBuilder, op: Operation, b: int):
+    x, w = op.operands
+    n, c, h, wd = x.type.shape
+    o, _, kh, kw = w.type.shape
+    xb = d("mlc.transpose", d.reshape(x, (n, c // b, b, h, wd)), perm=[0, 1, 3, 4, 2])
+    wb = d("mlc.transpose", d.reshape(w, (o // b, b, c // b, b, kh, kw)), perm=[0, 2, 4, 5, 3, 1])
+    attrs = {k: op.attributes[k] for k in ("stride", "padding", "dilation") if k in op.attributes}
+    yb = d("mlc.conv2d_blocked", xb, wb, **attrs)
+    return d.reshape(d("mlc.transpose", yb, perm=[0, 1, 4, 2, 3]), op.results[0].type.shape)
 
 
 def _only_feeds_products(op: Operation) -> bool:

@@ -421,3 +421,27 @@ print("ok")
 """
     out = __import__("subprocess").run([__import__("sys").executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 0, 1), (1, 2, 2)])
+def test_convolutions_in_channel_blocks(stride, padding, dilation):
+    """layout{conv-block}: conv2d_blocked against torch on the interpreter, and the blocked pipeline
+    (conversions at the boundaries, cancelled between the convolutions) natively."""
+    import torch
+    n, c, o, h = 2, 8, 16, 11
+    h1 = (h + 2 * padding - dilation * 2 - 1) // stride + 1
+    h2 = (h1 + 2 * padding - dilation * 2 - 1) // stride + 1
+    x = rng.standard_normal((n, c, h, h)).astype(np.float32)
+    w1, w2 = rng.standard_normal((o, c, 3, 3)).astype(np.float32), rng.standard_normal((c, o, 3, 3)).astype(np.float32)
+    attrs = f"{{stride = [{stride}, {stride}], padding = [{padding}, {padding}, {padding}, {padding}], dilation = [{dilation}, {dilation}]}}"
+    text = f"""module {{ func.func @f(%x: tensor<?x{c}x{h}x{h}xf32>, %w1: tensor<{o}x{c}x3x3xf32>, %w2: tensor<{c}x{o}x3x3xf32>) -> tensor<?x{c}x{h2}x{h2}xf32> {{
+      %a = mlc.conv2d %x, %w1 {attrs} : (tensor<?x{c}x{h}x{h}xf32>, tensor<{o}x{c}x3x3xf32>) -> tensor<?x{o}x{h1}x{h1}xf32>
+      %r = mlc.relu %a
+      %b = mlc.conv2d %r, %w2 {attrs} : (tensor<?x{o}x{h1}x{h1}xf32>, tensor<{c}x{o}x3x3xf32>) -> tensor<?x{c}x{h2}x{h2}xf32>
+      return %b : tensor<?x{c}x{h2}x{h2}xf32> }} }}"""
+    conv = lambda v, k: torch.nn.functional.conv2d(v, torch.tensor(k), stride=stride, padding=padding, dilation=dilation)  # noqa: E731
+    want = conv(torch.relu(conv(torch.tensor(x), w1)), w2).numpy()
+    blocked = mlc.run_passes(mlc.parse(text), "layout{conv-block=8}")
+    assert "mlc.conv2d_blocked" in str(blocked) and "mlc.conv2d " not in str(blocked)
+    np.testing.assert_allclose(mlc.interpret(blocked, "f", x, w1, w2), want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(mlc.compile(blocked)["f"](x, w1, w2), want, rtol=1e-4, atol=1e-3)

@@ -64,12 +64,19 @@ SUPPORTED = ("unary", "binary", "constant", "select", "reduction", "matmul", "tr
 # every stage of the cpu pipeline after the tensor level, and all of it at AVX-512's width (a freed buffer
 # is garbage on the interpreter, so an early free shows up as a difference)
 @pytest.mark.parametrize("pipeline", ["lower-to-loops", "fuse,lower-to-loops", "layout,widen-half,fuse,bufferize,lower-to-loops,buffer-dealloc",
-                                      "cpu{vector-bytes=64}"])
+                                      "cpu{vector-bytes=64}", "layout{conv-block=1},fuse,bufferize,lower-to-loops,tile,buffer-dealloc"])
 @given(p=programs(max_ops=6, families=SUPPORTED))
 def test_lowering_keeps_results(pipeline, p):
     lowered = check_pipeline(p, pipeline, rtol=1e-4, atol=1e-5)
     assert not any(op.name.startswith("mlc.") and op.name not in ("mlc.constant", "mlc.global_load")
                    for op in lowered.walk())
+
+
+@given(p=programs(max_ops=4, families=("conv_or_pool",)))
+def test_convolutions_in_channel_blocks_keep_results(p):
+    """layout{conv-block=1} blocks every generated convolution of one group (blocks of one channel:
+    the same conversions and kernel as any width), down to loops."""
+    check_pipeline(p, "layout{conv-block=1},fuse,bufferize,lower-to-loops,tile,buffer-dealloc", rtol=1e-4, atol=1e-5)
 
 
 def test_mlp_example_lowers_and_agrees():

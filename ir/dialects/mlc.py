@@ -1130,14 +1130,7 @@ class Conv2d(OpDef):
 
     @staticmethod
     def interpret(ins, op, ctx):
-        x, w = (_acc(a) for a in ins)
-        (sh, sw), pads, (dh, dw), g = Conv2d.params(op)
-        cols = _windows(_pad_nchw(x, pads), w.shape[2], w.shape[3], sh, sw, dh, dw)
-        n, c, oh, ow, kh, kw = cols.shape
-        cols = cols.reshape(n, g, c // g, oh, ow, kh, kw)
-        wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
-        out = np.einsum("ngcyxij,gocij->ngoyx", cols, wg, optimize=True)
-        return out.reshape(n, w.shape[0], oh, ow)
+        return _conv2d(*(_acc(a) for a in ins), *Conv2d.params(op))
 
     @staticmethod
     def vjp(d, op, g):
@@ -1145,6 +1138,58 @@ class Conv2d(OpDef):
         stride, pads, dilation, groups = Conv2d.params(op)
         return [_conv_input_grad(d, g, w, x.type, stride, pads, dilation, groups),
                 _conv_weight_grad(d, x, g, w.type, stride, pads, dilation, groups)]
+
+
+def _conv2d(x, w, stride, pads, dilation, g):
+    (sh, sw), (dh, dw) = stride, dilation
+    cols = _windows(_pad_nchw(x, pads), w.shape[2], w.shape[3], sh, sw, dh, dw)
+    n, c, oh, ow, kh, kw = cols.shape
+    cols = cols.reshape(n, g, c // g, oh, ow, kh, kw)
+    wg = w.reshape(g, w.shape[0] // g, c // g, kh, kw)
+    out = np.einsum("ngcyxij,gocij->ngoyx", cols, wg, optimize=True)
+    return out.reshape(n, w.shape[0], oh, ow)
+
+
+class Conv2dBlocked(OpDef):
+    """conv2d (groups 1) on channels in blocks, the layout a vectorised kernel wants (the layout pass
+    writes it, with conversions around it): input N x C/b x H x W x b, weight O/b' x C/b x kh x kw x b x
+    b', result N x O/b' x OH x OW x b'. Element [n, C, y, x, c] is channel C*b + c of the NCHW tensor;
+    the weight's [O, C, i, j, c, o] is w[O*b' + o, C*b + c, i, j]."""
+    name = "mlc.conv2d_blocked"
+    operands = 2
+    traits = {PURE}
+    attrs = {"stride": Attr("ints", (1, 1)), "padding": Attr("ints", (0, 0, 0, 0)), "dilation": Attr("ints", (1, 1))}
+
+    @staticmethod
+    def params(op):
+        stride = positive(_pair(op.attr("stride"), "stride"), "stride")
+        return stride, pads4(op.attr("padding")), positive(_pair(op.attr("dilation"), "dilation"), "dilation"), 1
+
+    @classmethod
+    def infer(cls, op, ctx):
+        x, w = _tensors(op)
+        same_element([x, w])
+        require_element(x, "float")
+        _rank(x, 5, "input (N, C/b, H, W, b)"), _rank(w, 6, "weight (O/b', C/b, kh, kw, b, b')")
+        (sh, sw), (pt, pl, pb, pr), (dh, dw), _ = cls.params(op)
+        n, cblocks, h, wd, b = x.shape
+        oblocks, wcblocks, kh, kw, wb, ob = w.shape
+        for what, have, want in (("channel blocks", cblocks, wcblocks), ("channels per block", b, wb)):
+            if have is not None and want is not None and have != want:
+                raise VerifyError(f"input has {have} {what} but the weight expects {want}")
+        if None in (kh, kw, ob):
+            raise VerifyError("the kernel size and the output block must be static")
+        return [TensorType((n, oblocks, window_out(h, pt, pb, kh, sh, dh), window_out(wd, pl, pr, kw, sw, dw), ob), x.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        x, w = (_acc(a) for a in ins)
+        n, cblocks, h, wd, b = x.shape
+        oblocks, _, kh, kw, _, ob = w.shape
+        plain_x = x.transpose(0, 1, 4, 2, 3).reshape(n, cblocks * b, h, wd)
+        plain_w = w.transpose(0, 5, 1, 4, 2, 3).reshape(oblocks * ob, cblocks * b, kh, kw)
+        y = _conv2d(plain_x, plain_w, *cls.params(op))
+        return y.reshape(n, oblocks, ob, *y.shape[2:]).transpose(0, 1, 3, 4, 2)
 
 
 def _static_hw(*types):

@@ -71,6 +71,43 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     return [out]
 
 
+@rule("mlc.conv2d_blocked")
+def conv2d_blocked(L: FunctionLowering, op: Operation):
+    """Channels in blocks, on a padded copy of the input: per output pixel, the output block's
+    channels innermost, contiguous in the result and the weights (LLVM vectorises them). Plain loops:
+    the tuned kernel is the CPU performance work's."""
+    x, w = (L.buffers[v] for v in op.operands)
+    t = op.results[0].type
+    (sh, sw), (pt, pl, pb, pr), (dh, dw), _ = op.opdef.params(op)
+    n, cblocks, h, wd, b = L.dims(x)
+    oblocks, _, kh, kw, _, ob = L.dims(w)
+    xp = padded(L, x, [0, 0, pt, pl, 0], [0, 0, pb, pr, 0]) if pt or pl or pb or pr else x
+    oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
+    ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
+    sizes = [n, oblocks, oh, ow, ob]
+    out = L.alloc(t, sizes, op.results[0].name_hint)
+    e = t.element
+
+    def pixel(b_, ivs):
+        bn, blk, oy, ox = ivs
+        L.nest([ob], lambda zb, o: zb.create("mem.store", [L.const(zb, 0, e), out, bn, blk, oy, ox, o[0]]), b=b_)
+
+        def accumulate(ab, kvs):
+            cb, i, j, c = kvs
+            iy = L.op(ab, "arith.add", L.op(ab, "arith.mul", oy, L.idx(sh)), L.op(ab, "arith.mul", i, L.idx(dh)))
+            ix = L.op(ab, "arith.add", L.op(ab, "arith.mul", ox, L.idx(sw)), L.op(ab, "arith.mul", j, L.idx(dw)))
+            v = ab.create("mem.load", [xp, bn, cb, iy, ix, c]).result
+
+            def channel(ob_, o):
+                at = [bn, blk, oy, ox, o[0]]
+                product = L.op(ob_, "arith.mul", v, ob_.create("mem.load", [w, blk, cb, i, j, c, o[0]]).result)
+                ob_.create("mem.store", [L.op(ob_, "arith.add", ob_.create("mem.load", [out] + at).result, product), out] + at)
+            L.nest([ob], channel, parallel=False, b=ab)
+        L.nest([cblocks, kh, kw, b], accumulate, parallel=False, b=b_)
+    L.nest(sizes[:4], pixel)
+    return [out]
+
+
 @rule("mlc.conv2d_transpose")
 def conv2d_transpose(L: FunctionLowering, op: Operation):
     """Gather form: out[n, g*O + o, y, x] = sum over c, i, j of in[n, g*C + c, (y + top - i*d) / s, ...]

@@ -32,7 +32,7 @@ def source_index(L, b, position, kk, s, d, lo, size):
 def window_size(L, op, size, axis):
     """A pooled/convolved output size at run time: (size + lo + hi - span) / stride + 1."""
     params = op.opdef.params(op)
-    if op.name == "mlc.conv2d":
+    if op.name in ("mlc.conv2d", "mlc.conv2d_blocked"):
         (sh, sw), (pt, pl, pb, pr), (dh, dw), _ = params
         kernel = op.operand_types[1].shape[axis]
     else:
