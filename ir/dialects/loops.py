@@ -496,8 +496,20 @@ def _shift_right_logical(a, b):
     return (a.astype(a.dtype).view(unsigned) >> b.astype(unsigned)).view(a.dtype)
 
 
-for _name, _fn in (("xor", np.bitwise_xor), ("shl", np.left_shift), ("shru", _shift_right_logical)):
-    type(f"Bit{_name.capitalize()}", (BitOp,), {"name": f"arith.{_name}", "fn": staticmethod(_fn)})
+class BitXor(BitOp):
+    name = "arith.xor"
+    fn = staticmethod(np.bitwise_xor)
+
+
+class BitShl(BitOp):
+    name = "arith.shl"
+    fn = staticmethod(np.left_shift)
+
+
+class BitShru(BitOp):
+    """Shift right, filling with zeros."""
+    name = "arith.shru"
+    fn = staticmethod(_shift_right_logical)
 
 
 class ScalarCast(OpDef):
