@@ -16,15 +16,16 @@ in their result row), at the top level of a function, with an operand of the res
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 from mlc.ir.core import Module, Operation
-from mlc.ir.dialects.mlc import BINARY, UNARY
 
 from .fuse import ANCHORS, ROW_REDUCTIONS
-from .lowering.core import IN_PLACE
+from .lowering.core import IN_PLACE, RULES
+from .lowering.elementwise import elementwise
 from .lowering.rows import writes_whole_rows
 from .manager import Pass
 
-ELEMENTWISE = {f"mlc.{n}" for n in [*UNARY, *BINARY]} | {"mlc.select", "mlc.clamp", "mlc.cast", "mlc.broadcast_to"}
 OWN_BUFFER_NOT = ("mlc.constant", "mlc.global_load", "func.call", "mlc.scan")  # results that live elsewhere
 
 
@@ -35,11 +36,15 @@ class Bufferize(Pass):
     def run(self, module: Module) -> None:
         for f in module.functions.values():
             order = {op: i for i, op in enumerate(f.body)}
+            accesses = defaultdict(list)  # global -> its top-level loads and stores
+            for op in f.body:
+                if op.name in ("mlc.global_load", "mlc.global_store"):
+                    accesses[op.attr("global")].append(op)
             written_in_place = set()
             for op in f.body:
                 if not _reads_where_it_writes(op):
                     continue
-                into = [_updated_global(op, i, order) for i in range(len(op.results))]
+                into = [_updated_global(op, i, order, accesses) for i in range(len(op.results))]
                 if into[0] < 0:
                     into[0] = _dying_operand(op, written_in_place)
                 if any(k >= 0 for k in into):
@@ -48,7 +53,7 @@ class Bufferize(Pass):
 
 
 def _reads_where_it_writes(op: Operation) -> bool:
-    if op.name in ELEMENTWISE:
+    if RULES.get(op.name) is elementwise:
         return True
     if op.name != "mlc.fusion":
         return False
@@ -72,15 +77,15 @@ def _dying_operand(op: Operation, written_in_place: set) -> int:
     return -1
 
 
-def _updated_global(op: Operation, result: int, order: dict) -> int:
+def _updated_global(op: Operation, result: int, order: dict, accesses: dict) -> int:
     r = op.results[result]
     stores = [u for u, _ in r.uses if u.name == "mlc.global_store" and u.parent is op.parent]
     if len(stores) != 1 or any(u.name == "func.return" for u in r.users) or not r.type.is_static:
         return -1
-    name, at = stores[0].attr("global"), order[op]
-    if any(o.name == "mlc.global_store" and o.attr("global") == name and o is not stores[0] and i > at for o, i in order.items()):
+    at, others = order[op], accesses[stores[0].attr("global")]
+    if any(o.name == "mlc.global_store" and o is not stores[0] and order[o] > at for o in others):
         return -1  # another store would overwrite the result while it is still a value
-    loads = [o for o in order if o.name == "mlc.global_load" and o.attr("global") == name]
+    loads = [o for o in others if o.name == "mlc.global_load"]
     for load in loads:  # no one reads @g's old value after this kernel
         for user in load.results[0].users:
             while user.parent is not op.parent:

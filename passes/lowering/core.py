@@ -20,8 +20,6 @@ from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.types import MemRefType, TensorType, index
 
-
-
 RULES: dict[str, callable] = {}
 IN_PLACE = "mlc.in_place"  # bufferize's choice: per result, the operand whose storage it is written over (-1: none)
 
