@@ -26,7 +26,7 @@ from mlc.ir.core import Builder, Module, Operation
 
 from .builder import OpBuilder
 from .canonicalize import Canonicalize
-from .manager import Pass
+from .manager import Pass, PipelineError
 
 FLAGS = ("transpose_a", "transpose_b")
 
@@ -35,6 +35,11 @@ class Layout(Pass):
     name = "layout"
     summary = "absorb 2-d transposes into the matmuls that read them; convolutions in channel blocks (conv-block)"
     options = {"conv-block": 0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.option("conv-block") < 0:
+            raise PipelineError(f"layout's conv-block is a number of channels (0: off), got {self.option('conv-block')}")
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
