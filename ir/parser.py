@@ -42,8 +42,8 @@ func_results: "->" TYPE -> func_result | "->" "(" [result_type ("," result_type)
 result_type: TYPE attr_dict?
 func_attrs: "attributes" attr_dict
 
-op: SIMPLE_OP region? LOC? -> simple_op
-  | PRETTY_HEAD pretty_args? attr_dict? (OPSIG | SHORT_SIG)? region? LOC? -> pretty_op
+op: SIMPLE_OP region* LOC? -> simple_op
+  | PRETTY_HEAD pretty_args? attr_dict? (OPSIG | SHORT_SIG)? region* LOC? -> pretty_op
   | GENERIC_HEAD "(" OPERANDS? ")" generic_regions? attr_dict? OPSIG LOC? -> generic_op
   | CALL_HEAD SYMBOL "(" OPERANDS? ")" attr_dict? OPSIG LOC? -> call_op
   | RETURN OPERANDS? SHORT_SIG? LOC? -> return_op
@@ -405,7 +405,7 @@ class IRBuilder:
             elif kind is list:
                 p["regions"] = x
             elif kind is Region:
-                p["regions"] = [x]
+                p["regions"].append(x)
             elif kind is tuple:  # pretty arguments
                 p["operands"], p["extra"] = x[1], x[2]
             elif x is None:

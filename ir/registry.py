@@ -29,6 +29,7 @@ COMMUTATIVE = "commutative"
 TERMINATOR = "terminator"
 HAS_REGION = "has_region"
 SYMBOL = "symbol"              # defines a symbol (func.func, mlc.global)
+PLACED = "placed"              # verify() checks where the op stands (inside a gpu.launch): not memoised
 USES_SYMBOLS = "uses_symbols"  # verification depends on the symbol table (not cached)
 
 
@@ -161,4 +162,4 @@ def all_ops() -> dict[str, type[OpDef]]:
 
 def load_dialects():
     """Import the dialect modules so their ops register (idempotent)."""
-    from .dialects import func, loops, mlc  # noqa: F401
+    from .dialects import func, gpu, loops, mlc  # noqa: F401

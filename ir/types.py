@@ -94,9 +94,21 @@ class TensorType(ShapedType):
     keyword = "tensor"
 
 
+@dataclass(frozen=True, slots=True)
 class MemRefType(ShapedType):
-    __slots__ = ()
+    """A buffer. `space` is where it lives: "" (host memory, or a GPU's global memory) or "shared" (the
+    memory of one GPU thread block: `memref<16x16xf32, shared>`)."""
+    space: str = ""
     keyword = "memref"
+
+    def with_shape(self, shape) -> "MemRefType":
+        return MemRefType(tuple(shape), self.element, self.space)
+
+    def with_element(self, element: ElementType) -> "MemRefType":
+        return MemRefType(self.shape, element, self.space)
+
+    def __str__(self) -> str:
+        return f"memref<{_dims_str(self.shape)}{self.element}{', ' + self.space if self.space else ''}>"
 
 
 class VectorType(ShapedType):
@@ -133,7 +145,8 @@ def types_compatible(a: Type, b: Type) -> bool:
     return False
 
 
-_SHAPED = re.compile(r"(tensor|memref|vector)<\s*((?:(?:\?|\d+)\s*x\s*)*)(\w+)\s*>\Z")
+_SHAPED = re.compile(r"(tensor|memref|vector)<\s*((?:(?:\?|\d+)\s*x\s*)*)(\w+)\s*(?:,\s*(\w+)\s*)?>\Z")
+MEMORY_SPACES = ("", "shared")
 _SHAPED_KINDS = {"tensor": TensorType, "memref": MemRefType, "vector": VectorType}
 _type_cache: dict[str, Type] = {}
 
@@ -151,8 +164,14 @@ def parse_type(text: str) -> Type:
         element = ELEMENT_TYPES.get(m.group(3))
         if element is None:
             raise ValueError(f"unknown element type '{m.group(3)}' in '{text}'")
-        dims = [d.strip() for d in m.group(2).split("x")[:-1]]
-        t = _SHAPED_KINDS[m.group(1)](tuple(None if d == "?" else int(d) for d in dims), element)
+        dims = tuple(None if d == "?" else int(d) for d in (d.strip() for d in m.group(2).split("x")[:-1]))
+        space = m.group(4)
+        if space is None:
+            t = _SHAPED_KINDS[m.group(1)](dims, element)
+        elif m.group(1) != "memref" or space not in MEMORY_SPACES:
+            raise ValueError(f"unknown memory space '{space}' in '{text}' (memrefs may be 'shared')")
+        else:
+            t = MemRefType(dims, element, space)
     if len(_type_cache) < 100_000:
         _type_cache[text] = t
     return t

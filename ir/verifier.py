@@ -10,7 +10,7 @@ from __future__ import annotations
 from .attributes import ArrayAttr, DictAttr
 from .core import Block, Module, Operation
 from .diagnostics import Diagnostics, DiagnosticError
-from .registry import HAS_REGION, SYMBOL, TERMINATOR, USES_SYMBOLS, VerifyError, load_dialects
+from .registry import HAS_REGION, PLACED, SYMBOL, TERMINATOR, USES_SYMBOLS, VerifyError, load_dialects
 from .types import ERROR, types_compatible
 
 
@@ -21,7 +21,7 @@ class VerifyContext:
 
 
 _cache: dict = {}
-_UNCACHED = frozenset({HAS_REGION, USES_SYMBOLS, TERMINATOR, SYMBOL})
+_UNCACHED = frozenset({HAS_REGION, USES_SYMBOLS, TERMINATOR, SYMBOL, PLACED})
 
 
 def verify(module: Module, diags: Diagnostics | None = None) -> Module:
@@ -93,7 +93,7 @@ class Verifier:
         if not ok or any(t is ERROR for r in op.regions for b in r.blocks if b.last for t in b.last.operand_types):
             return
         self.report(op, self.infer_and_compare(op))
-        if d.verify is not None and d.traits & {HAS_REGION, TERMINATOR, SYMBOL}:
+        if d.verify is not None and d.traits & {HAS_REGION, TERMINATOR, SYMBOL, PLACED}:
             self.run_hook(op, d.verify)
 
     def check_leaf(self, op):

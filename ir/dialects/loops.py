@@ -81,6 +81,8 @@ class Alloc(OpDef):
         if not op.results:
             raise VerifyError("needs its result type, e.g. ': (index) -> memref<?x4xf32>'")
         t = _memref(op.results[0].type, "result")
+        if t.space:
+            raise VerifyError(f"allocates host or global memory; {t.space} memory comes from gpu.shared_alloc")
         _indices(op.operand_types, t.shape.count(None), 0)
         return [t]
 
@@ -131,6 +133,10 @@ class Load(OpDef):
     def interpret(ins, op, ctx):
         return ins[0][_checked(ins[0], tuple(int(i) for i in ins[1:]))]
 
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        return block.load(op, ins[0], ins[1:])
+
 
 class Store(OpDef):
     name = "mem.store"
@@ -144,6 +150,11 @@ class Store(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         ins[1][_checked(ins[1], tuple(int(i) for i in ins[2:]))] = ins[0]
+        return []
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        block.store(op, ins[0], ins[1], ins[2:])
         return []
 
 
@@ -265,17 +276,73 @@ class For(OpDef):
             carried = ctx.run_region(region, [np.int64(i)] + carried)
         return carried
 
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        """Each thread counts from its own lower bound to its own upper bound; the body runs for the
+        threads still counting (divergence when they stop at different times)."""
+        lb, ub, carried, step = ins[0], ins[1], list(ins[2:]), op.attr("step")
+        for k in range(0, 1 << 62):
+            iv = lb + k * step
+            running = block.mask & (iv < ub)
+            new = block.under(running, op.regions[0], [iv] + carried)
+            if new is None:
+                return carried
+            carried = [np.where(running, n, c) for n, c in zip(new, carried)]
+
+
+class If(OpDef):
+    """A structured conditional: the first region if the condition holds, else the second; each ends
+    with a loop.yield of the results.
+
+        %r = loop.if %in_bounds : (i1) -> f32 {
+          ...
+          loop.yield %v : f32
+        } {
+          loop.yield %zero : f32
+        }
+    """
+    name = "loop.if"
+    operands = 1
+    results = None
+    regions = 2
+
+    @staticmethod
+    def infer(op, ctx):
+        if op.operand_types[0] != i1:
+            raise VerifyError(f"the condition must be i1, got {op.operand_types[0]}")
+        return [r.type for r in op.results]
+
+    @staticmethod
+    def verify(op, ctx):
+        for r in op.regions:
+            if r.blocks[0].args:
+                raise VerifyError("its regions take no arguments")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ctx.run_region(op.regions[0 if ins[0] else 1], [])
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        taken = ins[0].astype(bool)
+        then = block.under(block.mask & taken, op.regions[0], [])
+        other = block.under(block.mask & ~taken, op.regions[1], [])
+        if then is None or other is None:
+            return then or other or [np.zeros((), r.type.np_dtype) for r in op.results]
+        return [np.where(taken, a, b) for a, b in zip(then, other)]
+
 
 class LoopYield(Terminator):
     name = "loop.yield"
-    parent = "loop.for"
+    parent = ("loop.for", "loop.if")
     traits = {TERMINATOR, PURE}
 
     @staticmethod
     def check_values(op, owner):
-        expected = list(owner.operand_types[2:])
+        expected = list(owner.operand_types[2:]) if owner.name == "loop.for" else owner.result_types
         if list(op.operand_types) != expected:
-            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but the loop carries ({', '.join(map(str, expected))})")
+            what = "the loop carries" if owner.name == "loop.for" else "the loop.if returns"
+            raise VerifyError(f"yields ({', '.join(map(str, op.operand_types))}) but {what} ({', '.join(map(str, expected))})")
 
 
 class Matmul(OpDef):
@@ -569,6 +636,10 @@ class VectorLoad(OpDef):
         n = op.results[0].type.shape[0]
         return ins[0][_lanes(ins[0], tuple(int(i) for i in ins[1:]), n)].copy()
 
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        return block.load(op, ins[0], ins[1:], lanes=op.results[0].type.shape[0])
+
 
 class VectorStore(OpDef):
     name = "vector.store"
@@ -582,6 +653,11 @@ class VectorStore(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         ins[1][_lanes(ins[1], tuple(int(i) for i in ins[2:]), len(ins[0]))] = ins[0]
+        return []
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        block.store(op, ins[0], ins[1], ins[2:], lanes=op.operand_types[0].shape[0])
         return []
 
 
@@ -604,6 +680,10 @@ class Broadcast(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         return np.full(op.results[0].type.shape, ins[0], op.results[0].type.element.np_dtype)
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        return ins[0]  # (threads,) broadcasts to (lanes, threads)
 
 
 class FusedMultiplyAdd(OpDef):

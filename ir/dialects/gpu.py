@@ -1,0 +1,210 @@
+"""The `gpu` dialect: kernels on the loop level (MLIR's gpu dialect, smaller).
+
+    gpu.launch %blocks {block = [256]} : index {
+    ^bb0(%bid: index, %tid: index):
+      %tile = gpu.shared_alloc : memref<256xf32, shared>
+      ...
+      gpu.barrier
+      gpu.terminator
+    }
+
+A launch runs its body once per thread: `grid` blocks (its index operands, one to three dims) of
+`block` threads (an attribute, one to three dims, at most 1024 threads). The body's arguments are the
+block's ids, then the thread's, one per dim. It reads values from the host code around it (buffer
+handles, sizes, scalars) and writes only memory: a launch has no results. Shared memory
+(`memref<..., shared>`, static shapes) is allocated at the top of the body, one per block.
+
+On the interpreter a launch runs block by block, each in lockstep, and checks for data races
+(ir/lockstep.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..lockstep import WARP, Launch as LaunchRun
+from .mlc import RuntimeCheck
+from ..registry import PLACED, PURE, TERMINATOR, Attr, OpDef, Terminator, VerifyError
+from ..types import ERROR, MemRefType, f32, i32, index
+
+MAX_THREADS = 1024
+
+
+def _launch_of(op):
+    p = op.parent_op
+    while p is not None and p.name != "gpu.launch":
+        p = p.parent_op
+    return p
+
+
+class Launch(OpDef):
+    name = "gpu.launch"
+    operands = (1, 3)
+    results = 0
+    regions = 1
+    attrs = {"block": Attr("ints", required=True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        for i, t in enumerate(op.operand_types):
+            if t != index:
+                raise VerifyError(f"grid size {i} must be an index, got {t}")
+        block = list(op.attr("block"))
+        if not 1 <= len(block) <= 3 or min(block) < 1 or math.prod(block) > MAX_THREADS:
+            raise VerifyError(f"'block' must be 1 to 3 positive sizes of at most {MAX_THREADS} threads in all, got {block}")
+        return []
+
+    @staticmethod
+    def verify(op, ctx):
+        args = op.regions[0].blocks[0].args
+        want = len(op.operands) + len(op.attr("block"))
+        if len(args) != want or any(a.type != index for a in args):
+            raise VerifyError(f"the body takes {want} indices: the block ids, then the thread ids")
+        for inner in op.regions[0].walk():
+            if inner.name in ("gpu.launch", "mem.alloc", "mem.dealloc", "mem.from_tensor", "mem.to_tensor") or \
+                    (inner.name.startswith(("mlc.", "func.")) and inner.name != "func.return"):
+                raise VerifyError(f"'{inner.name}' cannot run inside a gpu.launch")
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        grid = [int(g) for g in ins]
+        if min(grid) < 0:
+            raise RuntimeCheck(f"grid sizes must not be negative, got {grid}")
+        if min(grid) > 0:
+            LaunchRun(ctx, op, grid, list(op.attr("block"))).run(ctx.env)
+        return []
+
+
+class LaunchTerminator(Terminator):
+    name = "gpu.terminator"
+    parent = "gpu.launch"
+    traits = {TERMINATOR, PURE}
+
+
+class _Dim(OpDef):
+    """The launch's size along `axis`, the same for every thread."""
+    results = 1
+    traits = {PURE, PLACED}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        if op.attr("axis") not in (0, 1, 2):
+            raise VerifyError(f"'axis' must be 0, 1 or 2, got {op.attr('axis')}")
+        return [index]
+
+    @staticmethod
+    def verify(op, ctx):
+        launch = _launch_of(op)
+        if launch is None:
+            raise VerifyError("must be inside a gpu.launch")
+
+
+class BlockDim(_Dim):
+    """Threads per block along `axis` (1 beyond the launch's dims)."""
+    name = "gpu.block_dim"
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        dims = block.launch.block
+        return dims[op.attr("axis")] if op.attr("axis") < len(dims) else 1
+
+
+class GridDim(_Dim):
+    """Blocks in the grid along `axis` (1 beyond the launch's dims)."""
+    name = "gpu.grid_dim"
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        dims = block.launch.grid
+        return dims[op.attr("axis")] if op.attr("axis") < len(dims) else 1
+
+
+class SharedAlloc(OpDef):
+    """The block's own buffer in shared memory; NaN (or an unlikely integer) until written."""
+    name = "gpu.shared_alloc"
+    operands = 0
+    traits = {PLACED}
+
+    @staticmethod
+    def infer(op, ctx):
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. ': memref<256xf32, shared>'")
+        t = op.results[0].type
+        if t is not ERROR and (not isinstance(t, MemRefType) or t.space != "shared" or not t.is_static):
+            raise VerifyError(f"the result must be a static memref in shared memory, got {t}")
+        return [t]
+
+    @staticmethod
+    def verify(op, ctx):
+        if op.parent_op is None or op.parent_op.name != "gpu.launch":
+            raise VerifyError("must be at the top of a gpu.launch body")
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        t = op.results[0].type
+        return np.full(t.shape, np.nan if t.element.is_float else -77, t.element.np_dtype)
+
+
+class Barrier(OpDef):
+    """Waits for every thread of the block; their memory accesses before it happen before those after."""
+    name = "gpu.barrier"
+    results = 0
+    traits = {PLACED}
+
+    @staticmethod
+    def verify(op, ctx):
+        if _launch_of(op) is None:
+            raise VerifyError("must be inside a gpu.launch")
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        block.barrier(op)
+        return []
+
+
+SHUFFLES = {
+    "xor": lambda lane, k: lane ^ k,
+    "down": lambda lane, k: np.where(lane + k < WARP, lane + k, lane),
+    "up": lambda lane, k: np.where(lane - k >= 0, lane - k, lane),
+    "idx": lambda lane, k: k % WARP,
+}
+
+
+class Shuffle(OpDef):
+    """The value of another thread of the warp (32 threads): lane ^ offset (`xor`), lane + offset
+    (`down`, keeping its own past the end), lane - offset (`up`), or lane `offset` (`idx`). Every
+    thread of the warp must run it."""
+    name = "gpu.shuffle"
+    operands = 2
+    traits = {PURE, PLACED}
+    attrs = {"mode": Attr("str", required=True, choices=tuple(SHUFFLES))}
+
+    @staticmethod
+    def infer(op, ctx):
+        value, offset = op.operand_types
+        if value not in (f32, i32):
+            raise VerifyError(f"shuffles 32-bit values (f32, i32), got {value}")
+        if offset != index:
+            raise VerifyError(f"the offset must be an index, got {offset}")
+        return [value]
+
+    @staticmethod
+    def verify(op, ctx):
+        if _launch_of(op) is None:
+            raise VerifyError("must be inside a gpu.launch")
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        if block.size % WARP:
+            raise RuntimeCheck(f"warp shuffles need whole warps: the block has {block.size} threads")
+        warps = block.mask.reshape(-1, WARP)
+        partial = warps.any(axis=1) & ~warps.all(axis=1)
+        if partial.any():
+            raise RuntimeCheck(f"warp {int(np.argmax(partial))} of block {block.block_ids} runs the shuffle on some of its "
+                              f"threads only (divergent control flow)")
+        lane = block.thread % WARP
+        source = block.thread - lane + SHUFFLES[op.attr("mode")](lane, np.asarray(ins[1], np.int64))
+        return np.asarray(ins[0])[source]
+
