@@ -143,7 +143,7 @@ class ThreadBlock:
     def store(self, op, value, buffer, indices, lanes: int = 0):
         active, flat = self.elements(op, buffer, indices, lanes)
         self.record(op, buffer, active, flat, write=True)
-        buffer.reshape(-1)[flat] = np.asarray(value)[..., active]
+        buffer.reshape(-1)[flat] = np.broadcast_to(value, flat.shape[:-1] + (self.size,))[..., active]
 
     def record(self, op, buffer, active, flat, write: bool):
         space = op.operand_types[1 if write else 0].space

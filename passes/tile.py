@@ -19,7 +19,7 @@ from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.dialects.loops import Matmul
 
 from . import gemm
-from .lowering.core import LoopBuilder
+from .lowering.core import LoopBuilder, store_through_epilogue
 from .manager import Pass, PipelineError
 
 
@@ -92,14 +92,8 @@ def _is_identity(op: Operation) -> bool:
 
 
 def _epilogue_at(b: Builder, op: Operation, out, at: list, indices: list | None = None) -> None:
-    """out[at] = the epilogue's ops, copied in, on its indices (those of `at` unless given) and the
-    value at `at`."""
-    block = op.regions[0].blocks[0]
-    mapping = dict(zip(block.args, (at if indices is None else indices) + [b.create("mem.load", [out] + at).result]))
-    for inner in block:
-        if inner is not block.last:
-            b.block.insert_before(b.anchor, inner.clone(mapping))
-    b.create("mem.store", [mapping.get(block.last.operands[0], block.last.operands[0]), out] + at)
+    """out[at] = the epilogue on its indices (those of `at` unless given) and the value at `at`."""
+    store_through_epilogue(b, op, out, at, at if indices is None else indices, b.create("mem.load", [out] + at).result)
 
 
 def _in_parallel_loop(op: Operation) -> bool:

@@ -206,5 +206,5 @@ class Shuffle(OpDef):
                               f"threads only (divergent control flow)")
         lane = block.thread % WARP
         source = block.thread - lane + SHUFFLES[op.attr("mode")](lane, np.asarray(ins[1], np.int64))
-        return np.asarray(ins[0])[source]
+        return np.broadcast_to(ins[0], (block.size,))[source]
 

@@ -195,6 +195,12 @@ class Check(OpDef):
             raise error(op.loc, op.attr("message"), op.attr("op") or op.name)
         return []
 
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        if not np.asarray(ins[0])[block.mask].all():
+            raise error(op.loc, op.attr("message"), op.attr("op") or op.name)
+        return []
+
 
 class FromTensor(OpDef):
     """A buffer holding a copy of a tensor (at function entry and for constants)."""

@@ -214,3 +214,13 @@ def apply_epilogue(L, out, sizes, epilogue):
     if epilogue is not None:
         L.nest(sizes, lambda b, ivs: b.create("mem.store", [epilogue(b, b.create("mem.load", [out] + ivs).result, ivs), out] + ivs))
     return [out]
+
+
+def store_through_epilogue(b: Builder, op: Operation, out, at: list, indices: list, value: Value) -> None:
+    """out[at] = the epilogue of a mem.matmul or mem.conv2d (its ops copied in) on `indices` and `value`."""
+    block = op.regions[0].blocks[0]
+    mapping = dict(zip(block.args, indices + [value]))
+    for inner in block:
+        if inner is not block.last:
+            b.block.insert_before(b.anchor, inner.clone(mapping))
+    b.create("mem.store", [mapping.get(block.last.operands[0], block.last.operands[0]), out] + at)

@@ -1,0 +1,213 @@
+"""map-to-gpu: the loop nests of a lowered function become kernels (gpu.launch); what stays outside is
+the host's part: allocations, sizes, checks on sizes, the order of the launches and the loops around them.
+
+    loop.for %i = 0 to %m {parallel} { loop.for %j = 0 to %n {parallel} { body } }
+becomes
+    %total = %m * %n                                    (on the host)
+    gpu.launch ceil(%total / block) {block = [block]} {
+    ^bb0(%bid, %tid):
+      %g = %bid * block + %tid
+      loop.if %g < %total { %i = %g / %n; %j = %g - %i * %n; body }
+    }
+
+- a nest of parallel loops: one thread per iteration of its outer parallel loops (those whose bounds
+  the host knows, collapsed into one range), the inner loops run by each thread;
+- a loop that allocates or holds parallel loops (a scan's steps, a row-blocked product) stays on the
+  host, and its body is mapped in turn;
+- other work on device data between kernels (a sequential loop, a scalar load or store): one thread.
+
+A value computed on the device and needed by the host (a size read from data) is an error naming the op.
+"""
+from __future__ import annotations
+
+from mlc.ir.core import Block, Builder, Module, Operation, Region
+from mlc.ir.diagnostics import error
+from mlc.ir.registry import PURE
+from mlc.ir.types import index
+
+from .lowering.core import LoopBuilder
+from .manager import Pass, PipelineError
+
+DEVICE_MEMORY = ("mem.load", "mem.store", "vector.load", "vector.store")
+HOST_ONLY = ("mem.alloc", "mem.dealloc", "mem.from_tensor", "mem.to_tensor", "gpu.launch")
+
+
+class MapToGpu(Pass):
+    name = "map-to-gpu"
+    summary = "parallel loop nests become gpu.launch kernels, a thread per iteration; the rest is host code"
+    options = {"block": 256}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if not 32 <= self.option("block") <= 1024 or self.option("block") % 32:
+            raise PipelineError(f"map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32, got {self}")
+
+    def run(self, module: Module) -> None:
+        for f in module.functions.values():
+            Mapper(module, f, self.option("block")).map_block(f.body)
+
+
+def _stays_on_host(loop: Operation) -> bool:
+    """A loop that allocates or calls, or a sequential loop holding parallel ones: the host runs it."""
+    inner = list(loop.walk())[1:]
+    if any(o.name in HOST_ONLY or o.name.startswith(("mlc.", "func.")) for o in inner):
+        return True
+    return not loop.attr("parallel") and any(o.name == "loop.for" and o.attr("parallel") for o in inner)
+
+
+class Mapper:
+    def __init__(self, module: Module, func, block: int):
+        self.module, self.block = module, block
+        self.L = LoopBuilder(module, func)
+        self.on_device: set = set()  # values computed by device code outside any launch so far
+
+    def map_block(self, block: Block) -> None:
+        group: list[Operation] = []  # device work waiting to become one single-thread launch
+        for op in list(block):
+            if op.name == "loop.for" and _stays_on_host(op):
+                self.one_thread(group)
+                self.map_block(op.regions[0].blocks[0])
+            elif op.name == "loop.for" and op.attr("parallel"):
+                prelude = _rematerialisable(group, op)
+                self.one_thread([o for o in group if o not in prelude])
+                self.parallel_nest(op, prelude)
+                group = [o for o in prelude if any(r.uses for r in o.results)]
+                for o in reversed([o for o in prelude if o not in group]):
+                    o.erase()
+            elif op.name == "loop.for" or op.name in DEVICE_MEMORY or any(v in self.on_device for v in op.operands):
+                group.append(op)
+                self.on_device.update(op.results)
+            elif group and PURE in op.opdef.traits and not op.regions:
+                op.detach()  # host arithmetic between device work: done before it
+                group[0].parent.insert_before(group[0], op)
+            else:
+                self.one_thread(group)
+        self.one_thread(group)
+
+    # --- kernels -----------------------------------------------------------------------------------------
+    def launch(self, before: Operation, blocks, threads: int, body) -> None:
+        """gpu.launch `blocks` x `threads` before `before`; body(builder, bid, tid) fills it."""
+        block = Block([index, index], ["bid", "tid"])
+        b = Builder.before(before, self.module)
+        b.create("gpu.launch", [blocks], {"block": [threads]}, regions=[Region([block])])
+        inner = Builder.at_end(block, self.module, before.loc)
+        body(inner, *block.args)
+        inner.create("gpu.terminator", [])
+
+    def one_thread(self, group: list) -> None:
+        """The group's ops, in order, as a launch of one thread."""
+        if not group:
+            return
+        members = set(group)
+        for op in group:
+            for r in op.results:
+                outside = [u for u in r.users if not _inside(u, members)]
+                if outside:
+                    raise error(outside[0].loc, "map-to-gpu: this host op needs a value computed on the GPU", outside[0].name)
+
+        def body(b, bid, tid):
+            for op in group:
+                op.detach()
+                b.block.insert_before(b.anchor, op)
+        self.launch(group[0], self.L.idx(1), 1, body)
+        group.clear()
+
+    def parallel_nest(self, outer: Operation, prelude: list) -> None:
+        """A launch of a thread per iteration of outer's collapsible loops; each thread first
+        recomputes the prelude (device values the nest reads: loads of a random key, say)."""
+        loops = self.collapsible(outer, {r for o in prelude for r in o.results})
+        L, b = self.L, Builder.before(outer, self.module)
+        trips = []
+        for loop in loops:
+            lb, ub = loop.operands[:2]
+            span = L.op(b, "arith.sub", ub, lb)
+            step = loop.attr("step")
+            trips.append(span if step == 1 else L.op(b, "arith.div", L.op(b, "arith.add", span, L.idx(step - 1)), L.idx(step)))
+        total = trips[0]
+        for t in trips[1:]:
+            total = b.create("arith.mul", [total, t], name_hint="threads").result
+        rounded_up = L.op(b, "arith.add", total, L.idx(self.block - 1))
+        blocks = b.create("arith.div", [rounded_up, L.idx(self.block)], name_hint="blocks").result
+
+        def body(kb, bid, tid):
+            mapping = {}
+            for op in prelude:
+                kb.block.insert_before(kb.anchor, op.clone(mapping))
+            g = kb.create("arith.add", [L.op(kb, "arith.mul", bid, L.idx(self.block)), tid], name_hint="g").result
+            then, other = Block(), Block()
+            in_range = kb.create("arith.lt", [g, total], name_hint="in_range").result
+            kb.create("loop.if", [in_range], regions=[Region([then]), Region([other])])
+            Builder.at_end(other, self.module).create("loop.yield", [])
+            tb = Builder.at_end(then, self.module, outer.loc)
+            ivs, rest = [], g
+            for loop, trip in reversed(list(zip(loops, trips))):
+                if loop is loops[0]:
+                    position = rest
+                else:
+                    quotient = L.op(tb, "arith.div", rest, trip)
+                    position = L.op(tb, "arith.sub", rest, L.op(tb, "arith.mul", quotient, trip))
+                    rest = quotient
+                step = loop.attr("step")
+                scaled = position if step == 1 else L.op(tb, "arith.mul", position, L.idx(step))
+                ivs.insert(0, L.op(tb, "arith.add", loop.operands[0], scaled))
+            innermost = loops[-1].regions[0].blocks[0]
+            mapping.update(zip([lp.regions[0].blocks[0].args[0] for lp in loops], ivs))
+            for op in innermost:
+                if op is not innermost.last:
+                    then.insert_before(tb.anchor, op.clone(mapping))
+            tb.create("loop.yield", [])
+        self.launch(outer, blocks, self.block, body)
+        outer.drop_all_references()
+        outer.detach()
+
+    def collapsible(self, outer: Operation, on_device: set) -> list:
+        """outer and the parallel loops perfectly nested in it whose bounds do not depend on it. The
+        pure ops between two such loops move out: before outer if they are loop-invariant, else
+        into the inner loop's body (recomputed per iteration: an index clamp, say)."""
+        loops = [outer]
+        while True:
+            body = loops[-1].regions[0].blocks[0]
+            inner = [o for o in body if o is not body.last]
+            nested = [o for o in inner if o.name == "loop.for"]
+            if len(nested) != 1 or not nested[0].attr("parallel") or nested[0].operands[2:]:
+                return loops
+            rest = [o for o in inner if o is not nested[0]]
+            if any(PURE not in o.opdef.traits or o.regions or o.name in DEVICE_MEMORY for o in rest):
+                return loops
+            varying = on_device | {lp.regions[0].blocks[0].args[0] for lp in loops}
+            sink = []
+            for o in rest:  # in order: an op using one that sinks sinks too
+                if any(v in varying for v in o.operands):
+                    sink.append(o)
+                    varying.update(o.results)
+            if any(v in varying for v in nested[0].operands[:2]):
+                return loops
+            inner_body = nested[0].regions[0].blocks[0]
+            first = inner_body.first
+            for o in rest:
+                o.detach()
+                if o in sink:
+                    inner_body.insert_before(first, o)
+                else:
+                    outer.parent.insert_before(outer, o)
+            loops.append(nested[0])
+
+
+def _rematerialisable(group: list, nest: Operation) -> list:
+    """The pending device ops that every thread of the nest can recompute for itself: loads and pure
+    ops, when the nest uses them and writes none of the buffers they read."""
+    if not group or any(o.name not in ("mem.load", "vector.load") and (PURE not in o.opdef.traits or o.regions)
+                        for o in group):
+        return []
+    written = {o.operands[1] for o in nest.walk() if o.name in ("mem.store", "vector.store")}
+    if any(o.operands[0] in written for o in group if o.name in ("mem.load", "vector.load")):
+        return []
+    return list(group)
+
+
+def _inside(op: Operation, members: set) -> bool:
+    while op is not None:
+        if op in members:
+            return True
+        op = op.parent_op
+    return False

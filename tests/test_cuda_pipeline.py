@@ -1,0 +1,80 @@
+"""The cuda pipeline on the lockstep interpreter: every stage keeps the results of the tensor program,
+and the kernels it makes are race-free (the interpreter would report a race as an error)."""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import mlc
+from mlc.passes import PipelineError
+from mlc.testing import check_pipeline, programs
+
+from helpers import EXAMPLES
+from test_loops import SUPPORTED
+
+GPU_STAGES = ["lower-to-loops,expand-products", "lower-to-loops,expand-products,map-to-gpu",
+              "cuda", "cuda{block=32}"]
+
+
+@pytest.mark.parametrize("pipeline", GPU_STAGES)
+@given(p=programs(max_ops=6, families=SUPPORTED))
+def test_gpu_stages_keep_results(pipeline, p):
+    lowered = check_pipeline(p, pipeline, rtol=1e-4, atol=1e-5)
+    if "map-to-gpu" in pipeline or pipeline.startswith("cuda"):
+        _only_host_code_outside_launches(lowered)
+
+
+def _only_host_code_outside_launches(module):
+    """Outside the kernels: allocation, sizes and checks on them, the loops of the host."""
+    for f in module.functions.values():
+        for op in f.body.walk():
+            if op.name in ("mem.load", "mem.store", "vector.load", "vector.store"):
+                parent = op.parent_op
+                while parent is not None and parent.name != "gpu.launch":
+                    parent = parent.parent_op
+                assert parent is not None, f"{op.name} outside a kernel in\n{module}"
+
+
+def _inputs(func, batch=3):
+    rng = np.random.default_rng(0)
+    out = []
+    for t in func.type.inputs:
+        shape = tuple(batch if d is None else d for d in t.shape)
+        if t.element.is_float:
+            out.append(rng.standard_normal(shape).astype(t.element.np_dtype))
+        elif t.element.is_bool:
+            out.append(np.ones(shape, bool))
+        else:
+            out.append(rng.integers(0, 4, shape).astype(t.element.np_dtype))
+    return out
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_agree_on_the_cuda_pipeline(path):
+    m = mlc.load(path)
+    lowered = mlc.run_passes(m.clone(), "cuda")
+    _only_host_code_outside_launches(lowered)
+    assert any(op.name == "gpu.launch" for op in lowered.walk())
+    for name, f in m.functions.items():
+        if f.attr("sym_visibility") == "private":
+            continue
+        args = _inputs(f)
+        want, got = mlc.interpret(m, name, *args), mlc.interpret(lowered, name, *args)
+        for w, g in zip(want if isinstance(want, tuple) else [want], got if isinstance(got, tuple) else [got]):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=f"{path.name} @{name}")
+
+
+def test_map_to_gpu_collapses_a_nest_and_guards_the_tail():
+    text = """module { func.func @f(%t: tensor<?x5xf32>) -> tensor<?x5xf32> {
+      %e = mlc.exp %t : tensor<?x5xf32>
+      return %e : tensor<?x5xf32> } }"""
+    m = mlc.run_passes(mlc.parse(text), "cuda{block=64}")
+    launches = [op for op in m.walk() if op.name == "gpu.launch"]
+    assert len(launches) == 1 and list(launches[0].attr("block")) == [64]
+    assert [op.name for op in launches[0].regions[0].walk() if op.name == "loop.for"] == []  # both loops collapsed
+    x = np.random.default_rng(2).standard_normal((13, 5)).astype(np.float32)  # 65 elements: 2 blocks, 63 idle threads
+    np.testing.assert_allclose(mlc.interpret(m, "f", x), np.exp(x), rtol=1e-6)
+
+
+def test_map_to_gpu_rejects_a_block_that_is_not_whole_warps():
+    with pytest.raises(PipelineError, match="map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32"):
+        mlc.run_passes(mlc.parse("module { }"), "map-to-gpu{block=48}")
