@@ -103,6 +103,17 @@ class ModuleEmitter:
         suffix = {F32: "f32", F64: "f64", F16: "f16"}.get(e) or f"i{e.width}"
         return self.declare(f"llvm.{name}.{lanes}{suffix}", t, [t] * n_args)
 
+    def math(self, arith: "ArithEmitter", name: str, t, *xs):
+        """A C math function on the CPU: straight-line f32 code where we have it (it vectorises), an
+        LLVM intrinsic where LLVM has one, else libm."""
+        if t == F32 and name in FAST_F32:
+            return FAST_F32[name](arith, *xs)
+        if name in INTRINSICS:
+            return arith.call(name, t, *xs)
+        symbol = name + ("f" if t == F32 else "")
+        self.libm.add(symbol)
+        return arith.b.call(self.declare(symbol, t, [t] * len(xs)), list(xs))
+
     def constant_data(self, array) -> ir.GlobalVariable:
         from mlc.ir.types import element_of
         e = element_of(array.dtype)
@@ -178,7 +189,7 @@ class FunctionEmitter:
     # --- ops ----------------------------------------------------------------------------------------------
     def block(self, block):
         for op in block:
-            handler = OPS.get(op.name)
+            handler = self.handlers.get(op.name)
             if handler is None:
                 if op.name.startswith("arith."):
                     self.values[op.results[0]] = self.arith(op)
@@ -575,13 +586,34 @@ def _vector_fma(self: FunctionEmitter, op):
     self.values[op.results[0]] = self.b.call(self.parent.intrinsic("fma", xs[0].type, 3), xs)
 
 
+def _if(self: FunctionEmitter, op):
+    then_block, else_block, merge = (self.fn.append_basic_block(n) for n in ("then", "else", "endif"))
+    self.b.cbranch(self.get(op.operands[0]), then_block, else_block)
+    arms = []
+    for region, start in zip(op.regions, (then_block, else_block)):
+        self.b.position_at_end(start)
+        self.block(region.blocks[0])
+        arms.append(([self.get(v) for v in region.blocks[0].last.operands], self.b.block))
+        self.b.branch(merge)
+    self.b.position_at_end(merge)
+    for k, r in enumerate(op.results):
+        phi = self.b.phi(arms[0][0][k].type)
+        for values, end in arms:
+            phi.add_incoming(values[k], end)
+        self.values[r] = phi
+
+
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
     "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
-    "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield, "func.return": _return,
+    "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield,
+    "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
     "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma,
 }
+
+
+FunctionEmitter.handlers = OPS
 
 
 class ArithEmitter:
@@ -629,15 +661,7 @@ class ArithEmitter:
 
     # floats
     def math(self, name, t, *xs):
-        """A C math function: straight-line f32 code where we have it (it vectorises), an LLVM
-        intrinsic where LLVM has one, else libm."""
-        if t == F32 and name in FAST_F32:
-            return FAST_F32[name](self, *xs)
-        if name in INTRINSICS:
-            return self.call(name, t, *xs)
-        symbol = name + ("f" if t == F32 else "")
-        self.fe.parent.libm.add(symbol)
-        return self.b.call(self.fe.parent.declare(symbol, t, [t] * len(xs)), list(xs))
+        return self.fe.parent.math(self, name, t, *xs)  # each target has its own math library
 
     def call(self, name, t, *xs):
         return self.b.call(self.fe.parent.intrinsic(name, t, len(xs)), list(xs))
