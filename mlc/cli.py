@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or with --emit print that stage instead.")
     c.add_argument("file", metavar="FILE")
     c.add_argument("-o", "--output", metavar="OUT", help="the artifact (default: FILE with .mlcz), or where --emit writes")
-    c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm"],
-                   help="ir: after the tensor-level passes; loops: the loop-level IR; llvm: optimised LLVM IR; asm: assembly")
-    c.add_argument("--target", default="cpu", choices=["cpu"], help="the target (cpu)")
+    c.add_argument("--emit", choices=["ir", "loops", "llvm", "asm", "ptx"],
+                   help="ir: after the tensor-level passes; loops: the loop-level IR (with cuda: host code and kernels); "
+                        "llvm: optimised LLVM IR (with cuda: the kernels' LLVM IR); asm: assembly (with cuda, as ptx: the kernels' PTX)")
+    c.add_argument("--target", default="cpu", choices=["cpu", "cuda"], help="the target (cpu, or cuda: PTX kernels run through pycuda)")
+    c.add_argument("--arch", default="sm_90", choices=["sm_80", "sm_90", "sm_90a"], help="the GPU architecture for --target cuda (default sm_90)")
     c.add_argument("--train", action="store_true", help="also compile @train_step: one training step of --loss (the train_step pass)")
     add_optimizer_arguments(c)
     c.set_defaults(func=cmd_compile)
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--entry", default=None, metavar="@F", help="the function to run (default: the only or the first public one)")
     r.add_argument("--backend", default="cpu", choices=["interp", "cpu", "cuda"],
                    help="cpu (default): native code, compiled with an on-disk cache; interp: the numpy reference "
-                        "interpreter (cuda arrives with its backend)")
+                        "interpreter; cuda: PTX kernels on the first GPU (needs pycuda: the cuda extra)")
     r.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input by argument name (x for %%x); FILE.npz alone gives every array in it by name")
     r.add_argument("--random-inputs", action="store_true", help="fill inputs not given with random values")
@@ -199,6 +201,10 @@ def cmd_compile(args):
     if args.train:
         from mlc.train import train_step_pipeline
         PassManager.parse(train_step_pipeline(optimizer_options(args))).run(module)
+    if args.target == "cuda" and args.emit in (None, "llvm", "asm", "ptx"):
+        return compile_cuda(module, args)
+    if args.emit == "ptx":
+        raise error(Location("--emit", 0, 0), "ptx is what --target cuda emits; the cpu target emits llvm or asm")
     if args.emit is None:
         out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
         compiler.compile(module, args.target).save(out)
@@ -214,6 +220,17 @@ def cmd_compile(args):
         exe = compiler.compile(module, args.target, cache=False)
         text = exe.jit.optimised_ir if args.emit == "llvm" else exe.jit.assembly()
     return emit_text(text, args.output)
+
+
+def compile_cuda(module, args):
+    from mlc import compiler
+    from mlc.codegen.nvptx import emit_kernels
+    if args.emit is None:
+        raise error(Location("--target", 0, 0), "cuda artifacts (.mlcz) are not written yet: use --emit ptx, or "
+                                                  "'mlc run --backend cuda' to compile and run")
+    if args.emit == "llvm":
+        return emit_text(str(emit_kernels(compiler.lower(module, "cuda"))[0]), args.output)
+    return emit_text(compiler.compile(module, "cuda", cache=False, arch=args.arch).ptx, args.output)
 
 
 def cmd_train(args):
@@ -243,8 +260,6 @@ def memory_report(lowered) -> str:
 
 def cmd_run(args):
     from mlc.ir.interpreter import Interpreter, arg_names
-    if args.backend == "cuda":
-        raise error(Location(args.file, 0, 0), "the 'cuda' backend is not available yet; use --backend cpu or interp")
     exe = None
     if args.file.endswith(".mlcz"):
         from mlc.runtime.artifact import load_executable
@@ -257,9 +272,9 @@ def cmd_run(args):
         raise error(Location(args.file, 0, 0), f"'@{func.sym_name}' is private: the artifact has no code for it")
     inputs = gather_inputs(func, args)
     arrays = [inputs[n] for n in arg_names(func)]
-    if exe is not None or args.backend == "cpu":
+    if exe is not None or args.backend in ("cpu", "cuda"):
         from mlc.compiler import compile
-        exe = exe or compile(module)
+        exe = exe or compile(module, args.backend)
         results = exe[func.sym_name](*arrays)
     else:
         results = Interpreter(module).call_public(func.sym_name, arrays)

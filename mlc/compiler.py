@@ -2,6 +2,8 @@
 
     tensor IR --`cpu{vector-bytes=N}` (passes/pipelines.py)--> loop IR --codegen/llvm.py--> LLVM IR
               --runtime/jit.py (optimise, object code, load)--> runtime.Executable
+    tensor IR --`cuda`--> host code + gpu.launch kernels --codegen/nvptx.py--> PTX
+              --> runtime.gpu.GpuExecutable (host code here, kernels through pycuda)
 
 `mlc.compile`, the command line, `mlc.jit` and the training steps all compile through here. The
 target's facts (the host's vector width) become pipeline options here, so no pass asks the host and a
@@ -10,19 +12,22 @@ pipeline string means the same IR on every machine.
 from __future__ import annotations
 
 from mlc.codegen.llvm import emit_module
+from mlc.codegen.nvptx import GPU_ARCHS, compile_kernels
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import error
 from mlc.passes import PassManager
 from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable
+from mlc.runtime.gpu import GpuExecutable
 from mlc.runtime.jit import JitModule, host_vector_bytes
 
-TARGETS = ("cpu",)
+TARGETS = ("cpu", "cuda")
+DEFAULT_GPU_ARCH = "sm_90"
 
 
 def pipeline(target: str = "cpu") -> str:
     """The pass pipeline that lowers a module for `target` on this machine."""
-    return f"cpu{{vector-bytes={host_vector_bytes()}}}"
+    return f"cpu{{vector-bytes={host_vector_bytes()}}}" if target == "cpu" else "cuda"
 
 
 def lower(module: Module, target: str = "cpu") -> Module:
@@ -33,10 +38,17 @@ def lower(module: Module, target: str = "cpu") -> Module:
     return lowered
 
 
-def compile(module: Module, target: str = "cpu", cache: bool = True) -> Executable:
+def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = DEFAULT_GPU_ARCH, device=None):
     """Native code for every public function of a verified module, with its globals initialised from
-    the module seed; compiled code is kept in the on-disk cache (runtime/artifact.py) unless cache=False."""
+    the module seed; compiled code is kept in the on-disk cache (runtime/artifact.py) unless cache=False.
+    For target "cuda": PTX for `arch`, run on `device` (by default the first GPU, through pycuda)."""
     _check_target(module, target)
+    if target == "cuda":
+        if arch not in GPU_ARCHS:
+            raise error(module.loc, f"unknown GPU architecture '{arch}' (known: {', '.join(GPU_ARCHS)})")
+        lowered = lower(module, target)
+        ptx, kernels = compile_kernels(lowered, arch)
+        return GpuExecutable(module, lowered, ptx, kernels, arch, device)
     hit = cached(module) if cache else None
     if hit is not None:
         return Executable(module, *hit)

@@ -15,11 +15,26 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` (whole training runs of the examples) run only with MLC_RUN_SLOW=1."""
-    if os.environ.get("MLC_RUN_SLOW") == "1":
-        return
+    """Tests marked `slow` (whole training runs of the examples) run only with MLC_RUN_SLOW=1; tests
+    marked `cuda` only where pycuda finds a GPU."""
     import pytest
-    skip = pytest.mark.skip(reason="a full training run: set MLC_RUN_SLOW=1")
+    slow = pytest.mark.skip(reason="a full training run: set MLC_RUN_SLOW=1")
+    no_gpu = gpu_missing()
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and os.environ.get("MLC_RUN_SLOW") != "1":
+            item.add_marker(slow)
+        if "cuda" in item.keywords and no_gpu:
+            item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {no_gpu}"))
+
+
+def gpu_missing() -> str | None:
+    """Why the tests cannot run on a GPU here, or None when they can."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        return "pycuda is not installed (the cuda extra)"
+    try:
+        cuda.init()
+        return None if cuda.Device.count() else "no CUDA device"
+    except cuda.Error as e:
+        return f"no CUDA driver ({e})"

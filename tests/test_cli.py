@@ -106,11 +106,24 @@ def test_run_with_inputs_and_output(tmp_path):
     (["--input", "y=whatever.npy"], "has no argument 'y' (arguments: x)"),
     (["--input", "x=/does/not/exist.npy"], "/does/not/exist.npy: error: no such file"),
     (["--input", "x"], "expected NAME=FILE.npy"),
-    (["--backend", "cuda", "--random-inputs"], "'cuda' backend is not available yet"),
 ])
 def test_run_errors(args, fragment):
     code, _, err = mlc_cmd("run", MLP, *args)
     assert code == 1 and fragment in err and "Traceback" not in err, err
+
+
+def test_the_cuda_target_compiles_to_ptx_and_runs_only_with_a_gpu(tmp_path):
+    code, out, err = mlc_cmd("compile", MLP, "--target", "cuda", "--emit", "ptx")
+    assert code == 0 and ".visible .entry forward_k0(" in out and ".target sm_90" in out, err
+    code, out, err = mlc_cmd("compile", MLP, "--target", "cuda", "--emit", "loops")
+    assert code == 0 and "gpu.launch" in out, err
+    code, _, err = mlc_cmd("compile", MLP, "--target", "cuda")
+    assert code == 1 and "cuda artifacts (.mlcz) are not written yet" in err, err
+    try:
+        import pycuda  # noqa: F401
+    except ImportError:
+        code, _, err = mlc_cmd("run", MLP, "--backend", "cuda", "--random-inputs")
+        assert code == 1 and "cannot run them here: pycuda is not installed" in err and "Traceback" not in err, err
 
 
 def test_run_rejects_bad_arrays(tmp_path):

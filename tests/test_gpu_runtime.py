@@ -1,0 +1,101 @@
+"""GPU executables: the host code runs op by op here, the kernels on a device. Without a GPU the
+device is simulated (launches on the lockstep interpreter), which tests everything but the PTX:
+the host code, kernel parameters, globals kept on the device, errors from kernels. Tests marked
+`cuda` run the same programs on a real GPU through pycuda and compare with the interpreter."""
+import numpy as np
+import pytest
+
+import mlc
+from mlc import compiler
+from mlc.runtime.gpu import SimulatedDevice
+
+from helpers import EXAMPLES, ROOT
+
+
+def inputs_for(func, batch=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in func.type.inputs:
+        shape = tuple(batch if d is None else d for d in t.shape)
+        if t.element.is_float:
+            out.append(rng.standard_normal(shape).astype(t.element.np_dtype))
+        elif t.element.is_bool:
+            out.append(np.ones(shape, bool))
+        else:
+            out.append(rng.integers(0, 4, shape).astype(t.element.np_dtype))
+    return out
+
+
+def as_list(results):
+    return list(results) if isinstance(results, tuple) else [results]
+
+
+def agree(m, exe, rtol=1e-4, atol=1e-5):
+    for name in exe.functions:
+        args = inputs_for(m.functions[name])
+        want, got = as_list(mlc.interpret(m, name, *args)), as_list(exe[name](*args))
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"@{name}")
+
+
+def only_host_code_outside_launches(module):
+    """Outside the kernels: allocation, sizes and checks on them, the loops of the host."""
+    for op in module.walk():
+        if op.name in ("mem.load", "mem.store", "vector.load", "vector.store"):
+            parent = op.parent_op
+            while parent is not None and parent.name != "gpu.launch":
+                parent = parent.parent_op
+            assert parent is not None, f"{op.name} outside a kernel"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run_on_the_simulated_device(path):
+    m = mlc.load(path)
+    exe = compiler.compile(m, "cuda", device=SimulatedDevice())
+    only_host_code_outside_launches(exe.lowered)
+    assert len(exe.kernels) > 0 and ".entry" in exe.ptx
+    agree(m, exe)
+
+
+def test_globals_stay_on_the_device_across_training_steps():
+    m = mlc.load(ROOT / "examples" / "mlp.ir")
+    mlc.run_passes(m, "train_step{loss=@loss optimizer=adam lr=0.01}")
+    exe = compiler.compile(m, "cuda", device=SimulatedDevice())
+    reference = mlc.ir.interpreter.Interpreter(m)
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        x, labels = rng.standard_normal((5, 64)).astype(np.float32), rng.integers(0, 10, 5)
+        np.testing.assert_allclose(exe["train_step"](x, labels), reference.call_public("train_step", (x, labels)), rtol=1e-4)
+    for name in m.globals:
+        np.testing.assert_allclose(exe.global_value(name), reference.globals[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_a_bad_index_in_a_kernel_is_a_located_error():
+    m = mlc.parse("""module { func.func @f(%x: tensor<4x3xf32>, %i: tensor<2xi64>) -> tensor<2x3xf32> {
+      %y = mlc.gather %x, %i {axis = 0} : (tensor<4x3xf32>, tensor<2xi64>) -> tensor<2x3xf32>
+      return %y : tensor<2x3xf32> } }""", "gather.ir")
+    exe = compiler.compile(m, "cuda", device=SimulatedDevice())
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.testing.assert_array_equal(exe["f"](x, np.array([3, 1])), x[[3, 1]])
+    with pytest.raises(mlc.DiagnosticError, match=r"gather.ir:2:12: error: .* out of"):  # at the gather
+        exe["f"](x, np.array([0, 4]))
+
+
+def test_without_pycuda_the_kernels_compile_and_say_they_cannot_run():
+    pytest.importorskip("numpy")
+    try:
+        import pycuda  # noqa: F401
+        pytest.skip("pycuda is installed here")
+    except ImportError:
+        pass
+    exe = mlc.compile(mlc.load(ROOT / "examples" / "mlp.ir"), target="cuda")
+    assert "forward_k0" in exe.ptx
+    with pytest.raises(mlc.DiagnosticError, match="cannot run them here: pycuda is not installed"):
+        exe["forward"](np.zeros((2, 64), np.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run_on_the_gpu(path):
+    m = mlc.load(path)
+    agree(m, mlc.compile(m, target="cuda"))
