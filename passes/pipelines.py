@@ -8,7 +8,7 @@ PIPELINES = {
     "cpu-tensor": "inline,decompose,strided-conv,symbol-dce,canonicalize,cse,layout,widen-half,fuse",
     # then loop nests over buffers, freed buffers handed on (`--emit loops`); codegen/llvm.py takes it from there
     "cpu": "cpu-tensor,bufferize,lower-to-loops,tile,buffer-dealloc,canonicalize,cse,reuse-buffers",
-    # the GPU backend: the same loop nests, products as plain loops, kernels a thread per iteration;
-    # codegen/nvptx.py makes PTX of each launch and the host code runs around them
-    "cuda": "cpu-tensor,bufferize,lower-to-loops,expand-products,map-to-gpu,buffer-dealloc,canonicalize,cse",
+    # the GPU backend: the same loop nests; products as tiled kernels (or plain loops), the other nests
+    # a thread per iteration; codegen/nvptx.py makes PTX of each launch and the host code runs around them
+    "cuda": "cpu-tensor,bufferize,lower-to-loops,tile-gpu,expand-products,map-to-gpu,buffer-dealloc,canonicalize,cse",
 }

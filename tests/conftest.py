@@ -21,9 +21,9 @@ def pytest_collection_modifyitems(config, items):
     slow = pytest.mark.skip(reason="a full training run: set MLC_RUN_SLOW=1")
     no_gpu = gpu_missing()
     for item in items:
-        if "slow" in item.keywords and os.environ.get("MLC_RUN_SLOW") != "1":
+        if item.get_closest_marker("slow") and os.environ.get("MLC_RUN_SLOW") != "1":
             item.add_marker(slow)
-        if "cuda" in item.keywords and no_gpu:
+        if item.get_closest_marker("cuda") and no_gpu:
             item.add_marker(pytest.mark.skip(reason=f"needs a GPU: {no_gpu}"))
 
 

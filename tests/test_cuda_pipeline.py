@@ -11,7 +11,7 @@ from mlc.testing import check_pipeline, programs
 from test_loops import SUPPORTED
 
 GPU_STAGES = ["lower-to-loops,expand-products", "lower-to-loops,expand-products,map-to-gpu",
-              "cuda", "cuda{block=32}"]
+              "lower-to-loops,tile-gpu{bm=32 bn=32 bk=4 tm=2 tn=4}", "cuda", "cuda{block=32}"]
 
 
 @pytest.mark.parametrize("pipeline", GPU_STAGES)
