@@ -123,8 +123,10 @@ class Mapper:
             span = L.op(b, "arith.sub", ub, lb)
             step = loop.attr("step")
             trips.append(span if step == 1 else L.op(b, "arith.div", L.op(b, "arith.add", span, L.idx(step - 1)), L.idx(step)))
+        innermost = loops[-1].regions[0].blocks[0]
+        warp = _warp_per_iteration(innermost)
         total = trips[0]
-        for t in trips[1:]:
+        for t in trips[1:] + ([L.idx(WARP)] if warp else []):
             total = b.create("arith.mul", [total, t], name_hint="threads").result
         rounded_up = L.op(b, "arith.add", total, L.idx(self.block - 1))
         blocks = b.create("arith.div", [rounded_up, L.idx(self.block)], name_hint="blocks").result
@@ -140,6 +142,9 @@ class Mapper:
             Builder.at_end(other, self.module).create("loop.yield", [])
             tb = Builder.at_end(then, self.module, outer.loc)
             ivs, rest = [], g
+            if warp:
+                rest = tb.create("arith.div", [g, L.idx(WARP)], name_hint="row").result
+                lane = tb.create("arith.sub", [g, L.op(tb, "arith.mul", rest, L.idx(WARP))], name_hint="lane").result
             for loop, trip in reversed(list(zip(loops, trips))):
                 if loop is loops[0]:
                     position = rest
@@ -150,15 +155,48 @@ class Mapper:
                 step = loop.attr("step")
                 scaled = position if step == 1 else L.op(tb, "arith.mul", position, L.idx(step))
                 ivs.insert(0, L.op(tb, "arith.add", loop.operands[0], scaled))
-            innermost = loops[-1].regions[0].blocks[0]
             mapping.update(zip([lp.regions[0].blocks[0].args[0] for lp in loops], ivs))
             for op in innermost:
-                if op is not innermost.last:
+                if op is innermost.last:
+                    continue
+                if not warp:
                     then.insert_before(tb.anchor, op.clone(mapping))
+                else:
+                    self.across_warp(tb, op, mapping, lane)
             tb.create("loop.yield", [])
         self.launch(outer, blocks, self.block, body)
         outer.drop_all_references()
         outer.detach()
+
+    def across_warp(self, b: Builder, op: Operation, mapping: dict, lane) -> None:
+        """op of an iteration that a warp runs: its loops strided over the lanes (a reduction then
+        combined across them with shuffles, so every lane has the total), its stores made by lane 0."""
+        L = self.L
+        if op.name == "mem.store":
+            then, other = Block(), Block()
+            b.create("loop.if", [L.op(b, "arith.eq", lane, L.idx(0))], regions=[Region([then]), Region([other])])
+            then.append(op.clone(mapping))
+            Builder.at_end(then, self.module).create("loop.yield", [])
+            Builder.at_end(other, self.module).create("loop.yield", [])
+            return
+        if op.name != "loop.for":
+            b.block.insert_before(b.anchor, op.clone(mapping))
+            return
+        step = op.attr("step")
+        strided = op.clone(mapping)
+        strided.set_operand(0, L.op(b, "arith.add", strided.operands[0], L.op(b, "arith.mul", lane, L.idx(step))))
+        strided.set_attr("step", step * WARP)
+        combines = _reduction_combines(op)
+        for k, name in enumerate(combines):
+            strided.set_operand(2 + k, L.const(b, IDENTITY[name], op.results[k].type))
+        b.block.insert_before(b.anchor, strided)
+        for k, name in enumerate(combines):
+            total = strided.results[k]
+            for distance in (16, 8, 4, 2, 1):
+                other = b.create("gpu.shuffle", [total, L.idx(distance)], {"mode": "xor"}).result
+                total = b.create(name, [total, other], {"reassoc": True}).result
+            mapping[op.results[k]] = b.create(name, [mapping.get(op.operands[2 + k], op.operands[2 + k]), total],
+                                              {"reassoc": True}).result
 
     def collapsible(self, outer: Operation, on_device: set) -> list:
         """outer and the parallel loops perfectly nested in it whose bounds do not depend on it. The
@@ -191,6 +229,32 @@ class Mapper:
                 else:
                     outer.parent.insert_before(outer, o)
             loops.append(nested[0])
+
+
+WARP = 32
+IDENTITY = {"arith.add": 0.0, "arith.mul": 1.0, "arith.maximum": float("-inf"), "arith.minimum": float("inf")}
+
+
+def _reduction_combines(loop: Operation) -> list | None:
+    """For a loop whose carried values are each folded with one associative op (`{reassoc}`, f32,
+    the value used nowhere else), those ops' names; else None."""
+    body = loop.regions[0].blocks[0]
+    names = []
+    for acc, out in zip(body.args[1:], body.last.operands):
+        p = out.defining_op()
+        if (p is None or p.parent is not body or p.name not in IDENTITY or not p.attr("reassoc")
+                or acc not in p.operands or len(acc.uses) != 1 or out.type.name != "f32" or len(out.uses) != 1):
+            return None
+        names.append(p.name)
+    return names
+
+
+def _warp_per_iteration(body) -> bool:
+    """Whether a warp, rather than a thread, should run each iteration of this loop body: it reduces
+    rows (a loop folding f32 values), and each of its loops either reduces so or carries nothing."""
+    loops = [o for o in body if o.name == "loop.for"]
+    reductions = [o for o in loops if o.results and _reduction_combines(o)]
+    return bool(reductions) and all(not o.results or o in reductions for o in loops)
 
 
 def _rematerialisable(group: list, nest: Operation) -> list:

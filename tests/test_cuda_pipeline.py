@@ -48,3 +48,27 @@ def test_map_to_gpu_collapses_a_nest_and_guards_the_tail():
 def test_map_to_gpu_rejects_a_block_that_is_not_whole_warps():
     with pytest.raises(PipelineError, match="map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32"):
         mlc.run_passes(mlc.parse("module { }"), "map-to-gpu{block=48}")
+
+
+@pytest.mark.parametrize("body, reference", [
+    ("%y = mlc.softmax %x {axis = -1}", lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)),
+    ("%y = mlc.reduce_sum %x {axes = [1], keepdims = true}", lambda x: x.sum(1, keepdims=True)),
+    ("""%m = mlc.reduce_mean %x {axes = [1], keepdims = true}
+      %d = mlc.sub %x, %m : (tensor<?x45xf32>, tensor<?x1xf32>) -> tensor<?x45xf32>
+      %s = mlc.mul %d, %d
+      %v = mlc.reduce_mean %s {axes = [1], keepdims = true}
+      %e = mlc.constant dense<1.0e-5> : tensor<f32>
+      %ve = mlc.add %v, %e : (tensor<?x1xf32>, tensor<f32>) -> tensor<?x1xf32>
+      %r = mlc.rsqrt %ve
+      %y = mlc.mul %d, %r : (tensor<?x45xf32>, tensor<?x1xf32>) -> tensor<?x45xf32>""",
+     lambda x: (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)),
+], ids=["softmax", "reduce_sum", "layer_norm"])
+def test_row_reductions_run_a_warp_per_row(body, reference):
+    out = "tensor<?x1xf32>" if "reduce_sum" in body else "tensor<?x45xf32>"
+    m = mlc.parse(f"""module {{ func.func @f(%x: tensor<?x45xf32>) -> {out} {{
+      {body}
+      return %y : {out} }} }}""")
+    lowered = mlc.run_passes(m.clone(), "cuda")
+    assert any(op.name == "gpu.shuffle" for op in lowered.walk())  # a warp per row, combined by shuffles
+    x = np.random.default_rng(4).standard_normal((11, 45)).astype(np.float32)  # rows of 45: lanes 13..31 idle in the second pass
+    np.testing.assert_allclose(mlc.interpret(lowered, "f", x), reference(x), rtol=1e-5, atol=1e-5)

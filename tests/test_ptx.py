@@ -100,3 +100,16 @@ def test_a_kernel_takes_what_it_reads_from_the_host():
     params = [str(v.type) for k in kernels for v in k.params]
     assert "memref<?x5xf32>" in params  # the buffers (data pointer and their ? dim)
     assert all(f".entry {k.name}(" in ptx for k in kernels)
+
+
+@needs_ptxas
+def test_row_reductions_shuffle_and_products_tile_in_shared_memory(tmp_path):
+    m = lowered(mlc.parse("""module { func.func @f(%x: tensor<?x64xf32>, %w: tensor<64x64xf32>) -> tensor<?x64xf32> {
+      %h = mlc.matmul %x, %w : (tensor<?x64xf32>, tensor<64x64xf32>) -> tensor<?x64xf32>
+      %y = mlc.softmax %h {axis = -1}
+      return %y : tensor<?x64xf32> } }"""))
+    ptx, kernels = compile_kernels(m)
+    assert "shfl.sync.bfly.b32" in ptx  # the softmax: a warp per row
+    assert ptx.count("bar.sync") >= 2 and ("ld.shared.f32" in ptx or "ld.shared.b32" in ptx)  # the product's tiles
+    report = assemble(ptx, tmp_path)
+    assert "4096 bytes smem" in report and " 0 bytes spill stores" in report

@@ -26,6 +26,10 @@ def reduction(L: FunctionLowering, op: Operation):
     x = L.buffers[op.operands[0]]
     t, e = op.results[0].type, x.type.element
     axes = op.opdef.axes(op, x.type.rank)
+    trailing = list(axes) == list(range(x.type.rank - len(axes), x.type.rank))
+    if (op.name in COMBINE and e.is_float and axes and trailing
+            and (op.name != "mlc.reduce_mean" or all(x.type.shape[a] is not None for a in axes))):
+        return row_kernel(L, [op])  # the sum of each row in a register
     keep = bool(op.attr("keepdims"))
     in_sizes = L.dims(x)
     out_sizes = [L.idx(1) if i in axes else s for i, s in enumerate(in_sizes)] if keep \
