@@ -27,10 +27,10 @@ _DEFAULT_BACKEND = ["cpu"]
 
 
 def default_backend(backend: str | None = None) -> str:
-    """The backend jit compiles for when none is named ("cpu" or "interp"); with an argument, sets it."""
+    """The backend jit compiles for when none is named ("cpu", "cuda" or "interp"); with an argument, sets it."""
     if backend is not None:
-        if backend not in ("cpu", "interp"):
-            raise ValueError(f"backend must be 'cpu' or 'interp', got {backend!r}")
+        if backend not in ("cpu", "cuda", "interp"):
+            raise ValueError(f"backend must be 'cpu', 'cuda' or 'interp', got {backend!r}")
         _DEFAULT_BACKEND[0] = backend
     return _DEFAULT_BACKEND[0]
 
@@ -48,7 +48,7 @@ class Compiled:
             self.run = lambda *arrays: interp.call_public(name, arrays)
         else:
             from .api import compile as compile_module
-            self.run = compile_module(traced.module)[name]
+            self.run = compile_module(traced.module, target=backend)[name]
 
     def __call__(self, leaves):
         tr = self.traced
@@ -62,7 +62,7 @@ class Compiled:
 
 class jit:
     """fn traced on its first call for each signature (shapes, dtypes, static arguments), compiled for
-    `backend` ("cpu", "interp"; default: mlc.default_backend()), cached. Called inside another trace,
+    `backend` ("cpu", "cuda", "interp"; default: mlc.default_backend()), cached. Called inside another trace,
     fn is simply traced inline. dynamic_batch=True makes every argument's leading dimension `?`."""
 
     def __init__(self, fn=None, *, dynamic_batch: bool = False, backend: str | None = None, static_argnums=(), names=None):

@@ -139,7 +139,7 @@ class Program:
             self.globals = self.interp.globals
         else:
             from .api import compile as compile_module
-            self.exe = compile_module(module)
+            self.exe = compile_module(module, target=backend)
             self.globals = self.exe.globals
 
     def call(self, name: str, *arrays):

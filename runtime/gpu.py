@@ -6,11 +6,14 @@
 The host code is what the cuda pipeline leaves outside its gpu.launch ops: allocations, sizes and
 checks on them, loops around kernels (a scan's steps), calls, globals. A device holds the memory and
 runs the launches: `CudaDevice` through pycuda (imported when first needed: the `cuda` extra), or
-`SimulatedDevice`, which runs each launch on the lockstep interpreter, so that everything but the
-PTX itself is tested on machines without a GPU. Globals (weights, optimiser state) stay on the device
+`SimulatedDevice` (MLC_GPU_SIMULATE=1), which runs each launch on the lockstep interpreter with its
+race detector, so that everything but the PTX itself is tested on machines without a GPU. Globals (weights, optimiser state) stay on the device
 between calls; results come back as numpy arrays.
 """
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -29,11 +32,15 @@ class GpuExecutable:
         self.module, self.lowered, self.ptx, self.arch = module, lowered, ptx, arch
         self.kernels = {id(k.launch): k for k in kernels}
         self._device = device
-        self._globals: dict | None = None
+        self._device_globals: dict | None = None
+        self.mirrors: dict = {}  # global -> the host array bound to it (bind_global), kept up to date
+        self.globals = GlobalsView(self)
         self.functions = {name: GpuFunction(self, name) for name, f in module.functions.items() if not f.is_private}
 
     @property
     def device(self):
+        if self._device is None and os.environ.get("MLC_GPU_SIMULATE") == "1":
+            self._device = SimulatedDevice()
         if self._device is None:
             try:
                 self._device = CudaDevice()
@@ -44,15 +51,22 @@ class GpuExecutable:
         return self._device
 
     @property
-    def globals(self) -> dict:
+    def device_globals(self) -> dict:
         """Each global's buffer on the device, made from the module seed on first use."""
-        if self._globals is None:
-            self._globals = {name: self.device.upload(np.array(Global.initial_value(op, self.module.seed), order="C"))
-                             for name, op in self.module.globals.items()}
-        return self._globals
+        if self._device_globals is None:
+            self._device_globals = {name: self.device.upload(np.array(Global.initial_value(op, self.module.seed), order="C"))
+                                    for name, op in self.module.globals.items()}
+        return self._device_globals
 
-    def global_value(self, name: str) -> np.ndarray:
-        return self.device.download(self.globals[name])
+    def bind_global(self, name: str, array: np.ndarray) -> None:
+        """Global @name takes `array`'s value, and `array` follows it: after each call that stores
+        @name, the new value is copied back into it (model weights a training step updates)."""
+        old = self.module.globals[name].attr("type")
+        if array.dtype != old.element.np_dtype or array.shape != tuple(old.shape) or not array.flags.writeable:
+            raise ValueError(f"@{name} needs a writeable {old.element.np_dtype} array of shape {tuple(old.shape)}, "
+                             f"got {array.dtype} {array.shape}")
+        self.device.copy(self.device_globals[name], self.device.upload(array))
+        self.mirrors[name] = array
 
     def __getitem__(self, name: str) -> "GpuFunction":
         name = name.lstrip("@")
@@ -70,9 +84,26 @@ class GpuExecutable:
         return f"<GpuExecutable {', '.join('@' + n for n in self.functions)} for cuda ({self.arch}, {len(self.kernels)} kernels)>"
 
 
+class GlobalsView(Mapping):
+    """The globals' current values, read from the device when asked for."""
+
+    def __init__(self, exe: GpuExecutable):
+        self.exe = exe
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.exe.device.download(self.exe.device_globals[name])
+
+    def __iter__(self):
+        return iter(self.exe.module.globals)
+
+    def __len__(self):
+        return len(self.exe.module.globals)
+
+
 class GpuFunction:
     def __init__(self, exe: GpuExecutable, name: str):
         self.exe, self.name = exe, name
+        self.stores = _globals_stored(exe.lowered, name)
 
     def __call__(self, *args):
         exe = self.exe
@@ -84,7 +115,22 @@ class GpuFunction:
         out = [device.download(r) for r in results]
         for buf in run.live.values():
             device.free(buf)
+        for name in self.stores & exe.mirrors.keys():
+            exe.mirrors[name][...] = device.download(exe.device_globals[name])
         return out[0] if len(out) == 1 else tuple(out)
+
+
+def _globals_stored(module: Module, name: str, seen=None) -> set:
+    """The globals a function (or one it calls) stores."""
+    seen = set() if seen is None else seen
+    seen.add(name)
+    out = set()
+    for op in module.functions[name].body.walk():
+        if op.name == "mlc.global_store":
+            out.add(op.attr("global"))
+        elif op.name == "func.call" and op.attr("callee") not in seen:
+            out |= _globals_stored(module, op.attr("callee"), seen)
+    return out
 
 
 class HostRun:
@@ -112,9 +158,9 @@ class HostRun:
         if name in ("mem.from_tensor", "mem.to_tensor"):  # the same memory (lowered code writes only what it allocated)
             return ins
         if name == "mlc.global_load":
-            return [self.exe.globals[op.attr("global")]]
+            return [self.exe.device_globals[op.attr("global")]]
         if name == "mlc.global_store":
-            target = self.exe.globals[op.attr("global")]
+            target = self.exe.device_globals[op.attr("global")]
             if ins[0] is not target:
                 self.device.copy(target, ins[0])
             return []

@@ -67,7 +67,7 @@ def test_globals_stay_on_the_device_across_training_steps():
         x, labels = rng.standard_normal((5, 64)).astype(np.float32), rng.integers(0, 10, 5)
         np.testing.assert_allclose(exe["train_step"](x, labels), reference.call_public("train_step", (x, labels)), rtol=1e-4)
     for name in m.globals:
-        np.testing.assert_allclose(exe.global_value(name), reference.globals[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(exe.globals[name], reference.globals[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def test_a_bad_index_in_a_kernel_is_a_located_error():
@@ -99,3 +99,29 @@ def test_without_pycuda_the_kernels_compile_and_say_they_cannot_run():
 def test_examples_run_on_the_gpu(path):
     m = mlc.load(path)
     agree(m, mlc.compile(m, target="cuda"))
+
+
+def test_jit_and_training_steps_reach_the_gpu(monkeypatch):
+    """mlc.jit(backend="cuda") and compile_train_step(backend="cuda"), on the simulated device: the
+    model's weights follow the device's after each step, and match the CPU's training."""
+    monkeypatch.setenv("MLC_GPU_SIMULATE", "1")
+    import mlc.nn as nn
+    import mlc.nn.functional as F
+    from mlc.optim import SGD, compile_train_step
+
+    f = mlc.jit(lambda x, y: mlc.ops.tanh(x @ y) * 2.0, backend="cuda")
+    x, y = np.random.default_rng(5).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(f(x, y), np.tanh(x @ y) * 2.0, rtol=1e-5, atol=1e-6)
+
+    def run(backend):
+        mlc.manual_seed(7)
+        model = nn.Linear(4, 3)
+        step = compile_train_step(model, F.mse_loss, SGD(model.parameters(), lr=0.1), backend=backend)
+        rng = np.random.default_rng(8)
+        losses = [float(step(rng.standard_normal((6, 4)).astype(np.float32), rng.standard_normal((6, 3)).astype(np.float32)))
+                  for _ in range(3)]
+        return losses, [p.data.copy() for p in model.parameters()]
+    (cpu_losses, cpu_weights), (gpu_losses, gpu_weights) = run("cpu"), run("cuda")
+    np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-5)
+    for a, b in zip(gpu_weights, cpu_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
