@@ -219,6 +219,9 @@ def to_ptx(llvm_ir: str, libdevice_symbols=(), arch: str = "sm_90") -> str:
     module = llvm.parse_assembly(llvm_ir)
     module.verify()
     if libdevice_symbols:
+        if not os.path.exists(LIBDEVICE):
+            raise FileNotFoundError(f"the kernels call libdevice ({', '.join(libdevice_symbols[:3])}, ...), which is not at "
+                                    f"{LIBDEVICE}: install the CUDA toolkit or set MLC_LIBDEVICE")
         with open(LIBDEVICE, "rb") as f:
             lib = llvm.parse_bitcode(f.read())
         lib.triple, lib.data_layout = TRIPLE, DATA_LAYOUT
@@ -239,6 +242,15 @@ def emit_kernels(module: Module) -> tuple[ir.Module, PtxModuleEmitter]:
 
 def compile_kernels(module: Module, arch: str = "sm_90") -> tuple[str, list[KernelCode]]:
     """PTX for every kernel of a lowered GPU module, and how to launch each."""
+    make_ptx, kernels = deferred_kernels(module, arch)
+    return make_ptx(), kernels
+
+
+def deferred_kernels(module: Module, arch: str = "sm_90"):
+    """How to launch each kernel, and a function making their PTX (LLVM's NVPTX backend and
+    libdevice are only needed when something asks for it)."""
+    target_machine(arch)  # an unknown architecture is an error now, not later
     llvm_module, emitter = emit_kernels(module)
-    return to_ptx(str(llvm_module), sorted(emitter.libdevice), arch), emitter.kernels_code
+    text, symbols = str(llvm_module), sorted(emitter.libdevice)
+    return functools.partial(to_ptx, text, symbols, arch), emitter.kernels_code
 

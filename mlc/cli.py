@@ -230,7 +230,11 @@ def compile_cuda(module, args):
                                                   "'mlc run --backend cuda' to compile and run")
     if args.emit == "llvm":
         return emit_text(str(emit_kernels(compiler.lower(module, "cuda"))[0]), args.output)
-    return emit_text(compiler.compile(module, "cuda", cache=False, arch=args.arch).ptx, args.output)
+    try:
+        ptx = compiler.compile(module, "cuda", cache=False, arch=args.arch).ptx
+    except FileNotFoundError as e:  # no CUDA toolkit's libdevice here
+        raise error(Location("--target", 0, 0), str(e)) from None
+    return emit_text(ptx, args.output)
 
 
 def cmd_train(args):

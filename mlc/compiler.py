@@ -12,7 +12,7 @@ pipeline string means the same IR on every machine.
 from __future__ import annotations
 
 from mlc.codegen.llvm import emit_module
-from mlc.codegen.nvptx import GPU_ARCHS, compile_kernels
+from mlc.codegen.nvptx import GPU_ARCHS, deferred_kernels
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import error
 from mlc.passes import PassManager
@@ -47,8 +47,8 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
         if arch not in GPU_ARCHS:
             raise error(module.loc, f"unknown GPU architecture '{arch}' (known: {', '.join(GPU_ARCHS)})")
         lowered = lower(module, target)
-        ptx, kernels = compile_kernels(lowered, arch)
-        return GpuExecutable(module, lowered, ptx, kernels, arch, device)
+        make_ptx, kernels = deferred_kernels(lowered, arch)
+        return GpuExecutable(module, lowered, make_ptx, kernels, arch, device)
     hit = cached(module) if cache else None
     if hit is not None:
         return Executable(module, *hit)

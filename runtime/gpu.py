@@ -28,14 +28,22 @@ from mlc.ir.types import ElementType, MemRefType
 class GpuExecutable:
     """Kernels (PTX) for every public function of a module lowered by the cuda pipeline."""
 
-    def __init__(self, module: Module, lowered: Module, ptx: str, kernels: list, arch: str, device=None):
-        self.module, self.lowered, self.ptx, self.arch = module, lowered, ptx, arch
+    def __init__(self, module: Module, lowered: Module, ptx, kernels: list, arch: str, device=None):
+        """ptx: the kernels' PTX, or a function making it (called when first needed)."""
+        self.module, self.lowered, self.arch = module, lowered, arch
+        self._ptx = ptx
         self.kernels = {id(k.launch): k for k in kernels}
         self._device = device
         self._device_globals: dict | None = None
         self.mirrors: dict = {}  # global -> the host array bound to it (bind_global), kept up to date
         self.globals = GlobalsView(self)
         self.functions = {name: GpuFunction(self, name) for name, f in module.functions.items() if not f.is_private}
+
+    @property
+    def ptx(self) -> str:
+        if callable(self._ptx):
+            self._ptx = self._ptx()
+        return self._ptx
 
     @property
     def device(self):
@@ -47,7 +55,11 @@ class GpuExecutable:
             except RuntimeError as e:  # no pycuda, no driver, no GPU: a diagnostic, not a traceback
                 raise error(self.module.loc, str(e)) from None
         if not getattr(self._device, "loaded", False):
-            self._device.load(self.ptx, self.kernels.values())
+            try:
+                ptx = self.ptx
+            except FileNotFoundError as e:
+                raise error(self.module.loc, str(e)) from None
+            self._device.load(ptx, self.kernels.values())
         return self._device
 
     @property
@@ -274,6 +286,7 @@ class CudaDevice:
         self.cuda, self.pool, self.stream = cuda, DeviceMemoryPool(), cuda.Stream()
         self.functions: dict = {}
         self.loaded = False
+        self.timed: list | None = None  # (start, end) events per launch while profiling (benchmarks/gpu.py)
 
     def load(self, ptx: str, kernels):
         self.module = self.cuda.module_from_buffer(ptx.encode())
@@ -320,7 +333,20 @@ class CudaDevice:
                 packed.append(np.asarray(a).astype(_param_dtype(v.type)))
         grid3 = tuple(grid) + (1,) * (3 - len(grid))
         block3 = tuple(kernel.block) + (1,) * (3 - len(kernel.block))
+        if self.timed is not None:
+            start, end = self.cuda.Event(), self.cuda.Event()
+            start.record(self.stream)
         self.functions[kernel.name].prepared_async_call(grid3, block3, self.stream, *packed, error_word.ptr)
+        if self.timed is not None:
+            end.record(self.stream)
+            self.timed.append((start, end))
+
+    def kernel_milliseconds(self) -> float:
+        """The time the kernels launched since the last call took on the GPU (while `timed` is a list)."""
+        self.stream.synchronize()
+        total = sum(end.time_since(start) for start, end in self.timed)
+        self.timed = []
+        return total
 
 
 class DeviceBuffer:
