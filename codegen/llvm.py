@@ -581,6 +581,17 @@ def _vector_broadcast(self: FunctionEmitter, op):
                                                        ir.Constant(ir.VectorType(ir.IntType(32), t.count), [0] * t.count))
 
 
+def _from_elements(self: FunctionEmitter, op):
+    v = ir.Constant(vector_type(op.results[0].type), ir.Undefined)
+    for k, x in enumerate(op.operands):
+        v = self.b.insert_element(v, self.get(x), ir.Constant(ir.IntType(32), k))
+    self.values[op.results[0]] = v
+
+
+def _extract(self: FunctionEmitter, op):
+    self.values[op.results[0]] = self.b.extract_element(self.get(op.operands[0]), ir.Constant(ir.IntType(32), op.attr("position")))
+
+
 def _vector_fma(self: FunctionEmitter, op):
     xs = [self.get(v) for v in op.operands]
     self.values[op.results[0]] = self.b.call(self.parent.intrinsic("fma", xs[0].type, 3), xs)
@@ -609,7 +620,8 @@ OPS = {
     "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield,
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
-    "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma,
+    "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma, "vector.from_elements": _from_elements,
+    "vector.extract": _extract,
 }
 
 

@@ -192,6 +192,24 @@ def _shuffle(self: KernelEmitter, op):
     self.values[op.results[0]] = self.b.call(fn, [ir.Constant(I32, -1), value, offset, ir.Constant(I32, SHUFFLE_CLAMP[mode])])
 
 
+@_handler("gpu.mma_sync")
+def _mma(self: KernelEmitter, op):
+    """mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: A as 4 and B as 2 pairs of halves."""
+    a, b, c = (self.get(v) for v in op.operands)
+    pairs = ir.VectorType(ir.HalfType(), 2)
+
+    def halves(v, n):
+        return [self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 2), [2 * k, 2 * k + 1])) for k in range(n)]
+    sums = [self.b.extract_element(c, ir.Constant(I32, k)) for k in range(4)]
+    fn = self.parent.declare("llvm.nvvm.mma.m16n8k16.row.col.f32.f32", ir.LiteralStructType([F32] * 4),
+                             [pairs] * 6 + [F32] * 4)
+    d = self.b.call(fn, halves(a, 4) + halves(b, 2) + sums)
+    out = ir.Constant(ir.VectorType(F32, 4), ir.Undefined)
+    for k in range(4):
+        out = self.b.insert_element(out, self.b.extract_value(d, k), ir.Constant(I32, k))
+    self.values[op.results[0]] = out
+
+
 # --- LLVM IR to PTX ----------------------------------------------------------------------------------------
 
 _lock = threading.Lock()

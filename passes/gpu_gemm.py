@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from mlc.ir.core import Block, Builder, Region
-from mlc.ir.types import MemRefType, index
+from mlc.ir.types import ElementType, MemRefType, VectorType, index
 
 from .lowering.core import LoopBuilder
 
@@ -64,16 +64,51 @@ class GpuGemm:
         self.kernel(kb, *block.args, tiles)
         kb.create("gpu.terminator", [])
 
-    def kernel(self, b: Builder, bid, tid, tiles):
-        L, e = self.L, self.element
-        a_tile = b.create("gpu.shared_alloc", result_types=[MemRefType((self.bk, self.bm), e, "shared")], name_hint="a_tile").result
-        b_tile = b.create("gpu.shared_alloc", result_types=[MemRefType((self.bk, self.bn), e, "shared")], name_hint="b_tile").result
+    def shared(self, b: Builder, rows: int, cols: int, name: str):
+        return b.create("gpu.shared_alloc", result_types=[MemRefType((rows, cols), self.element, "shared")], name_hint=name).result
+
+    def block_tile(self, b: Builder, bid, tiles):
+        """The batch entry of this block, and the first row and column of its tile of C."""
+        L = self.L
         batch = L.op(b, "arith.div", bid, tiles)
         in_batch = L.op(b, "arith.sub", bid, L.op(b, "arith.mul", batch, tiles))
         tile_i = L.op(b, "arith.div", in_batch, self.tiles_n)
         tile_j = L.op(b, "arith.sub", in_batch, L.op(b, "arith.mul", tile_i, self.tiles_n))
         row0 = b.create("arith.mul", [tile_i, L.idx(self.bm)], name_hint="row0").result
         col0 = b.create("arith.mul", [tile_j, L.idx(self.bn)], name_hint="col0").result
+        return batch, row0, col0
+
+    def store_inside(self, b: Builder, batch, row, col, value):
+        """The epilogue and store of C(row, col) when it is inside C."""
+        L = self.L
+        inside = L.op(b, "arith.and", L.op(b, "arith.lt", row, self.m), L.op(b, "arith.lt", col, self.n))
+        then, other = Block(), Block()
+        b.create("loop.if", [inside], regions=[Region([then]), Region([other])])
+        tb = Builder.at_end(then, L.module, b.loc)
+        if value.type != self.element:
+            value = tb.create("arith.cast", [value], result_types=[self.element]).result
+        self.store(tb, batch, row, col, value)
+        tb.create("loop.yield", [])
+        Builder.at_end(other, L.module, b.loc).create("loop.yield", [])
+
+    def copy_slices(self, b: Builder, tid, batch, row0, col0, k0, a_tile, b_tile, a_rows_are_m: bool):
+        """This k0 slice of A and of B into shared memory (A's tile m x k when a_rows_are_m, else k x m)."""
+        L = self.L
+
+        def a_value(cb, r, c):
+            i, kk = (r, c) if a_rows_are_m else (c, r)
+            return self.read(cb, lambda xb, x, y: self.load_a(xb, batch, x, y), L.op(cb, "arith.add", row0, i), self.last_m,
+                             L.op(cb, "arith.add", k0, kk), self.last_k, self.m, self.k)
+        a_shape = (self.bm, self.bk) if a_rows_are_m else (self.bk, self.bm)
+        self.copy(b, tid, a_tile, *a_shape, self.a_along_k == a_rows_are_m, a_value)
+        self.copy(b, tid, b_tile, self.bk, self.bn, True, lambda cb, r, c: self.read(
+            cb, lambda xb, kk, j: self.load_b(xb, batch, kk, j), L.op(cb, "arith.add", k0, r), self.last_k,
+            L.op(cb, "arith.add", col0, c), self.last_n, self.k, self.n))
+
+    def kernel(self, b: Builder, bid, tid, tiles):
+        L, e = self.L, self.element
+        a_tile, b_tile = self.shared(b, self.bk, self.bm, "a_tile"), self.shared(b, self.bk, self.bn, "b_tile")
+        batch, row0, col0 = self.block_tile(b, bid, tiles)
         per_row = self.bn // self.tn
         ty = L.op(b, "arith.div", tid, L.idx(per_row))
         tx = L.op(b, "arith.sub", tid, L.op(b, "arith.mul", ty, L.idx(per_row)))
@@ -82,13 +117,7 @@ class GpuGemm:
         zero = L.const(b, 0, e)
 
         def slice_of_k(sb, kt, *acc):
-            k0 = L.op(sb, "arith.mul", kt, L.idx(self.bk))
-            self.copy(sb, tid, a_tile, self.bm, self.a_along_k, lambda cb, r, c: self.read(
-                cb, lambda xb, i, kk: self.load_a(xb, batch, i, kk), L.op(cb, "arith.add", row0, c), self.last_m,
-                L.op(cb, "arith.add", k0, r), self.last_k, self.m, self.k))
-            self.copy(sb, tid, b_tile, self.bn, False, lambda cb, r, c: self.read(
-                cb, lambda xb, kk, j: self.load_b(xb, batch, kk, j), L.op(cb, "arith.add", k0, r), self.last_k,
-                L.op(cb, "arith.add", col0, c), self.last_n, self.k, self.n))
+            self.copy_slices(sb, tid, batch, row0, col0, L.op(sb, "arith.mul", kt, L.idx(self.bk)), a_tile, b_tile, False)
             sb.create("gpu.barrier", [])
             acc = list(acc)
             for kk in range(self.bk):
@@ -102,25 +131,18 @@ class GpuGemm:
         for i in range(self.tm):
             row = L.op(b, "arith.add", row0, L.op(b, "arith.add", my_rows, L.idx(i)))
             for j in range(self.tn):
-                col = L.op(b, "arith.add", col0, L.op(b, "arith.add", my_cols, L.idx(j)))
-                inside = L.op(b, "arith.and", L.op(b, "arith.lt", row, self.m), L.op(b, "arith.lt", col, self.n))
-                then, other = Block(), Block()
-                b.create("loop.if", [inside], regions=[Region([then]), Region([other])])
-                tb = Builder.at_end(then, L.module, b.loc)
-                self.store(tb, batch, row, col, acc[i * self.tn + j])
-                tb.create("loop.yield", [])
-                Builder.at_end(other, L.module, b.loc).create("loop.yield", [])
+                self.store_inside(b, batch, row, L.op(b, "arith.add", col0, L.op(b, "arith.add", my_cols, L.idx(j))), acc[i * self.tn + j])
 
-    def copy(self, b: Builder, tid, tile, width: int, along_r: bool, value):
-        """tile[r, c] = value(r, c) for the bk x width tile, each thread a few elements; consecutive
-        threads take consecutive r (along_r) or c, as the operand is contiguous, so reads coalesce."""
+    def copy(self, b: Builder, tid, tile, rows: int, cols: int, along_cols: bool, value):
+        """tile[r, c] = value(r, c) for the rows x cols tile, each thread a few elements; consecutive
+        threads take consecutive c (along_cols) or r, as the operand is contiguous, so reads coalesce."""
         L = self.L
-        fast = self.bk if along_r else width
-        for step in range(self.bk * width // self.threads):
+        fast = cols if along_cols else rows
+        for step in range(rows * cols // self.threads):
             e = L.op(b, "arith.add", tid, L.idx(step * self.threads))
             slow = L.op(b, "arith.div", e, L.idx(fast))
             quick = L.op(b, "arith.sub", e, L.op(b, "arith.mul", slow, L.idx(fast)))
-            r, c = (quick, slow) if along_r else (slow, quick)
+            r, c = (slow, quick) if along_cols else (quick, slow)
             b.create("mem.store", [value(b, r, c), tile, r, c])
 
     def read(self, b: Builder, load, x, last_x, y, last_y, size_x, size_y):
@@ -130,3 +152,64 @@ class GpuGemm:
         v = load(b, L.op(b, "arith.minimum", x, last_x), L.op(b, "arith.minimum", y, last_y))
         inside = L.op(b, "arith.and", L.op(b, "arith.lt", x, size_x), L.op(b, "arith.lt", y, size_y))
         return L.op(b, "arith.select", inside, v, L.const(b, 0, self.element))
+
+
+@dataclass
+class MmaGemm(GpuGemm):
+    """The same product of f16 operands on tensor cores: a 64 x (16 n_tiles) tile of C per block of
+    four warps, each warp 32 x (8 n_tiles) of it as 2 x n_tiles tiles of gpu.mma_sync (m16n8k16, f32
+    sums carried over K); the fragments come from the shared-memory slices (16 deep) in the PTX layout."""
+    n_tiles: int = 2
+    bm: int = 64
+    bn: int = 32
+    bk: int = 16
+
+    @property
+    def threads(self) -> int:
+        return 128
+
+    def kernel(self, b: Builder, bid, tid, tiles):
+        L = self.L
+        a_tile, b_tile = self.shared(b, self.bm, self.bk, "a_tile"), self.shared(b, self.bk, self.bn, "b_tile")
+        batch, row0, col0 = self.block_tile(b, bid, tiles)
+        warp = L.op(b, "arith.div", tid, L.idx(32))
+        lane = L.op(b, "arith.sub", tid, L.op(b, "arith.mul", warp, L.idx(32)))
+        warp_m = L.op(b, "arith.div", warp, L.idx(2))
+        warp_rows = L.op(b, "arith.mul", warp_m, L.idx(32))
+        warp_cols = L.op(b, "arith.mul", L.op(b, "arith.sub", warp, L.op(b, "arith.mul", warp_m, L.idx(2))), L.idx(8 * self.n_tiles))
+        g = L.op(b, "arith.div", lane, L.idx(4))
+        t2 = L.op(b, "arith.mul", L.op(b, "arith.sub", lane, L.op(b, "arith.mul", g, L.idx(4))), L.idx(2))
+        f32 = VectorType((4,), ElementType("f32"))
+        zero = L.const(b, 0, ElementType("f32"))
+        sums = b.create("vector.from_elements", [zero] * 4, result_types=[f32]).result
+
+        def at(fb, base, k):
+            return L.op(fb, "arith.add", base, L.idx(k)) if k else base
+
+        def fragment(fb, tile, places, n):
+            vt = VectorType((n,), self.element)
+            return fb.create("vector.from_elements", [fb.create("mem.load", [tile, *p]).result for p in places], result_types=[vt]).result
+
+        def slice_of_k(sb, kt, *acc):
+            self.copy_slices(sb, tid, batch, row0, col0, L.op(sb, "arith.mul", kt, L.idx(self.bk)), a_tile, b_tile, True)
+            sb.create("gpu.barrier", [])
+            a = []
+            for mi in range(2):
+                rows = L.op(sb, "arith.add", warp_rows, L.op(sb, "arith.add", g, L.idx(16 * mi)))
+                a.append(fragment(sb, a_tile, [(at(sb, rows, 8 * (i // 2 % 2)), at(sb, t2, i % 2 + 8 * (i // 4))) for i in range(8)], 8))
+            bs = []
+            for ni in range(self.n_tiles):
+                col = L.op(sb, "arith.add", warp_cols, L.op(sb, "arith.add", g, L.idx(8 * ni)))
+                bs.append(fragment(sb, b_tile, [(at(sb, t2, i % 2 + 8 * (i // 2)), col) for i in range(4)], 4))
+            out = [sb.create("gpu.mma_sync", [a[mi], bs[ni], acc[mi * self.n_tiles + ni]], result_types=[f32]).result
+                   for mi in range(2) for ni in range(self.n_tiles)]
+            sb.create("gpu.barrier", [])
+            return out
+        acc = L.loop(b, L.idx(0), self.k_tiles, slice_of_k, carried=[sums] * (2 * self.n_tiles))
+        for mi in range(2):
+            for ni in range(self.n_tiles):
+                for i in range(4):
+                    row = L.op(b, "arith.add", row0, L.op(b, "arith.add", warp_rows, L.op(b, "arith.add", g, L.idx(16 * mi + 8 * (i // 2)))))
+                    col = L.op(b, "arith.add", col0, L.op(b, "arith.add", warp_cols, L.op(b, "arith.add", t2, L.idx(8 * ni + i % 2))))
+                    value = b.create("vector.extract", [acc[mi * self.n_tiles + ni]], {"position": i}).result
+                    self.store_inside(b, batch, row, col, value)

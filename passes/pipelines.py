@@ -10,5 +10,5 @@ PIPELINES = {
     "cpu": "cpu-tensor,bufferize,lower-to-loops,tile,buffer-dealloc,canonicalize,cse,reuse-buffers",
     # the GPU backend: the same loop nests; products as tiled kernels (or plain loops), the other nests
     # a thread per iteration; codegen/nvptx.py makes PTX of each launch and the host code runs around them
-    "cuda": "cpu-tensor,bufferize,lower-to-loops,tile-gpu,expand-products,map-to-gpu,buffer-dealloc,canonicalize,cse",
+    "cuda": "cpu-tensor{tensor-cores=1},bufferize,lower-to-loops,tile-gpu,expand-products,map-to-gpu,buffer-dealloc,canonicalize,cse",
 }

@@ -19,6 +19,7 @@ from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.dialects.loops import Matmul
 
 from . import gemm
+from .expand_products import expand_conv, expand_matmul
 from .lowering.core import LoopBuilder, store_through_epilogue
 from .manager import Pass, PipelineError
 
@@ -39,7 +40,10 @@ class Tile(Pass):
             builder = LoopBuilder(module, f)
             for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:
                 builder.b = Builder.before(op, module)
-                (self.tile_matmul if op.name == "mem.matmul" else self.tile_conv)(builder, op)
+                if not gemm.supports(op.operand_types[2].element):  # (f16, left in half for GPUs): plain loops
+                    (expand_matmul if op.name == "mem.matmul" else expand_conv)(builder, op)
+                else:
+                    (self.tile_matmul if op.name == "mem.matmul" else self.tile_conv)(builder, op)
                 op.erase()
 
     def tile_conv(self, L: LoopBuilder, op: Operation) -> None:

@@ -10,15 +10,16 @@ becomes
 
 A convolution is an implicit GEMM per group: rows are its output channels, columns its output
 pixels (n, y, x), the reduction its (channel, ky, kx) window, read from the padded input in place.
-The options fix the tiles, so the same pipeline prints the same IR for every GPU. Other element
-types are left to expand-products.
+f16 products run on tensor cores instead (gpu_gemm.MmaGemm: 64 x 64 tiles per four warps of
+gpu.mma_sync). The options fix the SIMT tiles, so the same pipeline prints the same IR for every GPU.
+Other element types are left to expand-products.
 """
 from __future__ import annotations
 
 from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.dialects.loops import Matmul
 
-from .gpu_gemm import GpuGemm
+from .gpu_gemm import GpuGemm, MmaGemm
 from .lowering.core import LoopBuilder, store_through_epilogue
 from .manager import Pass, PipelineError
 
@@ -41,7 +42,8 @@ class TileGpu(Pass):
         for f in module.functions.values():
             L = LoopBuilder(module, f)
             for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:
-                if op.operand_types[2].element.name not in ("f32", "f64"):
+                element = op.operand_types[2].element.name
+                if element not in ("f32", "f64") and not (element == "f16" and op.name == "mem.matmul"):
                     continue
                 L.b = Builder.before(op, module)
                 gemm = (self.matmul if op.name == "mem.matmul" else self.conv)(L, op)
@@ -55,13 +57,14 @@ class TileGpu(Pass):
         ranks = [t.rank for t in op.operand_types[:3]]
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, ranks)
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
-        return GpuGemm(
+        kind, tiles = (MmaGemm, {}) if c.type.element.name == "f16" else (GpuGemm, self.tiles())
+        return kind(
             L.dim(c, ranks[2] - 2), L.dim(c, ranks[2] - 1), L.dim(a, ranks[0] - 2 if ta else ranks[0] - 1), L.idx(1),
             c.type.element,
             load_a=lambda kb, _, i, k: kb.create("mem.load", [a] + at_a + ([k, i] if ta else [i, k])).result,
             load_b=lambda kb, _, k, j: kb.create("mem.load", [b] + at_b + ([j, k] if tb else [k, j])).result,
             store=lambda kb, _, i, j, v: store_through_epilogue(kb, op, c, at_c + [i, j], [i, j], v),
-            a_along_k=not ta, **self.tiles())
+            a_along_k=not ta, **tiles)
 
     def conv(self, L: LoopBuilder, op: Operation) -> GpuGemm:
         x, w, out = op.operands

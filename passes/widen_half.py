@@ -9,6 +9,8 @@ becomes
     %y = mlc.cast %y32 : (tensor<4x2xf32>) -> tensor<4x2xf16>
 
 Elementwise ops need no widening: the code generators compute each half element in f32 already.
+With `tensor-cores=1` (the cuda pipeline) f16 products stay f16: tensor cores multiply f16 values
+exactly and sum them in f32, which is what the widened product means.
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ HALF = ("f16", "bf16")
 class WidenHalf(Pass):
     name = "widen-half"
     summary = "run ops that accumulate f16/bf16 values in f32, rounding their results once"
+    options = {"tensor-cores": 0}
 
     def run(self, module: Module) -> None:
+        keep = {"mlc.matmul"} if self.option("tensor-cores") else set()
         for f in module.functions.values():
-            for op in [o for o in f.body.walk() if o.name in ACCUMULATING and _half(o.operands[0].type)]:
+            for op in [o for o in f.body.walk() if o.name in ACCUMULATING and _half(o.operands[0].type)
+                       and not (o.name in keep and all(v.type.element.name == "f16" for v in o.operands))]:
                 b = Builder.before(op, module)
                 b.loc = op.loc
                 wide = [b.create("mlc.cast", [v], result_types=[TensorType(v.type.shape, f32)]).result if _half(v.type) else v

@@ -72,3 +72,19 @@ def test_row_reductions_run_a_warp_per_row(body, reference):
     assert any(op.name == "gpu.shuffle" for op in lowered.walk())  # a warp per row, combined by shuffles
     x = np.random.default_rng(4).standard_normal((11, 45)).astype(np.float32)  # rows of 45: lanes 13..31 idle in the second pass
     np.testing.assert_allclose(mlc.interpret(lowered, "f", x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [70, 5])
+def test_f16_products_run_on_tensor_cores(rows):
+    """An f16 matmul stays f16 (tensor cores sum in f32, as widening means) and becomes tiles of
+    gpu.mma_sync; ragged rows, columns (48: one and a half 32-wide tiles) and a K of two slices."""
+    m = mlc.parse("""module { func.func @f(%a: tensor<?x32xf16>, %b: tensor<32x48xf16>) -> tensor<?x48xf16> {
+      %c = mlc.matmul %a, %b : (tensor<?x32xf16>, tensor<32x48xf16>) -> tensor<?x48xf16>
+      return %c : tensor<?x48xf16> } }""")
+    lowered = mlc.run_passes(m.clone(), "cuda")
+    assert sum(op.name == "gpu.mma_sync" for op in lowered.walk()) == 4  # per warp: 2 x 2 tiles of 16 x 8
+    rng = np.random.default_rng(rows)
+    a, b = rng.standard_normal((rows, 32)).astype(np.float16), rng.standard_normal((32, 48)).astype(np.float16)
+    got = mlc.interpret(lowered, "f", a, b)
+    np.testing.assert_allclose(got.astype(np.float32), (a.astype(np.float64) @ b).astype(np.float16).astype(np.float32),
+                               rtol=2e-3, atol=2e-3)

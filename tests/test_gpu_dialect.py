@@ -189,3 +189,75 @@ def test_memory_spaces_print_and_parse():
     assert "memref<32xf32, shared>" in str(m)
     assert str(mlc.parse(str(m), "again.ir")) == str(m)
     assert "unknown memory space 'local'" in errors(text.replace("32xf32, shared", "32xf32, local"))[0][2]
+
+
+# One warp's m16n8k16 tile, each fragment element loaded from where the PTX ISA places it (written out
+# here by hand, independently of the interpreter's tables).
+MMA = """func.func @mma(%a: tensor<16x16xf16>, %b: tensor<16x8xf16>, %c: tensor<16x8xf32>) -> tensor<16x8xf32> {
+  %ab = mem.from_tensor %a : (tensor<16x16xf16>) -> memref<16x16xf16>
+  %bb = mem.from_tensor %b : (tensor<16x8xf16>) -> memref<16x8xf16>
+  %cb = mem.from_tensor %c : (tensor<16x8xf32>) -> memref<16x8xf32>
+  %db = mem.alloc : memref<16x8xf32>
+  %one = arith.constant {value = 1 : index} : index
+  gpu.launch %one {block = [32]} : index {
+  ^bb0(%bid: index, %lane: index):
+    %c1 = arith.constant {value = 1 : index} : index
+    %c2 = arith.constant {value = 2 : index} : index
+    %c4 = arith.constant {value = 4 : index} : index
+    %c8 = arith.constant {value = 8 : index} : index
+    %g = arith.div %lane, %c4 : (index, index) -> index
+    %gt = arith.mul %g, %c4 : (index, index) -> index
+    %t = arith.sub %lane, %gt : (index, index) -> index
+    %t2 = arith.mul %t, %c2 : (index, index) -> index
+    %t21 = arith.add %t2, %c1 : (index, index) -> index
+    %g8 = arith.add %g, %c8 : (index, index) -> index
+    %t28 = arith.add %t2, %c8 : (index, index) -> index
+    %t218 = arith.add %t21, %c8 : (index, index) -> index
+    %a0 = mem.load %ab, %g, %t2 : (memref<16x16xf16>, index, index) -> f16
+    %a1 = mem.load %ab, %g, %t21 : (memref<16x16xf16>, index, index) -> f16
+    %a2 = mem.load %ab, %g8, %t2 : (memref<16x16xf16>, index, index) -> f16
+    %a3 = mem.load %ab, %g8, %t21 : (memref<16x16xf16>, index, index) -> f16
+    %a4 = mem.load %ab, %g, %t28 : (memref<16x16xf16>, index, index) -> f16
+    %a5 = mem.load %ab, %g, %t218 : (memref<16x16xf16>, index, index) -> f16
+    %a6 = mem.load %ab, %g8, %t28 : (memref<16x16xf16>, index, index) -> f16
+    %a7 = mem.load %ab, %g8, %t218 : (memref<16x16xf16>, index, index) -> f16
+    %av = vector.from_elements %a0, %a1, %a2, %a3, %a4, %a5, %a6, %a7 : (f16, f16, f16, f16, f16, f16, f16, f16) -> vector<8xf16>
+    %b0 = mem.load %bb, %t2, %g : (memref<16x8xf16>, index, index) -> f16
+    %b1 = mem.load %bb, %t21, %g : (memref<16x8xf16>, index, index) -> f16
+    %b2 = mem.load %bb, %t28, %g : (memref<16x8xf16>, index, index) -> f16
+    %b3 = mem.load %bb, %t218, %g : (memref<16x8xf16>, index, index) -> f16
+    %bv = vector.from_elements %b0, %b1, %b2, %b3 : (f16, f16, f16, f16) -> vector<4xf16>
+    %c0v = mem.load %cb, %g, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c1v = mem.load %cb, %g, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %c2v = mem.load %cb, %g8, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c3v = mem.load %cb, %g8, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %cv = vector.from_elements %c0v, %c1v, %c2v, %c3v : (f32, f32, f32, f32) -> vector<4xf32>
+    %dv = gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
+    %d0 = vector.extract %dv {position = 0} : (vector<4xf32>) -> f32
+    %d1 = vector.extract %dv {position = 1} : (vector<4xf32>) -> f32
+    %d2 = vector.extract %dv {position = 2} : (vector<4xf32>) -> f32
+    %d3 = vector.extract %dv {position = 3} : (vector<4xf32>) -> f32
+    mem.store %d0, %db, %g, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d1, %db, %g, %t21 : f32, memref<16x8xf32>, index, index
+    mem.store %d2, %db, %g8, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d3, %db, %g8, %t21 : f32, memref<16x8xf32>, index, index
+    gpu.terminator
+  }
+  %d = mem.to_tensor %db : (memref<16x8xf32>) -> tensor<16x8xf32>
+  return %d : tensor<16x8xf32>
+}
+"""
+
+
+def test_mma_sync_multiplies_a_tile_with_the_ptx_fragment_layout():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 16)).astype(np.float16), rng.standard_normal((16, 8)).astype(np.float16)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    d = mlc.interpret(mlc.parse(MMA, "mma.ir"), "mma", a, b, c)
+    np.testing.assert_allclose(d, a.astype(np.float64) @ b + c, rtol=1e-6, atol=1e-5)
+
+
+def test_mma_sync_checks_its_fragments():
+    assert "takes fragments (vector<8xf16>, vector<4xf16>, vector<4xf32>)" in errors(
+        MMA.replace("gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>)",
+                    "gpu.mma_sync %bv, %bv, %cv : (vector<4xf16>, vector<4xf16>, vector<4xf32>)"))[0][2]

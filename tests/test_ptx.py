@@ -113,3 +113,22 @@ def test_row_reductions_shuffle_and_products_tile_in_shared_memory(tmp_path):
     assert ptx.count("bar.sync") >= 2 and ("ld.shared.f32" in ptx or "ld.shared.b32" in ptx)  # the product's tiles
     report = assemble(ptx, tmp_path)
     assert "4096 bytes smem" in report and " 0 bytes spill stores" in report
+
+
+@needs_ptxas
+def test_tensor_core_tiles_assemble(tmp_path):
+    from test_gpu_dialect import MMA
+    ptx, _ = compile_kernels(mlc.parse(MMA))
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+    assemble(ptx, tmp_path)
+
+
+@needs_ptxas
+def test_f16_products_assemble_to_mma_sync_without_spills(tmp_path):
+    m = lowered(mlc.parse("""module { func.func @f(%a: tensor<?x64xf16>, %b: tensor<64x64xf16>) -> tensor<?x64xf16> {
+      %c = mlc.matmul %a, %b : (tensor<?x64xf16>, tensor<64x64xf16>) -> tensor<?x64xf16>
+      return %c : tensor<?x64xf16> } }"""))
+    ptx, _ = compile_kernels(m)
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 4
+    report = assemble(ptx, tmp_path)
+    assert " 0 bytes spill stores" in report and "used 1 barriers" in report

@@ -197,14 +197,75 @@ class Shuffle(OpDef):
 
     @staticmethod
     def interpret_lanes(ins, op, block):
-        if block.size % WARP:
-            raise RuntimeCheck(f"warp shuffles need whole warps: the block has {block.size} threads")
-        warps = block.mask.reshape(-1, WARP)
-        partial = warps.any(axis=1) & ~warps.all(axis=1)
-        if partial.any():
-            raise RuntimeCheck(f"warp {int(np.argmax(partial))} of block {block.block_ids} runs the shuffle on some of its "
-                              f"threads only (divergent control flow)")
+        _whole_warps(block, "the shuffle")
         lane = block.thread % WARP
         source = block.thread - lane + SHUFFLES[op.attr("mode")](lane, np.asarray(ins[1], np.int64))
         return np.broadcast_to(ins[0], (block.size,))[source]
 
+
+
+# --- tensor cores -------------------------------------------------------------------------------------------
+
+def _fragment_places():
+    """Where each thread's fragment elements sit in the m16n8k16 tile (the PTX ISA's layout for
+    mma.sync.aligned.m16n8k16.row.col): g = lane / 4, t = lane % 4."""
+    lane, = np.indices((WARP,))
+    g, t = lane // 4, lane % 4
+    i8, i4 = np.arange(8)[:, None], np.arange(4)[:, None]
+    a = (g + 8 * (i8 // 2 % 2), 2 * t + i8 % 2 + 8 * (i8 // 4))   # A: 16 x 16, 8 per thread
+    b = (2 * t + i4 % 2 + 8 * (i4 // 2), np.broadcast_to(g, (4, WARP)))  # B: 16 x 8, 4 per thread
+    c = (g + 8 * (i4 // 2), 2 * t + i4 % 2)                       # C and D: 16 x 8, 4 per thread
+    return a, b, c
+
+
+MMA_A, MMA_B, MMA_C = _fragment_places()
+
+
+class MmaSync(OpDef):
+    """D = A @ B + C on one 16 x 8 x 16 tile by the 32 threads of a warp together (tensor cores:
+    mma.sync m16n8k16, f16 in, f32 sums). Each thread holds fragments: 8 elements of A, 4 of B, 4 of C
+    and of D, placed as the PTX ISA lays them out (g = lane / 4, t = lane % 4):
+
+        a[i] = A[g + 8 (i/2 % 2), 2t + i%2 + 8 (i/4)]   b[i] = B[2t + i%2 + 8 (i/2), g]
+        c[i] = C[g + 8 (i/2), 2t + i%2]                   (d as c)
+
+        %d = gpu.mma_sync %a, %b, %c : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
+
+    Every thread of the warp must run it."""
+    name = "gpu.mma_sync"
+    operands = 3
+    traits = {PURE, PLACED}
+    SIGNATURE = ("vector<8xf16>", "vector<4xf16>", "vector<4xf32>")
+
+    @classmethod
+    def infer(cls, op, ctx):
+        got = tuple(str(t) for t in op.operand_types)
+        if got != cls.SIGNATURE:
+            raise VerifyError(f"takes fragments ({', '.join(cls.SIGNATURE)}), got ({', '.join(got)})")
+        return [op.operand_types[2]]
+
+    verify = Shuffle.verify
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        _whole_warps(block, "the mma")
+        a, b, c = (np.broadcast_to(x, (n, block.size)) for x, n in zip(ins, (8, 4, 4)))
+        d = np.empty((4, block.size), np.float32)
+        for w in range(block.size // WARP):
+            lanes = slice(w * WARP, (w + 1) * WARP)
+            A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+            A[MMA_A] = a[:, lanes]
+            B[MMA_B] = b[:, lanes]
+            C[MMA_C] = c[:, lanes]
+            d[:, lanes] = (A @ B + C)[MMA_C]
+        return d
+
+
+def _whole_warps(block, what: str):
+    if block.size % WARP:
+        raise RuntimeCheck(f"{what} needs whole warps: the block has {block.size} threads")
+    warps = block.mask.reshape(-1, WARP)
+    partial = warps.any(axis=1) & ~warps.all(axis=1)
+    if partial.any():
+        raise RuntimeCheck(f"warp {int(np.argmax(partial))} of block {block.block_ids} runs {what} on some of its "
+                           f"threads only (divergent control flow)")

@@ -710,3 +710,48 @@ class FusedMultiplyAdd(OpDef):
     def interpret(ins, op, ctx):
         a, b, c = (np.asarray(x, np.float64) for x in ins)
         return (a * b + c).astype(ins[0].dtype)
+
+
+class FromElements(OpDef):
+    """A vector of its operands, in order (a GPU thread's fragment, say)."""
+    name = "vector.from_elements"
+    operands = (1, None)
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. '-> vector<4xf32>'")
+        v = _vector(op.results[0].type, "result")
+        if v.shape[0] != len(op.operands) or any(t != v.element for t in op.operand_types):
+            raise VerifyError(f"makes a {v} of {v.shape[0]} {v.element} scalars, got ({', '.join(map(str, op.operand_types))})")
+        return [v]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.array(ins, op.results[0].type.element.np_dtype)
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        return np.stack([np.broadcast_to(x, (block.size,)) for x in ins])
+
+
+class Extract(OpDef):
+    """One lane of a vector."""
+    name = "vector.extract"
+    operands = 1
+    traits = {PURE}
+    attrs = {"position": Attr("int", required=True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        v = _vector(op.operand_types[0], "operand 0")
+        if not 0 <= op.attr("position") < v.shape[0]:
+            raise VerifyError(f"position {op.attr('position')} is outside a {v}")
+        return [v.element]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ins[0][op.attr("position")]
+
+    interpret_lanes = interpret
