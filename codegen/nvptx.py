@@ -19,6 +19,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 from mlc.ir.core import Module, Operation
+from mlc.ir.dialects.gpu import Launch, kernel_names
 from mlc.ir.types import ElementType, MemRefType
 
 from .llvm import F32, I1, I8, I64, OPS, PTR, STORAGE, Buffer, FunctionEmitter, ModuleEmitter, scalar_type
@@ -50,10 +51,9 @@ class PtxModuleEmitter(ModuleEmitter):
         self.libdevice: set[str] = set()
 
     def emit(self) -> ir.Module:
-        for fname, f in self.module.functions.items():
-            launches = [op for op in f.body.walk() if op.name == "gpu.launch"]
-            for k, launch in enumerate(launches):
-                self.kernels_code.append(KernelEmitter(self, f, launch, f"{fname}_k{k}").emit())
+        for name, launch in kernel_names(self.module):
+            f = self.module.functions[name.rsplit("_k", 1)[0]]
+            self.kernels_code.append(KernelEmitter(self, f, launch, name).emit())
         return self.llvm
 
     def math(self, arith, name: str, t, *xs):
@@ -74,10 +74,7 @@ class KernelEmitter(FunctionEmitter):
     handlers = {**OPS}
 
     def __init__(self, parent: PtxModuleEmitter, func, launch: Operation, name: str):
-        region = launch.regions[0]
-        inside = {r for o in region.walk() for r in o.results} | \
-            {a for o in [launch, *region.walk()] for rg in o.regions for b in rg.blocks for a in b.args}
-        self.captured = list(dict.fromkeys(v for o in region.walk() for v in o.operands if v not in inside))
+        self.captured = Launch.captured(launch)
         types = []
         for v in self.captured:
             t = v.type

@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     t.add_argument("--plot", metavar="LOSS.png", help="draw the loss curve (matplotlib)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
     add_optimizer_arguments(t, train=True)
     t.set_defaults(func=cmd_train)
 
@@ -226,8 +227,13 @@ def compile_cuda(module, args):
     from mlc import compiler
     from mlc.codegen.nvptx import emit_kernels
     if args.emit is None:
-        raise error(Location("--target", 0, 0), "cuda artifacts (.mlcz) are not written yet: use --emit ptx, or "
-                                                  "'mlc run --backend cuda' to compile and run")
+        out = args.output or os.path.splitext(args.file)[0] + ".mlcz"
+        try:
+            compiler.compile(module, "cuda", arch=args.arch).save(out)
+        except FileNotFoundError as e:  # no CUDA toolkit's libdevice here
+            raise error(Location("--target", 0, 0), str(e)) from None
+        print(f"wrote {out}", file=sys.stderr)
+        return 0
     if args.emit == "llvm":
         return emit_text(str(emit_kernels(compiler.lower(module, "cuda"))[0]), args.output)
     try:
@@ -249,6 +255,7 @@ def cmd_train(args):
     o.epochs, o.batch_size, o.seed = args.epochs, args.batch_size, args.seed
     o.checkpoint_dir, o.checkpoint_every, o.resume, o.plot = args.checkpoint_dir, args.checkpoint_every, args.resume, args.plot
     o.progress = not args.quiet
+    o.backend = args.backend
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
     fit(load_module(args.file), o, output=out)
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)

@@ -18,7 +18,7 @@ from mlc.ir.diagnostics import error
 from mlc.passes import PassManager
 from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable
-from mlc.runtime.gpu import GpuExecutable
+from mlc.runtime.gpu import GpuExecutable, SimulatedDevice
 from mlc.runtime.jit import JitModule, host_vector_bytes
 
 TARGETS = ("cpu", "cuda")
@@ -46,9 +46,16 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
     if target == "cuda":
         if arch not in GPU_ARCHS:
             raise error(module.loc, f"unknown GPU architecture '{arch}' (known: {', '.join(GPU_ARCHS)})")
+        hit = cached(module, target, arch) if cache else None
+        if hit is not None:
+            hit._device = device
+            return hit
         lowered = lower(module, target)
         make_ptx, kernels = deferred_kernels(lowered, arch)
-        return GpuExecutable(module, lowered, make_ptx, kernels, arch, device)
+        exe = GpuExecutable(module, lowered, make_ptx, kernels, arch, device)
+        if cache and (device is None or not isinstance(device, SimulatedDevice)):
+            store_in_cache(exe)  # (makes the PTX now)
+        return exe
     hit = cached(module) if cache else None
     if hit is not None:
         return Executable(module, *hit)

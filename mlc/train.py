@@ -47,6 +47,7 @@ class Options:
     resume: bool = False
     plot: str | None = None
     progress: bool = True
+    backend: str = "cpu"          # where the steps run: cpu or cuda
 
 
 def train_step_pipeline(o, steps_per_epoch: int = 1) -> str:
@@ -142,7 +143,7 @@ def load_checkpoint(directory, exe, fingerprint: str) -> dict | None:
         saved = arrays.get(f"global/{name}")
         if saved is None or saved.shape != value.shape or saved.dtype != value.dtype:
             raise error(where, f"damaged checkpoint: global @{name} is missing or has the wrong shape")
-        value[...] = saved  # in place: native code holds pointers to these arrays
+        exe.set_global(name, saved)
     return state
 
 
@@ -168,7 +169,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     started = time.perf_counter()
     run_passes(module, train_step_pipeline(o, steps_per_epoch))
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
-    exe = compile(module)
+    exe = compile(module, getattr(o, "backend", "cpu"))
     step = exe["train_step"]
     print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
     predict, evaluation = _evaluation(module, exe, o, loss_fn)

@@ -9,6 +9,10 @@ An artifact is a zip archive:
     code.o          native object code for the host key
     globals/*.npy   the globals' current values (plain .npy, loaded without pickle)
 
+An artifact for a GPU (manifest target "cuda") holds instead of code.ll and code.o the lowered module
+(`lowered.ir`: the host code and its gpu.launch kernels) and `kernels.ptx`, made for the manifest's
+GPU architecture; the driver compiles the PTX when it loads it.
+
 Loading parses the IR with mlc's parser and reads arrays with numpy (allow_pickle=False); it refuses
 a damaged, altered or wrong-version file with a message. Object code built for another host is not
 used: the LLVM IR is compiled again. The cache (MLC_CACHE_DIR, default ~/.cache/mlc) keeps the code
@@ -30,7 +34,10 @@ from mlc.ir.parser import parse_module
 from mlc.ir.verifier import verify
 
 from .files import write_atomically
+from mlc.ir.dialects.gpu import Launch, kernel_names
+
 from .executable import Executable, FunctionCode
+from .gpu import GpuExecutable, Kernel
 from .jit import JitModule, host_key
 
 FORMAT, VERSION = "mlc-artifact", 1
@@ -41,8 +48,11 @@ def _sha(data: bytes) -> str:
 
 
 def _members(exe, with_globals: bool) -> dict[str, bytes]:
-    files = {"module.ir": str(exe.module).encode(), "code.ll": exe.jit.optimised_ir.encode(),
-             "code.o": bytes(exe.jit.object_code)}
+    if getattr(exe, "target", "cpu") == "cuda":
+        files = {"module.ir": str(exe.module).encode(), "lowered.ir": str(exe.lowered).encode(), "kernels.ptx": exe.ptx.encode()}
+    else:
+        files = {"module.ir": str(exe.module).encode(), "code.ll": exe.jit.optimised_ir.encode(),
+                 "code.o": bytes(exe.jit.object_code)}
     if with_globals:
         for name, value in exe.globals.items():
             buf = io.BytesIO()
@@ -52,6 +62,11 @@ def _members(exe, with_globals: bool) -> dict[str, bytes]:
 
 
 def _manifest(exe, files) -> dict:
+    if getattr(exe, "target", "cpu") == "cuda":
+        return {"format": FORMAT, "version": VERSION, "compiler": compiler_fingerprint(), "target": "cuda", "arch": exe.arch,
+                "kernels": {k.name: {"checks": [[loc.file, loc.line, loc.col, op, msg] for loc, op, msg in k.checks]}
+                            for k in exe.kernels.values()},
+                "files": {name: _sha(data) for name, data in files.items()}}
     return {"format": FORMAT, "version": VERSION, "compiler": compiler_fingerprint(), "host": host_key(),
             "functions": {name: {"checks": [[loc.file, loc.line, loc.col, op, msg] for loc, op, msg in f.code.checks]}
                           for name, f in exe.functions.items()},
@@ -99,7 +114,41 @@ def _read(path) -> tuple[dict, dict]:
     return manifest, files
 
 
+def _gpu_executable(manifest, files, module_name, where, with_globals=True):
+    try:
+        module = verify(parse_module(files["module.ir"].decode("utf-8"), f"{module_name}:module.ir", Diagnostics()))
+        lowered = verify(parse_module(files["lowered.ir"].decode("utf-8"), f"{module_name}:lowered.ir", Diagnostics()))
+        checks = manifest["kernels"]
+        kernels = [Kernel(name, launch, Launch.captured(launch), list(launch.attr("block")),
+                          [(Location(file, line, col), op, msg) for file, line, col, op, msg in checks[name]["checks"]])
+                   for name, launch in kernel_names(lowered)]
+        exe = GpuExecutable(module, lowered, files["kernels.ptx"].decode("utf-8"), kernels, manifest["arch"])
+    except DiagnosticError:
+        raise
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise error(where, f"damaged artifact ({type(e).__name__}: {e})") from None
+    if with_globals:
+        exe.initial_globals = _read_globals(module, files, where)
+    return exe
+
+
+def _read_globals(module, files, where) -> dict:
+    out = {}
+    for name, op in module.globals.items():
+        try:
+            value = np.load(io.BytesIO(files[f"globals/{name}.npy"]), allow_pickle=False)
+        except (KeyError, ValueError, OSError) as e:
+            raise error(where, f"damaged artifact: global '@{name}' is unreadable ({e})") from None
+        t = op.attr("type")
+        if value.shape != t.shape or value.dtype != t.element.np_dtype:
+            raise error(where, f"damaged artifact: global '@{name}' has shape {list(value.shape)} {value.dtype}, expected {t}")
+        out[name] = np.array(value, order="C")
+    return out
+
+
 def _executable(manifest, files, module_name, where, globals_=None):
+    if manifest.get("target", "cpu") == "cuda":
+        return _gpu_executable(manifest, files, module_name, where, with_globals=globals_ is None)
     try:
         module = verify(parse_module(files["module.ir"].decode("utf-8"), f"{module_name}:module.ir", Diagnostics()))
         functions = manifest["functions"]
@@ -116,16 +165,7 @@ def _executable(manifest, files, module_name, where, globals_=None):
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, RuntimeError) as e:
         raise error(where, f"damaged artifact ({type(e).__name__}: {e})") from None
     if globals_ is None:
-        globals_ = {}
-        for name, op in module.globals.items():
-            try:
-                value = np.load(io.BytesIO(files[f"globals/{name}.npy"]), allow_pickle=False)
-            except (KeyError, ValueError, OSError) as e:
-                raise error(where, f"damaged artifact: global '@{name}' is unreadable ({e})") from None
-            t = op.attr("type")
-            if value.shape != t.shape or value.dtype != t.element.np_dtype:
-                raise error(where, f"damaged artifact: global '@{name}' has shape {list(value.shape)} {value.dtype}, expected {t}")
-            globals_[name] = np.array(value, order="C")
+        globals_ = _read_globals(module, files, where)
     return Executable(module, jit, codes, globals_)
 
 
@@ -154,19 +194,34 @@ def compiler_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _cache_path(module) -> str:
-    key = json.dumps([str(module), compiler_fingerprint(), host_key()], sort_keys=True).encode()
+def _cache_path(module, target: str = "cpu", arch: str = "") -> str:
+    """Keyed on the module, the compiler's source and what the code is for: the host (CPU), or the GPU
+    architecture and the libdevice the PTX links (CUDA)."""
+    machine = host_key() if target == "cpu" else {"arch": arch, "libdevice": _libdevice_key(), "llvmlite": host_key()["llvmlite"]}
+    key = json.dumps([str(module), compiler_fingerprint(), target, machine], sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")
 
 
-def cached(module):
-    """(jit, codes) for a module compiled before on this host, or None."""
-    path = _cache_path(module)
+@functools.cache
+def _libdevice_key() -> str:
+    path = os.environ.get("MLC_LIBDEVICE", "/usr/local/cuda/nvvm/libdevice/libdevice.10.bc")
+    try:
+        return f"{path}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
+    except OSError:
+        return "absent"
+
+
+def cached(module, target: str = "cpu", arch: str = ""):
+    """For the CPU: (jit, codes) of a module compiled before on this host; for CUDA: a GpuExecutable
+    (without globals) compiled before for this architecture; else None."""
+    path = _cache_path(module, target, arch)
     if not os.path.exists(path):
         return None
     try:
         manifest, files = _read(path)
         exe = _executable(manifest, files, "cache", Location(path, 0, 0), globals_={})
+        if target == "cuda":
+            return exe
         return exe.jit, {name: f.code for name, f in exe.functions.items()}
     except DiagnosticError:  # a corrupt entry: ignore it (it is rebuilt and replaced)
         return None
@@ -175,6 +230,7 @@ def cached(module):
 def store_in_cache(exe):
     try:
         files = _members(exe, with_globals=False)
-        _write_zip(_cache_path(exe.module), files, _manifest(exe, files))
-    except (OSError, DiagnosticError):
-        pass  # a read-only or full cache directory only costs speed
+        target = getattr(exe, "target", "cpu")
+        _write_zip(_cache_path(exe.module, target, getattr(exe, "arch", "")), files, _manifest(exe, files))
+    except (OSError, DiagnosticError, FileNotFoundError):
+        pass  # a read-only or full cache directory (or no libdevice to make PTX) only costs speed

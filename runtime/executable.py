@@ -50,6 +50,7 @@ class FunctionCode:
 
 class Executable:
     """Native code for every public function of a module, with the module's globals."""
+    target = "cpu"
 
     def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict | None = None, lowered: Module | None = None):
         """Code for `module` (codes: name -> codegen's FunctionCode, addresses in `jit`); the globals'
@@ -70,6 +71,9 @@ class Executable:
                              f"got {array.dtype} {array.shape}")
         self.globals[name] = array
         self._globals_table[list(self.globals).index(name)] = array.ctypes.data
+
+    def set_global(self, name: str, value: np.ndarray) -> None:
+        self.globals[name][...] = value  # in place: the native code holds pointers to these arrays
 
     @property
     def llvm_ir(self) -> str:

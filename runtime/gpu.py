@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,12 +26,24 @@ from mlc.ir.registry import TERMINATOR
 from mlc.ir.types import ElementType, MemRefType
 
 
+@dataclass
+class Kernel:
+    """How to launch one kernel (codegen/nvptx.py's KernelCode has the same fields)."""
+    name: str
+    launch: object                      # its gpu.launch in the lowered module
+    params: list                        # the host values it takes (gpu.Launch.captured)
+    block: list
+    checks: list = field(default_factory=list)
+
+
 class GpuExecutable:
     """Kernels (PTX) for every public function of a module lowered by the cuda pipeline."""
+    target = "cuda"
 
     def __init__(self, module: Module, lowered: Module, ptx, kernels: list, arch: str, device=None):
         """ptx: the kernels' PTX, or a function making it (called when first needed)."""
         self.module, self.lowered, self.arch = module, lowered, arch
+        self.initial_globals: dict | None = None  # values to start from (a loaded artifact's), else the seed's
         self._ptx = ptx
         self.kernels = {id(k.launch): k for k in kernels}
         self._device = device
@@ -64,11 +77,23 @@ class GpuExecutable:
 
     @property
     def device_globals(self) -> dict:
-        """Each global's buffer on the device, made from the module seed on first use."""
+        """Each global's buffer on the device, made on first use from its starting value."""
         if self._device_globals is None:
-            self._device_globals = {name: self.device.upload(np.array(Global.initial_value(op, self.module.seed), order="C"))
-                                    for name, op in self.module.globals.items()}
+            self._device_globals = {name: self.device.upload(self.starting_value(name)) for name in self.module.globals}
         return self._device_globals
+
+    def starting_value(self, name: str) -> np.ndarray:
+        """A loaded artifact's value of the global, else the module seed's."""
+        start = self.initial_globals or {}
+        return start[name] if name in start else np.array(Global.initial_value(self.module.globals[name], self.module.seed), order="C")
+
+    def set_global(self, name: str, value: np.ndarray) -> None:
+        self.device.copy(self.device_globals[name], self.device.upload(np.asarray(value, self.device_globals[name].dtype)))
+
+    def save(self, path):
+        """Write a self-contained artifact (lowered IR, PTX, globals; see runtime/artifact.py), atomically."""
+        from .artifact import save
+        save(self, path)
 
     def bind_global(self, name: str, array: np.ndarray) -> None:
         """Global @name takes `array`'s value, and `array` follows it: after each call that stores
@@ -103,6 +128,8 @@ class GlobalsView(Mapping):
         self.exe = exe
 
     def __getitem__(self, name: str) -> np.ndarray:
+        if self.exe._device_globals is None:  # nothing ran yet: no device needed
+            return self.exe.starting_value(name)
         return self.exe.device.download(self.exe.device_globals[name])
 
     def __iter__(self):

@@ -2,6 +2,8 @@
 device is simulated (launches on the lockstep interpreter), which tests everything but the PTX:
 the host code, kernel parameters, globals kept on the device, errors from kernels. Tests marked
 `cuda` run the same programs on a real GPU through pycuda and compare with the interpreter."""
+import os
+
 import numpy as np
 import pytest
 
@@ -125,3 +127,51 @@ def test_jit_and_training_steps_reach_the_gpu(monkeypatch):
     np.testing.assert_allclose(gpu_losses, cpu_losses, rtol=1e-5)
     for a, b in zip(gpu_weights, cpu_weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_artifacts_round_trip_and_refuse_damage(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLC_GPU_SIMULATE", "1")
+    m = mlc.load(ROOT / "examples" / "mlp.ir")
+    exe = compiler.compile(m, "cuda", cache=False)
+    x = inputs_for(m.functions["forward"])[0]
+    want = exe["forward"](x)
+    exe.set_global("b1", np.full(32, 0.5, np.float32))  # a changed global travels in the artifact
+    want = exe["forward"](x)
+    exe.save(tmp_path / "m.mlcz")
+    loaded = mlc.load_executable(tmp_path / "m.mlcz")
+    assert type(loaded).__name__ == "GpuExecutable" and loaded.arch == "sm_90"
+    np.testing.assert_allclose(loaded["forward"](x), want, rtol=1e-6)
+    data = bytearray((tmp_path / "m.mlcz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "bad.mlcz").write_bytes(bytes(data))
+    with pytest.raises(mlc.DiagnosticError, match="bad.mlcz"):
+        mlc.load_executable(tmp_path / "bad.mlcz")
+
+
+def test_the_compile_cache_keeps_gpu_code(monkeypatch):
+    from mlc.codegen.nvptx import LIBDEVICE
+    if not os.path.exists(LIBDEVICE):
+        pytest.skip("no libdevice here: PTX (what the cache keeps) cannot be made")
+    m = mlc.load(ROOT / "examples" / "mlp.ir")
+    first = compiler.compile(m, "cuda")
+    monkeypatch.setattr(compiler, "lower", lambda *a, **k: pytest.fail("lowered again instead of using the cache"))
+    again = compiler.compile(m, "cuda", device=SimulatedDevice())
+    assert again.ptx == first.ptx and [k.name for k in again.kernels.values()] == [k.name for k in first.kernels.values()]
+    x = inputs_for(m.functions["forward"])[0]
+    np.testing.assert_allclose(again["forward"](x), mlc.interpret(m, "forward", x), rtol=1e-4, atol=1e-5)
+
+
+def test_training_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
+    """mlc.train.fit with backend cuda (simulated): the same losses and weights as on the CPU."""
+    monkeypatch.setenv("MLC_GPU_SIMULATE", "1")
+    from mlc.train import Options, fit
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((24, 64)).astype(np.float32), labels=rng.integers(0, 10, 24))
+    results = {}
+    for backend in ("cpu", "cuda"):
+        o = Options(data=str(tmp_path / "d.npz"), epochs=1, batch_size=12, progress=False, backend=backend)
+        exe = fit(mlc.load(ROOT / "examples" / "mlp.ir"), o, output=str(tmp_path / f"{backend}.mlcz"))
+        results[backend] = (exe.history["losses"], {n: np.asarray(v) for n, v in exe.globals.items()})
+    np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], rtol=1e-5)
+    for name, value in results["cpu"][1].items():
+        np.testing.assert_allclose(results["cuda"][1][name], value, rtol=1e-4, atol=1e-6, err_msg=name)

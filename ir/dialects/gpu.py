@@ -67,6 +67,15 @@ class Launch(OpDef):
                 raise VerifyError(f"'{inner.name}' cannot run inside a gpu.launch")
 
     @staticmethod
+    def captured(op) -> list:
+        """The values the body reads from the host code around it, in order of first use: what a
+        compiled kernel takes as parameters."""
+        region = op.regions[0]
+        inside = {r for o in region.walk() for r in o.results} | \
+            {a for o in [op, *region.walk()] for rg in o.regions for b in rg.blocks for a in b.args}
+        return list(dict.fromkeys(v for o in region.walk() for v in o.operands if v not in inside))
+
+    @staticmethod
     def interpret(ins, op, ctx):
         grid = [int(g) for g in ins]
         if min(grid) < 0:
@@ -74,6 +83,12 @@ class Launch(OpDef):
         if min(grid) > 0:
             LaunchRun(ctx, op, grid, list(op.attr("block"))).run(ctx.env)
         return []
+
+
+def kernel_names(module) -> list:
+    """(name, gpu.launch) of every kernel of a module: @f's launches, in order, are f_k0, f_k1, ..."""
+    return [(f"{fname}_k{k}", launch) for fname, f in module.functions.items()
+            for k, launch in enumerate(op for op in f.body.walk() if op.name == "gpu.launch")]
 
 
 class LaunchTerminator(Terminator):
