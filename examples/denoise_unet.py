@@ -2,8 +2,9 @@
 remove Gaussian noise (sigma 0.3) from scikit-learn's 8x8 digits; reports PSNR on the test images
 before and after denoising.
 
-    pip install '.[train]' && python examples/denoise_unet.py
+    pip install '.[train]' && python examples/denoise_unet.py [--device cuda]
 """
+import argparse
 import time
 
 import numpy as np
@@ -14,6 +15,9 @@ import mlc.nn.functional as F
 from mlc.train import digits
 
 SIGMA = 0.3
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the compiled steps run (default cpu)")
+mlc.default_backend(ap.parse_args().device)
 mlc.manual_seed(0)
 rng = np.random.default_rng(0)
 clean_train = digits("train")[0].reshape(-1, 1, 8, 8)

@@ -25,7 +25,9 @@ MODELS = {  # model, how it sees an image (a row of 64 pixels), epochs, learning
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--model", choices=MODELS, default="cnn")
 ap.add_argument("--batch-size", type=int, default=32)
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the compiled steps run (default cpu)")
 args = ap.parse_args()
+mlc.default_backend(args.device)
 make, view, epochs, lr = MODELS[args.model]
 
 mlc.manual_seed(0)

@@ -2,9 +2,10 @@
 optimisers, two compiled training steps that share the models' weights, alternating; saves a grid
 of generated digits as examples/digits_gan.png.
 
-    pip install '.[train]' && python examples/digits_gan.py
+    pip install '.[train]' && python examples/digits_gan.py [--device cuda]
 """
 import os
+import argparse
 import time
 
 import numpy as np
@@ -15,6 +16,9 @@ import mlc.nn.functional as F
 from mlc.train import digits
 
 LATENT = 32
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the compiled steps run (default cpu)")
+mlc.default_backend(ap.parse_args().device)
 mlc.manual_seed(0)
 rng = np.random.default_rng(0)
 images = digits("train")[0].reshape(-1, 1, 8, 8) * 2 - 1  # in [-1, 1], as the generator's tanh
