@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plot", metavar="LOSS.png", help="draw the loss curve (matplotlib)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
+    t.add_argument("--precision", choices=["bf16", "f16"], help="products and convolutions in half precision (weights stay f32)")
     add_optimizer_arguments(t, train=True)
     t.set_defaults(func=cmd_train)
 
@@ -255,7 +256,7 @@ def cmd_train(args):
     o.epochs, o.batch_size, o.seed = args.epochs, args.batch_size, args.seed
     o.checkpoint_dir, o.checkpoint_every, o.resume, o.plot = args.checkpoint_dir, args.checkpoint_every, args.resume, args.plot
     o.progress = not args.quiet
-    o.backend = args.backend
+    o.backend, o.precision = args.backend, args.precision
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
     fit(load_module(args.file), o, output=out)
     print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)

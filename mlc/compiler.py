@@ -38,11 +38,19 @@ def lower(module: Module, target: str = "cpu") -> Module:
     return lowered
 
 
-def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = DEFAULT_GPU_ARCH, device=None):
+def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = DEFAULT_GPU_ARCH, device=None,
+            precision: str | None = None):
     """Native code for every public function of a verified module, with its globals initialised from
     the module seed; compiled code is kept in the on-disk cache (runtime/artifact.py) unless cache=False.
-    For target "cuda": PTX for `arch`, run on `device` (by default the first GPU, through pycuda)."""
+    For target "cuda": PTX for `arch`, run on `device` (by default the first GPU, through pycuda).
+    precision "bf16" or "f16": products and convolutions on half-precision copies of their operands
+    (passes/mixed_precision.py), the rest, weights included, in f32."""
     _check_target(module, target)
+    if precision is not None:
+        if precision not in ("bf16", "f16"):
+            raise error(module.loc, f"precision must be bf16 or f16, got '{precision}'")
+        module = module.clone()
+        PassManager.parse(f"mixed-precision{{type={precision}}}").run(module)
     if target == "cuda":
         if arch not in GPU_ARCHS:
             raise error(module.loc, f"unknown GPU architecture '{arch}' (known: {', '.join(GPU_ARCHS)})")

@@ -131,15 +131,18 @@ class Program:
     """A compiled module whose globals are the given variables: the executable reads and updates them
     in place (on the interpreter, they are copied in and out around each call)."""
 
-    def __init__(self, module, backend: str, bindings: dict, optimizer: Optimizer):
+    def __init__(self, module, backend: str, bindings: dict, optimizer: Optimizer, precision: str | None = None):
         self.bindings, self.backend, self.optimizer = bindings, backend, optimizer
         if backend == "interp":
             from mlc.ir.interpreter import Interpreter
+            if precision is not None:
+                from .api import run_passes
+                module = run_passes(module.clone(), f"mixed-precision{{type={precision}}}")
             self.interp = Interpreter(module)
             self.globals = self.interp.globals
         else:
             from .api import compile as compile_module
-            self.exe = compile_module(module, target=backend)
+            self.exe = compile_module(module, target=backend, precision=precision)
             self.globals = self.exe.globals
 
     def call(self, name: str, *arrays):
@@ -177,9 +180,10 @@ class TrainStep:
     """step(*inputs, target) -> loss: loss_fn(model(*inputs), target), its gradients with respect to the
     optimiser's parameters, and the update. With model=None, step(*batch) computes loss_fn(*batch)."""
 
-    def __init__(self, model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True):
+    def __init__(self, model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
+                 precision: str | None = None):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.backend, self.dynamic_batch = backend, dynamic_batch
+        self.backend, self.dynamic_batch, self.precision = backend, dynamic_batch, precision
         self.programs: dict = {}
         self.program = None
         optimizer.step_function = self
@@ -210,7 +214,7 @@ class TrainStep:
         o = self.optimizer
         TrainStepPass(loss=loss.sym_name, optimizer=o.kind, lr=float(o.param_groups[0]["lr"]), schedule="global",
                       **o.pass_options()).run(module)
-        return Program(module, self.backend or default_backend(), traced.globals, o)
+        return Program(module, self.backend or default_backend(), traced.globals, o, self.precision)
 
     def __call__(self, *batch):
         if _STACK:
@@ -225,6 +229,9 @@ class TrainStep:
         return program.call("train_step", *leaves)
 
 
-def compile_train_step(model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True) -> TrainStep:
-    """One compiled function for a whole training step (see the module docstring)."""
-    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch)
+def compile_train_step(model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
+                       precision: str | None = None) -> TrainStep:
+    """One compiled function for a whole training step (see the module docstring); precision "bf16"
+    or "f16" runs its products and convolutions (forward and backward) in half precision, the
+    weights and the optimiser in f32."""
+    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision)

@@ -48,6 +48,7 @@ class Options:
     plot: str | None = None
     progress: bool = True
     backend: str = "cpu"          # where the steps run: cpu or cuda
+    precision: str | None = None  # bf16 / f16: products and convolutions in half precision
 
 
 def train_step_pipeline(o, steps_per_epoch: int = 1) -> str:
@@ -169,7 +170,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     started = time.perf_counter()
     run_passes(module, train_step_pipeline(o, steps_per_epoch))
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
-    exe = compile(module, getattr(o, "backend", "cpu"))
+    exe = compile(module, o.backend, precision=o.precision)
     step = exe["train_step"]
     print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
     predict, evaluation = _evaluation(module, exe, o, loss_fn)

@@ -175,3 +175,11 @@ def test_training_on_the_gpu_matches_the_cpu(tmp_path, monkeypatch):
     np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], rtol=1e-5)
     for name, value in results["cpu"][1].items():
         np.testing.assert_allclose(results["cuda"][1][name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_f16_mixed_precision_uses_tensor_cores_like_the_cpu_rounds():
+    m = mlc.load(ROOT / "examples" / "mlp.ir")
+    exe = compiler.compile(m, "cuda", device=SimulatedDevice(), precision="f16")
+    assert any(op.name == "gpu.mma_sync" for op in exe.lowered.walk())
+    x = inputs_for(m.functions["forward"])[0]
+    np.testing.assert_allclose(exe["forward"](x), mlc.compile(m, precision="f16")["forward"](x), rtol=2e-3, atol=2e-3)

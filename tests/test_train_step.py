@@ -121,3 +121,30 @@ def test_bad_options_are_diagnostics(options, message):
         mlc.run_passes(mlc.parse(MODEL), "train_step{loss=@nope}")
     with pytest.raises(mlc.DiagnosticError, match="no trainable globals"):
         mlc.run_passes(mlc.parse(MODEL.replace(", trainable}", "}")), "train_step{loss=@loss}")
+
+
+def test_mixed_precision_rounds_products_to_bf16_and_keeps_f32_weights():
+    """precision="bf16": the product's operands and result rounded to bf16 (sums in f32), the loss,
+    the gradients' other ops, the weights and Adam's state f32; training tracks the f32 run."""
+    from mlc.ir.types import bf16, round_to_element
+    m = mlc.parse("""module { func.func @f(%x: tensor<3x5xf32>, %w: tensor<5x2xf32>) -> tensor<3x2xf32> {
+      %y = mlc.matmul %x, %w : (tensor<3x5xf32>, tensor<5x2xf32>) -> tensor<3x2xf32>
+      return %y : tensor<3x2xf32> } }""")
+    r = np.random.default_rng(0)
+    x, w = r.standard_normal((3, 5)).astype(np.float32), r.standard_normal((5, 2)).astype(np.float32)
+    want = round_to_element(round_to_element(x, bf16).astype(np.float64) @ round_to_element(w, bf16), bf16)
+    np.testing.assert_allclose(mlc.compile(m, precision="bf16")["f"](x, w), want, rtol=1e-6)
+
+    import mlc.nn as nn
+    import mlc.nn.functional as F
+    data = r.standard_normal((64, 16)).astype(np.float32)
+    target = (data @ r.standard_normal((16, 4))).astype(np.float32)
+
+    def train(precision):
+        mlc.manual_seed(1)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        step = mlc.compile_train_step(model, F.mse_loss, mlc.optim.Adam(model.parameters(), lr=1e-2), precision=precision)
+        return [float(step(data, target)) for _ in range(20)], model
+    (full, _), (half, model) = train(None), train("bf16")
+    assert half != full and abs(half[-1] - full[-1]) < 0.05 * full[0]  # rounded, yet learning alike
+    assert all(p.data.dtype == np.float32 for p in model.parameters())
