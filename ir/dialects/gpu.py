@@ -97,11 +97,18 @@ class LaunchTerminator(Terminator):
     traits = {TERMINATOR, PURE}
 
 
+def _inside_launch(op, ctx):
+    if _launch_of(op) is None:
+        raise VerifyError("must be inside a gpu.launch")
+
+
 class _Dim(OpDef):
-    """The launch's size along `axis`, the same for every thread."""
+    """The launch's size along `axis` (1 beyond its dims), the same for every thread."""
     results = 1
     traits = {PURE, PLACED}
     attrs = {"axis": Attr("int", 0)}
+    sizes = ""  # the launch's attribute: "block" or "grid"
+    verify = staticmethod(_inside_launch)
 
     @staticmethod
     def infer(op, ctx):
@@ -109,31 +116,22 @@ class _Dim(OpDef):
             raise VerifyError(f"'axis' must be 0, 1 or 2, got {op.attr('axis')}")
         return [index]
 
-    @staticmethod
-    def verify(op, ctx):
-        launch = _launch_of(op)
-        if launch is None:
-            raise VerifyError("must be inside a gpu.launch")
+    @classmethod
+    def interpret_lanes(cls, ins, op, block):
+        dims = getattr(block.launch, cls.sizes)
+        return dims[op.attr("axis")] if op.attr("axis") < len(dims) else 1
 
 
 class BlockDim(_Dim):
-    """Threads per block along `axis` (1 beyond the launch's dims)."""
+    """Threads per block along `axis`."""
     name = "gpu.block_dim"
-
-    @staticmethod
-    def interpret_lanes(ins, op, block):
-        dims = block.launch.block
-        return dims[op.attr("axis")] if op.attr("axis") < len(dims) else 1
+    sizes = "block"
 
 
 class GridDim(_Dim):
-    """Blocks in the grid along `axis` (1 beyond the launch's dims)."""
+    """Blocks in the grid along `axis`."""
     name = "gpu.grid_dim"
-
-    @staticmethod
-    def interpret_lanes(ins, op, block):
-        dims = block.launch.grid
-        return dims[op.attr("axis")] if op.attr("axis") < len(dims) else 1
+    sizes = "grid"
 
 
 class SharedAlloc(OpDef):
@@ -167,11 +165,7 @@ class Barrier(OpDef):
     name = "gpu.barrier"
     results = 0
     traits = {PLACED}
-
-    @staticmethod
-    def verify(op, ctx):
-        if _launch_of(op) is None:
-            raise VerifyError("must be inside a gpu.launch")
+    verify = staticmethod(_inside_launch)
 
     @staticmethod
     def interpret_lanes(ins, op, block):
@@ -205,10 +199,7 @@ class Shuffle(OpDef):
             raise VerifyError(f"the offset must be an index, got {offset}")
         return [value]
 
-    @staticmethod
-    def verify(op, ctx):
-        if _launch_of(op) is None:
-            raise VerifyError("must be inside a gpu.launch")
+    verify = staticmethod(_inside_launch)
 
     @staticmethod
     def interpret_lanes(ins, op, block):
@@ -259,7 +250,7 @@ class MmaSync(OpDef):
             raise VerifyError(f"takes fragments ({', '.join(cls.SIGNATURE)}), got ({', '.join(got)})")
         return [op.operand_types[2]]
 
-    verify = Shuffle.verify
+    verify = staticmethod(_inside_launch)
 
     @staticmethod
     def interpret_lanes(ins, op, block):
