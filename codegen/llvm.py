@@ -564,14 +564,20 @@ def _vector_load(self: FunctionEmitter, op):
     buf = self.get(op.operands[0])
     self.check_indices(op, buf, op.operands[1:])
     address = self.address(buf, [self.get(i) for i in op.operands[1:]])
-    self.values[op.results[0]] = self.b.load(address, typ=vector_type(op.results[0].type), align=_element_bytes(buf.element))
+    self.values[op.results[0]] = self.b.load(address, typ=vector_type(op.results[0].type), align=_vector_align(op, buf))
 
 
 def _vector_store(self: FunctionEmitter, op):
     buf = self.get(op.operands[1])
     self.check_indices(op, buf, op.operands[2:])
     address = self.address(buf, [self.get(i) for i in op.operands[2:]])
-    self.b.store(self.get(op.operands[0]), address, align=_element_bytes(buf.element))
+    self.b.store(self.get(op.operands[0]), address, align=_vector_align(op, buf))
+
+
+def _vector_align(op, buf: Buffer) -> int:
+    """The access's alignment in bytes: the vector's size where the op promises it (`aligned`)."""
+    lanes = (op.results[0].type if op.results else op.operand_types[0]).shape[0]
+    return _element_bytes(buf.element) * (lanes if op.attr("aligned") else 1)
 
 
 def _vector_broadcast(self: FunctionEmitter, op):
@@ -651,10 +657,10 @@ class ArithEmitter:
         """arith.<name> of xs: scalars, or vectors lane by lane (the float rules apply to the lane type)."""
         t = xs[0].type
         is_float = getattr(t, "element", t) in (F32, F64)
-        if isinstance(t, ir.VectorType) and not is_float:
-            raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
         if name == "select":
             return self.b.select(*xs)
+        if isinstance(t, ir.VectorType) and not is_float and t.element != I1:  # (i1 lanes: logic on compared floats)
+            raise error(op.loc, f"the CPU backend has no {op.results[0].type} arithmetic yet", op.name)
         row = UNARY.get(name) or BINARY.get(name)
         if row is not None and callable(row.scalar):
             return row.scalar(_Expansion(self, op, t), *xs)

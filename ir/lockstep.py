@@ -128,6 +128,10 @@ class ThreadBlock:
                 raise RuntimeCheck(f"{what} is out of bounds for dim {axis} of a buffer of shape {fmt_shape(buffer.shape)} "
                                    f"(thread {int(active[k])} of block {self.block_ids})")
         flat = np.ravel_multi_index(idx, buffer.shape) if buffer.ndim else np.zeros(len(active), np.int64)
+        if lanes and op.attr("aligned") and (flat % lanes).any():
+            k = int(np.argmax(flat % lanes != 0))
+            raise RuntimeCheck(f"an aligned {lanes}-lane access starts at element {int(flat[k])} of a buffer of shape "
+                               f"{fmt_shape(buffer.shape)}, not a multiple of {lanes} (thread {int(active[k])} of block {self.block_ids})")
         if lanes:
             flat = flat[None, :] + np.arange(lanes)[:, None]
         return active, flat

@@ -23,7 +23,8 @@ from __future__ import annotations
 from mlc.ir.core import Block, Builder, Module, Operation, Region
 from mlc.ir.diagnostics import error
 from mlc.ir.registry import PURE
-from mlc.ir.types import index
+from mlc.ir.dialects.mlc import BINARY, UNARY
+from mlc.ir.types import VectorType, index
 
 from .lowering.core import LoopBuilder
 from .manager import Pass, PipelineError
@@ -125,6 +126,9 @@ class Mapper:
             trips.append(span if step == 1 else L.op(b, "arith.div", L.op(b, "arith.add", span, L.idx(step - 1)), L.idx(step)))
         innermost = loops[-1].regions[0].blocks[0]
         warp = _warp_per_iteration(innermost)
+        lanes = 1 if warp else _vector_lanes(loops[-1])
+        if lanes > 1:  # each thread takes `lanes` consecutive iterations of the innermost loop
+            trips[-1] = L.idx(_constant(loops[-1].operands[1]) // lanes)
         total = trips[0]
         for t in trips[1:] + ([L.idx(WARP)] if warp else []):
             total = b.create("arith.mul", [total, t], name_hint="threads").result
@@ -152,21 +156,52 @@ class Mapper:
                     quotient = L.op(tb, "arith.div", rest, trip)
                     position = L.op(tb, "arith.sub", rest, L.op(tb, "arith.mul", quotient, trip))
                     rest = quotient
-                step = loop.attr("step")
+                step = loop.attr("step") * (lanes if loop is loops[-1] else 1)
                 scaled = position if step == 1 else L.op(tb, "arith.mul", position, L.idx(step))
                 ivs.insert(0, L.op(tb, "arith.add", loop.operands[0], scaled))
             mapping.update(zip([lp.regions[0].blocks[0].args[0] for lp in loops], ivs))
+            vectors: set = set()
             for op in innermost:
                 if op is innermost.last:
                     continue
-                if not warp:
-                    then.insert_before(tb.anchor, op.clone(mapping))
-                else:
+                if warp:
                     self.across_warp(tb, op, mapping, lane)
+                elif lanes > 1:
+                    self.as_vectors(tb, op, mapping, innermost.args[0], lanes, vectors)
+                else:
+                    then.insert_before(tb.anchor, op.clone(mapping))
             tb.create("loop.yield", [])
         self.launch(outer, blocks, self.block, body)
         outer.drop_all_references()
         outer.detach()
+
+    def as_vectors(self, b: Builder, op: Operation, mapping: dict, iv, lanes: int, vectors: set) -> None:
+        """op of an iteration a thread runs `lanes` of at once (see _vector_lanes): accesses along
+        the innermost index as aligned vector loads and stores, the arithmetic on what they read as
+        vector arithmetic, everything else (the same for all the lanes) as it is."""
+        def mapped(v):
+            return mapping.get(v, v)
+
+        def vector(v):
+            if v in vectors:
+                return mapped(v)
+            return b.create("vector.broadcast", [mapped(v)], result_types=[VectorType((lanes,), v.type)]).result
+        access = _access_indices(op)
+        if access is not None and access and access[-1] is iv:
+            at = [mapped(v) for v in access]
+            if op.name == "mem.load":
+                t = VectorType((lanes,), op.results[0].type)
+                mapping[op.results[0]] = b.create("vector.load", [mapped(op.operands[0])] + at, {"aligned": True}, result_types=[t]).result
+                vectors.add(op.results[0])
+            else:
+                b.create("vector.store", [vector(op.operands[0]), mapped(op.operands[1])] + at, {"aligned": True})
+            return
+        if any(v in vectors for v in op.operands):
+            t = VectorType((lanes,), op.results[0].type)
+            mapping[op.results[0]] = b.create(op.name, [vector(v) for v in op.operands], dict(op.attributes), result_types=[t]).result
+            vectors.add(op.results[0])
+            return
+        b.block.insert_before(b.anchor, op.clone(mapping))
 
     def across_warp(self, b: Builder, op: Operation, mapping: dict, lane) -> None:
         """op of an iteration that a warp runs: its loops strided over the lanes (a reduction then
@@ -255,6 +290,63 @@ def _warp_per_iteration(body) -> bool:
     loops = [o for o in body if o.name == "loop.for"]
     reductions = [o for o in loops if o.results and _reduction_combines(o)]
     return bool(reductions) and all(not o.results or o in reductions for o in loops)
+
+
+VECTOR_BYTES = 16  # the widest global load and store of a GPU thread
+
+
+def _constant(v) -> int | None:
+    p = v.defining_op()
+    return p.attr("value") if p is not None and p.name == "arith.constant" else None
+
+
+def _access_indices(op: Operation) -> list | None:
+    if op.name == "mem.load":
+        return list(op.operands[1:])
+    if op.name == "mem.store":
+        return list(op.operands[2:])
+    return None
+
+
+def _vector_lanes(loop: Operation) -> int:
+    """How many consecutive iterations of this innermost loop one thread can run as vector ops (16
+    bytes of f32: 4), else 1. It takes: a loop from 0 to a constant multiple of that, whose body
+    only loads, stores and computes elementwise in f32, reads and writes along its index only as the
+    last index of buffers whose rows are a multiple of that long (so each access is aligned), uses
+    its index for nothing else, and writes only there (a store elsewhere would be made by every lane)."""
+    body = loop.regions[0].blocks[0]
+    iv, lanes = body.args[0], VECTOR_BYTES // 4
+    trip = _constant(loop.operands[1])
+    if loop.attr("step") != 1 or _constant(loop.operands[0]) != 0 or trip is None or trip % lanes:
+        return 1
+    varying, vector_access = set(), False
+    for op in body:
+        if op is body.last:
+            continue
+        access = _access_indices(op)
+        if access is not None:
+            buffer = op.operands[0 if op.name == "mem.load" else 1].type
+            if buffer.element.name != "f32" or any(v is iv for v in access[:-1]):
+                return 1
+            along = bool(access) and access[-1] is iv
+            if along and (buffer.shape[-1] is None or buffer.shape[-1] % lanes):
+                return 1
+            if op.name == "mem.store" and not along:
+                return 1
+            if op.name == "mem.load" and along:
+                varying.add(op.results[0])
+            vector_access |= along
+            continue
+        name = op.name[len("arith."):]
+        if op.name == "arith.constant":
+            continue
+        if not op.name.startswith("arith.") or not (name in UNARY or name in BINARY or name == "select") or iv in op.operands:
+            return 1
+        if any(v in varying for v in op.operands):
+            if any(t.name not in ("f32", "i1") for t in [*op.operand_types, op.results[0].type]):
+                return 1
+            varying.add(op.results[0])
+    return lanes if vector_access else 1
 
 
 def _rematerialisable(group: list, nest: Operation) -> list:

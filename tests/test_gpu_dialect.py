@@ -261,3 +261,16 @@ def test_mma_sync_checks_its_fragments():
     assert "takes fragments (vector<8xf16>, vector<4xf16>, vector<4xf32>)" in errors(
         MMA.replace("gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>)",
                     "gpu.mma_sync %bv, %bv, %cv : (vector<4xf16>, vector<4xf16>, vector<4xf32>)"))[0][2]
+
+
+def test_an_aligned_vector_access_must_start_on_its_size():
+    body = """
+      %j = arith.add %c1, %c1 : (index, index) -> index
+      %first = arith.lt %i, %c1 : (index, index) -> i1
+      loop.if %first : (i1) -> () {
+        %v = vector.load %xb, %j {aligned = true} : (memref<64xf32>, index) -> vector<4xf32>
+        loop.yield
+      } {
+        loop.yield
+      }"""
+    assert "an aligned 4-lane access starts at element 2 of a buffer of shape [64], not a multiple of 4" in run_error(kernel(body))

@@ -132,3 +132,14 @@ def test_f16_products_assemble_to_mma_sync_without_spills(tmp_path):
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 4
     report = assemble(ptx, tmp_path)
     assert " 0 bytes spill stores" in report and "used 1 barriers" in report
+
+
+@needs_ptxas
+def test_elementwise_kernels_move_16_bytes_per_access(tmp_path):
+    m = lowered(mlc.parse("""module { func.func @f(%x: tensor<?x64xf32>, %b: tensor<64xf32>) -> tensor<?x64xf32> {
+      %h = mlc.add %x, %b : (tensor<?x64xf32>, tensor<64xf32>) -> tensor<?x64xf32>
+      %y = mlc.tanh %h
+      return %y : tensor<?x64xf32> } }"""))
+    ptx, _ = compile_kernels(m)
+    assert ptx.count("ld.global.v4") == 2 and ptx.count("st.global.v4") == 1
+    assemble(ptx, tmp_path)

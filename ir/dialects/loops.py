@@ -620,11 +620,20 @@ def _lanes(buffer: np.ndarray, idx: tuple, n: int):
     return idx[:-1] + (slice(idx[-1], idx[-1] + n),)
 
 
+def _check_aligned(op, buffer: np.ndarray, start: int, n: int):
+    """`aligned`: the access starts at a multiple of its size (16-byte GPU loads and stores need it)."""
+    if op.attr("aligned") and start % n:
+        raise RuntimeCheck(f"an aligned {n}-lane access starts at element {start} of a buffer of shape "
+                           f"{fmt_shape(buffer.shape)}, not a multiple of {n}")
+
+
 class VectorLoad(OpDef):
-    """Consecutive elements along the last dim, starting at the indices."""
+    """Consecutive elements along the last dim, starting at the indices. `aligned` promises that the
+    first element's position in the buffer is a multiple of the vector's length."""
     name = "vector.load"
     operands = (2, None)
     traits = {READS}
+    attrs = {"aligned": Attr("bool", False)}
 
     @staticmethod
     def infer(op, ctx):
@@ -640,7 +649,9 @@ class VectorLoad(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         n = op.results[0].type.shape[0]
-        return ins[0][_lanes(ins[0], tuple(int(i) for i in ins[1:]), n)].copy()
+        at = tuple(int(i) for i in ins[1:])
+        _check_aligned(op, ins[0], int(np.ravel_multi_index(at, ins[0].shape)) if at else 0, n)
+        return ins[0][_lanes(ins[0], at, n)].copy()
 
     @staticmethod
     def interpret_lanes(ins, op, block):
@@ -651,6 +662,7 @@ class VectorStore(OpDef):
     name = "vector.store"
     operands = (3, None)
     results = 0
+    attrs = {"aligned": Attr("bool", False)}
 
     @staticmethod
     def infer(op, ctx):
@@ -658,7 +670,9 @@ class VectorStore(OpDef):
 
     @staticmethod
     def interpret(ins, op, ctx):
-        ins[1][_lanes(ins[1], tuple(int(i) for i in ins[2:]), len(ins[0]))] = ins[0]
+        at = tuple(int(i) for i in ins[2:])
+        _check_aligned(op, ins[1], int(np.ravel_multi_index(at, ins[1].shape)) if at else 0, len(ins[0]))
+        ins[1][_lanes(ins[1], at, len(ins[0]))] = ins[0]
         return []
 
     @staticmethod
