@@ -88,3 +88,17 @@ def test_f16_products_run_on_tensor_cores(rows):
     got = mlc.interpret(lowered, "f", a, b)
     np.testing.assert_allclose(got.astype(np.float32), (a.astype(np.float64) @ b).astype(np.float16).astype(np.float32),
                                rtol=2e-3, atol=2e-3)
+
+
+def test_f16_convolutions_run_on_tensor_cores():
+    """An implicit GEMM of tensor-core tiles: 8 output channels (of a 64-row tile), 3 x 3 x 3 taps
+    (27 of a 32-deep pair of slices), 2 x 9 x 9 pixels."""
+    m = mlc.parse("""module { func.func @f(%x: tensor<?x3x9x9xf16>, %w: tensor<8x3x3x3xf16>) -> tensor<?x8x9x9xf16> {
+      %y = mlc.conv2d %x, %w {padding = [1, 1, 1, 1]} : (tensor<?x3x9x9xf16>, tensor<8x3x3x3xf16>) -> tensor<?x8x9x9xf16>
+      return %y : tensor<?x8x9x9xf16> } }""")
+    lowered = mlc.run_passes(m.clone(), "cuda")
+    assert any(op.name == "gpu.mma_sync" for op in lowered.walk())
+    rng = np.random.default_rng(6)
+    x, w = rng.standard_normal((2, 3, 9, 9)).astype(np.float16), rng.standard_normal((8, 3, 3, 3)).astype(np.float16)
+    np.testing.assert_allclose(mlc.interpret(lowered, "f", x, w).astype(np.float32),
+                               mlc.interpret(m, "f", x, w).astype(np.float32), rtol=2e-3, atol=2e-3)
