@@ -191,15 +191,22 @@ def _shuffle(self: KernelEmitter, op):
 
 @_handler("gpu.mma_sync")
 def _mma(self: KernelEmitter, op):
-    """mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: A as 4 and B as 2 pairs of halves."""
+    """mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: A as 4 and B as 2 pairs of halves (bf16
+    values, held in f32, are their top 16 bits: packed two to an i32, the first in the low half)."""
     a, b, c = (self.get(v) for v in op.operands)
-    pairs = ir.VectorType(ir.HalfType(), 2)
-
-    def halves(v, n):
-        return [self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 2), [2 * k, 2 * k + 1])) for k in range(n)]
+    bf16 = op.operand_types[0].element.name == "bf16"
     sums = [self.b.extract_element(c, ir.Constant(I32, k)) for k in range(4)]
-    fn = self.parent.declare("llvm.nvvm.mma.m16n8k16.row.col.f32.f32", ir.LiteralStructType([F32] * 4),
-                             [pairs] * 6 + [F32] * 4)
+    if bf16:
+        def halves(v, n):
+            top = [self.b.lshr(self.b.bitcast(self.b.extract_element(v, ir.Constant(I32, k)), I32), ir.Constant(I32, 16))
+                   for k in range(2 * n)]
+            return [self.b.or_(top[2 * k], self.b.shl(top[2 * k + 1], ir.Constant(I32, 16))) for k in range(n)]
+        name, pair = "llvm.nvvm.mma.m16n8k16.row.col.bf16", I32
+    else:
+        def halves(v, n):
+            return [self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 2), [2 * k, 2 * k + 1])) for k in range(n)]
+        name, pair = "llvm.nvvm.mma.m16n8k16.row.col.f32.f32", ir.VectorType(ir.HalfType(), 2)
+    fn = self.parent.declare(name, ir.LiteralStructType([F32] * 4), [pair] * 6 + [F32] * 4)
     d = self.b.call(fn, halves(a, 4) + halves(b, 2) + sums)
     out = ir.Constant(ir.VectorType(F32, 4), ir.Undefined)
     for k in range(4):

@@ -10,7 +10,7 @@ becomes
 
 A convolution is an implicit GEMM per group: rows are its output channels, columns its output
 pixels (n, y, x), the reduction its (channel, ky, kx) window, read from the padded input in place.
-f16 products and convolutions run on tensor cores instead (gpu_gemm.MmaGemm: 64 x 64 tiles per four warps of
+f16 and bf16 products and convolutions run on tensor cores instead (gpu_gemm.MmaGemm: 64 x 64 tiles per four warps of
 gpu.mma_sync). The options fix the SIMT tiles, so the same pipeline prints the same IR for every GPU.
 Other element types are left to expand-products.
 """
@@ -42,7 +42,7 @@ class TileGpu(Pass):
         for f in module.functions.values():
             L = LoopBuilder(module, f)
             for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:
-                if op.operand_types[2].element.name not in ("f16", "f32", "f64"):
+                if op.operand_types[2].element.name not in ("f16", "bf16", "f32", "f64"):
                     continue
                 L.b = Builder.before(op, module)
                 gemm = (self.matmul if op.name == "mem.matmul" else self.conv)(L, op)
@@ -56,7 +56,7 @@ class TileGpu(Pass):
         ranks = [t.rank for t in op.operand_types[:3]]
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, ranks)
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
-        kind, tiles = (MmaGemm, {}) if c.type.element.name == "f16" else (GpuGemm, self.tiles())
+        kind, tiles = (MmaGemm, {}) if c.type.element.name in ("f16", "bf16") else (GpuGemm, self.tiles())
         return kind(
             L.dim(c, ranks[2] - 2), L.dim(c, ranks[2] - 1), L.dim(a, ranks[0] - 2 if ta else ranks[0] - 1), L.idx(1),
             c.type.element,
@@ -101,7 +101,7 @@ class TileGpu(Pass):
             at = [image, channel(b, g, i), y, col]
             store_through_epilogue(b, op, out, at, at, v)
 
-        kind, tiles = (MmaGemm, {}) if out.type.element.name == "f16" else (GpuGemm, self.tiles())
+        kind, tiles = (MmaGemm, {}) if out.type.element.name in ("f16", "bf16") else (GpuGemm, self.tiles())
         return kind(per_group, L.op(L.b, "arith.mul", n, pixels), L.op(L.b, "arith.mul", channels, window), L.idx(groups),
                     out.type.element,
                     load_a=lambda b, g, i, k: b.create("mem.load", [w, channel(b, g, i), *tap(b, k)]).result,

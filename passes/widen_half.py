@@ -9,8 +9,8 @@ becomes
     %y = mlc.cast %y32 : (tensor<4x2xf32>) -> tensor<4x2xf16>
 
 Elementwise ops need no widening: the code generators compute each half element in f32 already.
-With `tensor-cores=1` (the cuda pipeline) f16 products and convolutions stay f16: tensor cores
-multiply f16 values exactly and sum them in f32, which is what the widened op means.
+With `tensor-cores=1` (the cuda pipeline) f16/bf16 products and convolutions stay in half: tensor
+cores multiply half values exactly and sum them in f32, which is what the widened op means.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class WidenHalf(Pass):
         keep = {"mlc.matmul", "mlc.conv2d"} if self.option("tensor-cores") else set()
         for f in module.functions.values():
             for op in [o for o in f.body.walk() if o.name in ACCUMULATING and _half(o.operands[0].type)
-                       and not (o.name in keep and all(v.type.element.name == "f16" for v in o.operands))]:
+                       and not (o.name in keep and len({v.type.element for v in o.operands}) == 1)]:
                 b = Builder.before(op, module)
                 b.loc = op.loc
                 wide = [b.create("mlc.cast", [v], result_types=[TensorType(v.type.shape, f32)]).result if _half(v.type) else v

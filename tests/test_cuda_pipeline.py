@@ -74,20 +74,23 @@ def test_row_reductions_run_a_warp_per_row(body, reference):
     np.testing.assert_allclose(mlc.interpret(lowered, "f", x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("element", ["f16", "bf16"])
 @pytest.mark.parametrize("rows", [70, 5])
-def test_f16_products_run_on_tensor_cores(rows):
-    """An f16 matmul stays f16 (tensor cores sum in f32, as widening means) and becomes tiles of
-    gpu.mma_sync; ragged rows, columns (48: one and a half 32-wide tiles) and a K of two slices."""
-    m = mlc.parse("""module { func.func @f(%a: tensor<?x32xf16>, %b: tensor<32x48xf16>) -> tensor<?x48xf16> {
-      %c = mlc.matmul %a, %b : (tensor<?x32xf16>, tensor<32x48xf16>) -> tensor<?x48xf16>
-      return %c : tensor<?x48xf16> } }""")
+def test_half_products_run_on_tensor_cores(rows, element):
+    """A half-precision matmul stays half (tensor cores sum in f32, as widening means) and becomes tiles
+    of gpu.mma_sync; ragged rows, columns (48: one and a half 32-wide tiles) and a K of two slices."""
+    from mlc.ir.types import ELEMENT_TYPES, round_to_element
+    m = mlc.parse(f"""module {{ func.func @f(%a: tensor<?x32x{element}>, %b: tensor<32x48x{element}>) -> tensor<?x48x{element}> {{
+      %c = mlc.matmul %a, %b : (tensor<?x32x{element}>, tensor<32x48x{element}>) -> tensor<?x48x{element}>
+      return %c : tensor<?x48x{element}> }} }}""")
     lowered = mlc.run_passes(m.clone(), "cuda")
     assert sum(op.name == "gpu.mma_sync" for op in lowered.walk()) == 4  # per warp: 2 x 2 tiles of 16 x 8
     rng = np.random.default_rng(rows)
-    a, b = rng.standard_normal((rows, 32)).astype(np.float16), rng.standard_normal((32, 48)).astype(np.float16)
-    got = mlc.interpret(lowered, "f", a, b)
-    np.testing.assert_allclose(got.astype(np.float32), (a.astype(np.float64) @ b).astype(np.float16).astype(np.float32),
-                               rtol=2e-3, atol=2e-3)
+    e = ELEMENT_TYPES[element]
+    a, b = (round_to_element(rng.standard_normal(shape).astype(np.float32), e) for shape in ((rows, 32), (32, 48)))
+    got = mlc.interpret(lowered, "f", a, b).astype(np.float32)
+    want = round_to_element(a.astype(np.float64) @ b.astype(np.float64), e).astype(np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-2 if element == "bf16" else 2e-3, atol=2e-3)
 
 
 def test_f16_convolutions_run_on_tensor_cores():

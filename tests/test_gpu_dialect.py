@@ -258,7 +258,7 @@ def test_mma_sync_multiplies_a_tile_with_the_ptx_fragment_layout():
 
 
 def test_mma_sync_checks_its_fragments():
-    assert "takes fragments (vector<8xf16>, vector<4xf16>, vector<4xf32>)" in errors(
+    assert "takes fragments (vector<8xf16>, vector<4xf16>, vector<4xf32>) or the same in bf16" in errors(
         MMA.replace("gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>)",
                     "gpu.mma_sync %bv, %bv, %cv : (vector<4xf16>, vector<4xf16>, vector<4xf32>)"))[0][2]
 

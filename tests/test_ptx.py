@@ -124,12 +124,13 @@ def test_tensor_core_tiles_assemble(tmp_path):
 
 
 @needs_ptxas
-def test_f16_products_assemble_to_mma_sync_without_spills(tmp_path):
-    m = lowered(mlc.parse("""module { func.func @f(%a: tensor<?x64xf16>, %b: tensor<64x64xf16>) -> tensor<?x64xf16> {
-      %c = mlc.matmul %a, %b : (tensor<?x64xf16>, tensor<64x64xf16>) -> tensor<?x64xf16>
-      return %c : tensor<?x64xf16> } }"""))
+@pytest.mark.parametrize("element", ["f16", "bf16"])
+def test_half_products_assemble_to_mma_sync_without_spills(element, tmp_path):
+    m = lowered(mlc.parse(f"""module {{ func.func @f(%a: tensor<?x64x{element}>, %b: tensor<64x64x{element}>) -> tensor<?x64x{element}> {{
+      %c = mlc.matmul %a, %b : (tensor<?x64x{element}>, tensor<64x64x{element}>) -> tensor<?x64x{element}>
+      return %c : tensor<?x64x{element}> }} }}"""))
     ptx, _ = compile_kernels(m)
-    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 4
+    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32") == 4
     report = assemble(ptx, tmp_path)
     assert " 0 bytes spill stores" in report and "used 1 barriers" in report
 

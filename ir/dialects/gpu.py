@@ -229,7 +229,7 @@ MMA_A, MMA_B, MMA_C = _fragment_places()
 
 class MmaSync(OpDef):
     """D = A @ B + C on one 16 x 8 x 16 tile by the 32 threads of a warp together (tensor cores:
-    mma.sync m16n8k16, f16 in, f32 sums). Each thread holds fragments: 8 elements of A, 4 of B, 4 of C
+    mma.sync m16n8k16, f16 or bf16 in, f32 sums). Each thread holds fragments: 8 elements of A, 4 of B, 4 of C
     and of D, placed as the PTX ISA lays them out (g = lane / 4, t = lane % 4):
 
         a[i] = A[g + 8 (i/2 % 2), 2t + i%2 + 8 (i/4)]   b[i] = B[2t + i%2 + 8 (i/2), g]
@@ -241,13 +241,13 @@ class MmaSync(OpDef):
     name = "gpu.mma_sync"
     operands = 3
     traits = {PURE, PLACED}
-    SIGNATURE = ("vector<8xf16>", "vector<4xf16>", "vector<4xf32>")
+    SIGNATURES = [(f"vector<8x{e}>", f"vector<4x{e}>", "vector<4xf32>") for e in ("f16", "bf16")]
 
     @classmethod
     def infer(cls, op, ctx):
         got = tuple(str(t) for t in op.operand_types)
-        if got != cls.SIGNATURE:
-            raise VerifyError(f"takes fragments ({', '.join(cls.SIGNATURE)}), got ({', '.join(got)})")
+        if got not in cls.SIGNATURES:
+            raise VerifyError(f"takes fragments ({', '.join(cls.SIGNATURES[0])}) or the same in bf16, got ({', '.join(got)})")
         return [op.operand_types[2]]
 
     verify = staticmethod(_inside_launch)

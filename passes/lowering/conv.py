@@ -23,7 +23,7 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
     n, c_in, h, wd = L.dims(x)
     o_ch, cg, kh, kw = L.dims(w)
     e = t.element
-    if sw == 1 and (gemm.supports(e) or e.name == "f16"):  # (f16: GPU tensor cores; the CPU widens it first)
+    if sw == 1 and (gemm.supports(e) or e.name in ("f16", "bf16")):  # (half: GPU tensor cores; the CPU widens it first)
         return _tiled_conv2d(L, op, x, w, epilogue)
     xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr]) if pt or pl or pb or pr else x
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)

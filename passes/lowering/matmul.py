@@ -23,7 +23,7 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     batch = TensorType(t.shape[:batch_rank], t.element)
     views = [BatchView(v) for v in (a, bm) if v.type.rank > 2]
     sizes = L.result_sizes(batch, views) if batch_rank else []
-    tiled_gemm = ra > 1 and rb > 1 and (gemm.supports(t.element) or t.element.name == "f16")  # (f16: GPU tensor cores)
+    tiled_gemm = ra > 1 and rb > 1 and (gemm.supports(t.element) or t.element.name in ("f16", "bf16"))  # (half: GPU tensor cores)
     if not tiled_gemm:
         a, bm = (_transposed_copy(L, v) if flag else v for v, flag in ((a, ta), (bm, tb)))
         ta = tb = False
