@@ -3,15 +3,20 @@ the host's part: allocations, sizes, checks on sizes, the order of the launches 
 
     loop.for %i = 0 to %m {parallel} { loop.for %j = 0 to %n {parallel} { body } }
 becomes
-    %total = %m * %n                                    (on the host)
-    gpu.launch ceil(%total / block) {block = [block]} {
+    %threads = %m * %n                                  (on the host)
+    %blocks = min(ceil(%threads / block), max-blocks)
+    gpu.launch %blocks {block = [block]} {
     ^bb0(%bid, %tid):
-      %g = %bid * block + %tid
-      loop.if %g < %total { %i = %g / %n; %j = %g - %i * %n; body }
+      loop.for %r = 0 to %rounds {                      (grid-stride: enough rounds to cover %threads)
+        %g = %bid * block + %tid + %r * %blocks * block
+        loop.if %g < %threads { %i = %g / %n; %j = %g - %i * %n; body }
+      }
     }
 
 - a nest of parallel loops: one thread per iteration of its outer parallel loops (those whose bounds
-  the host knows, collapsed into one range), the inner loops run by each thread;
+  the host knows, collapsed into one range), the inner loops run by each thread; an elementwise
+  innermost loop over f32 rows 4 iterations per thread, as 16-byte vector loads and stores; a row
+  reduction a warp per iteration, combined with shuffles;
 - a loop that allocates or holds parallel loops (a scan's steps, a row-blocked product) stays on the
   host, and its body is mapped in turn;
 - other work on device data between kernels (a sequential loop, a scalar load or store): one thread.
@@ -36,16 +41,16 @@ HOST_ONLY = ("mem.alloc", "mem.dealloc", "mem.from_tensor", "mem.to_tensor", "gp
 class MapToGpu(Pass):
     name = "map-to-gpu"
     summary = "parallel loop nests become gpu.launch kernels, a thread per iteration; the rest is host code"
-    options = {"block": 256}
+    options = {"block": 256, "max-blocks": 4096}
 
     def __init__(self, **options):
         super().__init__(**options)
-        if not 32 <= self.option("block") <= 1024 or self.option("block") % 32:
-            raise PipelineError(f"map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32, got {self}")
+        if not 32 <= self.option("block") <= 1024 or self.option("block") % 32 or self.option("max-blocks") < 1:
+            raise PipelineError(f"map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32, and max-blocks >= 1, got {self}")
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
-            Mapper(module, f, self.option("block")).map_block(f.body)
+            Mapper(module, f, self.option("block"), self.option("max-blocks")).map_block(f.body)
 
 
 def _stays_on_host(loop: Operation) -> bool:
@@ -57,8 +62,8 @@ def _stays_on_host(loop: Operation) -> bool:
 
 
 class Mapper:
-    def __init__(self, module: Module, func, block: int):
-        self.module, self.block = module, block
+    def __init__(self, module: Module, func, block: int, max_blocks: int):
+        self.module, self.block, self.max_blocks = module, block, max_blocks
         self.L = LoopBuilder(module, func)
         self.on_device: set = set()  # values computed by device code outside any launch so far
 
@@ -133,13 +138,22 @@ class Mapper:
         for t in trips[1:] + ([L.idx(WARP)] if warp else []):
             total = b.create("arith.mul", [total, t], name_hint="threads").result
         rounded_up = L.op(b, "arith.add", total, L.idx(self.block - 1))
-        blocks = b.create("arith.div", [rounded_up, L.idx(self.block)], name_hint="blocks").result
+        needed = L.op(b, "arith.div", rounded_up, L.idx(self.block))
+        blocks = b.create("arith.minimum", [needed, L.idx(self.max_blocks)], name_hint="blocks").result
+        stride = L.op(b, "arith.maximum", L.op(b, "arith.mul", blocks, L.idx(self.block)), L.idx(1))
+        rounds = b.create("arith.div", [L.op(b, "arith.add", total, L.op(b, "arith.sub", stride, L.idx(1))), stride],
+                          name_hint="rounds").result
 
         def body(kb, bid, tid):
             mapping = {}
             for op in prelude:
                 kb.block.insert_before(kb.anchor, op.clone(mapping))
-            g = kb.create("arith.add", [L.op(kb, "arith.mul", bid, L.idx(self.block)), tid], name_hint="g").result
+            first = L.op(kb, "arith.add", L.op(kb, "arith.mul", bid, L.idx(self.block)), tid)
+            L.loop(kb, L.idx(0), rounds, lambda rb, r: iteration(rb, rb.create(
+                "arith.add", [first, L.op(rb, "arith.mul", r, stride)], name_hint="g").result, mapping))
+
+        def iteration(kb, g, mapping):
+            """Thread g's iteration of the nest (a grid of at most max-blocks blocks strides over them)."""
             then, other = Block(), Block()
             in_range = kb.create("arith.lt", [g, total], name_hint="in_range").result
             kb.create("loop.if", [in_range], regions=[Region([then]), Region([other])])

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -95,7 +96,7 @@ def _read(path) -> tuple[dict, dict]:
             files = {n: z.read(n) for n in z.namelist()}
     except FileNotFoundError:
         raise error(where, "no such file") from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zipfile.LargeZipFile) as e:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError, zipfile.LargeZipFile) as e:
         raise error(where, f"not an mlc artifact (unreadable archive: {e})") from None
     try:
         manifest = json.loads(files.pop("manifest.json"))

@@ -65,6 +65,20 @@ def test_truncated_or_garbage_files_are_refused(tmp_path, cache, damage, fragmen
         mlc.load_executable(tmp_path / "b.mlcz")
 
 
+def test_a_flipped_byte_anywhere_is_a_diagnostic(tmp_path, cache):
+    """Inside compressed data too (zlib's own errors), never a traceback."""
+    mlc.compile(mlc.load(MLP)).save(tmp_path / "a.mlcz")
+    data = (tmp_path / "a.mlcz").read_bytes()
+    for at in range(0, len(data), max(1, len(data) // 40)):
+        damaged = bytearray(data)
+        damaged[at] ^= 0x5A
+        (tmp_path / "b.mlcz").write_bytes(bytes(damaged))
+        try:
+            mlc.load_executable(tmp_path / "b.mlcz")
+        except mlc.DiagnosticError:
+            pass
+
+
 @pytest.mark.parametrize("change,fragment", [
     (lambda f: f.__setitem__("code.o", f["code.o"][:-8] + b"\x00" * 8), "'code.o' does not match its checksum"),
     (lambda f: f.__setitem__("module.ir", f["module.ir"].replace(b"relu", b"tanh")), "'module.ir' does not match its checksum"),

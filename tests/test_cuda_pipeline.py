@@ -40,13 +40,16 @@ def test_map_to_gpu_collapses_a_nest_and_guards_the_tail():
     m = mlc.run_passes(mlc.parse(text), "cuda{block=64}")
     launches = [op for op in m.walk() if op.name == "gpu.launch"]
     assert len(launches) == 1 and list(launches[0].attr("block")) == [64]
-    assert [op.name for op in launches[0].regions[0].walk() if op.name == "loop.for"] == []  # both loops collapsed
+    # both loops collapsed: the one loop left is the grid-stride loop over rounds of the grid
+    assert [op.name for op in launches[0].regions[0].walk() if op.name == "loop.for"] == ["loop.for"]
     x = np.random.default_rng(2).standard_normal((13, 5)).astype(np.float32)  # 65 elements: 2 blocks, 63 idle threads
     np.testing.assert_allclose(mlc.interpret(m, "f", x), np.exp(x), rtol=1e-6)
+    strided = mlc.run_passes(mlc.parse(text), "cuda{block=32 max-blocks=1}")  # one block, 3 rounds
+    np.testing.assert_allclose(mlc.interpret(strided, "f", x), np.exp(x), rtol=1e-6)
 
 
 def test_map_to_gpu_rejects_a_block_that_is_not_whole_warps():
-    with pytest.raises(PipelineError, match="map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32"):
+    with pytest.raises(PipelineError, match="map-to-gpu needs a block of 32 to 1024 threads, a multiple of 32, and max-blocks >= 1"):
         mlc.run_passes(mlc.parse("module { }"), "map-to-gpu{block=48}")
 
 
