@@ -29,6 +29,7 @@ DATA_LAYOUT = "e-i64:64-i128:128-v16:16-v32:32-n16:32:64"
 GPU_ARCHS = ("sm_80", "sm_90", "sm_90a")
 LIBDEVICE = os.environ.get("MLC_LIBDEVICE", "/usr/local/cuda/nvvm/libdevice/libdevice.10.bc")
 I32 = ir.IntType(32)
+SHARED = ir.PointerType(addrspace=3)
 SHUFFLE_CLAMP = {"xor": 0x1F, "down": 0x1F, "idx": 0x1F, "up": 0}
 SHUFFLE_NAME = {"xor": "bfly", "down": "down", "up": "up", "idx": "idx"}
 
@@ -211,6 +212,22 @@ def _mma(self: KernelEmitter, op):
     out = ir.Constant(ir.VectorType(F32, 4), ir.Undefined)
     for k in range(4):
         out = self.b.insert_element(out, self.b.extract_value(d, k), ir.Constant(I32, k))
+    self.values[op.results[0]] = out
+
+
+@_handler("gpu.ldmatrix")
+def _ldmatrix(self: KernelEmitter, op):
+    count = op.attr("count")
+    tile = self.get(op.operands[0])
+    address = self.b.addrspacecast(self.address(tile, [self.get(v) for v in op.operands[1:]]), SHARED)
+    name = f"llvm.nvvm.ldmatrix.sync.aligned.m8n8.x{count}{'.trans' if op.attr('transpose') else ''}.b16"
+    words = ir.LiteralStructType([I32] * count) if count > 1 else I32
+    loaded = self.b.call(self.parent.declare(name, words, [SHARED]), [address])
+    out = ir.Constant(ir.VectorType(ir.HalfType(), 2 * count), ir.Undefined)
+    for i in range(count):
+        pair = self.b.bitcast(self.b.extract_value(loaded, i) if count > 1 else loaded, ir.VectorType(ir.HalfType(), 2))
+        for j in range(2):
+            out = self.b.insert_element(out, self.b.extract_element(pair, ir.Constant(I32, j)), ir.Constant(I32, 2 * i + j))
     self.values[op.results[0]] = out
 
 

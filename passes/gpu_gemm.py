@@ -156,9 +156,10 @@ class GpuGemm:
 
 @dataclass
 class MmaGemm(GpuGemm):
-    """The same product of f16 operands on tensor cores: a 64 x (16 n_tiles) tile of C per block of
-    four warps, each warp 32 x (8 n_tiles) of it as 2 x n_tiles tiles of gpu.mma_sync (m16n8k16, f32
-    sums carried over K); the fragments come from the shared-memory slices (16 deep) in the PTX layout."""
+    """The same product of f16 or bf16 operands on tensor cores: a 64 x (16 n_tiles) tile of C per block
+    of four warps, each warp 32 x (8 n_tiles) of it as 2 x n_tiles tiles of gpu.mma_sync (m16n8k16, f32
+    sums carried over K); the fragments come from the shared-memory slices (16 deep), by gpu.ldmatrix
+    for f16."""
     n_tiles: int = 2
     bm: int = 64
     bn: int = 32
@@ -179,6 +180,14 @@ class MmaGemm(GpuGemm):
         warp_cols = L.op(b, "arith.mul", L.op(b, "arith.sub", warp, L.op(b, "arith.mul", warp_m, L.idx(2))), L.idx(8 * self.n_tiles))
         g = L.op(b, "arith.div", lane, L.idx(4))
         t2 = L.op(b, "arith.mul", L.op(b, "arith.sub", lane, L.op(b, "arith.mul", g, L.idx(4))), L.idx(2))
+        # ldmatrix addresses: lane l gives row l % 8 of matrix l / 8; A's four are its 16 x 16 fragment
+        # (rows +8 for matrices 1 and 3, columns +8 for 2 and 3), B's two the 16 rows of k, transposed
+        l8 = L.op(b, "arith.div", lane, L.idx(8))
+        l16 = L.op(b, "arith.div", lane, L.idx(16))
+        a_row = L.op(b, "arith.add", warp_rows, L.op(b, "arith.add", L.op(b, "arith.sub", lane, L.op(b, "arith.mul", l8, L.idx(8))),
+                                                     L.op(b, "arith.mul", L.op(b, "arith.sub", l8, L.op(b, "arith.mul", l16, L.idx(2))), L.idx(8))))
+        a_col = L.op(b, "arith.mul", l16, L.idx(8))
+        b_row = L.op(b, "arith.sub", lane, L.op(b, "arith.mul", l16, L.idx(16)))
         f32 = VectorType((4,), ElementType("f32"))
         zero = L.const(b, 0, ElementType("f32"))
         sums = b.create("vector.from_elements", [zero] * 4, result_types=[f32]).result
@@ -193,14 +202,20 @@ class MmaGemm(GpuGemm):
         def slice_of_k(sb, kt, *acc):
             self.copy_slices(sb, tid, batch, row0, col0, L.op(sb, "arith.mul", kt, L.idx(self.bk)), a_tile, b_tile, True)
             sb.create("gpu.barrier", [])
-            a = []
-            for mi in range(2):
-                rows = L.op(sb, "arith.add", warp_rows, L.op(sb, "arith.add", g, L.idx(16 * mi)))
-                a.append(fragment(sb, a_tile, [(at(sb, rows, 8 * (i // 2 % 2)), at(sb, t2, i % 2 + 8 * (i // 4))) for i in range(8)], 8))
-            bs = []
-            for ni in range(self.n_tiles):
-                col = L.op(sb, "arith.add", warp_cols, L.op(sb, "arith.add", g, L.idx(8 * ni)))
-                bs.append(fragment(sb, b_tile, [(at(sb, t2, i % 2 + 8 * (i // 2)), col) for i in range(4)], 4))
+            if self.element.name == "f16":  # ldmatrix: a warp's fragments in one instruction each
+                a = [sb.create("gpu.ldmatrix", [a_tile, at(sb, a_row, 16 * mi), a_col], {"count": 4},
+                               result_types=[VectorType((8,), self.element)]).result for mi in range(2)]
+                bs = [sb.create("gpu.ldmatrix", [b_tile, b_row, at(sb, warp_cols, 8 * ni)], {"count": 2, "transpose": True},
+                                result_types=[VectorType((4,), self.element)]).result for ni in range(self.n_tiles)]
+            else:  # (bf16 lives in 32-bit storage: element by element)
+                a = []
+                for mi in range(2):
+                    rows = L.op(sb, "arith.add", warp_rows, L.op(sb, "arith.add", g, L.idx(16 * mi)))
+                    a.append(fragment(sb, a_tile, [(at(sb, rows, 8 * (i // 2 % 2)), at(sb, t2, i % 2 + 8 * (i // 4))) for i in range(8)], 8))
+                bs = []
+                for ni in range(self.n_tiles):
+                    col = L.op(sb, "arith.add", warp_cols, L.op(sb, "arith.add", g, L.idx(8 * ni)))
+                    bs.append(fragment(sb, b_tile, [(at(sb, t2, i % 2 + 8 * (i // 2)), col) for i in range(4)], 4))
             out = [sb.create("gpu.mma_sync", [a[mi], bs[ni], acc[mi * self.n_tiles + ni]], result_types=[f32]).result
                    for mi in range(2) for ni in range(self.n_tiles)]
             sb.create("gpu.barrier", [])

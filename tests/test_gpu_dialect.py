@@ -274,3 +274,91 @@ def test_an_aligned_vector_access_must_start_on_its_size():
         loop.yield
       }"""
     assert "an aligned 4-lane access starts at element 2 of a buffer of shape [64], not a multiple of 4" in run_error(kernel(body))
+
+
+# The same tile with A and B staged in shared memory and their fragments loaded by ldmatrix (A: four
+# 8 x 8 matrices, B: two, transposed), each lane giving one matrix row's address.
+LDMATRIX_MMA = """func.func @mma(%a: tensor<16x16xf16>, %b: tensor<16x8xf16>, %c: tensor<16x8xf32>) -> tensor<16x8xf32> {
+  %ab = mem.from_tensor %a : (tensor<16x16xf16>) -> memref<16x16xf16>
+  %bb = mem.from_tensor %b : (tensor<16x8xf16>) -> memref<16x8xf16>
+  %cb = mem.from_tensor %c : (tensor<16x8xf32>) -> memref<16x8xf32>
+  %db = mem.alloc : memref<16x8xf32>
+  %one = arith.constant {value = 1 : index} : index
+  gpu.launch %one {block = [32]} : index {
+  ^bb0(%bid: index, %lane: index):
+    %at = gpu.shared_alloc : memref<16x16xf16, shared>
+    %bt = gpu.shared_alloc : memref<16x8xf16, shared>
+    %c0 = arith.constant {value = 0 : index} : index
+    %c1 = arith.constant {value = 1 : index} : index
+    %c2 = arith.constant {value = 2 : index} : index
+    %c4 = arith.constant {value = 4 : index} : index
+    %c8 = arith.constant {value = 8 : index} : index
+    %c16 = arith.constant {value = 16 : index} : index
+    %row = arith.div %lane, %c2 : (index, index) -> index
+    %half = arith.mul %row, %c2 : (index, index) -> index
+    %side = arith.sub %lane, %half : (index, index) -> index
+    %col0 = arith.mul %side, %c8 : (index, index) -> index
+    loop.for %c0, %c8 : index, index {
+    ^bb0(%j: index):
+      %col = arith.add %col0, %j : (index, index) -> index
+      %v = mem.load %ab, %row, %col : (memref<16x16xf16>, index, index) -> f16
+      mem.store %v, %at, %row, %col : f16, memref<16x16xf16, shared>, index, index
+      loop.yield
+    }
+    %brow = arith.div %lane, %c2 : (index, index) -> index
+    %bcol0 = arith.mul %side, %c4 : (index, index) -> index
+    loop.for %c0, %c4 : index, index {
+    ^bb0(%j: index):
+      %col = arith.add %bcol0, %j : (index, index) -> index
+      %v = mem.load %bb, %brow, %col : (memref<16x8xf16>, index, index) -> f16
+      mem.store %v, %bt, %brow, %col : f16, memref<16x8xf16, shared>, index, index
+      loop.yield
+    }
+    gpu.barrier
+    %l8 = arith.div %lane, %c8 : (index, index) -> index
+    %l8m = arith.mul %l8, %c8 : (index, index) -> index
+    %r8 = arith.sub %lane, %l8m : (index, index) -> index
+    %l16 = arith.div %lane, %c16 : (index, index) -> index
+    %odd8 = arith.sub %l8, %l16 : (index, index) -> index
+    %odd = arith.sub %odd8, %l16 : (index, index) -> index
+    %arow0 = arith.mul %odd, %c8 : (index, index) -> index
+    %arow = arith.add %arow0, %r8 : (index, index) -> index
+    %acol = arith.mul %l16, %c8 : (index, index) -> index
+    %av = gpu.ldmatrix %at, %arow, %acol {count = 4} : (memref<16x16xf16, shared>, index, index) -> vector<8xf16>
+    %l16m = arith.mul %l16, %c16 : (index, index) -> index
+    %krow = arith.sub %lane, %l16m : (index, index) -> index
+    %bv = gpu.ldmatrix %bt, %krow, %c0 {count = 2, transpose} : (memref<16x8xf16, shared>, index, index) -> vector<4xf16>
+    %g = arith.div %lane, %c4 : (index, index) -> index
+    %gt = arith.mul %g, %c4 : (index, index) -> index
+    %t = arith.sub %lane, %gt : (index, index) -> index
+    %t2 = arith.mul %t, %c2 : (index, index) -> index
+    %t21 = arith.add %t2, %c1 : (index, index) -> index
+    %g8 = arith.add %g, %c8 : (index, index) -> index
+    %c0v = mem.load %cb, %g, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c1v = mem.load %cb, %g, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %c2v = mem.load %cb, %g8, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c3v = mem.load %cb, %g8, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %cv = vector.from_elements %c0v, %c1v, %c2v, %c3v : (f32, f32, f32, f32) -> vector<4xf32>
+    %dv = gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
+    %d0 = vector.extract %dv {position = 0} : (vector<4xf32>) -> f32
+    %d1 = vector.extract %dv {position = 1} : (vector<4xf32>) -> f32
+    %d2 = vector.extract %dv {position = 2} : (vector<4xf32>) -> f32
+    %d3 = vector.extract %dv {position = 3} : (vector<4xf32>) -> f32
+    mem.store %d0, %db, %g, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d1, %db, %g, %t21 : f32, memref<16x8xf32>, index, index
+    mem.store %d2, %db, %g8, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d3, %db, %g8, %t21 : f32, memref<16x8xf32>, index, index
+    gpu.terminator
+  }
+  %d = mem.to_tensor %db : (memref<16x8xf32>) -> tensor<16x8xf32>
+  return %d : tensor<16x8xf32>
+}
+"""
+
+
+def test_ldmatrix_loads_the_fragments_mma_sync_takes():
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((16, 16)).astype(np.float16), rng.standard_normal((16, 8)).astype(np.float16)
+    c = rng.standard_normal((16, 8)).astype(np.float32)
+    d = mlc.interpret(mlc.parse(LDMATRIX_MMA, "ldmatrix.ir"), "mma", a, b, c)
+    np.testing.assert_allclose(d, a.astype(np.float64) @ b + c, rtol=1e-6, atol=1e-5)

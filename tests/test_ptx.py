@@ -117,10 +117,12 @@ def test_row_reductions_shuffle_and_products_tile_in_shared_memory(tmp_path):
 
 @needs_ptxas
 def test_tensor_core_tiles_assemble(tmp_path):
-    from test_gpu_dialect import MMA
-    ptx, _ = compile_kernels(mlc.parse(MMA))
-    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
-    assemble(ptx, tmp_path)
+    from test_gpu_dialect import LDMATRIX_MMA, MMA
+    for text in (MMA, LDMATRIX_MMA):
+        ptx, _ = compile_kernels(mlc.parse(text))
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+        assemble(ptx, tmp_path)
+    assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
 
 
 @needs_ptxas
@@ -131,6 +133,9 @@ def test_half_products_assemble_to_mma_sync_without_spills(element, tmp_path):
       return %c : tensor<?x64x{element}> }} }}"""))
     ptx, _ = compile_kernels(m)
     assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32") == 4
+    if element == "f16":  # fragments by ldmatrix (A: x4, B: x2 transposed, per tile)
+        assert ptx.count("ldmatrix.sync.aligned.m8n8.x4.shared.b16") == 2
+        assert ptx.count("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16") == 2
     report = assemble(ptx, tmp_path)
     assert " 0 bytes spill stores" in report and "used 1 barriers" in report
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from ..lockstep import WARP, Launch as LaunchRun
 from .mlc import RuntimeCheck
-from ..registry import PLACED, PURE, TERMINATOR, Attr, OpDef, Terminator, VerifyError
-from ..types import ERROR, MemRefType, f32, i32, index
+from ..registry import PLACED, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError
+from ..types import ERROR, MemRefType, VectorType, f32, i32, index
 
 MAX_THREADS = 1024
 
@@ -275,3 +275,49 @@ def _whole_warps(block, what: str):
     if partial.any():
         raise RuntimeCheck(f"warp {int(np.argmax(partial))} of block {block.block_ids} runs {what} on some of its "
                            f"threads only (divergent control flow)")
+
+
+class LoadMatrix(OpDef):
+    """`count` 8 x 8 matrices of 16-bit elements from shared memory, spread over the warp the way
+    gpu.mma_sync takes its fragments (ldmatrix.sync.aligned.m8n8). Each thread names one row: lane l
+    gives row l % 8 of matrix l / 8 as the 8 elements from %tile[%row, %col] on. Thread l then holds,
+    of each matrix i, elements [l / 4][2 (l % 4) + j] for j = 0, 1 (with `transpose`: [2 (l % 4) + j][l / 4])
+    at positions 2i + j of its fragment.
+
+        %a = gpu.ldmatrix %tile, %row, %col {count = 4} : (memref<64x16xf16, shared>, index, index) -> vector<8xf16>
+
+    Every thread of the warp must run it."""
+    name = "gpu.ldmatrix"
+    operands = 3
+    traits = {READS, PLACED}
+    attrs = {"count": Attr("int", 4), "transpose": Attr("bool", False)}
+    verify = staticmethod(_inside_launch)
+
+    @staticmethod
+    def infer(op, ctx):
+        tile, row, col = op.operand_types
+        if not isinstance(tile, MemRefType) or tile.space != "shared" or tile.rank != 2 or tile.element.name != "f16":
+            raise VerifyError(f"reads a 2-d f16 memref in shared memory, got {tile}")
+        if (row, col) != (index, index):
+            raise VerifyError(f"the row and column must be indices, got {row}, {col}")
+        if op.attr("count") not in (1, 2, 4):
+            raise VerifyError(f"'count' must be 1, 2 or 4 matrices, got {op.attr('count')}")
+        return [VectorType((2 * op.attr("count"),), tile.element)]
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        _whole_warps(block, "ldmatrix")
+        count, lane = op.attr("count"), block.thread % WARP
+        giving = block.mask & (lane < 8 * count)
+        outer, block.mask = block.mask, giving
+        try:  # each giving thread reads its row: 8 elements
+            rows = block.load(op, ins[0], ins[1:], lanes=8)  # (8, threads)
+        finally:
+            block.mask = outer
+        out = np.empty((2 * count, block.size), ins[0].dtype)
+        base = block.thread - lane
+        for i in range(count):
+            for j in range(2):
+                r, c = (lane // 4, 2 * (lane % 4) + j) if not op.attr("transpose") else (2 * (lane % 4) + j, lane // 4)
+                out[2 * i + j] = rows[c, base + 8 * i + r]
+        return out
