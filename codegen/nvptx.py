@@ -19,7 +19,7 @@ import llvmlite.binding as llvm
 from llvmlite import ir
 
 from mlc.ir.core import Module, Operation
-from mlc.ir.dialects.gpu import Launch, kernel_names
+from mlc.ir.dialects.gpu import CopyAsync, Launch, kernel_names
 from mlc.ir.types import ElementType, MemRefType
 
 from .llvm import F32, I1, I8, I64, OPS, PTR, STORAGE, Buffer, FunctionEmitter, ModuleEmitter, scalar_type
@@ -29,7 +29,7 @@ DATA_LAYOUT = "e-i64:64-i128:128-v16:16-v32:32-n16:32:64"
 GPU_ARCHS = ("sm_80", "sm_90", "sm_90a")
 LIBDEVICE = os.environ.get("MLC_LIBDEVICE", "/usr/local/cuda/nvvm/libdevice/libdevice.10.bc")
 I32 = ir.IntType(32)
-SHARED = ir.PointerType(addrspace=3)
+SHARED, GLOBAL = ir.PointerType(addrspace=3), ir.PointerType(addrspace=1)
 SHUFFLE_CLAMP = {"xor": 0x1F, "down": 0x1F, "idx": 0x1F, "up": 0}
 SHUFFLE_NAME = {"xor": "bfly", "down": "down", "up": "up", "idx": "idx"}
 
@@ -229,6 +229,26 @@ def _ldmatrix(self: KernelEmitter, op):
         for j in range(2):
             out = self.b.insert_element(out, self.b.extract_element(pair, ir.Constant(I32, j)), ir.Constant(I32, 2 * i + j))
     self.values[op.results[0]] = out
+
+
+@_handler("gpu.copy_async")
+def _copy_async(self: KernelEmitter, op):
+    src, src_at, dst, dst_at, valid = CopyAsync.split(op.operands, op.operand_types[0].rank)
+    to = self.b.addrspacecast(self.address(self.get(dst), [self.get(v) for v in dst_at]), SHARED)
+    source = self.b.addrspacecast(self.address(self.get(src), [self.get(v) for v in src_at]), GLOBAL)
+    size = self.b.select(self.get(valid), ir.Constant(I32, 16), ir.Constant(I32, 0))  # 0: zeros, nothing read
+    self.b.call(self.parent.declare("llvm.nvvm.cp.async.cg.shared.global.16.s", ir.VoidType(), [SHARED, GLOBAL, I32]),
+                [to, source, size])
+
+
+@_handler("gpu.async_commit")
+def _async_commit(self: KernelEmitter, op):
+    self.b.call(self.parent.declare("llvm.nvvm.cp.async.commit.group", ir.VoidType(), []), [])
+
+
+@_handler("gpu.async_wait")
+def _async_wait(self: KernelEmitter, op):
+    self.b.call(self.parent.declare("llvm.nvvm.cp.async.wait.group", ir.VoidType(), [I32]), [ir.Constant(I32, op.attr("pending"))])
 
 
 # --- LLVM IR to PTX ----------------------------------------------------------------------------------------

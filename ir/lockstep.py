@@ -59,6 +59,8 @@ class ThreadBlock:
         self.thread = np.arange(self.size)
         self.global_thread = linear * self.size + self.thread
         self.mask = np.ones(self.size, bool)
+        self.async_copies: list = []   # gpu.copy_async issued since the last commit
+        self.async_groups: list = []   # committed groups in flight, oldest first
         launch.epoch += 1  # accesses of earlier blocks are never ordered with this one's
 
     # --- running regions -------------------------------------------------------------------------------
@@ -136,21 +138,24 @@ class ThreadBlock:
             flat = flat[None, :] + np.arange(lanes)[:, None]
         return active, flat
 
-    def load(self, op, buffer, indices, lanes: int = 0):
+    def load(self, op, buffer, indices, lanes: int = 0, space: str | None = None):
         active, flat = self.elements(op, buffer, indices, lanes)
-        self.record(op, buffer, active, flat, write=False)
+        self.record(op, buffer, active, flat, write=False, space=space)
         shape = (lanes, self.size) if lanes else (self.size,)
         out = np.zeros(shape, buffer.dtype)
         out[..., active] = buffer.reshape(-1)[flat]
         return out
 
-    def store(self, op, value, buffer, indices, lanes: int = 0):
+    def store(self, op, value, buffer, indices, lanes: int = 0, space: str | None = None):
         active, flat = self.elements(op, buffer, indices, lanes)
-        self.record(op, buffer, active, flat, write=True)
+        self.record(op, buffer, active, flat, write=True, space=space)
         buffer.reshape(-1)[flat] = np.broadcast_to(value, flat.shape[:-1] + (self.size,))[..., active]
 
-    def record(self, op, buffer, active, flat, write: bool):
-        space = op.operand_types[1 if write else 0].space
+    def record(self, op, buffer, active, flat, write: bool, space: str | None = None):
+        """Checks and notes the access for races; `space` is the buffer's memory (by default that of
+        the op's buffer operand: 0 for reads, 1 for writes)."""
+        if space is None:
+            space = op.operand_types[1 if write else 0].space
         threads = np.broadcast_to(self.global_thread[active], flat.shape).reshape(-1)
         race = self.launch.accesses_of(buffer, space).access(flat.reshape(-1), threads, write, self)
         if race is not None:

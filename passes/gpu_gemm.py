@@ -159,7 +159,11 @@ class MmaGemm(GpuGemm):
     """The same product of f16 or bf16 operands on tensor cores: a 64 x (16 n_tiles) tile of C per block
     of four warps, each warp 32 x (8 n_tiles) of it as 2 x n_tiles tiles of gpu.mma_sync (m16n8k16, f32
     sums carried over K); the fragments come from the shared-memory slices (16 deep), by gpu.ldmatrix
-    for f16."""
+    for f16. Given the operands' addresses (`address_a/b`: rows of A along k and of B along n, whole
+    16-byte pieces), the slices arrive by gpu.copy_async into two stages: the next slice is in flight
+    while the tensor cores work on this one."""
+    address_a: Callable | None = None  # (builder, b, i, k) -> (buffer, indices) of A(b, i, k)
+    address_b: Callable | None = None  # (builder, b, k, j) -> (buffer, indices) of B(b, k, j)
     n_tiles: int = 2
     bm: int = 64
     bn: int = 32
@@ -169,9 +173,14 @@ class MmaGemm(GpuGemm):
     def threads(self) -> int:
         return 128
 
+    @property
+    def stages(self) -> int:
+        return 2 if self.address_a is not None else 1
+
     def kernel(self, b: Builder, bid, tid, tiles):
         L = self.L
-        a_tile, b_tile = self.shared(b, self.bm, self.bk, "a_tile"), self.shared(b, self.bk, self.bn, "b_tile")
+        a_tile = self.shared(b, self.stages * self.bm, self.bk, "a_tile")
+        b_tile = self.shared(b, self.stages * self.bk, self.bn, "b_tile")
         batch, row0, col0 = self.block_tile(b, bid, tiles)
         warp = L.op(b, "arith.div", tid, L.idx(32))
         lane = L.op(b, "arith.sub", tid, L.op(b, "arith.mul", warp, L.idx(32)))
@@ -199,27 +208,48 @@ class MmaGemm(GpuGemm):
             vt = VectorType((n,), self.element)
             return fb.create("vector.from_elements", [fb.create("mem.load", [tile, *p]).result for p in places], result_types=[vt]).result
 
-        def slice_of_k(sb, kt, *acc):
-            self.copy_slices(sb, tid, batch, row0, col0, L.op(sb, "arith.mul", kt, L.idx(self.bk)), a_tile, b_tile, True)
-            sb.create("gpu.barrier", [])
+        def products(sb, stage, acc):
+            """This warp's tiles of sums, from the slices in `stage`."""
+            a_base, b_base = L.op(sb, "arith.mul", stage, L.idx(self.bm)), L.op(sb, "arith.mul", stage, L.idx(self.bk))
             if self.element.name == "f16":  # ldmatrix: a warp's fragments in one instruction each
-                a = [sb.create("gpu.ldmatrix", [a_tile, at(sb, a_row, 16 * mi), a_col], {"count": 4},
+                rows, ks = L.op(sb, "arith.add", a_row, a_base), L.op(sb, "arith.add", b_row, b_base)
+                a = [sb.create("gpu.ldmatrix", [a_tile, at(sb, rows, 16 * mi), a_col], {"count": 4},
                                result_types=[VectorType((8,), self.element)]).result for mi in range(2)]
-                bs = [sb.create("gpu.ldmatrix", [b_tile, b_row, at(sb, warp_cols, 8 * ni)], {"count": 2, "transpose": True},
+                bs = [sb.create("gpu.ldmatrix", [b_tile, ks, at(sb, warp_cols, 8 * ni)], {"count": 2, "transpose": True},
                                 result_types=[VectorType((4,), self.element)]).result for ni in range(self.n_tiles)]
             else:  # (bf16 lives in 32-bit storage: element by element)
                 a = []
                 for mi in range(2):
-                    rows = L.op(sb, "arith.add", warp_rows, L.op(sb, "arith.add", g, L.idx(16 * mi)))
+                    rows = L.op(sb, "arith.add", a_base, L.op(sb, "arith.add", warp_rows, L.op(sb, "arith.add", g, L.idx(16 * mi))))
                     a.append(fragment(sb, a_tile, [(at(sb, rows, 8 * (i // 2 % 2)), at(sb, t2, i % 2 + 8 * (i // 4))) for i in range(8)], 8))
+                ks = L.op(sb, "arith.add", b_base, t2)
                 bs = []
                 for ni in range(self.n_tiles):
                     col = L.op(sb, "arith.add", warp_cols, L.op(sb, "arith.add", g, L.idx(8 * ni)))
-                    bs.append(fragment(sb, b_tile, [(at(sb, t2, i % 2 + 8 * (i // 2)), col) for i in range(4)], 4))
-            out = [sb.create("gpu.mma_sync", [a[mi], bs[ni], acc[mi * self.n_tiles + ni]], result_types=[f32]).result
-                   for mi in range(2) for ni in range(self.n_tiles)]
+                    bs.append(fragment(sb, b_tile, [(at(sb, ks, i % 2 + 8 * (i // 2)), col) for i in range(4)], 4))
+            return [sb.create("gpu.mma_sync", [a[mi], bs[ni], acc[mi * self.n_tiles + ni]], result_types=[f32]).result
+                    for mi in range(2) for ni in range(self.n_tiles)]
+
+        def slice_of_k(sb, kt, *acc):
+            if self.stages == 1:
+                self.copy_slices(sb, tid, batch, row0, col0, L.op(sb, "arith.mul", kt, L.idx(self.bk)), a_tile, b_tile, True)
+                sb.create("gpu.barrier", [])
+                stage = L.idx(0)
+            else:  # the next slice into the other stage, in flight; wait for this one
+                following = L.op(sb, "arith.add", kt, L.idx(1))
+                self.guarded(sb, L.op(sb, "arith.lt", following, self.k_tiles),
+                             lambda gb: self.issue(gb, tid, batch, row0, col0, following, a_tile, b_tile))
+                sb.create("gpu.async_commit", [])
+                sb.create("gpu.async_wait", [], {"pending": 1})
+                sb.create("gpu.barrier", [])
+                stage = L.op(sb, "arith.sub", kt, L.op(sb, "arith.mul", L.op(sb, "arith.div", kt, L.idx(2)), L.idx(2)))
+            out = products(sb, stage, acc)
             sb.create("gpu.barrier", [])
             return out
+        if self.stages == 2:
+            self.guarded(b, L.op(b, "arith.lt", L.idx(0), self.k_tiles),
+                         lambda gb: self.issue(gb, tid, batch, row0, col0, L.idx(0), a_tile, b_tile))
+            b.create("gpu.async_commit", [])
         acc = L.loop(b, L.idx(0), self.k_tiles, slice_of_k, carried=[sums] * (2 * self.n_tiles))
         for mi in range(2):
             for ni in range(self.n_tiles):
@@ -228,3 +258,47 @@ class MmaGemm(GpuGemm):
                     col = L.op(b, "arith.add", col0, L.op(b, "arith.add", warp_cols, L.op(b, "arith.add", t2, L.idx(8 * ni + i % 2))))
                     value = b.create("vector.extract", [acc[mi * self.n_tiles + ni]], {"position": i}).result
                     self.store_inside(b, batch, row, col, value)
+
+    def guarded(self, b: Builder, condition, body):
+        then, other = Block(), Block()
+        b.create("loop.if", [condition], regions=[Region([then]), Region([other])])
+        tb = Builder.at_end(then, self.L.module, b.loc)
+        body(tb)
+        tb.create("loop.yield", [])
+        Builder.at_end(other, self.L.module, b.loc).create("loop.yield", [])
+
+    def issue(self, b: Builder, tid, batch, row0, col0, kt, a_tile, b_tile):
+        """gpu.copy_async of slice kt of A and of B into stage kt % 2, in 16-byte pieces: each thread a
+        few; pieces past the edges are zeros (their addresses clamped, nothing read)."""
+        L = self.L
+        piece = 16 // self.element.np_dtype.itemsize
+        k0 = L.op(b, "arith.mul", kt, L.idx(self.bk))
+        stage = L.op(b, "arith.sub", kt, L.op(b, "arith.mul", L.op(b, "arith.div", kt, L.idx(2)), L.idx(2)))
+        last_piece_k = L.op(b, "arith.sub", self.k, L.idx(piece))
+        last_piece_n = L.op(b, "arith.sub", self.n, L.idx(piece))
+
+        def pieces(rows: int, cols: int, copy):
+            per_row = cols // piece
+            total = rows * per_row
+            for first in range(0, total, self.threads):
+                e = L.op(b, "arith.add", tid, L.idx(first))
+                r = L.op(b, "arith.div", e, L.idx(per_row))
+                c = L.op(b, "arith.mul", L.op(b, "arith.sub", e, L.op(b, "arith.mul", r, L.idx(per_row))), L.idx(piece))
+                if total - first < self.threads:
+                    self.guarded(b, L.op(b, "arith.lt", e, L.idx(total)), lambda gb, r=r, c=c: copy(gb, r, c))
+                else:
+                    copy(b, r, c)
+
+        def copy_a(cb, r, c):
+            i, k = L.op(cb, "arith.add", row0, r), L.op(cb, "arith.add", k0, c)
+            valid = L.op(cb, "arith.and", L.op(cb, "arith.lt", i, self.m), L.op(cb, "arith.lt", k, self.k))
+            src, where = self.address_a(cb, batch, L.op(cb, "arith.minimum", i, self.last_m), L.op(cb, "arith.minimum", k, last_piece_k))
+            cb.create("gpu.copy_async", [src, *where, a_tile, L.op(cb, "arith.add", L.op(cb, "arith.mul", stage, L.idx(self.bm)), r), c, valid])
+
+        def copy_b(cb, r, c):
+            k, j = L.op(cb, "arith.add", k0, r), L.op(cb, "arith.add", col0, c)
+            valid = L.op(cb, "arith.and", L.op(cb, "arith.lt", k, self.k), L.op(cb, "arith.lt", j, self.n))
+            src, where = self.address_b(cb, batch, L.op(cb, "arith.minimum", k, self.last_k), L.op(cb, "arith.minimum", j, last_piece_n))
+            cb.create("gpu.copy_async", [src, *where, b_tile, L.op(cb, "arith.add", L.op(cb, "arith.mul", stage, L.idx(self.bk)), r), c, valid])
+        pieces(self.bm, self.bk, copy_a)
+        pieces(self.bk, self.bn, copy_b)

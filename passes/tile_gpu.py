@@ -57,6 +57,10 @@ class TileGpu(Pass):
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, ranks)
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
         kind, tiles = (MmaGemm, {}) if c.type.element.name in ("f16", "bf16") else (GpuGemm, self.tiles())
+        piece = 16 // c.type.element.np_dtype.itemsize
+        if kind is MmaGemm and not ta and not tb and all(t.shape[-1] is not None and t.shape[-1] % piece == 0 for t in (a.type, b.type)):
+            tiles = {"address_a": lambda kb, _, i, k: (a, at_a + [i, k]), "address_b": lambda kb, _, k, j: (b, at_b + [k, j]),
+                     "n_tiles": 4, "bn": 64}  # (the copies leave registers for 2 x 4 tiles per warp)
         return kind(
             L.dim(c, ranks[2] - 2), L.dim(c, ranks[2] - 1), L.dim(a, ranks[0] - 2 if ta else ranks[0] - 1), L.idx(1),
             c.type.element,

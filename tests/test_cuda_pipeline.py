@@ -81,19 +81,41 @@ def test_row_reductions_run_a_warp_per_row(body, reference):
 @pytest.mark.parametrize("rows", [70, 5])
 def test_half_products_run_on_tensor_cores(rows, element):
     """A half-precision matmul stays half (tensor cores sum in f32, as widening means) and becomes tiles
-    of gpu.mma_sync; ragged rows, columns (48: one and a half 32-wide tiles) and a K of two slices."""
+    of gpu.mma_sync; ragged rows, columns (48 of a 64-wide tile) and a K of two slices."""
     from mlc.ir.types import ELEMENT_TYPES, round_to_element
     m = mlc.parse(f"""module {{ func.func @f(%a: tensor<?x32x{element}>, %b: tensor<32x48x{element}>) -> tensor<?x48x{element}> {{
       %c = mlc.matmul %a, %b : (tensor<?x32x{element}>, tensor<32x48x{element}>) -> tensor<?x48x{element}>
       return %c : tensor<?x48x{element}> }} }}""")
     lowered = mlc.run_passes(m.clone(), "cuda")
-    assert sum(op.name == "gpu.mma_sync" for op in lowered.walk()) == 4  # per warp: 2 x 2 tiles of 16 x 8
+    # rows of 32 and 48 are whole 16-byte pieces: slices arrive by copy_async, two stages, and each warp
+    # has registers for 2 x 4 tiles of 16 x 8
+    assert sum(op.name == "gpu.mma_sync" for op in lowered.walk()) == 8
+    assert any(op.name == "gpu.copy_async" for op in lowered.walk())
     rng = np.random.default_rng(rows)
     e = ELEMENT_TYPES[element]
     a, b = (round_to_element(rng.standard_normal(shape).astype(np.float32), e) for shape in ((rows, 32), (32, 48)))
     got = mlc.interpret(lowered, "f", a, b).astype(np.float32)
     want = round_to_element(a.astype(np.float64) @ b.astype(np.float64), e).astype(np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-2 if element == "bf16" else 2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("element", ["f16", "bf16"])
+@pytest.mark.parametrize("rows, depth, cols", [(70, 40, 40), (3, 8, 8), (130, 72, 96)])
+def test_pipelined_tensor_core_products_with_ragged_slices(element, rows, depth, cols):
+    """Batched, with a K that leaves the last 16-deep slice part empty (zero-filled pieces) and columns
+    past the tile's edge."""
+    from mlc.ir.types import ELEMENT_TYPES, round_to_element
+    e = element
+    m = mlc.parse(f"""module {{ func.func @f(%a: tensor<2x?x{depth}x{e}>, %b: tensor<{depth}x{cols}x{e}>) -> tensor<2x?x{cols}x{e}> {{
+      %c = mlc.matmul %a, %b : (tensor<2x?x{depth}x{e}>, tensor<{depth}x{cols}x{e}>) -> tensor<2x?x{cols}x{e}>
+      return %c : tensor<2x?x{cols}x{e}> }} }}""")
+    lowered = mlc.run_passes(m.clone(), "cuda")
+    assert any(op.name == "gpu.copy_async" for op in lowered.walk())
+    rng, t = np.random.default_rng(rows), ELEMENT_TYPES[e]
+    a = round_to_element(rng.standard_normal((2, rows, depth)).astype(np.float32), t)
+    b = round_to_element(rng.standard_normal((depth, cols)).astype(np.float32), t)
+    np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b).astype(np.float32), mlc.interpret(m, "f", a, b).astype(np.float32),
+                               rtol=1e-2, atol=2e-2)
 
 
 def test_f16_convolutions_run_on_tensor_cores():

@@ -362,3 +362,60 @@ def test_ldmatrix_loads_the_fragments_mma_sync_takes():
     c = rng.standard_normal((16, 8)).astype(np.float32)
     d = mlc.interpret(mlc.parse(LDMATRIX_MMA, "ldmatrix.ir"), "mma", a, b, c)
     np.testing.assert_allclose(d, a.astype(np.float64) @ b + c, rtol=1e-6, atol=1e-5)
+
+
+# Threads 0..15 copy 4 floats each into shared memory in the background; every thread then squares
+# the even elements.
+COPY_ASYNC = """func.func @k(%x: tensor<64xf32>) -> tensor<64xf32> {
+  %xb = mem.from_tensor %x : (tensor<64xf32>) -> memref<64xf32>
+  %yb = mem.alloc : memref<64xf32>
+  %one = arith.constant {value = 1 : index} : index
+  gpu.launch %one {block = [32]} : index {
+  ^bb0(%b: index, %t: index):
+    %tile = gpu.shared_alloc : memref<64xf32, shared>
+    %c4 = arith.constant {value = 4 : index} : index
+    %c16 = arith.constant {value = 16 : index} : index
+    %c2 = arith.constant {value = 2 : index} : index
+    %at = arith.mul %t, %c2 : (index, index) -> index
+    %lo = arith.lt %t, %c16 : (index, index) -> i1
+    %i = arith.mul %t, %c4 : (index, index) -> index
+    loop.if %lo : (i1) -> () {
+      %odd = arith.lt %t, %c2 : (index, index) -> i1
+      gpu.copy_async %xb, %i, %tile, %i, %lo : memref<64xf32>, index, memref<64xf32, shared>, index, i1
+      loop.yield
+    } {
+      loop.yield
+    }
+    gpu.async_commit
+    WAIT
+    gpu.barrier
+    %v = mem.load %tile, %at : (memref<64xf32, shared>, index) -> f32
+    %v2 = arith.mul %v, %v : (f32, f32) -> f32
+    mem.store %v2, %yb, %at : f32, memref<64xf32>, index
+    %at1 = arith.add %at, %one : (index, index) -> index
+    %w = mem.load %tile, %at1 : (memref<64xf32, shared>, index) -> f32
+    mem.store %w, %yb, %at1 : f32, memref<64xf32>, index
+    gpu.terminator
+  }
+  %y = mem.to_tensor %yb : (memref<64xf32>) -> tensor<64xf32>
+  return %y : tensor<64xf32>
+}
+"""
+
+
+def test_async_copies_land_at_the_wait():
+    x = np.arange(64, dtype=np.float32)
+    y = mlc.interpret(mlc.parse(COPY_ASYNC.replace("WAIT", "gpu.async_wait {pending = 0}"), "cp.ir"), "k", x)
+    want = x.copy()
+    want[0::2] **= 2
+    np.testing.assert_array_equal(y, want)
+    # without the wait the copies have not landed: shared memory still holds its NaNs
+    assert np.isnan(mlc.interpret(mlc.parse(COPY_ASYNC.replace("WAIT", ""), "cp.ir"), "k", x)).all()
+    # the wait makes them visible to the thread that copied; reading another's needs the barrier
+    assert "data race" in run_error_in(COPY_ASYNC.replace("WAIT", "gpu.async_wait {pending = 0}").replace("    gpu.barrier\n", ""))
+
+
+def run_error_in(text: str) -> str:
+    with pytest.raises(mlc.DiagnosticError) as e:
+        mlc.interpret(mlc.parse(text, "cp.ir"), "k", np.arange(64, dtype=np.float32))
+    return str(e.value)

@@ -116,14 +116,14 @@ def test_row_reductions_shuffle_and_products_tile_in_shared_memory(tmp_path):
 
 
 @needs_ptxas
-def test_tensor_core_tiles_assemble(tmp_path):
-    from test_gpu_dialect import LDMATRIX_MMA, MMA
-    for text in (MMA, LDMATRIX_MMA):
+def test_tensor_core_tiles_ldmatrix_and_async_copies_assemble(tmp_path):
+    from test_gpu_dialect import COPY_ASYNC, LDMATRIX_MMA, MMA
+    for text, instructions in ((MMA, ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"]),
+                               (LDMATRIX_MMA, ["ldmatrix.sync.aligned.m8n8.x4.shared.b16", "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16"]),
+                               (COPY_ASYNC.replace("WAIT", "gpu.async_wait {pending = 0}"), ["cp.async.cg.shared.global", "cp.async.commit_group"])):
         ptx, _ = compile_kernels(mlc.parse(text))
-        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx
+        assert all(i in ptx for i in instructions), instructions
         assemble(ptx, tmp_path)
-    assert "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16" in ptx
-
 
 @needs_ptxas
 @pytest.mark.parametrize("element", ["f16", "bf16"])
@@ -132,10 +132,11 @@ def test_half_products_assemble_to_mma_sync_without_spills(element, tmp_path):
       %c = mlc.matmul %a, %b : (tensor<?x64x{element}>, tensor<64x64x{element}>) -> tensor<?x64x{element}>
       return %c : tensor<?x64x{element}> }} }}"""))
     ptx, _ = compile_kernels(m)
-    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32") == 4
+    assert ptx.count(f"mma.sync.aligned.m16n8k16.row.col.f32.{element}.{element}.f32") == 8  # 2 x 4 tiles per warp
+    assert "cp.async.cg.shared.global" in ptx and re.search(r"cp\.async\.wait_group\s+1;", ptx)  # one slice in flight
     if element == "f16":  # fragments by ldmatrix (A: x4, B: x2 transposed, per tile)
         assert ptx.count("ldmatrix.sync.aligned.m8n8.x4.shared.b16") == 2
-        assert ptx.count("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16") == 2
+        assert ptx.count("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16") == 4
     report = assemble(ptx, tmp_path)
     assert " 0 bytes spill stores" in report and "used 1 barriers" in report
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..lockstep import WARP, Launch as LaunchRun
 from .mlc import RuntimeCheck
 from ..registry import PLACED, PURE, READS, TERMINATOR, Attr, OpDef, Terminator, VerifyError
-from ..types import ERROR, MemRefType, VectorType, f32, i32, index
+from ..types import ERROR, MemRefType, VectorType, f32, i1, i32, index
 
 MAX_THREADS = 1024
 
@@ -321,3 +321,93 @@ class LoadMatrix(OpDef):
                 r, c = (lane // 4, 2 * (lane % 4) + j) if not op.attr("transpose") else (2 * (lane % 4) + j, lane // 4)
                 out[2 * i + j] = rows[c, base + 8 * i + r]
         return out
+
+
+# --- asynchronous copies to shared memory -------------------------------------------------------------------
+
+class CopyAsync(OpDef):
+    """16 bytes from global to shared memory, in the background (cp.async): the elements from
+    %src[indices] on land at %dst[indices] on when a gpu.async_wait lets their group finish; until
+    then %dst holds what it held. Where %valid is false the destination gets zeros and %src is not read.
+
+        gpu.copy_async %a, %i, %k, %tile, %r, %c, %valid : memref<?x64xf16>, index, index, memref<64x16xf16, shared>, index, index, i1
+    """
+    name = "gpu.copy_async"
+    operands = (4, None)
+    results = 0
+    traits = {PLACED}
+    verify = staticmethod(_inside_launch)
+
+    @staticmethod
+    def split(items, src_rank: int):
+        """(src, its indices, dst, its indices, valid) of the op's operands (or their values)."""
+        return items[0], list(items[1:1 + src_rank]), items[1 + src_rank], list(items[2 + src_rank:-1]), items[-1]
+
+    @classmethod
+    def infer(cls, op, ctx):
+        types = op.operand_types
+        src = types[0]
+        if not isinstance(src, MemRefType) or src.space:
+            raise VerifyError(f"copies from a memref in global memory, got {src}")
+        if len(types) < src.rank + 3:
+            raise VerifyError(f"takes the source, {src.rank} indices, the destination, its indices and the valid flag")
+        _, src_at, dst, dst_at, valid = cls.split(types, src.rank)
+        if not isinstance(dst, MemRefType) or dst.space != "shared" or dst.element != src.element:
+            raise VerifyError(f"copies into a memref of {src.element} in shared memory, got {dst}")
+        if len(dst_at) != dst.rank or any(t != index for t in src_at + dst_at) or valid != i1:
+            raise VerifyError("takes an index per dim of the source and of the destination, then an i1")
+        return []
+
+    @staticmethod
+    def elements(op) -> int:
+        return 16 // op.operand_types[0].element.np_dtype.itemsize
+
+    @classmethod
+    def interpret_lanes(cls, ins, op, block):
+        src, src_at, dst, dst_at, valid = cls.split(ins, op.operand_types[0].rank)
+        running = block.mask & np.broadcast_to(np.asarray(valid, bool), (block.size,))
+        block.async_copies.append((op, block.mask.copy(), running, src, [np.broadcast_to(v, (block.size,)).copy() for v in src_at],
+                                   dst, [np.broadcast_to(v, (block.size,)).copy() for v in dst_at]))
+        return []
+
+
+class AsyncCommit(OpDef):
+    """Closes the group of this thread's gpu.copy_async ops issued since the last commit."""
+    name = "gpu.async_commit"
+    results = 0
+    traits = {PLACED}
+    verify = staticmethod(_inside_launch)
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        block.async_groups.append(block.async_copies)
+        block.async_copies = []
+        return []
+
+
+class AsyncWait(OpDef):
+    """Waits until at most `pending` committed groups of copies are still in flight: the older ones
+    have landed (visible to this thread; to others after a gpu.barrier)."""
+    name = "gpu.async_wait"
+    results = 0
+    traits = {PLACED}
+    attrs = {"pending": Attr("int", 0)}
+    verify = staticmethod(_inside_launch)
+
+    @staticmethod
+    def interpret_lanes(ins, op, block):
+        keep = op.attr("pending")
+        finished = block.async_groups[:len(block.async_groups) - keep] if keep else block.async_groups
+        block.async_groups = block.async_groups[len(finished):]
+        outer = block.mask
+        try:
+            for group in finished:
+                for copy, issued, running, src, src_at, dst, dst_at in group:
+                    n = CopyAsync.elements(copy)
+                    block.mask = running
+                    values = block.load(copy, src, src_at, lanes=n, space="") if running.any() else np.zeros((n, block.size), src.dtype)
+                    block.mask = issued
+                    block.store(copy, np.where(running, values, 0).astype(dst.dtype), dst, dst_at, lanes=n, space="shared")
+        finally:
+            block.mask = outer
+        return []
