@@ -223,40 +223,31 @@ def _reduce_row(L, b, op, row_sizes, outer_ivs, value, stash, out):
 
 @rule("mlc.cross_entropy")
 def cross_entropy(L: FunctionLowering, op: Operation):
-    """Per row: log(sum(exp(x - max))) + max - x[label]; then the mean over rows."""
+    """Per row, in parallel: log(sum(exp(x - max))) + max - x[label], the max and the sum each carried
+    in a register over the row (a warp per row on a GPU); then the mean of the rows' losses."""
     x, labels = (L.buffers[v] for v in op.operands)
     if x.type.rank != 2:
         raise error(op.loc, "cannot lower cross_entropy over more than 2 dims to loops yet", op.name)
     e = x.type.element
     n, c = L.dims(x)
-    out = L.alloc(op.results[0].type, [], op.results[0].name_hint)
-    b = L.b
-    b.create("mem.store", [L.const(b, 0, e), out])
-    scratch = L.alloc(TensorType((2,), e), [])  # running max, running sum for one row
+    losses = L.alloc(TensorType((x.type.shape[0],), e), [n])
 
     def row(b, ivs):
         i = ivs[0]
-        b.create("mem.store", [b.create("mem.load", [x, i, L.idx(0)]).result, scratch, L.idx(0)])
-        b.create("mem.store", [L.const(b, 0, e), scratch, L.idx(1)])
+        biggest = L.loop(b, L.idx(0), c, lambda jb, j, m: [jb.create("arith.maximum", [m, jb.create("mem.load", [x, i, j]).result],
+                                                                     {"reassoc": True}).result],
+                         carried=[L.const(b, float("-inf"), e)])[0]
 
-        def find_max(ib, js):
-            m = ib.create("mem.load", [scratch, L.idx(0)]).result
-            v = ib.create("mem.load", [x, i, js[0]]).result
-            ib.create("mem.store", [L.op(ib, "arith.maximum", m, v), scratch, L.idx(0)])
-        L.nest([c], find_max, parallel=False, b=b)
-        m = b.create("mem.load", [scratch, L.idx(0)]).result
-
-        def add_exp(ib, js):
-            s = ib.create("mem.load", [scratch, L.idx(1)]).result
-            v = ib.create("mem.load", [x, i, js[0]]).result
-            ib.create("mem.store", [L.op(ib, "arith.add", s, L.op(ib, "arith.exp", L.op(ib, "arith.sub", v, m))), scratch, L.idx(1)])
-        L.nest([c], add_exp, parallel=False, b=b)
+        def add_exp(jb, j, s):
+            shifted = L.op(jb, "arith.sub", jb.create("mem.load", [x, i, j]).result, biggest)
+            return [jb.create("arith.add", [s, L.op(jb, "arith.exp", shifted)], {"reassoc": True}).result]
+        total = L.loop(b, L.idx(0), c, add_exp, carried=[L.const(b, 0, e)])[0]
         label = as_index(L, b, b.create("mem.load", [labels, i]).result)
         picked = b.create("mem.load", [x, i, label]).result
-        s = b.create("mem.load", [scratch, L.idx(1)]).result
-        loss = L.op(b, "arith.sub", L.op(b, "arith.add", L.op(b, "arith.log", s), m), picked)
-        b.create("mem.store", [L.op(b, "arith.add", b.create("mem.load", [out]).result, loss), out])
-    L.nest([n], row, parallel=False)
-    count = L.b.create("arith.cast", [n], result_types=[e]).result
-    L.b.create("mem.store", [L.op(L.b, "arith.div", L.b.create("mem.load", [out]).result, count), out])
+        b.create("mem.store", [L.op(b, "arith.sub", L.op(b, "arith.add", L.op(b, "arith.log", total), biggest), picked), losses, i])
+    L.nest([n], row)
+    out = L.alloc(op.results[0].type, [], op.results[0].name_hint)
+    mean = L.loop(L.b, L.idx(0), n, lambda rb, i, s: [L.op(rb, "arith.add", s, rb.create("mem.load", [losses, i]).result)],
+                  carried=[L.const(L.b, 0, e)])[0]
+    L.b.create("mem.store", [L.op(L.b, "arith.div", mean, L.b.create("arith.cast", [n], result_types=[e]).result), out])
     return [out]
