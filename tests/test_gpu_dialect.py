@@ -193,6 +193,26 @@ def test_memory_spaces_print_and_parse():
 
 # One warp's m16n8k16 tile, each fragment element loaded from where the PTX ISA places it (written out
 # here by hand, independently of the interpreter's tables).
+MMA_TAIL = """    %c0v = mem.load %cb, %g, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c1v = mem.load %cb, %g, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %c2v = mem.load %cb, %g8, %t2 : (memref<16x8xf32>, index, index) -> f32
+    %c3v = mem.load %cb, %g8, %t21 : (memref<16x8xf32>, index, index) -> f32
+    %cv = vector.from_elements %c0v, %c1v, %c2v, %c3v : (f32, f32, f32, f32) -> vector<4xf32>
+    %dv = gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
+    %d0 = vector.extract %dv {position = 0} : (vector<4xf32>) -> f32
+    %d1 = vector.extract %dv {position = 1} : (vector<4xf32>) -> f32
+    %d2 = vector.extract %dv {position = 2} : (vector<4xf32>) -> f32
+    %d3 = vector.extract %dv {position = 3} : (vector<4xf32>) -> f32
+    mem.store %d0, %db, %g, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d1, %db, %g, %t21 : f32, memref<16x8xf32>, index, index
+    mem.store %d2, %db, %g8, %t2 : f32, memref<16x8xf32>, index, index
+    mem.store %d3, %db, %g8, %t21 : f32, memref<16x8xf32>, index, index
+    gpu.terminator
+  }
+  %d = mem.to_tensor %db : (memref<16x8xf32>) -> tensor<16x8xf32>
+  return %d : tensor<16x8xf32>
+}
+"""
 MMA = """func.func @mma(%a: tensor<16x16xf16>, %b: tensor<16x8xf16>, %c: tensor<16x8xf32>) -> tensor<16x8xf32> {
   %ab = mem.from_tensor %a : (tensor<16x16xf16>) -> memref<16x16xf16>
   %bb = mem.from_tensor %b : (tensor<16x8xf16>) -> memref<16x8xf16>
@@ -227,26 +247,7 @@ MMA = """func.func @mma(%a: tensor<16x16xf16>, %b: tensor<16x8xf16>, %c: tensor<
     %b2 = mem.load %bb, %t28, %g : (memref<16x8xf16>, index, index) -> f16
     %b3 = mem.load %bb, %t218, %g : (memref<16x8xf16>, index, index) -> f16
     %bv = vector.from_elements %b0, %b1, %b2, %b3 : (f16, f16, f16, f16) -> vector<4xf16>
-    %c0v = mem.load %cb, %g, %t2 : (memref<16x8xf32>, index, index) -> f32
-    %c1v = mem.load %cb, %g, %t21 : (memref<16x8xf32>, index, index) -> f32
-    %c2v = mem.load %cb, %g8, %t2 : (memref<16x8xf32>, index, index) -> f32
-    %c3v = mem.load %cb, %g8, %t21 : (memref<16x8xf32>, index, index) -> f32
-    %cv = vector.from_elements %c0v, %c1v, %c2v, %c3v : (f32, f32, f32, f32) -> vector<4xf32>
-    %dv = gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
-    %d0 = vector.extract %dv {position = 0} : (vector<4xf32>) -> f32
-    %d1 = vector.extract %dv {position = 1} : (vector<4xf32>) -> f32
-    %d2 = vector.extract %dv {position = 2} : (vector<4xf32>) -> f32
-    %d3 = vector.extract %dv {position = 3} : (vector<4xf32>) -> f32
-    mem.store %d0, %db, %g, %t2 : f32, memref<16x8xf32>, index, index
-    mem.store %d1, %db, %g, %t21 : f32, memref<16x8xf32>, index, index
-    mem.store %d2, %db, %g8, %t2 : f32, memref<16x8xf32>, index, index
-    mem.store %d3, %db, %g8, %t21 : f32, memref<16x8xf32>, index, index
-    gpu.terminator
-  }
-  %d = mem.to_tensor %db : (memref<16x8xf32>) -> tensor<16x8xf32>
-  return %d : tensor<16x8xf32>
-}
-"""
+""" + MMA_TAIL
 
 
 def test_mma_sync_multiplies_a_tile_with_the_ptx_fragment_layout():
@@ -334,26 +335,7 @@ LDMATRIX_MMA = """func.func @mma(%a: tensor<16x16xf16>, %b: tensor<16x8xf16>, %c
     %t2 = arith.mul %t, %c2 : (index, index) -> index
     %t21 = arith.add %t2, %c1 : (index, index) -> index
     %g8 = arith.add %g, %c8 : (index, index) -> index
-    %c0v = mem.load %cb, %g, %t2 : (memref<16x8xf32>, index, index) -> f32
-    %c1v = mem.load %cb, %g, %t21 : (memref<16x8xf32>, index, index) -> f32
-    %c2v = mem.load %cb, %g8, %t2 : (memref<16x8xf32>, index, index) -> f32
-    %c3v = mem.load %cb, %g8, %t21 : (memref<16x8xf32>, index, index) -> f32
-    %cv = vector.from_elements %c0v, %c1v, %c2v, %c3v : (f32, f32, f32, f32) -> vector<4xf32>
-    %dv = gpu.mma_sync %av, %bv, %cv : (vector<8xf16>, vector<4xf16>, vector<4xf32>) -> vector<4xf32>
-    %d0 = vector.extract %dv {position = 0} : (vector<4xf32>) -> f32
-    %d1 = vector.extract %dv {position = 1} : (vector<4xf32>) -> f32
-    %d2 = vector.extract %dv {position = 2} : (vector<4xf32>) -> f32
-    %d3 = vector.extract %dv {position = 3} : (vector<4xf32>) -> f32
-    mem.store %d0, %db, %g, %t2 : f32, memref<16x8xf32>, index, index
-    mem.store %d1, %db, %g, %t21 : f32, memref<16x8xf32>, index, index
-    mem.store %d2, %db, %g8, %t2 : f32, memref<16x8xf32>, index, index
-    mem.store %d3, %db, %g8, %t21 : f32, memref<16x8xf32>, index, index
-    gpu.terminator
-  }
-  %d = mem.to_tensor %db : (memref<16x8xf32>) -> tensor<16x8xf32>
-  return %d : tensor<16x8xf32>
-}
-"""
+""" + MMA_TAIL
 
 
 def test_ldmatrix_loads_the_fragments_mma_sync_takes():
