@@ -49,6 +49,7 @@ class GpuExecutable:
         self._device = device
         self._device_globals: dict | None = None
         self.mirrors: dict = {}  # global -> the host array bound to it (bind_global), kept up to date
+        self.constants: dict = {}  # id(mlc.constant op) -> its value on the device
         self.globals = GlobalsView(self)
         self.functions = {name: GpuFunction(self, name) for name, f in module.functions.items() if not f.is_private}
 
@@ -203,8 +204,11 @@ class HostRun:
             if ins[0] is not target:
                 self.device.copy(target, ins[0])
             return []
-        if name == "mlc.constant":
-            return [self.device.upload(np.asarray(op.attr("value")))]
+        if name == "mlc.constant":  # uploaded once, kept on the device with the globals
+            held = self.exe.constants.get(id(op))
+            if held is None:
+                held = self.exe.constants[id(op)] = self.device.upload(np.asarray(op.attr("value")))
+            return [held]
         if name == "mem.alloc":
             t = op.results[0].type
             sizes = iter(int(v) for v in ins)
