@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mlc {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
+    i = sub.add_parser("import", help="an ONNX model as IR", description="Import FILE (.onnx) as an mlc module: @main takes the "
+                       "graph's inputs and returns its outputs; initializers become (trainable) globals.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("-o", "--output", metavar="OUT.ir", help="where the IR goes (default: standard output)")
+    i.set_defaults(func=cmd_import)
+
     v = sub.add_parser("verify", help="parse and verify an .ir file", description="Parse and verify FILE; print nothing when it is valid.")
     v.add_argument("file", metavar="FILE")
     v.set_defaults(func=cmd_verify)
@@ -149,11 +155,28 @@ def optimizer_options(args):
 # --- commands -------------------------------------------------------------------------------------------
 
 def load_module(path):
-    """An .ir file, or standard input for '-' (as mlir-opt)."""
+    """An .ir file, an ONNX model (.onnx), or standard input for '-' (as mlir-opt)."""
     from mlc.api import load, parse
     if path == "-":
         return parse(sys.stdin.buffer.read().decode("utf-8", errors="replace"), "<stdin>")
+    if str(path).endswith(".onnx"):
+        return import_onnx(path)
     return load(path)
+
+
+def import_onnx(path):
+    try:
+        from mlc import onnx as mlc_onnx
+        return mlc_onnx.load(path)
+    except ImportError:
+        raise error(Location(str(path), 0, 0), "reading ONNX needs the onnx package (pip install 'mlc[onnx]')") from None
+    except NotImplementedError as e:
+        raise error(Location(str(path), 0, 0), str(e)) from None
+
+
+def cmd_import(args):
+    from mlc.ir.printer import print_module
+    return emit_text(print_module(import_onnx(args.file)), args.output)
 
 
 def cmd_verify(args):

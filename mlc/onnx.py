@@ -1,0 +1,434 @@
+"""mlc.onnx: ONNX models as mlc modules, to run, compile and fine-tune.
+
+    m = mlc.onnx.load("model.onnx")        # a path, bytes or an onnx.ModelProto -> a verified Module
+    mlc.compile(m)["main"](x)
+
+The graph becomes `@main`: its inputs that are not initializers are the arguments, in order, and its
+outputs the results. Initializers become mlc.globals (floating-point ones trainable), read where a
+node uses them as a tensor, and constants where it needs their value (a Reshape's shape). A node
+whose inputs are all known is evaluated at import (onnx's reference implementation), so shape
+subgraphs fold away when the shapes are known. Every other node goes through the converter registered
+for its op type (`@converts`), which builds mlc ops with the opset of the node's domain; each op is
+located at `model.onnx:<node name>`. A node no converter takes raises NotImplementedError naming its
+op type, domain, opset and name. Needs the `onnx` package (the `onnx` extra).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from mlc.ir.attributes import BoolAttr, DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
+from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
+from mlc.ir.diagnostics import Location, error
+from mlc.ir.registry import VerifyError
+from mlc.ir.types import FunctionType, TensorType, element_of
+from mlc.ir.verifier import verify
+from mlc.passes.builder import OpBuilder
+
+CONVERTERS: dict = {}
+
+
+def converts(*op_types):
+    """Registers fn(graph, node, inputs: list[str], attrs: dict) -> list of output Values."""
+    def register(fn):
+        for t in op_types:
+            CONVERTERS[t] = fn
+        return fn
+    return register
+
+
+def load(model, name: str | None = None) -> Module:
+    """A verified Module from an ONNX model: a path, its bytes or an onnx.ModelProto."""
+    import onnx
+    where = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model.onnx")
+    try:
+        if isinstance(model, (str, os.PathLike)):
+            model = onnx.load(str(model))
+        elif isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        onnx.checker.check_model(model)
+    except FileNotFoundError:
+        raise error(Location(where, 0, 0), "no such file") from None
+    except Exception as e:  # onnx's checker and parser raise their own types
+        raise error(Location(where, 0, 0), f"not a valid ONNX model: {str(e).splitlines()[0]}") from None
+    return verify(Graph(model, where).module)
+
+
+def _name(text: str) -> str:
+    """An IR value or symbol name from an ONNX name."""
+    clean = re.sub(r"[^A-Za-z0-9_$.\-]", "_", text)
+    return clean if clean and not clean[0].isdigit() else "v" + clean
+
+
+def _element(elem_type: int):
+    import onnx
+    try:
+        return element_of(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)))
+    except (KeyError, ValueError, TypeError):
+        raise NotImplementedError(f"ONNX element type {onnx.TensorProto.DataType.Name(elem_type)} is not supported") from None
+
+
+def _tensor_type(value_info) -> TensorType:
+    t = value_info.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return TensorType(dims, _element(t.elem_type))
+
+
+class Graph:
+    """One import: the module being built, the IR value (or the known value) of each ONNX name."""
+
+    def __init__(self, model, where: str):
+        import onnx
+        from onnx import numpy_helper
+        self.where = where
+        self.opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+        self.module = Module(_name(model.graph.name or "model"))
+        graph = model.graph
+        self.known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        self.values: dict[str, Value] = {}
+        self.initializers = set(self.known)
+        inputs = [i for i in graph.input if i.name not in self.initializers]
+        arg_types = [_tensor_type(i) for i in inputs]
+        self.func = FuncOp.build("main", arg_types, [], [_name(i.name) for i in inputs], loc=Location(where, 0, 0))
+        self.module.body.append(self.func)
+        self.values.update(zip((i.name for i in inputs), self.func.args))
+        self.b = Builder.at_end(self.func.body, self.module, Location(where, 0, 0))
+        self.d = OpBuilder(self.b)
+        self.onnx = onnx
+        for node in graph.node:
+            self.node(node)
+        results = [self.tensor(o.name) for o in graph.output]
+        self.b.loc = Location(where, 0, 0)
+        self.b.create("func.return", results)
+        self.func.attributes["function_type"] = TypeAttr(FunctionType(tuple(arg_types), tuple(v.type for v in results)))
+
+    # --- values ---------------------------------------------------------------------------------------------
+    def tensor(self, name: str) -> Value:
+        """The IR value of an ONNX name: an argument, a node's result, a global (an initializer) or a
+        constant (a value known at import)."""
+        if name in self.values:
+            return self.values[name]
+        if name in self.initializers:
+            array = self.known[name]
+            t = TensorType(array.shape, element_of(array.dtype))
+            symbol = _name(name)
+            decl = create_op("mlc.global", attributes={"sym_name": StringAttr(symbol), "type": TypeAttr(t), "init": DenseAttr(array, t),
+                                                       **({"trainable": BoolAttr(True)} if t.element.is_float else {})},
+                             loc=Location(self.where, 0, 0))
+            self.module.body.insert_before(self.func, decl)
+            top = Builder(self.func.body, self.func.body.first, self.module)
+            value = top.create("mlc.global_load", [], {"global": SymbolRefAttr(symbol)}, [t], name_hint=symbol).result
+        elif name in self.known:
+            value = self.d.const(np.ascontiguousarray(self.known[name]))
+        else:
+            raise KeyError(name)
+        self.values[name] = value
+        return value
+
+    def const(self, name: str, node, what: str) -> np.ndarray:
+        """A value the converter needs at import (a shape, axes)."""
+        if name in self.known:
+            return self.known[name]
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': its {what} ('{name}') must be known at import")
+
+    # --- nodes ----------------------------------------------------------------------------------------------
+    def node(self, node):
+        domain = node.domain or "ai.onnx"
+        opset = self.opsets.get(domain, 0)
+        where = Location(f"{self.where}:{node.name or node.op_type}", 0, 0)
+        present = [i for i in node.input if i]
+        if present and all(i in self.known for i in node.input if i) and domain == "ai.onnx" and node.op_type != "Constant":
+            self.fold(node)
+            return
+        if node.op_type == "Shape" and node.input[0] in self.values and self.values[node.input[0]].type.is_static:
+            start, end = self.attrs(node).get("start", 0), self.attrs(node).get("end", None)
+            self.known[node.output[0]] = np.array(self.values[node.input[0]].type.shape[start:end], np.int64)
+            return
+        convert = CONVERTERS.get(node.op_type) if domain == "ai.onnx" else None
+        if convert is None:
+            raise NotImplementedError(f"ONNX op {node.op_type} (domain {domain}, opset {opset}) of node '{node.name}' cannot be imported yet")
+        self.b.loc = where
+        self.opset = opset
+        try:
+            outputs = convert(self, node, list(node.input), self.attrs(node))
+        except VerifyError as e:  # what the node asks for, mlc's op does not express (yet)
+            raise NotImplementedError(f"ONNX op {node.op_type} (opset {opset}) of node '{node.name}': {e}") from None
+        for name, value in zip(node.output, outputs):
+            if name and value is not None:
+                if isinstance(value, np.ndarray):
+                    self.known[name] = value
+                else:
+                    value.name_hint = _name(name)
+                    self.values[name] = value
+
+    def attrs(self, node) -> dict:
+        out = {}
+        for a in node.attribute:
+            v = self.onnx.helper.get_attribute_value(a)
+            out[a.name] = v.decode() if isinstance(v, bytes) else v
+        return out
+
+    def fold(self, node):
+        """A node of known inputs, evaluated now by onnx's reference implementation."""
+        from onnx.reference import ReferenceEvaluator
+        helper = self.onnx.helper
+        inputs = [i for i in node.input if i]
+        graph = helper.make_graph([node], "fold", [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(self.known[i].dtype),
+                                                                                 self.known[i].shape) for i in inputs],
+                                  [helper.make_tensor_value_info(o, 0, None) for o in node.output if o])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opsets.get("ai.onnx", 13))])
+        results = ReferenceEvaluator(model).run(None, {i: self.known[i] for i in inputs})
+        for name, value in zip([o for o in node.output if o], results):
+            self.known[name] = np.asarray(value)
+
+
+# --- converters ---------------------------------------------------------------------------------------------
+
+UNARY = {"Abs": "abs", "Neg": "neg", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Relu": "relu", "Sigmoid": "sigmoid",
+         "Tanh": "tanh", "Erf": "erf", "Floor": "floor", "Sin": "sin", "Cos": "cos", "Reciprocal": "reciprocal",
+         "Sign": "sign", "Not": "not"}
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "eq", "Less": "lt",
+          "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge", "And": "and", "Or": "or"}
+VARIADIC = {"Sum": "add", "Max": "maximum", "Min": "minimum"}
+
+
+@converts(*UNARY)
+def _unary(g, node, ins, attrs):
+    return [g.d("mlc." + UNARY[node.op_type], g.tensor(ins[0]))]
+
+
+@converts(*BINARY)
+def _binary(g, node, ins, attrs):
+    a, b = g.tensor(ins[0]), g.tensor(ins[1])
+    if node.op_type == "Pow" and b.type.element != a.type.element:  # an exponent of another type
+        b = g.d("mlc.cast", b, result_type=b.type.with_element(a.type.element))
+    if g.opset < 7 or (node.op_type in ("Div", "Pow") and not a.type.element.is_float):
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': legacy broadcasting or integer {node.op_type} is not imported")
+    return [g.d("mlc." + BINARY[node.op_type], a, b)]
+
+
+@converts(*VARIADIC)
+def _variadic(g, node, ins, attrs):
+    out = g.tensor(ins[0])
+    for name in ins[1:]:
+        out = g.d("mlc." + VARIADIC[node.op_type], out, g.tensor(name))
+    return [out]
+
+
+@converts("Identity", "Dropout")
+def _identity(g, node, ins, attrs):
+    if node.op_type == "Dropout":
+        training = len(ins) > 2 and ins[2] and bool(g.const(ins[2], node, "training_mode"))
+        if training or attrs.get("is_test", 1) == 0 or len([o for o in node.output if o]) > 1:
+            raise NotImplementedError(f"Dropout node '{node.name}': training mode and the mask output are not imported")
+    return [g.tensor(ins[0])]
+
+
+@converts("Where")
+def _where(g, node, ins, attrs):
+    return [g.d("mlc.select", *(g.tensor(i) for i in ins))]
+
+
+@converts("MatMul")
+def _matmul(g, node, ins, attrs):
+    return [g.d("mlc.matmul", g.tensor(ins[0]), g.tensor(ins[1]))]
+
+
+@converts("Gemm")
+def _gemm(g, node, ins, attrs):
+    a, b = g.tensor(ins[0]), g.tensor(ins[1])
+    a = g.d.swap_last(a) if attrs.get("transA") else a
+    b = g.d.swap_last(b) if attrs.get("transB") else b
+    y = g.d("mlc.matmul", a, b)
+    if attrs.get("alpha", 1.0) != 1.0:
+        y = g.d("mlc.mul", y, g.d.scalar(attrs["alpha"], y))
+    if len(ins) > 2 and ins[2]:
+        c = g.tensor(ins[2])
+        if attrs.get("beta", 1.0) != 1.0:
+            c = g.d("mlc.mul", c, g.d.scalar(attrs["beta"], c))
+        y = g.d("mlc.add", y, c)
+    return [y]
+
+
+@converts("Softmax", "LogSoftmax")
+def _softmax(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    name = "mlc.softmax" if node.op_type == "Softmax" else "mlc.log_softmax"
+    if g.opset >= 13:
+        return [g.d(name, x, axis=attrs.get("axis", -1))]
+    axis = attrs.get("axis", 1) % max(x.type.rank, 1)  # before 13: over the dims from axis on, flattened
+    if axis == x.type.rank - 1:
+        return [g.d(name, x, axis=-1)]
+    if not x.type.is_static:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}' (opset {g.opset}, axis {axis}) needs static shapes")
+    rows = int(np.prod(x.type.shape[:axis]))
+    flat = g.d.reshape(x, (rows, int(np.prod(x.type.shape[axis:]))))
+    return [g.d.reshape(g.d(name, flat, axis=-1), x.type.shape)]
+
+
+def _reshaped(g, x: Value, shape) -> Value:
+    return g.d("mlc.reshape", x, result_type=x.type.with_shape(tuple(shape)))
+
+
+@converts("Reshape")
+def _reshape(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    shape = [int(v) for v in g.const(ins[1], node, "shape")]
+    if attrs.get("allowzero", 0):
+        raise NotImplementedError(f"Reshape node '{node.name}' with allowzero=1 is not imported")
+    dims = [x.type.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+    if -1 in dims:
+        known = [d for d in dims if d != -1]
+        total = None if None in x.type.shape or None in known else int(np.prod(x.type.shape))
+        dims[dims.index(-1)] = None if total is None else total // max(int(np.prod(known)), 1)
+    return [_reshaped(g, x, dims)]
+
+
+@converts("Flatten")
+def _flatten(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    axis = attrs.get("axis", 1)
+    axis = axis + x.type.rank if axis < 0 else axis
+
+    def product(dims):
+        return None if None in dims else int(np.prod(dims))
+    return [_reshaped(g, x, (product(x.type.shape[:axis]), product(x.type.shape[axis:])))]
+
+
+@converts("Unsqueeze", "Squeeze")
+def _squeeze(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    axes = attrs.get("axes") if g.opset < 13 else (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None)
+    if node.op_type == "Unsqueeze":
+        rank = x.type.rank + len(axes)
+        axes = sorted(int(a) % rank for a in axes)
+        dims = list(x.type.shape)
+        for a in axes:
+            dims.insert(a, 1)
+    else:
+        axes = [int(a) % x.type.rank for a in axes] if axes is not None else [i for i, d in enumerate(x.type.shape) if d == 1]
+        dims = [d for i, d in enumerate(x.type.shape) if i not in axes]
+    return [_reshaped(g, x, dims)]
+
+
+@converts("Transpose")
+def _transpose(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    return [g.d("mlc.transpose", x, perm=list(attrs.get("perm", range(x.type.rank - 1, -1, -1))))]
+
+
+@converts("Concat")
+def _concat(g, node, ins, attrs):
+    return [g.d("mlc.concat", *(g.tensor(i) for i in ins), axis=attrs["axis"])]
+
+
+@converts("Cast")
+def _cast(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    return [g.d("mlc.cast", x, result_type=x.type.with_element(_element(attrs["to"])))]
+
+
+@converts("Clip")
+def _clip(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if g.opset < 11:
+        low, high = attrs.get("min"), attrs.get("max")
+    else:
+        low = float(g.const(ins[1], node, "min")) if len(ins) > 1 and ins[1] else None
+        high = float(g.const(ins[2], node, "max")) if len(ins) > 2 and ins[2] else None
+    bounds = {k: v for k, v in (("min", low), ("max", high)) if v is not None}
+    return [g.d("mlc.clamp", x, **bounds) if bounds else x]
+
+
+@converts("LeakyRelu")
+def _leaky_relu(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    return [g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(0, x)), x, g.d("mlc.mul", x, g.d.scalar(attrs.get("alpha", 0.01), x)))]
+
+
+@converts("Gelu")
+def _gelu(g, node, ins, attrs):
+    return [g.d("mlc.gelu", g.tensor(ins[0]), approximate=attrs.get("approximate", "none"))]
+
+
+@converts("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")
+def _reduce(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    axes_as_input = (node.op_type == "ReduceSum" and g.opset >= 13) or g.opset >= 18
+    axes = (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None) if axes_as_input else attrs.get("axes")
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(x.type.rank))
+    name = "mlc.reduce_" + node.op_type[len("Reduce"):].lower()
+    return [g.d(name, x, axes=[int(a) % x.type.rank for a in axes], keepdims=bool(attrs.get("keepdims", 1)))]
+
+
+@converts("GlobalAveragePool", "GlobalMaxPool")
+def _global_pool(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    name = "mlc.reduce_mean" if node.op_type == "GlobalAveragePool" else "mlc.reduce_max"
+    return [g.d(name, x, axes=list(range(2, x.type.rank)), keepdims=True)]
+
+
+def _window(g, node, attrs, x: Value) -> tuple:
+    """(strides, pads [top, left, bottom, right], dilations) of a 2-d convolution or pool."""
+    if x.type.rank != 4:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': only 2-d (NCHW) windows are imported")
+    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': auto_pad {attrs['auto_pad']} is not imported")
+    return list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0, 0, 0, 0])), list(attrs.get("dilations", [1, 1]))
+
+
+@converts("Conv")
+def _conv(g, node, ins, attrs):
+    x, w = g.tensor(ins[0]), g.tensor(ins[1])
+    strides, pads, dilations = _window(g, node, attrs, x)
+    y = g.d("mlc.conv2d", x, w, stride=strides, padding=pads, dilation=dilations, groups=attrs.get("group", 1))
+    if len(ins) > 2 and ins[2]:
+        bias = g.tensor(ins[2])
+        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0], 1, 1)))
+    return [y]
+
+
+@converts("MaxPool", "AveragePool")
+def _pool(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    strides, pads, dilations = _window(g, node, attrs, x)
+    if dilations != [1, 1] or attrs.get("ceil_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': dilations, ceil_mode and indices are not imported")
+    extra = {"count_include_pad": bool(attrs.get("count_include_pad", 0))} if node.op_type == "AveragePool" else {}
+    name = "mlc.max_pool2d" if node.op_type == "MaxPool" else "mlc.avg_pool2d"
+    return [g.d(name, x, kernel=list(attrs["kernel_shape"]), stride=strides, padding=pads, **extra)]
+
+
+@converts("BatchNormalization")
+def _batch_norm(g, node, ins, attrs):
+    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
+        raise NotImplementedError(f"BatchNormalization node '{node.name}' in training mode is not imported")
+    x, scale, bias, mean, var = (g.tensor(i) for i in ins[:5])
+    per_channel = (x.type.shape[1],) + (1,) * (x.type.rank - 2)
+    scale, bias, mean, var = (g.d.reshape(v, per_channel) for v in (scale, bias, mean, var))
+    inv = g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))
+    return [g.d("mlc.add", g.d("mlc.mul", g.d("mlc.mul", g.d("mlc.sub", x, mean), inv), scale), bias)]
+
+
+@converts("Gather")
+def _gather(g, node, ins, attrs):
+    x, index = g.tensor(ins[0]), g.tensor(ins[1])
+    axis = attrs.get("axis", 0) % x.type.rank
+    if x.type.shape[axis] is not None:  # negative indices count from the end
+        size = g.d.scalar(x.type.shape[axis], index)
+        index = g.d("mlc.select", g.d("mlc.lt", index, g.d.scalar(0, index)), g.d("mlc.add", index, size), index)
+    return [g.d("mlc.gather", x, index, axis=axis)]
+
+
+@converts("Constant")
+def _constant(g, node, ins, attrs):
+    value = attrs.get("value")
+    if value is None:
+        raise NotImplementedError(f"Constant node '{node.name}' without a tensor value is not imported")
+    from onnx import numpy_helper
+    return [numpy_helper.to_array(value)]
