@@ -432,3 +432,194 @@ def _constant(g, node, ins, attrs):
         raise NotImplementedError(f"Constant node '{node.name}' without a tensor value is not imported")
     from onnx import numpy_helper
     return [numpy_helper.to_array(value)]
+
+
+@converts("Shape")
+def _shape(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if not x.type.is_static:
+        raise NotImplementedError(f"Shape node '{node.name}': the shape of {x.type} is only known at run time")
+    return [np.array(x.type.shape[attrs.get("start", 0):attrs.get("end", None)], np.int64)]
+
+
+@converts("CastLike")
+def _cast_like(g, node, ins, attrs):
+    x, like = g.tensor(ins[0]), g.tensor(ins[1])
+    return [g.d("mlc.cast", x, result_type=x.type.with_element(like.type.element))]
+
+
+@converts("Ceil")
+def _ceil(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    return [g.d("mlc.neg", g.d("mlc.floor", g.d("mlc.neg", x)))]
+
+
+@converts("Xor")
+def _xor(g, node, ins, attrs):
+    return [g.d("mlc.ne", g.tensor(ins[0]), g.tensor(ins[1]))]
+
+
+@converts("Mean")
+def _mean(g, node, ins, attrs):
+    total = g.tensor(ins[0])
+    for name in ins[1:]:
+        total = g.d("mlc.add", total, g.tensor(name))
+    return [g.d("mlc.div", total, g.d.scalar(len(ins), total))]
+
+
+# activations, as the ONNX operators define them
+ACTIVATIONS = {
+    "Elu": lambda g, x, a: g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(0, x)), x,
+                               g.d("mlc.mul", g.d.scalar(a.get("alpha", 1.0), x), g.d("mlc.sub", g.d("mlc.exp", x), g.d.scalar(1, x)))),
+    "Selu": lambda g, x, a: g.d("mlc.mul", g.d.scalar(a.get("gamma", 1.05070102214813232421875), x), g.d(
+        "mlc.select", g.d("mlc.gt", x, g.d.scalar(0, x)), x,
+        g.d("mlc.mul", g.d.scalar(a.get("alpha", 1.67326319217681884765625), x), g.d("mlc.sub", g.d("mlc.exp", x), g.d.scalar(1, x))))),
+    "Softplus": lambda g, x, a: g.d("mlc.log1p", g.d("mlc.exp", x)),
+    "Softsign": lambda g, x, a: g.d("mlc.div", x, g.d("mlc.add", g.d("mlc.abs", x), g.d.scalar(1, x))),
+    "HardSigmoid": lambda g, x, a: g.d("mlc.clamp", g.d("mlc.add", g.d("mlc.mul", x, g.d.scalar(a.get("alpha", 0.2), x)),
+                                                        g.d.scalar(a.get("beta", 0.5), x)), min=0.0, max=1.0),
+    "HardSwish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.clamp", g.d("mlc.add", g.d("mlc.mul", x, g.d.scalar(1 / 6, x)),
+                                                                        g.d.scalar(0.5, x)), min=0.0, max=1.0)),
+    "ThresholdedRelu": lambda g, x, a: g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(a.get("alpha", 1.0), x)), x, g.d.scalar(0, x)),
+    "Mish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.tanh", g.d("mlc.log1p", g.d("mlc.exp", x)))),
+    "Celu": lambda g, x, a: g.d("mlc.add", g.d("mlc.relu", x), g.d("mlc.minimum", g.d.scalar(0, x), g.d(
+        "mlc.mul", g.d.scalar(a.get("alpha", 1.0), x), g.d("mlc.sub", g.d("mlc.exp", g.d("mlc.div", x, g.d.scalar(a.get("alpha", 1.0), x))),
+                                                         g.d.scalar(1, x))))),
+}
+
+
+@converts(*ACTIVATIONS)
+def _activation(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if not x.type.element.is_float:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': only floating-point inputs are imported")
+    return [ACTIVATIONS[node.op_type](g, x, attrs)]
+
+
+@converts("PRelu")
+def _prelu(g, node, ins, attrs):
+    x, slope = g.tensor(ins[0]), g.tensor(ins[1])
+    return [g.d("mlc.select", g.d("mlc.lt", x, g.d.scalar(0, x)), g.d("mlc.mul", x, slope), x)]
+
+
+@converts("ArgMax", "ArgMin")
+def _arg(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if attrs.get("select_last_index", 0):
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': select_last_index is not imported")
+    name = "mlc.argmax" if node.op_type == "ArgMax" else "mlc.argmin"
+    return [g.d(name, x, axes=[attrs.get("axis", 0) % x.type.rank], keepdims=bool(attrs.get("keepdims", 1)))]
+
+
+@converts("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")
+def _reduce_composite(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if not x.type.element.is_float:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': only floating-point inputs are imported")
+    inner = {"ReduceSumSquare": lambda v: g.d("mlc.mul", v, v), "ReduceL1": lambda v: g.d("mlc.abs", v),
+             "ReduceL2": lambda v: g.d("mlc.mul", v, v), "ReduceLogSum": lambda v: v, "ReduceLogSumExp": lambda v: g.d("mlc.exp", v)}
+    total = _reduce_over(g, node, ins, attrs, inner[node.op_type](x), "mlc.reduce_sum")
+    outer = {"ReduceL2": "mlc.sqrt", "ReduceLogSum": "mlc.log", "ReduceLogSumExp": "mlc.log"}.get(node.op_type)
+    return [g.d(outer, total) if outer else total]
+
+
+def _reduce_over(g, node, ins, attrs, x: Value, name: str) -> Value:
+    """`name` over a reduction node's axes (an attribute before opset 18, an input from 18 on)."""
+    axes = (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None) if g.opset >= 18 else attrs.get("axes")
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return x
+        axes = list(range(x.type.rank))
+    return g.d(name, x, axes=[int(a) % x.type.rank for a in axes], keepdims=bool(attrs.get("keepdims", 1)))
+
+
+@converts("LayerNormalization")
+def _layer_norm(g, node, ins, attrs):
+    if len([o for o in node.output if o]) > 1:
+        raise NotImplementedError(f"LayerNormalization node '{node.name}': its mean and inverse deviation outputs are not imported")
+    x, scale = g.tensor(ins[0]), g.tensor(ins[1])
+    axis = attrs.get("axis", -1) % x.type.rank
+    axes = list(range(axis, x.type.rank))
+    mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
+    centred = g.d("mlc.sub", x, mean)
+    var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
+    y = g.d("mlc.mul", g.d("mlc.mul", centred, g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))), scale)
+    return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y]
+
+
+@converts("Slice")
+def _slice(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if g.opset < 10:
+        starts, ends, axes, steps = attrs["starts"], attrs["ends"], attrs.get("axes"), None
+    else:
+        starts, ends = g.const(ins[1], node, "starts"), g.const(ins[2], node, "ends")
+        axes = g.const(ins[3], node, "axes") if len(ins) > 3 and ins[3] else None
+        steps = g.const(ins[4], node, "steps") if len(ins) > 4 and ins[4] else None
+    rank = x.type.rank
+    start, limit, stride = [0] * rank, [None] * rank, [1] * rank
+    for k, axis in enumerate(axes if axes is not None else range(len(starts))):
+        axis = int(axis) % rank
+        step = int(steps[k]) if steps is not None else 1
+        if step < 0 or x.type.shape[axis] is None:
+            raise NotImplementedError(f"Slice node '{node.name}': negative steps and slices of ? dims are not imported")
+        size = x.type.shape[axis]
+        clamp = lambda v: int(min(max(v + size if v < 0 else v, 0), size))  # noqa: E731
+        start[axis], limit[axis], stride[axis] = clamp(int(starts[k])), clamp(int(ends[k])), step
+    limit = [x.type.shape[i] if v is None else v for i, v in enumerate(limit)]
+    if None in limit:
+        raise NotImplementedError(f"Slice node '{node.name}': slices of ? dims are not imported")
+    return [g.d("mlc.slice", x, start=start, limit=[max(lv, s) for lv, s in zip(limit, start)], stride=stride)]
+
+
+@converts("Split")
+def _split(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    axis = attrs.get("axis", 0) % x.type.rank
+    size = x.type.shape[axis]
+    parts = attrs.get("split") if g.opset < 13 else (list(g.const(ins[1], node, "split")) if len(ins) > 1 and ins[1] else None)
+    count = len([o for o in node.output])
+    if parts is None:
+        if size is None:
+            raise NotImplementedError(f"Split node '{node.name}': splitting a ? dim is not imported")
+        chunk = -(-size // attrs.get("num_outputs", count))
+        parts = [min(chunk, size - k * chunk) for k in range(count)]
+    out, at = [], 0
+    for p in parts:
+        start, limit = [0] * x.type.rank, list(x.type.shape)
+        if None in limit:
+            raise NotImplementedError(f"Split node '{node.name}': splitting tensors with ? dims is not imported")
+        start[axis], limit[axis] = at, at + int(p)
+        out.append(g.d("mlc.slice", x, start=start, limit=limit, stride=[1] * x.type.rank))
+        at += int(p)
+    return out
+
+
+@converts("Pad")
+def _pad(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if attrs.get("mode", "constant") != "constant":
+        raise NotImplementedError(f"Pad node '{node.name}': mode {attrs['mode']} is not imported")
+    pads = attrs.get("pads") if g.opset < 11 else list(g.const(ins[1], node, "pads"))
+    value = attrs.get("value", 0.0) if g.opset < 11 else (float(g.const(ins[2], node, "value")) if len(ins) > 2 and ins[2] else 0.0)
+    rank = x.type.rank
+    axes = list(range(rank)) if g.opset < 18 or len(ins) < 4 or not ins[3] else [int(a) % rank for a in g.const(ins[3], node, "axes")]
+    low, high = [0] * rank, [0] * rank
+    for k, a in enumerate(axes):
+        low[a], high[a] = int(pads[k]), int(pads[k + len(axes)])
+    if min(low + high) < 0:
+        raise NotImplementedError(f"Pad node '{node.name}': negative pads are not imported")
+    return [g.d("mlc.pad", x, low=low, high=high, value=float(value))]
+
+
+@converts("Expand")
+def _expand(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    shape = [int(v) for v in g.const(ins[1], node, "shape")]
+    rank = max(len(shape), x.type.rank)
+    mine = [1] * (rank - x.type.rank) + list(x.type.shape)
+    theirs = [1] * (rank - len(shape)) + shape
+    target = [a if b == 1 else b for a, b in zip(mine, theirs)]
+    if None in target:
+        raise NotImplementedError(f"Expand node '{node.name}': expanding ? dims is not imported")
+    return [g.d("mlc.broadcast_to", x, result_type=x.type.with_shape(tuple(target)))]
