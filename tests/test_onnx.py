@@ -123,3 +123,44 @@ def test_onnx_node_suite_passes_or_refuses():
         outcome["passed"] += 1
     assert not wrong, wrong
     assert outcome["passed"] >= 371, outcome  # (the count when this test was written: raise it as converters come)
+
+
+class _TorchCnn:
+    """A conv / batch-norm / pool / linear / layer-norm / GELU network, exported by torch."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+                self.fc, self.ln = torch.nn.Linear(8, 4), torch.nn.LayerNorm(4)
+
+            def forward(self, x):
+                h = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+                return torch.nn.functional.gelu(self.ln(self.fc(h.mean((2, 3)))))
+        torch.manual_seed(0)
+        return Net().eval()
+
+
+@pytest.mark.parametrize("opset", [13, 17])
+def test_torch_exported_models_match_torch(opset):
+    torch = pytest.importorskip("torch")
+    import io
+    net, x = _TorchCnn.make(), torch.randn(2, 3, 8, 8)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, (x,), buf, opset_version=opset, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "N"}})
+        except Exception as e:  # the exporter's own requirements (onnxscript, ...) are not mlc's
+            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
+    m = mlc_onnx.load(buf.getvalue())
+    assert m.functions["main"].type.inputs[0].shape[0] is None  # the dynamic batch
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(mlc.compile(m)["main"](x.numpy()), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mlc.compile(m)["main"](x.numpy()[:1]), want[:1], rtol=1e-4, atol=1e-5)
