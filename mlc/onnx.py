@@ -623,3 +623,55 @@ def _expand(g, node, ins, attrs):
     if None in target:
         raise NotImplementedError(f"Expand node '{node.name}': expanding ? dims is not imported")
     return [g.d("mlc.broadcast_to", x, result_type=x.type.with_shape(tuple(target)))]
+
+
+# --- onnx.backend ------------------------------------------------------------------------------------------
+
+def __getattr__(name):
+    """`mlc.onnx.backend`: an onnx.backend.base.Backend (made when first asked for: onnx is optional)."""
+    if name == "backend":
+        globals()["backend"] = _make_backend()
+        return globals()["backend"]
+    raise AttributeError(f"module 'mlc.onnx' has no attribute '{name}'")
+
+
+def _make_backend():
+    from onnx.backend.base import Backend, BackendRep
+
+    class MlcRep(BackendRep):
+        """A model prepared for mlc: compiled for the CPU (or a GPU), or run on the interpreter."""
+
+        def __init__(self, model, target: str):
+            self.module, self.target = load(model), target
+            initializers = {i.name for i in model.graph.initializer}
+            self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
+            if target != "interp":
+                from mlc.api import compile
+                self.run_main = compile(self.module, target)["main"]
+            else:
+                from mlc.ir.interpreter import Interpreter
+                interp = Interpreter(self.module)
+                self.run_main = lambda *arrays: interp.call_public("main", arrays)
+
+        def run(self, inputs, **kwargs):
+            arrays = [inputs[n] for n in self.input_names] if isinstance(inputs, dict) else list(inputs)
+            out = self.run_main(*arrays)
+            return tuple(out) if isinstance(out, tuple) else (out,)
+
+    class MlcBackend(Backend):
+        """mlc as an ONNX backend: `target` is "cpu" (default), "interp" or "cuda"."""
+
+        @classmethod
+        def prepare(cls, model, device: str = "CPU", target: str | None = None, **kwargs):
+            super().prepare(model, device, **kwargs)
+            return MlcRep(model, target or ("cuda" if device.upper().startswith("CUDA") else "cpu"))
+
+        @classmethod
+        def run_model(cls, model, inputs, device: str = "CPU", **kwargs):
+            return cls.prepare(model, device, **kwargs).run(inputs)
+
+        @classmethod
+        def supports_device(cls, device: str) -> bool:
+            return device.upper().split(":")[0] in ("CPU", "CUDA")
+
+    return MlcBackend

@@ -164,3 +164,17 @@ def test_torch_exported_models_match_torch(opset):
         want = net(x).numpy()
     np.testing.assert_allclose(mlc.compile(m)["main"](x.numpy()), want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(mlc.compile(m)["main"](x.numpy()[:1]), want[:1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["interp", "cpu"])
+def test_mlc_is_an_onnx_backend(target):
+    model = model_of([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Sigmoid", ["h"], ["y"], name="s")],
+                     [f32("x", ["N", 3])], [f32("y", ["N", 2])], [("w", rng.standard_normal((3, 2)).astype(np.float32))])
+    backend = mlc_onnx.backend
+    assert backend.supports_device("CPU") and not backend.supports_device("TPU")
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    want = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    (got,) = backend.run_model(model, [x], target=target)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    (by_name,) = backend.prepare(model, target=target).run({"x": x})
+    np.testing.assert_allclose(by_name, want, rtol=1e-5, atol=1e-6)
