@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "graph's inputs and returns its outputs; initializers become (trainable) globals.")
     i.add_argument("file", metavar="FILE")
     i.add_argument("-o", "--output", metavar="OUT.ir", help="where the IR goes (default: standard output)")
+    i.add_argument("--loss", choices=["cross_entropy", "mse"], help="also write @loss(inputs..., target) on @main's first output, "
+                                                                   "so that 'mlc train' can fine-tune the model")
     i.set_defaults(func=cmd_import)
 
     v = sub.add_parser("verify", help="parse and verify an .ir file", description="Parse and verify FILE; print nothing when it is valid.")
@@ -164,10 +166,10 @@ def load_module(path):
     return load(path)
 
 
-def import_onnx(path):
+def import_onnx(path, loss=None):
     try:
         from mlc import onnx as mlc_onnx
-        return mlc_onnx.load(path)
+        return mlc_onnx.load(path, loss=loss)
     except ImportError:
         raise error(Location(str(path), 0, 0), "reading ONNX needs the onnx package (pip install 'mlc[onnx]')") from None
     except NotImplementedError as e:
@@ -176,7 +178,7 @@ def import_onnx(path):
 
 def cmd_import(args):
     from mlc.ir.printer import print_module
-    return emit_text(print_module(import_onnx(args.file)), args.output)
+    return emit_text(print_module(import_onnx(args.file, args.loss)), args.output)
 
 
 def cmd_verify(args):

@@ -39,8 +39,10 @@ def converts(*op_types):
     return register
 
 
-def load(model, name: str | None = None) -> Module:
-    """A verified Module from an ONNX model: a path, its bytes or an onnx.ModelProto."""
+def load(model, name: str | None = None, loss: str | None = None) -> Module:
+    """A verified Module from an ONNX model: a path, its bytes or an onnx.ModelProto. With `loss`
+    ("cross_entropy" or "mse"), also `@loss(inputs..., %target)` on @main's first output, so that the
+    model can be fine-tuned (`mlc train`, `mlc.compile_train_step`)."""
     import onnx
     where = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model.onnx")
     try:
@@ -53,7 +55,10 @@ def load(model, name: str | None = None) -> Module:
         raise error(Location(where, 0, 0), "no such file") from None
     except Exception as e:  # onnx's checker and parser raise their own types
         raise error(Location(where, 0, 0), f"not a valid ONNX model: {str(e).splitlines()[0]}") from None
-    return verify(Graph(model, where).module)
+    graph = Graph(model, where)
+    if loss is not None:
+        graph.add_loss(loss)
+    return verify(graph.module)
 
 
 def _name(text: str) -> str:
@@ -103,6 +108,26 @@ class Graph:
         self.b.loc = Location(where, 0, 0)
         self.b.create("func.return", results)
         self.func.attributes["function_type"] = TypeAttr(FunctionType(tuple(arg_types), tuple(v.type for v in results)))
+
+    def add_loss(self, kind: str):
+        """@loss(inputs..., %target): `kind` of @main's first output against the target."""
+        if kind not in ("cross_entropy", "mse"):
+            raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {kind!r}")
+        main = self.func.type
+        y = main.results[0]
+        target = TensorType(y.shape[:1], element_of(np.dtype(np.int64))) if kind == "cross_entropy" else y
+        f32 = TensorType((), y.element)
+        fn = FuncOp.build("loss", list(main.inputs) + [target], [f32], [a.name_hint for a in self.func.args] + ["target"],
+                          loc=Location(self.where, 0, 0))
+        self.module.body.append(fn)
+        d = OpBuilder(Builder.at_end(fn.body, self.module, Location(self.where, 0, 0)))
+        out = d.op("func.call", list(fn.args[:-1]), list(main.results), callee=SymbolRefAttr("main")).results[0]
+        if kind == "cross_entropy":
+            value = d("mlc.cross_entropy", out, fn.args[-1], result_type=f32)
+        else:
+            diff = d("mlc.sub", out, fn.args[-1])
+            value = d("mlc.reduce_mean", d("mlc.mul", diff, diff), axes=list(range(y.rank)), keepdims=False)
+        d.b.create("func.return", [value])
 
     # --- values ---------------------------------------------------------------------------------------------
     def tensor(self, name: str) -> Value:

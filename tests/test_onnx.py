@@ -178,3 +178,20 @@ def test_mlc_is_an_onnx_backend(target):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     (by_name,) = backend.prepare(model, target=target).run({"x": x})
     np.testing.assert_allclose(by_name, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_imported_model_fine_tunes(tmp_path):
+    """load(..., loss="cross_entropy") adds @loss on @main's output: mlc train's loop trains the
+    initializers (trainable globals) and the loss falls."""
+    from mlc.train import Options, fit
+    w = (rng.standard_normal((8, 3)) * 0.1).astype(np.float32)
+    model = model_of([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], [f32("x", ["N", 8])], [f32("y", ["N", 3])],
+                     [("w", w), ("b", np.zeros(3, np.float32))])
+    m = mlc_onnx.load(model, loss="cross_entropy")
+    assert [str(t) for t in m.functions["loss"].type.inputs] == ["tensor<?x8xf32>", "tensor<?xi64>"]
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, target=np.argmax(x[:, :3], axis=1))
+    exe = fit(m, Options(data=str(tmp_path / "d.npz"), epochs=8, batch_size=16, lr=0.05, progress=False))
+    losses = exe.history["losses"]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert not np.allclose(exe.globals["w"], w)
