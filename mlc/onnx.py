@@ -146,7 +146,7 @@ class Graph:
             top = Builder(self.func.body, self.func.body.first, self.module)
             value = top.create("mlc.global_load", [], {"global": SymbolRefAttr(symbol)}, [t], name_hint=symbol).result
         elif name in self.known:
-            value = self.d.const(np.ascontiguousarray(self.known[name]))
+            value = self.d.const(np.array(self.known[name], order="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         else:
             raise KeyError(name)
         self.values[name] = value
@@ -700,3 +700,106 @@ def _make_backend():
             return device.upper().split(":")[0] in ("CPU", "CUDA")
 
     return MlcBackend
+
+
+@converts("ConvTranspose")
+def _conv_transpose(g, node, ins, attrs):
+    x, w = g.tensor(ins[0]), g.tensor(ins[1])
+    strides, pads, dilations = _window(g, node, attrs, x)
+    if "output_shape" in attrs:
+        raise NotImplementedError(f"ConvTranspose node '{node.name}': output_shape is not imported (give pads)")
+    y = g.d("mlc.conv2d_transpose", x, w, stride=strides, padding=pads, dilation=dilations,
+            output_padding=list(attrs.get("output_padding", [0, 0])), groups=attrs.get("group", 1))
+    if len(ins) > 2 and ins[2]:
+        bias = g.tensor(ins[2])
+        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0], 1, 1)))
+    return [y]
+
+
+@converts("InstanceNormalization")
+def _instance_norm(g, node, ins, attrs):
+    x, scale, bias = (g.tensor(i) for i in ins[:3])
+    axes = list(range(2, x.type.rank))
+    mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
+    centred = g.d("mlc.sub", x, mean)
+    var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
+    per_channel = (x.type.shape[1],) + (1,) * (x.type.rank - 2)
+    normal = g.d("mlc.mul", centred, g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var))))
+    return [g.d("mlc.add", g.d("mlc.mul", normal, g.d.reshape(scale, per_channel)), g.d.reshape(bias, per_channel))]
+
+
+@converts("Size")
+def _size(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if not x.type.is_static:
+        raise NotImplementedError(f"Size node '{node.name}': the size of {x.type} is only known at run time")
+    return [np.array(int(np.prod(x.type.shape)), np.int64)]
+
+
+@converts("ConstantOfShape")
+def _constant_of_shape(g, node, ins, attrs):
+    from onnx import numpy_helper
+    shape = [int(v) for v in g.const(ins[0], node, "shape")]
+    value = numpy_helper.to_array(attrs["value"]) if "value" in attrs else np.zeros(1, np.float32)
+    return [np.full(shape, value.reshape(-1)[0], value.dtype)]
+
+
+@converts("Tile")
+def _tile(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    repeats = [int(r) for r in g.const(ins[1], node, "repeats")]
+    for axis, r in enumerate(repeats):
+        if r != 1:
+            x = g.d("mlc.concat", *([x] * r), axis=axis) if r > 0 else None
+            if x is None:
+                raise NotImplementedError(f"Tile node '{node.name}': zero repeats are not imported")
+    return [x]
+
+
+@converts("Trilu")
+def _trilu(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if None in x.type.shape[-2:]:
+        raise NotImplementedError(f"Trilu node '{node.name}': the matrices' sizes must be known at import")
+    k = int(g.const(ins[1], node, "k")) if len(ins) > 1 and ins[1] else 0
+    rows, cols = x.type.shape[-2:]
+    keep = (np.triu if attrs.get("upper", 1) else np.tril)(np.ones((rows, cols), bool), k)
+    return [g.d("mlc.select", g.d.const(keep), x, g.d.scalar(0, x))]
+
+
+@converts("Hardmax")
+def _hardmax(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    axis = attrs.get("axis", -1) % x.type.rank
+    if g.opset < 13 or not x.type.is_static:
+        raise NotImplementedError(f"Hardmax node '{node.name}': opsets before 13 and ? dims are not imported")
+    best = g.d("mlc.argmax", x, axes=[axis], keepdims=True)
+    positions = g.d("mlc.iota", axis=axis, result_type=x.type.with_element(best.type.element))
+    return [g.d("mlc.cast", g.d("mlc.eq", positions, best), result_type=x.type)]
+
+
+@converts("Einsum")
+def _einsum(g, node, ins, attrs):
+    """The products people write: batched matmuls, with their operands or result transposed."""
+    equation = attrs["equation"].replace(" ", "")
+    if "->" not in equation or "." in equation or len(ins) != 2:
+        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' is not a product of two operands imported yet")
+    (left, right), out = equation.split("->")[0].split(","), equation.split("->")[1]
+    shared = [c for c in left if c in right and c not in out]
+    batch = [c for c in out if c in left and c in right]
+    rows, cols = [c for c in out if c in left and c not in right], [c for c in out if c in right and c not in left]
+    if len(shared) != 1 or len(rows) > 1 or len(cols) > 1 or set(left) != set(batch + rows + shared) or \
+            set(right) != set(batch + shared + cols) or len(set(out)) != len(out) or set(out) != set(batch + rows + cols):
+        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' is not a batched matrix product")
+    a, b = g.tensor(ins[0]), g.tensor(ins[1])
+    a = g.d("mlc.transpose", a, perm=[left.index(c) for c in batch + rows + shared])
+    b = g.d("mlc.transpose", b, perm=[right.index(c) for c in batch + shared + cols])
+    if not rows:
+        a = g.d.reshape(a, a.type.shape[:-1] + (1,) + a.type.shape[-1:])
+    if not cols:
+        b = g.d.reshape(b, b.type.shape + (1,))
+    y = g.d("mlc.matmul", a, b)
+    shape = y.type.shape
+    y = g.d.reshape(y, shape[:len(batch)] + tuple(shape[len(batch):][k] for k, side in enumerate((rows, cols)) if side))
+    order = batch + rows + cols
+    return [g.d("mlc.transpose", y, perm=[order.index(c) for c in out])]
