@@ -162,8 +162,18 @@ def format_float(v: float, element: ElementType = f64) -> str:
     return mantissa + ("e" + exponent if exponent else "")
 
 
+HEX_ABOVE = 256  # elements: larger constants print as the hex of their little-endian bytes (exact, compact)
+
+
 def format_dense(array: np.ndarray, element: ElementType) -> str:
     flat = array.reshape(-1)
+    if flat.size > HEX_ABOVE and not np.all(flat == flat[0]):
+        if element.name == "bf16":  # bf16 values are f32 with their low 16 bits zero: two bytes each
+            data = (np.ascontiguousarray(flat, np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        else:
+            data = np.ascontiguousarray(flat).astype(flat.dtype.newbyteorder("<")).tobytes()
+        return '"0x' + data.hex().upper() + '"'
+
     if element.is_bool:
         fmt = lambda x: "true" if x else "false"  # noqa: E731
     elif element.is_float:

@@ -158,3 +158,19 @@ def test_dialect_attributes_on_an_op_without_signature():
     op = m.functions["f"].body.first
     assert op.attributes["mlc.origin"].value == "mlc.gather" and "mlc.flag" in op.attributes
     assert_round_trips(text)
+
+
+@pytest.mark.parametrize("element", ["f32", "f64", "f16", "bf16", "i64", "i8", "i1"])
+def test_large_constants_print_as_exact_hex(element):
+    """Above 256 elements a constant prints as the hex of its little-endian bytes (bf16: two bytes
+    each), which reads back bit for bit."""
+    from mlc.ir.attributes import DenseAttr
+    from mlc.ir.types import ELEMENT_TYPES, parse_type, round_to_element
+    e = ELEMENT_TYPES[element]
+    raw = np.random.default_rng(0).standard_normal(300) * 50
+    values = round_to_element(raw.astype(np.float32), e) if e.is_float else (raw > 0 if e.is_bool else raw.astype(e.np_dtype))
+    text = f"module {{ func.func @f() -> tensor<300x{element}> {{\n %c = mlc.constant {DenseAttr(np.asarray(values), parse_type(f'tensor<300x{element}>'))}\n return %c : tensor<300x{element}> }} }}"
+    assert 'dense<"0x' in text
+    m = mlc.parse(text)
+    np.testing.assert_array_equal(mlc.interpret(m, "f"), values)
+    assert str(mlc.parse(str(m))) == str(m)
