@@ -192,6 +192,8 @@ class Graph:
         out = {}
         for a in node.attribute:
             v = self.onnx.helper.get_attribute_value(a)
+            if isinstance(v, list) and v and isinstance(v[0], bytes):
+                v = [x.decode() for x in v]
             out[a.name] = v.decode() if isinstance(v, bytes) else v
         return out
 
@@ -803,3 +805,127 @@ def _einsum(g, node, ins, attrs):
     y = g.d.reshape(y, shape[:len(batch)] + tuple(shape[len(batch):][k] for k, side in enumerate((rows, cols)) if side))
     order = batch + rows + cols
     return [g.d("mlc.transpose", y, perm=[order.index(c) for c in out])]
+
+
+# --- recurrent layers: mlc.scan over the steps, one per direction -------------------------------------------
+
+RECURRENT = {"RNN": 1, "GRU": 3, "LSTM": 4}  # gates per layer
+DEFAULT_ACTIVATIONS = {"RNN": ["tanh"], "GRU": ["sigmoid", "tanh"], "LSTM": ["sigmoid", "tanh", "tanh"]}
+
+
+@converts(*RECURRENT)
+def _recurrent(g, node, ins, attrs):
+    """ONNX's RNN / GRU / LSTM (default activations; no peepholes, clip or sequence_lens other than
+    the full length), as an mlc.scan per direction: the input projections of all steps are one product
+    before it, the recurrence inside. Outputs Y [steps, directions, batch, hidden], Y_h (and LSTM's Y_c)."""
+    kind, gates = node.op_type, RECURRENT[node.op_type]
+    given = lambda k: len(ins) > k and ins[k]  # noqa: E731
+    directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[attrs.get("direction", "forward")]
+    defaults = DEFAULT_ACTIVATIONS[kind] * len(directions)
+    unsupported = [what for what, bad in (
+        ("activations", [a.lower() for a in attrs.get("activations", defaults)] != defaults), ("clip", "clip" in attrs), ("input_forget", attrs.get("input_forget", 0)),
+        ("peepholes", kind == "LSTM" and given(7))) if bad]
+    if unsupported:
+        raise NotImplementedError(f"{kind} node '{node.name}': {', '.join(unsupported)} are not imported")
+    x = g.tensor(ins[0])
+    if attrs.get("layout", 0):
+        x = g.d("mlc.transpose", x, perm=[1, 0, 2])
+    steps, batch = x.type.shape[0], x.type.shape[1]
+    if given(4):
+        lens = g.const(ins[4], node, "sequence_lens")
+        if steps is None or np.any(lens != steps):
+            raise NotImplementedError(f"{kind} node '{node.name}': sequences of different lengths are not imported")
+    hidden = attrs["hidden_size"]
+    w, r = g.tensor(ins[1]), g.tensor(ins[2])
+    b = g.tensor(ins[3]) if given(3) else None
+    ys, finals = [], []
+    for k, reverse in enumerate(directions):
+        def pick(v, rows=None):
+            one = g.d("mlc.slice", v, start=[k] + [0] * (v.type.rank - 1), limit=[k + 1] + list(v.type.shape[1:]),
+                      stride=[1] * v.type.rank)
+            return g.d.reshape(one, v.type.shape[1:])
+        wk, rk = pick(w), pick(r)
+        bk = pick(b) if b is not None else None
+        initial = [pick(g.tensor(ins[5])) if given(5) else None] + ([pick(g.tensor(ins[6])) if given(6) else None] if kind == "LSTM" else [])
+        y, last = _direction(g, kind, gates, hidden, x, wk, rk, bk, initial, reverse, attrs.get("linear_before_reset", 0), batch)
+        ys.append(g.d.reshape(y, (steps, 1, batch, hidden)))
+        finals.append([g.d.reshape(v, (1, batch, hidden)) for v in last])
+    y = ys[0] if len(ys) == 1 else g.d("mlc.concat", *ys, axis=1)
+    if attrs.get("layout", 0):
+        y = g.d("mlc.transpose", y, perm=[2, 0, 1, 3])
+    outputs = [y]
+    for n in range(len(finals[0])):
+        state = finals[0][n] if len(finals) == 1 else g.d("mlc.concat", *(f[n] for f in finals), axis=0)
+        outputs.append(g.d("mlc.transpose", state, perm=[1, 0, 2]) if attrs.get("layout", 0) else state)
+    return outputs
+
+
+def _direction(g, kind, gates, hidden, x, w, r, b, initial, reverse, linear_before_reset, batch):
+    """One direction's scan: (Y [steps, batch, hidden], [h_last] or [h_last, c_last])."""
+    from mlc.ir.core import Block, Region
+    d = g.d
+    e = x.type.element
+    # all steps' input projections at once: x [steps, batch, input] @ w^T [input, gates * hidden] (+ Wb)
+    projected = d("mlc.matmul", x, d.swap_last(w))
+    if b is not None:
+        wb = d("mlc.slice", b, start=[0], limit=[gates * hidden], stride=[1])
+        projected = d("mlc.add", projected, wb)
+        rb = d("mlc.slice", b, start=[gates * hidden], limit=[2 * gates * hidden], stride=[1])
+    else:
+        rb = None
+    state_type = TensorType((batch, hidden), e)
+    zeros = d.zeros_of(state_type) if batch is not None else None
+    carries = []
+    for v in initial:
+        if v is None and zeros is None:
+            raise NotImplementedError("a recurrent layer of unknown batch size needs its initial state")
+        carries.append(v if v is not None else zeros)
+    block = Block([c.type for c in carries] + [projected.type.with_shape(projected.type.shape[1:])])
+    inner = d.inside(block)
+    states, step_input = list(block.args[:-1]), block.args[-1]
+    rt = inner.swap_last(r)
+
+    def gate(v, k):
+        return _slice_columns(inner, v, k * hidden, (k + 1) * hidden)
+    h = states[0]
+    recurrent = inner("mlc.matmul", h, rt)
+    if rb is not None:
+        recurrent = inner("mlc.add", recurrent, rb)
+    if kind == "RNN":
+        new = [inner("mlc.tanh", inner("mlc.add", step_input, recurrent))]
+        out = new[0]
+    elif kind == "LSTM":
+        total = inner("mlc.add", step_input, recurrent)
+        i, o, f, c_in = (gate(total, k) for k in range(4))
+        i, o, f = (inner("mlc.sigmoid", v) for v in (i, o, f))
+        c = inner("mlc.add", inner("mlc.mul", f, states[1]), inner("mlc.mul", i, inner("mlc.tanh", c_in)))
+        out = inner("mlc.mul", o, inner("mlc.tanh", c))
+        new = [out, c]
+    else:  # GRU: gates z, r, h
+        z = inner("mlc.sigmoid", inner("mlc.add", gate(step_input, 0), gate(recurrent, 0)))
+        reset = inner("mlc.sigmoid", inner("mlc.add", gate(step_input, 1), gate(recurrent, 1)))
+        if linear_before_reset:
+            candidate = inner("mlc.add", gate(step_input, 2), inner("mlc.mul", reset, gate(recurrent, 2)))
+        else:
+            rh = inner("mlc.matmul", inner("mlc.mul", reset, h), _slice_columns(inner, rt, 2 * hidden, 3 * hidden))
+            if rb is not None:
+                rh = inner("mlc.add", rh, inner("mlc.slice", rb, start=[2 * hidden], limit=[3 * hidden], stride=[1]))
+            candidate = inner("mlc.add", gate(step_input, 2), rh)
+        candidate = inner("mlc.tanh", candidate)
+        one = inner.scalar(1, z)
+        out = inner("mlc.add", inner("mlc.mul", inner("mlc.sub", one, z), candidate), inner("mlc.mul", z, h))
+        new = [out]
+    inner.b.create("mlc.yield", new + [out])
+    attrs = {"num_carries": len(carries), **({"reverse": True} if reverse else {})}
+    scan = g.b.create("mlc.scan", carries + [projected], attrs, regions=[Region([block])])
+    results = list(scan.results)
+    return results[len(carries)], results[:len(carries)]
+
+
+def _slice_columns(d, v, first: int, last: int):
+    """Columns first..last of a matrix (whose row count may be ?: slice bounds clamp to the dim)."""
+    rows = v.type.shape[0]
+    return d("mlc.slice", v, start=[0, first], limit=[rows if rows is not None else ALL, last], stride=[1, 1])
+
+
+ALL = 1 << 62  # a slice bound past any dim

@@ -97,7 +97,7 @@ def test_onnx_node_suite_passes_or_refuses():
     from mlc.testing.onnx_suite import run_node_suite
     results = run_node_suite("interp")
     assert results["cases"] == []
-    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= 432  # (when written: raise it as converters come)
+    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= 449  # (when written: raise it as converters come)
 
 
 def test_onnx_node_suite_on_the_cpu_backend():
@@ -179,3 +179,25 @@ def test_an_imported_model_fine_tunes(tmp_path):
     losses = exe.history["losses"]
     assert losses[-1] < 0.7 * losses[0], losses
     assert not np.allclose(exe.globals["w"], w)
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU", "RNN"])
+def test_torch_exported_recurrent_layers_match_torch(layer):
+    """Two bidirectional layers, as torch exports them: an mlc.scan per direction and layer."""
+    torch = pytest.importorskip("torch")
+    import io
+    torch.manual_seed(0)
+    net, x = getattr(torch.nn, layer)(5, 7, num_layers=2, bidirectional=True).eval(), torch.randn(6, 3, 5)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+        except Exception as e:
+            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
+    m = mlc_onnx.load(buf.getvalue())
+    assert sum(op.name == "mlc.scan" for op in m.walk()) == 4
+    with torch.no_grad():
+        want = net(x)[0].numpy()
+    got = mlc.compile(m)["main"](x.numpy())
+    np.testing.assert_allclose(got[0] if isinstance(got, tuple) else got, want, rtol=1e-4, atol=1e-5)
