@@ -94,6 +94,7 @@ class Graph:
         self.known: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
         self.values: dict[str, Value] = {}
         self.initializers = set(self.known)
+        self.used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}  # names something reads
         inputs = [i for i in graph.input if i.name not in self.initializers]
         arg_types = [_tensor_type(i) for i in inputs]
         self.func = FuncOp.build("main", arg_types, [], [_name(i.name) for i in inputs], loc=Location(where, 0, 0))
@@ -246,11 +247,31 @@ def _variadic(g, node, ins, attrs):
 
 @converts("Identity", "Dropout")
 def _identity(g, node, ins, attrs):
+    """(Dropout as inference runs it: the identity; its mask output and a training_mode of true are
+    refused.)"""
     if node.op_type == "Dropout":
         training = len(ins) > 2 and ins[2] and bool(g.const(ins[2], node, "training_mode"))
-        if training or attrs.get("is_test", 1) == 0 or len([o for o in node.output if o]) > 1:
+        if training or any(o in g.used for o in node.output[1:]):
             raise NotImplementedError(f"Dropout node '{node.name}': training mode and the mask output are not imported")
     return [g.tensor(ins[0])]
+
+
+@converts("LRN")
+def _lrn(g, node, ins, attrs):
+    """x / (bias + alpha / size * the sum of squares over `size` neighbouring channels) ^ beta."""
+    x = g.tensor(ins[0])
+    channels, size = x.type.shape[1], attrs["size"]
+    if channels is None:
+        raise NotImplementedError(f"LRN node '{node.name}': the channel count must be known at import")
+    low, rank = (size - 1) // 2, x.type.rank
+    padded = g.d("mlc.pad", g.d("mlc.mul", x, x), low=[0, low] + [0] * (rank - 2), high=[0, size - 1 - low] + [0] * (rank - 2))
+    window = None
+    for k in range(size):
+        part = g.d("mlc.slice", padded, start=[0, k] + [0] * (rank - 2), limit=[ALL, k + channels] + [ALL] * (rank - 2),
+                   stride=[1] * rank)
+        window = part if window is None else g.d("mlc.add", window, part)
+    scale = g.d("mlc.add", g.d("mlc.mul", window, g.d.scalar(attrs.get("alpha", 1e-4) / size, x)), g.d.scalar(attrs.get("bias", 1.0), x))
+    return [g.d("mlc.div", x, g.d("mlc.pow", scale, g.d.scalar(attrs.get("beta", 0.75), x)))]
 
 
 @converts("Where")

@@ -97,7 +97,7 @@ def test_onnx_node_suite_passes_or_refuses():
     from mlc.testing.onnx_suite import run_node_suite
     results = run_node_suite("interp")
     assert results["cases"] == []
-    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= 449  # (when written: raise it as converters come)
+    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= 451  # (when written: raise it as converters come)
 
 
 def test_onnx_node_suite_on_the_cpu_backend():
@@ -201,3 +201,23 @@ def test_torch_exported_recurrent_layers_match_torch(layer):
         want = net(x)[0].numpy()
     got = mlc.compile(m)["main"](x.numpy())
     np.testing.assert_allclose(got[0] if isinstance(got, tuple) else got, want, rtol=1e-4, atol=1e-5)
+
+
+def _light_models():
+    import os
+    folder = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".onnx")) if os.path.isdir(folder) else []
+
+
+@pytest.mark.parametrize("path", _light_models(), ids=lambda p: p.rsplit("/", 1)[-1][len("light_"):-len(".onnx")])
+def test_the_real_architectures_shipped_with_onnx_match(path):
+    """AlexNet, DenseNet-121, Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512
+    (onnx's 'light' copies) on onnx's input (arange / n), against the outputs shipped beside them."""
+    model = onnx.load(path)
+    initializers = {i.name for i in model.graph.initializer}
+    (x,) = [i for i in model.graph.input if i.name not in initializers]
+    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in x.type.tensor_type.shape.dim)
+    n = int(np.prod(shape))
+    want = numpy_helper.to_array(onnx.load_tensor(path[:-len(".onnx")] + "_output_0.pb"))
+    got = mlc.interpret(mlc_onnx.load(path), "main", (np.arange(n).reshape(shape) / n).astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
