@@ -475,11 +475,13 @@ def _gather(g, node, ins, attrs):
 
 @converts("Constant")
 def _constant(g, node, ins, attrs):
-    value = attrs.get("value")
-    if value is None:
-        raise NotImplementedError(f"Constant node '{node.name}' without a tensor value is not imported")
     from onnx import numpy_helper
-    return [numpy_helper.to_array(value)]
+    if "value" in attrs:
+        return [numpy_helper.to_array(attrs["value"])]
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return [np.array(attrs[key], dtype)]
+    raise NotImplementedError(f"Constant node '{node.name}': only tensor, float and int values are imported")
 
 
 @converts("Shape")
@@ -530,6 +532,7 @@ ACTIVATIONS = {
                                                                         g.d.scalar(0.5, x)), min=0.0, max=1.0)),
     "ThresholdedRelu": lambda g, x, a: g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(a.get("alpha", 1.0), x)), x, g.d.scalar(0, x)),
     "Mish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.tanh", g.d("mlc.log1p", g.d("mlc.exp", x)))),
+    "Swish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.sigmoid", g.d("mlc.mul", x, g.d.scalar(a.get("alpha", 1.0), x)))),
     "Celu": lambda g, x, a: g.d("mlc.add", g.d("mlc.relu", x), g.d("mlc.minimum", g.d.scalar(0, x), g.d(
         "mlc.mul", g.d.scalar(a.get("alpha", 1.0), x), g.d("mlc.sub", g.d("mlc.exp", g.d("mlc.div", x, g.d.scalar(a.get("alpha", 1.0), x))),
                                                          g.d.scalar(1, x))))),
@@ -542,6 +545,20 @@ def _activation(g, node, ins, attrs):
     if not x.type.element.is_float:
         raise NotImplementedError(f"{node.op_type} node '{node.name}': only floating-point inputs are imported")
     return [ACTIVATIONS[node.op_type](g, x, attrs)]
+
+
+@converts("IsNaN", "IsInf")
+def _is_special(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    if node.op_type == "IsNaN":
+        return [g.d("mlc.ne", x, x)]
+    positive = g.d("mlc.eq", x, g.d.scalar(np.inf, x))
+    negative = g.d("mlc.eq", x, g.d.scalar(-np.inf, x))
+    detect = (attrs.get("detect_positive", 1), attrs.get("detect_negative", 1))
+    parts = [p for p, on in zip((positive, negative), detect) if on]
+    if not parts:  # (detects nothing: all false)
+        return [g.d("mlc.and", positive, negative)]
+    return [parts[0] if len(parts) == 1 else g.d("mlc.or", *parts)]
 
 
 @converts("PRelu")
@@ -583,16 +600,16 @@ def _reduce_over(g, node, ins, attrs, x: Value, name: str) -> Value:
 
 @converts("LayerNormalization")
 def _layer_norm(g, node, ins, attrs):
-    if len([o for o in node.output if o]) > 1:
-        raise NotImplementedError(f"LayerNormalization node '{node.name}': its mean and inverse deviation outputs are not imported")
+    """Y, and the optional Mean and InvStdDev over the normalised dims (kept as 1s)."""
     x, scale = g.tensor(ins[0]), g.tensor(ins[1])
     axis = attrs.get("axis", -1) % x.type.rank
     axes = list(range(axis, x.type.rank))
     mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
     centred = g.d("mlc.sub", x, mean)
     var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
-    y = g.d("mlc.mul", g.d("mlc.mul", centred, g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))), scale)
-    return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y]
+    inverse = g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))
+    y = g.d("mlc.mul", g.d("mlc.mul", centred, inverse), scale)
+    return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y, mean, inverse]
 
 
 @converts("Slice")
