@@ -967,3 +967,47 @@ def _slice_columns(d, v, first: int, last: int):
 
 
 ALL = 1 << 62  # a slice bound past any dim
+
+
+# --- losses -------------------------------------------------------------------------------------------------
+
+@converts("NegativeLogLikelihoodLoss", "SoftmaxCrossEntropyLoss")
+def _nll(g, node, ins, attrs):
+    """loss[n, d...] = -weight[t] * x[n, t, d...] (x the log-probabilities; SoftmaxCrossEntropyLoss
+    takes them from its scores), 0 where t is ignore_index; reduced by `reduction` (mean: over the
+    weights of the counted elements). The class is picked by comparing iota with the target."""
+    x, target = g.tensor(ins[0]), g.tensor(ins[1])
+    if not x.type.is_static or x.type.rank < 2:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': scores of static shape [N, C, ...] are imported")
+    d = g.d
+    log_prob = d("mlc.log_softmax", x, axis=1) if node.op_type == "SoftmaxCrossEntropyLoss" else x
+    expanded = d.reshape(target, target.type.shape[:1] + (1,) + target.type.shape[1:])
+    classes = d("mlc.iota", axis=1, result_type=log_prob.type.with_element(target.type.element))
+    picked = d("mlc.reduce_sum", d("mlc.mul", log_prob, d("mlc.cast", d("mlc.eq", classes, expanded), result_type=log_prob.type)),
+               axes=[1], keepdims=False)
+    counted = d("mlc.ne", target, d.scalar(attrs["ignore_index"], target)) if "ignore_index" in attrs else None
+    safe = d("mlc.select", counted, target, d.scalar(0, target)) if counted is not None else target  # (ignored: any class)
+    weight = d("mlc.gather", g.tensor(ins[2]), safe, axis=0) if len(ins) > 2 and ins[2] else None
+    if counted is not None:
+        kept = d("mlc.cast", counted, result_type=picked.type)
+        weight = kept if weight is None else d("mlc.mul", weight, kept)
+    loss = d("mlc.neg", picked if weight is None else d("mlc.mul", picked, weight))
+    reduction = attrs.get("reduction", "mean")
+    every = list(range(loss.type.rank))
+    if reduction == "sum":
+        loss = d("mlc.reduce_sum", loss, axes=every, keepdims=False)
+    elif reduction == "mean":
+        total = d("mlc.reduce_sum", loss, axes=every, keepdims=False)
+        loss = d("mlc.div", total, d("mlc.reduce_sum", weight, axes=every, keepdims=False)) if weight is not None else \
+            d("mlc.reduce_mean", loss, axes=every, keepdims=False)
+    return [loss, log_prob]
+
+
+@converts("Mod")
+def _mod(g, node, ins, attrs):
+    a, b = g.tensor(ins[0]), g.tensor(ins[1])
+    if not attrs.get("fmod", 0) or not a.type.element.is_float:
+        raise NotImplementedError(f"Mod node '{node.name}': integer modulo (fmod=0) is not imported")
+    quotient = g.d("mlc.div", a, b)  # fmod: a - trunc(a / b) * b, the sign of a
+    truncated = g.d("mlc.mul", g.d("mlc.sign", quotient), g.d("mlc.floor", g.d("mlc.abs", quotient)))
+    return [g.d("mlc.sub", a, g.d("mlc.mul", truncated, b))]
