@@ -422,34 +422,53 @@ def _global_pool(g, node, ins, attrs):
 
 
 def _window(g, node, attrs, x: Value) -> tuple:
-    """(strides, pads [top, left, bottom, right], dilations) of a 2-d convolution or pool."""
-    if x.type.rank != 4:
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': only 2-d (NCHW) windows are imported")
+    """(strides, pads [top, left, bottom, right], dilations, kernel) of a 2-d convolution or pool; a 1-d
+    one is the 2-d one over a height of 1 (x is then reshaped by the caller: see _as_2d)."""
+    if x.type.rank not in (3, 4):
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': only 1-d and 2-d windows are imported")
     if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise NotImplementedError(f"{node.op_type} node '{node.name}': auto_pad {attrs['auto_pad']} is not imported")
-    return list(attrs.get("strides", [1, 1])), list(attrs.get("pads", [0, 0, 0, 0])), list(attrs.get("dilations", [1, 1]))
+    one_d = x.type.rank == 3
+    strides = list(attrs.get("strides", [1] * (x.type.rank - 2)))
+    pads = list(attrs.get("pads", [0] * 2 * (x.type.rank - 2)))
+    dilations = list(attrs.get("dilations", [1] * (x.type.rank - 2)))
+    kernel = list(attrs.get("kernel_shape", []))
+    if one_d:
+        strides, pads, dilations = [1] + strides, [0, pads[0], 0, pads[1]], [1] + dilations
+        kernel = [1] + kernel if kernel else kernel
+    return strides, pads, dilations, kernel
+
+
+def _as_2d(g, v: Value) -> Value:
+    """[N, C, L] as [N, C, 1, L] (and a 1-d kernel [O, C, k] as [O, C, 1, k])."""
+    return g.d.reshape(v, v.type.shape[:2] + (1,) + v.type.shape[2:]) if v.type.rank == 3 else v
+
+
+def _back_to_1d(g, y: Value, rank: int) -> Value:
+    return g.d.reshape(y, y.type.shape[:2] + y.type.shape[3:]) if rank == 3 else y
 
 
 @converts("Conv")
 def _conv(g, node, ins, attrs):
     x, w = g.tensor(ins[0]), g.tensor(ins[1])
-    strides, pads, dilations = _window(g, node, attrs, x)
-    y = g.d("mlc.conv2d", x, w, stride=strides, padding=pads, dilation=dilations, groups=attrs.get("group", 1))
+    strides, pads, dilations, _ = _window(g, node, attrs, x)
+    y = g.d("mlc.conv2d", _as_2d(g, x), _as_2d(g, w), stride=strides, padding=pads, dilation=dilations, groups=attrs.get("group", 1))
+    y = _back_to_1d(g, y, x.type.rank)
     if len(ins) > 2 and ins[2]:
         bias = g.tensor(ins[2])
-        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0], 1, 1)))
+        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0],) + (1,) * (y.type.rank - 2)))
     return [y]
 
 
 @converts("MaxPool", "AveragePool")
 def _pool(g, node, ins, attrs):
     x = g.tensor(ins[0])
-    strides, pads, dilations = _window(g, node, attrs, x)
-    if dilations != [1, 1] or attrs.get("ceil_mode", 0) or len([o for o in node.output if o]) > 1:
+    strides, pads, dilations, kernel = _window(g, node, attrs, x)
+    if any(d != 1 for d in dilations) or attrs.get("ceil_mode", 0) or len([o for o in node.output if o]) > 1:
         raise NotImplementedError(f"{node.op_type} node '{node.name}': dilations, ceil_mode and indices are not imported")
     extra = {"count_include_pad": bool(attrs.get("count_include_pad", 0))} if node.op_type == "AveragePool" else {}
     name = "mlc.max_pool2d" if node.op_type == "MaxPool" else "mlc.avg_pool2d"
-    return [g.d(name, x, kernel=list(attrs["kernel_shape"]), stride=strides, padding=pads, **extra)]
+    return [_back_to_1d(g, g.d(name, _as_2d(g, x), kernel=kernel, stride=strides, padding=pads, **extra), x.type.rank)]
 
 
 @converts("BatchNormalization")
@@ -745,7 +764,9 @@ def _make_backend():
 @converts("ConvTranspose")
 def _conv_transpose(g, node, ins, attrs):
     x, w = g.tensor(ins[0]), g.tensor(ins[1])
-    strides, pads, dilations = _window(g, node, attrs, x)
+    if x.type.rank != 4:
+        raise NotImplementedError(f"ConvTranspose node '{node.name}': only 2-d windows are imported")
+    strides, pads, dilations, _ = _window(g, node, attrs, x)
     if "output_shape" in attrs:
         raise NotImplementedError(f"ConvTranspose node '{node.name}': output_shape is not imported (give pads)")
     y = g.d("mlc.conv2d_transpose", x, w, stride=strides, padding=pads, dilation=dilations,
