@@ -168,10 +168,6 @@ class Graph:
         if present and all(i in self.known for i in node.input if i) and domain == "ai.onnx" and node.op_type != "Constant":
             self.fold(node)
             return
-        if node.op_type == "Shape" and node.input[0] in self.values and self.values[node.input[0]].type.is_static:
-            start, end = self.attrs(node).get("start", 0), self.attrs(node).get("end", None)
-            self.known[node.output[0]] = np.array(self.values[node.input[0]].type.shape[start:end], np.int64)
-            return
         convert = CONVERTERS.get(node.op_type) if domain == "ai.onnx" else None
         if convert is None:
             raise NotImplementedError(f"ONNX op {node.op_type} (domain {domain}, opset {opset}) of node '{node.name}' cannot be imported yet")
@@ -403,15 +399,7 @@ def _gelu(g, node, ins, attrs):
 
 @converts("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")
 def _reduce(g, node, ins, attrs):
-    x = g.tensor(ins[0])
-    axes_as_input = (node.op_type == "ReduceSum" and g.opset >= 13) or g.opset >= 18
-    axes = (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None) if axes_as_input else attrs.get("axes")
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return [x]
-        axes = list(range(x.type.rank))
-    name = "mlc.reduce_" + node.op_type[len("Reduce"):].lower()
-    return [g.d(name, x, axes=[int(a) % x.type.rank for a in axes], keepdims=bool(attrs.get("keepdims", 1)))]
+    return [_reduce_over(g, node, ins, attrs, g.tensor(ins[0]), "mlc.reduce_" + node.op_type[len("Reduce"):].lower())]
 
 
 @converts("GlobalAveragePool", "GlobalMaxPool")
@@ -608,8 +596,10 @@ def _reduce_composite(g, node, ins, attrs):
 
 
 def _reduce_over(g, node, ins, attrs, x: Value, name: str) -> Value:
-    """`name` over a reduction node's axes (an attribute before opset 18, an input from 18 on)."""
-    axes = (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None) if g.opset >= 18 else attrs.get("axes")
+    """`name` over a reduction node's axes (an attribute until they became an input: opset 13 for
+    ReduceSum, 18 for the others)."""
+    as_input = g.opset >= (13 if node.op_type == "ReduceSum" else 18)
+    axes = (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None) if as_input else attrs.get("axes")
     if not axes:
         if attrs.get("noop_with_empty_axes", 0):
             return x
@@ -621,14 +611,19 @@ def _reduce_over(g, node, ins, attrs, x: Value, name: str) -> Value:
 def _layer_norm(g, node, ins, attrs):
     """Y, and the optional Mean and InvStdDev over the normalised dims (kept as 1s)."""
     x, scale = g.tensor(ins[0]), g.tensor(ins[1])
-    axis = attrs.get("axis", -1) % x.type.rank
-    axes = list(range(axis, x.type.rank))
+    normal, mean, inverse = _normalised(g, x, list(range(attrs.get("axis", -1) % x.type.rank, x.type.rank)), attrs)
+    y = g.d("mlc.mul", normal, scale)
+    return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y, mean, inverse]
+
+
+def _normalised(g, x: Value, axes: list, attrs) -> tuple:
+    """((x - mean) * inverse, mean, inverse) with mean and 1 / sqrt(variance + epsilon) over `axes`
+    (kept as 1s)."""
     mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
     centred = g.d("mlc.sub", x, mean)
     var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
     inverse = g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))
-    y = g.d("mlc.mul", g.d("mlc.mul", centred, inverse), scale)
-    return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y, mean, inverse]
+    return g.d("mlc.mul", centred, inverse), mean, inverse
 
 
 @converts("Slice")
@@ -780,12 +775,8 @@ def _conv_transpose(g, node, ins, attrs):
 @converts("InstanceNormalization")
 def _instance_norm(g, node, ins, attrs):
     x, scale, bias = (g.tensor(i) for i in ins[:3])
-    axes = list(range(2, x.type.rank))
-    mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
-    centred = g.d("mlc.sub", x, mean)
-    var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
+    normal = _normalised(g, x, list(range(2, x.type.rank)), attrs)[0]
     per_channel = (x.type.shape[1],) + (1,) * (x.type.rank - 2)
-    normal = g.d("mlc.mul", centred, g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var))))
     return [g.d("mlc.add", g.d("mlc.mul", normal, g.d.reshape(scale, per_channel)), g.d.reshape(bias, per_channel))]
 
 
@@ -899,7 +890,7 @@ def _recurrent(g, node, ins, attrs):
     b = g.tensor(ins[3]) if given(3) else None
     ys, finals = [], []
     for k, reverse in enumerate(directions):
-        def pick(v, rows=None):
+        def pick(v):
             one = g.d("mlc.slice", v, start=[k] + [0] * (v.type.rank - 1), limit=[k + 1] + list(v.type.shape[1:]),
                       stride=[1] * v.type.rank)
             return g.d.reshape(one, v.type.shape[1:])

@@ -48,7 +48,23 @@ class FunctionCode:
     checks: list = field(default_factory=list)  # (location, op name, message) of ops with run-time checks
 
 
-class Executable:
+class FunctionTable:
+    """exe["forward"](x) and exe.forward(x), for an executable's `functions` (name -> callable)."""
+
+    def __getitem__(self, name: str):
+        name = name.lstrip("@")
+        if name not in self.functions:
+            raise KeyError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in self.functions)})")
+        return self.functions[name]
+
+    def __getattr__(self, name: str):
+        functions = self.__dict__.get("functions", {})
+        if name in functions:
+            return functions[name]
+        raise AttributeError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in functions)})")
+
+
+class Executable(FunctionTable):
     """Native code for every public function of a module, with the module's globals."""
     target = "cpu"
 
@@ -84,18 +100,6 @@ class Executable:
         from .artifact import save
         save(self, path)
 
-    def __getitem__(self, name: str) -> "NativeFunction":
-        name = name.lstrip("@")
-        if name not in self.functions:
-            raise KeyError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in self.functions)})")
-        return self.functions[name]
-
-    def __getattr__(self, name: str) -> "NativeFunction":
-        """exe.forward(x), as exe["forward"](x)."""
-        functions = self.__dict__.get("functions", {})
-        if name in functions:
-            return functions[name]
-        raise AttributeError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in functions)})")
 
     def __repr__(self):
         return f"<Executable {', '.join('@' + n for n in self.functions)} for cpu>"

@@ -25,6 +25,8 @@ from mlc.ir.interpreter import Interpreter, check_arguments
 from mlc.ir.registry import TERMINATOR
 from mlc.ir.types import ElementType, MemRefType
 
+from .executable import FunctionTable
+
 
 @dataclass
 class Kernel:
@@ -36,7 +38,7 @@ class Kernel:
     checks: list = field(default_factory=list)
 
 
-class GpuExecutable:
+class GpuExecutable(FunctionTable):
     """Kernels (PTX) for every public function of a module lowered by the cuda pipeline."""
     target = "cuda"
 
@@ -105,18 +107,6 @@ class GpuExecutable:
                              f"got {array.dtype} {array.shape}")
         self.device.copy(self.device_globals[name], self.device.upload(array))
         self.mirrors[name] = array
-
-    def __getitem__(self, name: str) -> "GpuFunction":
-        name = name.lstrip("@")
-        if name not in self.functions:
-            raise KeyError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in self.functions)})")
-        return self.functions[name]
-
-    def __getattr__(self, name: str) -> "GpuFunction":
-        functions = self.__dict__.get("functions", {})
-        if name in functions:
-            return functions[name]
-        raise AttributeError(f"no public function '@{name}' (functions: {', '.join('@' + n for n in functions)})")
 
     def __repr__(self):
         return f"<GpuExecutable {', '.join('@' + n for n in self.functions)} for cuda ({self.arch}, {len(self.kernels)} kernels)>"
@@ -256,11 +246,9 @@ class HostRun:
 
 
 def _host_scalar_op(op, ins) -> list:
+    """A check or an arith op on host scalars: its interpreter kernel, results in their types."""
     out = op.opdef.interpret(ins, op, None)
-    if op.name == "mem.check":
-        return []
-    t = op.results[0].type
-    return [np.asarray(out).astype(t.np_dtype)[()] if isinstance(t, ElementType) else out]
+    return [np.asarray(out).astype(r.type.np_dtype)[()] for r in op.results]
 
 
 # --- devices ----------------------------------------------------------------------------------------------
