@@ -35,7 +35,7 @@ F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 
 SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
-INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "pow"}  # math functions LLVM has as intrinsics (others: libm)
+INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "rint", "pow"}  # math functions LLVM has as intrinsics (others: libm)
 
 
 def scalar_type(e: ElementType):
@@ -688,6 +688,7 @@ class ArithEmitter:
     def f_sub(self, t, a, b): return self.b.fsub(a, b)
     def f_mul(self, t, a, b): return self.b.fmul(a, b)
     def f_div(self, t, a, b): return self.b.fdiv(a, b)
+    def f_rem(self, t, a, b): return self.b.frem(a, b)
     def f_maximum(self, t, a, b): return self.call("maximum", t, a, b)
     def f_minimum(self, t, a, b): return self.call("minimum", t, a, b)
     def f_eq(self, t, a, b): return self.b.fcmp_ordered("==", a, b)
@@ -749,6 +750,12 @@ class ArithEmitter:
         q = self.b.sdiv(a, safe)
         q = self.b.select(minus_one, self.b.sub(zero, a), q)
         return self.b.select(self.b.icmp_signed("==", b, zero), zero, q)
+
+    def i_rem(self, t, a, b):
+        """Truncating, the sign of a; x rem 0 = 0 and MIN rem -1 = 0 (never LLVM's undefined ones)."""
+        zero, one = ir.Constant(t, 0), ir.Constant(t, 1)
+        unsafe = self.b.or_(self.b.icmp_signed("==", b, zero), self.b.icmp_signed("==", b, ir.Constant(t, -1)))
+        return self.b.select(unsafe, zero, self.b.srem(a, self.b.select(unsafe, one, b)))
 
     def i_maximum(self, t, a, b): return self.b.select(self.b.icmp_signed(">", a, b), a, b)
     def i_minimum(self, t, a, b): return self.b.select(self.b.icmp_signed("<", a, b), a, b)

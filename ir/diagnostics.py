@@ -110,8 +110,13 @@ class Diagnostics:
             raise DiagnosticError(self.errors)
 
 
-def error(loc: Location, message: str, op_name: str | None = None) -> DiagnosticError:
+class UnsupportedError(DiagnosticError, NotImplementedError):
+    """Valid input that mlc does not handle yet (an element type a backend does not compile): a
+    diagnostic for the command line, a NotImplementedError for callers that refuse what is not done."""
+
+
+def error(loc: Location, message: str, op_name: str | None = None, kind: type = DiagnosticError) -> DiagnosticError:
     """One located error, ready to raise."""
     d = Diagnostics()
     d.error(loc, message, op_name)
-    return DiagnosticError(d.errors)
+    return kind(d.errors)

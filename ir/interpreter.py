@@ -123,6 +123,8 @@ def check_argument(name: str, t: TensorType, value) -> np.ndarray:
     if not isinstance(value, np.ndarray) and a.dtype.kind in "iufb":  # Python scalars and lists
         a = a.astype(t.element.np_dtype)
     want = t.element.np_dtype
+    if t.element.name == "bf16" and a.dtype.name == "bfloat16":  # (ml_dtypes' bf16: held in float32 here)
+        a = a.astype(np.float32)
     if a.dtype != want:
         raise _error(NOWHERE, f"argument '{name}' must have dtype {want} ({t}), got {a.dtype}")
     if a.ndim != t.rank:

@@ -23,7 +23,8 @@ from .diagnostics import Diagnostics, Location, Sources
 from .registry import load_dialects, lookup_op
 from .types import ERROR, ELEMENT_TYPES, FunctionType, TensorType, parse_type
 
-_T = r"(?:(?:tensor|memref|vector)<[^<>]*>|[a-z][a-z0-9]*)"
+_T = r"(?:(?:tensor|memref|vector)<[^<>]*>|[a-z][A-Za-z0-9]*)"
+_ELEMENTS = "|".join(sorted(ELEMENT_TYPES, key=len, reverse=True))
 _TL = rf"(?:{_T}(?:\s*,\s*{_T})*)?"
 _V = r"%[A-Za-z0-9_$.\-]+"
 _OPERANDS = rf"{_V}(?:#\d+)?(?:\s*,\s*{_V}(?:#\d+)?)*"
@@ -80,7 +81,7 @@ OPERANDS: /{_OPERANDS}/
 OPSIG.2: /:\s*\(\s*{_TL}\s*\)\s*->\s*(?:{_T}|\(\s*{_TL}\s*\))/
 SHORT_SIG: /:\s*{_T}(?:\s*,\s*{_T})*/
 FTYPE.2: /\(\s*{_TL}\s*\)\s*->\s*(?:{_T}|\(\s*{_TL}\s*\))/
-TYPE: /(?:tensor|memref|vector)<[^<>]*>|(?:f16|bf16|f32|f64|i1|i8|i32|i64|index)(?![\w.$])/
+TYPE: /(?:tensor|memref|vector)<[^<>]*>|(?:{_ELEMENTS})(?![\w.$])/
 DENSE: /dense<[^<>]*>/
 ARRAY: /array<[^<>]*>/
 LOC.2: /loc\((?:"(?:[^"\\\n]|\\.)*"(?::\d+:\d+)?|unknown)\)/
@@ -727,7 +728,7 @@ _HEX = re.compile(r"[-+]?0x[0-9a-fA-F]+")
 
 def parse_dense(body: str, t: TensorType) -> np.ndarray:
     """The payload of `dense<...>`: nested lists, a splat, or a hex string of little-endian bytes."""
-    from .types import round_to_element
+    from .types import int_range, round_to_element
     body = body.strip()
     dtype = t.element.np_dtype
     if body.startswith('"'):
@@ -757,9 +758,10 @@ def parse_dense(body: str, t: TensorType) -> np.ndarray:
                 raise ValueError(f"dense literal for {t} has ragged or non-numeric data")
             if t.element.is_int and arr.dtype.kind == "f":
                 raise ValueError(f"integer constant {t} has non-integer values")
-            if t.element.is_int and arr.size and (arr.min() < np.iinfo(dtype).min or arr.max() > np.iinfo(dtype).max):
+            low, high = int_range(t.element) if t.element.is_int else (None, None)
+            if t.element.is_int and arr.size and (arr.min() < low or arr.max() > high):
                 raise ValueError(f"value out of range for {t.element}")
-            arr = round_to_element(arr.astype(dtype), t.element)
+            arr = round_to_element(arr if t.element.name == "bf16" else arr.astype(dtype), t.element)
     except OverflowError:
         raise ValueError(f"value out of range for {t.element}") from None
     except ValueError as e:

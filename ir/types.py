@@ -30,6 +30,10 @@ class ElementType(Type):
         return self.name in INT_NAMES
 
     @property
+    def is_unsigned(self) -> bool:
+        return self.name.startswith("ui")
+
+    @property
     def is_bool(self) -> bool:
         return self.name == "i1"
 
@@ -39,26 +43,51 @@ class ElementType(Type):
 
     @property
     def np_dtype(self) -> np.dtype:
-        """The numpy dtype holding values of this type (bf16 is held in float32, rounded)."""
-        return NP_DTYPES[self.name]
+        """The numpy dtype holding values of this type (bf16 is held in float32, rounded; the 8-, 4-
+        and 2-bit formats in ml_dtypes' types, imported when first needed: it takes a second)."""
+        dtype = NP_DTYPES.get(self.name)
+        if dtype is None:
+            import ml_dtypes
+            dtype = NP_DTYPES[self.name] = np.dtype(getattr(ml_dtypes, ML_DTYPES[self.name]))
+        return dtype
 
     def __str__(self) -> str:
         return self.name
 
 
-FLOAT_NAMES = ("f16", "bf16", "f32", "f64")
-INT_NAMES = ("i1", "i8", "i32", "i64")
-BITS = {"f16": 16, "bf16": 16, "f32": 32, "f64": 64, "i1": 1, "i8": 8, "i32": 32, "i64": 64, "index": 64}
+# MLIR's names. The narrow formats (8-bit floats, 4- and 2-bit numbers) are for storage and casts:
+# the interpreter runs them, the compiled backends refuse them.
+ML_DTYPES = {"f8E4M3FN": "float8_e4m3fn", "f8E4M3FNUZ": "float8_e4m3fnuz", "f8E5M2": "float8_e5m2",
+             "f8E5M2FNUZ": "float8_e5m2fnuz", "f8E8M0FNU": "float8_e8m0fnu", "f4E2M1FN": "float4_e2m1fn",
+             "i4": "int4", "ui4": "uint4", "i2": "int2", "ui2": "uint2"}
+FLOAT_NAMES = ("f16", "bf16", "f32", "f64", "f8E4M3FN", "f8E4M3FNUZ", "f8E5M2", "f8E5M2FNUZ", "f8E8M0FNU", "f4E2M1FN")
+INT_NAMES = ("i1", "i8", "i32", "i64", "i16", "ui8", "ui16", "ui32", "ui64", "i4", "ui4", "i2", "ui2")
+BITS = {"f16": 16, "bf16": 16, "f32": 32, "f64": 64, "i1": 1, "i8": 8, "i32": 32, "i64": 64, "index": 64, "i16": 16,
+        "ui8": 8, "ui16": 16, "ui32": 32, "ui64": 64, "i4": 4, "ui4": 4, "i2": 2, "ui2": 2, "f4E2M1FN": 4,
+        **{n: 8 for n in FLOAT_NAMES if n.startswith("f8")}}
 NP_DTYPES = {
     "f16": np.dtype(np.float16), "bf16": np.dtype(np.float32), "f32": np.dtype(np.float32),
     "f64": np.dtype(np.float64), "i1": np.dtype(np.bool_), "i8": np.dtype(np.int8),
     "i32": np.dtype(np.int32), "i64": np.dtype(np.int64), "index": np.dtype(np.int64),
+    "i16": np.dtype(np.int16), "ui8": np.dtype(np.uint8), "ui16": np.dtype(np.uint16), "ui32": np.dtype(np.uint32),
+    "ui64": np.dtype(np.uint64),
 }
+NATIVE = ("f16", "bf16", "f32", "f64", "i1", "i8", "i32", "i64", "index")  # what the compiled backends take
 
-f16, bf16, f32, f64 = (ElementType(n) for n in FLOAT_NAMES)
-i1, i8, i32, i64 = (ElementType(n) for n in INT_NAMES)
+f16, bf16, f32, f64 = (ElementType(n) for n in FLOAT_NAMES[:4])
+i1, i8, i32, i64 = (ElementType(n) for n in INT_NAMES[:4])
 index = ElementType("index")
-ELEMENT_TYPES = {t.name: t for t in (f16, bf16, f32, f64, i1, i8, i32, i64, index)}
+ELEMENT_TYPES = {n: ElementType(n) for n in FLOAT_NAMES + INT_NAMES + ("index",)}
+ELEMENT_TYPES.update({t.name: t for t in (f16, bf16, f32, f64, i1, i8, i32, i64, index)})
+
+
+def int_range(element: ElementType) -> tuple[int, int]:
+    """The smallest and largest value of an integer type."""
+    if element.is_bool:
+        return 0, 1
+    if element.is_unsigned:
+        return 0, (1 << element.bits) - 1
+    return -(1 << (element.bits - 1)), (1 << (element.bits - 1)) - 1
 
 
 def _dims_str(shape) -> str:
@@ -179,9 +208,15 @@ def parse_type(text: str) -> Type:
 
 def element_of(dtype: np.dtype) -> ElementType:
     """The element type for a numpy dtype, or ValueError."""
-    for name in ("f16", "f32", "f64", "i1", "i8", "i32", "i64"):
-        if NP_DTYPES[name] == dtype:
+    dtype = np.dtype(dtype)
+    for name, held in NP_DTYPES.items():
+        if held == dtype and name not in ("bf16", "index"):
             return ELEMENT_TYPES[name]
+    for name, ml_name in ML_DTYPES.items():
+        if dtype.name == ml_name:
+            return ELEMENT_TYPES[name]
+    if dtype.name == "bfloat16":
+        return ELEMENT_TYPES["bf16"]
     raise ValueError(f"unsupported dtype {dtype}")
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from mlc.codegen.llvm import emit_module
 from mlc.codegen.nvptx import GPU_ARCHS, deferred_kernels
 from mlc.ir.core import Module
-from mlc.ir.diagnostics import error
+from mlc.ir.diagnostics import UnsupportedError, error
+from mlc.ir.types import NATIVE, ElementType
 from mlc.passes import PassManager
 from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable
@@ -78,3 +79,9 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
 def _check_target(module: Module, target: str) -> None:
     if target not in TARGETS:
         raise error(module.loc, f"target '{target}' is not available yet (targets: {', '.join(TARGETS)})")
+    for op in module.walk():
+        for v in [*op.results, *(a for r in op.regions for b in r.blocks for a in b.args)]:
+            element = getattr(v.type, "element", v.type)
+            if isinstance(element, ElementType) and element.name not in NATIVE:
+                raise error(op.loc, f"element type {element} runs on the interpreter only: the {target} target does not "
+                            "compile it yet", op.name, UnsupportedError)

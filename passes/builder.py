@@ -6,7 +6,7 @@ import numpy as np
 from mlc.ir.attributes import DenseAttr
 from mlc.ir.core import Builder, Value
 from mlc.ir.dialects.mlc import END
-from mlc.ir.types import TensorType, element_of, i1
+from mlc.ir.types import TensorType, element_of, i1, round_to_element
 
 
 class OpBuilder:
@@ -66,7 +66,7 @@ class OpBuilder:
 
     def const(self, array: np.ndarray) -> Value:
         t = TensorType(array.shape, element_of(array.dtype))
-        return self("mlc.constant", result_type=t, value=DenseAttr(array, t))
+        return self("mlc.constant", result_type=t, value=DenseAttr(round_to_element(array, t.element), t))
 
     def zeros_of(self, t: TensorType) -> Value:
         """Zeros of a static tensor type."""

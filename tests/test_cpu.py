@@ -71,7 +71,7 @@ def test_integer_unary(name, dtype):
     compile_and_compare(one_op(f"mlc.{name}", x), "f", x)
 
 
-@pytest.mark.parametrize("name", ["add", "sub", "mul", "div", "maximum", "minimum", "eq", "lt", "ge"])
+@pytest.mark.parametrize("name", ["add", "sub", "mul", "div", "rem", "maximum", "minimum", "eq", "lt", "ge"])
 @pytest.mark.parametrize("dtype", [np.int8, np.int32, np.int64])
 def test_integer_binary(name, dtype):
     info = np.iinfo(dtype)

@@ -160,10 +160,14 @@ def test_dialect_attributes_on_an_op_without_signature():
     assert_round_trips(text)
 
 
-@pytest.mark.parametrize("element", ["f32", "f64", "f16", "bf16", "i64", "i8", "i1"])
+NARROW = ["i16", "ui8", "ui16", "ui32", "ui64", "i4", "ui4", "i2", "ui2", "f8E4M3FN", "f8E4M3FNUZ", "f8E5M2", "f8E5M2FNUZ",
+          "f4E2M1FN"]
+
+
+@pytest.mark.parametrize("element", ["f32", "f64", "f16", "bf16", "i64", "i8", "i1"] + NARROW)
 def test_large_constants_print_as_exact_hex(element):
     """Above 256 elements a constant prints as the hex of its little-endian bytes (bf16: two bytes
-    each), which reads back bit for bit."""
+    each; the narrow formats: a byte each, as ml_dtypes holds them), which reads back bit for bit."""
     from mlc.ir.attributes import DenseAttr
     from mlc.ir.types import ELEMENT_TYPES, parse_type, round_to_element
     e = ELEMENT_TYPES[element]
@@ -174,3 +178,26 @@ def test_large_constants_print_as_exact_hex(element):
     m = mlc.parse(text)
     np.testing.assert_array_equal(mlc.interpret(m, "f"), values)
     assert str(mlc.parse(str(m))) == str(m)
+
+
+@pytest.mark.parametrize("element", NARROW)
+def test_narrow_element_types_print_parse_and_interpret(element):
+    """Unsigned, 16-bit, 8-bit float and 4/2-bit element types: small constants print as numbers that
+    read back exactly, and casts between them and f32 run on the interpreter as ml_dtypes converts."""
+    from mlc.ir.types import ELEMENT_TYPES
+    e = ELEMENT_TYPES[element]
+    values = np.array([0, 1, 0, 1] if not e.is_float else [0.5, -1.5, 3.0, 1.0], np.float32)
+    if e.is_int and not e.is_unsigned:
+        values = values - 1
+    text = f"""func.func @f(%x: tensor<4xf32>) -> (tensor<4x{element}>, tensor<4xf32>) {{
+      %c = mlc.constant dense<{(values if e.is_float else values.astype(int)).tolist()}> : tensor<4x{element}>
+      %y = mlc.cast %x : (tensor<4xf32>) -> tensor<4x{element}>
+      %z = mlc.cast %c : (tensor<4x{element}>) -> tensor<4xf32>
+      return %y, %z : tensor<4x{element}>, tensor<4xf32>
+    }}"""
+    m = mlc.parse(text)
+    assert str(mlc.parse(str(m))) == str(m)
+    y, z = mlc.interpret(m, "f", values)
+    assert y.dtype == e.np_dtype
+    np.testing.assert_array_equal(y.astype(np.float32), values)
+    np.testing.assert_array_equal(z, values)

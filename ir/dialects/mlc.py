@@ -15,7 +15,7 @@ from ..attributes import DenseAttr
 from ..core import Block, Region
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
                         Attr, OpDef, Terminator, VerifyError)
-from ..types import ERROR, TensorType, f32, i1, i64, types_compatible
+from ..types import ERROR, TensorType, element_of, f32, i1, i64, int_range, types_compatible
 from .shapes import (broadcast_shapes, fmt_shape, norm_axes, norm_axis, num_elements, pads4, positive,
                      require_element, same_element, tensor_type, window_out)
 
@@ -25,8 +25,13 @@ def _tensors(op):
 
 
 def _acc(x: np.ndarray) -> np.ndarray:
-    """Accumulate half-precision values in f32, as PyTorch's CPU kernels do."""
-    return x.astype(np.float32) if x.dtype == np.float16 else x
+    """Accumulate half-precision (and narrower) values in f32, as PyTorch's CPU kernels do."""
+    return x.astype(np.float32) if x.dtype == np.float16 or x.dtype.name.startswith("float8") else x
+
+
+def _floating(x: np.ndarray) -> bool:
+    """Holds floats (numpy's, or ml_dtypes' narrow formats)?"""
+    return x.dtype.kind == "f" or x.dtype.name.startswith(("float", "bfloat"))
 
 
 class RuntimeCheck(Exception):
@@ -280,6 +285,11 @@ def _one(d, x):
     return d.scalar(1, x)
 
 
+def _sqrt_diff_squares(d, a, b):
+    """sqrt(a^2 - b^2) as sqrt((a - b)(a + b)): no cancellation where |a| is near |b|."""
+    return d("mlc.sqrt", d("mlc.mul", d("mlc.sub", a, b), d("mlc.add", a, b)))
+
+
 class Neg(Unary, name="mlc.neg", fn=np.negative, kind="num", fold=_fold_involution, grad=lambda d, x, y, g: d("mlc.neg", g)): ...
 class Abs(Unary, name="mlc.abs", fn=np.abs, kind="num", fold=_fold_idempotent_unary, grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.sign", x))): ...
 class Exp(Unary, name="mlc.exp", fn=np.exp, cost=EXPENSIVE, scalar="exp", grad=lambda d, x, y, g: d("mlc.mul", g, y)): ...
@@ -306,6 +316,22 @@ class Sin(Unary, name="mlc.sin", fn=np.sin, cost=EXPENSIVE, scalar="sin", grad=l
 class Cos(Unary, name="mlc.cos", fn=np.cos, cost=EXPENSIVE, scalar="cos", grad=lambda d, x, y, g: d("mlc.neg", d("mlc.mul", g, d("mlc.sin", x)))): ...
 class Sign(Unary, name="mlc.sign", fn=np.sign, kind="num", scalar=_sign_scalar, grad=lambda d, x, y, g: None): ...  # zero almost everywhere
 class Floor(Unary, name="mlc.floor", fn=np.floor, scalar="floor", fold=_fold_idempotent_unary, grad=lambda d, x, y, g: None): ...
+class Round(Unary, name="mlc.round", fn=np.round, scalar="rint", fold=_fold_idempotent_unary, grad=lambda d, x, y, g: None): ...  # half to even
+class Tan(Unary, name="mlc.tan", fn=np.tan, cost=EXPENSIVE, scalar="tan",
+          grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.add", _one(d, y), d("mlc.mul", y, y)))): ...
+class Asin(Unary, name="mlc.asin", fn=np.arcsin, cost=EXPENSIVE, scalar="asin", grad=lambda d, x, y, g: d("mlc.div", g, _sqrt_diff_squares(d, _one(d, x), x))): ...
+class Acos(Unary, name="mlc.acos", fn=np.arccos, cost=EXPENSIVE, scalar="acos",
+           grad=lambda d, x, y, g: d("mlc.neg", d("mlc.div", g, _sqrt_diff_squares(d, _one(d, x), x)))): ...
+class Atan(Unary, name="mlc.atan", fn=np.arctan, cost=EXPENSIVE, scalar="atan",
+           grad=lambda d, x, y, g: d("mlc.div", g, d("mlc.add", _one(d, x), d("mlc.mul", x, x)))): ...
+class Sinh(Unary, name="mlc.sinh", fn=np.sinh, cost=EXPENSIVE, scalar="sinh", grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.cosh", x))): ...
+class Cosh(Unary, name="mlc.cosh", fn=np.cosh, cost=EXPENSIVE, scalar="cosh", grad=lambda d, x, y, g: d("mlc.mul", g, d("mlc.sinh", x))): ...
+class Asinh(Unary, name="mlc.asinh", fn=np.arcsinh, cost=EXPENSIVE, scalar="asinh",
+            grad=lambda d, x, y, g: d("mlc.div", g, d("mlc.sqrt", d("mlc.add", d("mlc.mul", x, x), _one(d, x))))): ...
+class Acosh(Unary, name="mlc.acosh", fn=np.arccosh, cost=EXPENSIVE, scalar="acosh",
+            grad=lambda d, x, y, g: d("mlc.div", g, _sqrt_diff_squares(d, x, _one(d, x)))): ...
+class Atanh(Unary, name="mlc.atanh", fn=np.arctanh, cost=EXPENSIVE, scalar="atanh",
+            grad=lambda d, x, y, g: d("mlc.div", g, d("mlc.sub", _one(d, x), d("mlc.mul", x, x)))): ...
 class Not(Unary, name="mlc.not", fn=_not, kind="logic", fold=_fold_involution): ...
 
 
@@ -346,10 +372,19 @@ class Gelu(Unary, name="mlc.gelu", cost=EXPENSIVE, scalar=_gelu_scalar):
         return [d("mlc.mul", g, d("mlc.add", cdf, d("mlc.mul", x, pdf)))]
 
 
+def _rem(a, b):
+    """The remainder of truncated division, with the sign of a (C fmod, LLVM frem/srem); an integer
+    x rem 0 is 0 (as x / 0 is), a float one NaN."""
+    a, b = np.asarray(a), np.asarray(b)
+    if _floating(a):
+        return np.fmod(a, b)
+    return np.where(b == 0, 0, np.fmod(a, np.where(b == 0, 1, b))).astype(a.dtype)
+
+
 def _div(a, b):
     """Floats: IEEE division. Integers: truncation toward zero (C, LLVM sdiv); x / 0 is 0."""
     a, b = np.asarray(a), np.asarray(b)
-    if a.dtype.kind == "f":
+    if _floating(a):
         return a / b
     a, b = np.broadcast_arrays(a, b)
     safe = np.where(b == 0, 1, b)
@@ -381,6 +416,7 @@ class Sub(Binary, name="mlc.sub", fn=np.subtract, grad=lambda d, a, b, y, g: (g,
 class Mul(Binary, name="mlc.mul", fn=np.multiply, commutative=True, grad=lambda d, a, b, y, g: (d("mlc.mul", g, b), d("mlc.mul", g, a))): ...
 class Div(Binary, name="mlc.div", fn=_div,
           grad=lambda d, a, b, y, g: (d("mlc.div", g, b), d("mlc.neg", d("mlc.div", d("mlc.mul", g, y), b)))): ...
+class Rem(Binary, name="mlc.rem", fn=_rem, grad=lambda d, a, b, y, g: (g, d("mlc.mul", g, d("mlc.div", d("mlc.sub", y, a), b)))): ...
 class Pow(Binary, name="mlc.pow", fn=np.power, kind="float", cost=EXPENSIVE, scalar="pow", grad=_pow_grad): ...
 class Maximum(Binary, name="mlc.maximum", fn=np.maximum, commutative=True, grad=_extremum_grad("mlc.gt")): ...
 class Minimum(Binary, name="mlc.minimum", fn=np.minimum, commutative=True, grad=_extremum_grad("mlc.lt")): ...
@@ -511,13 +547,13 @@ class Cast(OpDef):
     def convert(x: np.ndarray, target) -> np.ndarray:
         if target.is_bool:
             return x != 0
-        if x.dtype.kind == "f" and target.is_int:
-            info = np.iinfo(target.np_dtype)
+        if element_of(x.dtype).is_float and target.is_int:
+            low, high = int_range(target)
             t = np.trunc(np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0))
-            hi, lo = t >= 2.0 ** (info.bits - 1), t < -(2.0 ** (info.bits - 1))
+            hi, lo = t >= float(high) + 1.0, t < low  # (float(high) of i64 rounds up to 2^63)
             out = np.where(hi | lo, 0, t).astype(target.np_dtype)
-            out[hi | (np.isposinf(x))] = info.max
-            out[lo | (np.isneginf(x))] = info.min
+            out[hi | np.isposinf(x)] = high
+            out[lo | np.isneginf(x)] = low
             return out
         return x.astype(target.np_dtype)
 
@@ -605,11 +641,11 @@ class Reduction(OpDef):
 
 
 def _sum(x, axes, keep):
-    return np.sum(_acc(x), axis=axes, keepdims=keep, dtype=None if x.dtype.kind == "f" else x.dtype)
+    return np.sum(_acc(x), axis=axes, keepdims=keep, dtype=None if _floating(x) else x.dtype)
 
 
 def _prod(x, axes, keep):
-    return np.prod(_acc(x), axis=axes, keepdims=keep, dtype=None if x.dtype.kind == "f" else x.dtype)
+    return np.prod(_acc(x), axis=axes, keepdims=keep, dtype=None if _floating(x) else x.dtype)
 
 
 class ReduceSum(Reduction):
@@ -748,7 +784,7 @@ class Matmul(OpDef):
     @classmethod
     def interpret(cls, ins, op, ctx):
         a, b = (np.swapaxes(x, -1, -2) if flag else x for x, flag in zip(ins, cls.stored_transposed(op)))
-        if a.dtype.kind != "f":
+        if not _floating(a):
             return np.matmul(a, b)
         return np.matmul(_acc(a), _acc(b))
 
@@ -1008,9 +1044,10 @@ class Pad(OpDef):
 END = 2**62  # a slice limit past the end of any dim
 
 
-def _check_indices(idx, size, what="index"):
-    if idx.size and (idx.min() < 0 or idx.max() >= size):
-        bad = idx[(idx < 0) | (idx >= size)].reshape(-1)[0]
+def _check_indices(idx, size, what="index", lowest=0):
+    """Indices must be in [lowest, size): lowest is -size where negative ones count from the end."""
+    if idx.size and (idx.min() < lowest or idx.max() >= size):
+        bad = idx[(idx < lowest) | (idx >= size)].reshape(-1)[0]
         raise RuntimeCheck(f"{what} {bad} is out of range for a dim of size {size}")
 
 
@@ -1074,6 +1111,132 @@ class ScatterAdd(OpDef):
     def vjp(d, op, g):
         x, idx, upd = op.operands
         return [g, None, d("mlc.gather", g, idx, axis=op.attr("axis"))]
+
+
+def _element_operands(op):
+    """x and indices of the *_elements ops: the same rank >= 1, indices no larger than x off the axis."""
+    x, idx = _tensors(op)[:2]
+    require_element(idx, "int", 1)
+    if x.rank == 0 or idx.rank != x.rank:
+        raise VerifyError(f"indices must have the rank of operand 0 (>= 1), got {idx} for {x}")
+    axis = norm_axis(op.attr("axis"), x.rank)
+    for i, (n, m) in enumerate(zip(x.shape, idx.shape)):
+        if i != axis and n is not None and m is not None and m > n:
+            raise VerifyError(f"indices have {m} elements along dim {i} but operand 0 has {n}")
+    return x, idx, axis
+
+
+def _element_positions(x, idx, axis):
+    """The index arrays that pick x's elements at `idx` along axis (ONNX GatherElements): negative
+    indices count from the end; off the axis, position i of idx is position i of x."""
+    for i, (n, m) in enumerate(zip(x.shape, idx.shape)):
+        if i != axis and m > n:
+            raise RuntimeCheck(f"indices have {m} elements along dim {i} but operand 0 has {n}")
+    _check_indices(idx, x.shape[axis], lowest=-x.shape[axis])
+    idx = np.where(idx < 0, idx.astype(np.int64) + x.shape[axis], idx)
+    at = list(np.indices(idx.shape, sparse=True))
+    at[axis] = idx
+    return tuple(at)
+
+
+class GatherElements(OpDef):
+    """ONNX GatherElements, torch.gather: indices have x's rank and give the result's shape;
+    out[i, j, k] = x[i, indices[i, j, k], k] for axis 1. Negative indices count from the end."""
+    name = "mlc.gather_elements"
+    operands = 2
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, idx, _ = _element_operands(op)
+        return [x.with_shape(idx.shape)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, idx = ins
+        return x[_element_positions(x, idx, op.attr("axis") % x.ndim)]
+
+    @staticmethod
+    def vjp(d, op, g):
+        x, idx = op.operands
+        return [d("mlc.scatter_add_elements", d.zeros(x), idx, g, axis=op.attr("axis")), None]
+
+
+class ScatterAddElements(OpDef):
+    """x with updates[i, j, k] added at [i, indices[i, j, k], k] (axis 1), repeated positions
+    accumulating: the adjoint of gather_elements (ONNX ScatterElements with reduction "add").
+    updates have the indices' shape."""
+    name = "mlc.scatter_add_elements"
+    operands = 3
+    traits = {PURE}
+    attrs = {"axis": Attr("int", 0)}
+
+    @staticmethod
+    def infer(op, ctx):
+        x, idx, _ = _element_operands(op)
+        upd = _tensors(op)[2]
+        same_element([x, upd], "operands 0 and 2")
+        if upd.rank != idx.rank or not all(a is None or b is None or a == b for a, b in zip(idx.shape, upd.shape)):
+            raise VerifyError(f"updates must have the indices' shape {fmt_shape(idx.shape)}, got {fmt_shape(upd.shape)}")
+        return [x]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, idx, upd = ins
+        out = x.copy()
+        np.add.at(out, _element_positions(x, idx, op.attr("axis") % x.ndim), upd)
+        return out
+
+    @staticmethod
+    def vjp(d, op, g):
+        x, idx, upd = op.operands
+        return [g, None, d("mlc.gather_elements", g, idx, axis=op.attr("axis"))]
+
+
+class TopK(OpDef):
+    """ONNX TopK: the k largest (or, with largest = false, smallest) elements along axis and their
+    indices (i64), best first; equal elements in index order; NaN counts as the largest (as numpy's
+    sort). The results are sorted whatever `sorted` says (ONNX leaves the order open then)."""
+    name = "mlc.topk"
+    operands = 1
+    results = 2
+    traits = {PURE}
+    attrs = {"k": Attr("int", required=True), "axis": Attr("int", -1), "largest": Attr("bool", True),
+             "sorted": Attr("bool", True)}
+
+    @staticmethod
+    def infer(op, ctx):
+        (x,) = _tensors(op)
+        require_element(x, "num")
+        if x.rank == 0:
+            raise VerifyError(f"operand must have rank >= 1, got {x}")
+        axis, k = norm_axis(op.attr("axis"), x.rank), op.attr("k")
+        if k < 0 or x.shape[axis] is not None and k > x.shape[axis]:
+            raise VerifyError(f"'k' = {k} must be between 0 and the size of axis {axis} ({x.shape[axis]})")
+        shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+        return [x.with_shape(shape), TensorType(shape, i64)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        x, k = ins[0], op.attr("k")
+        axis = op.attr("axis") % x.ndim
+        n = x.shape[axis]
+        if k > n:
+            raise RuntimeCheck(f"k = {k} exceeds the {n} elements along axis {axis}")
+        if op.attr("largest"):  # descending with ties in index order: a stable ascending sort of x reversed, reversed
+            order = n - 1 - np.flip(np.argsort(np.flip(x, axis), axis=axis, kind="stable"), axis)
+        else:
+            order = np.argsort(x, axis=axis, kind="stable")
+        idx = np.take(order, np.arange(k), axis=axis)
+        return np.take_along_axis(x, idx, axis), idx
+
+    @staticmethod
+    def vjp(d, op, cts):
+        """The values' cotangent goes back to the positions they were picked from."""
+        g = cts[0]
+        x = op.operands[0]
+        return [None if g is None else d("mlc.scatter_add_elements", d.zeros(x), op.results[1], g, axis=op.attr("axis"))]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1332,7 +1495,7 @@ class MaxPool2d(Pool2d):
     def interpret(ins, op, ctx):
         x = ins[0]
         (kh, kw), (sh, sw), pads = MaxPool2d.params(op)
-        low = -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+        low = -np.inf if _floating(x) else np.iinfo(x.dtype).min
         return _windows(_pad_nchw(x, pads, low), kh, kw, sh, sw, 1, 1).max(axis=(4, 5))
 
     @staticmethod

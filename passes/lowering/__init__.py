@@ -3,11 +3,11 @@
   core         the driver (FunctionLowering) and its loop builders, the RULES table and @rule
   elementwise  elementwise ops, broadcast_to; constants, globals and calls (they stay tensor ops)
   fusion       the kernels the fuse pass makes
-  rows         reductions, softmax, cross_entropy, row kernels
+  rows         reductions, softmax, cross_entropy, topk, row kernels
   matmul       matmul (a mem.matmul where the tiled GEMM applies) and transpose
   conv         conv2d (a mem.conv2d where the tiled kernel applies), conv2d_transpose
   pool         pools and their gradients (windows: the index arithmetic they share with conv)
-  shape        reshape, iota, slice, pad, concat, gather, scatter_add
+  shape        reshape, iota, slice, pad, concat, gather, scatter_add, and their *_elements forms
   scan         scan
   random       random_uniform, random_normal (Philox)
 

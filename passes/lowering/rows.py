@@ -1,5 +1,5 @@
-"""Reductions, softmax and cross-entropy, and the row kernels the fuse pass makes (reductions over
-the trailing dims with their elementwise producers and consumers)."""
+"""Reductions, softmax, cross-entropy and topk, and the row kernels the fuse pass makes (reductions
+over the trailing dims with their elementwise producers and consumers)."""
 from __future__ import annotations
 
 import numpy as np
@@ -251,3 +251,55 @@ def cross_entropy(L: FunctionLowering, op: Operation):
                   carried=[L.const(L.b, 0, e)])[0]
     L.b.create("mem.store", [L.op(L.b, "arith.div", mean, L.b.create("arith.cast", [n], result_types=[e]).result), out])
     return [out]
+
+
+@rule("mlc.topk")
+def topk(L: FunctionLowering, op: Operation):
+    """Per row along the axis, k rounds of selection: round r scans the row for the best element that
+    comes after round r - 1's pick in the output order (better value, or an equal one at a higher
+    index), so nothing needs marking; O(k n) per row."""
+    x = L.buffers[op.operands[0]]
+    e, k = x.type.element, op.attr("k")
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    sizes = L.dims(x)
+    n = sizes[axis]
+    if x.type.shape[axis] is None:
+        L.check(L.b, L.op(L.b, "arith.le", L.idx(k), n), f"k = {k} exceeds the size of axis {axis}")
+    out_sizes = sizes[:axis] + [L.idx(k)] + sizes[axis + 1:]
+    values, indices = (L.alloc(r.type, out_sizes, r.name_hint) for r in op.results)
+
+    def nan(b, v):
+        return L.op(b, "arith.ne", v, v)
+
+    def better(b, a, c):
+        """a comes before c by value: NaN is the largest (as the interpreter's numpy sort)."""
+        first, last = (a, c) if op.attr("largest") else (c, a)
+        beats = L.op(b, "arith.gt", first, last)
+        if not e.is_float:
+            return beats
+        return L.op(b, "arith.or", beats, L.op(b, "arith.and", nan(b, first), L.op(b, "arith.not", nan(b, last))))
+
+    def same(b, a, c):
+        eq = L.op(b, "arith.eq", a, c)
+        return L.op(b, "arith.or", eq, L.op(b, "arith.and", nan(b, a), nan(b, c))) if e.is_float else eq
+
+    def row(b, ivs):
+        at = lambda i: ivs[:axis] + [i] + ivs[axis:]  # noqa: E731
+
+        def pick(rb, r, prev_v, prev_i):
+            first = L.op(rb, "arith.eq", r, L.idx(0))
+
+            def scan(sb, j, best_v, best_i):
+                v = sb.create("mem.load", [x] + at(j)).result
+                later = L.op(sb, "arith.and", same(sb, prev_v, v), L.op(sb, "arith.gt", j, prev_i))
+                after_prev = L.op(sb, "arith.or", first, L.op(sb, "arith.or", better(sb, prev_v, v), later))
+                none_yet = L.op(sb, "arith.eq", best_i, n)
+                take = L.op(sb, "arith.and", after_prev, L.op(sb, "arith.or", none_yet, better(sb, v, best_v)))
+                return [L.op(sb, "arith.select", take, v, best_v), L.op(sb, "arith.select", take, j, best_i)]
+            best_v, best_i = L.loop(rb, L.idx(0), n, scan, carried=[L.const(rb, 0, e), n])
+            rb.create("mem.store", [best_v, values] + at(r))
+            rb.create("mem.store", [rb.create("arith.cast", [best_i], result_types=[i64]).result, indices] + at(r))
+            return [best_v, best_i]
+        L.loop(b, L.idx(0), L.idx(k), pick, carried=[L.const(b, 0, e), L.idx(0)])
+    L.nest(sizes[:axis] + sizes[axis + 1:], row)
+    return [values, indices]

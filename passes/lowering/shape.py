@@ -1,5 +1,5 @@
-"""Ops that move elements without arithmetic: reshape, iota, slice, pad, concat, gather, and
-scatter_add (which adds the updates in order)."""
+"""Ops that move elements without arithmetic: reshape, iota, slice, pad, concat, gather,
+gather_elements, and scatter_add, scatter_add_elements (which add the updates in order)."""
 from __future__ import annotations
 
 from mlc.ir.core import Operation
@@ -144,4 +144,52 @@ def scatter_add(L: FunctionLowering, op: Operation):
         total = L.op(b, "arith.add", b.create("mem.load", [out] + at).result, b.create("mem.load", [upd] + ivs).result)
         b.create("mem.store", [total, out] + at)
     L.nest(L.dims(upd), body, parallel=False)  # repeated indices accumulate: in order
+    return [out]
+
+
+def element_position(L: FunctionLowering, b, idx, axis: int, size, ivs: list) -> list:
+    """Where gather_elements / scatter_add_elements reach in x (`size` along axis) for position ivs
+    of the indices: ivs with the index read there along axis, a negative one counting from the end.
+    (The load or store through it checks the range.)"""
+    i = as_index(L, b, b.create("mem.load", [idx] + ivs).result)
+    wrapped = L.op(b, "arith.add", i, size)
+    i = b.create("arith.select", [L.op(b, "arith.lt", i, L.idx(0)), wrapped, i], {"mlc.origin": L.current.name}).result
+    return ivs[:axis] + [i] + ivs[axis + 1:]
+
+
+def check_indices_fit(L: FunctionLowering, x, idx, axis: int) -> None:
+    """Off the axis, the indices' positions are x's: they must not run past x's dims (checked at
+    run time where a dim is `?`; static ones are verified)."""
+    for i, (n, m) in enumerate(zip(x.type.shape, idx.type.shape)):
+        if i != axis and (n is None or m is None):
+            fits = L.op(L.b, "arith.le", L.dim(idx, i), L.dim(x, i))
+            L.check(L.b, fits, f"indices are larger than operand 0 along dim {i}")
+
+
+@rule("mlc.gather_elements")
+def gather_elements(L: FunctionLowering, op: Operation):
+    x, idx = (L.buffers[v] for v in op.operands)
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    check_indices_fit(L, x, idx, axis)
+    sizes = L.dims(idx)
+    out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
+    size = L.dim(x, axis)
+    copy_nest(L, x, out, sizes, lambda b, ivs: element_position(L, b, idx, axis, size, ivs), lambda b, ivs: ivs)
+    return [out]
+
+
+@rule("mlc.scatter_add_elements")
+def scatter_add_elements(L: FunctionLowering, op: Operation):
+    x, idx, upd = (L.buffers[v] for v in op.operands)
+    axis = norm_axis(op.attr("axis"), x.type.rank)
+    check_indices_fit(L, x, idx, axis)
+    out = L.alloc(op.results[0].type, L.dims(x), op.results[0].name_hint)
+    copy_nest(L, x, out, L.dims(x), lambda b, ivs: ivs, lambda b, ivs: ivs)
+    size = L.dim(x, axis)
+
+    def body(b, ivs):
+        at = element_position(L, b, idx, axis, size, ivs)
+        total = L.op(b, "arith.add", b.create("mem.load", [out] + at).result, b.create("mem.load", [upd] + ivs).result)
+        b.create("mem.store", [total, out] + at)
+    L.nest(L.dims(idx), body, parallel=False)  # repeated positions accumulate: in order
     return [out]
