@@ -23,7 +23,7 @@ from mlc.ir.attributes import BoolAttr, DenseAttr, StringAttr, SymbolRefAttr, Ty
 from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
 from mlc.ir.diagnostics import Location, error
 from mlc.ir.registry import VerifyError
-from mlc.ir.types import FunctionType, TensorType, element_of
+from mlc.ir.types import FunctionType, TensorType, element_of, f32, f64, int_range, round_to_element
 from mlc.ir.verifier import verify
 from mlc.passes.builder import OpBuilder
 
@@ -39,10 +39,21 @@ def converts(*op_types):
     return register
 
 
-def load(model, name: str | None = None, loss: str | None = None) -> Module:
+class NeedsInput(NotImplementedError):
+    """A converter needs the value of graph input `name` at import (a reduction's axes given as an
+    input): load the model again with that input in `static`."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+def load(model, name: str | None = None, loss: str | None = None, static: dict | None = None) -> Module:
     """A verified Module from an ONNX model: a path, its bytes or an onnx.ModelProto. With `loss`
     ("cross_entropy" or "mse"), also `@loss(inputs..., %target)` on @main's first output, so that the
-    model can be fine-tuned (`mlc train`, `mlc.compile_train_step`)."""
+    model can be fine-tuned (`mlc train`, `mlc.compile_train_step`). `static` fixes the values of
+    some inputs at import, as jax.jit's static arguments: they become constants (an input that sets a
+    shape, such as a Reshape's target, must be static) and @main takes the other inputs in order."""
     import onnx
     where = name or (str(model) if isinstance(model, (str, os.PathLike)) else "model.onnx")
     try:
@@ -55,7 +66,7 @@ def load(model, name: str | None = None, loss: str | None = None) -> Module:
         raise error(Location(where, 0, 0), "no such file") from None
     except Exception as e:  # onnx's checker and parser raise their own types
         raise error(Location(where, 0, 0), f"not a valid ONNX model: {str(e).splitlines()[0]}") from None
-    graph = Graph(model, where)
+    graph = Graph(model, where, static or {})
     if loss is not None:
         graph.add_loss(loss)
     return verify(graph.module)
@@ -84,7 +95,7 @@ def _tensor_type(value_info) -> TensorType:
 class Graph:
     """One import: the module being built, the IR value (or the known value) of each ONNX name."""
 
-    def __init__(self, model, where: str):
+    def __init__(self, model, where: str, static: dict):
         import onnx
         from onnx import numpy_helper
         self.where = where
@@ -96,6 +107,13 @@ class Graph:
         self.initializers = set(self.known)
         self.used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}  # names something reads
         inputs = [i for i in graph.input if i.name not in self.initializers]
+        self.sources = {i.name: {i.name} for i in inputs}  # the graph inputs each run-time value is computed from
+        declared = {i.name: i for i in inputs}
+        for key, value in static.items():
+            if key not in declared:
+                raise ValueError(f"static input '{key}' is not an input of the model (its inputs: {', '.join(declared)})")
+            self.known[key] = np.asarray(value, _tensor_type(declared[key]).element.np_dtype)
+        inputs = [i for i in inputs if i.name not in static]
         arg_types = [_tensor_type(i) for i in inputs]
         self.func = FuncOp.build("main", arg_types, [], [_name(i.name) for i in inputs], loc=Location(where, 0, 0))
         self.module.body.append(self.func)
@@ -137,8 +155,8 @@ class Graph:
         if name in self.values:
             return self.values[name]
         if name in self.initializers:
-            array = self.known[name]
-            t = TensorType(array.shape, element_of(array.dtype))
+            t = TensorType(self.known[name].shape, element_of(self.known[name].dtype))
+            array = round_to_element(self.known[name], t.element)  # (bf16 is held in float32)
             symbol = _name(name)
             decl = create_op("mlc.global", attributes={"sym_name": StringAttr(symbol), "type": TypeAttr(t), "init": DenseAttr(array, t),
                                                        **({"trainable": BoolAttr(True)} if t.element.is_float else {})},
@@ -157,7 +175,11 @@ class Graph:
         """A value the converter needs at import (a shape, axes)."""
         if name in self.known:
             return self.known[name]
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': its {what} ('{name}') must be known at import")
+        message = f"{node.op_type} node '{node.name}': its {what} ('{name}') must be known at import"
+        inputs = sorted(self.sources.get(name, ()))
+        if inputs:  # known once those inputs are
+            raise NeedsInput(message + f" (load the model with static={{'{inputs[0]}': ...}})", inputs[0])
+        raise NotImplementedError(message)
 
     # --- nodes ----------------------------------------------------------------------------------------------
     def node(self, node):
@@ -177,8 +199,10 @@ class Graph:
             outputs = convert(self, node, list(node.input), self.attrs(node))
         except VerifyError as e:  # what the node asks for, mlc's op does not express (yet)
             raise NotImplementedError(f"ONNX op {node.op_type} (opset {opset}) of node '{node.name}': {e}") from None
+        sources = set().union(*(self.sources.get(i, ()) for i in node.input))
         for name, value in zip(node.output, outputs):
             if name and value is not None:
+                self.sources[name] = sources
                 if isinstance(value, np.ndarray):
                     self.known[name] = value
                 else:
@@ -212,7 +236,8 @@ class Graph:
 
 UNARY = {"Abs": "abs", "Neg": "neg", "Exp": "exp", "Log": "log", "Sqrt": "sqrt", "Relu": "relu", "Sigmoid": "sigmoid",
          "Tanh": "tanh", "Erf": "erf", "Floor": "floor", "Sin": "sin", "Cos": "cos", "Reciprocal": "reciprocal",
-         "Sign": "sign", "Not": "not"}
+         "Sign": "sign", "Not": "not", "Tan": "tan", "Asin": "asin", "Acos": "acos", "Atan": "atan", "Sinh": "sinh",
+         "Cosh": "cosh", "Asinh": "asinh", "Acosh": "acosh", "Atanh": "atanh", "Round": "round"}
 BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Equal": "eq", "Less": "lt",
           "Greater": "gt", "LessOrEqual": "le", "GreaterOrEqual": "ge", "And": "and", "Or": "or"}
 VARIADIC = {"Sum": "add", "Max": "maximum", "Min": "minimum"}
@@ -228,8 +253,12 @@ def _binary(g, node, ins, attrs):
     a, b = g.tensor(ins[0]), g.tensor(ins[1])
     if node.op_type == "Pow" and b.type.element != a.type.element:  # an exponent of another type
         b = g.d("mlc.cast", b, result_type=b.type.with_element(a.type.element))
-    if g.opset < 7 or (node.op_type in ("Div", "Pow") and not a.type.element.is_float):
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': legacy broadcasting or integer {node.op_type} is not imported")
+    if g.opset < 7:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': legacy broadcasting (opset {g.opset}) is not imported")
+    if node.op_type == "Pow" and not a.type.element.is_float:  # integer powers: exact in f64 up to 2^53
+        wide = [g.d("mlc.cast", v, result_type=v.type.with_element(f64)) for v in (a, b)]
+        power = g.d("mlc.pow", *wide)
+        return [g.d("mlc.cast", power, result_type=power.type.with_element(a.type.element))]
     return [g.d("mlc." + BINARY[node.op_type], a, b)]
 
 
@@ -245,11 +274,18 @@ def _variadic(g, node, ins, attrs):
 def _identity(g, node, ins, attrs):
     """(Dropout as inference runs it: the identity; its mask output and a training_mode of true are
     refused.)"""
-    if node.op_type == "Dropout":
-        training = len(ins) > 2 and ins[2] and bool(g.const(ins[2], node, "training_mode"))
-        if training or any(o in g.used for o in node.output[1:]):
-            raise NotImplementedError(f"Dropout node '{node.name}': training mode and the mask output are not imported")
-    return [g.tensor(ins[0])]
+    x = g.tensor(ins[0])
+    if node.op_type != "Dropout":
+        return [x]
+    training = len(ins) > 2 and ins[2] and bool(g.const(ins[2], node, "training_mode"))
+    ratio = float(g.const(ins[1], node, "ratio")) if len(ins) > 1 and ins[1] else attrs.get("ratio", 0.5)
+    if training and ratio != 0:
+        raise NotImplementedError(f"Dropout node '{node.name}': training mode (random masks) is not imported")
+    if len(node.output) < 2 or node.output[1] not in g.used:
+        return [x]
+    if not x.type.is_static:
+        raise NotImplementedError(f"Dropout node '{node.name}': the mask of a tensor of ? dims is not imported")
+    return [x, np.ones(x.type.shape, bool)]
 
 
 @converts("LRN")
@@ -312,6 +348,11 @@ def _softmax(g, node, ins, attrs):
     return [g.d.reshape(g.d(name, flat, axis=-1), x.type.shape)]
 
 
+def _scalar(value: np.ndarray) -> float:
+    """A one-element array's value (given as [v] or v)."""
+    return float(np.ravel(value)[0])
+
+
 def _reshaped(g, x: Value, shape) -> Value:
     return g.d("mlc.reshape", x, result_type=x.type.with_shape(tuple(shape)))
 
@@ -320,9 +361,7 @@ def _reshaped(g, x: Value, shape) -> Value:
 def _reshape(g, node, ins, attrs):
     x = g.tensor(ins[0])
     shape = [int(v) for v in g.const(ins[1], node, "shape")]
-    if attrs.get("allowzero", 0):
-        raise NotImplementedError(f"Reshape node '{node.name}' with allowzero=1 is not imported")
-    dims = [x.type.shape[i] if v == 0 else v for i, v in enumerate(shape)]
+    dims = [x.type.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
     if -1 in dims:
         known = [d for d in dims if d != -1]
         total = None if None in x.type.shape or None in known else int(np.prod(x.type.shape))
@@ -370,8 +409,24 @@ def _concat(g, node, ins, attrs):
 
 @converts("Cast")
 def _cast(g, node, ins, attrs):
-    x = g.tensor(ins[0])
-    return [g.d("mlc.cast", x, result_type=x.type.with_element(_element(attrs["to"])))]
+    return [_cast_to(g, g.tensor(ins[0]), _element(attrs["to"]), attrs.get("saturate", 1))]
+
+
+def _cast_to(g, x: Value, element, saturate: bool) -> Value:
+    """x as `element`; a saturating cast to an 8-bit float clamps to its largest finite value first
+    (infinities too), the other kind makes what is out of range NaN (or infinity). A float out of
+    the range of a signed 4- or 2-bit integer becomes 0, as onnx's reference makes it."""
+    if element.name == "f8E8M0FNU":
+        raise NotImplementedError("casts to FLOAT8E8M0 (rounding up, no zero) are not imported")
+    if saturate and element.name.startswith("f8") and x.type.element.is_float:
+        import ml_dtypes
+        largest = float(ml_dtypes.finfo(element.np_dtype).max)
+        x = g.d("mlc.clamp", x, min=-largest, max=largest)
+    if element.name in ("i4", "i2") and x.type.element.is_float:
+        low, high = int_range(element)
+        inside = g.d("mlc.and", g.d("mlc.gt", x, g.d.scalar(low - 1, x)), g.d("mlc.lt", x, g.d.scalar(high + 1, x)))
+        x = g.d("mlc.select", inside, x, g.d.scalar(0, x))
+    return g.d("mlc.cast", x, result_type=x.type.with_element(element))
 
 
 @converts("Clip")
@@ -380,8 +435,8 @@ def _clip(g, node, ins, attrs):
     if g.opset < 11:
         low, high = attrs.get("min"), attrs.get("max")
     else:
-        low = float(g.const(ins[1], node, "min")) if len(ins) > 1 and ins[1] else None
-        high = float(g.const(ins[2], node, "max")) if len(ins) > 2 and ins[2] else None
+        low = _scalar(g.const(ins[1], node, "min")) if len(ins) > 1 and ins[1] else None
+        high = _scalar(g.const(ins[2], node, "max")) if len(ins) > 2 and ins[2] else None
     bounds = {k: v for k, v in (("min", low), ("max", high)) if v is not None}
     return [g.d("mlc.clamp", x, **bounds) if bounds else x]
 
@@ -399,7 +454,12 @@ def _gelu(g, node, ins, attrs):
 
 @converts("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd")
 def _reduce(g, node, ins, attrs):
-    return [_reduce_over(g, node, ins, attrs, g.tensor(ins[0]), "mlc.reduce_" + node.op_type[len("Reduce"):].lower())]
+    x = g.tensor(ins[0])
+    name = "mlc.reduce_" + node.op_type[len("Reduce"):].lower()
+    if x.type.element.is_bool and node.op_type in ("ReduceMax", "ReduceMin"):  # any / all, as i8
+        wide = _reduce_over(g, node, ins, attrs, g.d("mlc.cast", x, result_type=x.type.with_element(element_of(np.dtype(np.int8)))), name)
+        return [g.d("mlc.gt", wide, g.d.scalar(0, wide))]  # (over nothing: i8's extremes, false for any, true for all)
+    return [_reduce_over(g, node, ins, attrs, x, name)]
 
 
 @converts("GlobalAveragePool", "GlobalMaxPool")
@@ -409,22 +469,37 @@ def _global_pool(g, node, ins, attrs):
     return [g.d(name, x, axes=list(range(2, x.type.rank)), keepdims=True)]
 
 
-def _window(g, node, attrs, x: Value) -> tuple:
+def _window_nd(g, node, attrs, x: Value, kernel=None) -> tuple:
+    """(strides, begin pads, end pads, dilations, kernel) of a convolution or pool, a list each with an
+    entry per spatial dim. auto_pad SAME_* pads so that the output has ceil(input / stride) elements
+    (the odd one at the end for UPPER)."""
+    spatial = x.type.rank - 2
+    strides = list(attrs.get("strides", [1] * spatial))
+    pads = list(attrs.get("pads", [0] * 2 * spatial))
+    dilations = list(attrs.get("dilations", [1] * spatial))
+    kernel = list(attrs.get("kernel_shape", kernel or []))
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        sizes = x.type.shape[2:]
+        if None in sizes or not kernel:
+            raise NotImplementedError(f"{node.op_type} node '{node.name}': auto_pad {auto_pad} needs static sizes")
+        totals = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0) for n, s, k, d in zip(sizes, strides, kernel, dilations)]
+        first = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+        pads = first + [t - f for t, f in zip(totals, first)]
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    return strides, pads[:spatial], pads[spatial:], dilations, kernel
+
+
+def _window(g, node, attrs, x: Value, kernel=None) -> tuple:
     """(strides, pads [top, left, bottom, right], dilations, kernel) of a 2-d convolution or pool; a 1-d
     one is the 2-d one over a height of 1 (x is then reshaped by the caller: see _as_2d)."""
     if x.type.rank not in (3, 4):
         raise NotImplementedError(f"{node.op_type} node '{node.name}': only 1-d and 2-d windows are imported")
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': auto_pad {attrs['auto_pad']} is not imported")
-    one_d = x.type.rank == 3
-    strides = list(attrs.get("strides", [1] * (x.type.rank - 2)))
-    pads = list(attrs.get("pads", [0] * 2 * (x.type.rank - 2)))
-    dilations = list(attrs.get("dilations", [1] * (x.type.rank - 2)))
-    kernel = list(attrs.get("kernel_shape", []))
-    if one_d:
-        strides, pads, dilations = [1] + strides, [0, pads[0], 0, pads[1]], [1] + dilations
-        kernel = [1] + kernel if kernel else kernel
-    return strides, pads, dilations, kernel
+    strides, begin, end, dilations, kernel = _window_nd(g, node, attrs, x, kernel)
+    if x.type.rank == 3:
+        return [1] + strides, [0, begin[0], 0, end[0]], [1] + dilations, [1] + kernel if kernel else kernel
+    return strides, begin + end, dilations, kernel
 
 
 def _as_2d(g, v: Value) -> Value:
@@ -439,7 +514,7 @@ def _back_to_1d(g, y: Value, rank: int) -> Value:
 @converts("Conv")
 def _conv(g, node, ins, attrs):
     x, w = g.tensor(ins[0]), g.tensor(ins[1])
-    strides, pads, dilations, _ = _window(g, node, attrs, x)
+    strides, pads, dilations, _ = _window(g, node, attrs, x, list(w.type.shape[2:]))
     y = g.d("mlc.conv2d", _as_2d(g, x), _as_2d(g, w), stride=strides, padding=pads, dilation=dilations, groups=attrs.get("group", 1))
     y = _back_to_1d(g, y, x.type.rank)
     if len(ins) > 2 and ins[2]:
@@ -450,24 +525,84 @@ def _conv(g, node, ins, attrs):
 
 @converts("MaxPool", "AveragePool")
 def _pool(g, node, ins, attrs):
+    """mlc's 2-d pools where they express the window; otherwise (3-d windows, dilations, ceil_mode,
+    padding over half the kernel) strided slices of the padded input."""
     x = g.tensor(ins[0])
-    strides, pads, dilations, kernel = _window(g, node, attrs, x)
-    if any(d != 1 for d in dilations) or attrs.get("ceil_mode", 0) or len([o for o in node.output if o]) > 1:
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': dilations, ceil_mode and indices are not imported")
-    extra = {"count_include_pad": bool(attrs.get("count_include_pad", 0))} if node.op_type == "AveragePool" else {}
-    name = "mlc.max_pool2d" if node.op_type == "MaxPool" else "mlc.avg_pool2d"
-    return [_back_to_1d(g, g.d(name, _as_2d(g, x), kernel=kernel, stride=strides, padding=pads, **extra), x.type.rank)]
+    if len([o for o in node.output if o]) > 1:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': the indices output is not imported")
+    strides, begin, end, dilations, kernel = _window_nd(g, node, attrs, x)
+    ceil = [_ceil_extra(n, b, e, k, s, d) if attrs.get("ceil_mode", 0) and n is not None else 0
+            for n, b, e, k, s, d in zip(x.type.shape[2:], begin, end, kernel, strides, dilations)]
+    if x.type.rank in (3, 4) and set(dilations) == {1} and not any(ceil) and all(
+            p <= k // 2 for p, k in zip(begin + end, kernel * 2)):
+        strides, pads, _, kernel = _window(g, node, attrs, x)
+        extra = {"count_include_pad": bool(attrs.get("count_include_pad", 0))} if node.op_type == "AveragePool" else {}
+        name = "mlc.max_pool2d" if node.op_type == "MaxPool" else "mlc.avg_pool2d"
+        return [_back_to_1d(g, g.d(name, _as_2d(g, x), kernel=kernel, stride=strides, padding=pads, **extra), x.type.rank)]
+    return [_pool_by_slices(g, node, x, strides, begin, [e + c for e, c in zip(end, ceil)], dilations, kernel, end, attrs)]
+
+
+def _ceil_extra(size: int, begin: int, end: int, k: int, stride: int, dilation: int) -> int:
+    """The padding ceil_mode adds at the end: enough for one more window, if that window starts inside
+    the input or its leading padding."""
+    span, padded = dilation * (k - 1) + 1, size + begin + end
+    count = -(-(padded - span) // stride) + 1
+    if (count - 1) * stride >= size + begin:
+        count -= 1  # (that window would start past the input)
+    return max((count - 1) * stride + span - padded, 0)
+
+
+def _pool_by_slices(g, node, x: Value, strides, begin, end, dilations, kernel, counted_end, attrs) -> Value:
+    """The maximum, or sum, of one strided slice per kernel position of x padded by begin/end. The
+    average divides by the counted cells of each window: the input's, and its padding's up to
+    `counted_end` if count_include_pad (never the cells ceil_mode adds)."""
+    import itertools
+    if None in x.type.shape[1:]:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': this pool needs static sizes")
+    d = g.d
+    is_max = node.op_type == "MaxPool"
+    e = x.type.element
+    fill = (-np.inf if e.is_float else int_range(e)[0]) if is_max else 0.0
+    padded = d("mlc.pad", x, low=[0, 0] + begin, high=[0, 0] + end, value=float(fill))
+    sizes = padded.type.shape[2:]
+    outs = [(n - dl * (k - 1) - 1) // s + 1 for n, k, s, dl in zip(sizes, kernel, strides, dilations)]
+    y = None
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        start = [0, 0] + [i * dl for i, dl in zip(offsets, dilations)]
+        limit = [x.type.shape[0] or ALL, x.type.shape[1]] + [b + (o - 1) * s + 1 for b, o, s in zip(start[2:], outs, strides)]
+        part = d("mlc.slice", padded, start=start, limit=limit, stride=[1, 1] + strides)
+        y = part if y is None else d("mlc.maximum" if is_max else "mlc.add", y, part)
+    if is_max:
+        return y
+    include = 1.0 if attrs.get("count_include_pad", 0) else 0.0
+    counts = np.ones(())
+    for n, b, e_, c_end, o, s, dl, k in zip(x.type.shape[2:], begin, end, counted_end, outs, strides, dilations, kernel):
+        cells = np.concatenate([np.full(b, include), np.ones(n), np.full(c_end, include), np.zeros(e_ - c_end)])
+        counts = np.multiply.outer(counts, [cells[i * s: i * s + dl * (k - 1) + 1: dl].sum() for i in range(o)])
+    return d("mlc.mul", y, d.const((1.0 / counts).astype(e.np_dtype)))
 
 
 @converts("BatchNormalization")
 def _batch_norm(g, node, ins, attrs):
-    if attrs.get("training_mode", 0) or len([o for o in node.output if o]) > 1:
-        raise NotImplementedError(f"BatchNormalization node '{node.name}' in training mode is not imported")
+    """Inference: with the running statistics. Training mode (opset 14 on): with the batch's, and the
+    running ones updated by `momentum` as further outputs."""
     x, scale, bias, mean, var = (g.tensor(i) for i in ins[:5])
+    d = g.d
     per_channel = (x.type.shape[1],) + (1,) * (x.type.rank - 2)
-    scale, bias, mean, var = (g.d.reshape(v, per_channel) for v in (scale, bias, mean, var))
-    inv = g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))
-    return [g.d("mlc.add", g.d("mlc.mul", g.d("mlc.mul", g.d("mlc.sub", x, mean), inv), scale), bias)]
+    scale, bias = (d.reshape(v, per_channel) for v in (scale, bias))
+    if attrs.get("training_mode", 0):
+        axes = [0] + list(range(2, x.type.rank))
+        normal, batch_mean, batch_var, _ = _normalised(g, x, axes, attrs)
+        momentum = attrs.get("momentum", 0.9)
+        running = [d("mlc.add", d("mlc.mul", old, d.scalar(momentum, old)),
+                     d("mlc.mul", d.reshape(new, old.type.shape), d.scalar(1 - momentum, old)))
+                   for old, new in ((mean, batch_mean), (var, batch_var))]
+        return [d("mlc.add", d("mlc.mul", normal, scale), bias), *running]
+    if len([o for o in node.output if o]) > 1:
+        raise NotImplementedError(f"BatchNormalization node '{node.name}': the statistics outputs of inference mode are not imported")
+    mean, var = (d.reshape(v, per_channel) for v in (mean, var))
+    inv = d("mlc.rsqrt", d("mlc.add", var, d.scalar(attrs.get("epsilon", 1e-5), var)))
+    return [d("mlc.add", d("mlc.mul", d("mlc.mul", d("mlc.sub", x, mean), inv), scale), bias)]
 
 
 @converts("Gather")
@@ -478,6 +613,22 @@ def _gather(g, node, ins, attrs):
         size = g.d.scalar(x.type.shape[axis], index)
         index = g.d("mlc.select", g.d("mlc.lt", index, g.d.scalar(0, index)), g.d("mlc.add", index, size), index)
     return [g.d("mlc.gather", x, index, axis=axis)]
+
+
+@converts("GatherElements")
+def _gather_elements(g, node, ins, attrs):
+    return [g.d("mlc.gather_elements", g.tensor(ins[0]), g.tensor(ins[1]), axis=attrs.get("axis", 0))]
+
+
+@converts("TopK")
+def _topk(g, node, ins, attrs):
+    x = g.tensor(ins[0])
+    k = attrs["k"] if g.opset < 10 else int(np.ravel(g.const(ins[1], node, "k"))[0])
+    axis = attrs.get("axis", -1) % x.type.rank
+    values = x.type.with_shape(tuple(k if a == axis else n for a, n in enumerate(x.type.shape)))
+    op = g.d.op("mlc.topk", [x], [values, values.with_element(element_of(np.dtype(np.int64)))], k=k, axis=axis,
+                largest=bool(attrs.get("largest", 1)), sorted=bool(attrs.get("sorted", 1)))
+    return list(op.results)
 
 
 @converts("Constant")
@@ -501,8 +652,11 @@ def _shape(g, node, ins, attrs):
 
 @converts("CastLike")
 def _cast_like(g, node, ins, attrs):
-    x, like = g.tensor(ins[0]), g.tensor(ins[1])
-    return [g.d("mlc.cast", x, result_type=x.type.with_element(like.type.element))]
+    like = g.tensor(ins[1]).type.element
+    if ins[0] in g.known:  # (a constant made like a run-time value: still known)
+        import ml_dtypes
+        return [g.known[ins[0]].astype(ml_dtypes.bfloat16 if like.name == "bf16" else like.np_dtype)]
+    return [_cast_to(g, g.tensor(ins[0]), like, attrs.get("saturate", 1))]
 
 
 @converts("Ceil")
@@ -538,6 +692,10 @@ ACTIVATIONS = {
     "HardSwish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.clamp", g.d("mlc.add", g.d("mlc.mul", x, g.d.scalar(1 / 6, x)),
                                                                         g.d.scalar(0.5, x)), min=0.0, max=1.0)),
     "ThresholdedRelu": lambda g, x, a: g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(a.get("alpha", 1.0), x)), x, g.d.scalar(0, x)),
+    "Shrink": lambda g, x, a: g.d("mlc.select", g.d("mlc.gt", x, g.d.scalar(a.get("lambd", 0.5), x)),
+                                  g.d("mlc.sub", x, g.d.scalar(a.get("bias", 0.0), x)),
+                                  g.d("mlc.select", g.d("mlc.lt", x, g.d.scalar(-a.get("lambd", 0.5), x)),
+                                      g.d("mlc.add", x, g.d.scalar(a.get("bias", 0.0), x)), g.d.scalar(0, x))),
     "Mish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.tanh", g.d("mlc.log1p", g.d("mlc.exp", x)))),
     "Swish": lambda g, x, a: g.d("mlc.mul", x, g.d("mlc.sigmoid", g.d("mlc.mul", x, g.d.scalar(a.get("alpha", 1.0), x)))),
     "Celu": lambda g, x, a: g.d("mlc.add", g.d("mlc.relu", x), g.d("mlc.minimum", g.d.scalar(0, x), g.d(
@@ -551,6 +709,9 @@ def _activation(g, node, ins, attrs):
     x = g.tensor(ins[0])
     if not x.type.element.is_float:
         raise NotImplementedError(f"{node.op_type} node '{node.name}': only floating-point inputs are imported")
+    if x.type.element.bits < 32:  # computed in f32 and rounded once, as one op would be
+        wide = g.d("mlc.cast", x, result_type=x.type.with_element(f32))
+        return [g.d("mlc.cast", ACTIVATIONS[node.op_type](g, wide, attrs), result_type=x.type)]
     return [ACTIVATIONS[node.op_type](g, x, attrs)]
 
 
@@ -577,10 +738,16 @@ def _prelu(g, node, ins, attrs):
 @converts("ArgMax", "ArgMin")
 def _arg(g, node, ins, attrs):
     x = g.tensor(ins[0])
-    if attrs.get("select_last_index", 0):
-        raise NotImplementedError(f"{node.op_type} node '{node.name}': select_last_index is not imported")
+    axis = attrs.get("axis", 0) % x.type.rank
     name = "mlc.argmax" if node.op_type == "ArgMax" else "mlc.argmin"
-    return [g.d(name, x, axes=[attrs.get("axis", 0) % x.type.rank], keepdims=bool(attrs.get("keepdims", 1)))]
+    if not attrs.get("select_last_index", 0):
+        return [g.d(name, x, axes=[axis], keepdims=bool(attrs.get("keepdims", 1)))]
+    size = x.type.shape[axis]  # the last: the first of x reversed along the axis
+    if size is None:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': select_last_index along a ? dim is not imported")
+    reversed_x = g.d("mlc.gather", x, g.d.const(np.arange(size - 1, -1, -1, dtype=np.int64)), axis=axis)
+    first = g.d(name, reversed_x, axes=[axis], keepdims=bool(attrs.get("keepdims", 1)))
+    return [g.d("mlc.sub", g.d.scalar(size - 1, first), first)]
 
 
 @converts("ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp")
@@ -604,26 +771,33 @@ def _reduce_over(g, node, ins, attrs, x: Value, name: str) -> Value:
         if attrs.get("noop_with_empty_axes", 0):
             return x
         axes = list(range(x.type.rank))
-    return g.d(name, x, axes=[int(a) % x.type.rank for a in axes], keepdims=bool(attrs.get("keepdims", 1)))
+    axes, keepdims = [int(a) % x.type.rank for a in axes], bool(attrs.get("keepdims", 1))
+    if any(x.type.shape[a] == 0 for a in axes) and x.type.is_static:  # over nothing: the reduction's identity
+        shape = [1 if a in axes else n for a, n in enumerate(x.type.shape) if keepdims or a not in axes]
+        e = x.type.element
+        low, high = (-np.inf, np.inf) if e.is_float else int_range(e)
+        identity = {"mlc.reduce_sum": 0, "mlc.reduce_prod": 1, "mlc.reduce_max": low, "mlc.reduce_min": high}.get(name, np.nan)
+        return g.d.const(np.full(shape, identity, e.np_dtype))
+    return g.d(name, x, axes=axes, keepdims=keepdims)
 
 
 @converts("LayerNormalization")
 def _layer_norm(g, node, ins, attrs):
     """Y, and the optional Mean and InvStdDev over the normalised dims (kept as 1s)."""
     x, scale = g.tensor(ins[0]), g.tensor(ins[1])
-    normal, mean, inverse = _normalised(g, x, list(range(attrs.get("axis", -1) % x.type.rank, x.type.rank)), attrs)
+    normal, mean, _, inverse = _normalised(g, x, list(range(attrs.get("axis", -1) % x.type.rank, x.type.rank)), attrs)
     y = g.d("mlc.mul", normal, scale)
     return [g.d("mlc.add", y, g.tensor(ins[2])) if len(ins) > 2 and ins[2] else y, mean, inverse]
 
 
 def _normalised(g, x: Value, axes: list, attrs) -> tuple:
-    """((x - mean) * inverse, mean, inverse) with mean and 1 / sqrt(variance + epsilon) over `axes`
-    (kept as 1s)."""
+    """((x - mean) * inverse, mean, variance, inverse) with the mean, the variance and inverse =
+    1 / sqrt(variance + epsilon) over `axes` (kept as 1s)."""
     mean = g.d("mlc.reduce_mean", x, axes=axes, keepdims=True)
     centred = g.d("mlc.sub", x, mean)
     var = g.d("mlc.reduce_mean", g.d("mlc.mul", centred, centred), axes=axes, keepdims=True)
     inverse = g.d("mlc.rsqrt", g.d("mlc.add", var, g.d.scalar(attrs.get("epsilon", 1e-5), var)))
-    return g.d("mlc.mul", centred, inverse), mean, inverse
+    return g.d("mlc.mul", centred, inverse), mean, var, inverse
 
 
 @converts("Slice")
@@ -640,9 +814,13 @@ def _slice(g, node, ins, attrs):
     for k, axis in enumerate(axes if axes is not None else range(len(starts))):
         axis = int(axis) % rank
         step = int(steps[k]) if steps is not None else 1
-        if step < 0 or x.type.shape[axis] is None:
-            raise NotImplementedError(f"Slice node '{node.name}': negative steps and slices of ? dims are not imported")
+        if x.type.shape[axis] is None:
+            raise NotImplementedError(f"Slice node '{node.name}': slices of ? dims are not imported")
         size = x.type.shape[axis]
+        if step < 0:  # backwards: a gather of those indices
+            first, last = (int(v) + size if v < 0 else int(v) for v in (starts[k], ends[k]))
+            x = _take(g, x, axis, np.arange(min(max(first, 0), size - 1), min(max(last, -1), size - 1), step))
+            continue
         clamp = lambda v: int(min(max(v + size if v < 0 else v, 0), size))  # noqa: E731
         start[axis], limit[axis], stride[axis] = clamp(int(starts[k])), clamp(int(ends[k])), step
     limit = [x.type.shape[i] if v is None else v for i, v in enumerate(limit)]
@@ -676,19 +854,49 @@ def _split(g, node, ins, attrs):
 
 @converts("Pad")
 def _pad(g, node, ins, attrs):
+    """constant: mlc.pad (a negative pad crops first); edge, reflect and wrap: a gather of the
+    source index of each position, per padded axis."""
     x = g.tensor(ins[0])
-    if attrs.get("mode", "constant") != "constant":
-        raise NotImplementedError(f"Pad node '{node.name}': mode {attrs['mode']} is not imported")
+    mode = attrs.get("mode", "constant")
     pads = attrs.get("pads") if g.opset < 11 else list(g.const(ins[1], node, "pads"))
-    value = attrs.get("value", 0.0) if g.opset < 11 else (float(g.const(ins[2], node, "value")) if len(ins) > 2 and ins[2] else 0.0)
+    value = attrs.get("value", 0.0) if g.opset < 11 else (_scalar(g.const(ins[2], node, "value")) if len(ins) > 2 and ins[2] else 0.0)
     rank = x.type.rank
     axes = list(range(rank)) if g.opset < 18 or len(ins) < 4 or not ins[3] else [int(a) % rank for a in g.const(ins[3], node, "axes")]
     low, high = [0] * rank, [0] * rank
     for k, a in enumerate(axes):
         low[a], high[a] = int(pads[k]), int(pads[k + len(axes)])
-    if min(low + high) < 0:
-        raise NotImplementedError(f"Pad node '{node.name}': negative pads are not imported")
-    return [g.d("mlc.pad", x, low=low, high=high, value=float(value))]
+    if mode == "constant" and min(low + high) >= 0:
+        return [g.d("mlc.pad", x, low=low, high=high, value=float(value))]
+    for a in range(rank):
+        n = x.type.shape[a]
+        if (low[a] or high[a]) and n is None:
+            raise NotImplementedError(f"Pad node '{node.name}': padding a ? dim is not imported")
+        if mode == "constant" and min(low[a], high[a]) < 0:  # crop, then pad what is left to pad
+            x = _take(g, x, a, np.arange(max(-low[a], 0), n + min(high[a], 0)))
+            low[a], high[a] = max(low[a], 0), max(high[a], 0)
+    if mode == "constant":
+        return [g.d("mlc.pad", x, low=low, high=high, value=float(value))]
+    for a in range(rank):
+        if low[a] or high[a]:
+            n = x.type.shape[a]
+            i = np.arange(-low[a], n + high[a])
+            if mode == "edge":
+                i = np.clip(i, 0, n - 1)
+            elif mode == "wrap":
+                i = i % n
+            elif mode == "reflect":
+                period = max(2 * n - 2, 1)
+                i = np.abs(i) % period
+                i = np.where(i >= n, period - i, i)
+            else:
+                raise NotImplementedError(f"Pad node '{node.name}': mode {mode} is not imported")
+            x = _take(g, x, a, i)
+    return [x]
+
+
+def _take(g, x: Value, axis: int, indices: np.ndarray) -> Value:
+    """x's elements at the (known) indices along axis."""
+    return g.d("mlc.gather", x, g.d.const(np.asarray(indices, np.int64)), axis=axis)
 
 
 @converts("Expand")
@@ -718,23 +926,46 @@ def _make_backend():
     from onnx.backend.base import Backend, BackendRep
 
     class MlcRep(BackendRep):
-        """A model prepared for mlc: compiled for the CPU (or a GPU), or run on the interpreter."""
+        """A model prepared for mlc: compiled for the CPU (or a GPU), or run on the interpreter. An
+        input whose value the import needs (a Reshape's shape given as an input) makes the model
+        compiled per value of such inputs, when it is run."""
 
         def __init__(self, model, target: str):
-            self.module, self.target = load(model), target
+            self.model, self.target = model, target
             initializers = {i.name for i in model.graph.initializer}
             self.input_names = [i.name for i in model.graph.input if i.name not in initializers]
-            if target != "interp":
-                from mlc.api import compile
-                self.run_main = compile(self.module, target)["main"]
-            else:
-                from mlc.ir.interpreter import Interpreter
-                interp = Interpreter(self.module)
-                self.run_main = lambda *arrays: interp.call_public("main", arrays)
+            self.static: list[str] = []  # the inputs the import needs the values of
+            self.specialised: dict = {}  # their values -> a run function
+            try:
+                self.specialise({})
+            except NeedsInput as e:
+                self.static.append(e.name)
+
+        def specialise(self, inputs: dict):
+            """The run function of the module imported with the static inputs' values in `inputs`."""
+            while True:
+                key = tuple((n, inputs[n].dtype.str, inputs[n].shape, inputs[n].tobytes()) for n in self.static)
+                if key in self.specialised:
+                    return self.specialised[key]
+                try:
+                    module = load(self.model, static={n: inputs[n] for n in self.static})
+                except NeedsInput as e:
+                    if e.name in self.static or e.name not in inputs:
+                        raise
+                    self.static.append(e.name)
+                    continue
+                if self.target == "interp":
+                    from mlc.ir.interpreter import Interpreter
+                    interp = Interpreter(module)
+                    self.specialised[key] = lambda *arrays: interp.call_public("main", arrays)
+                else:
+                    from mlc.api import compile
+                    self.specialised[key] = compile(module, self.target)["main"]
 
         def run(self, inputs, **kwargs):
-            arrays = [inputs[n] for n in self.input_names] if isinstance(inputs, dict) else list(inputs)
-            out = self.run_main(*arrays)
+            named = dict(inputs) if isinstance(inputs, dict) else dict(zip(self.input_names, inputs))
+            named = {n: np.asarray(v) for n, v in named.items()}
+            out = self.specialise(named)(*(named[n] for n in self.input_names if n not in self.static))
             return tuple(out) if isinstance(out, tuple) else (out,)
 
     class MlcBackend(Backend):
@@ -758,17 +989,36 @@ def _make_backend():
 
 @converts("ConvTranspose")
 def _conv_transpose(g, node, ins, attrs):
+    """With output_shape (or auto_pad SAME_*: the input times the stride), the pads are what makes
+    that shape (the odd one at the end for SAME_UPPER, at the start otherwise), or output_padding
+    where it is larger than the full output."""
     x, w = g.tensor(ins[0]), g.tensor(ins[1])
-    if x.type.rank != 4:
-        raise NotImplementedError(f"ConvTranspose node '{node.name}': only 2-d windows are imported")
-    strides, pads, dilations, _ = _window(g, node, attrs, x)
-    if "output_shape" in attrs:
-        raise NotImplementedError(f"ConvTranspose node '{node.name}': output_shape is not imported (give pads)")
-    y = g.d("mlc.conv2d_transpose", x, w, stride=strides, padding=pads, dilation=dilations,
-            output_padding=list(attrs.get("output_padding", [0, 0])), groups=attrs.get("group", 1))
+    kernel = list(w.type.shape[2:])
+    strides, pads, dilations, _ = _window(g, node, {**attrs, "auto_pad": "NOTSET"}, x)
+    output_padding = list(attrs.get("output_padding", [0] * (x.type.rank - 2)))
+    wanted = list(attrs.get("output_shape", []))[-(x.type.rank - 2):] if "output_shape" in attrs else None
+    if wanted is None and attrs.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
+        wanted = [None if n is None else n * s for n, s in zip(x.type.shape[2:], strides[-(x.type.rank - 2):])]
+    if wanted is not None:
+        if None in x.type.shape[2:] or None in wanted:
+            raise NotImplementedError(f"ConvTranspose node '{node.name}': output_shape needs static sizes")
+        totals = [s * (n - 1) + p + (k - 1) * d + 1 - want for n, s, p, k, d, want in zip(
+            x.type.shape[2:], strides[-len(wanted):], output_padding, kernel, dilations[-len(wanted):], wanted)]
+        output_padding = [p - min(t, 0) for p, t in zip(output_padding, totals)]  # (larger than the full output: grown at the end)
+        totals = [max(t, 0) for t in totals]
+        upper = attrs.get("auto_pad") == "SAME_UPPER"
+        first = [t // 2 if upper else t - t // 2 for t in totals]
+        pads = first + [t - f for t, f in zip(totals, first)]
+        if len(wanted) == 1:
+            pads = [0, pads[0], 0, pads[1]]
+    if x.type.rank == 3:
+        output_padding = [0] + output_padding
+    y = g.d("mlc.conv2d_transpose", _as_2d(g, x), _as_2d(g, w), stride=strides, padding=pads, dilation=dilations,
+            output_padding=output_padding, groups=attrs.get("group", 1))
+    y = _back_to_1d(g, y, x.type.rank)
     if len(ins) > 2 and ins[2]:
         bias = g.tensor(ins[2])
-        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0], 1, 1)))
+        y = g.d("mlc.add", y, g.d.reshape(bias, (bias.type.shape[0],) + (1,) * (y.type.rank - 2)))
     return [y]
 
 
@@ -778,6 +1028,43 @@ def _instance_norm(g, node, ins, attrs):
     normal = _normalised(g, x, list(range(2, x.type.rank)), attrs)[0]
     per_channel = (x.type.shape[1],) + (1,) * (x.type.rank - 2)
     return [g.d("mlc.add", g.d("mlc.mul", normal, g.d.reshape(scale, per_channel)), g.d.reshape(bias, per_channel))]
+
+
+@converts("Resize", "Upsample")
+def _resize(g, node, ins, attrs):
+    """Nearest, linear or cubic resizing, one product per resized axis with the interpolation matrix
+    of resize.resize_plan (exact for nearest: one 1 per row); tf_crop_and_resize's points outside the
+    input then take extrapolation_value."""
+    from .resize import resize_plan
+    x = g.tensor(ins[0])
+    if not x.type.is_static or not x.type.element.is_float:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': resizing needs a float tensor of static shape")
+    given = lambda k, what: g.const(ins[k], node, what) if len(ins) > k and ins[k] else None  # noqa: E731
+    if node.op_type == "Upsample" or g.opset < 11:
+        roi, scales, sizes = None, given(1, "scales") if len(ins) > 1 else np.array(attrs.get("scales")), None
+    else:
+        roi, scales, sizes = given(1, "roi"), given(2, "scales"), given(3, "sizes")
+    try:
+        plan = resize_plan(x.type.shape, attrs, roi, scales, sizes, 10 if node.op_type == "Upsample" else g.opset)
+    except ValueError as e:
+        raise NotImplementedError(f"{node.op_type} node '{node.name}': {e}") from None
+    d, rank = g.d, x.type.rank
+    for axis, matrix, outside in plan:
+        last = [k for k in range(rank) if k != axis] + [axis]  # the axis moved last: x @ M^T
+        moved = d("mlc.transpose", x, perm=last) if axis != rank - 1 else x
+        y = d("mlc.matmul", moved, d.const(matrix.T.astype(x.type.element.np_dtype)))
+        if outside.any():
+            y = d("mlc.add", y, d.const((outside * attrs.get("extrapolation_value", 0.0)).astype(x.type.element.np_dtype)))
+        x = d("mlc.transpose", y, perm=[last.index(k) for k in range(rank)]) if axis != rank - 1 else y
+    return [x]
+
+
+@converts("Range")
+def _range(g, node, ins, attrs):
+    """Known at import (its length sets the result's shape)."""
+    start, limit, delta = (g.const(name, node, what) for name, what in zip(ins, ("start", "limit", "delta")))
+    count = max(int(np.ceil((limit - start) / delta)), 0)
+    return [(start + np.arange(count) * delta).astype(start.dtype)]
 
 
 @converts("Size")
@@ -832,29 +1119,59 @@ def _hardmax(g, node, ins, attrs):
 
 @converts("Einsum")
 def _einsum(g, node, ins, attrs):
-    """The products people write: batched matmuls, with their operands or result transposed."""
+    """Einsum as sums over the letters one operand alone has, transposes, and batched matrix products
+    of each pair of operands in turn (a letter repeated within one operand, a diagonal, is refused)."""
+    operands = [g.tensor(i) for i in ins]
     equation = attrs["equation"].replace(" ", "")
-    if "->" not in equation or "." in equation or len(ins) != 2:
-        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' is not a product of two operands imported yet")
-    (left, right), out = equation.split("->")[0].split(","), equation.split("->")[1]
-    shared = [c for c in left if c in right and c not in out]
-    batch = [c for c in out if c in left and c in right]
-    rows, cols = [c for c in out if c in left and c not in right], [c for c in out if c in right and c not in left]
-    if len(shared) != 1 or len(rows) > 1 or len(cols) > 1 or set(left) != set(batch + rows + shared) or \
-            set(right) != set(batch + shared + cols) or len(set(out)) != len(out) or set(out) != set(batch + rows + cols):
-        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' is not a batched matrix product")
-    a, b = g.tensor(ins[0]), g.tensor(ins[1])
-    a = g.d("mlc.transpose", a, perm=[left.index(c) for c in batch + rows + shared])
-    b = g.d("mlc.transpose", b, perm=[right.index(c) for c in batch + shared + cols])
-    if not rows:
-        a = g.d.reshape(a, a.type.shape[:-1] + (1,) + a.type.shape[-1:])
-    if not cols:
-        b = g.d.reshape(b, b.type.shape + (1,))
-    y = g.d("mlc.matmul", a, b)
-    shape = y.type.shape
-    y = g.d.reshape(y, shape[:len(batch)] + tuple(shape[len(batch):][k] for k, side in enumerate((rows, cols)) if side))
-    order = batch + rows + cols
-    return [g.d("mlc.transpose", y, perm=[order.index(c) for c in out])]
+    given, _, out = equation.partition("->")
+    terms = given.split(",")
+    if len(terms) != len(operands):
+        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' does not match its {len(operands)} operands")
+    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in equation)
+    ellipsis = "".join(next(spare) for _ in range(max((v.type.rank - len(t) + 3 for t, v in zip(terms, operands) if "..." in t), default=0)))
+    terms = [t.replace("...", ellipsis[len(ellipsis) - (v.type.rank - len(t) + 3):]) for t, v in zip(terms, operands)]
+    if "->" not in equation:  # implicit: the letters used once, in order (after the ellipsis)
+        out = ellipsis + "".join(sorted(c for c in set("".join(terms)) if "".join(terms).count(c) == 1 and c not in ellipsis))
+    else:
+        out = out.replace("...", ellipsis[len(ellipsis) - max((v.type.rank - len(t) for t, v in zip(terms, operands)), default=0):])
+    if any(len(set(t)) != len(t) for t in terms) or len(set(out)) != len(out):
+        raise NotImplementedError(f"Einsum node '{node.name}': '{equation}' takes a diagonal, which is not imported")
+    pairs = list(zip(terms, operands))
+    term, value = _einsum_sum_alone(g, *pairs[0], [t for t, _ in pairs[1:]], out)
+    for k, (other_term, other) in enumerate(pairs[1:], 1):
+        later = "".join(t for t, _ in pairs[k + 1:]) + out
+        other_term, other = _einsum_sum_alone(g, other_term, other, [term] + [t for t, _ in pairs[k + 1:]], out)
+        term, value = _einsum_product(g, term, value, other_term, other, later)
+    return [g.d("mlc.transpose", value, perm=[term.index(c) for c in out]) if term != out else value]
+
+
+def _einsum_sum_alone(g, term: str, v: Value, others: list, out: str) -> tuple:
+    """v summed over the letters no other operand nor the output has."""
+    alone = [k for k, c in enumerate(term) if c not in out and not any(c in t for t in others)]
+    if not alone:
+        return term, v
+    return "".join(c for k, c in enumerate(term) if k not in alone), g.d("mlc.reduce_sum", v, axes=alone, keepdims=False)
+
+
+def _einsum_product(g, left: str, a: Value, right: str, b: Value, later: str) -> tuple:
+    """(letters, value) of the product of two operands summed over the letters they share that no
+    later operand nor the output needs: one batched matmul [batch, rows, shared] x [batch, shared, cols]."""
+    d = g.d
+    batch = [c for c in left if c in right and c in later]
+    shared = [c for c in left if c in right and c not in later]
+    rows, cols = [c for c in left if c not in right], [c for c in right if c not in left]
+    a = d("mlc.transpose", a, perm=[left.index(c) for c in batch + rows + shared])
+    b = d("mlc.transpose", b, perm=[right.index(c) for c in batch + shared + cols])
+    nb, nr, ns = len(batch), len(rows), len(shared)
+    row_dims, col_dims = a.type.shape[nb:nb + nr], b.type.shape[nb + ns:]
+    a = d.reshape(a, a.type.shape[:nb] + (_product(row_dims), _product(a.type.shape[nb + nr:])))
+    b = d.reshape(b, b.type.shape[:nb] + (_product(b.type.shape[nb:nb + ns]), _product(col_dims)))
+    y = d("mlc.matmul", a, b)
+    return "".join(batch + rows + cols), d.reshape(y, y.type.shape[:nb] + row_dims + col_dims)
+
+
+def _product(dims) -> int | None:
+    return None if None in dims else int(np.prod(dims, dtype=np.int64))
 
 
 # --- recurrent layers: mlc.scan over the steps, one per direction -------------------------------------------
@@ -1017,9 +1334,12 @@ def _nll(g, node, ins, attrs):
 
 @converts("Mod")
 def _mod(g, node, ins, attrs):
+    """fmod=1: the remainder with the sign of a (C's fmod); fmod=0: with the sign of b, as Python's %."""
     a, b = g.tensor(ins[0]), g.tensor(ins[1])
-    if not attrs.get("fmod", 0) or not a.type.element.is_float:
-        raise NotImplementedError(f"Mod node '{node.name}': integer modulo (fmod=0) is not imported")
-    quotient = g.d("mlc.div", a, b)  # fmod: a - trunc(a / b) * b, the sign of a
-    truncated = g.d("mlc.mul", g.d("mlc.sign", quotient), g.d("mlc.floor", g.d("mlc.abs", quotient)))
-    return [g.d("mlc.sub", a, g.d("mlc.mul", truncated, b))]
+    d = g.d
+    rest = d("mlc.rem", a, b)
+    if attrs.get("fmod", 0) or a.type.element.is_unsigned:
+        return [rest]
+    zero = d.scalar(0, rest)
+    other_sign = d("mlc.and", d("mlc.ne", rest, zero), d("mlc.ne", d("mlc.lt", rest, zero), d("mlc.lt", b, zero)))
+    return [d("mlc.select", other_sign, d("mlc.add", rest, b), rest)]
