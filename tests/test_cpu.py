@@ -445,3 +445,39 @@ def test_convolutions_in_channel_blocks(stride, padding, dilation):
     assert "mlc.conv2d_blocked" in str(blocked) and "mlc.conv2d " not in str(blocked)
     np.testing.assert_allclose(mlc.interpret(blocked, "f", x, w1, w2), want, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(mlc.compile(blocked)["f"](x, w1, w2), want, rtol=1e-4, atol=1e-3)
+
+
+RESHAPE_AT_RUN_TIME = """
+func.func @f(%x: tensor<?x?x8xf32>, %shape: tensor<4xi64>) -> tensor<?x?x?x4xf32> {
+  %y = mlc.reshape %x, %shape : (tensor<?x?x8xf32>, tensor<4xi64>) -> tensor<?x?x?x4xf32>
+  return %y : tensor<?x?x?x4xf32>
+}
+func.func @back(%x: tensor<?x?x8xf32>) -> tensor<?x?x8xf32> {
+  %s = mlc.shape_of %x : (tensor<?x?x8xf32>) -> tensor<3xi64>
+  %two = mlc.constant dense<[2, -1]> : tensor<2xi64>
+  %shape = mlc.concat %s, %two {axis = 0} : (tensor<3xi64>, tensor<2xi64>) -> tensor<5xi64>
+  %odd = mlc.constant dense<[0, 1, 3, 4]> : tensor<4xi64>
+  %split = mlc.gather %shape, %odd {axis = 0} : (tensor<5xi64>, tensor<4xi64>) -> tensor<4xi64>
+  %y = mlc.reshape %x, %split : (tensor<?x?x8xf32>, tensor<4xi64>) -> tensor<?x?x2x?xf32>
+  %z = mlc.reshape %y, %s : (tensor<?x?x2x?xf32>, tensor<3xi64>) -> tensor<?x?x8xf32>
+  return %z : tensor<?x?x8xf32>
+}
+"""
+
+
+@pytest.mark.parametrize("x_shape, shape", [((2, 3, 8), [2, 3, 2, 4]), ((2, 3, 8), [3, -1, 2, 4]), ((1, 5, 8), [5, 1, 2, 4])])
+def test_a_reshape_to_a_shape_known_at_run_time(x_shape, shape):
+    """mlc.reshape's `?` dims from a shape operand (-1: what the element count leaves), and
+    mlc.shape_of: compiled and interpreted alike, against numpy."""
+    x = np.arange(np.prod(x_shape), dtype=np.float32).reshape(x_shape)
+    compile_and_compare(RESHAPE_AT_RUN_TIME, "f", x, np.array(shape, np.int64))
+    np.testing.assert_array_equal(mlc.interpret(mlc.parse(RESHAPE_AT_RUN_TIME), "f", x, np.array(shape, np.int64)), x.reshape(shape))
+    compile_and_compare(RESHAPE_AT_RUN_TIME, "back", x)
+
+
+def test_a_reshape_to_a_wrong_run_time_shape_is_an_error():
+    x = np.zeros((2, 3, 8), np.float32)
+    with pytest.raises(mlc.DiagnosticError, match="mlc.reshape"):
+        mlc.interpret(mlc.parse(RESHAPE_AT_RUN_TIME), "f", x, np.array([2, 3, 3, 4], np.int64))
+    with pytest.raises(mlc.DiagnosticError, match="cannot reshape"):
+        mlc.compile(mlc.parse(RESHAPE_AT_RUN_TIME))["f"](x, np.array([2, 3, 3, 4], np.int64))

@@ -817,22 +817,29 @@ def _swap_last(shape: tuple) -> tuple:
 # Shape ops
 
 class Reshape(OpDef):
-    """Row-major reshape; the result type gives the shape (one `?` is solved at run time)."""
+    """Row-major reshape to the result type's shape. Its `?` dims: with a shape operand (tensor<R x
+    i64>, R the result's rank), that operand's entries there; without one (at most one `?`), what the
+    element count leaves. An entry of -1 is also what the element count leaves."""
     name = "mlc.reshape"
-    operands = 1
+    operands = (1, 2)
     traits = {PURE}
     fold = staticmethod(_fold_reshape)
 
     @staticmethod
     def infer(op, ctx):
-        (t,) = _tensors(op)
+        t = _tensors(op)[0]
         if not op.results or op.results[0].type is ERROR:
             raise VerifyError("needs its result type, e.g. ': (tensor<2x3xf32>) -> tensor<6xf32>'")
         r = tensor_type(op.results[0].type, "result")
         if r.element != t.element:
             raise VerifyError(f"element type changes from {t.element} to {r.element}; use mlc.cast")
-        if r.shape.count(None) > 1:
-            raise VerifyError(f"result may have at most one '?' dimension, got {r}")
+        if len(op.operands) == 2:
+            shape = _tensors(op)[1]
+            require_element(shape, "int", 1)
+            if shape.rank != 1 or shape.shape[0] not in (None, r.rank):
+                raise VerifyError(f"the shape operand must be a tensor<{r.rank}xi64> (one entry per result dim), got {shape}")
+        elif r.shape.count(None) > 1:
+            raise VerifyError(f"result may have at most one '?' dimension without a shape operand, got {r}")
         n, m = num_elements(t.shape), num_elements(r.shape)
         if n is not None and m is not None and n != m:
             raise VerifyError(f"cannot reshape {n} elements {fmt_shape(t.shape)} into {m} elements {fmt_shape(r.shape)}")
@@ -840,16 +847,48 @@ class Reshape(OpDef):
 
     @staticmethod
     def interpret(ins, op, ctx):
-        shape = [-1 if d is None else d for d in op.results[0].type.shape]
-        x = ins[0]
+        t, x = op.results[0].type, ins[0]
+        shape = [-1 if d is None else d for d in t.shape]
+        if len(ins) == 2:
+            given = [int(v) for v in ins[1]]
+            if len(given) != t.rank or any(d is not None and v not in (d, -1) for d, v in zip(t.shape, given)):
+                raise RuntimeCheck(f"shape {given} does not fit the result type {t}")
+            shape = [v if d is None else d for d, v in zip(t.shape, given)]
         known = math.prod(d for d in shape if d != -1)
-        if -1 in shape and (known == 0 or x.size % known) or -1 not in shape and x.size != known:
-            raise RuntimeCheck(f"cannot reshape an input of shape {fmt_shape(x.shape)} into {op.results[0].type}")
+        if shape.count(-1) > 1 or -1 in shape and (known == 0 or x.size % known) or -1 not in shape and x.size != known:
+            raise RuntimeCheck(f"cannot reshape an input of shape {fmt_shape(x.shape)} into {fmt_shape(shape)}")
         return x.reshape(shape)
 
     @staticmethod
     def vjp(d, op, g):
-        return [d.reshape(g, op.operands[0].type.shape)]
+        x = op.operands[0]
+        if x.type.shape.count(None) > 1:  # back to x's shape, known at run time
+            return [d("mlc.reshape", g, d("mlc.shape_of", x), result_type=x.type), None]
+        return [d.reshape(g, x.type.shape)] + [None] * (len(op.operands) - 1)
+
+
+class ShapeOf(OpDef):
+    """The operand's shape as a tensor<rank x i64> (its `?` dims as they are at run time)."""
+    name = "mlc.shape_of"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        return [TensorType((_tensors(op)[0].rank,), i64)]
+
+    @staticmethod
+    def fold(op, consts):
+        t = op.operands[0].type
+        return [np.array(t.shape, np.int64)] if t.is_static else None
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.array(ins[0].shape, np.int64)
+
+    @staticmethod
+    def vjp(d, op, g):
+        return [None]
 
 
 class Transpose(OpDef):

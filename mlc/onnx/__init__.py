@@ -108,6 +108,7 @@ class Graph:
         self.used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}  # names something reads
         inputs = [i for i in graph.input if i.name not in self.initializers]
         self.sources = {i.name: {i.name} for i in inputs}  # the graph inputs each run-time value is computed from
+        self.partial: dict[str, np.ndarray] = {}  # run-time shapes known in part: object arrays, None where not
         declared = {i.name: i for i in inputs}
         for key, value in static.items():
             if key not in declared:
@@ -190,6 +191,11 @@ class Graph:
         if present and all(i in self.known for i in node.input if i) and domain == "ai.onnx" and node.op_type != "Constant":
             self.fold(node)
             return
+        partial = self.shape_arithmetic(node) if domain == "ai.onnx" else None
+        if partial is not None and None not in partial.ravel():  # all known after all: a constant
+            dtype = _element(self.attrs(node)["to"]).np_dtype if node.op_type == "Cast" else np.int64
+            self.known[node.output[0]] = np.array(partial.tolist(), dtype)
+            return
         convert = CONVERTERS.get(node.op_type) if domain == "ai.onnx" else None
         if convert is None:
             raise NotImplementedError(f"ONNX op {node.op_type} (domain {domain}, opset {opset}) of node '{node.name}' cannot be imported yet")
@@ -199,7 +205,9 @@ class Graph:
             outputs = convert(self, node, list(node.input), self.attrs(node))
         except VerifyError as e:  # what the node asks for, mlc's op does not express (yet)
             raise NotImplementedError(f"ONNX op {node.op_type} (opset {opset}) of node '{node.name}': {e}") from None
-        sources = set().union(*(self.sources.get(i, ()) for i in node.input))
+        sources = set().union(*(self.sources.get(i, ()) for i in node.input)) if node.op_type not in ("Shape", "Size") else set()
+        if partial is not None:
+            self.partial[node.output[0]] = partial
         for name, value in zip(node.output, outputs):
             if name and value is not None:
                 self.sources[name] = sources
@@ -208,6 +216,27 @@ class Graph:
                 else:
                     value.name_hint = _name(name)
                     self.values[name] = value
+
+    def entries(self, name: str):
+        """What is known at import of a (small integer) value: an object array, None where unknown."""
+        if name in self.known:
+            return np.array(self.known[name], dtype=object)
+        return self.partial.get(name)
+
+    def shape_arithmetic(self, node):
+        """The entries of a shape computed at run time, as far as they are known at import (a Shape of
+        tensor<?x?x32xf32> knows its 32; Gather, Concat, Slice, Unsqueeze... carry that on)."""
+        rule = SHAPE_ARITHMETIC.get(node.op_type)
+        if rule is None or not any(i in self.partial for i in node.input):
+            return None
+        entries = [self.entries(i) if i else None for i in node.input]
+        if any(e is None for e in entries[:1]):
+            return None
+        try:
+            out = rule(self.attrs(node), entries)
+        except (TypeError, ValueError, IndexError):  # (an index not known at import, ...)
+            return None
+        return np.array(out, dtype=object)
 
     def attrs(self, node) -> dict:
         out = {}
@@ -353,20 +382,54 @@ def _scalar(value: np.ndarray) -> float:
     return float(np.ravel(value)[0])
 
 
-def _reshaped(g, x: Value, shape) -> Value:
-    return g.d("mlc.reshape", x, result_type=x.type.with_shape(tuple(shape)))
+def _reshaped(g, x: Value, entries) -> Value:
+    """x reshaped; each entry of the new shape is a size (-1: what the others leave) or a range
+    (first, last) of x's dims, the product of their sizes. With more than one `?` among the result's
+    dims, the shape is also computed at run time (from mlc.shape_of x) for mlc.reshape to read."""
+    def size(e):
+        if isinstance(e, tuple):
+            dims = x.type.shape[e[0]:e[1]]
+            return None if None in dims else int(np.prod(dims, dtype=np.int64))
+        return None if e == -1 else e
+    dims = [size(e) for e in entries]
+    if -1 in entries and dims.count(None) == 1 and x.type.is_static:
+        dims[dims.index(None)] = int(np.prod(x.type.shape, dtype=np.int64)) // max(int(np.prod([d for d in dims if d is not None])), 1)
+    t = x.type.with_shape(tuple(dims))
+    if dims.count(None) <= 1:
+        return g.d("mlc.reshape", x, result_type=t)
+    d = g.d
+    shape = d("mlc.shape_of", x)
+    parts = []
+    for e, n in zip(entries, dims):
+        if not isinstance(e, tuple) or n is not None:
+            parts.append(d.const(np.array([e if n is None else n], np.int64)))
+        else:
+            piece = d("mlc.slice", shape, start=[e[0]], limit=[e[1]], stride=[1])
+            parts.append(piece if e[1] - e[0] == 1 else d.reshape(d("mlc.reduce_prod", piece, axes=[0], keepdims=False), (1,)))
+    return d("mlc.reshape", x, d("mlc.concat", *parts, axis=0) if len(parts) > 1 else parts[0], result_type=t)
 
 
 @converts("Reshape")
 def _reshape(g, node, ins, attrs):
     x = g.tensor(ins[0])
+    if ins[1] not in g.known and ins[1] in g.partial:
+        return [_reshape_at_run_time(g, node, x, g.partial[ins[1]], g.tensor(ins[1]), attrs)]
     shape = [int(v) for v in g.const(ins[1], node, "shape")]
-    dims = [x.type.shape[i] if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)]
-    if -1 in dims:
-        known = [d for d in dims if d != -1]
-        total = None if None in x.type.shape or None in known else int(np.prod(x.type.shape))
-        dims[dims.index(-1)] = None if total is None else total // max(int(np.prod(known)), 1)
-    return [_reshaped(g, x, dims)]
+    return [_reshaped(g, x, [(i, i + 1) if v == 0 and not attrs.get("allowzero", 0) else v for i, v in enumerate(shape)])]
+
+
+def _reshape_at_run_time(g, node, x: Value, entries, shape: Value, attrs) -> Value:
+    """A Reshape to a shape computed at run time: the result type has the entries known at import
+    (a known 0 copies x's dim), `?` for the others, which mlc.reshape reads from the shape."""
+    entries = list(entries.reshape(-1))
+    copies = [i for i, v in enumerate(entries) if v == 0 and not attrs.get("allowzero", 0)]
+    if any(i >= x.type.rank or x.type.shape[i] is None for i in copies):
+        raise NotImplementedError(f"Reshape node '{node.name}': a 0 (copy) of a ? dim in a run-time shape is not imported")
+    dims = [x.type.shape[i] if i in copies else None if v is None or v == -1 else int(v) for i, v in enumerate(entries)]
+    if copies:  # the run-time shape with the copied sizes in place of the 0s
+        mask = np.array([i in copies for i in range(len(entries))])
+        shape = g.d("mlc.select", g.d.const(mask), g.d.const(np.array([d or 0 for d in dims], np.int64)), shape)
+    return g.d("mlc.reshape", x, shape, result_type=x.type.with_shape(tuple(dims)))
 
 
 @converts("Flatten")
@@ -374,26 +437,22 @@ def _flatten(g, node, ins, attrs):
     x = g.tensor(ins[0])
     axis = attrs.get("axis", 1)
     axis = axis + x.type.rank if axis < 0 else axis
-
-    def product(dims):
-        return None if None in dims else int(np.prod(dims))
-    return [_reshaped(g, x, (product(x.type.shape[:axis]), product(x.type.shape[axis:])))]
+    return [_reshaped(g, x, [(0, axis), (axis, x.type.rank)])]
 
 
 @converts("Unsqueeze", "Squeeze")
 def _squeeze(g, node, ins, attrs):
     x = g.tensor(ins[0])
     axes = attrs.get("axes") if g.opset < 13 else (list(g.const(ins[1], node, "axes")) if len(ins) > 1 and ins[1] else None)
+    entries = [(i, i + 1) for i in range(x.type.rank)]
     if node.op_type == "Unsqueeze":
         rank = x.type.rank + len(axes)
-        axes = sorted(int(a) % rank for a in axes)
-        dims = list(x.type.shape)
-        for a in axes:
-            dims.insert(a, 1)
+        for a in sorted(int(a) % rank for a in axes):
+            entries.insert(a, 1)
     else:
         axes = [int(a) % x.type.rank for a in axes] if axes is not None else [i for i, d in enumerate(x.type.shape) if d == 1]
-        dims = [d for i, d in enumerate(x.type.shape) if i not in axes]
-    return [_reshaped(g, x, dims)]
+        entries = [e for i, e in enumerate(entries) if i not in axes]
+    return [_reshaped(g, x, entries)]
 
 
 @converts("Transpose")
@@ -644,10 +703,52 @@ def _constant(g, node, ins, attrs):
 
 @converts("Shape")
 def _shape(g, node, ins, attrs):
+    """Known at import when x's shape is static; otherwise mlc.shape_of, its known dims noted (the
+    shape arithmetic that follows carries them on, see Graph.shape_arithmetic)."""
     x = g.tensor(ins[0])
-    if not x.type.is_static:
-        raise NotImplementedError(f"Shape node '{node.name}': the shape of {x.type} is only known at run time")
-    return [np.array(x.type.shape[attrs.get("start", 0):attrs.get("end", None)], np.int64)]
+    start, end = attrs.get("start", 0), attrs.get("end", None)
+    if x.type.is_static:
+        return [np.array(x.type.shape[start:end], np.int64)]
+    shape = g.d("mlc.shape_of", x)
+    first, last, _ = slice(start, end).indices(x.type.rank)
+    if (first, last) != (0, x.type.rank):
+        shape = g.d("mlc.slice", shape, start=[first], limit=[max(last, first)], stride=[1])
+    g.partial[node.output[0]] = np.array(x.type.shape[first:last], dtype=object)
+    return [shape]
+
+
+def _elementwise(fn):
+    """fn over object arrays, None where an operand is."""
+    def apply(*arrays):
+        return np.array(np.frompyfunc(lambda *v: None if None in v else fn(*v), len(arrays), 1)(*arrays), dtype=object)
+    return apply
+
+
+def _slice_entries(e):
+    """A 1-d Slice (opset 10 on) of known starts, ends (and steps)."""
+    if e[0].ndim != 1 or len(e) > 3 and e[3] is not None and int(e[3][0]) not in (0, -1):
+        raise ValueError("not a slice of a 1-d shape")
+    return e[0][slice(int(e[1][0]), int(e[2][0]), int(e[4][0]) if len(e) > 4 and e[4] is not None else 1)]
+
+
+def _axes_of(attrs, entries):
+    axes = attrs.get("axes") if len(entries) < 2 or entries[1] is None else entries[1].tolist()
+    if axes is None or None in axes:
+        raise ValueError("axes not known")
+    return [int(a) for a in axes]
+
+
+SHAPE_ARITHMETIC = {  # op: fn(attrs, entries of its inputs) -> entries of its output (None unknown)
+    "Identity": lambda a, e: e[0], "Cast": lambda a, e: e[0],
+    "Gather": lambda a, e: np.take(e[0], np.array(e[1].tolist(), np.int64), axis=a.get("axis", 0)),
+    "Concat": lambda a, e: np.concatenate(e, axis=a["axis"]),
+    "Unsqueeze": lambda a, e: np.expand_dims(e[0], tuple(ax % (e[0].ndim + len(_axes_of(a, e))) for ax in _axes_of(a, e))),
+    "Squeeze": lambda a, e: np.squeeze(e[0], tuple(_axes_of(a, e))) if _axes_of(a, e) else e[0].reshape(-1)[:1].reshape(()),
+    "Slice": lambda a, e: _slice_entries(e),
+    "Add": lambda a, e: _elementwise(lambda x, y: x + y)(*e), "Sub": lambda a, e: _elementwise(lambda x, y: x - y)(*e),
+    "Mul": lambda a, e: _elementwise(lambda x, y: x * y)(*e),
+    "Div": lambda a, e: _elementwise(lambda x, y: int(x / y) if isinstance(x, (int, np.integer)) else x / y)(*e),
+}
 
 
 @converts("CastLike")

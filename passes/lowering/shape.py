@@ -18,11 +18,23 @@ def reshape(L: FunctionLowering, op: Operation):
     total = L.idx(1)
     for s in in_sizes:
         total = L.op(L.b, "arith.mul", total, s)
+    # a `?` dim: the shape operand's entry there (or -1 without one); a -1 is what the known dims leave
+    given = L.buffers[op.operands[1]] if len(op.operands) == 2 else None
+    entries = [L.idx(d) if d is not None else L.idx(-1) if given is None else
+               as_index(L, L.b, L.b.create("mem.load", [given, L.idx(i)]).result) for i, d in enumerate(t.shape)]
     known = L.idx(1)
-    for d in t.shape:
-        if d is not None:
-            known = L.op(L.b, "arith.mul", known, L.idx(d))
-    sizes = [L.idx(d) if d is not None else L.op(L.b, "arith.div", total, known) for d in t.shape]
+    for d, e in zip(t.shape, entries):
+        if d is None:
+            e = L.op(L.b, "arith.select", L.op(L.b, "arith.eq", e, L.idx(-1)), L.idx(1), e)
+        known = L.op(L.b, "arith.mul", known, e)
+    solved = L.op(L.b, "arith.div", total, known)
+    sizes = [e if d is not None else L.op(L.b, "arith.select", L.op(L.b, "arith.eq", e, L.idx(-1)), solved, e)
+             for d, e in zip(t.shape, entries)]
+    if given is not None:  # (the interpreter's check: the sizes must hold the elements)
+        product = L.idx(1)
+        for size in sizes:
+            product = L.op(L.b, "arith.mul", product, size)
+        L.check(L.b, L.op(L.b, "arith.eq", product, total), f"cannot reshape into {t}: the element count differs")
     out = L.alloc(t, sizes, op.results[0].name_hint)
 
     def body(b, ivs):
@@ -36,6 +48,16 @@ def reshape(L: FunctionLowering, op: Operation):
             flat = q
         b.create("mem.store", [b.create("mem.load", [x] + src[::-1]).result, out] + ivs)
     L.nest(sizes, body)
+    return [out]
+
+
+@rule("mlc.shape_of")
+def shape_of(L: FunctionLowering, op: Operation):
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    out = L.alloc(t, [L.idx(t.shape[0])], op.results[0].name_hint)
+    for i, size in enumerate(L.dims(x)):
+        L.b.create("mem.store", [L.b.create("arith.cast", [size], result_types=[t.element]).result, out, L.idx(i)])
     return [out]
 
 
