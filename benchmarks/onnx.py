@@ -2,7 +2,8 @@
 
     python benchmarks/onnx.py [--quick]
 
-The models are exported from torch here (a ResNet-50 at batch 1 x 3 x 224 x 224 among them); each
+The models are exported from torch here, with a symbolic batch dim (a ResNet-50 at batch 1 x 3 x 224 x 224
+and a Transformer encoder among them; the encoder's shape subgraphs stay in mlc's IR); each
 framework runs in its own process (thread pools sharing a process slow each other down). mlc's
 import and compile times are reported too. Ratios > 1 mean mlc is faster. onnxruntime is optional:
 without it its column says n/a.
@@ -53,6 +54,8 @@ def torch_models(quick: bool) -> dict:
     models = {"MLP 784-1024-1024-10 b64": (nn.Sequential(nn.Linear(784, 1024), nn.GELU(), nn.LayerNorm(1024), nn.Linear(1024, 1024),
                                                          nn.ReLU(), nn.Linear(1024, 10)), torch.randn(64, 784))}
     if not quick:
+        layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
+        models["Transformer 2x256 b8 T64"] = (nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), torch.randn(8, 64, 256))
         models["ResNet-50 b1 224x224"] = (resnet50(), torch.randn(1, 3, 224, 224))
     return models
 
@@ -68,7 +71,8 @@ def export(directory: str, quick: bool) -> dict:
         buf = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model.eval(), (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
+            torch.onnx.export(model.eval(), (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "N"}})
         with open(path, "wb") as f:
             f.write(buf.getvalue())
         np.save(path + ".x.npy", x.numpy())

@@ -25,6 +25,22 @@ def model_of(nodes, inputs, outputs, initializers=(), opset=17):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
+def torch_export(net, x, opset=17, dynamic_axes=None) -> bytes:
+    """net exported by torch.onnx (the test is skipped where torch's exporter cannot run here)."""
+    import io
+
+    import torch
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(net, (x,), buf, opset_version=opset, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes=dynamic_axes)
+        except Exception as e:  # the exporter's own requirements (onnxscript, ...) are not mlc's
+            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
+    return buf.getvalue()
+
+
 def f32(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
@@ -135,17 +151,8 @@ class _TorchCnn:
 @pytest.mark.parametrize("opset", [13, 17])
 def test_torch_exported_models_match_torch(opset):
     torch = pytest.importorskip("torch")
-    import io
     net, x = _TorchCnn.make(), torch.randn(2, 3, 8, 8)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(net, (x,), buf, opset_version=opset, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "N"}})
-        except Exception as e:  # the exporter's own requirements (onnxscript, ...) are not mlc's
-            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
-    m = mlc_onnx.load(buf.getvalue())
+    m = mlc_onnx.load(torch_export(net, x, opset=opset, dynamic_axes={"x": {0: "N"}}))
     assert m.functions["main"].type.inputs[0].shape[0] is None  # the dynamic batch
     with torch.no_grad():
         want = net(x).numpy()
@@ -188,17 +195,9 @@ def test_an_imported_model_fine_tunes(tmp_path):
 def test_torch_exported_recurrent_layers_match_torch(layer):
     """Two bidirectional layers, as torch exports them: an mlc.scan per direction and layer."""
     torch = pytest.importorskip("torch")
-    import io
     torch.manual_seed(0)
     net, x = getattr(torch.nn, layer)(5, 7, num_layers=2, bidirectional=True).eval(), torch.randn(6, 3, 5)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(net, (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
-        except Exception as e:
-            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
-    m = mlc_onnx.load(buf.getvalue())
+    m = mlc_onnx.load(torch_export(net, x))
     assert sum(op.name == "mlc.scan" for op in m.walk()) == 4
     with torch.no_grad():
         want = net(x)[0].numpy()
@@ -248,7 +247,6 @@ def test_a_torch_unet_with_upsampling_matches_torch():
     """A small U-Net: strided convolutions down, bilinear Resize and ConvTranspose up, skip
     concatenations; exported by torch, compiled for the CPU."""
     torch = pytest.importorskip("torch")
-    import io
 
     class UNet(torch.nn.Module):
         def __init__(self):
@@ -264,14 +262,7 @@ def test_a_torch_unet_with_upsampling_matches_torch():
             return self.out(torch.cat([up, x], 1))
     torch.manual_seed(0)
     net, x = UNet().eval(), torch.randn(1, 3, 16, 16)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(net, (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"])
-        except Exception as e:
-            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
-    m = mlc_onnx.load(buf.getvalue())
+    m = mlc_onnx.load(torch_export(net, x))
     with torch.no_grad():
         want = net(x).numpy()
     np.testing.assert_allclose(mlc.compile(m)["main"](x.numpy()), want, rtol=1e-4, atol=1e-5)
@@ -293,19 +284,10 @@ def test_a_torch_transformer_with_dynamic_batch_matches_torch():
     subgraphs (Shape, Gather, Concat, Reshape) stay in the IR as mlc.shape_of and reshapes to shapes
     computed at run time; one compiled module serves two batch sizes."""
     torch = pytest.importorskip("torch")
-    import io
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     net, x = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), torch.randn(2, 5, 32)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(net, (x,), buf, opset_version=17, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "N", 1: "T"}})
-        except Exception as e:
-            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
-    m = mlc_onnx.load(buf.getvalue())
+    m = mlc_onnx.load(torch_export(net, x, dynamic_axes={"x": {0: "N", 1: "T"}}))
     assert str(m.functions["main"].type) == "(tensor<?x?x32xf32>) -> tensor<?x?x32xf32>"
     assert any(op.name == "mlc.shape_of" for op in m.walk())
     run = mlc.compile(m)["main"]
@@ -322,13 +304,7 @@ def test_a_torch_export_imports_and_trains_from_the_command_line(tmp_path):
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(net, (torch.randn(4, 6),), str(tmp_path / "mlp.onnx"), opset_version=17, dynamo=False,
-                              input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}})
-        except Exception as e:
-            pytest.skip(f"torch.onnx.export is unavailable here: {type(e).__name__}")
+    (tmp_path / "mlp.onnx").write_bytes(torch_export(net, torch.randn(4, 6), dynamic_axes={"x": {0: "N"}}))
     x = rng.standard_normal((300, 6)).astype(np.float32)
     labels = np.argmax(x[:, :3], axis=1)
     np.savez(tmp_path / "train.npz", x=x[:240], target=labels[:240])
