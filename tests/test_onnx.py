@@ -211,18 +211,35 @@ def _light_models():
     return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".onnx")) if os.path.isdir(folder) else []
 
 
-@pytest.mark.parametrize("path", _light_models(), ids=lambda p: p.rsplit("/", 1)[-1][len("light_"):-len(".onnx")])
-def test_the_real_architectures_shipped_with_onnx_match(path):
-    """AlexNet, DenseNet-121, Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512
-    (onnx's 'light' copies) on onnx's input (arange / n), against the outputs shipped beside them."""
+def _light_case(path):
+    """(module, onnx's input: arange / n, the output shipped beside the model)."""
     model = onnx.load(path)
     initializers = {i.name for i in model.graph.initializer}
     (x,) = [i for i in model.graph.input if i.name not in initializers]
     shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in x.type.tensor_type.shape.dim)
     n = int(np.prod(shape))
     want = numpy_helper.to_array(onnx.load_tensor(path[:-len(".onnx")] + "_output_0.pb"))
-    got = mlc.interpret(mlc_onnx.load(path), "main", (np.arange(n).reshape(shape) / n).astype(np.float32))
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-7)
+    return mlc_onnx.load(path), (np.arange(n).reshape(shape) / n).astype(np.float32), want
+
+
+def _name(path):
+    return path.rsplit("/", 1)[-1][len("light_"):-len(".onnx")]
+
+
+@pytest.mark.parametrize("path", _light_models(), ids=_name)
+def test_the_real_architectures_shipped_with_onnx_match(path):
+    """AlexNet, DenseNet-121, Inception v1/v2, ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512
+    (onnx's 'light' copies) on onnx's input (arange / n), against the outputs shipped beside them."""
+    m, x, want = _light_case(path)
+    np.testing.assert_allclose(mlc.interpret(m, "main", x), want, rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[] if _name(p) in ("bvlc_alexnet", "zfnet512") else [pytest.mark.slow])
+                                  for p in _light_models()], ids=_name)
+def test_the_real_architectures_compiled_for_the_cpu_match(path):
+    """The same, compiled (two by default: each takes 10-45 s to compile; MLC_RUN_SLOW=1 runs all)."""
+    m, x, want = _light_case(path)
+    np.testing.assert_allclose(mlc.compile(m)["main"](x), want, rtol=1e-3, atol=1e-7)
 
 
 def test_inputs_that_set_shapes_are_static():

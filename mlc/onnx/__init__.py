@@ -166,7 +166,12 @@ class Graph:
             top = Builder(self.func.body, self.func.body.first, self.module)
             value = top.create("mlc.global_load", [], {"global": SymbolRefAttr(symbol)}, [t], name_hint=symbol).result
         elif name in self.known:
-            value = self.d.const(np.array(self.known[name], order="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
+            array = np.array(self.known[name], order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+            if array.size > 1024 and np.all(array == array.reshape(-1)[0]):  # a splat (ConstantOfShape): not its bytes
+                t = TensorType(array.shape, element_of(array.dtype))
+                value = self.d("mlc.broadcast_to", self.d.const(np.array(array.reshape(-1)[0])), result_type=t)
+            else:
+                value = self.d.const(array)
         else:
             raise KeyError(name)
         self.values[name] = value
