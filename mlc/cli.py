@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mlc: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # (a reader that stopped early, as `| head`: not an error; and no second one at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except RecursionError:
         print(f"{getattr(args, 'file', None) or 'mlc'}: error: the input is nested too deeply", file=sys.stderr)
@@ -283,8 +284,9 @@ def cmd_train(args):
     o.progress = not args.quiet
     o.backend, o.precision = args.backend, args.precision
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
+    from mlc.train import LosslessOutput
     fit(load_module(args.file), o, output=out)
-    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=sys.stderr)
+    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=LosslessOutput(sys.stderr))
     return 0
 
 

@@ -150,11 +150,38 @@ def load_checkpoint(directory, exe, fingerprint: str) -> dict | None:
 
 # --- the loop ---------------------------------------------------------------------------------------------
 
+class LosslessOutput:
+    """A stream whose write errors (a closed pipe, a full disk) silence it instead of ending the run:
+    progress is a convenience, the trained weights are the point."""
+
+    def __init__(self, stream):
+        self.stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        self._try(lambda: self.stream.write(text))
+        return len(text)
+
+    def flush(self):
+        self._try(self.stream.flush)
+
+    def isatty(self) -> bool:
+        return not self.broken and hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def _try(self, action):
+        if not self.broken:
+            try:
+                action()
+            except (OSError, ValueError):  # (ValueError: the stream was closed)
+                self.broken = True
+
+
 def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     """Train `module` (a Module, not modified) as `o` says; returns the executable holding the trained
-    weights, saved to `output` (an artifact) when given."""
+    weights, saved to `output` (an artifact) when given. Progress goes to `out`; if writing it fails,
+    training goes on without it."""
     from mlc.api import run_passes
     from mlc.compiler import compile
+    out = LosslessOutput(out)
     module = module.clone()
     if o.seed is not None:
         module.attributes["seed"] = IntAttr(o.seed)
@@ -183,7 +210,8 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             print(f"mlc train: no checkpoint in {o.checkpoint_dir}; starting from the beginning", file=out)
         else:
             state = restored
-            print(f"mlc train: resuming at epoch {state['epoch'] + 1}, batch {state['batch']}", file=out)
+            print(f"mlc train: resuming at epoch {state['epoch'] + 1}, batch {state['batch']}" if state["epoch"] < o.epochs
+                  else f"mlc train: the run in {o.checkpoint_dir} already finished its {o.epochs} epochs", file=out)
 
     bar = _progress(o, out)
     for epoch in range(state["epoch"], o.epochs):

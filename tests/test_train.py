@@ -142,3 +142,18 @@ def test_bad_training_input_is_a_clear_error(tmp_path, args, message):
                              cwd=tmp_path)
     assert code == 1 and "Traceback" not in err and "internal error" not in err, err
     assert re.search(message, err), err
+
+
+def test_a_closed_pipe_does_not_lose_the_run(tmp_path):
+    """`mlc train ... 2>&1 | head -2`: the reader goes away after two lines; training still runs every
+    epoch, writes its checkpoint and artifact, and exits 0 without a traceback."""
+    model, data = separable(tmp_path)
+    command = (f"{sys.executable} -m mlc train {model} --data {data} --eval {data} --predict @forward --epochs 6 "
+               f"--batch-size 4 --checkpoint-dir {tmp_path / 'ck'} -o {tmp_path / 't.mlcz'} 2>&1 | head -2; "
+               "exit ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) <= 2 and "Traceback" not in r.stdout + r.stderr, r
+    code, _, err = mlc_cmd("train", model, "--data", data, "--epochs", "6", "--batch-size", "4", "-o", tmp_path / "whole.mlcz")
+    assert code == 0, err
+    np.testing.assert_array_equal(mlc.load_executable(tmp_path / "t.mlcz").globals["w"],
+                                  mlc.load_executable(tmp_path / "whole.mlcz").globals["w"])  # every epoch ran
