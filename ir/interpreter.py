@@ -119,7 +119,10 @@ def check_arguments(func, args) -> list[np.ndarray]:
 
 
 def check_argument(name: str, t: TensorType, value) -> np.ndarray:
-    a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    try:
+        a = value if isinstance(value, np.ndarray) else np.asarray(value)
+    except (ValueError, TypeError):  # (a ragged list, an object numpy cannot hold)
+        raise _error(NOWHERE, f"argument '{name}' must be an array ({t}), got a {type(value).__name__} numpy cannot make one of") from None
     if not isinstance(value, np.ndarray) and a.dtype.kind in "iufb":  # Python scalars and lists
         a = a.astype(t.element.np_dtype)
     want = t.element.np_dtype

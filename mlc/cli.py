@@ -311,12 +311,15 @@ def cmd_run(args):
         raise error(Location(args.file, 0, 0), f"'@{func.sym_name}' is private: the artifact has no code for it")
     inputs = gather_inputs(func, args)
     arrays = [inputs[n] for n in arg_names(func)]
-    if exe is not None or args.backend in ("cpu", "cuda"):
+    if args.backend == "interp":  # (an artifact's IR, with its weights)
+        interp = Interpreter(module)
+        if exe is not None:
+            interp.globals.update({name: np.array(exe.globals[name]) for name in interp.globals})
+        results = interp.call_public(func.sym_name, arrays)
+    else:
         from mlc.compiler import compile
         exe = exe or compile(module, args.backend)
         results = exe[func.sym_name](*arrays)
-    else:
-        results = Interpreter(module).call_public(func.sym_name, arrays)
     results = results if isinstance(results, tuple) else (results,)
     if args.output:
         save_npz(args.output, {f"result{i}": r for i, r in enumerate(results)})
@@ -383,6 +386,8 @@ def gather_inputs(func, args) -> dict:
                 raise error(Location("--input", 0, 0),
                             f"@{func.sym_name} has no argument '{name}' (arguments: {', '.join(names) or 'none'})")
             given[name] = read_array(value) if isinstance(value, str) else value
+    if args.random_inputs and args.dynamic_size < 0:
+        raise error(Location("--dynamic-size", 0, 0), f"must be at least 0, got {args.dynamic_size}")
     rng = np.random.default_rng(args.seed)
     inputs = {}
     for name in names:

@@ -107,6 +107,7 @@ def test_run_with_inputs_and_output(tmp_path):
     (["--input", "y=whatever.npy"], "has no argument 'y' (arguments: x)"),
     (["--input", "x=/does/not/exist.npy"], "/does/not/exist.npy: error: no such file"),
     (["--input", "x"], "expected NAME=FILE.npy"),
+    (["--random-inputs", "--dynamic-size", "-5"], "--dynamic-size: error: must be at least 0, got -5"),
 ])
 def test_run_errors(args, fragment):
     code, _, err = mlc_cmd("run", MLP, *args)
@@ -163,3 +164,21 @@ def test_run_time_errors_are_located(tmp_path):
 def test_stdin_is_dash():
     code, out, err = mlc_cmd("opt", "-", stdin=MLP.read_text())
     assert code == 0 and out == str(mlc.load(MLP)), err
+
+
+def test_an_artifact_runs_on_the_interpreter_with_its_weights(tmp_path):
+    """`mlc run x.mlcz --backend interp` runs the artifact's IR, with the weights it holds, on the
+    interpreter: the same numbers as its native code."""
+    exe = mlc.compile(mlc.parse(MLP.read_text()))
+    exe.set_global("w1", exe.globals["w1"] * 3)  # (weights that differ from the module's initial ones)
+    exe.save(tmp_path / "m.mlcz")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32))
+    results = []
+    for backend in ("cpu", "interp"):
+        code, _, err = mlc_cmd("run", tmp_path / "m.mlcz", "--input", f"x={tmp_path / 'x.npy'}", "--backend", backend,
+                               "-o", tmp_path / f"{backend}.npz")
+        assert code == 0, err
+        results.append(np.load(tmp_path / f"{backend}.npz")["result0"])
+    np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+    want = mlc.interpret(mlc.parse(MLP.read_text()), "forward", np.load(tmp_path / "x.npy"))
+    assert not np.allclose(results[1], want)  # (its weights, not the module's)

@@ -1,9 +1,10 @@
 """Every kind of bad input gets a located diagnostic (line, column, message), all of them at once."""
+import numpy as np
 import pytest
 
 import mlc
 
-from helpers import errors, func
+from helpers import ROOT, errors, func
 
 X = "%x: tensor<2x3xf32>"
 
@@ -160,3 +161,19 @@ def test_wrong_arguments_are_named():
         with pytest.raises(mlc.DiagnosticError, match=r".*") as e:
             mlc.interpret(m, "f", *args)
         assert fragment in str(e.value)
+
+
+def test_arguments_numpy_cannot_hold_and_mismatched_labels_are_named():
+    """A ragged list as an argument, and labels of another batch size than the logits: diagnostics
+    on the interpreter and in compiled code (which never reads past the labels)."""
+    m = mlc.parse((ROOT / "examples" / "mlp.ir").read_text())
+    exe = mlc.compile(m)
+    for call in (lambda: exe["forward"]([[1.0, 2.0], [3.0]]), lambda: mlc.interpret(m, "forward", [[1.0, 2.0], [3.0]])):
+        with pytest.raises(mlc.DiagnosticError, match="argument 'x' must be an array"):
+            call()
+    x = np.zeros((16, 64), np.float32)
+    with pytest.raises(mlc.DiagnosticError, match="labels of shape \\[32\\] do not fit logits of shape \\[16, 10\\]"):
+        mlc.interpret(m, "loss", x, np.zeros(32, np.int64))
+    for labels in (np.zeros(32, np.int64), np.zeros(8, np.int64)):
+        with pytest.raises(mlc.DiagnosticError, match="labels and logits have different batch sizes"):
+            exe["loss"](x, labels)

@@ -1740,6 +1740,8 @@ class CrossEntropy(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         x, y = _acc(ins[0]), ins[1]
+        if y.shape != x.shape[:1] + x.shape[2:]:
+            raise RuntimeCheck(f"labels of shape {fmt_shape(y.shape)} do not fit logits of shape {fmt_shape(x.shape)}")
         _check_indices(y, x.shape[1], "label")
         s = x - np.max(x, axis=1, keepdims=True)
         logp = s - np.log(np.sum(np.exp(s), axis=1, keepdims=True))

@@ -230,6 +230,7 @@ def cross_entropy(L: FunctionLowering, op: Operation):
         raise error(op.loc, "cannot lower cross_entropy over more than 2 dims to loops yet", op.name)
     e = x.type.element
     n, c = L.dims(x)
+    L.check(L.b, L.op(L.b, "arith.eq", L.dim(labels, 0), n), "labels and logits have different batch sizes")
     losses = L.alloc(TensorType((x.type.shape[0],), e), [n])
 
     def row(b, ivs):
