@@ -8,10 +8,12 @@ Every public function becomes `void @name(ptr %args)`, one calling convention fo
     args[2 + 2k]         its dims (i64[rank])
     then per result r:   a slot receiving a malloc'd data pointer (the caller frees it), and a slot
                          receiving its dims (i64[rank])
-    args[last]           an i64 error slot: 0, or 1 + the index of the op (in `FunctionCode.checks`)
-                         whose data-dependent index was out of bounds; the function returns at once.
+    args[last]           the status, i64[3]: [0] 0, or 1 + the index (in `FunctionCode.checks`) of the
+                         run-time check that failed (the function then returns at once); [1] in: the most
+                         bytes one buffer may take; [2] out: the bytes a failed allocation asked for (f64)
 
-Buffers are row-major; `mem.alloc` is malloc (lowered code writes every element before reading it).
+Buffers are row-major; `mem.alloc` is malloc (lowered code writes every element before reading it), its
+byte count computed with overflow checks and bounded, its result checked: a failure is a located error.
 Lowered code writes only buffers it allocated, so arguments, constants and globals are read in place.
 """
 from __future__ import annotations
@@ -173,13 +175,18 @@ class FunctionEmitter:
         self.error_slot = self.arg(1 + 2 * n_in + 2 * n_out)
         self.exit_block = self.fn.append_basic_block("fail")
         self.block(self.func.body)
-        with self.b.goto_block(self.exit_block):  # not every allocation dominates this block: free via slots
+        self.emit_exit()
+        self.prologue.branch(self.entry)
+        return self.code
+
+    def emit_exit(self):
+        """The failure path: free what this function allocated, through the slots (not every allocation
+        dominates this block; a slot is null until allocated and after freed), and return."""
+        with self.b.goto_block(self.exit_block):
             free = self.parent.declare("free", ir.VoidType(), [PTR])
             for buf in self.owned:
                 self.b.call(free, [self.b.load(buf.slot, typ=PTR)])
             self.b.ret_void()
-        self.prologue.branch(self.entry)
-        return self.code
 
     def static_or_load(self, dims_ptr, i, d):
         if d is not None:
@@ -221,12 +228,56 @@ class FunctionEmitter:
                        if v.defining_op() is not None and v.defining_op().attr("mlc.origin")), None)
         self.fail_if(bad, op, "an index read from the data is out of range (e.g. a label or gather index)", origin)
 
-    def fail_if(self, bad, op, message, op_name=None):
-        """Report `message` at op's location (as `op_name`) and return at once when `bad` holds."""
+    def fail_if(self, bad, op, message, op_name=None, detail=None):
+        """Report `message` at op's location (as `op_name`) and return at once when `bad` holds;
+        `detail()`, built on that path only, is the f64 the runtime writes for `{bytes}` in the message."""
         self.code.checks.append((op.loc, op_name or op.attr("op") or op.name, message))
         with self.b.if_then(bad, likely=False):
             self.b.store(ir.Constant(I64, len(self.code.checks)), self.error_slot)
+            if detail is not None:
+                self.b.store(self.b.bitcast(detail(), I64), self.status(2))
             self.b.branch(self.exit_block)
+
+    def status(self, k: int):
+        """Word k of the status array (see the module docstring); word 0 is the error slot."""
+        return self.b.gep(self.error_slot, [ir.Constant(I64, k)], source_etype=I64)
+
+    def malloc(self, op, dims, element: ElementType, what: str = "a buffer"):
+        """malloc for `dims` elements plus a spare one (never malloc(0)); returns (data, bytes of the
+        elements). The byte count is computed with overflow checks and must not exceed the status' bound
+        (an overcommitting kernel grants more, then kills the process when the pages are touched); a
+        null result is reported too: each failure a located error naming the op and the bytes."""
+        b, ebytes = self.b, ir.Constant(I64, _element_bytes(element))
+        size, overflow = ebytes, ir.Constant(I1, 0)
+        for d in dims:
+            product = b.umul_with_overflow(size, d)
+            size, overflow = b.extract_value(product, 0), b.or_(overflow, b.extract_value(product, 1))
+        total = b.uadd_with_overflow(size, ebytes)
+        overflow = b.or_(overflow, b.extract_value(total, 1))
+        bound = b.load(self.status(1), typ=I64)
+        too_big = b.or_(overflow, b.icmp_unsigned(">", b.extract_value(total, 0), bound))
+
+        def requested():  # in f64, exact enough and never wrapping
+            nbytes = ir.Constant(F64, _element_bytes(element))
+            for d in dims:
+                nbytes = self.b.fmul(nbytes, self.b.uitofp(d, F64))
+            return nbytes
+        origin = op.attr("mlc.origin")  # the tensor op the buffer serves
+        message = f"cannot allocate {{bytes}} for {what}"
+        self.fail_if(too_big, op, message + ": more than this machine's memory", origin, requested)
+        data = b.call(self.parent.declare("malloc", PTR, [I64]), [b.extract_value(total, 0)])
+        failed = b.icmp_unsigned("==", data, ir.Constant(PTR, None))
+        self.fail_if(failed, op, message + ": out of memory", origin, requested)
+        return data, size
+
+    def own(self, buf: Buffer) -> Buffer:
+        """buf is allocated here: freed at exit unless returned, and by the failure path."""
+        buf.owned = True
+        buf.slot = self.prologue.alloca(PTR)  # null until allocated
+        self.prologue.store(ir.Constant(PTR, None), buf.slot)
+        self.b.store(buf.data, buf.slot)
+        self.owned.append(buf)
+        return buf
 
     def free_owned(self):
         free = self.parent.declare("free", ir.VoidType(), [PTR])
@@ -307,18 +358,9 @@ def _alloc(self: FunctionEmitter, op):
     t = op.results[0].type
     sizes = iter(self.get(v) for v in op.operands)
     dims = [ir.Constant(I64, d) if d is not None else next(sizes) for d in t.shape]
-    count = ir.Constant(I64, 1)
-    for d in dims:
-        count = self.b.mul(count, d)
-    malloc = self.parent.declare("malloc", PTR, [I64])
-    size = self.b.mul(self.b.add(count, ir.Constant(I64, 1)), ir.Constant(I64, _element_bytes(t.element)))
-    data = self.b.call(malloc, [size])  # uninitialised: lowered code writes before it reads
-    buf = Buffer(data, t.element, dims, owned=True)
-    buf.slot = self.prologue.alloca(PTR)  # a slot the failure path frees (null until allocated)
-    self.prologue.store(ir.Constant(PTR, None), buf.slot)
-    self.b.store(data, buf.slot)
-    self.owned.append(buf)
-    self.values[op.results[0]] = buf
+    hint = op.results[0].name_hint  # a tensor op's result is allocated under its name (scratch: unnamed)
+    data, _ = self.malloc(op, dims, t.element, f"its result %{hint}" if hint and op.attr("mlc.origin") else "a buffer")
+    self.values[op.results[0]] = self.own(Buffer(data, t.element, dims))  # uninitialised: lowered code writes first
 
 
 def _load(self: FunctionEmitter, op):
@@ -465,8 +507,7 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
         stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
         sub.loop(block, start, stop, op.attr("step"))
     sub.b.ret_void()
-    with sub.b.goto_block(sub.exit_block):
-        sub.b.ret_void()
+    sub.emit_exit()
     sub.prologue.branch(sub.entry)
     chunk = self.parent.shared(chunk)
     # the caller: fill ctx, run the chunks, stop if one failed
@@ -529,20 +570,17 @@ def _check(self: FunctionEmitter, op):
 
 
 def _return(self: FunctionEmitter, op):
-    returned = set()
-    for (data_slot, dims_slot), v in zip(self.out_slots, op.operands):
+    returned, results = set(), []
+    for v in op.operands:
         buf = self.get(v)
-        if buf.owned and id(buf) not in returned:
-            returned.add(id(buf))
-            data = buf.data
-        else:  # an argument, constant, global or a buffer already returned: hand out a copy
-            count = ir.Constant(I64, 1)
-            for d in buf.dims:
-                count = self.b.mul(count, d)
-            size = self.b.mul(count, ir.Constant(I64, _element_bytes(buf.element)))
-            data = self.b.call(self.parent.declare("malloc", PTR, [I64]), [self.b.add(size, ir.Constant(I64, 1))])
+        if not buf.owned or id(buf) in returned:  # an argument, constant, global or a buffer already returned: a copy
+            data, size = self.malloc(op, buf.dims, buf.element, "a copy of a result")
             self.memcpy(data, buf.data, size)
-        self.b.store(data, data_slot)
+            buf = self.own(Buffer(data, buf.element, buf.dims))
+        returned.add(id(buf))
+        results.append(buf)
+    for (data_slot, dims_slot), buf in zip(self.out_slots, results):  # (no failure past this point)
+        self.b.store(buf.data, data_slot)
         for i, d in enumerate(buf.dims):
             self.b.store(d, self.b.gep(dims_slot, [ir.Constant(I64, i)], source_etype=I64))
     for buf in self.owned:

@@ -1,6 +1,7 @@
 """Located diagnostics: `file:line:col: error: 'op': message`, the source line and a caret."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -120,3 +121,11 @@ def error(loc: Location, message: str, op_name: str | None = None, kind: type = 
     d = Diagnostics()
     d.error(loc, message, op_name)
     return kind(d.errors)
+
+
+def format_bytes(n: float) -> str:
+    """400.0 GB, 1.5 MB, 12 bytes (decimal units), for messages about memory."""
+    if n < 1000 or n >= 1e21:
+        return f"{n:.0f} bytes" if n < 1000 else f"{n:.1e} bytes"
+    exponent = int(math.log10(n) // 3)
+    return f"{n / 1000 ** exponent:.1f} {'KMGTPE'[exponent - 1]}B"

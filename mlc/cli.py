@@ -183,7 +183,10 @@ def cmd_import(args):
 
 
 def cmd_verify(args):
-    load_module(args.file)
+    from mlc.passes.memory import memory_warnings
+    from mlc.runtime.jit import host_memory_bytes
+    for warning in memory_warnings(load_module(args.file), host_memory_bytes()):
+        print(warning.render(), file=sys.stderr)
     return 0
 
 
@@ -301,7 +304,7 @@ def cmd_run(args):
     from mlc.ir.interpreter import Interpreter, arg_names
     exe = None
     if args.file.endswith(".mlcz"):
-        from mlc.runtime.artifact import load_executable
+        from mlc.api import load_executable
         exe = load_executable(args.file)
         module = exe.module
     else:

@@ -5,24 +5,30 @@
 
 Globals live in the executable (numpy arrays initialised from the module seed) and persist across
 calls. Results are numpy arrays that own the memory the native code allocated.
+
+Threads may call an executable's functions at once: those that store to a global run alone, those that
+read globals alongside each other (never during a store), pure ones freely.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
+import math
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from mlc.ir.core import Module
-from mlc.ir.diagnostics import Diagnostics, DiagnosticError
+from mlc.ir.diagnostics import error, format_bytes
 from mlc.ir.dialects.mlc import Global
 from mlc.ir.interpreter import check_arguments
 
-from .jit import JitModule
+from .jit import JitModule, available_memory_bytes, host_memory_bytes
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -39,6 +45,37 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     _libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+# --- memory: globals are only made where they fit ---------------------------------------------------------
+
+WORKING_BYTES = {"uniform": 20, "normal": 33}  # per element, drawing values (ir/random.py's arrays; measured: 17-19, 32)
+
+
+
+def check_fits_in_memory(name: str, nbytes: int, loc, working: int = 0, op_name: str = "mlc.global") -> None:
+    """A located error unless `nbytes` for @name (and `working` bytes more while it is made) fit in the
+    memory available now: numpy would raise a bare MemoryError, or the kernel kill the process."""
+    available = available_memory_bytes()
+    if nbytes + working > available:
+        extra = f" (and {format_bytes(working)} more while it is initialised)" if working else ""
+        raise error(loc, f"@{name} needs {format_bytes(nbytes)}{extra}; only {format_bytes(available)} of memory is "
+                    "available", op_name)
+
+
+def global_bytes(op) -> tuple[int, int]:
+    """A global's bytes, and the working memory its initialiser takes besides (random draws)."""
+    t, init = op.attr("type"), op.attr("init")
+    count = math.prod(t.shape)
+    working = WORKING_BYTES.get(init.rsplit("_", 1)[-1], 0) if isinstance(init, str) else 0
+    return count * t.element.np_dtype.itemsize, count * working
+
+
+def initial_value(name: str, op, seed: int) -> np.ndarray:
+    """Global @name's initial value (drawn from `seed`), checked to fit before it is made."""
+    nbytes, working = global_bytes(op)
+    check_fits_in_memory(name, nbytes, op.loc, working)
+    return np.require(Global.initial_value(op, seed), requirements="C")  # (a fresh array: not copied again)
 
 
 @dataclass
@@ -74,7 +111,8 @@ class Executable(FunctionTable):
         keep_freed_memory()
         self.module, self.jit, self.lowered = module, jit, lowered
         self.globals = globals_ if globals_ is not None else \
-            {name: np.array(Global.initial_value(op, module.seed), order="C") for name, op in module.globals.items()}
+            {name: initial_value(name, op, module.seed) for name, op in module.globals.items()}
+        self.globals_lock = SharedLock()
         self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(*[a.ctypes.data for a in self.globals.values()])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
 
@@ -85,11 +123,13 @@ class Executable(FunctionTable):
         if array.dtype != old.dtype or array.shape != old.shape or not array.flags.c_contiguous or not array.flags.writeable:
             raise ValueError(f"@{name} needs a writeable C-contiguous {old.dtype} array of shape {old.shape}, "
                              f"got {array.dtype} {array.shape}")
-        self.globals[name] = array
-        self._globals_table[list(self.globals).index(name)] = array.ctypes.data
+        with self.globals_lock.exclusive():
+            self.globals[name] = array
+            self._globals_table[list(self.globals).index(name)] = array.ctypes.data
 
     def set_global(self, name: str, value: np.ndarray) -> None:
-        self.globals[name][...] = value  # in place: the native code holds pointers to these arrays
+        with self.globals_lock.exclusive():
+            self.globals[name][...] = value  # in place: the native code holds pointers to these arrays
 
     @property
     def llvm_ir(self) -> str:
@@ -105,12 +145,66 @@ class Executable(FunctionTable):
         return f"<Executable {', '.join('@' + n for n in self.functions)} for cpu>"
 
 
+class SharedLock:
+    """Many holders of `shared()` at once, or one of `exclusive()`; a waiting exclusive holder goes
+    before later shared ones (a stream of readers cannot starve a writer)."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._shared = self._writers_waiting = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._changed:
+            self._changed.wait_for(lambda: not self._exclusive and not self._writers_waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._shared -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._changed:
+            self._writers_waiting += 1
+            self._changed.wait_for(lambda: not self._exclusive and not self._shared)
+            self._writers_waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._exclusive = False
+                self._changed.notify_all()
+
+
+def global_effects(module: Module, name: str) -> str | None:
+    """"writes" when function @name (or one it calls) stores to a global, "reads" when it loads one, else None."""
+    seen, todo, found = set(), [name], set()
+    while todo:
+        f = module.functions.get(todo.pop())
+        if f is None or f.sym_name in seen:
+            continue
+        seen.add(f.sym_name)
+        for op in f.body.walk():
+            found.add(op.name)
+            if op.name == "func.call":
+                todo.append(op.attr("callee"))
+    return "writes" if "mlc.global_store" in found else "reads" if "mlc.global_load" in found else None
+
+
 class NativeFunction:
     def __init__(self, exe: Executable, func, code):
         self.exe, self.func, self.code = exe, func, code
         self.address = exe.jit.address(code.name)
         self.c_function = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.address)
         self.result_types = list(func.type.results)
+        effects = global_effects(exe.module, func.sym_name)
+        self.lock = (exe.globals_lock.exclusive if effects == "writes" else exe.globals_lock.shared if effects
+                     else contextlib.nullcontext)
 
     def __call__(self, *args):
         arrays = check_arguments(self.func, args)
@@ -119,7 +213,7 @@ class NativeFunction:
         dims = [np.array(a.shape if a.ndim else [0], np.int64) for a in arrays]
         out_data = (ctypes.c_void_p * max(n_out, 1))()
         out_dims = [np.zeros(max(t.rank, 1), np.int64) for t in self.result_types]
-        error = ctypes.c_int64(0)
+        status = np.array([0, host_memory_bytes(), 0], np.int64)  # see codegen/llvm.py
         slots[0] = ctypes.addressof(self.exe._globals_table)
         for k, (a, d) in enumerate(zip(arrays, dims)):
             slots[1 + 2 * k] = a.ctypes.data
@@ -127,13 +221,13 @@ class NativeFunction:
         for r in range(n_out):
             slots[1 + 2 * n_in + 2 * r] = ctypes.addressof(out_data) + r * ctypes.sizeof(ctypes.c_void_p)
             slots[2 + 2 * n_in + 2 * r] = out_dims[r].ctypes.data
-        slots[1 + 2 * n_in + 2 * n_out] = ctypes.addressof(error)
-        self.c_function(ctypes.addressof(slots))
-        if error.value:
-            loc, op_name, message = self.code.checks[error.value - 1]
-            d = Diagnostics()
-            d.error(loc, message, op_name)
-            raise DiagnosticError(d.errors)
+        slots[1 + 2 * n_in + 2 * n_out] = status.ctypes.data
+        with self.lock():
+            self.c_function(ctypes.addressof(slots))
+        if status[0]:
+            loc, op_name, message = self.code.checks[status[0] - 1]
+            requested = float(status[2:].view(np.float64)[0])  # (a failed allocation's)
+            raise error(loc, message.replace("{bytes}", format_bytes(requested)), op_name)
         results = [_wrap(out_data[r], out_dims[r][: t.rank], t.element.np_dtype) for r, t in enumerate(self.result_types)]
         return results[0] if n_out == 1 else tuple(results)
 

@@ -20,12 +20,11 @@ import numpy as np
 
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import Diagnostics, DiagnosticError, error
-from mlc.ir.dialects.mlc import Global
 from mlc.ir.interpreter import Interpreter, check_arguments
 from mlc.ir.registry import TERMINATOR
 from mlc.ir.types import ElementType, MemRefType
 
-from .executable import FunctionTable
+from .executable import FunctionTable, initial_value
 
 
 @dataclass
@@ -88,7 +87,7 @@ class GpuExecutable(FunctionTable):
     def starting_value(self, name: str) -> np.ndarray:
         """A loaded artifact's value of the global, else the module seed's."""
         start = self.initial_globals or {}
-        return start[name] if name in start else np.array(Global.initial_value(self.module.globals[name], self.module.seed), order="C")
+        return start[name] if name in start else initial_value(name, self.module.globals[name], self.module.seed)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
         self.device.copy(self.device_globals[name], self.device.upload(np.asarray(value, self.device_globals[name].dtype)))

@@ -1,14 +1,19 @@
-"""LLVM IR to native code in this process (llvmlite MCJIT), optimised for the host CPU."""
+"""LLVM IR to native code in this process (llvmlite MCJIT), optimised for the host CPU.
+
+LLVM's global context is not thread-safe: parsing, optimising and loading hold `_lock`, so threads may
+compile at once. The native code itself is reentrant (its state lives on the caller's stack)."""
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
+import resource
 import threading
 
 import llvmlite.binding as llvm
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _ready = False
 _symbols: set[str] = set()
 
@@ -40,6 +45,7 @@ def host_vector_bytes() -> int:
 _CHUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 _chunks: dict[int, object] = {}
 _pool = None
+_pool_lock = threading.Lock()
 
 
 def _workers() -> int:
@@ -57,9 +63,10 @@ def _parallel_for(fn: int, ctx: int, lo: int, hi: int):
     if n == 1 or hi - lo < 2:
         chunk(ctx, lo, hi)
         return
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="mlc")
+    with _pool_lock:  # (callers on several threads share one pool)
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="mlc")
     bounds = [lo + (hi - lo) * k // n for k in range(n + 1)]
     futures = [_pool.submit(chunk, ctx, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     chunk(ctx, bounds[0], bounds[1])
@@ -95,6 +102,49 @@ def optimise(llvm_ir: str, tm) -> "llvm.ModuleRef":
     return module
 
 
+# --- memory: what the machine can hold (checked by native code's allocations and before making globals) --
+
+def _kilobytes(path: str) -> dict[str, int]:
+    """A /proc file of `Name: N kB` lines, in bytes ({} where there is none)."""
+    try:
+        with open(path) as f:
+            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup(name: str) -> int | None:
+    try:
+        with open(f"/sys/fs/cgroup/{name}") as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+@functools.cache
+def host_memory_bytes() -> int:
+    """The most one buffer may take: RAM and swap (the cgroup's limit where lower). Above it malloc can
+    only fail, or an overcommitting kernel grant the memory and kill the process when it is touched."""
+    info = _kilobytes("/proc/meminfo")
+    total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return min(total + info.get("SwapTotal", 0), _cgroup("memory.max") or 1 << 62)
+
+
+def available_memory_bytes() -> int:
+    """What a new allocation can get now: available RAM and free swap, within what the cgroup and the
+    address-space limit (`ulimit -v`) leave this process."""
+    info = _kilobytes("/proc/meminfo")
+    room = [info["MemAvailable"] + info.get("SwapFree", 0) if "MemAvailable" in info else host_memory_bytes()]
+    limit, used = _cgroup("memory.max"), _cgroup("memory.current")
+    if limit is not None and used is not None:
+        room.append(limit - used)
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        room.append(soft - _kilobytes("/proc/self/status").get("VmSize", 0))
+    return max(min(room), 0)
+
+
 def host_key() -> dict:
     """What native code depends on: the CPU, its features and the LLVM behind llvmlite."""
     _initialise()
@@ -107,25 +157,28 @@ class JitModule:
     """Optimised LLVM IR and the native code made from it (or loaded: `object_code`)."""
 
     def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
-        _initialise()
-        _provide(libm_symbols)
-        self.libm_symbols = sorted(libm_symbols)
-        self.tm = target_machine()
-        if object_code is None:
-            module = optimise(llvm_ir, self.tm)
-            self._ir, self.object_code = str(module), self.tm.emit_object(module)
-        else:  # from an artifact or the cache: the IR is only parsed if someone asks for assembly
-            self._ir, self.object_code = llvm_ir, object_code
-        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
-        self.engine.add_object_file(llvm.ObjectFileRef.from_data(self.object_code))
-        self.engine.finalize_object()
+        with _lock:
+            _initialise()
+            _provide(libm_symbols)
+            self.libm_symbols = sorted(libm_symbols)
+            self.tm = target_machine()
+            if object_code is None:
+                module = optimise(llvm_ir, self.tm)
+                self._ir, self.object_code = str(module), self.tm.emit_object(module)
+            else:  # from an artifact or the cache: the IR is only parsed if someone asks for assembly
+                self._ir, self.object_code = llvm_ir, object_code
+            self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
+            self.engine.add_object_file(llvm.ObjectFileRef.from_data(self.object_code))
+            self.engine.finalize_object()
 
     def address(self, name: str) -> int:
-        return self.engine.get_function_address(name)
+        with _lock:
+            return self.engine.get_function_address(name)
 
     @property
     def optimised_ir(self) -> str:
         return self._ir
 
     def assembly(self) -> str:
-        return self.tm.emit_assembly(llvm.parse_assembly(self._ir))
+        with _lock:
+            return self.tm.emit_assembly(llvm.parse_assembly(self._ir))

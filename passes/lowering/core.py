@@ -143,7 +143,9 @@ class FunctionLowering(LoopBuilder):
 
     def alloc(self, t: TensorType, sizes: list, name_hint=None) -> Value:
         dynamic = [s for s, d in zip(sizes, t.shape) if d is None]
-        return self.b.create("mem.alloc", dynamic, result_types=[MemRefType(t.shape, t.element)], name_hint=name_hint).result
+        origin = {"mlc.origin": self.current.name} if getattr(self, "current", None) else {}  # named in allocation errors
+        return self.b.create("mem.alloc", dynamic, origin, result_types=[MemRefType(t.shape, t.element)],
+                             name_hint=name_hint).result
 
     def check(self, b: Builder, condition: Value, message: str):
         b.create("mem.check", [condition], {"message": message, "op": self.current.name})
