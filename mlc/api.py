@@ -63,5 +63,6 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
 
 def load_executable(path):
     """Load an artifact written by `exe.save(path)` or `mlc compile model.ir -o model.mlcz`."""
+    from mlc.compiler import rebuild
     from mlc.runtime.artifact import load_executable as load_artifact
-    return load_artifact(path)
+    return load_artifact(path, rebuild=rebuild)

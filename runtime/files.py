@@ -1,22 +1,35 @@
 """Files mlc writes and reads: every write is atomic (a temporary file beside the target, fsync'd,
-then renamed), so a crash or SIGKILL leaves either the old file or the new one, never half of one."""
+then renamed), so a crash or SIGKILL leaves either the old file or the new one, never half of one.
+
+A temporary is named `.tmp-<pid>-<random>-<name>`. One left behind by a killed writer is removed by
+the next write in its directory: when its writer's process is gone (looked at only once the file is
+a minute old, as a shared directory may hold another machine's), or when it is an hour old."""
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import re
+import secrets
+import time
 
 import numpy as np
 
 from mlc.ir.diagnostics import Location, error
 
+_TEMPORARY = re.compile(r"\.tmp-(?:(\d+)-[0-9a-f]{8}-)?")
+_GRACE, _STALE = 60, 3600  # seconds
 
-def write_atomically(path, data: bytes) -> None:
+
+def write_atomically(path, data: bytes, mode: int = 0o666, replace: bool = True) -> bool:
+    """Write `data` as the file `path`, created with `mode` less the umask (as open() does). With
+    replace=False an existing file is kept and False returned: of several processes creating the same
+    file at once, one wins and the others read its content."""
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+        _remove_stale_temporaries(directory)
+        tmp, fd = _create_temporary(directory, os.path.basename(path), mode)
     except OSError as e:
         raise error(Location(path, 0, 0), f"cannot write: {e.strerror}") from None
     try:
@@ -24,12 +37,80 @@ def write_atomically(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if `path` exists, unlike a rename
+            except FileExistsError:
+                return False
+            finally:
+                _unlink(tmp)
+        _fsync_directory(directory)  # the rename itself survives a power cut
+        return True
     except BaseException as e:
-        os.unlink(tmp)
+        _unlink(tmp)
         if isinstance(e, OSError):
             raise error(Location(path, 0, 0), f"cannot write: {e.strerror}") from None
         raise
+
+
+def _create_temporary(directory: str, name: str, mode: int) -> tuple[str, int]:
+    """os.open applies the umask to `mode` (tempfile.mkstemp would force 0600 on every file)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{name[:64]}")
+        try:
+            return tmp, os.open(tmp, flags, mode)
+        except FileExistsError:
+            continue
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    now = time.time()
+    for entry in os.scandir(directory):
+        match = _TEMPORARY.match(entry.name)
+        if not match:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+            writer_gone = match[1] is not None and age > _GRACE and not _running(int(match[1]))
+            if writer_gone or age > _STALE:
+                os.unlink(entry.path)
+        except OSError:
+            pass  # gone already, or another user's in a shared directory
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        pass
+    return True
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every file system can
+    finally:
+        os.close(fd)
 
 
 def save_npz(path, arrays: dict) -> None:

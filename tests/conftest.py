@@ -12,6 +12,7 @@ def pytest_configure(config):
     """Keep the compile cache of a test run in a temporary directory."""
     import tempfile
     os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-cache-"))
+    os.environ.setdefault("MLC_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="mlc-key-"), "key"))
 
 
 def pytest_collection_modifyitems(config, items):
