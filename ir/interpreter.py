@@ -109,13 +109,30 @@ def arg_names(func) -> list[str]:
     return [a.name_hint or f"arg{i}" for i, a in enumerate(func.args)]
 
 
-def check_arguments(func, args) -> list[np.ndarray]:
-    """Check user arrays against a function's signature; errors name the argument."""
+def check_arguments(func, args, kwargs=None) -> list[np.ndarray]:
+    """Check user arrays, positional or by argument name, against a function's signature; errors name
+    the argument."""
     names = arg_names(func)
     types = func.type.inputs
+    if kwargs:
+        args = _bind(func, names, args, kwargs)
     if len(args) != len(types):
         raise _error(func.loc, f"@{func.sym_name} takes {len(types)} arguments ({', '.join(names)}), got {len(args)}")
     return [check_argument(name, t, a) for name, t, a in zip(names, types, args)]
+
+
+def _bind(func, names: list[str], args, kwargs) -> list:
+    """Positional and keyword arguments in signature order, as Python binds them."""
+    unknown = [k for k in kwargs if k not in names]
+    if unknown:
+        raise _error(func.loc, f"@{func.sym_name} has no argument '{unknown[0]}' (its arguments: {', '.join(names)})")
+    twice = [k for k in kwargs if names.index(k) < len(args)]
+    if twice:
+        raise _error(func.loc, f"@{func.sym_name} got argument '{twice[0]}' both by position and by name")
+    missing = [n for n in names[len(args):] if n not in kwargs]
+    if missing:
+        raise _error(func.loc, f"@{func.sym_name} is missing argument '{missing[0]}'")
+    return [*args, *(kwargs[n] for n in names[len(args):])]
 
 
 def check_argument(name: str, t: TensorType, value) -> np.ndarray:

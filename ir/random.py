@@ -39,10 +39,10 @@ def _rounds(c0, c1, c2, c3, k0, k1, rounds):
     return c0, c1, c2, c3
 
 
-def random_bits(n: int, seed: int, offset: int) -> np.ndarray:
-    """n uint32 words for flat element indices 0..n-1."""
+def random_bits(n: int, seed: int, offset: int, start: int = 0) -> np.ndarray:
+    """n uint32 words for flat element indices start..start+n-1 (start a multiple of 4)."""
     blocks = (n + 3) // 4
-    b = np.arange(blocks, dtype=np.uint64)
+    b = np.arange(start // 4, start // 4 + blocks, dtype=np.uint64)
     c0 = (b & MASK32).astype(np.uint32)
     c1 = (b >> np.uint64(32)).astype(np.uint32)
     seed, offset = int(seed) & (2**64 - 1), int(offset) & (2**64 - 1)
@@ -52,20 +52,34 @@ def random_bits(n: int, seed: int, offset: int) -> np.ndarray:
     return np.stack(words, axis=1).reshape(-1)[:n]
 
 
-def uniform(shape, seed: int, offset: int, low=0.0, high=1.0, dtype=np.float32) -> np.ndarray:
+CHUNK = 1 << 20  # elements drawn at a time: a large tensor takes no more than its own memory
+
+
+def _drawn(shape, dtype, draw) -> np.ndarray:
+    """An array of `shape` filled chunk by chunk: draw(start, count) gives flat elements start.. in f64."""
     n = int(np.prod(shape, dtype=np.int64))
-    u = (random_bits(n, seed, offset) >> np.uint32(8)).astype(np.float64) * 2.0**-24
-    return (low + (high - low) * u).astype(dtype).reshape(shape)
+    out = np.empty(n, dtype)
+    for start in range(0, n, CHUNK):
+        out[start:start + CHUNK] = draw(start, min(CHUNK, n - start))
+    return out.reshape(shape)
+
+
+def uniform(shape, seed: int, offset: int, low=0.0, high=1.0, dtype=np.float32) -> np.ndarray:
+    def draw(start, count):
+        u = (random_bits(count, seed, offset, start) >> np.uint32(8)).astype(np.float64) * 2.0**-24
+        return low + (high - low) * u
+    return _drawn(shape, dtype, draw)
 
 
 def normal(shape, seed: int, offset: int, mean=0.0, std=1.0, dtype=np.float32) -> np.ndarray:
-    n = int(np.prod(shape, dtype=np.int64))
-    words = random_bits((n + 3) // 4 * 4, seed, offset).reshape(-1, 2, 2)  # (block, pair, lane)
-    u1 = ((words[:, :, 0] >> np.uint32(8)).astype(np.float64) + 1.0) * 2.0**-24
-    u2 = (words[:, :, 1] >> np.uint32(8)).astype(np.float64) * 2.0**-24
-    r = np.sqrt(-2.0 * np.log(u1))
-    z = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1).reshape(-1)[:n]
-    return (mean + std * z).astype(dtype).reshape(shape)
+    def draw(start, count):  # (start is a multiple of 4: whole Philox blocks)
+        words = random_bits((count + 3) // 4 * 4, seed, offset, start).reshape(-1, 2, 2)  # (block, pair, lane)
+        u1 = ((words[:, :, 0] >> np.uint32(8)).astype(np.float64) + 1.0) * 2.0**-24
+        u2 = (words[:, :, 1] >> np.uint32(8)).astype(np.float64) * 2.0**-24
+        r = np.sqrt(-2.0 * np.log(u1))
+        z = np.stack([r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)], axis=-1).reshape(-1)[:count]
+        return mean + std * z
+    return _drawn(shape, dtype, draw)
 
 
 def name_offset(name: str) -> int:

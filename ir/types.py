@@ -5,6 +5,8 @@ whole `tensor<...>` token into a type with one dictionary lookup.
 """
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 
@@ -107,6 +109,11 @@ class ShapedType(Type):
     @property
     def is_static(self) -> bool:
         return None not in self.shape
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of a statically shaped value (Python ints: never wraps)."""
+        return math.prod(self.shape) * self.element.np_dtype.itemsize
 
     def with_shape(self, shape) -> "ShapedType":
         return type(self)(tuple(shape), self.element)

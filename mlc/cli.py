@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -10,6 +11,7 @@ import numpy as np
 
 from mlc import __version__
 from mlc.ir.diagnostics import DiagnosticError, Location, error
+from mlc.ir.memory import check_fits_in_memory
 from mlc.runtime.files import read_npz, save_npz, write_atomically
 
 
@@ -184,7 +186,7 @@ def cmd_import(args):
 
 def cmd_verify(args):
     from mlc.passes.memory import memory_warnings
-    from mlc.runtime.jit import host_memory_bytes
+    from mlc.ir.memory import host_memory_bytes
     for warning in memory_warnings(load_module(args.file), host_memory_bytes()):
         print(warning.render(), file=sys.stderr)
     return 0
@@ -397,16 +399,18 @@ def gather_inputs(func, args) -> dict:
         if name in given:
             inputs[name] = given[name]
         elif args.random_inputs:
-            inputs[name] = random_input(types[name], rng, args.dynamic_size)
+            inputs[name] = random_input(name, types[name], rng, args.dynamic_size)
         else:
             raise error(Location("--input", 0, 0), f"missing input '{name}' ({types[name]}); give --input {name}=FILE.npy or --random-inputs")
     return inputs
 
 
-def random_input(t, rng, dynamic_size: int) -> np.ndarray:
+def random_input(name: str, t, rng, dynamic_size: int) -> np.ndarray:
     """Normal floats; integers in [0, 2) so they are valid labels and indices for any dim >= 2."""
     shape = tuple(dynamic_size if d is None else d for d in t.shape)
     e = t.element
+    drawn = t.with_shape(shape).nbytes + math.prod(shape) * 8  # (numpy draws in 64 bits first)
+    check_fits_in_memory(f"random input '{name}' of shape {list(shape)}", drawn, Location("--random-inputs", 0, 0))
     if e.is_float:
         return rng.standard_normal(shape).astype(e.np_dtype)
     if e.is_bool:

@@ -45,11 +45,12 @@ import numpy as np
 from mlc.ir.diagnostics import DiagnosticError, Diagnostics, Location, error
 from mlc.ir.dialects.gpu import Launch, kernel_names
 from mlc.ir.dialects.mlc import BINARY, UNARY
+from mlc.ir.memory import check_fits_in_memory
 from mlc.ir.parser import parse_module
 from mlc.ir.verifier import verify
 
 from . import trust
-from .executable import Executable, FunctionCode, check_fits_in_memory, global_bytes
+from .executable import Executable, FunctionCode
 from .files import write_atomically
 from .gpu import GpuExecutable, Kernel
 from .jit import JitModule, host_key
@@ -295,7 +296,7 @@ def _check_module(contents: Contents, module, where, with_globals: bool) -> None
 def _read_globals(module, files, where) -> dict:
     out = {}
     for name, op in module.globals.items():
-        check_fits_in_memory(name, global_bytes(op)[0], where)
+        check_fits_in_memory(f"@{name}", op.attr("type").nbytes, where, "mlc.global")
         try:
             value = np.load(io.BytesIO(files[f"globals/{name}.npy"]), allow_pickle=False)
         except Exception as e:  # numpy raises several kinds for a malformed .npy

@@ -28,7 +28,9 @@ from mlc.ir.diagnostics import error, format_bytes
 from mlc.ir.dialects.mlc import Global
 from mlc.ir.interpreter import check_arguments
 
-from .jit import JitModule, available_memory_bytes, host_memory_bytes
+from mlc.ir.memory import host_memory_bytes
+
+from .jit import JitModule
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -45,37 +47,6 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     _libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
     _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-
-
-# --- memory: globals are only made where they fit ---------------------------------------------------------
-
-WORKING_BYTES = {"uniform": 20, "normal": 33}  # per element, drawing values (ir/random.py's arrays; measured: 17-19, 32)
-
-
-
-def check_fits_in_memory(name: str, nbytes: int, loc, working: int = 0, op_name: str = "mlc.global") -> None:
-    """A located error unless `nbytes` for @name (and `working` bytes more while it is made) fit in the
-    memory available now: numpy would raise a bare MemoryError, or the kernel kill the process."""
-    available = available_memory_bytes()
-    if nbytes + working > available:
-        extra = f" (and {format_bytes(working)} more while it is initialised)" if working else ""
-        raise error(loc, f"@{name} needs {format_bytes(nbytes)}{extra}; only {format_bytes(available)} of memory is "
-                    "available", op_name)
-
-
-def global_bytes(op) -> tuple[int, int]:
-    """A global's bytes, and the working memory its initialiser takes besides (random draws)."""
-    t, init = op.attr("type"), op.attr("init")
-    count = math.prod(t.shape)
-    working = WORKING_BYTES.get(init.rsplit("_", 1)[-1], 0) if isinstance(init, str) else 0
-    return count * t.element.np_dtype.itemsize, count * working
-
-
-def initial_value(name: str, op, seed: int) -> np.ndarray:
-    """Global @name's initial value (drawn from `seed`), checked to fit before it is made."""
-    nbytes, working = global_bytes(op)
-    check_fits_in_memory(name, nbytes, op.loc, working)
-    return np.require(Global.initial_value(op, seed), requirements="C")  # (a fresh array: not copied again)
 
 
 @dataclass
@@ -111,7 +82,7 @@ class Executable(FunctionTable):
         keep_freed_memory()
         self.module, self.jit, self.lowered = module, jit, lowered
         self.globals = globals_ if globals_ is not None else \
-            {name: initial_value(name, op, module.seed) for name, op in module.globals.items()}
+            {name: Global.initial_value(op, module.seed) for name, op in module.globals.items()}
         self.globals_lock = SharedLock()
         self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(*[a.ctypes.data for a in self.globals.values()])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
@@ -206,8 +177,8 @@ class NativeFunction:
         self.lock = (exe.globals_lock.exclusive if effects == "writes" else exe.globals_lock.shared if effects
                      else contextlib.nullcontext)
 
-    def __call__(self, *args):
-        arrays = check_arguments(self.func, args)
+    def __call__(self, *args, **kwargs):
+        arrays = check_arguments(self.func, args, kwargs)
         n_in, n_out = len(arrays), len(self.result_types)
         slots = (ctypes.c_void_p * (2 + 2 * n_in + 2 * n_out))()
         dims = [np.array(a.shape if a.ndim else [0], np.int64) for a in arrays]

@@ -20,11 +20,12 @@ import numpy as np
 
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import Diagnostics, DiagnosticError, error
+from mlc.ir.dialects.mlc import Global
 from mlc.ir.interpreter import Interpreter, check_arguments
 from mlc.ir.registry import TERMINATOR
 from mlc.ir.types import ElementType, MemRefType
 
-from .executable import FunctionTable, initial_value
+from .executable import FunctionTable
 
 
 @dataclass
@@ -87,7 +88,7 @@ class GpuExecutable(FunctionTable):
     def starting_value(self, name: str) -> np.ndarray:
         """A loaded artifact's value of the global, else the module seed's."""
         start = self.initial_globals or {}
-        return start[name] if name in start else initial_value(name, self.module.globals[name], self.module.seed)
+        return start[name] if name in start else Global.initial_value(self.module.globals[name], self.module.seed)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
         self.device.copy(self.device_globals[name], self.device.upload(np.asarray(value, self.device_globals[name].dtype)))
@@ -134,9 +135,9 @@ class GpuFunction:
         self.exe, self.name = exe, name
         self.stores = _globals_stored(exe.lowered, name)
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         exe = self.exe
-        arrays = check_arguments(exe.module.functions[self.name], args)
+        arrays = check_arguments(exe.module.functions[self.name], args, kwargs)
         device = exe.device
         run = HostRun(exe, device)
         results = run.call(self.name, [device.upload(a) for a in arrays])

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
 import os
-import resource
 import threading
 
 import llvmlite.binding as llvm
@@ -100,49 +98,6 @@ def optimise(llvm_ir: str, tm) -> "llvm.ModuleRef":
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(module, pb)
     return module
-
-
-# --- memory: what the machine can hold (checked by native code's allocations and before making globals) --
-
-def _kilobytes(path: str) -> dict[str, int]:
-    """A /proc file of `Name: N kB` lines, in bytes ({} where there is none)."""
-    try:
-        with open(path) as f:
-            return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f) if v.strip().endswith("kB")}
-    except (OSError, ValueError):
-        return {}
-
-
-def _cgroup(name: str) -> int | None:
-    try:
-        with open(f"/sys/fs/cgroup/{name}") as f:
-            text = f.read().strip()
-        return None if text == "max" else int(text)
-    except (OSError, ValueError):
-        return None
-
-
-@functools.cache
-def host_memory_bytes() -> int:
-    """The most one buffer may take: RAM and swap (the cgroup's limit where lower). Above it malloc can
-    only fail, or an overcommitting kernel grant the memory and kill the process when it is touched."""
-    info = _kilobytes("/proc/meminfo")
-    total = info.get("MemTotal") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return min(total + info.get("SwapTotal", 0), _cgroup("memory.max") or 1 << 62)
-
-
-def available_memory_bytes() -> int:
-    """What a new allocation can get now: available RAM and free swap, within what the cgroup and the
-    address-space limit (`ulimit -v`) leave this process."""
-    info = _kilobytes("/proc/meminfo")
-    room = [info["MemAvailable"] + info.get("SwapFree", 0) if "MemAvailable" in info else host_memory_bytes()]
-    limit, used = _cgroup("memory.max"), _cgroup("memory.current")
-    if limit is not None and used is not None:
-        room.append(limit - used)
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        room.append(soft - _kilobytes("/proc/self/status").get("VmSize", 0))
-    return max(min(room), 0)
 
 
 def host_key() -> dict:

@@ -177,3 +177,21 @@ def test_arguments_numpy_cannot_hold_and_mismatched_labels_are_named():
     for labels in (np.zeros(32, np.int64), np.zeros(8, np.int64)):
         with pytest.raises(mlc.DiagnosticError, match="labels and logits have different batch sizes"):
             exe["loss"](x, labels)
+
+
+def test_compiled_functions_take_arguments_by_name():
+    """exe.f(x=..., labels=...) binds as Python does; an unknown, repeated or missing name is named."""
+    m = mlc.parse((ROOT / "examples" / "mlp.ir").read_text())
+    exe = mlc.compile(m)
+    x, labels = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), np.arange(4, dtype=np.int64)
+    want = mlc.interpret(m, "loss", x, labels)
+    np.testing.assert_allclose(exe["loss"](x=x, labels=labels), want, rtol=1e-5)
+    np.testing.assert_allclose(exe["loss"](x, labels=labels), want, rtol=1e-5)
+    for kwargs, fragment in [({"x": x, "label": labels}, "has no argument 'label' (its arguments: x, labels)"),
+                             ({"x": x, "labels": labels, "y": x}, "has no argument 'y'"),
+                             ({"labels": labels}, "is missing argument 'x'")]:
+        with pytest.raises(mlc.DiagnosticError, match=r".*") as e:
+            exe["loss"](**kwargs)
+        assert fragment in str(e.value)
+    with pytest.raises(mlc.DiagnosticError, match="argument 'x' both by position and by name"):
+        exe["loss"](x, x=x)

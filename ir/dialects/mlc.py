@@ -13,6 +13,7 @@ import numpy as np
 from .. import random as rng
 from ..attributes import DenseAttr
 from ..core import Block, Region
+from ..memory import check_fits_in_memory
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
                         Attr, OpDef, Terminator, VerifyError)
 from ..types import ERROR, TensorType, element_of, f32, i1, i64, int_range, types_compatible
@@ -2129,10 +2130,12 @@ class Global(OpDef):
 
     @staticmethod
     def initial_value(op, seed: int) -> np.ndarray:
+        """A fresh C-contiguous array, checked to fit in memory before it is made."""
         t, init = op.attr("type"), op.attr("init")
         dtype = t.element.np_dtype
         if isinstance(init, np.ndarray):
             return init.copy()
+        check_fits_in_memory(f"@{op.attr('sym_name')}", t.nbytes, op.loc, op.name)
         if init in ("zeros", "ones"):
             return np.full(t.shape, 1 if init == "ones" else 0, dtype)
         shape, offset = t.shape, rng.name_offset(op.attr("sym_name"))
