@@ -12,7 +12,7 @@ import numpy as np
 from mlc import __version__
 from mlc.ir.diagnostics import DiagnosticError, Location, error
 from mlc.ir.memory import check_fits_in_memory
-from mlc.runtime.files import read_npz, save_npz, write_atomically
+from mlc.runtime.files import read_array, read_npz, save_npz, write_atomically
 
 
 def main(argv=None) -> int:
@@ -416,19 +416,6 @@ def random_input(name: str, t, rng, dynamic_size: int) -> np.ndarray:
     if e.is_bool:
         return rng.integers(0, 2, shape).astype(bool)
     return rng.integers(0, 2, shape).astype(e.np_dtype)
-
-
-def read_array(path: str) -> np.ndarray:
-    where = Location(path, 0, 0)
-    try:
-        a = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise error(where, "no such file") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise error(where, f"not a readable .npy file ({e})") from None
-    if isinstance(a, np.lib.npyio.NpzFile):
-        raise error(where, "is an .npz archive; give it alone as --input FILE.npz")
-    return a
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from mlc.ir.verifier import verify
 
 from . import trust
 from .executable import Executable, FunctionCode
-from .files import write_atomically
+from .files import load_npy, write_atomically
 from .gpu import GpuExecutable, Kernel
 from .jit import JitModule, host_key
 
@@ -297,10 +297,8 @@ def _read_globals(module, files, where) -> dict:
     out = {}
     for name, op in module.globals.items():
         check_fits_in_memory(f"@{name}", op.attr("type").nbytes, where, "mlc.global")
-        try:
-            value = np.load(io.BytesIO(files[f"globals/{name}.npy"]), allow_pickle=False)
-        except Exception as e:  # numpy raises several kinds for a malformed .npy
-            raise error(where, f"damaged artifact: global '@{name}' is unreadable ({e})") from None
+        data = files[f"globals/{name}.npy"]
+        value = load_npy(io.BytesIO(data), len(data), where, f"damaged artifact: global '@{name}' is unreadable")
         t = op.attr("type")
         if value.shape != t.shape or value.dtype != t.element.np_dtype:
             raise error(where, f"damaged artifact: global '@{name}' has shape {list(value.shape)} {value.dtype}, expected {t}")

@@ -7,14 +7,16 @@ a minute old, as a shared directory may hold another machine's), or when it is a
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 import secrets
 import time
+import zipfile
 
 import numpy as np
 
-from mlc.ir.diagnostics import Location, error
+from mlc.ir.diagnostics import DiagnosticError, Location, error, format_bytes
 
 _TEMPORARY = re.compile(r"\.tmp-(?:(\d+)-[0-9a-f]{8}-)?")
 _GRACE, _STALE = 60, 3600  # seconds
@@ -123,11 +125,51 @@ def read_npz(path) -> dict:
     """Every array of an .npz (no pickles); a missing or damaged file is a located error."""
     where = Location(str(path), 0, 0)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        with zipfile.ZipFile(path) as z:
+            return {info.filename.removesuffix(".npy"): _read_member(z, info, where) for info in z.infolist()}
     except FileNotFoundError:
         raise error(where, "no such file") from None
     except IsADirectoryError:
         raise error(where, "is a directory, not an .npz file") from None
+    except DiagnosticError:
+        raise
     except Exception as e:  # zipfile, zlib and numpy each raise their own kinds for a damaged file
         raise error(where, f"not a readable .npz file ({type(e).__name__}: {e})") from None
+
+
+def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, where) -> np.ndarray:
+    with z.open(info) as f:
+        return load_npy(f, info.file_size, where, f"not a readable .npz file ('{info.filename}' is damaged)")
+
+
+def read_array(path) -> np.ndarray:
+    """The array of an .npy file (no pickles); a missing or damaged file is a located error."""
+    where = Location(str(path), 0, 0)
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) == b"PK":
+                raise error(where, "is an .npz archive; give it alone as --input FILE.npz")
+            f.seek(0)
+            return load_npy(f, os.fstat(f.fileno()).st_size, where)
+    except FileNotFoundError:
+        raise error(where, "no such file") from None
+    except IsADirectoryError:
+        raise error(where, "is a directory, not an .npy file") from None
+    except OSError as e:
+        raise error(where, f"cannot read: {e.strerror}") from None
+
+
+def load_npy(f, size: int, where, problem: str = "not a readable .npy file") -> np.ndarray:
+    """An .npy from file object `f` of `size` bytes. Its header is checked against the bytes there are
+    before numpy allocates the array it claims (a header claiming 10^12 elements was a MemoryError)."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        claimed = math.prod(shape) * dtype.itemsize
+        if claimed > size - f.tell():
+            raise ValueError(f"its header claims {format_bytes(claimed)} of data, it holds {format_bytes(size - f.tell())}")
+        f.seek(0)
+        return np.lib.format.read_array(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise error(where, f"{problem} ({e})") from None

@@ -285,6 +285,8 @@ def test_manifests_outside_the_schema_are_refused_even_signed(tmp_path, edit, fr
     (lambda f: f.update({"evil.py": b"import os"}), "must be a string of at most 1024 characters matching"),
     (lambda f: f.update({"globals/w.npy": npy(np.zeros(5, np.float32))}), "global '@w' has shape"),
     (lambda f: f.update({"globals/w.npy": b"\x93NUMPY junk"}), "global '@w' is unreadable"),
+    (lambda f: f.update({"globals/w.npy": npy(np.zeros(5, np.float32)).replace(b"(5,)", b"(1000000000000,)")}),
+     "global '@w' is unreadable \\(its header claims 4.0 TB of data"),
     (lambda f: f.update({"module.ir": f["module.ir"].replace(b"mlc.relu", b"mlc.relux")}), "module.ir"),
 ])
 def test_members_that_do_not_match_the_ir_are_refused(tmp_path, change, fragment):

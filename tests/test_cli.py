@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -149,6 +150,15 @@ def test_run_rejects_bad_arrays(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     code, _, err = mlc_cmd("run", MLP, "--input", f"x={tmp_path / 'obj.npy'}")
     assert code == 1 and "not a readable .npy file" in err and "Traceback" not in err
+    # a header claiming more data than the file holds: refused before numpy allocates it
+    huge = (tmp_path / "f64.npy").read_bytes().replace(b"(5, 64)", b"(10000000000000, 64)")
+    (tmp_path / "huge.npy").write_bytes(huge)
+    code, _, err = mlc_cmd("run", MLP, "--input", f"x={tmp_path / 'huge.npy'}")
+    assert code == 1 and "huge.npy: error: not a readable .npy file (its header claims 5.1 PB of data" in err, err
+    with zipfile.ZipFile(tmp_path / "huge.npz", "w") as z:
+        z.writestr("x.npy", huge)
+    code, _, err = mlc_cmd("run", MLP, "--input", tmp_path / "huge.npz")
+    assert code == 1 and "huge.npz: error: not a readable .npz file ('x.npy' is damaged) (its header claims" in err, err
 
 
 def test_run_time_errors_are_located(tmp_path):
