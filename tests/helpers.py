@@ -1,10 +1,17 @@
 """Shared test helpers."""
+import os
 import pathlib
+
+from hypothesis import settings
 
 import mlc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.ir"))
+
+# MLC_FUZZ_EXAMPLES=N runs the differential fuzzer and the parser mutators on N programs each
+FUZZ_EXAMPLES = int(os.environ.get("MLC_FUZZ_EXAMPLES") or 0)
+at_fuzz_scale = settings(max_examples=FUZZ_EXAMPLES) if FUZZ_EXAMPLES else (lambda test: test)
 
 
 def errors(text: str, filename: str = "t.ir"):

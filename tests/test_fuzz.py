@@ -9,6 +9,8 @@ import mlc
 from mlc.passes import Pass
 from mlc.testing import Disagreement, Program, check_agreement, fuzz, run_config
 
+from helpers import FUZZ_EXAMPLES
+
 
 class Sabotage(Pass):
     """A deliberately wrong pass: every mlc.add becomes mlc.sub."""
@@ -45,7 +47,8 @@ def test_fuzz_finds_a_miscompile_and_writes_a_small_reproducer(tmp_path):
 
 
 def test_cli_fuzz_agrees_on_the_cpu_backend(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "mlc", "fuzz", "--examples", "15", "--seed", "2", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "no disagreement in 15 programs" in r.stdout, r.stdout + r.stderr
-    assert "15/15" in r.stderr
+    n = FUZZ_EXAMPLES or 15
+    r = subprocess.run([sys.executable, "-m", "mlc", "fuzz", "--examples", str(n), "--seed", "2", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600 + n)
+    assert r.returncode == 0 and f"no disagreement in {n} programs" in r.stdout, r.stdout + r.stderr
+    assert f"{n}/{n}" in r.stderr

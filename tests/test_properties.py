@@ -9,7 +9,7 @@ from mlc.ir.printer import print_module
 from mlc.passes import PASSES, load_passes
 from mlc.testing import check_pipeline, mutations, programs
 
-from helpers import EXAMPLES
+from helpers import EXAMPLES, at_fuzz_scale
 
 load_passes()
 
@@ -28,6 +28,7 @@ def test_pass_keeps_results(pipeline, p):
 
 
 @given(p=programs(), data=st.data())
+@at_fuzz_scale
 def test_damaged_generated_text_gives_only_diagnostics(p, data):
     text = data.draw(mutations(p.text))
     try:
@@ -39,6 +40,7 @@ def test_damaged_generated_text_gives_only_diagnostics(p, data):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 @given(data=st.data())
+@at_fuzz_scale
 def test_damaged_examples_give_only_diagnostics(path, data):
     base = path.read_text()
     text = data.draw(mutations(base if data.draw(st.booleans()) else print_module(mlc.parse(base), generic=True)))
@@ -51,6 +53,7 @@ def test_damaged_examples_give_only_diagnostics(path, data):
 
 
 @given(st.text(max_size=200))
+@at_fuzz_scale
 def test_arbitrary_text_gives_only_diagnostics(text):
     try:
         mlc.parse(text)
