@@ -18,6 +18,7 @@ from __future__ import annotations
 from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
 from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
+from mlc.ir.registry import ELEMENTWISE
 from mlc.ir.types import MemRefType, TensorType, index
 
 RULES: dict[str, callable] = {}
@@ -143,9 +144,20 @@ class FunctionLowering(LoopBuilder):
 
     def alloc(self, t: TensorType, sizes: list, name_hint=None) -> Value:
         dynamic = [s for s, d in zip(sizes, t.shape) if d is None]
-        origin = {"mlc.origin": self.current.name} if getattr(self, "current", None) else {}  # named in allocation errors
+        origin = {"mlc.origin": self.origin()} if getattr(self, "current", None) else {}  # named in allocation errors
         return self.b.create("mem.alloc", dynamic, origin, result_types=[MemRefType(t.shape, t.element)],
                              name_hint=name_hint).result
+
+    def origin(self) -> str:
+        """The tensor op being lowered, as run-time errors name it: a fusion by its anchor (a product or a
+        reduction with its epilogue), else by the op that makes its result."""
+        op = self.current
+        if op.name != "mlc.fusion":
+            return op.name
+        body = op.regions[0].blocks[0]
+        anchor = next((o for o in body.ops if ELEMENTWISE not in o.opdef.traits and o is not body.last), None)
+        made_by = anchor or body.last.operands[0].defining_op()
+        return made_by.name if made_by is not None else op.name
 
     def check(self, b: Builder, condition: Value, message: str):
         b.create("mem.check", [condition], {"message": message, "op": self.current.name})
@@ -208,7 +220,7 @@ def copy_nest(L: FunctionLowering, src, dst, sizes, src_index, dst_index, parall
 
 def as_index(L, b, v):
     """An index read from data; `mlc.origin` names the op it serves, for the run-time bounds error."""
-    return b.create("arith.cast", [v], {"mlc.origin": L.current.name}, result_types=[index]).result
+    return b.create("arith.cast", [v], {"mlc.origin": L.origin()}, result_types=[index]).result
 
 
 def apply_epilogue(L, out, sizes, epilogue):
