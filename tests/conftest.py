@@ -16,10 +16,10 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` (whole training runs of the examples) run only with MLC_RUN_SLOW=1; tests
+    """Tests marked `slow` (whole training runs of the examples, large models) run only with MLC_RUN_SLOW=1; tests
     marked `cuda` only where pycuda finds a GPU."""
     import pytest
-    slow = pytest.mark.skip(reason="a full training run: set MLC_RUN_SLOW=1")
+    slow = pytest.mark.skip(reason="slow (a full training run or a large model): set MLC_RUN_SLOW=1")
     no_gpu = gpu_missing()
     for item in items:
         if item.get_closest_marker("slow") and os.environ.get("MLC_RUN_SLOW") != "1":

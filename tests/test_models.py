@@ -116,7 +116,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# the larger of them (20-60 s each to compile and step) run with MLC_RUN_SLOW=1: the default suite has
+# a CNN, both recurrent cells, a Transformer and the MLP
+LARGER = {"LeNet", "UNet", "LSTMSeq2Seq", "TransformerSeq2Seq"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGER else n for n in CASES])
 def test_training_loop_lowers_the_loss(name):
     """Ten Adam steps on one batch (compiled for the CPU) drive its loss down, and the trained model's
     inference agrees with the interpreter's."""

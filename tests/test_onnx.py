@@ -1,6 +1,7 @@
 """mlc.onnx: ONNX models imported as modules, checked against onnx's own reference implementation
 and its backend node test suite (every case passes or is refused with NotImplementedError)."""
 import collections
+import os
 import re
 import subprocess
 import sys
@@ -120,12 +121,15 @@ def test_onnx_node_suite_passes_or_refuses():
 
 
 def test_onnx_node_suite_on_the_cpu_backend():
-    """A fast subset, compiled: the ops of CNNs and Transformers."""
+    """A fast subset, compiled: the first cases of the ops of CNNs and Transformers (every case of
+    them with MLC_RUN_SLOW=1; `python -m mlc.testing.onnx_suite --target cpu` runs the whole suite)."""
     from mlc.testing.onnx_suite import run_node_suite
+    everything = os.environ.get("MLC_RUN_SLOW") == "1"
     results = run_node_suite("cpu", {"Conv", "ConvTranspose", "Gemm", "MatMul", "Softmax", "MaxPool", "AveragePool",
-                                     "LayerNormalization", "BatchNormalization", "Relu", "Gelu"})
+                                     "LayerNormalization", "BatchNormalization", "Relu", "Gelu"},
+                             per_op=None if everything else 3)
     assert results["cases"] == []
-    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= 40
+    assert sum(c["passed"] for op, c in results.items() if op != "cases") >= (40 if everything else 25)
 
 
 class _TorchCnn:
