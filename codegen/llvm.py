@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from llvmlite import ir
 
+from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.mlc import BINARY, UNARY
@@ -31,6 +32,7 @@ from mlc.ir.types import ElementType, TensorType, VectorType, index, round_to_el
 
 PTR = ir.PointerType()
 I64 = ir.IntType(64)
+I32 = ir.IntType(32)
 I8 = ir.IntType(8)
 I1 = ir.IntType(1)
 F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
@@ -658,6 +660,26 @@ def _if(self: FunctionEmitter, op):
         self.values[r] = phi
 
 
+def _collective(self: FunctionEmitter, op):
+    """mem.all_reduce / mem.broadcast: the runtime's `i32 mlc_all_reduce(ptr data, i64 count, i32 dtype,
+    i32 reduction)` or `i32 mlc_broadcast(ptr data, i64 count, i32 dtype, i64 root)` rewrites the buffer
+    in place (dtype and reduction index ir/collectives.py's ELEMENT_CODES and REDUCTIONS); not 0: failed."""
+    buf = self.get(op.operands[0])
+    count = ir.Constant(I64, 1)
+    for d in buf.dims:
+        count = self.b.mul(count, d)
+    last = ir.Constant(I32, REDUCTIONS.index(op.attr("reduction"))) if op.name == "mem.all_reduce" else ir.Constant(I64, op.attr("root"))
+    fn = self.parent.declare("mlc_" + op.name[len("mem."):], I32, [PTR, I64, I32, last.type])
+    status = self.b.call(fn, [buf.data, count, ir.Constant(I32, ELEMENT_CODES.index(buf.element.name)), last])
+    self.fail_if(self.b.icmp_signed("!=", status, ir.Constant(I32, 0)), op,
+                 "failed across processes (the communicator's error is on standard error)", "mlc." + op.name[len("mem."):])
+
+
+def _process_info(self: FunctionEmitter, op):
+    """mem.rank / mem.world_size: the runtime's `i64 mlc_rank()` / `i64 mlc_world_size()`."""
+    self.values[op.results[0]] = self.b.call(self.parent.declare("mlc_" + op.name[len("mem."):], I64, []), [])
+
+
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
     "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
@@ -665,7 +687,8 @@ OPS = {
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
     "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma, "vector.from_elements": _from_elements,
-    "vector.extract": _extract,
+    "vector.extract": _extract, "mem.all_reduce": _collective, "mem.broadcast": _collective,
+    "mem.rank": _process_info, "mem.world_size": _process_info,
 }
 
 

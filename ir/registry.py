@@ -162,4 +162,4 @@ def all_ops() -> dict[str, type[OpDef]]:
 
 def load_dialects():
     """Import the dialect modules so their ops register (idempotent)."""
-    from .dialects import func, gpu, loops, mlc  # noqa: F401
+    from .dialects import collectives, func, gpu, loops, mlc  # noqa: F401

@@ -11,6 +11,8 @@ import threading
 
 import llvmlite.binding as llvm
 
+from .distributed import CALLBACKS
+
 _lock = threading.RLock()
 _ready = False
 _symbols: set[str] = set()
@@ -76,10 +78,12 @@ _parallel_for_c = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctype
 
 
 def _provide(symbols):
-    """Make libm functions (tanhf, erff, ...) resolvable by the JIT."""
-    if "mlc_parallel_for" not in _symbols:
-        llvm.add_symbol("mlc_parallel_for", ctypes.cast(_parallel_for_c, ctypes.c_void_p).value)
-        _symbols.add("mlc_parallel_for")
+    """Make the runtime's functions (threads, collectives: runtime/distributed.py) and libm functions
+    (tanhf, erff, ...) resolvable by the JIT."""
+    for name, fn in {"mlc_parallel_for": _parallel_for_c, **CALLBACKS}.items():
+        if name not in _symbols:
+            llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
+            _symbols.add(name)
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     for name in symbols:
         if name not in _symbols:

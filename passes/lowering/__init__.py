@@ -10,6 +10,7 @@
   shape        reshape, iota, slice, pad, concat, gather, scatter_add, and their *_elements forms
   scan         scan
   random       random_uniform, random_normal (Philox)
+  collectives  all_reduce, broadcast, rank, world_size (in place on a copy; the runtime communicates)
 
 Importing a family's module registers its rules; the pass imports them all.
 """
