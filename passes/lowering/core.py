@@ -156,7 +156,7 @@ class FunctionLowering(LoopBuilder):
             return op.name
         body = op.regions[0].blocks[0]
         anchor = next((o for o in body.ops if ELEMENTWISE not in o.opdef.traits and o is not body.last), None)
-        made_by = anchor or body.last.operands[0].defining_op()
+        made_by = anchor or (body.last.operands[0].defining_op() if body.last.operands else None)
         return made_by.name if made_by is not None else op.name
 
     def check(self, b: Builder, condition: Value, message: str):
