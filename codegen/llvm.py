@@ -15,10 +15,18 @@ Every public function becomes `void @name(ptr %args)`, one calling convention fo
 Buffers are row-major; `mem.alloc` is malloc (lowered code writes every element before reading it), its
 byte count computed with overflow checks and bounded, its result checked: a failure is a located error.
 Lowered code writes only buffers it allocated, so arguments, constants and globals are read in place.
+
+Profiled code (`emit_module(..., profile=descriptions)`) also defines `i64 mlc_profile_counters[3 * K]`
+(per kernel, in order: calls, nanoseconds, units) and `mlc_profile_kernels`, the K kernels'
+descriptions as NUL-terminated JSON; runtime/profile.py reads both. A kernel is the top-level code one
+tensor op became (consecutive ops carrying its location, see `kernels_of`); it is timed with
+`clock_gettime(CLOCK_MONOTONIC)` and its counters are bumped with atomic adds.
 """
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +36,7 @@ from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.mlc import BINARY, UNARY
-from mlc.ir.types import ElementType, TensorType, VectorType, index, round_to_element
+from mlc.ir.types import ElementType, MemRefType, TensorType, VectorType, index, round_to_element
 
 PTR = ir.PointerType()
 I64 = ir.IntType(64)
@@ -39,6 +47,8 @@ F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 
 SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
+PROFILE_COUNTERS, PROFILE_KERNELS, PROFILE_WORDS = "mlc_profile_counters", "mlc_profile_kernels", 3
+PROFILE_SIZES = (2, 3, 5)  # the sizes `?` takes in a kernel's cost samples (runtime/profile.py's SIZES)
 INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "rint", "pow"}  # math functions LLVM has as intrinsics (others: libm)
 
 
@@ -69,8 +79,10 @@ class FunctionCode:
 
 
 class ModuleEmitter:
-    def __init__(self, module: Module, threads: bool = True):
+    def __init__(self, module: Module, threads: bool = True, profile: dict | None = None):
         self.module, self.threads = module, threads
+        self.profile = profile  # the tensor ops' descriptions (runtime/profile.py's `describe`): time each kernel
+        self.profiled: list[dict] = []  # each timed kernel's name and cost samples, in counter order
         self.llvm = ir.Module(name=module.name or "mlc")
         self.globals = list(module.globals)
         self.constants = 0
@@ -78,6 +90,7 @@ class ModuleEmitter:
         self.libm: set[str] = set()
         self.decls: dict = {}
         self.kernels: dict[str, ir.Function] = {}  # outlined loop bodies by their text: each emitted once
+        self.counters = None  # mlc_profile_counters, when profiling
 
     def shared(self, fn: ir.Function) -> ir.Function:
         """fn, or an identical function emitted before (fn is then dropped): a model repeats the same
@@ -91,10 +104,27 @@ class ModuleEmitter:
         return known
 
     def emit(self) -> ir.Module:
+        plans = self.plan_kernels() if self.profile is not None else {}
         for name, f in self.module.functions.items():
             if not f.is_private:
-                self.functions[name] = FunctionEmitter(self, f).emit()
+                self.functions[name] = FunctionEmitter(self, f, plans.get(name, ())).emit()
         return self.llvm
+
+    def plan_kernels(self) -> dict:
+        """{function name: [Kernel, ...]} of every public function, numbered in one sequence (counter order)."""
+        plans = {}
+        for name, f in self.module.functions.items():
+            if not f.is_private:
+                plans[name] = kernels_of(f, self.profile, first=sum(map(len, plans.values())))
+        self.profiled = [k.description for ks in plans.values() for k in ks]
+        n = max(len(self.profiled), 1) * PROFILE_WORDS
+        self.counters = ir.GlobalVariable(self.llvm, ir.ArrayType(I64, n), name=PROFILE_COUNTERS)
+        self.counters.initializer, self.counters.align = ir.Constant(ir.ArrayType(I64, n), None), 64
+        data = json.dumps(self.profiled, separators=(",", ":"), ensure_ascii=True).encode() + b"\0"
+        t = ir.ArrayType(I8, len(data))
+        table = ir.GlobalVariable(self.llvm, t, name=PROFILE_KERNELS)
+        table.global_constant, table.initializer = True, ir.Constant(t, bytearray(data))
+        return plans
 
     def declare(self, name: str, ret, args):
         fn = self.decls.get(name)
@@ -131,8 +161,11 @@ class ModuleEmitter:
 
 
 class FunctionEmitter:
-    def __init__(self, parent: ModuleEmitter, func: FuncOp):
+    def __init__(self, parent: ModuleEmitter, func: FuncOp, kernels=()):
         self.parent, self.func = parent, func
+        self.timed = {k.first: k for k in kernels} | {k.last: k for k in kernels}  # profiling: where kernels start and end
+        self.started: dict = {}  # kernel -> its start time
+        self.timespec = None  # clock_gettime's result, a stack slot made at the first clock read
         self.code = FunctionCode(func.sym_name)
         self.fn = ir.Function(parent.llvm, ir.FunctionType(ir.VoidType(), [PTR]), name=func.sym_name)
         if parent.threads:  # every loop nest is outlined: what stays here is glue, not worth LLVM's time
@@ -156,6 +189,7 @@ class FunctionEmitter:
         sub.entry = fn.append_basic_block("entry")
         sub.b = ir.IRBuilder(sub.entry)
         sub.values, sub.trusted, sub.owned, sub.threads = {}, set(outer.trusted), [], False
+        sub.timed, sub.started, sub.timespec = {}, {}, None
         sub.sequential_outline = False  # set for the body of a sequential loop: its parallel loops may use threads
         sub.exit_block = fn.append_basic_block("fail")
         return sub
@@ -197,14 +231,47 @@ class FunctionEmitter:
 
     # --- ops ----------------------------------------------------------------------------------------------
     def block(self, block):
+        timed = self.timed if block is self.func.body else {}
         for op in block:
+            kernel = timed.get(op)
+            if kernel is not None and kernel.first is op:
+                self.started[kernel] = self.clock()
             handler = self.handlers.get(op.name)
             if handler is None:
                 if op.name.startswith("arith."):
                     self.values[op.results[0]] = self.arith(op)
-                    continue
-                raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
-            handler(self, op)
+                else:
+                    raise error(op.loc, "the CPU backend cannot compile this op yet", op.name)
+            else:
+                handler(self, op)
+            if kernel is not None and kernel.last is op:
+                self.count(kernel)
+
+    # --- profiling ----------------------------------------------------------------------------------------
+    def clock(self) -> ir.Value:
+        """Nanoseconds of the monotonic clock (vDSO clock_gettime: no system call)."""
+        if self.timespec is None:
+            self.timespec = self.prologue.alloca(ir.LiteralStructType([I64, I64]))
+        fn = self.parent.declare("clock_gettime", I32, [I32, PTR])
+        self.b.call(fn, [ir.Constant(I32, time.CLOCK_MONOTONIC), self.timespec])
+        sec, nsec = (self.b.load(self.b.gep(self.timespec, [ir.Constant(I32, 0), ir.Constant(I32, k)],
+                                            source_etype=ir.LiteralStructType([I64, I64])), typ=I64) for k in (0, 1))
+        return self.b.add(self.b.mul(sec, ir.Constant(I64, 1_000_000_000)), nsec)
+
+    def count(self, kernel: "Kernel"):
+        """The kernel ran once more: add a call, the nanoseconds since it started and its units."""
+        elapsed = self.b.sub(self.clock(), self.started.pop(kernel))
+        units = ir.Constant(I64, 0)
+        if kernel.units is not None:
+            units = ir.Constant(I64, 1)
+            for d in self.values[kernel.units].dims:
+                units = self.b.mul(units, d)
+        for k, v in enumerate((ir.Constant(I64, 1), elapsed, units)):
+            if k == 2 and kernel.units is None:
+                continue
+            word = self.b.gep(self.parent.counters, [ir.Constant(I64, 0), ir.Constant(I64, PROFILE_WORDS * kernel.index + k)],
+                              source_etype=self.parent.counters.value_type)
+            self.b.atomic_rmw("add", word, v, "monotonic")
 
     def get(self, v: Value):
         return self.values[v]
@@ -306,6 +373,82 @@ class FunctionEmitter:
         odd = self.b.and_(self.b.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
         rounded = self.b.and_(self.b.add(bits, self.b.add(odd, ir.Constant(i32, 0x7FFF))), ir.Constant(i32, -65536))
         return self.b.select(self.b.fcmp_unordered("uno", x, x), x, self.b.bitcast(rounded, F32))
+
+
+@dataclass(eq=False)
+class Kernel:
+    """A timed span of a function's top-level ops, first to last (profiling), and its description."""
+    index: int  # its counters' place in mlc_profile_counters
+    first: Operation
+    last: Operation
+    units: Value | None  # the buffer whose elements are counted (one with `?` dims: see _counted_buffer)
+    description: dict
+
+
+GLUE = {"mem.dim", "mem.from_tensor", "mem.to_tensor", "mlc.global_load", "mlc.constant", "mem.alloc", "mem.dealloc",
+        "mem.check", "func.return"}  # top-level ops that do no kernel's work on their own
+
+
+def kernels_of(func: FuncOp, described: dict, first: int = 0) -> list[Kernel]:
+    """The kernels of a lowered function: each tensor op's code is a run of top-level ops carrying its
+    location (lower-to-loops builds them so). A kernel spans from the first of them to its last op that
+    does work (loops, stores, copies), so its allocations count and the frees of others' buffers may sit
+    inside; a run of glue alone (argument copies, loads of globals) is no kernel. `described` maps
+    (function, location key) to the tensor ops there (runtime/profile.py's `describe`), in order."""
+    ops = [op for op in func.body.ops if op.name != "func.return"]
+    key = lambda op: (op.loc.file, op.loc.line, op.loc.col)  # noqa: E731
+    work = [not (op.name in GLUE or op.name.startswith("arith.")) for op in ops]
+    spans, end = [], -1  # [start, last] indices
+    for i, op in enumerate(ops):
+        if not work[i]:
+            continue
+        if spans and key(ops[spans[-1][1]]) == key(op):
+            spans[-1][1] = end = i
+            continue
+        start = i
+        while start - 1 > end and key(ops[start - 1]) == key(op):
+            start -= 1
+        spans.append([start, i])
+        end = i
+    per_key: dict = {}
+    for start, last in spans:
+        per_key.setdefault(key(ops[last]), []).append(start)
+    kernels = []
+    for n, (start, last) in enumerate(spans):
+        k = key(ops[last])
+        descs = described.get((func.sym_name, k), [])
+        occurrence = per_key[k].index(start)
+        if len(descs) == len(per_key[k]):
+            desc = descs[occurrence]
+        elif descs:  # the ops at this location share kernels: one description (the costs on the first)
+            desc = {"label": " + ".join(d["label"] for d in descs), "product": any(d["product"] for d in descs),
+                    "samples": [[sum(d["samples"][j][c] for d in descs) for c in (0, 1)] for j in range(len(descs[0]["samples"]))]
+                    if occurrence == 0 else None}
+        else:
+            op = ops[last]
+            desc = {"label": f"{op.attr('mlc.origin') or op.name} {op.loc}", "product": False, "samples": None}
+        units = _counted_buffer(ops[start:last + 1]) if desc["samples"] else None
+        description = {"name": f"{func.sym_name}:{n} {desc['label']}", "product": desc["product"], "samples": desc["samples"],
+                       "units": [_elements(units.type, s) for s in PROFILE_SIZES] if units is not None else None}
+        kernels.append(Kernel(first + n, ops[start], ops[last], units, description))
+    return kernels
+
+
+def _counted_buffer(span) -> Value | None:
+    """The buffer whose elements a kernel counts, for a cost that depends on `?` sizes: its result's
+    (allocated in the span for the tensor op), else the largest with a `?` dim that it reads or writes."""
+    dynamic = lambda v: isinstance(v.type, MemRefType) and None in v.type.shape  # noqa: E731
+    result = next((op.results[0] for op in span if op.name == "mem.alloc" and op.attr("mlc.origin") and dynamic(op.results[0])), None)
+    if result is not None:
+        return result
+    body = span[0].parent  # (a buffer made at the top level: its dims are known where the kernel ends)
+    used = [v for op in span for inner in op.walk() for v in inner.operands
+            if dynamic(v) and v.defining_op() is not None and v.defining_op().parent is body]
+    return max(used, key=lambda v: _elements(v.type, PROFILE_SIZES[-1]), default=None)
+
+
+def _elements(t, size: int) -> int:
+    return math.prod(size if d is None else d for d in t.shape)
 
 
 def _element_bytes(e: ElementType) -> int:
@@ -879,10 +1022,11 @@ def _bits(t) -> int:
     return {F16: 16, F32: 32, F64: 64}[t]
 
 
-def emit_module(module: Module, threads: bool = True) -> tuple[ir.Module, ModuleEmitter]:
+def emit_module(module: Module, threads: bool = True, profile: dict | None = None) -> tuple[ir.Module, ModuleEmitter]:
     """LLVM IR for a lowered module (see passes/lower_to_loops.py); with threads, large top-level
-    parallel loops call the runtime's `mlc_parallel_for`."""
-    emitter = ModuleEmitter(module, threads)
+    parallel loops call the runtime's `mlc_parallel_for`. With `profile` (the tensor ops' descriptions,
+    runtime/profile.py's `describe`), each kernel is timed (see the module docstring)."""
+    emitter = ModuleEmitter(module, threads, profile)
     try:
         return emitter.emit(), emitter
     except ValueError as e:

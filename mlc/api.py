@@ -52,13 +52,15 @@ def run_passes(module: Module, pipeline: str, **kwargs) -> Module:
     return module
 
 
-def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = "sm_90", precision: str | None = None):
+def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = "sm_90", precision: str | None = None,
+            profile: bool | None = None):
     """Compile every public function to native code; `exe["f"](*arrays)` runs one. Compiled code is
     kept in the on-disk cache (MLC_CACHE_DIR) unless cache=False. target="cuda" compiles the kernels
     to PTX for `arch` (sm_80, sm_90, sm_90a) and runs them on the first GPU through pycuda.
-    precision="bf16" (or "f16") runs products and convolutions in half precision, f32 elsewhere."""
+    precision="bf16" (or "f16") runs products and convolutions in half precision, f32 elsewhere.
+    profile=True times each kernel (`exe.profile()`; None: as MLC_PROFILE says)."""
     from mlc.compiler import compile as build
-    return build(module, target, cache, arch=arch, precision=precision)
+    return build(module, target, cache, arch=arch, precision=precision, profile=profile)
 
 
 def load_executable(path):

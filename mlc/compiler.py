@@ -5,7 +5,9 @@
     tensor IR --`cuda`--> host code + gpu.launch kernels --codegen/nvptx.py--> PTX
               --> runtime.gpu.GpuExecutable (host code here, kernels through pycuda)
 
-`mlc.compile`, the command line, `mlc.jit` and the training steps all compile through here. The
+`mlc.compile`, the command line, `mlc.jit` and the training steps all compile through here. With
+profile=True (or MLC_PROFILE=1) the CPU code also times each kernel: the tensor ops are described just
+before lowering (runtime/profile.py) and codegen wraps the code each became with clock reads. The
 target's facts (the host's vector width) become pipeline options here, so no pass asks the host and a
 pipeline string means the same IR on every machine.
 """
@@ -18,7 +20,8 @@ from mlc.ir.diagnostics import UnsupportedError, error
 from mlc.ir.types import NATIVE, ElementType
 from mlc.passes import PassManager
 from mlc.runtime.artifact import cached, store_in_cache
-from mlc.runtime.executable import Executable
+from mlc.runtime.executable import Executable, profiling_at_exit
+from mlc.runtime.profile import describe
 from mlc.runtime.gpu import GpuExecutable
 from mlc.runtime.jit import JitModule, host_vector_bytes
 
@@ -31,22 +34,35 @@ def pipeline(target: str = "cpu") -> str:
     return f"cpu{{vector-bytes={host_vector_bytes()}}}" if target == "cpu" else "cuda"
 
 
-def lower(module: Module, target: str = "cpu") -> Module:
-    """A copy of the module lowered to loop-level IR (what `mlc compile --emit loops` prints)."""
+def lower(module: Module, target: str = "cpu", described: dict | None = None) -> Module:
+    """A copy of the module lowered to loop-level IR (what `mlc compile --emit loops` prints). With a
+    dict `described`, it receives the descriptions of the tensor ops as lowering finds them (profiling)."""
     _check_target(module, target)
     lowered = module.clone()
-    PassManager.parse(pipeline(target)).run(lowered)
+    passes = PassManager.parse(pipeline(target)).passes
+    if described is not None:
+        at = next(i for i, p in enumerate(passes) if p.name == "lower-to-loops")
+        PassManager(passes[:at]).run(lowered)
+        described.update(describe(lowered))
+        passes = passes[at:]
+    PassManager(passes).run(lowered)
     return lowered
 
 
 def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = DEFAULT_GPU_ARCH, device=None,
-            precision: str | None = None):
+            precision: str | None = None, profile: bool | None = None):
     """Native code for every public function of a verified module, with its globals initialised from
     the module seed; compiled code is kept in the on-disk cache (runtime/artifact.py) unless cache=False.
     For target "cuda": PTX for `arch`, run on `device` (by default the first GPU, through pycuda).
     precision "bf16" or "f16": products and convolutions on half-precision copies of their operands
-    (passes/mixed_precision.py), the rest, weights included, in f32."""
+    (passes/mixed_precision.py), the rest, weights included, in f32.
+    profile=True: the code counts each kernel's calls and time (`exe.profile()`); None: as MLC_PROFILE
+    says. Profiled code is cached apart from the rest; without it no profiling code is emitted."""
     _check_target(module, target)
+    if profile is None:
+        profile = target == "cpu" and profiling_at_exit()
+    if profile and target != "cpu":
+        raise error(module.loc, f"profiling is available for the cpu target only, not '{target}'")
     if precision is not None:
         if precision not in ("bf16", "f16"):
             raise error(module.loc, f"precision must be bf16 or f16, got '{precision}'")
@@ -65,11 +81,14 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
         if cache and device is None:  # (makes the PTX now; a device given is a test's or a simulation's)
             store_in_cache(exe)
         return exe
-    hit = cached(module) if cache else None
+    hit = cached(module, profile=profile) if cache else None
     if hit is not None:
-        return Executable(module, *hit)
-    lowered = lower(module, target)
-    llvm_module, emitter = emit_module(lowered)
+        exe = Executable(module, *hit)
+        if exe.profiled == profile:  # (the cache keys them apart; a mix-up is a miss, never wrong code)
+            return exe
+    described = {} if profile else None
+    lowered = lower(module, target, described)
+    llvm_module, emitter = emit_module(lowered, profile=described)
     exe = Executable(module, JitModule(str(llvm_module), sorted(emitter.libm)), emitter.functions, lowered=lowered)
     if cache:
         store_in_cache(exe)

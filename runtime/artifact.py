@@ -451,11 +451,11 @@ def compiler_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _cache_path(module, target: str = "cpu", arch: str = "") -> str:
+def _cache_path(module, target: str = "cpu", arch: str = "", profile: bool = False) -> str:
     """Keyed on the module, the compiler's source and what the code is for: the host (CPU), or the GPU
-    architecture and the libdevice the PTX links (CUDA)."""
+    architecture and the libdevice the PTX links (CUDA); profiled code (runtime/profile.py) apart."""
     machine = host_key() if target == "cpu" else {"arch": arch, "libdevice": _libdevice_key(), "llvmlite": host_key()["llvmlite"]}
-    key = json.dumps([str(module), compiler_fingerprint(), target, machine], sort_keys=True).encode()
+    key = json.dumps([str(module), compiler_fingerprint(), target, machine] + (["profile"] if profile else []), sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")
 
 
@@ -468,10 +468,10 @@ def _libdevice_key() -> str:
         return "absent"
 
 
-def cached(module, target: str = "cpu", arch: str = ""):
-    """For the CPU: (jit, codes) of a module compiled before on this host; for CUDA: a GpuExecutable
-    (without globals) compiled before for this architecture; else None."""
-    path = _cache_path(module, target, arch)
+def cached(module, target: str = "cpu", arch: str = "", profile: bool = False):
+    """For the CPU: (jit, codes) of a module compiled before on this host (profiled or not); for CUDA: a
+    GpuExecutable (without globals) compiled before for this architecture; else None."""
+    path = _cache_path(module, target, arch, profile)
     if not os.path.exists(path):
         return None
     try:
@@ -494,6 +494,7 @@ def store_in_cache(exe):
         key = trust.own_key(create=True)
         files = _members(exe, with_globals=False)
         target = getattr(exe, "target", "cpu")
-        _write_zip(_cache_path(exe.module, target, getattr(exe, "arch", "")), files, _manifest(exe, files), key)
+        path = _cache_path(exe.module, target, getattr(exe, "arch", ""), getattr(exe, "profiled", False))
+        _write_zip(path, files, _manifest(exe, files), key)
     except (OSError, DiagnosticError):
         pass  # a read-only or full cache directory, no key (or no libdevice to make PTX) only costs speed

@@ -6,6 +6,9 @@
 Globals live in the executable (numpy arrays initialised from the module seed) and persist across
 calls. Results are numpy arrays that own the memory the native code allocated.
 
+Compiled with profiling (`mlc.compile(module, profile=True)`, MLC_PROFILE=1), the code counts each
+kernel's calls and time: `exe.profile()` is the table (runtime/profile.py).
+
 Threads may call an executable's functions at once: those that store to a global run alone, those that
 read globals alongside each other (never during a store), pure ones freely.
 """
@@ -15,6 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
+import json
 import math
 import os
 import threading
@@ -31,6 +35,7 @@ from mlc.ir.interpreter import check_arguments
 from mlc.ir.memory import host_memory_bytes
 
 from .jit import JitModule
+from .profile import COUNTERS, DESCRIPTIONS, WORDS, Profile, ProfileReport, report_at_exit
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -86,6 +91,30 @@ class Executable(FunctionTable):
         self.globals_lock = SharedLock()
         self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(*[a.ctypes.data for a in self.globals.values()])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
+        self._profile = _profile_of(jit)
+        if self._profile is not None and profiling_at_exit():
+            report_at_exit(self)
+
+    @property
+    def profiled(self) -> bool:
+        """Whether this code counts its kernels' calls and time (compiled with profile=True)."""
+        return self._profile is not None
+
+    def profile(self, reset: bool = False) -> ProfileReport:
+        """Each kernel's calls, time, share and rate since the start (or the last reset), slowest first;
+        print it for the table. reset=True zeroes the counters after reading them."""
+        if self._profile is None:
+            raise RuntimeError("this executable was compiled without profiling: compile with "
+                               "mlc.compile(module, profile=True) or set MLC_PROFILE=1")
+        report = self._profile.report(f"mlc profile: @{self.module.name or 'module'} "
+                                      f"({', '.join('@' + n for n in self.functions)})")
+        if reset:
+            self._profile.reset()
+        return report
+
+    def reset_profile(self) -> None:
+        if self._profile is not None:
+            self._profile.reset()
 
     def bind_global(self, name: str, array: np.ndarray) -> None:
         """Make the native code read and write global @name in `array` (C-contiguous, of its type) from now
@@ -114,6 +143,22 @@ class Executable(FunctionTable):
 
     def __repr__(self):
         return f"<Executable {', '.join('@' + n for n in self.functions)} for cpu>"
+
+
+def profiling_at_exit() -> bool:
+    """MLC_PROFILE=1: every compile is profiled and each profiled executable that ran prints its table
+    to standard error when the process exits."""
+    return os.environ.get("MLC_PROFILE", "0") not in ("", "0")
+
+
+def _profile_of(jit: JitModule) -> Profile | None:
+    """The kernel table and counters a profiled object defines (codegen/llvm.py), else None."""
+    counters, descriptions = jit.global_address(COUNTERS), jit.global_address(DESCRIPTIONS)
+    if not counters or not descriptions:
+        return None
+    kernels = json.loads(ctypes.string_at(descriptions).decode("ascii"))
+    n = max(len(kernels), 1) * WORDS
+    return Profile(kernels, np.ctypeslib.as_array((ctypes.c_int64 * n).from_address(counters)))
 
 
 class SharedLock:

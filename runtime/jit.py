@@ -14,6 +14,7 @@ import llvmlite.binding as llvm
 from .distributed import CALLBACKS
 
 _lock = threading.RLock()
+_libc = ctypes.CDLL(ctypes.util.find_library("c"))
 _ready = False
 _symbols: set[str] = set()
 
@@ -84,6 +85,9 @@ def _provide(symbols):
         if name not in _symbols:
             llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
             _symbols.add(name)
+    if "clock_gettime" not in _symbols:  # profiled code's clock (codegen/llvm.py), called directly: C, no Python
+        llvm.add_symbol("clock_gettime", ctypes.cast(_libc.clock_gettime, ctypes.c_void_p).value)
+        _symbols.add("clock_gettime")
     libm = ctypes.CDLL(ctypes.util.find_library("m"))
     for name in symbols:
         if name not in _symbols:
@@ -133,6 +137,11 @@ class JitModule:
     def address(self, name: str) -> int:
         with _lock:
             return self.engine.get_function_address(name)
+
+    def global_address(self, name: str) -> int:
+        """The address of global variable `name` in the loaded code, or 0 if it defines none."""
+        with _lock:
+            return self.engine.get_global_value_address(name)
 
     @property
     def optimised_ir(self) -> str:

@@ -1,0 +1,116 @@
+"""The per-kernel profiler (runtime/profile.py, codegen/llvm.py's timed kernels): profiled code computes
+what unprofiled code and the interpreter compute, its report counts every call, and the compile cache
+keeps profiled and unprofiled code apart."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlc
+from mlc.compiler import compile as build
+
+from helpers import ROOT
+
+
+def inputs_for(func, batch: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in func.args:
+        shape = tuple(batch if d is None else d for d in a.type.shape)
+        dtype = a.type.element.np_dtype
+        out.append(rng.integers(0, 10, shape).astype(dtype) if dtype.kind == "i" else rng.standard_normal(shape).astype(dtype))
+    return out
+
+
+@pytest.fixture(scope="module", params=["mlp.ir", "cnn.ir"])
+def compiled(request):
+    path = ROOT / "examples" / request.param
+    module = mlc.parse(path.read_text(), str(path))
+    return module, build(module, profile=False), build(module, profile=True)
+
+
+def test_profiled_code_computes_what_unprofiled_code_and_the_interpreter_do(compiled):
+    module, plain, profiled = compiled
+    profiled.reset_profile()
+    calls = {}
+    for name in plain.functions:
+        for seed in range(2):
+            args = inputs_for(module.functions[name], seed=seed)
+            want = mlc.interpret(module, name, *args)
+            got_plain, got_profiled = plain[name](*args), profiled[name](*args)
+            np.testing.assert_allclose(got_plain, want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(got_profiled, got_plain)
+            calls[name] = calls.get(name, 0) + 1
+    report = profiled.profile()
+    assert {r.name.split(":")[0] for r in report} == set(calls)  # every function's kernels ran
+    for row in report:
+        assert row.calls == calls[row.name.split(":")[0]], row
+        assert row.ms > 0
+    assert sum(r.share for r in report) == pytest.approx(100.0, abs=0.1)
+    assert [r.ms for r in report] == sorted((r.ms for r in report), reverse=True)
+
+
+def test_report_names_kernels_after_their_tensor_ops_and_rates_them(compiled):
+    module, _, profiled = compiled
+    forward = module.functions["forward"]
+    profiled.reset_profile()
+    x = inputs_for(forward, batch=16)
+    for _ in range(3):
+        profiled["forward"](*x)
+    report = profiled.profile(reset=True)
+    text = str(report)
+    assert text.splitlines()[1].split() == ["kernel", "calls", "total", "ms", "share", "rate"]
+    products = [r for r in report if "mlc.matmul" in r.name.split(" ")[1] or "mlc.conv2d" in r.name.split(" ")[1]]
+    assert products and all(r.product and r.gflops and r.gflops > 0 and "GFLOP/s" in r.rate for r in products)
+    assert all(r.calls == 3 and ".ir:" in r.name for r in report)  # each traceable to a line of the source
+    if module.name == "mlp":
+        assert any(r.name.startswith("forward:0 mlc.matmul %h (fused: add, relu) ") for r in report), text
+    assert len(profiled.profile()) == 0  # reset=True zeroed the counters
+
+
+def test_unprofiled_code_has_no_profiling_code(compiled):
+    _, plain, profiled = compiled
+    assert not plain.profiled and profiled.profiled
+    assert "mlc_profile" not in plain.llvm_ir and "clock_gettime" not in plain.llvm_ir
+    assert "clock_gettime" in profiled.llvm_ir
+    with pytest.raises(RuntimeError, match="without profiling"):
+        plain.profile()
+
+
+def test_the_cache_keeps_profiled_code_apart(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLC_CACHE_DIR", str(tmp_path))
+    module = mlc.parse((ROOT / "examples" / "mlp.ir").read_text())
+    assert not build(module).profiled
+    assert build(module, profile=True).profiled  # not the unprofiled entry
+    assert len(list(tmp_path.iterdir())) == 2
+    again_plain, again_profiled = build(module), build(module, profile=True)
+    assert again_plain.lowered is None and again_profiled.lowered is None  # both from the cache
+    assert not again_plain.profiled and again_profiled.profiled
+
+
+def test_mlc_profile_prints_the_table_at_exit(tmp_path):
+    script = ("import numpy as np, mlc\n"
+              f"m = mlc.parse(open({str(ROOT / 'examples' / 'mlp.ir')!r}).read(), 'mlp.ir')\n"
+              "exe = mlc.compile(m)\n"
+              "for _ in range(5): exe['forward'](np.ones((8, 64), np.float32))\n"
+              "print('ran')\n")
+    env = {**os.environ, "MLC_PROFILE": "1", "MLC_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ran"
+    assert "mlc profile: @mlp" in done.stderr
+    row = next(line for line in done.stderr.splitlines() if line.startswith("forward:0 mlc.matmul %h (fused: add, relu) mlp.ir:11:10"))
+    assert row.split()[7] == "5", done.stderr  # calls
+
+
+def test_mlc_run_profile_prints_the_table(tmp_path):
+    """`mlc run --profile` prints each kernel once called, after the results; --backend interp refuses it."""
+    r = subprocess.run([sys.executable, "-m", "mlc", "run", str(ROOT / "examples" / "mlp.ir"), "--random-inputs", "--profile"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "result0" in r.stdout, r.stderr
+    assert "mlc.matmul %h" in r.stderr and "100.0%" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlc", "run", str(ROOT / "examples" / "mlp.ir"), "--random-inputs", "--profile",
+                        "--backend", "cuda"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--profile: error: --profile needs the cpu backend" in r.stderr, r.stderr
