@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model's trainable globals",
                        description="Train FILE's trainable globals on DATA: shuffled mini-batches through one compiled "
                                    "step (loss, gradients, optimiser), a progress bar, per-epoch evaluation and "
-                                   "checkpoints that survive interruption.")
+                                   "checkpoints that survive interruption. Under 'mpiexec -n N', data-parallel over N processes.")
     t.add_argument("file", metavar="FILE")
     t.add_argument("--data", required=True, metavar="DATA",
                    help="an .npz with an array per argument of the loss (by name), or 'digits' (scikit-learn's 8x8 digits, train split)")
@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--predict", metavar="@F", help="the function whose outputs --metric scores (default @forward)")
     t.add_argument("--metric", default="accuracy", choices=["accuracy"], help="accuracy: argmax of @F's output against the integer labels")
     t.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the data (default 10)")
-    t.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per step (default 32)")
+    t.add_argument("--batch-size", type=int, default=32, metavar="B",
+                   help="examples per step (default 32); under 'mpiexec -n N' the global batch, split across the N processes")
     t.add_argument("--seed", type=int, default=None, help="initialises the weights and orders the batches (default: the module's seed)")
     t.add_argument("-o", "--output", metavar="OUT.mlcz", help="the trained artifact (default: FILE with -trained.mlcz)")
     t.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here after each epoch (atomically)")
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", "-i", action="append", default=[], metavar="NAME=FILE.npy",
                    help="an input by argument name (x for %%x); FILE.npz alone gives every array in it by name")
     r.add_argument("--random-inputs", action="store_true", help="fill inputs not given with random values")
+    r.add_argument("--profile", action="store_true", help="time each kernel (cpu backend); the table goes to standard error")
     r.add_argument("--seed", type=int, default=0, help="seed for --random-inputs (default 0)")
     r.add_argument("--dynamic-size", type=int, default=4, metavar="N", help="size of '?' dims for --random-inputs (default 4)")
     r.add_argument("-o", "--output", metavar="OUT.npz", help="save results as result0, result1, ... in an .npz")
@@ -276,6 +278,30 @@ def compile_cuda(module, args):
 
 
 def cmd_train(args):
+    """Under `mpiexec -n N` (N > 1), trains data-parallel over the N processes (mlc/train.py); an error
+    or an interrupt on one process ends them all (MPI Abort) instead of leaving them waiting for it."""
+    from mlc.train import join_world, launched_by_mpi
+    if launched_by_mpi() <= 1:
+        return run_train(args)
+    comm = join_world()
+    try:
+        return run_train(args)
+    except BaseException as e:  # (SystemExit included: the others must not wait for a process that left)
+        if isinstance(e, DiagnosticError):
+            message = str(e)
+        elif isinstance(e, KeyboardInterrupt):
+            message = "mlc: interrupted"
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            message = f"{args.file}: internal error: {type(e).__name__}: {e}" + \
+                (f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else "")
+        print(f"{message}\nmlc train: process {comm.rank} of {comm.size} failed; ending the others", file=sys.stderr, flush=True)
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
+        raise
+
+
+def run_train(args):
     from mlc.train import fit
     o = optimizer_options(args)
     for name in ("epochs", "batch_size"):
@@ -289,9 +315,11 @@ def cmd_train(args):
     o.progress = not args.quiet
     o.backend, o.precision = args.backend, args.precision
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
+    from mlc.ir.collectives import current
     from mlc.train import LosslessOutput
     fit(load_module(args.file), o, output=out)
-    print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=LosslessOutput(sys.stderr))
+    if current().rank == 0:
+        print(f"wrote {out}" + (f" and {args.plot}" if args.plot else ""), file=LosslessOutput(sys.stderr))
     return 0
 
 
@@ -323,8 +351,17 @@ def cmd_run(args):
         results = interp.call_public(func.sym_name, arrays)
     else:
         from mlc.compiler import compile
-        exe = exe or compile(module, args.backend)
+        from mlc.runtime.executable import profiling_at_exit
+        if args.profile and args.backend != "cpu":
+            raise error(Location("--profile", 0, 0), "--profile needs the cpu backend")
+        if args.profile and exe is not None and not getattr(exe, "profiled", False):  # an artifact's IR, profiled, with its weights
+            weights, exe = exe.globals, compile(module, "cpu", profile=True)
+            for name, value in weights.items():
+                exe.set_global(name, value)
+        exe = exe or compile(module, args.backend, profile=True if args.profile else None)
         results = exe[func.sym_name](*arrays)
+        if args.profile and not profiling_at_exit():  # (MLC_PROFILE=1 prints it at exit anyway)
+            print(exe.profile(), file=sys.stderr)
     results = results if isinstance(results, tuple) else (results,)
     if args.output:
         save_npz(args.output, {f"result{i}": r for i, r in enumerate(results)})

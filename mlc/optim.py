@@ -9,6 +9,13 @@ The parameters live in the model's variables, which the compiled step reads and 
 so `model.state_dict()`, `model(x)` and `load_state_dict` see and change the same arrays. The
 optimiser's state (moments, step count) lives in the executable; `optimizer.state` shows it. The
 learning rate is read on every step from `optimizer.param_groups[0]["lr"]`, which schedulers set.
+
+Data-parallel (under `mpiexec -n N python train.py`): `compile_train_step(..., data_parallel=True)`
+joins the MPI world (mlc.distributed.init) and compiles the step with `train_step{data-parallel}`.
+Each process calls it with its own share of the global batch (e.g. the rows
+`np.array_split(batch, N)[rank]`); the step averages the gradients over the processes, weighted by
+their numbers of examples, so for a loss that is a mean over the batch every process applies the
+global batch's gradient. At its first call the step gives every process rank 0's parameters.
 """
 from __future__ import annotations
 
@@ -181,11 +188,15 @@ class TrainStep:
     optimiser's parameters, and the update. With model=None, step(*batch) computes loss_fn(*batch)."""
 
     def __init__(self, model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                 precision: str | None = None):
+                 precision: str | None = None, data_parallel: bool = False):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.backend, self.dynamic_batch, self.precision = backend, dynamic_batch, precision
         self.programs: dict = {}
         self.program = None
+        self.data_parallel, self.synchronised = data_parallel, not data_parallel
+        if data_parallel:
+            from .train import join_world
+            join_world()
         optimizer.step_function = self
 
     def _loss(self, *batch):
@@ -213,7 +224,7 @@ class TrainStep:
         loss.attributes["sym_visibility"] = StringAttr("private")
         o = self.optimizer
         TrainStepPass(loss=loss.sym_name, optimizer=o.kind, lr=float(o.param_groups[0]["lr"]), schedule="global",
-                      **o.pass_options()).run(module)
+                      **{"data-parallel": self.data_parallel}, **o.pass_options()).run(module)
         return Program(module, self.backend or default_backend(), traced.globals, o, self.precision)
 
     def __call__(self, *batch):
@@ -225,13 +236,20 @@ class TrainStep:
         if program is None:
             program = self.programs[key] = self._compile(batch)
         self.program = program
+        if not self.synchronised:  # (once: with shares of different sizes, processes may compile at different calls)
+            from mlc.ir.collectives import current
+            comm = current()
+            for v in program.bindings.values():
+                _writeable(v)[...] = comm.bcast(np.ascontiguousarray(v.data), 0)
+            self.synchronised = True
         program.globals["train_step.lr"][...] = self.optimizer.param_groups[0]["lr"]
         return program.call("train_step", *leaves)
 
 
 def compile_train_step(model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                       precision: str | None = None) -> TrainStep:
+                       precision: str | None = None, data_parallel: bool = False) -> TrainStep:
     """One compiled function for a whole training step (see the module docstring); precision "bf16"
     or "f16" runs its products and convolutions (forward and backward) in half precision, the
-    weights and the optimiser in f32."""
-    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision)
+    weights and the optimiser in f32. data_parallel: each process of an MPI world gives the step its
+    share of the global batch, and the step applies the global batch's gradient (see above)."""
+    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision, data_parallel)

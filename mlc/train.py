@@ -5,6 +5,14 @@ the optimiser state in the executable. This module feeds it shuffled mini-batche
 checkpoints everything the step reads (all globals: weights, optimiser state, step and RNG counters)
 with the position in the data, so `resume` continues exactly where the checkpoint was taken: the
 final weights equal those of an uninterrupted run. Checkpoints are written atomically.
+
+Data-parallel: when the process's communicator (ir/collectives.py; `join_world` installs MPI's under
+`mpiexec -n N`) has N > 1 processes, each runs the step (compiled with `train_step{data-parallel}`)
+on its contiguous share of every global batch of `batch_size` examples, drawn from the same shuffled
+order on every process; the step averages the gradients, weighted by the shares, so the weights are
+those one process gets with the same global batch (the last, smaller batch included). Every process
+starts from rank 0's globals (after a resume: rank 0's checkpoint, broadcast), rank 0 alone prints,
+writes checkpoints and the artifact, and the evaluation is split across the processes and summed.
 """
 from __future__ import annotations
 
@@ -18,8 +26,9 @@ import time
 
 import numpy as np
 
+from mlc.ir import collectives
 from mlc.ir.attributes import IntAttr, StringAttr
-from mlc.ir.diagnostics import Location, error
+from mlc.ir.diagnostics import DiagnosticError, Location, error
 from mlc.runtime.files import read_npz, save_npz, write_atomically
 
 CHECKPOINT = "checkpoint.npz"
@@ -51,7 +60,7 @@ class Options:
     precision: str | None = None  # bf16 / f16: products and convolutions in half precision
 
 
-def train_step_pipeline(o, steps_per_epoch: int = 1) -> str:
+def train_step_pipeline(o, steps_per_epoch: int = 1, data_parallel: bool = False) -> str:
     """The `train_step{...}` pass for these options (a cosine schedule spans the whole run)."""
     opts = [f"loss=@{o.loss.lstrip('@')}", f"optimizer={o.optimizer}", f"lr={o.lr!r}", f"momentum={o.momentum!r}",
             f"clip-norm={o.clip_norm!r}", f"schedule={o.schedule}"]
@@ -61,7 +70,85 @@ def train_step_pipeline(o, steps_per_epoch: int = 1) -> str:
         opts.append(f"t-max={max(1, o.epochs * steps_per_epoch)}")
     if o.schedule == "step":
         opts.append(f"step-size={max(1, steps_per_epoch)}")
+    if data_parallel:
+        opts.append("data-parallel=true")
     return "train_step{" + " ".join(opts) + "}"
+
+
+# --- processes ------------------------------------------------------------------------------------------
+
+MPI_LAUNCHERS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")  # what mpiexec sets
+
+
+def launched_by_mpi() -> int:
+    """The number of processes mpiexec (MPICH's Hydra, Open MPI, PMIx) started with this one; 0 when not
+    started by mpiexec."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized():  # (MPI_Init may have consumed the launcher's variables)
+        return mpi.COMM_WORLD.Get_size()
+    for name in MPI_LAUNCHERS:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return 0
+
+
+def join_world():
+    """The communicator collectives run on: MPI's (mlc.distributed.init) when this process is one of
+    several mpiexec started and none is installed yet, else the current one."""
+    if collectives.current().size == 1 and launched_by_mpi() > 1:
+        from mlc.runtime.distributed import init
+        init()
+    return collectives.current()
+
+
+def broadcast_globals(comm, exe, root: int = 0) -> None:
+    """Every process takes root's globals (weights, optimiser state, counters)."""
+    for name, value in exe.globals.items():
+        exe.set_global(name, comm.bcast(np.ascontiguousarray(value), root))
+
+
+def _broadcast_json(comm, value, root: int = 0):
+    """root's JSON-able value, on every process."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    length = comm.bcast(np.array([len(data)], np.int64), root)
+    data = data if comm.rank == root else np.zeros(int(length[0]), np.uint8)
+    return json.loads(comm.bcast(data, root).tobytes().decode())
+
+
+def _on_rank_0(comm, action, where: Location):
+    """action()'s JSON-able result, computed on rank 0 and sent to every process; when it fails with a
+    located error, every process raises one."""
+    if comm.size == 1:
+        return action()
+    outcome = None
+    if comm.rank == 0:
+        try:
+            outcome = {"value": action()}
+        except DiagnosticError as e:
+            _broadcast_json(comm, {"error": str(e)})
+            raise
+    outcome = _broadcast_json(comm, outcome)
+    if "error" in outcome:
+        raise error(where, f"rank 0 failed: {outcome['error']}")
+    return outcome["value"]
+
+
+def _check_agreement(comm, where: str, **values: int) -> None:
+    """A located error on every process when the processes disagree on these integers (a different
+    data file or model on some host would otherwise train on nonsense, or hang)."""
+    mine = np.array(list(values.values()), np.int64)
+    low, high = comm.allreduce(mine, "min"), comm.allreduce(mine, "max")
+    differ = [f"{k} from {lo} to {hi}" for k, lo, hi in zip(values, low, high) if lo != hi]
+    if differ:
+        raise error(Location(where, 0, 0), f"the {comm.size} processes disagree ({', '.join(differ)}): "
+                                           "give every process the same model, data and options")
+
+
+def share(batch: np.ndarray, comm) -> np.ndarray:
+    """This process's contiguous share of a global batch of example indices (shares differ by at most one)."""
+    return np.array_split(batch, comm.size)[comm.rank] if comm.size > 1 else batch
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -181,7 +268,9 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     training goes on without it."""
     from mlc.api import run_passes
     from mlc.compiler import compile
-    out = LosslessOutput(out)
+    comm = collectives.current()
+    parallel = comm.size > 1
+    out = LosslessOutput(out if comm.rank == 0 else io.StringIO())  # progress: once, from rank 0
     module = module.clone()
     if o.seed is not None:
         module.attributes["seed"] = IntAttr(o.seed)
@@ -195,25 +284,35 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
         raise error(Location(o.data, 0, 0), "has no examples")
     steps_per_epoch = -(-n // o.batch_size)
     started = time.perf_counter()
-    run_passes(module, train_step_pipeline(o, steps_per_epoch))
+    pipeline = train_step_pipeline(o, steps_per_epoch)
+    # (the same for any number of processes: a checkpoint resumes with another)
+    fingerprint = hashlib.sha256(json.dumps([str(module), pipeline, o.data, o.batch_size, seed]).encode()).hexdigest()
+    if parallel:
+        _check_agreement(comm, o.data, examples=n, setup=int(fingerprint[:15], 16))
+        pipeline = train_step_pipeline(o, steps_per_epoch, data_parallel=True)
+    run_passes(module, pipeline)
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own
     exe = compile(module, o.backend, precision=o.precision)
     step = exe["train_step"]
-    print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch; compiled in {time.perf_counter() - started:.1f} s", file=out)
+    processes = f" on {comm.size} processes ({-(-o.batch_size // comm.size)} examples or fewer each per step)" if parallel else ""
+    print(f"mlc train: {n} examples, {steps_per_epoch} steps per epoch{processes}; "
+          f"compiled in {time.perf_counter() - started:.1f} s", file=out)
     predict, evaluation = _evaluation(module, exe, o, loss_fn)
 
-    fingerprint = hashlib.sha256(json.dumps([str(module), o.data, o.batch_size, seed]).encode()).hexdigest()
     state = {"fingerprint": fingerprint, "epoch": 0, "batch": 0, "losses": [], "metrics": []}
-    if o.checkpoint_dir and o.resume:
-        restored = load_checkpoint(o.checkpoint_dir, exe, fingerprint)
+    if o.checkpoint_dir and o.resume:  # (rank 0 reads it: the other hosts need no shared file system)
+        restored = _on_rank_0(comm, lambda: load_checkpoint(o.checkpoint_dir, exe, fingerprint),
+                              Location(os.path.join(o.checkpoint_dir, CHECKPOINT), 0, 0))
         if restored is None:
             print(f"mlc train: no checkpoint in {o.checkpoint_dir}; starting from the beginning", file=out)
         else:
             state = restored
             print(f"mlc train: resuming at epoch {state['epoch'] + 1}, batch {state['batch']}" if state["epoch"] < o.epochs
                   else f"mlc train: the run in {o.checkpoint_dir} already finished its {o.epochs} epochs", file=out)
+    if parallel:
+        broadcast_globals(comm, exe)  # every process starts from rank 0's weights (or checkpoint)
 
-    bar = _progress(o, out)
+    bar = _progress(o, out) if comm.rank == 0 else None
     for epoch in range(state["epoch"], o.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(n)
         first = state["batch"]
@@ -223,20 +322,21 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             bar.update(first)
         running, epoch_started = [], time.perf_counter()
         for b in range(first, steps_per_epoch):
-            idx = order[b * o.batch_size: (b + 1) * o.batch_size]
-            loss = float(step(*(a[idx] for a in data.values())))
+            idx = share(order[b * o.batch_size: (b + 1) * o.batch_size], comm)
+            loss = float(step(*(a[idx] for a in data.values())))  # (data-parallel: the global batch's)
             state["losses"].append(loss)
             running.append(loss)
             state["batch"] = b + 1
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(running[-20:]):.4f}", refresh=False)
-            if o.checkpoint_dir and o.checkpoint_every and (b + 1) % o.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+            if o.checkpoint_dir and o.checkpoint_every and (b + 1) % o.checkpoint_every == 0 and b + 1 < steps_per_epoch \
+                    and comm.rank == 0:
                 save_checkpoint(o.checkpoint_dir, exe, state)
         state["epoch"], state["batch"] = epoch + 1, 0
         line = f"epoch {epoch + 1}/{o.epochs}: train loss {np.mean(running) if running else float('nan'):.4f}"
         if evaluation is not None:
-            metrics = evaluate(exe, predict, evaluation)
+            metrics = evaluate(exe, predict, evaluation, comm=comm)
             state["metrics"].append(metrics)
             line += f", accuracy {100 * metrics['accuracy']:.2f}%"
         line += f" ({time.perf_counter() - epoch_started:.1f} s)"
@@ -245,11 +345,13 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
             bar.write(line, file=out)
         else:
             print(line, file=out)
-        if o.checkpoint_dir:
+        if o.checkpoint_dir and comm.rank == 0:
             save_checkpoint(o.checkpoint_dir, exe, state)
     if bar:
         bar.close()
     exe.history = state
+    if comm.rank != 0:
+        return exe
     if output:
         exe.save(output)
     if o.plot:
@@ -284,16 +386,23 @@ def _evaluation(module, exe, o, loss_fn):
     return predict, arrays
 
 
-def evaluate(exe, predict, arrays: dict, batch: int = 512) -> dict:
-    """Accuracy of @predict's argmax against the integer labels of the evaluation set, in batches."""
+def evaluate(exe, predict, arrays: dict, batch: int = 512, comm=None) -> dict:
+    """Accuracy of @predict's argmax against the integer labels of the evaluation set, in batches;
+    with a communicator of several processes, each scores its share and the counts are summed (the
+    same accuracy on every process)."""
     from mlc.ir.interpreter import arg_names
     labels = next(a for a in arrays.values() if a.dtype.kind in "iu")
     wanted = arg_names(predict)
+    mine = share(np.arange(len(labels)), comm) if comm is not None else np.arange(len(labels))
+    lo, hi = (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
     correct = 0
-    for start in range(0, len(labels), batch):
-        scores = exe[predict.sym_name](*(arrays[k][start: start + batch] for k in wanted))
+    for start in range(lo, hi, batch):
+        end = min(start + batch, hi)
+        scores = exe[predict.sym_name](*(arrays[k][start: end] for k in wanted))
         scores = scores[0] if isinstance(scores, tuple) else scores
-        correct += int((np.argmax(scores, axis=1) == labels[start: start + batch]).sum())
+        correct += int((np.argmax(scores, axis=1) == labels[start: end]).sum())
+    if comm is not None and comm.size > 1:
+        correct = int(comm.allreduce(np.array([correct], np.int64), "sum")[0])
     return {"accuracy": correct / len(labels)}
 
 

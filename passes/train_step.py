@@ -7,6 +7,17 @@ weights and the optimiser's state with `global_store`. The state lives in global
 after the weight (`@w.exp_avg`), and a step counter `@train_step.step`, so a checkpoint of the globals
 is a checkpoint of the training.
 
+With `data-parallel`, every process of a world (ir/collectives.py) runs the step on its own share of
+a global batch, and the step makes the processes agree:
+  - the gradients, the returned loss and the new values of the other floating-point globals the loss
+    stores (batch norm's running statistics) become their average over the world, weighted by each
+    process's number of examples (the first dim of the first argument that has one): one
+    `mlc.all_reduce {reduction = "sum"}` per element type of sum(c * value) and sum(c), divided. For a
+    loss that is a mean over its batch this is the gradient of the global batch, whatever the shares
+    (a process with no examples adds nothing). It comes before clipping, which sees the global norm.
+  - random ops (dropout's masks) draw from a stream per process: the key's seed plus rank * 2**40
+    (process 0 draws what a single process draws), while the key globals stay the same everywhere.
+
 The update rules are torch.optim's, in its order of operations:
   sgd    momentum, dampening, nesterov, weight-decay (L2 added to the gradient)
   adam   beta1, beta2, eps, weight-decay (L2 added to the gradient)
@@ -24,7 +35,7 @@ import numpy as np
 from mlc.ir.attributes import DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
 from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
 from mlc.ir.diagnostics import error
-from mlc.ir.types import TensorType, f64
+from mlc.ir.types import TensorType, f64, i64
 
 from .builder import OpBuilder
 from .grad import differentiate
@@ -99,7 +110,8 @@ class TrainStep(Pass):
     summary = "add @train_step: loss, gradients of the trainable globals, clipping, optimiser update"
     options = {"loss": "", "name": "train_step", "optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "dampening": 0.0,
                "nesterov": False, "weight-decay": "default", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-               "clip-norm": 0.0, "schedule": "constant", "step-size": 1, "gamma": 0.1, "t-max": 1, "eta-min": 0.0}
+               "clip-norm": 0.0, "schedule": "constant", "step-size": 1, "gamma": 0.1, "t-max": 1, "eta-min": 0.0,
+               "data-parallel": False}
 
     def run(self, module: Module) -> None:
         o = dict(self.values)
@@ -144,6 +156,8 @@ class TrainStep(Pass):
             lr = load(_declare(module, b, params[-1], f"{o['name']}.lr", TensorType((), f64), o["lr"]))
         else:
             lr = _learning_rate(d, o, t)
+        if o["data-parallel"]:
+            loss, grads = _data_parallel(d, step, {p.attr("sym_name") for p in params}, loss, grads)
         if o["clip-norm"] > 0:
             grads = _clip_by_global_norm(d, grads, o["clip-norm"])
         for param, g in zip(params, grads):
@@ -170,6 +184,81 @@ def _declare(module: Module, b: Builder, after, name: str, t: TensorType, value:
     module.body.insert_after(after, decl)
     b.symbols[name] = decl
     return name
+
+
+RANDOM_OPS = ("mlc.dropout", "mlc.random_uniform", "mlc.random_normal")  # operand 0: the key (seed, counter)
+RANK_STRIDE = 1 << 40  # added to the seed per rank: a different Philox key, hence an independent stream
+
+
+def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list):
+    """The step's share of a data-parallel world (see the module docstring); returns the averaged loss
+    and gradients. `d` appends at the end of the step."""
+    body = step.body
+    first = body.ops[0]
+    at_top = d.before(first)
+    key_offset = at_top("mlc.mul", at_top("mlc.rank", result_type=TensorType((), i64)),
+                        at_top("mlc.constant", result_type=TensorType((2,), i64),
+                               value=DenseAttr(np.array([RANK_STRIDE, 0], np.int64), TensorType((2,), i64))))
+    for op in list(body.walk()):
+        if op.name in RANDOM_OPS:
+            op.set_operand(0, d.before(op)("mlc.add", op.operands[0], key_offset))
+
+    # the other floating-point state the loss stores (running statistics): averaged with the gradients,
+    # stored at the end unless the step reads it again after its store
+    ops = body.ops
+    moved = []
+    for i, op in enumerate(ops):
+        if op.name != "mlc.global_store" or op.attr("global") in trainable or not op.operands[0].type.element.is_float:
+            continue
+        name = op.attr("global")
+        if any(later.name == "mlc.global_load" and later.attr("global") == name for later in ops[i + 1:]):
+            here = d.before(op)
+            op.set_operand(0, _average(here, [op.operands[0]], _examples(here, step))[0])
+        else:
+            op.detach()
+            moved.append(op)
+    loss, *rest = _average(d, [loss, *grads, *(op.operands[0] for op in moved)], _examples(d, step))
+    grads, stored = rest[:len(grads)], rest[len(grads):]
+    for op, value in zip(moved, stored):
+        op.set_operand(0, value)
+        body.append(op)  # (d appends at the end: the step has no return yet)
+    return loss, grads
+
+
+def _examples(d, step: FuncOp) -> Value:
+    """This process's number of examples (tensor<i64>): the first dim of the first argument that has dims."""
+    x = next((a for a in step.args if a.type.rank >= 1), None)
+    if x is None:
+        raise error(step.loc, "train_step: data-parallel training needs an argument with a batch dimension")
+    shape = d("mlc.shape_of", x)
+    return d.reshape(d("mlc.slice", shape, start=[0], limit=[1]), ())
+
+
+def _average(d, values: list, count: Value) -> list:
+    """Each value averaged over the world, weighted by count: sum(count * value) / sum(count), with one
+    all-reduce of the flattened values (and the count) per element type."""
+    out = [None] * len(values)
+    by_type: dict = {}
+    for i, v in enumerate(values):  # (gradients of globals, a scalar loss and stored globals: static shapes)
+        by_type.setdefault(v.type.element, []).append(i)
+    has_examples = d("mlc.gt", count, d.scalar(0, count))
+    for element, members in by_type.items():
+        c = d("mlc.cast", count, result_type=TensorType((), element))
+        parts = [d.reshape(d("mlc.select", has_examples, d("mlc.mul", values[i], c), d.scalar(0, values[i])),
+                           (math.prod(values[i].type.shape),)) for i in members]
+        parts.append(d.reshape(c, (1,)))
+        flat = d("mlc.concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+        summed = d("mlc.all_reduce", flat, reduction="sum")
+        size = flat.type.shape[0]
+        total = d.reshape(d("mlc.slice", summed, start=[size - 1], limit=[size]), ())
+        offset = 0
+        for i in members:
+            v = values[i]
+            n = math.prod(v.type.shape)
+            piece = d.reshape(d("mlc.slice", summed, start=[offset], limit=[offset + n]), v.type.shape)
+            out[i] = d("mlc.div", piece, total)
+            offset += n
+    return out
 
 
 def _learning_rate(d, o, t: Value) -> Value:

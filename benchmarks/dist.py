@@ -1,0 +1,148 @@
+"""Data-parallel training steps on 1 and 2 processes (MPI), for the digits MLP and CNN; prints one table.
+
+    python benchmarks/dist.py [--batch-size 64] [--steps 30] [--processes 1 2] [--models mlp cnn]
+
+For each model and number of processes N it starts `mpiexec -n N` on this script's worker, which
+compiles the training step as `mlc train` does (with `data-parallel` when N > 1), gives every
+process its share of a global batch of digits (batch-size / N examples), runs a few steps to warm up
+and times the rest. Reported: steps per second, scaling efficiency (steps/s on N processes over N
+times steps/s on one: 100% is a linear speed-up at the same global batch), the bytes all-reduced per
+step (the operands of the step's `mlc.all_reduce`s: gradients, batch-norm statistics, the loss and
+the example count) and the time spent in the all-reduces, from which the achieved bandwidth follows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELS = {"mlp": ROOT / "examples" / "digits_mlp.ir", "cnn": ROOT / "examples" / "digits_cnn.ir"}
+
+
+def mpiexec() -> str | None:
+    beside = pathlib.Path(sys.executable).parent / "mpiexec"  # the mpich wheel's
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def run(args, timeout: float) -> tuple[int | None, str]:
+    """(exit status, or None on timeout, and the output); on timeout mpiexec and its ranks are killed."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+    return proc.returncode, out
+
+
+class TimedCommunicator:
+    """Another communicator's collectives, timed."""
+
+    def __init__(self, inner):
+        self.inner, self.rank, self.size = inner, inner.rank, inner.size
+        self.seconds, self.calls = 0.0, 0
+
+    def allreduce(self, array, reduction):
+        t0 = time.perf_counter()
+        result = self.inner.allreduce(array, reduction)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return result
+
+    def bcast(self, array, root):
+        return self.inner.bcast(array, root)
+
+
+def worker(model: str, batch_size: int, steps: int, warmup: int) -> None:
+    """One process of the measurement: prints a JSON line (rank 0)."""
+    import mlc
+    from mlc.api import run_passes
+    from mlc.compiler import compile
+    from mlc.ir import collectives
+    from mlc.ir.attributes import StringAttr
+    from mlc.train import Options, broadcast_globals, join_world, load_data, share, train_step_pipeline
+
+    comm = join_world()
+    timed = TimedCommunicator(comm)
+    module = mlc.parse(MODELS[model].read_text())
+    loss = module.functions["loss"]
+    data = load_data("digits", loss, "train")
+    n = len(next(iter(data.values())))
+    o = Options(batch_size=batch_size, lr=3e-3)
+    run_passes(module, train_step_pipeline(o, -(-n // batch_size), data_parallel=comm.size > 1))
+    loss.attributes["sym_visibility"] = StringAttr("private")
+    reduced = sum(math.prod(op.operands[0].type.shape) * op.operands[0].type.element.np_dtype.itemsize
+                  for op in module.functions["train_step"].body.walk() if op.name == "mlc.all_reduce")
+    t0 = time.perf_counter()
+    exe = compile(module, "cpu")
+    compile_s = time.perf_counter() - t0
+    broadcast_globals(comm, exe)
+    step = exe["train_step"]
+    order = np.random.default_rng(0).permutation(n)
+    batches = [share(order[(b * batch_size) % (n - batch_size):][:batch_size], comm) for b in range(warmup + steps)]
+    with collectives.using(timed if comm.size > 1 else comm):
+        for idx in batches[:warmup]:
+            step(*(a[idx] for a in data.values()))
+        timed.seconds = 0.0
+        t0 = time.perf_counter()
+        for idx in batches[warmup:]:
+            step(*(a[idx] for a in data.values()))
+        elapsed = time.perf_counter() - t0
+    # the slowest process sets the pace
+    elapsed = float(comm.allreduce(np.array([elapsed]), "max")[0])
+    if comm.rank == 0:
+        print(json.dumps({"model": model, "processes": comm.size, "batch": batch_size, "steps_per_s": steps / elapsed,
+                          "bytes": reduced, "allreduce_s": timed.seconds / steps, "compile_s": compile_s}), flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch-size", type=int, default=64, help="the global batch (default 64)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--timeout", type=float, default=300, help="seconds per measurement before it is killed")
+    p.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a.worker, a.batch_size, a.steps, a.warmup)
+        return 0
+    launcher = mpiexec()
+    if launcher is None:
+        print("no mpiexec (pip install 'mlc[dist]')", file=sys.stderr)
+        return 1
+    results = {}
+    for model in a.models:
+        for n in a.processes:
+            code, out = run([launcher, "-n", str(n), sys.executable, "-m", "mpi4py", __file__, "--worker", model,
+                             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup)], a.timeout)
+            line = next((s for s in out.splitlines() if s.startswith("{")), None)
+            if code != 0 or line is None:
+                print(f"{model} on {n} process(es) failed (exit status {code}; None: timed out):\n{out[-2000:]}", file=sys.stderr)
+                continue
+            results[model, n] = json.loads(line)
+    print(f"global batch {a.batch_size}, {a.steps} timed steps, {os.cpu_count()} CPUs")
+    print(f"{'model':6} {'procs':>5} {'steps/s':>9} {'examples/s':>11} {'efficiency':>10} {'all-reduced/step':>17} "
+          f"{'all-reduce ms/step':>19} {'bandwidth':>12}")
+    for (model, n), r in results.items():
+        base = results.get((model, 1))
+        efficiency = f"{100 * r['steps_per_s'] / (n * base['steps_per_s']):.0f}%" if base else "-"
+        bandwidth = f"{r['bytes'] / r['allreduce_s'] / 1e6:.0f} MB/s" if r["allreduce_s"] > 0 else "-"
+        print(f"{model:6} {n:5d} {r['steps_per_s']:9.1f} {r['steps_per_s'] * a.batch_size:11.0f} {efficiency:>10} "
+              f"{r['bytes'] / 1e3:14.1f} kB {1e3 * r['allreduce_s']:19.2f} {bandwidth:>12}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Data-parallel training: `train_step{data-parallel}` in one process and in a simulated world, then
+`mpiexec -n 2 mlc train` against one process with the same global batch (weights, losses, accuracy,
+a resume), `compile_train_step(..., data_parallel=True)`, and a failing or killed process ending
+the job instead of leaving the other waiting."""
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import mlc
+from mlc.api import run_passes
+from mlc.ir.collectives import using
+from mlc.ir.interpreter import Interpreter
+from mlc.train import META, Options, fit
+
+MODEL = """module @tiny attributes {seed = 3} {
+  mlc.global @w1 : tensor<8x16xf32> {init = "he_uniform", trainable}
+  mlc.global @b1 : tensor<16xf32> {init = "zeros", trainable}
+  mlc.global @w2 : tensor<16x3xf32> {init = "glorot_uniform", trainable}
+  mlc.global @b2 : tensor<3xf32> {init = "zeros", trainable}
+  mlc.global @rng : tensor<2xi64> {init = dense<[7, 0]> : tensor<2xi64>}
+
+  func.func @forward(%x: tensor<?x8xf32>) -> tensor<?x3xf32> {
+    %w1 = mlc.global_load @w1 : tensor<8x16xf32>
+    %b1 = mlc.global_load @b1 : tensor<16xf32>
+    %w2 = mlc.global_load @w2 : tensor<16x3xf32>
+    %b2 = mlc.global_load @b2 : tensor<3xf32>
+    %z1 = mlc.matmul %x, %w1 : (tensor<?x8xf32>, tensor<8x16xf32>) -> tensor<?x16xf32>
+    %s1 = mlc.add %z1, %b1 : (tensor<?x16xf32>, tensor<16xf32>) -> tensor<?x16xf32>
+    %h1 = mlc.tanh %s1
+    %z2 = mlc.matmul %h1, %w2 : (tensor<?x16xf32>, tensor<16x3xf32>) -> tensor<?x3xf32>
+    %logits = mlc.add %z2, %b2 : (tensor<?x3xf32>, tensor<3xf32>) -> tensor<?x3xf32>
+    return %logits : tensor<?x3xf32>
+  }
+
+  func.func @loss(%x: tensor<?x8xf32>, %labels: tensor<?xi64>) -> tensor<f32> {
+    %logits = func.call @forward(%x) : (tensor<?x8xf32>) -> tensor<?x3xf32>
+    %l = mlc.cross_entropy %logits, %labels : (tensor<?x3xf32>, tensor<?xi64>) -> tensor<f32>
+    return %l : tensor<f32>
+  }
+}
+"""
+# 45 examples in global batches of 7: shares of 4 and 3, and a last batch of 3 (shares 2 and 1)
+TRAIN = ["--data", "d.npz", "--eval", "d.npz", "--batch-size", "7", "--clip-norm", "0.5", "--lr", "0.01", "--quiet"]
+
+
+def data() -> dict:
+    r = np.random.default_rng(0)
+    x = r.normal(size=(45, 8)).astype(np.float32)
+    return {"x": x, "labels": ((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0.5))}
+
+
+def options(folder, **kw) -> Options:
+    return Options(data=str(folder / "d.npz"), eval=str(folder / "d.npz"), batch_size=7, clip_norm=0.5, lr=0.01, progress=False, **kw)
+
+
+# --- the pass ----------------------------------------------------------------------------------------
+
+def dropout_model() -> mlc.Module:
+    """MODEL with dropout on the hidden layer in @loss, its key advanced every step."""
+    text = MODEL.replace("""    %l = mlc.cross_entropy %logits, %labels""", """    %key = mlc.global_load @rng : tensor<2xi64>
+    %t = mlc.constant dense<true> : tensor<i1>
+    %dropped = mlc.dropout %logits, %key, %t {p = 0.5} : (tensor<?x3xf32>, tensor<2xi64>, tensor<i1>) -> tensor<?x3xf32>
+    %one = mlc.constant dense<[0, 1]> : tensor<2xi64>
+    %next = mlc.add %key, %one
+    mlc.global_store @rng, %next : tensor<2xi64>
+    %l = mlc.cross_entropy %dropped, %labels""")
+    return mlc.parse(text)
+
+
+def trained(module, world=None, steps=3):
+    """The globals after `steps` steps of the interpreter on the first 7 examples (in `world`)."""
+    d = data()
+    interp = Interpreter(module)
+    with using(world):
+        losses = [float(interp.call_public("train_step", (d["x"][:7], d["labels"][:7]))) for _ in range(steps)]
+    return losses, {k: np.array(v) for k, v in interp.globals.items()}
+
+
+class TwinWorld:
+    """Rank 1 of 2 processes holding the same arrays: a sum doubles, a broadcast changes nothing."""
+    rank, size = 1, 2
+
+    def allreduce(self, a, reduction):
+        return a * 2 if reduction == "sum" else a
+
+    def bcast(self, a, root):
+        return a
+
+
+def test_the_pass_reduces_once_before_clipping_and_offsets_random_keys():
+    plain, parallel = dropout_model(), dropout_model()
+    run_passes(plain, "train_step{loss=@loss clip-norm=0.5}")
+    run_passes(parallel, "train_step{loss=@loss clip-norm=0.5 data-parallel=true}")
+    ops = list(parallel.functions["train_step"].body.walk())
+    names = [op.name for op in ops]
+    assert names.count("mlc.all_reduce") == 1 and names.count("mlc.rank") == 1  # one bucket: loss and gradients
+    assert ops[names.index("mlc.all_reduce")].attr("reduction") == "sum"
+    assert names.index("mlc.all_reduce") < names.index("mlc.sqrt")  # clipping sees the global norm
+    random = next(op for op in ops if op.name == "mlc.random_uniform")
+    assert random.operands[0].defining_op().name == "mlc.add"  # the key plus rank * 2**40
+    # in one process, and in a world of two that hold the same batch, it is the plain step
+    want_losses, want = trained(plain)
+    for world in (None, TwinWorld()):
+        losses, got = trained(parallel.clone() if world else parallel)
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+        for name in ("w1", "b2", "w2.exp_avg", "rng"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_other_ranks_draw_other_dropout_masks():
+    parallel = dropout_model()
+    run_passes(parallel, "train_step{loss=@loss data-parallel=true}")
+    zero, _ = trained(parallel, steps=1)
+    one, globals_one = trained(parallel, TwinWorld(), steps=1)
+    assert zero != one  # (a twin's average is its own: the loss differs only by the mask)
+    np.testing.assert_array_equal(globals_one["rng"], [7, 1])  # the key global itself is the same everywhere
+
+
+# --- real processes ----------------------------------------------------------------------------------
+
+def _mpiexec():
+    beside = pathlib.Path(sys.executable).parent / "mpiexec"  # the mpich wheel's, in this environment
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def _run(args, cwd, timeout):
+    """(exit status or None on timeout, output); on timeout the whole session (mpiexec and its ranks) is killed."""
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def mpi(tmp_path_factory):
+    """(mpiexec, a folder with the model and data), or a skip saying why MPI cannot run here."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed (pip install 'mlc[dist]')")
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec (the mpich wheel has one: pip install 'mlc[dist]')")
+    folder = tmp_path_factory.mktemp("dp")
+    (folder / "hello.py").write_text("from mpi4py import MPI\nassert MPI.COMM_WORLD.Get_size() == 2\n")
+    code, out = _run([mpiexec, "-n", "2", sys.executable, "hello.py"], folder, timeout=60)
+    if code != 0:
+        pytest.skip(f"MPI cannot start 2 processes here ({mpiexec}): {out[-500:]}")
+    (folder / "tiny.ir").write_text(MODEL)
+    np.savez(folder / "d.npz", **data())
+    return mpiexec, folder
+
+
+def mlc_train(mpi, *args, script=None, timeout=90):
+    mpiexec, folder = mpi
+    command = [sys.executable, script] if script else [sys.executable, "-m", "mlc.cli"]
+    return _run([mpiexec, "-n", "2", *command, "train", "tiny.ir", *TRAIN, *args], folder, timeout)
+
+
+def checkpoint(path) -> tuple[dict, dict]:
+    with np.load(path) as z:
+        arrays = {k.removeprefix("global/"): z[k] for k in z.files if k != META}
+        return arrays, json.loads(z[META].tobytes().decode())
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch_and_resume(mpi):
+    _, folder = mpi
+    one = fit(mlc.parse(MODEL), options(folder, epochs=2))
+    code, out = mlc_train(mpi, "--epochs", "1", "--checkpoint-dir", "ckpt", "-o", "first.mlcz")
+    assert code == 0, f"exit status {code} (None: timed out)\n{out}"
+    assert "on 2 processes" in out and out.count("epoch 1/1:") == 1, out  # progress printed once
+    code, out = mlc_train(mpi, "--epochs", "2", "--checkpoint-dir", "ckpt", "--resume", "-o", "two.mlcz")
+    assert code == 0, f"exit status {code} (None: timed out)\n{out}"
+    assert out.count("resuming at epoch 2") == 1 and out.count("wrote two.mlcz") == 1, out
+    weights, state = checkpoint(folder / "ckpt" / "checkpoint.npz")
+    for name, value in one.globals.items():
+        np.testing.assert_allclose(weights[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(state["losses"], one.history["losses"], rtol=1e-5)
+    assert state["metrics"] == one.history["metrics"]  # the same accuracy after each epoch
+    assert (folder / "two.mlcz").exists()
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import mlc.train
+    from mlc.cli import main
+
+    share, calls = mlc.train.share, []
+
+    def dying_share(batch, comm):
+        calls.append(1)
+        if comm.rank == 1 and len(calls) == {at}:
+            {action}
+        return share(batch, comm)
+
+    mlc.train.share = dying_share
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("action, message", [
+    ("os.kill(os.getpid(), signal.SIGKILL)", "signal 9"),
+    ("raise RuntimeError('boom')", "process 1 of 2 failed; ending the others"),
+])
+def test_a_process_that_dies_ends_the_job(mpi, action, message):
+    _, folder = mpi
+    script = folder / "dies.py"
+    script.write_text(KILLER.replace("{at}", "3").replace("{action}", action))
+    code, out = mlc_train(mpi, "--epochs", "50", script=str(script), timeout=60)
+    assert code is not None, f"the job hung after a process died\n{out}"
+    assert code != 0 and message.lower() in out.lower(), out
+
+
+API = textwrap.dedent("""
+    import numpy as np
+    import mlc
+    import mlc.distributed
+    from mlc.nn import functional as F
+
+    def model_and_step(data_parallel):
+        mlc.manual_seed(1)
+        model = mlc.nn.Sequential(mlc.nn.Linear(8, 16), mlc.nn.Tanh(), mlc.nn.Linear(16, 3))
+        opt = mlc.optim.Adam(model.parameters(), lr=0.05)
+        step = mlc.compile_train_step(model, F.cross_entropy, opt, backend="interp", data_parallel=data_parallel)
+        return model, step  # (the interpreter: no compile time; `mlc train` checks compiled code)
+
+    d = np.load("d.npz")
+    x, y = d["x"], d["labels"]
+    parallel, step = model_and_step(True)  # (joins the MPI world)
+    rank, size = mlc.distributed.rank(), mlc.distributed.world_size()
+    if rank == 1:  # different initial weights: the first call gives everyone rank 0's
+        for p in parallel.parameters():
+            p.data[...] += 1
+    single, single_step = model_and_step(False)
+    for b in range(0, 45, 10):
+        mine = np.array_split(np.arange(b, min(b + 10, 45)), size)[rank]
+        loss = step(x[mine], y[mine])
+        want = single_step(x[b: b + 10], y[b: b + 10])
+        np.testing.assert_allclose(loss, want, rtol=1e-5)
+    for (name, p), q in zip(parallel.state_dict().items(), single.state_dict().values()):
+        np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-5, atol=1e-6, err_msg=name)
+    print(f"rank {rank} of {size}: ok", flush=True)
+""")
+
+
+def test_compile_train_step_data_parallel(mpi):
+    mpiexec, folder = mpi
+    (folder / "api.py").write_text(API)
+    code, out = _run([mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "api.py"], folder, timeout=90)
+    assert code == 0, f"exit status {code} (None: timed out)\n{out}"
+    assert "rank 0 of 2: ok" in out and "rank 1 of 2: ok" in out, out
