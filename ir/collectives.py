@@ -5,7 +5,7 @@ By default a program runs alone: world size 1, rank 0, an all-reduce or a broadc
 `install(communicator)` replaces that for the whole process (runtime/distributed.py installs one over
 MPI); a communicator is any object with
 
-    rank: int, size: int
+    rank: int, size: int, local_size: int    (local_size: the processes on this machine, which share its cores)
     allreduce(array, reduction) -> array    reduction one of REDUCTIONS; the result has array's shape and dtype
     bcast(array, root) -> array             root's array, on every rank
 
@@ -24,7 +24,7 @@ ELEMENT_CODES = ("f16", "bf16", "f32", "f64", "i1", "i8", "i32", "i64")  # dtype
 class SingleProcess:
     """The world of one process."""
     rank = 0
-    size = 1
+    size = local_size = 1
 
     def allreduce(self, array: np.ndarray, reduction: str) -> np.ndarray:
         return array

@@ -46,6 +46,7 @@ class MPICommunicator:
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()  # (they share this machine's cores)
 
     def allreduce(self, array: np.ndarray, reduction: str) -> np.ndarray:
         if reduction not in REDUCTIONS:

@@ -11,6 +11,8 @@ import threading
 
 import llvmlite.binding as llvm
 
+from mlc.ir import collectives
+
 from .distributed import CALLBACKS
 
 _lock = threading.RLock()
@@ -50,8 +52,12 @@ _pool_lock = threading.Lock()
 
 
 def _workers() -> int:
+    """MLC_NUM_THREADS, else this process's share of the cores: the processes of a distributed run on
+    one machine split them (more threads than cores, and each wait for the others costs a time slice)."""
     env = os.environ.get("MLC_NUM_THREADS")
-    return max(1, int(env)) if env and env.isdigit() else max(1, os.cpu_count() or 1)
+    if env and env.isdigit():
+        return max(1, int(env))
+    return max(1, len(os.sched_getaffinity(0)) // getattr(collectives.current(), "local_size", 1))
 
 
 def _parallel_for(fn: int, ctx: int, lo: int, hi: int):
