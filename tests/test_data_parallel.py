@@ -5,10 +5,7 @@ the job instead of leaving the other waiting."""
 import importlib.util
 import json
 import os
-import pathlib
-import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 
@@ -20,6 +17,8 @@ from mlc.api import run_passes
 from mlc.ir.collectives import using
 from mlc.ir.interpreter import Interpreter
 from mlc.train import META, Options, fit
+
+from helpers import find_mpiexec, run_session
 
 MODEL = """module @tiny attributes {seed = 3} {
   mlc.global @w1 : tensor<8x16xf32> {init = "he_uniform", trainable}
@@ -127,35 +126,17 @@ def test_other_ranks_draw_other_dropout_masks():
 
 # --- real processes ----------------------------------------------------------------------------------
 
-def _mpiexec():
-    beside = pathlib.Path(sys.executable).parent / "mpiexec"  # the mpich wheel's, in this environment
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
-def _run(args, cwd, timeout):
-    """(exit status or None on timeout, output); on timeout the whole session (mpiexec and its ranks) is killed."""
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
-    return proc.returncode, out
-
-
 @pytest.fixture(scope="module")
 def mpi(tmp_path_factory):
     """(mpiexec, a folder with the model and data), or a skip saying why MPI cannot run here."""
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'mlc[dist]')")
-    mpiexec = _mpiexec()
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec (the mpich wheel has one: pip install 'mlc[dist]')")
     folder = tmp_path_factory.mktemp("dp")
     (folder / "hello.py").write_text("from mpi4py import MPI\nassert MPI.COMM_WORLD.Get_size() == 2\n")
-    code, out = _run([mpiexec, "-n", "2", sys.executable, "hello.py"], folder, timeout=60)
+    code, out = run_session([mpiexec, "-n", "2", sys.executable, "hello.py"], folder, timeout=60)
     if code != 0:
         pytest.skip(f"MPI cannot start 2 processes here ({mpiexec}): {out[-500:]}")
     (folder / "tiny.ir").write_text(MODEL)
@@ -166,7 +147,7 @@ def mpi(tmp_path_factory):
 def mlc_train(mpi, *args, script=None, timeout=90):
     mpiexec, folder = mpi
     command = [sys.executable, script] if script else [sys.executable, "-m", "mlc.cli"]
-    return _run([mpiexec, "-n", "2", *command, "train", "tiny.ir", *TRAIN, *args], folder, timeout)
+    return run_session([mpiexec, "-n", "2", *command, "train", "tiny.ir", *TRAIN, *args], folder, timeout)
 
 
 def checkpoint(path) -> tuple[dict, dict]:
@@ -258,6 +239,6 @@ API = textwrap.dedent("""
 def test_compile_train_step_data_parallel(mpi):
     mpiexec, folder = mpi
     (folder / "api.py").write_text(API)
-    code, out = _run([mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "api.py"], folder, timeout=90)
+    code, out = run_session([mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", "api.py"], folder, timeout=90)
     assert code == 0, f"exit status {code} (None: timed out)\n{out}"
     assert "rank 0 of 2: ok" in out and "rank 1 of 2: ok" in out, out

@@ -2,11 +2,6 @@
 their meaning in one process, in a simulated world and across two real MPI processes, their gradients,
 what passes may do with them, and compiled code against the interpreter."""
 import importlib.util
-import os
-import pathlib
-import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 
@@ -14,7 +9,7 @@ import numpy as np
 import pytest
 
 import mlc
-from helpers import errors, func
+from helpers import errors, find_mpiexec, func, run_session
 from mlc.compiler import lower
 from mlc.ir.collectives import check_root, current, using
 
@@ -309,38 +304,20 @@ MPI_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _mpiexec():
-    beside = pathlib.Path(sys.executable).parent / "mpiexec"  # the mpich wheel's, in this environment
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
-def _run(args, cwd, timeout):
-    """Runs args in a session of its own; on timeout the whole session (mpiexec and its ranks) is killed."""
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return None, out
-    return proc.returncode, out
-
-
 def test_two_mpi_processes(tmp_path):
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'mlc[dist]')")
-    mpiexec = _mpiexec()
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec (the mpich wheel has one: pip install 'mlc[dist]')")
     script = tmp_path / "collectives.py"
     script.write_text(MPI_SCRIPT)
     # (`-m mpi4py` aborts the whole world when a process fails, instead of leaving the other waiting)
-    code, out = _run([mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", str(script)], tmp_path, timeout=90)
+    code, out = run_session([mpiexec, "-n", "2", sys.executable, "-m", "mpi4py", str(script)], tmp_path, timeout=90)
     if code != 0:
         hello = tmp_path / "hello.py"
         hello.write_text("from mpi4py import MPI\nassert MPI.COMM_WORLD.Get_size() == 2\n")
-        hello_code, hello_out = _run([mpiexec, "-n", "2", sys.executable, str(hello)], tmp_path, timeout=60)
+        hello_code, hello_out = run_session([mpiexec, "-n", "2", sys.executable, str(hello)], tmp_path, timeout=60)
         if hello_code != 0:
             pytest.skip(f"MPI cannot start 2 processes here ({mpiexec}): {hello_out[-500:]}")
     assert code == 0, f"exit status {code} (None: timed out)\n{out}"
