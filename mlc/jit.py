@@ -49,11 +49,18 @@ class Compiled:
         else:
             from .api import compile as compile_module
             self.run = compile_module(traced.module, target=backend)[name]
+        self.variables = [e.source for e in traced.extra]  # (outside any trace: variables, read on each call)
+        self.plain = traced.out_structure == "*" and not traced.writes  # one array out, nothing written
 
     def __call__(self, leaves):
+        return self.call_arrays([np.asarray(x) for x in leaves])
+
+    def call_arrays(self, arrays):
+        """Run on the array leaves (numpy arrays), the variables' current values passed after them."""
         tr = self.traced
-        arrays = [np.asarray(x) for x in leaves] + [e.source.data for e in tr.extra]
-        results = self.run(*arrays)
+        results = self.run(*arrays, *[v.data for v in self.variables])
+        if self.plain:
+            return results
         results = list(results) if isinstance(results, tuple) else [results]
         for var, new in zip(tr.writes, results[tr.n_outputs:]):
             var.data[...] = new
@@ -69,7 +76,8 @@ class jit:
         self.fn, self.dynamic_batch, self.backend = fn, dynamic_batch, backend
         self.names = names  # () -> {id(variable): name}: how lifted variables are named in the IR
         self.static_argnums = (static_argnums,) if isinstance(static_argnums, int) else tuple(static_argnums)
-        self.cache: dict = {}
+        self.cache: dict = {}       # (structure, backend, signature) -> Compiled
+        self.fast_cache: dict = {}  # (backend, (type, shape, dtype) per argument) -> Compiled, for calls on numpy arrays
         if fn is not None:
             functools.update_wrapper(self, fn)
 
@@ -82,13 +90,24 @@ class jit:
             raise TypeError(f"{self.__name__}: pass arguments by position to a jit function")
         if _STACK:
             return self.fn(*args)
+        backend = self.backend or _DEFAULT_BACKEND[0]
+        try:  # numpy arrays only: a dict lookup on their types, shapes and dtypes
+            fast_key = (backend, *[(type(a), a.shape, a.dtype) for a in args])
+            compiled = self.fast_cache.get(fast_key)
+        except (AttributeError, TypeError):
+            fast_key = compiled = None
+        if compiled is not None:
+            return compiled.call_arrays(args)
         args = tuple(_Static(a) if i in self.static_argnums else a for i, a in enumerate(args))
         leaves, structure = flatten(args)
-        backend = self.backend or default_backend()
         key = (structure, backend, signature(leaves, self.dynamic_batch))
         compiled = self.cache.get(key)
         if compiled is None:
             compiled = self.cache[key] = Compiled(self._trace(args), backend)
+        if fast_key is not None and not self.static_argnums and all(type(a) is np.ndarray for a in args):
+            if len(self.fast_cache) >= 256:  # (dynamic_batch: one entry per batch size seen)
+                self.fast_cache.clear()
+            self.fast_cache[fast_key] = compiled
         return compiled(leaves)
 
     def _trace(self, args) -> Traced:

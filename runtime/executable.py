@@ -22,7 +22,6 @@ import json
 import math
 import os
 import threading
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,38 +162,56 @@ def _profile_of(jit: JitModule) -> Profile | None:
 
 class SharedLock:
     """Many holders of `shared()` at once, or one of `exclusive()`; a waiting exclusive holder goes
-    before later shared ones (a stream of readers cannot starve a writer)."""
+    before later shared ones (a stream of readers cannot starve a writer). The acquire/release methods
+    are the same without a context manager (a call's hot path)."""
 
     def __init__(self):
-        self._changed = threading.Condition()
+        self._mutex = threading.Lock()  # (held directly when nothing needs waiting for: cheaper than the condition)
+        self._changed = threading.Condition(self._mutex)
         self._shared = self._writers_waiting = 0
         self._exclusive = False
 
-    @contextlib.contextmanager
-    def shared(self):
-        with self._changed:
+    def acquire_shared(self):
+        with self._mutex:
+            if not self._exclusive and not self._writers_waiting:
+                self._shared += 1
+                return
             self._changed.wait_for(lambda: not self._exclusive and not self._writers_waiting)
             self._shared += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._shared -= 1
+
+    def release_shared(self):
+        with self._mutex:
+            self._shared -= 1
+            if not self._shared and self._writers_waiting:  # (only a writer waits for the readers to leave)
                 self._changed.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._changed:
+    def acquire_exclusive(self):
+        with self._mutex:
             self._writers_waiting += 1
             self._changed.wait_for(lambda: not self._exclusive and not self._shared)
             self._writers_waiting -= 1
             self._exclusive = True
+
+    def release_exclusive(self):
+        with self._mutex:
+            self._exclusive = False
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self):
+        self.acquire_shared()
         try:
             yield
         finally:
-            with self._changed:
-                self._exclusive = False
-                self._changed.notify_all()
+            self.release_shared()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        self.acquire_exclusive()
+        try:
+            yield
+        finally:
+            self.release_exclusive()
 
 
 def global_effects(module: Module, name: str) -> str | None:
@@ -213,45 +230,150 @@ def global_effects(module: Module, name: str) -> str | None:
 
 
 class NativeFunction:
+    """A compiled public function, called on numpy arrays.
+
+    A call's arguments go to the native code in the slots array of codegen/llvm.py. For each input
+    signature (the arguments' shapes) a `CallPlan` holds that array, the dims and the status prebuilt,
+    so a call whose arguments are C-contiguous numpy arrays of the declared dtypes (checked in a few
+    attribute reads) only writes their data pointers. Anything else (other dtypes, views, lists,
+    keywords, a new shape) takes the full `check_arguments`, which converts or reports the located
+    error, and then runs through the plan of the checked arrays' shapes."""
+
+    MAX_PLANS = 64  # signatures kept per function (dynamic dims: the oldest go first)
+
     def __init__(self, exe: Executable, func, code):
         self.exe, self.func, self.code = exe, func, code
         self.address = exe.jit.address(code.name)
         self.c_function = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(self.address)
         self.result_types = list(func.type.results)
+        self.results = [(t.rank, np.dtype(t.element.np_dtype).str) for t in self.result_types]  # (rank, numpy typestr)
+        inputs = func.type.inputs
+        self.dtypes = [np.dtype(t.element.np_dtype) for t in inputs]
+        self.fast = not any(t.element.name == "bf16" for t in inputs)  # (bf16 arguments are rounded on each call)
+        self.plans: dict[tuple, CallPlan] = {}  # argument shapes -> plan
         effects = global_effects(exe.module, func.sym_name)
-        self.lock = (exe.globals_lock.exclusive if effects == "writes" else exe.globals_lock.shared if effects
-                     else contextlib.nullcontext)
+        locks = exe.globals_lock
+        self.acquire, self.release = ((locks.acquire_exclusive, locks.release_exclusive) if effects == "writes" else
+                                      (locks.acquire_shared, locks.release_shared) if effects else (None, None))
 
     def __call__(self, *args, **kwargs):
+        if not kwargs and self.fast:
+            try:
+                plan = self.plans.get(tuple([a.shape for a in args]))
+            except (AttributeError, TypeError):  # (not arrays)
+                plan = None
+            if plan is not None:
+                for a, dtype in zip(args, self.dtypes):
+                    if type(a) is not np.ndarray or a.dtype is not dtype or not a.flags.c_contiguous:
+                        break
+                else:
+                    return self.run(plan, args)
         arrays = check_arguments(self.func, args, kwargs)
-        n_in, n_out = len(arrays), len(self.result_types)
-        slots = (ctypes.c_void_p * (2 + 2 * n_in + 2 * n_out))()
-        dims = [np.array(a.shape if a.ndim else [0], np.int64) for a in arrays]
-        out_data = (ctypes.c_void_p * max(n_out, 1))()
-        out_dims = [np.zeros(max(t.rank, 1), np.int64) for t in self.result_types]
-        status = np.array([0, host_memory_bytes(), 0], np.int64)  # see codegen/llvm.py
-        slots[0] = ctypes.addressof(self.exe._globals_table)
-        for k, (a, d) in enumerate(zip(arrays, dims)):
-            slots[1 + 2 * k] = a.ctypes.data
-            slots[2 + 2 * k] = d.ctypes.data
-        for r in range(n_out):
-            slots[1 + 2 * n_in + 2 * r] = ctypes.addressof(out_data) + r * ctypes.sizeof(ctypes.c_void_p)
-            slots[2 + 2 * n_in + 2 * r] = out_dims[r].ctypes.data
-        slots[1 + 2 * n_in + 2 * n_out] = status.ctypes.data
-        with self.lock():
-            self.c_function(ctypes.addressof(slots))
-        if status[0]:
-            loc, op_name, message = self.code.checks[status[0] - 1]
-            requested = float(status[2:].view(np.float64)[0])  # (a failed allocation's)
-            raise error(loc, message.replace("{bytes}", format_bytes(requested)), op_name)
-        results = [_wrap(out_data[r], out_dims[r][: t.rank], t.element.np_dtype) for r, t in enumerate(self.result_types)]
-        return results[0] if n_out == 1 else tuple(results)
+        return self.run(self.plan(tuple(a.shape for a in arrays)), arrays)
+
+    def plan(self, shapes: tuple) -> "CallPlan":
+        plan = self.plans.get(shapes)
+        if plan is None:
+            plan = CallPlan(self, shapes)
+            if self.fast:
+                if len(self.plans) >= self.MAX_PLANS:
+                    with contextlib.suppress(KeyError, RuntimeError, StopIteration):  # (another thread got there)
+                        del self.plans[next(iter(self.plans))]
+                self.plans[shapes] = plan
+        return plan
+
+    def run(self, plan: "CallPlan", arrays):
+        """The native code on checked arrays of plan's shapes; a plan another thread is using is
+        replaced by a fresh one for this call."""
+        if not plan.busy.acquire(False):
+            plan = CallPlan(self, plan.shapes)
+            plan.busy.acquire()
+        try:
+            slots = plan.slots
+            if _POINTER_OFFSET is not None:
+                for i, a in zip(plan.data_slots, arrays):
+                    slots[i] = _pointer_at(id(a) + _POINTER_OFFSET).value  # (a.data's address: see _pointer_offset)
+            else:
+                for i, a in zip(plan.data_slots, arrays):
+                    slots[i] = a.ctypes.data
+            status = plan.status
+            status[0] = status[2] = 0
+            if self.acquire is None:
+                self.c_function(plan.address)
+            else:
+                self.acquire()
+                try:
+                    self.c_function(plan.address)
+                finally:
+                    self.release()
+            if status[0]:
+                loc, op_name, message = self.code.checks[status[0] - 1]
+                requested = ctypes.c_double.from_buffer(status, 16).value  # (a failed allocation's size)
+                raise error(loc, message.replace("{bytes}", format_bytes(requested)), op_name)
+            out_data, out_dims = plan.out_data, plan.out_dims
+            results = [_wrap(out_data[r], tuple(out_dims[r][:rank]), typestr) for r, (rank, typestr) in enumerate(self.results)]
+        finally:
+            plan.busy.release()
+        return results[0] if len(results) == 1 else tuple(results)
 
 
-def _wrap(address: int, shape, dtype) -> np.ndarray:
-    """A numpy array over memory the native code malloc'd; freed when the array is collected."""
-    shape = tuple(int(d) for d in shape)
-    count = int(np.prod(shape, dtype=np.int64))
-    holder = (ctypes.c_byte * max(count * dtype.itemsize, 1)).from_address(address)
-    weakref.finalize(holder, _libc.free, address)
-    return np.frombuffer(holder, dtype, count).reshape(shape)
+class CallPlan:
+    """The slots array (codegen/llvm.py) of one function for one signature, with its dims, result slots
+    and status: built once, then each call writes only the arguments' data pointers. One call uses a
+    plan at a time (`busy`)."""
+
+    def __init__(self, function: NativeFunction, shapes: tuple):
+        n_in, n_out = len(shapes), len(function.result_types)
+        self.shapes, self.busy = shapes, threading.Lock()
+        self.slots = (ctypes.c_void_p * (2 + 2 * n_in + 2 * n_out))()
+        self.address = ctypes.addressof(self.slots)
+        self.data_slots = [1 + 2 * k for k in range(n_in)]
+        self.dims = [(ctypes.c_int64 * max(len(s), 1))(*s) for s in shapes]
+        self.out_data = (ctypes.c_void_p * max(n_out, 1))()
+        self.out_dims = [(ctypes.c_int64 * max(t.rank, 1))() for t in function.result_types]
+        self.status = (ctypes.c_int64 * 3)(0, host_memory_bytes(), 0)
+        self.slots[0] = ctypes.addressof(function.exe._globals_table)
+        for k, d in enumerate(self.dims):
+            self.slots[2 + 2 * k] = ctypes.addressof(d)
+        for r, d in enumerate(self.out_dims):
+            self.slots[1 + 2 * n_in + 2 * r] = ctypes.addressof(self.out_data) + r * ctypes.sizeof(ctypes.c_void_p)
+            self.slots[2 + 2 * n_in + 2 * r] = ctypes.addressof(d)
+        self.slots[1 + 2 * n_in + 2 * n_out] = ctypes.addressof(self.status)
+
+
+def _pointer_offset() -> int | None:
+    """Where an array's data pointer lies in its object, else None. `a.ctypes.data` costs microseconds;
+    the pointer is the first field after the object header of numpy's array struct
+    (PyArrayObject_fields, part of numpy's ABI), read through ctypes where a probe confirms the layout."""
+    offset = object.__basicsize__  # (the header: reference count and type)
+    probes = (np.arange(4.0), np.arange(4.0)[1:], np.ones((2, 3), np.float32).T, np.zeros(0, np.int64))
+    if all(_pointer_at(id(p) + offset).value == (p.ctypes.data or None) for p in probes):
+        return offset
+    return None
+
+
+_pointer_at = ctypes.c_void_p.from_address
+_POINTER_OFFSET = _pointer_offset()
+
+
+class _Malloced:
+    """Memory the native code malloc'd, lent to one numpy array through the array interface: the
+    array's base, freed when the array (and every view of it) is collected."""
+    __slots__ = ("__array_interface__",)
+    _free = _libc.free  # (held by the class: still there while the interpreter shuts down)
+
+    def __init__(self, address: int, shape: tuple, typestr: str):
+        self.__array_interface__ = {"data": (address, False), "shape": shape, "typestr": typestr, "version": 3}
+
+    def __del__(self):
+        self._free(self.__array_interface__["data"][0])
+
+
+def _wrap(address: int | None, shape: tuple, typestr: str) -> np.ndarray:
+    """A numpy array (of numpy typestr, e.g. "<f4") over memory the native code malloc'd; freed when the
+    array is collected."""
+    if not address or not math.prod(shape):  # (nothing to lend: an empty result)
+        if address:
+            _libc.free(address)
+        return np.empty(shape, typestr)
+    return np.asarray(_Malloced(address, shape, typestr))

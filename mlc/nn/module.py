@@ -17,6 +17,8 @@ from ..jit import jit
 from ..tensor import Buffer, Parameter, Variable
 from ..trace_stack import _STACK
 
+_TREE_VERSION = [0]  # bumped when any module's members or training flag change: calls re-read their modes
+
 
 class Module:
     training = True
@@ -34,10 +36,12 @@ class Module:
         else:
             members.pop(name, None)
         object.__setattr__(self, name, value)
+        _TREE_VERSION[0] += 1
 
     def __delattr__(self, name):
         self._members.pop(name, None)
         object.__delattr__(self, name)
+        _TREE_VERSION[0] += 1
 
     def register_buffer(self, name: str, value, persistent: bool = True):
         buf = value if isinstance(value, Buffer) else Buffer(np.asarray(value))
@@ -53,7 +57,10 @@ class Module:
             return self.forward(*args, **kwargs)
         if kwargs:  # the compiled function takes its arguments by position
             args = _positional(self.forward, args, kwargs)
-        key = tuple(m.training for m in self.modules())
+        version, key = self.__dict__.get("_modes", (None, None))
+        if version != _TREE_VERSION[0]:  # (each module's training flag, read again after any change)
+            version, key = _TREE_VERSION[0], tuple(m.training for m in self.modules())
+            object.__setattr__(self, "_modes", (version, key))
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = jit(self.forward, names=self._variable_names)
@@ -112,6 +119,7 @@ class Module:
     def train(self, mode: bool = True):
         for m in self.modules():
             object.__setattr__(m, "training", mode)
+        _TREE_VERSION[0] += 1
         return self
 
     def eval(self):
