@@ -15,7 +15,10 @@ like every other lowering:
         epilogue, row by row, while the rows are still in cache (bias, activation, ...)
 
 A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
-operands read through their transpose (no copy). DirectConv, below, reuses the micro-kernel's parts for
+operands read through their transpose (no copy). A product of at most MR rows (a batch of 1, a GEMV)
+packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
+along its rows (tiles of up to 8 vectors of C's row) or, where B is read through its transpose (the
+weight of nn.Linear), as dot products along K of A's rows with B's columns. DirectConv, below, reuses the micro-kernel's parts for
 a convolution with stride 1 along x: its B vectors are contiguous runs of a padded input row, so it
 packs nothing.
 """
@@ -54,7 +57,9 @@ class Gemm:
     #                                       contiguous; None where columns are (a transposed operand)
     c: object                             # the result buffer; C[i, j] is c[*c_prefix, i, j]
     c_prefix: list
-    epilogue: Callable | None = None      # (builder, i): row i of C is final
+    epilogue: Callable | None = None      # (builder, i, j): C[i, j] is final; its epilogue, in place
+    load_a_vector: Callable | None = None  # (builder, i, k, type) -> A[i, k:k+lanes] where rows of A are contiguous
+    load_bt_vector: Callable | None = None  # (builder, k, j, type) -> B[k:k+lanes, j] where columns of B are
     vector_bytes: int = VECTOR_BYTES      # 64 gives 6 x 32 f32 tiles in 12 of AVX-512's 32 registers
     kc: int = KC
     mc: int = MC
@@ -67,6 +72,12 @@ class Gemm:
         self.lanes = lanes(e, self.vector_bytes)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
+        rows = _static(self.M)
+        if rows is not None and rows <= MR:
+            if self.load_b_vector is not None:
+                return self.stream_b_rows(b, rows, parallel)
+            if self.load_bt_vector is not None and self.load_a_vector is not None:
+                return self.stream_b_columns(b, rows, parallel)
         nr = L.idx(self.nr)
         panels = L.op(b, "arith.div", L.op(b, "arith.add", self.N, L.idx(self.nr - 1)), nr)
         self.full_panels = L.op(b, "arith.div", self.N, nr)
@@ -74,9 +85,9 @@ class Gemm:
                                name_hint="packed").result
         self.pack_b(b, panels, parallel)
         n = _static(self.N)
-        if parallel and self.epilogue is None and n is not None and n % (2 * self.nr) == 0 and n >= 4 * self.nr:
-            # two column halves per block of rows, so that a product of few rows (a batch of 1 or 32)
-            # still has a task per core; a row epilogue needs whole rows, so it keeps one
+        if parallel and n is not None and n % (2 * self.nr) == 0 and n >= 4 * self.nr:
+            # two column halves per block of rows, so that a product of few rows (a batch of 32) still
+            # has a task per core
             half = n // 2
             blocks = L.op(b, "arith.div", L.op(b, "arith.add", self.M, L.idx(self.mc - 1)), L.idx(self.mc))
 
@@ -138,7 +149,7 @@ class Gemm:
                 L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch)), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
-            L.loop(b, i0, end, self.epilogue)
+            L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
 
     def tile(self, b, i, rows, j0, vectors, k0, k1, width, scratch):
         """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from the packed panels."""
@@ -153,6 +164,94 @@ class Gemm:
             return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
         store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt, width, scratch, add=True)
+
+
+    # --- few rows: B streamed in place ---------------------------------------------------------------
+    def stream_b_rows(self, b, rows, parallel):
+        """C[0:rows] for rows <= MR, B's rows contiguous: tiles of rows x up to 8 vectors of C in registers
+        (12 accumulators), each k one broadcast of A[i, k] per row and a run of B[k] read in place;
+        columns past the last whole vector one at a time."""
+        L, lanes = self.L, self.lanes
+        vectors = max(1, min(8, 12 // rows))
+        row = [L.idx(r) for r in range(rows)]
+
+        def tile(tb, j0, vectors):
+            def step(kb, k, *acc):
+                bs = [self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h * lanes)), self.vt) for h in range(vectors)]
+                return fma_tile(kb, [self.load_a(kb, i, k) for i in row], bs, acc)
+            acc = L.loop(tb, L.idx(0), self.K, step, carried=zero_tile(L, tb, self.vt, rows * vectors))
+            store_tile(L, tb, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt)
+            self.tile_epilogue(tb, rows, j0, vectors * lanes)
+
+        self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel)
+
+    def stream_b_columns(self, b, rows, parallel):
+        """C[0:rows] for rows <= MR, B read through its transpose (columns contiguous): tiles of rows x up
+        to 8 columns of C, each element a dot product along K of A's row with B's column, in vectors
+        summed across their lanes at the end (and the last K % lanes products added one by one)."""
+        L, lanes, vt = self.L, self.lanes, self.vt
+        columns = max(1, min(8, 12 // rows))
+        row = [L.idx(r) for r in range(rows)]
+        k_vectors = L.op(b, "arith.mul", L.op(b, "arith.div", self.K, L.idx(lanes)), L.idx(lanes))
+
+        def tile(tb, j0, width):
+            cols = [j0] + [L.op(tb, "arith.add", j0, L.idx(t)) for t in range(1, width)]
+
+            def step(kb, k, *acc):
+                a = [self.load_a_vector(kb, i, k, vt) for i in row]
+                out = list(acc)
+                for t, j in enumerate(cols):
+                    bv = self.load_bt_vector(kb, k, j, vt)
+                    for r in range(rows):
+                        out[r * width + t] = kb.create("vector.fma", [a[r], bv, acc[r * width + t]]).result
+                return out
+            acc = L.loop(tb, L.idx(0), k_vectors, step, carried=zero_tile(L, tb, vt, rows * width), step=lanes)
+            sums = [_sum_lanes(L, tb, v) for v in acc]
+
+            def tail(kb, k, *s):
+                return [L.op(kb, "arith.add", s[r * width + t], L.op(kb, "arith.mul", self.load_a(kb, i, k), self.load_b(kb, k, j)))
+                        for r, i in enumerate(row) for t, j in enumerate(cols)]
+            sums = L.loop(tb, k_vectors, self.K, tail, carried=sums)
+            for r, i in enumerate(row):
+                for t, j in enumerate(cols):
+                    tb.create("mem.store", [sums[r * width + t], self.c] + self.c_prefix + [i, j])
+            self.tile_epilogue(tb, rows, j0, width)
+
+        self.column_tiles(b, [columns, 1], tile, parallel)
+
+    def column_tiles(self, b, widths, body, parallel):
+        """body(builder, j0, width) over C's columns: tiles of widths[0] (the parallel loop), then of each
+        narrower width for what is left."""
+        L, lo = self.L, self.L.idx(0)
+        for n, width in enumerate(widths):
+            end = L.op(b, "arith.mul", L.op(b, "arith.div", self.N, L.idx(width)), L.idx(width))
+            L.loop(b, lo, end, lambda tb, j0, width=width: body(tb, j0, width), parallel=parallel and n == 0, step=width)
+            lo = end
+        if widths[-1] > 1:  # (the last columns, fewer than a vector: element by element)
+            L.loop(b, lo, self.N, lambda cb, j: L.loop(cb, L.idx(0), self.M, lambda eb, i: self.dot_element(eb, i, j)))
+
+    def dot_element(self, b, i, j):
+        """C[i, j] alone: a scalar dot product."""
+        L = self.L
+        total = L.loop(b, L.idx(0), self.K, lambda kb, k, s: [L.op(kb, "arith.add", s, L.op(
+            kb, "arith.mul", self.load_a(kb, i, k), self.load_b(kb, k, j)))], carried=[L.const(b, 0, self.element)])[0]
+        b.create("mem.store", [total, self.c] + self.c_prefix + [i, j])
+        if self.epilogue is not None:
+            self.epilogue(b, i, j)
+
+    def tile_epilogue(self, b, rows, j0, width):
+        if self.epilogue is not None:
+            L = self.L
+            L.loop(b, L.idx(0), L.idx(rows), lambda rb, i: L.loop(
+                rb, j0, L.op(rb, "arith.add", j0, L.idx(width)), lambda eb, j: self.epilogue(eb, i, j)))
+
+
+def _sum_lanes(L, b, v):
+    """The sum of a vector's lanes, pairwise."""
+    parts = [b.create("vector.extract", [v], {"position": p}).result for p in range(v.type.shape[0])]
+    while len(parts) > 1:
+        parts = [L.op(b, "arith.add", parts[p], parts[p + 1]) for p in range(0, len(parts), 2)]
+    return parts[0]
 
 
 # --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------

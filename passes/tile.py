@@ -68,19 +68,17 @@ class Tile(Pass):
         def load(buf, lead, transposed):
             return lambda kb, x, y: kb.create("mem.load", [buf] + lead + ([y, x] if transposed else [x, y])).result
 
+        def load_vector(buf, lead, transposed):  # (along the buffer's last dim: None where it runs the other way)
+            return None if transposed else \
+                lambda kb, x, y, vt: kb.create("vector.load", [buf] + lead + [x, y], result_types=[vt]).result
+
+        bt = load_vector(b, at_b, not tb)
         gemm.Gemm(m, n, k, c.type.element, load_a=load(a, at_a, ta), load_b=load(b, at_b, tb),
-                  load_b_vector=None if tb else
-                  lambda kb, kk, j, vt: kb.create("vector.load", [b] + at_b + [kk, j], result_types=[vt]).result,
-                  c=c, c_prefix=at_c, epilogue=_row_epilogue(L, op, c, at_c, n),
+                  load_b_vector=load_vector(b, at_b, tb), c=c, c_prefix=at_c,
+                  epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]),
+                  load_a_vector=load_vector(a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
                   vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc"),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
-
-
-def _row_epilogue(L: LoopBuilder, op: Operation, c, at_c: list, n):
-    """(builder, i) -> mem.matmul's epilogue over row i of C, or None for `mem.yield %acc`."""
-    if _is_identity(op):
-        return None
-    return lambda rb, i: L.loop(rb, L.idx(0), n, lambda eb, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]))
 
 
 def _conv_row_epilogue(L: LoopBuilder, op: Operation, out, o_ch, ow):

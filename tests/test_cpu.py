@@ -273,6 +273,48 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 6), k=st.sampled_from([1, 5, 8, 37, 300]), n=st.sampled_from([1, 7, 8, 9, 17, 70, 100]),
+       layout=st.sampled_from(["", "{transpose_b}", "{transpose_a}", "{transpose_a, transpose_b}"]),
+       dtype=st.sampled_from([np.float32, np.float64]), batch=st.sampled_from([(), (2,)]), epilogue=st.booleans())
+def test_products_of_few_rows_stream_b_unpacked(m, k, n, layout, dtype, batch, epilogue):
+    """At most 6 rows (a batch of 1): B is read in place, along its rows or (transpose_b, the layout of
+    nn.Linear's weight) as dot products along K; ragged columns and K, a fused bias + relu, batches
+    (one product each inside a parallel loop). Compiled and the tiled loops on the interpreter vs numpy."""
+    e = {np.float32: "f32", np.float64: "f64"}[dtype]
+    r = np.random.default_rng(m * 1000 + k * 10 + n)
+    a = r.standard_normal(batch + ((k, m) if "transpose_a" in layout else (m, k))).astype(dtype)
+    b = r.standard_normal((n, k) if "transpose_b" in layout else (k, n)).astype(dtype)
+    bias = r.standard_normal(n).astype(dtype)
+    t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + e + ">"
+    tr = t(batch + (m, n))
+    body = f"%y = mlc.matmul %a, %b {layout} : ({t(a.shape)}, {t(b.shape)}) -> {tr}\n"
+    if epilogue:
+        body += f"%s = mlc.add %y, %bias : ({tr}, {t((n,))}) -> {tr}\n%r = mlc.relu %s : ({tr}) -> {tr}\n"
+    text = f"""module {{ func.func @f(%a: {t(a.shape)}, %b: {t(b.shape)}, %bias: {t((n,))}) -> {tr} {{
+      {body}      return {"%r" if epilogue else "%y"} : {tr} }} }}"""
+    want = np.matmul(np.swapaxes(a, -1, -2) if "transpose_a" in layout else a, b.T if "transpose_b" in layout else b)
+    if epilogue:
+        want = np.maximum(want + bias, 0)
+    tol = 1e-4 if e == "f32" else 1e-10
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](a, b, bias), want, rtol=tol, atol=tol)
+    if m * k * n * max(1, len(batch) * 2) < 20000:
+        lowered = mlc.run_passes(mlc.parse(text), "cpu")
+        np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b, bias), want, rtol=tol, atol=tol)
+
+
+def test_a_batch_of_one_reads_the_weights_in_place():
+    """The few-rows path packs nothing: no packed buffer in the loops of a b1 nn.Linear-shaped product."""
+    text = """module { func.func @f(%x: tensor<1x64xf32>, %w: tensor<32x64xf32>) -> tensor<1x32xf32> {
+      %t = mlc.transpose %w {perm = [1, 0]} : (tensor<32x64xf32>) -> tensor<64x32xf32>
+      %y = mlc.matmul %x, %t : (tensor<1x64xf32>, tensor<64x32xf32>) -> tensor<1x32xf32>
+      return %y : tensor<1x32xf32> } }"""
+    loops = str(mlc.run_passes(mlc.parse(text), "cpu"))
+    assert "packed" not in loops and "vector.extract" in loops
+    eight = str(mlc.run_passes(mlc.parse(text.replace("1x64", "8x64").replace("1x32", "8x32")), "cpu"))
+    assert "packed" in eight  # (more rows than one micro-tile: packing pays)
+
+
 @pytest.mark.parametrize("n,c,o,hw,k,stride,pad,dil,groups,dtype", [
     (2, 3, 13, (9, 37), 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.float32),    # ragged rows (13 = 6+6+1) and columns (37 = 32+5)
     (1, 4, 8, (7, 24), 3, (2, 1), (0, 2, 1, 0), (1, 2), 2, np.float32),     # stride 2 along y, groups, dilation
