@@ -5,6 +5,7 @@ The GotoBLAS/BLIS structure, spelled in loop IR so it prints, runs on the interp
 like every other lowering:
 
     pack B into column panels Bp[N/NR][K][NR], zero-padded, so the kernel reads it contiguously
+        (once, before the loops around the product that leave B unchanged: a scan's steps)
     parallel for each block of MC rows of C:
         zero the rows
         for each KC-deep slice of K (its panels stay in L1, the A rows in L2):
@@ -63,6 +64,8 @@ class Gemm:
     vector_bytes: int = VECTOR_BYTES      # 64 gives 6 x 32 f32 tiles in 12 of AVX-512's 32 registers
     kc: int = KC
     mc: int = MC
+    pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the
+    #                                       product: before the loops (a scan's steps) that leave B unchanged
 
     def emit(self, L, b, parallel: bool):
         """The loop nest at b, built with L (a LoopBuilder). `parallel`: the row-block loop may run on
@@ -79,11 +82,12 @@ class Gemm:
             if self.load_bt_vector is not None and self.load_a_vector is not None:
                 return self.stream_b_columns(b, rows, parallel)
         nr = L.idx(self.nr)
-        panels = L.op(b, "arith.div", L.op(b, "arith.add", self.N, L.idx(self.nr - 1)), nr)
-        self.full_panels = L.op(b, "arith.div", self.N, nr)
-        self.packed = b.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
-                               name_hint="packed").result
-        self.pack_b(b, panels, parallel)
+        pb, pack_parallel = self.pack_at or (b, parallel)
+        panels = L.op(pb, "arith.div", L.op(pb, "arith.add", self.N, L.idx(self.nr - 1)), nr)
+        self.full_panels = L.op(pb, "arith.div", self.N, nr)
+        self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
+                                name_hint="packed").result
+        self.pack_b(pb, panels, pack_parallel)
         n = _static(self.N)
         if parallel and n is not None and n % (2 * self.nr) == 0 and n >= 4 * self.nr:
             # two column halves per block of rows, so that a product of few rows (a batch of 32) still

@@ -13,6 +13,20 @@ becomes
 A transpose with any other use is left to be computed once, and the products read the copy (their
 kernel packs contiguous rows faster than it gathers columns).
 
+Stacks of rows times one matrix: a matmul of A[..., M, K] (static, not transposed) by a matrix B is one
+product of A's rows, so B is packed once rather than once per matrix of the stack (an RNN's input
+projection for all its steps, a Transformer's projections over batch x tokens). The reshape back moves
+past the elementwise ops that follow (whose other operands broadcast along the last dim only: a bias),
+so they still join the product as its epilogue:
+
+    %y = mlc.matmul %x, %w : (tensor<4x8x16xf32>, tensor<16x32xf32>) -> tensor<4x8x32xf32>
+    %z = mlc.add %y, %bias : (tensor<4x8x32xf32>, tensor<32xf32>) -> tensor<4x8x32xf32>
+becomes
+    %x2 = mlc.reshape %x : (tensor<4x8x16xf32>) -> tensor<32x16xf32>
+    %y2 = mlc.matmul %x2, %w : (tensor<32x16xf32>, tensor<16x32xf32>) -> tensor<32x32xf32>
+    %z2 = mlc.add %y2, %bias : (tensor<32x32xf32>, tensor<32xf32>) -> tensor<32x32xf32>
+    %z = mlc.reshape %z2 : (tensor<32x32xf32>) -> tensor<4x8x32xf32>
+
 Convolutions in channel blocks, with `conv-block=b` (off by default: the blocked kernel is not tuned
 yet): a conv2d (groups 1, channels divisible by b) becomes mlc.conv2d_blocked on the input as
 N x C/b x H x W x b and the weights as O/b x C/b x kh x kw x b x b, with conversions (a reshape and a
@@ -21,11 +35,14 @@ conversion back and the conversion in cancel (canonicalize composes them away).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from mlc.ir.attributes import UNIT
 from mlc.ir.core import Builder, Module, Operation
 
 from .builder import OpBuilder
 from .canonicalize import Canonicalize
+from .fuse import elementwise
 from .manager import Pass, PipelineError
 
 FLAGS = ("transpose_a", "transpose_b")
@@ -33,7 +50,8 @@ FLAGS = ("transpose_a", "transpose_b")
 
 class Layout(Pass):
     name = "layout"
-    summary = "absorb 2-d transposes into the matmuls that read them; convolutions in channel blocks (conv-block)"
+    summary = ("one product for a stack of rows times a matrix; absorb 2-d transposes into the matmuls that read them; "
+               "convolutions in channel blocks (conv-block)")
     options = {"conv-block": 0}
 
     def __init__(self, **options):
@@ -43,6 +61,8 @@ class Layout(Pass):
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
+            for product in [o for o in f.body.walk() if _stacked_rows_times_matrix(o)]:
+                _one_product(product)
             for transpose in [o for o in f.body.walk() if o.name == "mlc.transpose" and _only_feeds_products(o)]:
                 source = transpose.operands[0]
                 for user, index in list(transpose.results[0].uses):
@@ -74,6 +94,44 @@ def _blocked_conv(d: OpBuilder, op: Operation, b: int):
     attrs = {k: op.attributes[k] for k in ("stride", "padding", "dilation") if k in op.attributes}
     yb = d("mlc.conv2d_blocked", xb, wb, **attrs)
     return d.reshape(d("mlc.transpose", yb, perm=[0, 1, 4, 2, 3]), op.results[0].type.shape)
+
+
+def _stacked_rows_times_matrix(op: Operation) -> bool:
+    if op.name != "mlc.matmul" or op.attr("transpose_a"):
+        return False
+    a, b = (v.type for v in op.operands)
+    return a.rank > 2 and b.rank == 2 and None not in a.shape and a.element.name in ("f32", "f64")
+
+
+def _one_product(op: Operation) -> None:
+    """op (A[..., M, K] @ B) as a product of A's rows, with the elementwise chain after it on the rows."""
+    d = OpBuilder(Builder.before(op))
+    d.b.loc = op.loc
+    a, b = op.operands
+    rows = int(np.prod(a.type.shape[:-1]))
+    value = d("mlc.matmul", d.reshape(a, (rows, a.type.shape[-1])), b, result_type=op.results[0].type.with_shape(
+        (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in FLAGS})
+    chain = [op]
+    while (len(chain[-1].results[0].uses) == 1 and _on_rows(next(iter(chain[-1].results[0].uses))[0], chain[-1])):
+        user, index = next(iter(chain[-1].results[0].uses))
+        operands = [value if i == index else v for i, v in enumerate(user.operands)]
+        d = OpBuilder(Builder.before(user))
+        d.b.loc = user.loc
+        value = d(user.name, *operands, result_type=user.results[0].type.with_shape(value.type.shape), **user.attributes)
+        chain.append(user)
+    last = chain[-1]
+    last.results[0].replace_all_uses_with(OpBuilder(Builder.before(last)).reshape(value, last.results[0].type.shape))
+    for o in reversed(chain):
+        o.erase()
+
+
+def _on_rows(user: Operation, producer: Operation) -> bool:
+    """user, an elementwise op of producer's result, computes the same on the stacked rows: its result
+    has that shape and its other operands broadcast along the last dim at most."""
+    shape = producer.results[0].type.shape
+    return (elementwise(user) and user.parent is producer.parent and len(user.results) == 1
+            and user.results[0].type.shape == shape
+            and all(v is producer.results[0] or v.type.rank <= 1 for v in user.operands))
 
 
 def _only_feeds_products(op: Operation) -> bool:

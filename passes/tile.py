@@ -73,11 +73,13 @@ class Tile(Pass):
                 lambda kb, x, y, vt: kb.create("vector.load", [buf] + lead + [x, y], result_types=[vt]).result
 
         bt = load_vector(b, at_b, not tb)
+        outermost = _loop_leaving_unchanged(op, b) if not at_b and None not in b.type.shape else None
         gemm.Gemm(m, n, k, c.type.element, load_a=load(a, at_a, ta), load_b=load(b, at_b, tb),
                   load_b_vector=load_vector(b, at_b, tb), c=c, c_prefix=at_c,
                   epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]),
                   load_a_vector=load_vector(a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
                   vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc"),
+                  pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
 
 
@@ -96,6 +98,34 @@ def _is_identity(op: Operation) -> bool:
 def _epilogue_at(b: Builder, op: Operation, out, at: list, indices: list | None = None) -> None:
     """out[at] = the epilogue on its indices (those of `at` unless given) and the value at `at`."""
     store_through_epilogue(b, op, out, at, at if indices is None else indices, b.create("mem.load", [out] + at).result)
+
+
+_READ_ONLY = {"mem.load", "vector.load", "mem.dim", "mem.dealloc"}
+
+
+def _loop_leaving_unchanged(op: Operation, buf) -> Operation | None:
+    """The outermost loop.for around op (a mem.matmul reading buf) with buf made before it, where buf
+    is a buffer nothing writes: read by loads and products only, never viewed under another name
+    (made by mem.from_tensor of a tensor with no other buffer). None when there is none."""
+    made = buf.defining_op()
+    if made is None or made.name != "mem.from_tensor" or len(made.operands[0].users) != 1:
+        return None
+    for user in buf.users:
+        if user.name in _READ_ONLY or (user.name in ("mem.matmul", "mem.conv2d") and user.operands[2] is not buf):
+            continue
+        return None
+    outermost, parent = None, op.parent_op
+    while parent is not None and parent.name == "loop.for" and not _inside(made, parent):
+        outermost, parent = parent, parent.parent_op
+    return outermost
+
+
+def _inside(op: Operation, ancestor: Operation) -> bool:
+    while op is not None:
+        if op is ancestor:
+            return True
+        op = op.parent_op
+    return False
 
 
 def _in_parallel_loop(op: Operation) -> bool:

@@ -119,7 +119,9 @@ def _flops(op, size: int) -> int:
 def cost_model(samples, units) -> tuple | None:
     """(flops per unit, flops per call, bytes per unit, bytes per call) fitting `samples` (one [flops,
     bytes] per size in SIZES) with `units` (the counted elements at each size, or None); None when the
-    cost depends on sizes in a way the units do not follow."""
+    cost depends on sizes in a way the units do not follow, or is unknown (samples None)."""
+    if not samples:
+        return None
     if all(s == samples[0] for s in samples):
         return (0.0, float(samples[0][0]), 0.0, float(samples[0][1]))
     if not units or units[0] == units[1]:

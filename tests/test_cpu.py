@@ -303,6 +303,36 @@ def test_products_of_few_rows_stream_b_unpacked(m, k, n, layout, dtype, batch, e
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b, bias), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("lead", [(3,), (2, 5), (1, 1)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_stack_of_rows_times_a_matrix_is_one_product(lead, transposed):
+    """layout makes A[..., M, K] @ B one product of A's rows, the bias, relu and scale moved onto the
+    rows with it; a residual of another shape stays after the reshape back. Interpreter after the
+    tensor stage and compiled vs numpy."""
+    m, k, n = 7, 19, 37
+    r = np.random.default_rng(len(lead) + 10 * transposed)
+    x, bias = r.standard_normal(lead + (m, k)).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    w = r.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+    skip = r.standard_normal((m, n)).astype(np.float32)
+    t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"
+    ty = t(lead + (m, n))
+    weight = f"%wt = mlc.transpose %w {{perm = [1, 0]}} : ({t(w.shape)}) -> {t((k, n))}" if transposed else ""
+    text = f"""module {{ func.func @f(%x: {t(x.shape)}, %w: {t(w.shape)}, %bias: {t((n,))}, %skip: {t((m, n))}) -> {ty} {{
+      {weight}
+      %y = mlc.matmul %x, {"%wt" if transposed else "%w"} : ({t(x.shape)}, {t((k, n))}) -> {ty}
+      %s = mlc.add %y, %bias : ({ty}, {t((n,))}) -> {ty}
+      %r = mlc.relu %s : ({ty}) -> {ty}
+      %h = mlc.constant {{value = dense<0.5> : tensor<f32>}} : () -> tensor<f32>
+      %q = mlc.mul %r, %h : ({ty}, tensor<f32>) -> {ty}
+      %z = mlc.add %q, %skip : ({ty}, {t((m, n))}) -> {ty}
+      return %z : {ty} }} }}"""
+    want = np.maximum(x @ (w.T if transposed else w) + bias, 0) * 0.5 + skip
+    staged = mlc.run_passes(mlc.parse(text), "cpu-tensor")
+    assert f"-> {t((int(np.prod(lead)) * m, n))}" in str(staged)
+    np.testing.assert_allclose(mlc.interpret(staged, "f", x, w, bias, skip), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](x, w, bias, skip), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_batch_of_one_reads_the_weights_in_place():
     """The few-rows path packs nothing: no packed buffer in the loops of a b1 nn.Linear-shaped product."""
     text = """module { func.func @f(%x: tensor<1x64xf32>, %w: tensor<32x64xf32>) -> tensor<1x32xf32> {
