@@ -13,6 +13,7 @@ import llvmlite.binding as llvm
 
 from mlc.ir import collectives
 
+from . import threads
 from .distributed import CALLBACKS
 
 _lock = threading.RLock()
@@ -44,7 +45,9 @@ def host_vector_bytes() -> int:
 
 
 # --- threads: native code hands large parallel loops to `mlc_parallel_for` -------------------------------
+# The native pool of runtime/threads.py, built once; where it cannot be built, `_parallel_for` (Python).
 
+_native_pool: threads.NativePool | bool | None = None  # (False: could not be built)
 _CHUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 _chunks: dict[int, object] = {}
 _pool = None
@@ -60,8 +63,31 @@ def _workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) // getattr(collectives.current(), "local_size", 1))
 
 
+def native_pool() -> threads.NativePool | None:
+    """The native thread pool, built on first use with its thread count refreshed from `_workers()`;
+    None where it could not be built."""
+    global _native_pool
+    with _lock:
+        if _native_pool is None:
+            _native_pool = False
+            if threads.SUPPORTED:
+                try:
+                    for name, address in threads.libc_functions().items():
+                        llvm.add_symbol(name, address)
+                    tm = target_machine()
+                    engine = llvm.create_mcjit_compiler(optimise(threads.POOL, tm), tm)
+                    engine.finalize_object()
+                    _native_pool = threads.NativePool(engine)
+                except (OSError, AttributeError, RuntimeError):  # (no such C function, or LLVM refused): Python's pool
+                    pass
+        if _native_pool:
+            _native_pool.threads = _workers()
+        return _native_pool or None
+
+
 def _parallel_for(fn: int, ctx: int, lo: int, hi: int):
-    """Split [lo, hi) into one chunk per thread; ctypes releases the GIL while each chunk runs."""
+    """The fallback: [lo, hi) split into one chunk per thread of a Python pool; ctypes releases the GIL
+    while each chunk runs."""
     global _pool
     chunk = _chunks.get(fn)
     if chunk is None:
@@ -87,7 +113,11 @@ _parallel_for_c = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctype
 def _provide(symbols):
     """Make the runtime's functions (threads, collectives: runtime/distributed.py) and libm functions
     (tanhf, erff, ...) resolvable by the JIT."""
-    for name, fn in {"mlc_parallel_for": _parallel_for_c, **CALLBACKS}.items():
+    if "mlc_parallel_for" not in _symbols:
+        pool = native_pool()
+        llvm.add_symbol("mlc_parallel_for", pool.parallel_for if pool else ctypes.cast(_parallel_for_c, ctypes.c_void_p).value)
+        _symbols.add("mlc_parallel_for")
+    for name, fn in CALLBACKS.items():
         if name not in _symbols:
             llvm.add_symbol(name, ctypes.cast(fn, ctypes.c_void_p).value)
             _symbols.add(name)
@@ -129,6 +159,7 @@ class JitModule:
         with _lock:
             _initialise()
             _provide(libm_symbols)
+            native_pool()  # (MLC_NUM_THREADS and the communicator now: read again for each module and function)
             self.libm_symbols = sorted(libm_symbols)
             self.tm = target_machine()
             if object_code is None:
@@ -142,6 +173,7 @@ class JitModule:
 
     def address(self, name: str) -> int:
         with _lock:
+            native_pool()
             return self.engine.get_function_address(name)
 
     def global_address(self, name: str) -> int:
