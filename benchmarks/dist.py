@@ -1,6 +1,6 @@
 """Data-parallel training steps on 1 and 2 processes (MPI), for the digits MLP and CNN; prints one table.
 
-    python benchmarks/dist.py [--batch-size 64] [--steps 30] [--processes 1 2] [--models mlp cnn]
+    python benchmarks/dist.py [--batch-size 64] [--steps 30] [--processes 1 2] [--models mlp cnn] [--no-sync-batch-norm]
 
 For each model and number of processes N it starts `mpiexec -n N` on this script's worker, which
 compiles the training step as `mlc train` does (with `data-parallel` when N > 1), gives every
@@ -63,7 +63,7 @@ class TimedCommunicator:
         return self.inner.bcast(array, root)
 
 
-def worker(model: str, batch_size: int, steps: int, warmup: int) -> None:
+def worker(model: str, batch_size: int, steps: int, warmup: int, sync_batch_norm: bool = True) -> None:
     """One process of the measurement: prints a JSON line (rank 0)."""
     import mlc
     from mlc.api import run_passes
@@ -78,7 +78,7 @@ def worker(model: str, batch_size: int, steps: int, warmup: int) -> None:
     loss = module.functions["loss"]
     data = load_data("digits", loss, "train")
     n = len(next(iter(data.values())))
-    o = Options(batch_size=batch_size, lr=3e-3)
+    o = Options(batch_size=batch_size, lr=3e-3, sync_batch_norm=sync_batch_norm)
     run_passes(module, train_step_pipeline(o, -(-n // batch_size), data_parallel=comm.size > 1))
     loss.attributes["sym_visibility"] = StringAttr("private")
     reduced = sum(math.prod(op.operands[0].type.shape) * op.operands[0].type.element.np_dtype.itemsize
@@ -113,10 +113,12 @@ def main(argv=None) -> int:
     p.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--timeout", type=float, default=300, help="seconds per measurement before it is killed")
+    p.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch norm with the global batch's statistics (default), or each process's own")
     p.add_argument("--worker", choices=list(MODELS), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.batch_size, a.steps, a.warmup)
+        worker(a.worker, a.batch_size, a.steps, a.warmup, a.sync_batch_norm)
         return 0
     launcher = mpiexec()
     if launcher is None:
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
     for model in a.models:
         for n in a.processes:
             code, out = run([launcher, "-n", str(n), sys.executable, "-m", "mpi4py", __file__, "--worker", model,
-                             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup)], a.timeout)
+                             "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                             "--sync-batch-norm" if a.sync_batch_norm else "--no-sync-batch-norm"], a.timeout)
             line = next((s for s in out.splitlines() if s.startswith("{")), None)
             if code != 0 or line is None:
                 print(f"{model} on {n} process(es) failed (exit status {code}; None: timed out):\n{out[-2000:]}", file=sys.stderr)

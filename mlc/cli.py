@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model's trainable globals",
                        description="Train FILE's trainable globals on DATA: shuffled mini-batches through one compiled "
                                    "step (loss, gradients, optimiser), a progress bar, per-epoch evaluation and "
-                                   "checkpoints that survive interruption. Under 'mpiexec -n N', data-parallel over N processes.")
+                                   "checkpoints that survive interruption. Under 'mpiexec -n N', data-parallel over N processes; a "
+                                   "process that waits more than MLC_COLLECTIVE_TIMEOUT seconds (default 600) for the others "
+                                   "ends the job.")
     t.add_argument("file", metavar="FILE")
     t.add_argument("--data", required=True, metavar="DATA",
                    help="an .npz with an array per argument of the loss (by name), or 'digits' (scikit-learn's 8x8 digits, train split)")
@@ -110,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--backend", default="cpu", choices=["cpu", "cuda"], help="where the steps run (default cpu)")
     t.add_argument("--precision", choices=["bf16", "f16"], help="products and convolutions in half precision (weights stay f32)")
+    t.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="under 'mpiexec -n N': batch norm normalises with the global batch's statistics, as one process "
+                        "would (default); --no-sync-batch-norm: with each process's own share's")
     add_optimizer_arguments(t, train=True)
     t.set_defaults(func=cmd_train)
 
@@ -296,8 +301,8 @@ def cmd_train(args):
             message = f"{args.file}: internal error: {type(e).__name__}: {e}" + \
                 (f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else "")
         print(f"{message}\nmlc train: process {comm.rank} of {comm.size} failed; ending the others", file=sys.stderr, flush=True)
-        from mpi4py import MPI
-        MPI.COMM_WORLD.Abort(1)
+        from mlc.runtime.distributed import abort
+        abort()
         raise
 
 
@@ -313,7 +318,7 @@ def run_train(args):
     o.epochs, o.batch_size, o.seed = args.epochs, args.batch_size, args.seed
     o.checkpoint_dir, o.checkpoint_every, o.resume, o.plot = args.checkpoint_dir, args.checkpoint_every, args.resume, args.plot
     o.progress = not args.quiet
-    o.backend, o.precision = args.backend, args.precision
+    o.backend, o.precision, o.sync_batch_norm = args.backend, args.precision, args.sync_batch_norm
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
     from mlc.ir.collectives import current
     from mlc.train import LosslessOutput

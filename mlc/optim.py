@@ -16,6 +16,8 @@ Each process calls it with its own share of the global batch (e.g. the rows
 `np.array_split(batch, N)[rank]`); the step averages the gradients over the processes, weighted by
 their numbers of examples, so for a loss that is a mean over the batch every process applies the
 global batch's gradient. At its first call the step gives every process rank 0's parameters.
+Batch norm in training normalises with the global batch's statistics (`sync_batch_norm=True`, the
+default; False: each process's own, as torch's DDP without SyncBatchNorm).
 """
 from __future__ import annotations
 
@@ -188,12 +190,13 @@ class TrainStep:
     optimiser's parameters, and the update. With model=None, step(*batch) computes loss_fn(*batch)."""
 
     def __init__(self, model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                 precision: str | None = None, data_parallel: bool = False):
+                 precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.backend, self.dynamic_batch, self.precision = backend, dynamic_batch, precision
         self.programs: dict = {}
         self.program = None
         self.data_parallel, self.synchronised = data_parallel, not data_parallel
+        self.sync_batch_norm = sync_batch_norm
         if data_parallel:
             from .train import join_world
             join_world()
@@ -224,7 +227,7 @@ class TrainStep:
         loss.attributes["sym_visibility"] = StringAttr("private")
         o = self.optimizer
         TrainStepPass(loss=loss.sym_name, optimizer=o.kind, lr=float(o.param_groups[0]["lr"]), schedule="global",
-                      **{"data-parallel": self.data_parallel}, **o.pass_options()).run(module)
+                      **{"data-parallel": self.data_parallel, "sync-batch-norm": self.sync_batch_norm}, **o.pass_options()).run(module)
         return Program(module, self.backend or default_backend(), traced.globals, o, self.precision)
 
     def __call__(self, *batch):
@@ -247,9 +250,10 @@ class TrainStep:
 
 
 def compile_train_step(model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                       precision: str | None = None, data_parallel: bool = False) -> TrainStep:
+                       precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True) -> TrainStep:
     """One compiled function for a whole training step (see the module docstring); precision "bf16"
     or "f16" runs its products and convolutions (forward and backward) in half precision, the
     weights and the optimiser in f32. data_parallel: each process of an MPI world gives the step its
-    share of the global batch, and the step applies the global batch's gradient (see above)."""
-    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision, data_parallel)
+    share of the global batch, and the step applies the global batch's gradient (see above);
+    sync_batch_norm: batch norm uses the global batch's statistics."""
+    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision, data_parallel, sync_batch_norm)

@@ -58,6 +58,7 @@ class Options:
     progress: bool = True
     backend: str = "cpu"          # where the steps run: cpu or cuda
     precision: str | None = None  # bf16 / f16: products and convolutions in half precision
+    sync_batch_norm: bool = True  # data-parallel: batch norm uses the global batch's statistics
 
 
 def train_step_pipeline(o, steps_per_epoch: int = 1, data_parallel: bool = False) -> str:
@@ -71,7 +72,7 @@ def train_step_pipeline(o, steps_per_epoch: int = 1, data_parallel: bool = False
     if o.schedule == "step":
         opts.append(f"step-size={max(1, steps_per_epoch)}")
     if data_parallel:
-        opts.append("data-parallel=true")
+        opts.append("data-parallel=true" + ("" if o.sync_batch_norm else " sync-batch-norm=false"))
     return "train_step{" + " ".join(opts) + "}"
 
 
@@ -288,7 +289,7 @@ def fit(module, o: Options, output: str | None = None, out=sys.stderr):
     # (the same for any number of processes: a checkpoint resumes with another)
     fingerprint = hashlib.sha256(json.dumps([str(module), pipeline, o.data, o.batch_size, seed]).encode()).hexdigest()
     if parallel:
-        _check_agreement(comm, o.data, examples=n, setup=int(fingerprint[:15], 16))
+        _check_agreement(comm, o.data, examples=n, setup=int(fingerprint[:15], 16), sync_batch_norm=int(o.sync_batch_norm))
         pipeline = train_step_pipeline(o, steps_per_epoch, data_parallel=True)
     run_passes(module, pipeline)
     loss_fn.attributes["sym_visibility"] = StringAttr("private")  # inlined into @train_step: no code of its own

@@ -17,6 +17,16 @@ a global batch, and the step makes the processes agree:
     (a process with no examples adds nothing). It comes before clipping, which sees the global norm.
   - random ops (dropout's masks) draw from a stream per process: the key's seed plus rank * 2**40
     (process 0 draws what a single process draws), while the key globals stay the same everywhere.
+  - with `sync-batch-norm` (the default; as torch.nn.SyncBatchNorm), every batch norm that may train
+    normalises with the statistics of the global batch: each process sums, per channel, x - s and
+    (x - s)^2 (s: the running mean, a shift the processes share, so the variance E[(x-s)^2] - E[x-s]^2
+    loses little to rounding) and counts its elements; one all-reduce of those 2C + 1 numbers gives
+    the global mean and (biased) variance, and the running statistics move by them. The gradient
+    follows: the all-reduce's gradient is the all-reduce of the cotangents of the sums (torch's
+    all-reduced sums of dy and dy * x-hat). The objective is then the sum over processes of c times
+    each one's loss (c: its number of examples), so the step differentiates c * loss and all-reduces
+    the gradients as they are, dividing by the sum of c. With sync-batch-norm=false each process
+    normalises with its own batch's statistics (torch's DistributedDataParallel without SyncBatchNorm).
 
 The update rules are torch.optim's, in its order of operations:
   sgd    momentum, dampening, nesterov, weight-decay (L2 added to the gradient)
@@ -38,6 +48,7 @@ from mlc.ir.diagnostics import error
 from mlc.ir.types import TensorType, f64, i64
 
 from .builder import OpBuilder
+from .canonicalize import constant_value
 from .grad import differentiate
 from .inline import inline_call
 from .manager import Pass
@@ -111,7 +122,7 @@ class TrainStep(Pass):
     options = {"loss": "", "name": "train_step", "optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "dampening": 0.0,
                "nesterov": False, "weight-decay": "default", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
                "clip-norm": 0.0, "schedule": "constant", "step-size": 1, "gamma": 0.1, "t-max": 1, "eta-min": 0.0,
-               "data-parallel": False}
+               "data-parallel": False, "sync-batch-norm": True}
 
     def run(self, module: Module) -> None:
         o = dict(self.values)
@@ -133,7 +144,10 @@ class TrainStep(Pass):
         if not params:
             raise error(f.loc, "train_step: the module has no trainable globals (mark weights `{trainable}`)")
 
-        grad_fn = differentiate(module, f, "globals")
+        synchronised = o["data-parallel"] and o["sync-batch-norm"] and _synchronise_batch_norms(module, f)
+        grad_fn = differentiate(module, synchronised or f, "globals")
+        if synchronised:
+            synchronised.detach()
         step = FuncOp.build(o["name"], list(f.type.inputs), [f.type.results[0]], [a.name_hint for a in f.args], loc=f.loc)
         module.body.insert_after(grad_fn, step)
         b = Builder.at_end(step.body, module)
@@ -157,7 +171,7 @@ class TrainStep(Pass):
         else:
             lr = _learning_rate(d, o, t)
         if o["data-parallel"]:
-            loss, grads = _data_parallel(d, step, {p.attr("sym_name") for p in params}, loss, grads)
+            loss, grads = _data_parallel(d, step, {p.attr("sym_name") for p in params}, loss, grads, weighted=bool(synchronised))
         if o["clip-norm"] > 0:
             grads = _clip_by_global_norm(d, grads, o["clip-norm"])
         for param, g in zip(params, grads):
@@ -190,9 +204,10 @@ RANDOM_OPS = ("mlc.dropout", "mlc.random_uniform", "mlc.random_normal")  # opera
 RANK_STRIDE = 1 << 40  # added to the seed per rank: a different Philox key, hence an independent stream
 
 
-def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list):
+def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list, weighted: bool = False):
     """The step's share of a data-parallel world (see the module docstring); returns the averaged loss
-    and gradients. `d` appends at the end of the step."""
+    and gradients. `d` appends at the end of the step. weighted: the loss and the gradients are
+    already multiplied by the process's number of examples (a synchronised loss)."""
     body = step.body
     first = body.ops[0]
     at_top = d.before(first)
@@ -217,12 +232,77 @@ def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list):
         else:
             op.detach()
             moved.append(op)
-    loss, *rest = _average(d, [loss, *grads, *(op.operands[0] for op in moved)], _examples(d, step))
+    values = [loss, *grads, *(op.operands[0] for op in moved)]
+    loss, *rest = _average(d, values, _examples(d, step), weighted=range(1 + len(grads)) if weighted else ())
     grads, stored = rest[:len(grads)], rest[len(grads):]
     for op, value in zip(moved, stored):
         op.set_operand(0, value)
         body.append(op)  # (d appends at the end: the step has no return yet)
     return loss, grads
+
+
+def _synchronise_batch_norms(module: Module, f: FuncOp) -> FuncOp | None:
+    """A private copy of the loss f, its calls inlined, in which every batch norm that may train uses
+    the global batch's statistics, returning c * loss (see the module docstring); None when f has no
+    such batch norm."""
+    g = FuncOp.build(f"{f.sym_name}.synchronised", list(f.type.inputs), [f.type.results[0]], [a.name_hint for a in f.args],
+                     loc=f.loc, private=True)
+    module.body.insert_after(f, g)
+    b = Builder.at_end(g.body, module)
+    b.loc = f.loc
+    call = b.create("func.call", list(g.args), {"callee": SymbolRefAttr(f.sym_name)}, result_types=list(f.type.results))
+    loss = inline_call(call, f)[0]
+    for _ in range(64):  # (a recursive call stays: grad reports it)
+        calls = [op for op in g.body if op.name == "func.call" and op.attr("callee") in module.functions]
+        if not calls:
+            break
+        for call in calls:
+            inline_call(call, module.functions[call.attr("callee")])
+    norms = [op for op in g.body.walk() if op.name == "mlc.batch_norm" and not _never_trains(op)]
+    if not norms:
+        g.detach()
+        return None
+    for op in norms:
+        here = Builder.before(op, module)
+        here.loc = op.loc
+        op.replace_with(_synchronised_batch_norm(OpBuilder(here), op))
+    d = OpBuilder(b)
+    c = d("mlc.cast", _examples(d, g), result_type=TensorType((), loss.type.element))
+    b.create("func.return", [d("mlc.mul", loss, c)], result_types=[])
+    return g
+
+
+def _never_trains(op) -> bool:
+    """A batch norm whose training operand is the constant false."""
+    training = constant_value(op.operands[5])
+    return training is not None and not np.asarray(training).any()
+
+
+def _synchronised_batch_norm(d, op) -> list:
+    """mlc.batch_norm's decomposition (ir/dialects/mlc.py) with the batch statistics of the world:
+    one all-reduce of the per-channel sums of x - s and (x - s)^2, s the running mean, and the count."""
+    x, w, b, rm, rv, training = op.operands
+    rank, channels = x.type.rank, x.type.shape[1]
+    axes = [0] + list(range(2, rank))
+    per_channel = lambda v: d.reshape(v, (1, channels) + (1,) * (rank - 2))  # noqa: E731
+    k = lambda v: d.scalar(v, x)  # noqa: E731
+    piece = lambda v, start, n: d("mlc.slice", v, start=[start], limit=[start + n])  # noqa: E731
+    shifted = d("mlc.sub", x, per_channel(rm))
+    sums = d("mlc.reduce_sum", shifted, axes=axes)
+    squares = d("mlc.reduce_sum", d("mlc.mul", shifted, shifted), axes=axes)
+    count = piece(d("mlc.reduce_sum", d.expand(k(1), x), axes=axes), 0, 1)
+    total = d("mlc.all_reduce", d("mlc.concat", sums, squares, count, axis=0), reduction="sum")
+    n = d.reshape(piece(total, 2 * channels, 1), ())
+    offset = d("mlc.div", piece(total, 0, channels), n)  # E[x - s]
+    mean = d("mlc.add", offset, rm)
+    var = d("mlc.maximum", d("mlc.sub", d("mlc.div", piece(total, channels, channels), n), d("mlc.mul", offset, offset)), k(0))
+    use_mean, use_var = d("mlc.select", training, mean, rm), d("mlc.select", training, var, rv)
+    scale = d("mlc.mul", d("mlc.rsqrt", d("mlc.add", use_var, k(op.attr("eps")))), w)
+    y = d("mlc.add", d("mlc.mul", d("mlc.sub", x, per_channel(use_mean)), per_channel(scale)), per_channel(b))
+    unbiased = d("mlc.div", d("mlc.mul", var, n), d("mlc.sub", n, k(1)))
+    m = op.attr("momentum")
+    moved = [d("mlc.add", d("mlc.mul", old, k(1 - m)), d("mlc.mul", new, k(m))) for old, new in ((rm, mean), (rv, unbiased))]
+    return [y, d("mlc.select", training, moved[0], rm), d("mlc.select", training, moved[1], rv)]
 
 
 def _examples(d, step: FuncOp) -> Value:
@@ -234,9 +314,10 @@ def _examples(d, step: FuncOp) -> Value:
     return d.reshape(d("mlc.slice", shape, start=[0], limit=[1]), ())
 
 
-def _average(d, values: list, count: Value) -> list:
+def _average(d, values: list, count: Value, weighted=()) -> list:
     """Each value averaged over the world, weighted by count: sum(count * value) / sum(count), with one
-    all-reduce of the flattened values (and the count) per element type."""
+    all-reduce of the flattened values (and the count) per element type. The values at the indices
+    `weighted` are count * value already."""
     out = [None] * len(values)
     by_type: dict = {}
     for i, v in enumerate(values):  # (gradients of globals, a scalar loss and stored globals: static shapes)
@@ -244,7 +325,8 @@ def _average(d, values: list, count: Value) -> list:
     has_examples = d("mlc.gt", count, d.scalar(0, count))
     for element, members in by_type.items():
         c = d("mlc.cast", count, result_type=TensorType((), element))
-        parts = [d.reshape(d("mlc.select", has_examples, d("mlc.mul", values[i], c), d.scalar(0, values[i])),
+        parts = [d.reshape(d("mlc.select", has_examples, values[i] if i in weighted else d("mlc.mul", values[i], c),
+                                      d.scalar(0, values[i])),  # (a process without examples: its mean is nan)
                            (math.prod(values[i].type.shape),)) for i in members]
         parts.append(d.reshape(c, (1,)))
         flat = d("mlc.concat", *parts, axis=0) if len(parts) > 1 else parts[0]

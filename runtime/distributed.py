@@ -17,17 +17,36 @@ functions runtime/jit.py hands the JIT:
 
 `dtype` indexes ELEMENT_CODES and `reduction` REDUCTIONS (ir/collectives.py). A failure is reported
 on standard error and the compiled function stops with a located error.
+
+A process that waits too long in a collective ends the job: MPI's collectives block until every
+process joins, so one hung process (alive, not crashed: a deadlock, a stopped process, a lost host)
+would otherwise hold the others forever. Every collective is started non-blocking (Iallreduce,
+Ibcast) and waited for with Test: in a tight loop for the first SPIN_S seconds (the waits of a
+healthy run; MPI's collectives progress only while a process tests, so sleeping here would stall
+them: a 200 kB all-reduce took 8 ms instead of 0.2-1 ms), yielding the core every 64 tests as MPI's
+own waits do (on a shared machine that doubled the steps per second of the worst runs), then with
+sleeps growing to 1 ms, up to MLC_COLLECTIVE_TIMEOUT seconds (default 600, as
+torch.distributed's; 0: wait forever). Past it the process prints which collective, how large and
+how long it waited, and calls MPI Abort.
 """
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import time
 
 import numpy as np
 
 from mlc.ir import collectives
 from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS, check_root
 from mlc.ir.types import ElementType, round_to_element
+
+TIMEOUT_VARIABLE = "MLC_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
+SPIN_S = 0.2  # waits shorter than this spin on Test (no sleep between tests)
+LONGEST_SLEEP_S = 1e-3
+ABORT_GRACE_S = 0.5  # between a process's last message and MPI Abort
 
 _MPI_NATIVE = {np.dtype(t) for t in (np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
                                      np.uint8, np.uint16, np.uint32, np.uint64)}
@@ -47,6 +66,7 @@ class MPICommunicator:
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()  # (they share this machine's cores)
+        self.timeout = collective_timeout()
 
     def allreduce(self, array: np.ndarray, reduction: str) -> np.ndarray:
         if reduction not in REDUCTIONS:
@@ -56,7 +76,7 @@ class MPICommunicator:
             else np.dtype(np.float32)
         work = np.array(array, dtype=wire, order="C").reshape(-1)
         op = {"sum": self.MPI.SUM, "mean": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[reduction]
-        self.comm.Allreduce(self.MPI.IN_PLACE, work, op=op)
+        self.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=op), "all_reduce", work.nbytes)
         if reduction == "mean":
             work = work / self.size if work.dtype.kind == "f" else work // self.size
         return work.astype(array.dtype).reshape(array.shape)
@@ -64,8 +84,70 @@ class MPICommunicator:
     def bcast(self, array: np.ndarray, root: int) -> np.ndarray:
         check_root(root, self.size)
         work = np.array(array, order="C")
-        self.comm.Bcast([work.reshape(-1).view(np.uint8), self.MPI.BYTE], root=root)
+        self.wait(self.comm.Ibcast([work.reshape(-1).view(np.uint8), self.MPI.BYTE], root=root), "broadcast", work.nbytes)
         return work
+
+    def wait(self, request, what: str, nbytes: int) -> None:
+        """Until request completes (see the module docstring); past the timeout, ends the job."""
+        if request.Test():
+            return
+        started = time.monotonic()
+        pause = 0.0
+        while True:
+            for _ in range(64):
+                if request.Test():
+                    return
+                if pause:
+                    time.sleep(pause)
+            if not pause:
+                os.sched_yield()  # (as MPI's own waits do now and then: a process sharing this core may run)
+            waited = time.monotonic() - started
+            if self.timeout and waited >= self.timeout:
+                self.give_up(what, nbytes, waited)
+            if waited >= SPIN_S:
+                pause = min(LONGEST_SLEEP_S, max(pause * 2, 5e-5))
+
+    def give_up(self, what: str, nbytes: int, waited: float) -> None:
+        print(f"mlc: rank {self.rank}: {what} of {_size(nbytes)} waited {_seconds(waited)} s for the other processes "
+              f"({TIMEOUT_VARIABLE}={self.timeout:g}); ending the job", file=sys.stderr, flush=True)
+        abort(self.comm)
+
+
+def abort(comm=None, code: int = 1) -> None:
+    """MPI Abort: every process of the job ends. The launcher forwards what this process wrote before
+    it ends them, given a moment (without it a process's last words were sometimes lost)."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_GRACE_S)
+    comm.Abort(code)
+
+
+def collective_timeout() -> float:
+    """Seconds a process waits in a collective before ending the job (MLC_COLLECTIVE_TIMEOUT; 0: no limit)."""
+    text = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{TIMEOUT_VARIABLE} must be a number of seconds (0: no limit), got '{text}'")
+    return value
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.0f}" if s >= 10 else f"{s:.1f}"
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.0f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def init(comm=None):
@@ -99,7 +181,7 @@ def _all_reduce(data, count, code, reduction) -> int:
         buf, element = _view(data, count, code)
         buf[...] = round_to_element(np.asarray(collectives.current().allreduce(buf.copy(), REDUCTIONS[reduction])), element)
         return 0
-    except Exception as e:  # (never into native code)
+    except BaseException as e:  # (never into native code: ctypes would drop it, an interrupt in the wait included)
         print(f"mlc: mlc.all_reduce failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
@@ -109,7 +191,7 @@ def _broadcast(data, count, code, root) -> int:
         buf, _ = _view(data, count, code)
         buf[...] = collectives.current().bcast(buf.copy(), int(root))
         return 0
-    except Exception as e:
+    except BaseException as e:
         print(f"mlc: mlc.broadcast failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 

@@ -1,13 +1,15 @@
-"""Data-parallel training: `train_step{data-parallel}` in one process and in a simulated world, then
-`mpiexec -n 2 mlc train` against one process with the same global batch (weights, losses, accuracy,
-a resume), `compile_train_step(..., data_parallel=True)`, and a failing or killed process ending
-the job instead of leaving the other waiting."""
+"""Data-parallel training: `train_step{data-parallel}` in one process and in a simulated world
+(synchronised batch norm in a world of threads), then `mpiexec -n 2 mlc train` against one process
+with the same global batch (weights, losses, accuracy, a resume; a model with batch norm),
+`compile_train_step(..., data_parallel=True)`, and a failing, killed or hung process ending the job
+instead of leaving the other waiting."""
 import importlib.util
 import json
 import os
 import signal
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -42,6 +44,50 @@ MODEL = """module @tiny attributes {seed = 3} {
 
   func.func @loss(%x: tensor<?x8xf32>, %labels: tensor<?xi64>) -> tensor<f32> {
     %logits = func.call @forward(%x) : (tensor<?x8xf32>) -> tensor<?x3xf32>
+    %l = mlc.cross_entropy %logits, %labels : (tensor<?x3xf32>, tensor<?xi64>) -> tensor<f32>
+    return %l : tensor<f32>
+  }
+}
+"""
+# MODEL with batch norm on the hidden layer: @loss trains it (batch statistics, stores the running ones)
+BN_MODEL = """module @norm attributes {seed = 5} {
+  mlc.global @w1 : tensor<8x16xf32> {init = "he_uniform", trainable}
+  mlc.global @bn.weight : tensor<16xf32> {init = "ones", trainable}
+  mlc.global @bn.bias : tensor<16xf32> {init = "zeros", trainable}
+  mlc.global @bn.running_mean : tensor<16xf32> {init = "zeros"}
+  mlc.global @bn.running_var : tensor<16xf32> {init = "ones"}
+  mlc.global @w2 : tensor<16x3xf32> {init = "glorot_uniform", trainable}
+  mlc.global @b2 : tensor<3xf32> {init = "zeros", trainable}
+
+  func.func private @net(%x: tensor<?x8xf32>, %training: tensor<i1>) -> (tensor<?x3xf32>, tensor<16xf32>, tensor<16xf32>) {
+    %w1 = mlc.global_load @w1 : tensor<8x16xf32>
+    %g = mlc.global_load @bn.weight : tensor<16xf32>
+    %b = mlc.global_load @bn.bias : tensor<16xf32>
+    %m = mlc.global_load @bn.running_mean : tensor<16xf32>
+    %v = mlc.global_load @bn.running_var : tensor<16xf32>
+    %w2 = mlc.global_load @w2 : tensor<16x3xf32>
+    %b2 = mlc.global_load @b2 : tensor<3xf32>
+    %z1 = mlc.matmul %x, %w1 : (tensor<?x8xf32>, tensor<8x16xf32>) -> tensor<?x16xf32>
+    %n, %m_next, %v_next = mlc.batch_norm %z1, %g, %b, %m, %v, %training
+      : (tensor<?x16xf32>, tensor<16xf32>, tensor<16xf32>, tensor<16xf32>, tensor<16xf32>, tensor<i1>)
+      -> (tensor<?x16xf32>, tensor<16xf32>, tensor<16xf32>)
+    %h = mlc.tanh %n
+    %z2 = mlc.matmul %h, %w2 : (tensor<?x16xf32>, tensor<16x3xf32>) -> tensor<?x3xf32>
+    %logits = mlc.add %z2, %b2 : (tensor<?x3xf32>, tensor<3xf32>) -> tensor<?x3xf32>
+    return %logits, %m_next, %v_next : tensor<?x3xf32>, tensor<16xf32>, tensor<16xf32>
+  }
+
+  func.func @forward(%x: tensor<?x8xf32>) -> tensor<?x3xf32> {
+    %eval = mlc.constant dense<false> : tensor<i1>
+    %logits, %m, %v = func.call @net(%x, %eval) : (tensor<?x8xf32>, tensor<i1>) -> (tensor<?x3xf32>, tensor<16xf32>, tensor<16xf32>)
+    return %logits : tensor<?x3xf32>
+  }
+
+  func.func @loss(%x: tensor<?x8xf32>, %labels: tensor<?xi64>) -> tensor<f32> {
+    %train = mlc.constant dense<true> : tensor<i1>
+    %logits, %m, %v = func.call @net(%x, %train) : (tensor<?x8xf32>, tensor<i1>) -> (tensor<?x3xf32>, tensor<16xf32>, tensor<16xf32>)
+    mlc.global_store @bn.running_mean, %m : tensor<16xf32>
+    mlc.global_store @bn.running_var, %v : tensor<16xf32>
     %l = mlc.cross_entropy %logits, %labels : (tensor<?x3xf32>, tensor<?xi64>) -> tensor<f32>
     return %l : tensor<f32>
   }
@@ -124,6 +170,127 @@ def test_other_ranks_draw_other_dropout_masks():
     np.testing.assert_array_equal(globals_one["rng"], [7, 1])  # the key global itself is the same everywhere
 
 
+# --- synchronised batch norm ----------------------------------------------------------------------------
+
+class ThreadWorld:
+    """A world of `size` threads of this process (rank: the calling thread's), whose collectives meet
+    at a barrier: what several processes do, in one."""
+
+    def __init__(self, size):
+        self.size = self.local_size = size
+        self.local = threading.local()
+        self.slots = [None] * size
+        self.barrier = threading.Barrier(size, timeout=60)
+
+    @property
+    def rank(self):
+        return self.local.rank
+
+    def allreduce(self, a, reduction):
+        self.slots[self.rank] = np.array(a)
+        self.barrier.wait()
+        p = np.stack(self.slots)
+        out = {"sum": p.sum(0), "mean": p.mean(0), "max": p.max(0), "min": p.min(0)}[reduction].astype(p.dtype)
+        self.barrier.wait()
+        return out
+
+    def bcast(self, a, root):
+        self.slots[self.rank] = np.array(a)
+        self.barrier.wait()
+        out = self.slots[root].copy()
+        self.barrier.wait()
+        return out
+
+    def run(self, fn):
+        """fn(rank) on every rank, each in its thread; their results by rank."""
+        results, errors = [None] * self.size, []
+        def main(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as e:
+                errors.append(e); self.barrier.abort()
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(self.size)]
+        with using(self):
+            for t in threads: t.start()
+            for t in threads: t.join()
+        if errors: raise errors[0]
+        return results
+
+
+
+def bn_batches():
+    """The 45 examples in global batches of 7 (the last one 3)."""
+    return [np.arange(b, min(b + 7, 45)) for b in range(0, 45, 7)]
+
+
+def trained_in(world, pipeline, batches=None):
+    """(losses, globals) of each rank after an epoch of the interpreter on BN_MODEL (by default in
+    bn_batches()), each rank taking its contiguous share of every global batch (world None: one process)."""
+    m = mlc.parse(BN_MODEL)
+    run_passes(m, pipeline)
+    d = data()
+
+    def train(rank):
+        interp = Interpreter(m)
+        losses = []
+        for idx in batches or bn_batches():
+            mine = np.array_split(idx, world.size)[rank] if world else idx
+            losses.append(float(interp.call_public("train_step", (d["x"][mine], d["labels"][mine]))))
+        return losses, {k: np.array(v) for k, v in interp.globals.items()}
+    return world.run(train) if world else [train(0)]
+
+
+def test_synchronised_batch_norm_all_reduces_its_sums_forward_and_backward():
+    for sync, want in (("true", 3), ("false", 1)):
+        m = mlc.parse(BN_MODEL)
+        run_passes(m, f"train_step{{loss=@loss data-parallel=true sync-batch-norm={sync}}}")
+        reduces = [op for op in m.functions["train_step"].body.walk() if op.name == "mlc.all_reduce"]
+        # the statistics (forward), their cotangents (backward), then the gradients
+        assert len(reduces) == want, sync
+        if sync == "true":
+            assert [op.operands[0].type.shape for op in reduces[:2]] == [(33,), (33,)]  # 16 sums, 16 squares, the count
+        assert sorted(m.functions) == ["forward", "loss", "net", "train_step"]  # (the synchronised copy is gone)
+        assert not any(op.name == "mlc.all_reduce" for op in m.functions["net"].body.walk())  # inference is untouched
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_synchronised_batch_norm_trains_as_one_process(size):
+    """Shares of 4 and 3 (3, 2 and 2), a last batch of 3 (a process with one example): with the global
+    batch's statistics, N processes give one process's losses, weights, optimiser state and running
+    statistics; with each process's own statistics they do not."""
+    pipeline = "train_step{loss=@loss lr=0.01 clip-norm=0.5}"
+    (want_losses, want), = trained_in(None, pipeline)
+    parallel = pipeline.replace("}", " data-parallel=true}")
+    for rank, (losses, got) in enumerate(trained_in(ThreadWorld(size), parallel)):
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=f"rank {rank}")
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=f"rank {rank}: {name}")
+    (losses, got), *_ = trained_in(ThreadWorld(size), parallel.replace("}", " sync-batch-norm=false}"))
+    assert not np.allclose(got["w1"], want["w1"], rtol=1e-3, atol=1e-4)
+
+
+def test_the_option_reaches_the_pass():
+    from mlc.cli import build_parser
+    from mlc.train import train_step_pipeline
+    for flag, want in (([], True), (["--no-sync-batch-norm"], False)):
+        args = build_parser().parse_args(["train", "m.ir", "--data", "digits", *flag])
+        assert args.sync_batch_norm is want
+        pipeline = train_step_pipeline(Options(sync_batch_norm=want), data_parallel=True)
+        assert ("sync-batch-norm=false" in pipeline) is not want and "data-parallel=true" in pipeline
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # (the interpreter's loss of no examples)
+def test_synchronised_batch_norm_with_a_process_without_examples():
+    """A global batch of one example: process 1 has none (its loss is nan), and adds nothing."""
+    batches = [np.arange(0, 7), np.arange(7, 8), np.arange(8, 15)]
+    (want_losses, want), = trained_in(None, "train_step{loss=@loss lr=0.01}", batches)
+    for losses, got in trained_in(ThreadWorld(2), "train_step{loss=@loss lr=0.01 data-parallel=true}", batches):
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+        for name in ("w1", "bn.weight", "bn.bias", "w2", "b2", "bn.running_mean"):
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
 # --- real processes ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -140,14 +307,15 @@ def mpi(tmp_path_factory):
     if code != 0:
         pytest.skip(f"MPI cannot start 2 processes here ({mpiexec}): {out[-500:]}")
     (folder / "tiny.ir").write_text(MODEL)
+    (folder / "bn.ir").write_text(BN_MODEL)
     np.savez(folder / "d.npz", **data())
     return mpiexec, folder
 
 
-def mlc_train(mpi, *args, script=None, timeout=90):
+def mlc_train(mpi, *args, script=None, timeout=90, model="tiny.ir"):
     mpiexec, folder = mpi
     command = [sys.executable, script] if script else [sys.executable, "-m", "mlc.cli"]
-    return run_session([mpiexec, "-n", "2", *command, "train", "tiny.ir", *TRAIN, *args], folder, timeout)
+    return run_session([mpiexec, "-n", "2", *command, "train", model, *TRAIN, *args], folder, timeout)
 
 
 def checkpoint(path) -> tuple[dict, dict]:
@@ -173,6 +341,19 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_resume(mpi):
     assert (folder / "two.mlcz").exists()
 
 
+def test_two_processes_train_a_batch_norm_model_as_one(mpi):
+    """Compiled code, MPI: batch norm's statistics over the global batch make two processes one."""
+    _, folder = mpi
+    one = fit(mlc.parse(BN_MODEL), options(folder, epochs=2))
+    code, out = mlc_train(mpi, "--epochs", "2", "--checkpoint-dir", "bn-ckpt", "-o", "bn.mlcz", model="bn.ir")
+    assert code == 0, f"exit status {code} (None: timed out)\n{out}"
+    weights, state = checkpoint(folder / "bn-ckpt" / "checkpoint.npz")
+    for name, value in one.globals.items():
+        np.testing.assert_allclose(weights[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(state["losses"], one.history["losses"], rtol=1e-5)
+    assert state["metrics"] == one.history["metrics"]
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import mlc.train
@@ -194,9 +375,12 @@ KILLER = textwrap.dedent("""
 @pytest.mark.parametrize("action, message", [
     ("os.kill(os.getpid(), signal.SIGKILL)", "signal 9"),
     ("raise RuntimeError('boom')", "process 1 of 2 failed; ending the others"),
+    # alive but stuck: rank 0 gives up waiting in the step's all-reduce
+    ("os.kill(os.getpid(), signal.SIGSTOP)", "rank 0: all_reduce of 788 bytes waited 10 s for the other processes"),
 ])
-def test_a_process_that_dies_ends_the_job(mpi, action, message):
+def test_a_process_that_dies_or_hangs_ends_the_job(mpi, monkeypatch, action, message):
     _, folder = mpi
+    monkeypatch.setenv("MLC_COLLECTIVE_TIMEOUT", "10")  # (not less: the processes compile at their own pace)
     script = folder / "dies.py"
     script.write_text(KILLER.replace("{at}", "3").replace("{action}", action))
     code, out = mlc_train(mpi, "--epochs", "50", script=str(script), timeout=60)
@@ -212,7 +396,8 @@ API = textwrap.dedent("""
 
     def model_and_step(data_parallel):
         mlc.manual_seed(1)
-        model = mlc.nn.Sequential(mlc.nn.Linear(8, 16), mlc.nn.Tanh(), mlc.nn.Linear(16, 3))
+        # (batch norm synchronised; no bias before it: its gradient is 0 up to rounding, which Adam amplifies)
+        model = mlc.nn.Sequential(mlc.nn.Linear(8, 16, bias=False), mlc.nn.BatchNorm1d(16), mlc.nn.Tanh(), mlc.nn.Linear(16, 3))
         opt = mlc.optim.Adam(model.parameters(), lr=0.05)
         step = mlc.compile_train_step(model, F.cross_entropy, opt, backend="interp", data_parallel=data_parallel)
         return model, step  # (the interpreter: no compile time; `mlc train` checks compiled code)

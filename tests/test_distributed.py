@@ -2,6 +2,7 @@
 their meaning in one process, in a simulated world and across two real MPI processes, their gradients,
 what passes may do with them, and compiled code against the interpreter."""
 import importlib.util
+import re
 import sys
 import textwrap
 
@@ -304,12 +305,17 @@ MPI_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_two_mpi_processes(tmp_path):
+def mpiexec_or_skip() -> str:
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip("mpi4py is not installed (pip install 'mlc[dist]')")
     mpiexec = find_mpiexec()
     if mpiexec is None:
         pytest.skip("no mpiexec (the mpich wheel has one: pip install 'mlc[dist]')")
+    return mpiexec
+
+
+def test_two_mpi_processes(tmp_path):
+    mpiexec = mpiexec_or_skip()
     script = tmp_path / "collectives.py"
     script.write_text(MPI_SCRIPT)
     # (`-m mpi4py` aborts the whole world when a process fails, instead of leaving the other waiting)
@@ -322,3 +328,79 @@ def test_two_mpi_processes(tmp_path):
             pytest.skip(f"MPI cannot start 2 processes here ({mpiexec}): {hello_out[-500:]}")
     assert code == 0, f"exit status {code} (None: timed out)\n{out}"
     assert "rank 0 of 2: ok" in out and "rank 1 of 2: ok" in out, out
+
+
+# --- a process that hangs ----------------------------------------------------------------------------
+
+HANG_SCRIPT = textwrap.dedent('''
+    import os, signal, sys
+    import numpy as np
+    import mlc, mlc.distributed
+
+    world = mlc.distributed.init()
+    exe = mlc.compile(mlc.parse("""module {
+      func.func @f(%x: tensor<?xf32>) -> tensor<?xf32> {
+        %s = mlc.all_reduce %x {reduction = "sum"} : (tensor<?xf32>) -> tensor<?xf32>
+        return %s : tensor<?xf32>
+      }
+    }"""), cache=False)
+    x = np.ones(50_000, np.float32)
+    assert exe["f"](x)[0] == 2  # (both processes are there)
+    if world.rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # alive, and never coming to the next all-reduce
+    exe["f"](x)
+    print("rank", world.rank, "was not stopped", flush=True)
+''')
+
+
+def test_a_process_that_hangs_ends_the_job_after_the_timeout(tmp_path, monkeypatch):
+    """Rank 1 stops itself before an all-reduce of compiled code; rank 0 waits MLC_COLLECTIVE_TIMEOUT
+    seconds, says so and ends the job."""
+    mpiexec = mpiexec_or_skip()
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT)
+    monkeypatch.setenv("MLC_COLLECTIVE_TIMEOUT", "3")
+    code, out = run_session([mpiexec, "-n", "2", sys.executable, str(script)], tmp_path, timeout=90)
+    assert code is not None, f"the job hung\n{out}"
+    assert code != 0 and "not stopped" not in out, out
+    assert re.search(r"mlc: rank 0: all_reduce of 200 kB waited 3\.\d s for the other processes "
+                     r"\(MLC_COLLECTIVE_TIMEOUT=3\); ending the job", out), out
+
+
+@pytest.mark.parametrize("text, seconds", [("", 600.0), ("2.5", 2.5), ("0", 0.0), ("soon", None), ("-1", None), ("nan", None)])
+def test_the_collective_timeout_variable(monkeypatch, text, seconds):
+    from mlc.runtime.distributed import collective_timeout
+    monkeypatch.setenv("MLC_COLLECTIVE_TIMEOUT", text)
+    if seconds is None:
+        with pytest.raises(ValueError, match="MLC_COLLECTIVE_TIMEOUT must be a number of seconds"):
+            collective_timeout()
+    else:
+        assert collective_timeout() == seconds
+
+
+class FakeRequest:
+    """Completes at its `tests`-th Test."""
+
+    def __init__(self, tests):
+        self.left = tests
+
+    def Test(self):
+        self.left -= 1
+        return self.left <= 0
+
+
+def test_a_wait_spins_then_sleeps_then_gives_up(monkeypatch):
+    from mlc.runtime import distributed
+    comm = distributed.MPICommunicator.__new__(distributed.MPICommunicator)  # (no MPI needed)
+    comm.rank, comm.timeout = 0, 0.3
+    given_up = []
+    comm.give_up = lambda what, nbytes, waited: given_up.append((what, nbytes, waited)) or (_ for _ in ()).throw(TimeoutError)
+    sleeps = []
+    monkeypatch.setattr(distributed.time, "sleep", lambda s: sleeps.append(s))
+    comm.wait(FakeRequest(1), "all_reduce", 8)
+    comm.wait(FakeRequest(1000), "all_reduce", 8)
+    assert sleeps == [] and given_up == []  # a quick completion never sleeps
+    with pytest.raises(TimeoutError):
+        comm.wait(FakeRequest(10 ** 12), "broadcast", 4000)
+    assert given_up and given_up[0][:2] == ("broadcast", 4000) and 0.3 <= given_up[0][2] < 1
+    assert sleeps and max(sleeps) <= 1e-3
