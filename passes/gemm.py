@@ -28,10 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from mlc.ir.core import Block, Builder, Region
 from mlc.ir.types import MemRefType, VectorType
 
 VECTOR_BYTES = 32  # AVX2; the GEMM takes tile's `vector-bytes` (the driver gives the host's widest)
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
+FEW_ROWS = 3       # a product with rows known at run time streams B once per row up to this many
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
@@ -76,11 +78,23 @@ class Gemm:
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
         rows = _static(self.M)
-        if rows is not None and rows <= MR:
-            if self.load_b_vector is not None:
-                return self.stream_b_rows(b, rows, parallel)
-            if self.load_bt_vector is not None and self.load_a_vector is not None:
-                return self.stream_b_columns(b, rows, parallel)
+        stream = self.stream_b_rows if self.load_b_vector is not None else \
+            self.stream_b_columns if self.load_bt_vector is not None and self.load_a_vector is not None else None
+        if stream and rows is not None and rows <= MR:
+            return stream(b, rows, parallel)
+        if stream and rows is None:  # rows known at run time: a few (a batch of 1) are streamed one by one
+            few, many = Block([], []), Block([], [])
+            b.create("loop.if", [L.op(b, "arith.lt", self.M, L.idx(FEW_ROWS + 1))], regions=[Region([few]), Region([many])])
+            fb, b = Builder.at_end(few, L.module, b.loc), Builder.at_end(many, L.module, b.loc)
+            L.loop(fb, L.idx(0), self.M, lambda rb, i: stream(rb, 1, parallel, first=i))
+            fb.create("loop.yield", [])
+            self.packed_product(b, parallel)
+            b.create("loop.yield", [])
+            return
+        self.packed_product(b, parallel)
+
+    def packed_product(self, b, parallel):
+        L, e = self.L, self.element
         nr = L.idx(self.nr)
         pb, pack_parallel = self.pack_at or (b, parallel)
         panels = L.op(pb, "arith.div", L.op(pb, "arith.add", self.N, L.idx(self.nr - 1)), nr)
@@ -171,13 +185,13 @@ class Gemm:
 
 
     # --- few rows: B streamed in place ---------------------------------------------------------------
-    def stream_b_rows(self, b, rows, parallel):
+    def stream_b_rows(self, b, rows, parallel, first=None):
         """C[0:rows] for rows <= MR, B's rows contiguous: tiles of rows x up to 8 vectors of C in registers
         (12 accumulators), each k one broadcast of A[i, k] per row and a run of B[k] read in place;
         columns past the last whole vector one at a time."""
         L, lanes = self.L, self.lanes
         vectors = max(1, min(8, 12 // rows))
-        row = [L.idx(r) for r in range(rows)]
+        row = _rows(L, b, first, rows)
 
         def tile(tb, j0, vectors):
             def step(kb, k, *acc):
@@ -185,17 +199,17 @@ class Gemm:
                 return fma_tile(kb, [self.load_a(kb, i, k) for i in row], bs, acc)
             acc = L.loop(tb, L.idx(0), self.K, step, carried=zero_tile(L, tb, self.vt, rows * vectors))
             store_tile(L, tb, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt)
-            self.tile_epilogue(tb, rows, j0, vectors * lanes)
+            self.tile_epilogue(tb, rows, j0, vectors * lanes, first)
 
-        self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel)
+        self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel, row)
 
-    def stream_b_columns(self, b, rows, parallel):
+    def stream_b_columns(self, b, rows, parallel, first=None):
         """C[0:rows] for rows <= MR, B read through its transpose (columns contiguous): tiles of rows x up
         to 8 columns of C, each element a dot product along K of A's row with B's column, in vectors
         summed across their lanes at the end (and the last K % lanes products added one by one)."""
         L, lanes, vt = self.L, self.lanes, self.vt
         columns = max(1, min(8, 12 // rows))
-        row = [L.idx(r) for r in range(rows)]
+        row = _rows(L, b, first, rows)
         k_vectors = L.op(b, "arith.mul", L.op(b, "arith.div", self.K, L.idx(lanes)), L.idx(lanes))
 
         def tile(tb, j0, width):
@@ -219,11 +233,11 @@ class Gemm:
             for r, i in enumerate(row):
                 for t, j in enumerate(cols):
                     tb.create("mem.store", [sums[r * width + t], self.c] + self.c_prefix + [i, j])
-            self.tile_epilogue(tb, rows, j0, width)
+            self.tile_epilogue(tb, rows, j0, width, first)
 
-        self.column_tiles(b, [columns, 1], tile, parallel)
+        self.column_tiles(b, [columns, 1], tile, parallel, row)
 
-    def column_tiles(self, b, widths, body, parallel):
+    def column_tiles(self, b, widths, body, parallel, rows):
         """body(builder, j0, width) over C's columns: tiles of widths[0] (the parallel loop), then of each
         narrower width for what is left."""
         L, lo = self.L, self.L.idx(0)
@@ -232,7 +246,7 @@ class Gemm:
             L.loop(b, lo, end, lambda tb, j0, width=width: body(tb, j0, width), parallel=parallel and n == 0, step=width)
             lo = end
         if widths[-1] > 1:  # (the last columns, fewer than a vector: element by element)
-            L.loop(b, lo, self.N, lambda cb, j: L.loop(cb, L.idx(0), self.M, lambda eb, i: self.dot_element(eb, i, j)))
+            L.loop(b, lo, self.N, lambda cb, j: [self.dot_element(cb, i, j) for i in rows])
 
     def dot_element(self, b, i, j):
         """C[i, j] alone: a scalar dot product."""
@@ -243,11 +257,19 @@ class Gemm:
         if self.epilogue is not None:
             self.epilogue(b, i, j)
 
-    def tile_epilogue(self, b, rows, j0, width):
+    def tile_epilogue(self, b, rows, j0, width, first=None):
         if self.epilogue is not None:
             L = self.L
-            L.loop(b, L.idx(0), L.idx(rows), lambda rb, i: L.loop(
+            start = first or L.idx(0)
+            L.loop(b, start, L.op(b, "arith.add", start, L.idx(rows)), lambda rb, i: L.loop(
                 rb, j0, L.op(rb, "arith.add", j0, L.idx(width)), lambda eb, j: self.epilogue(eb, i, j)))
+
+
+def _rows(L, b, first, count):
+    """Indices of `count` rows from `first` (0 when None)."""
+    if first is None:
+        return [L.idx(r) for r in range(count)]
+    return [first] + [L.op(b, "arith.add", first, L.idx(r)) for r in range(1, count)]
 
 
 def _sum_lanes(L, b, v):
