@@ -82,23 +82,24 @@ class Gemm:
             self.stream_b_columns if self.load_bt_vector is not None and self.load_a_vector is not None else None
         if stream and rows is not None and rows <= MR:
             return stream(b, rows, parallel)
-        if stream and rows is None:  # rows known at run time: a few (a batch of 1) are streamed one by one
-            few, many = Block([], []), Block([], [])
-            b.create("loop.if", [L.op(b, "arith.lt", self.M, L.idx(FEW_ROWS + 1))], regions=[Region([few]), Region([many])])
-            fb, b = Builder.at_end(few, L.module, b.loc), Builder.at_end(many, L.module, b.loc)
+        few = None
+        if stream and rows is None:  # rows known at run time: a few (a batch of 1) are streamed one by one,
+            # and the packed product below then packs and computes nothing (its loops stay at the top
+            # level, where LLVM optimises them best)
+            few = L.op(b, "arith.lt", self.M, L.idx(FEW_ROWS + 1))
+            then, other = Block([], []), Block([], [])
+            b.create("loop.if", [few], regions=[Region([then]), Region([other])])
+            fb = Builder.at_end(then, L.module, b.loc)
             L.loop(fb, L.idx(0), self.M, lambda rb, i: stream(rb, 1, parallel, first=i))
             fb.create("loop.yield", [])
-            self.packed_product(b, parallel)
-            b.create("loop.yield", [])
-            return
-        self.packed_product(b, parallel)
-
-    def packed_product(self, b, parallel):
-        L, e = self.L, self.element
+            Builder.at_end(other, L.module, b.loc).create("loop.yield", [])
+            self.M = L.op(b, "arith.select", few, L.idx(0), self.M)
         nr = L.idx(self.nr)
         pb, pack_parallel = self.pack_at or (b, parallel)
         panels = L.op(pb, "arith.div", L.op(pb, "arith.add", self.N, L.idx(self.nr - 1)), nr)
         self.full_panels = L.op(pb, "arith.div", self.N, nr)
+        if few is not None and self.pack_at is None:
+            panels, self.full_panels = (L.op(pb, "arith.select", few, L.idx(0), v) for v in (panels, self.full_panels))
         self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
                                 name_hint="packed").result
         self.pack_b(pb, panels, pack_parallel)
