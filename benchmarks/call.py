@@ -2,8 +2,9 @@
 
     python benchmarks/call.py [--calls 2000] [--profile]
 
-Each framework runs in its own subprocess (thread pools sharing a process slow each other); each
-figure is the best per-call time over rounds of `--calls` calls, in microseconds.
+Each framework and workload runs in its own process (thread pools sharing a process slow each other;
+see benchmarks/harness.py), the MLP's mlc and torch processes taking turns; each figure is the best
+per-call time over 7 rounds of `--calls` calls, in microseconds.
 
     exe call     exe["forward"](x) on examples/mlp.ir (64-32-10), x of shape (1, 64)
     exe kernel   its native code called through ctypes with slots prebuilt once: the floor
@@ -19,28 +20,13 @@ The MLP's arithmetic takes milliseconds here, so its calls are timed in rounds o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 
+import harness
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def per_call(fn, calls: int, rounds: int = 7) -> float:
-    """The best mean time of one call over `rounds` rounds of `calls` calls, in microseconds."""
-    for _ in range(min(calls, 200)):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def mlp_weights():
@@ -104,18 +90,16 @@ def module_kernel(model, x):
     return kernel_only(compiled.run, [x] + [e.source.data for e in compiled.traced.extra])
 
 
-def run_mlc(calls: int) -> dict:
-    f, x = mlc_exe()
-    model, x784 = mlc_module()
-    small, x8 = mlc_module(small=True)
-    model(x784), small(x8)
-    big_calls = max(calls // 10, 10)
-    return {"exe call": per_call(lambda: f(x), calls), "exe kernel": per_call(kernel_only(f, [x]), calls),
-            "nn module": per_call(lambda: model(x784), big_calls), "nn kernel": per_call(module_kernel(model, x784), big_calls),
-            "small nn": per_call(lambda: small(x8), calls), "small kernel": per_call(module_kernel(small, x8), calls)}
+def mlc_setup(workload: str):
+    if workload.startswith("exe"):
+        f, x = mlc_exe()
+        return (lambda: f(x)) if workload == "exe call" else kernel_only(f, [x])
+    model, x = mlc_module(small=workload.startswith("small"))
+    model(x)
+    return (lambda: model(x)) if workload in ("nn module", "small nn") else module_kernel(model, x)
 
 
-def run_torch(calls: int) -> dict:
+def torch_setup():
     import torch
     torch.set_num_threads(2)
     net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
@@ -124,13 +108,21 @@ def run_torch(calls: int) -> dict:
         for layer, (w, b) in zip(net[::2], mlp_weights()):
             layer.weight.copy_(torch.from_numpy(w))
             layer.bias.copy_(torch.from_numpy(b))
-    calls = max(calls // 10, 10)
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 784)).astype(np.float32))
 
     def forward():
         with torch.no_grad():
             return net(x)
-    return {"torch eager": per_call(forward, calls)}
+    return forward
+
+
+def worker(framework: str, workload: str, calls: int):
+    """A rep of `calls` calls (a tenth as many of the big MLP), after a warm-up."""
+    fn = mlc_setup(workload) if framework == "mlc" else torch_setup()
+    calls = max(calls // 10, 10) if workload in ("nn module", "nn kernel") else calls
+    for _ in range(min(calls, 200)):
+        fn()
+    return harness.timer(fn, calls)
 
 
 def profile(calls: int):
@@ -153,24 +145,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--child", choices=["mlc", "torch"], help=argparse.SUPPRESS)
+    harness.add_worker_arguments(parser)
     args = parser.parse_args()
     if args.profile:
         return profile(args.calls)
-    if args.child:
-        print(json.dumps(run_mlc(args.calls) if args.child == "mlc" else run_torch(args.calls)))
-        return
-    results = {}
-    for child in ("mlc", "torch"):
-        out = subprocess.run([sys.executable, __file__, "--child", child, "--calls", str(args.calls)],
-                             capture_output=True, text=True, check=True, cwd=ROOT)
-        results.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.worker:
+        return harness.serve(args.worker[0], lambda: worker(*args.worker, args.calls), args.repeat)
+    extra = ["--calls", str(args.calls)]
+    results = {name: harness.compare(__file__, name, ["mlc"], 1, 7, args=extra).times["mlc"]
+               for name in ("exe call", "exe kernel", "nn kernel", "small nn", "small kernel")}
+    mlp = harness.compare(__file__, "nn module", ["mlc", "torch"], 7, args=extra)
+    results.update({"nn module": mlp.times["mlc"], "torch eager": mlp.times["torch"]})
+    results = {name: t * 1e6 for name, t in results.items()}
     print(f"per-call time at batch 1, best of 7 rounds of {args.calls} calls (load {os.getloadavg()[0]:.2f})")
     for name in ("exe call", "exe kernel", "nn module", "nn kernel", "small nn", "small kernel", "torch eager"):
         print(f"  {name:12} {results[name]:9.1f} us")
     print(f"  Python around the call: exe {results['exe call'] - results['exe kernel']:.1f} us, "
           f"small nn {results['small nn'] - results['small kernel']:.1f} us")
     print(f"  nn module / torch eager: {results['nn module'] / results['torch eager']:.2f}x")
+    harness.print_sanity([mlp], {"nn module": "784-1024-1024-10 MLP"})
 
 
 if __name__ == "__main__":

@@ -1,87 +1,17 @@
-"""The CPU backend against numpy and torch, measured side by side in one run; prints one table.
+"""The CPU backend against numpy and torch, each framework in its own process; prints one table.
 
-    python benchmarks/cpu.py [--quick]
+    python benchmarks/cpu.py [--quick] [--rounds N]
 
-Each figure is the best of a few runs (this machine is noisy); ratios > 1 mean mlc is faster.
+Workers take turns (benchmarks/harness.py); each figure is the best rep over the rounds (this
+machine is noisy), and each peer is measured once more alone as a check. Ratios > 1 mean mlc is faster.
 """
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
-import mlc
-
-
-def best(fn, repeat=3):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def compile_one(text):
-    t0 = time.perf_counter()
-    exe = mlc.compile(mlc.parse(text))
-    return exe, time.perf_counter() - t0
-
-
-def sgemm(n):
-    text = f"""module {{ func.func @f(%a: tensor<{n}x{n}xf32>, %b: tensor<{n}x{n}xf32>) -> tensor<{n}x{n}xf32> {{
-      %c = mlc.matmul %a, %b
-      return %c : tensor<{n}x{n}xf32> }} }}"""
-    exe, _ = compile_one(text)
-    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
-    t_mlc, t_np = best(lambda: exe["f"](a, b), 1 if n >= 1024 else 3), best(lambda: a @ b)
-    flops = 2 * n ** 3
-    return f"SGEMM {n}", t_mlc, t_np, "numpy", f"{flops / t_mlc / 1e9:.1f} vs {flops / t_np / 1e9:.1f} GFLOP/s"
-
-
-def elementwise(n):
-    text = f"""module {{ func.func @f(%x: tensor<{n}xf32>) -> tensor<{n}xf32> {{
-      %half = mlc.constant dense<0.5> : tensor<f32>
-      %one = mlc.constant dense<1.0> : tensor<f32>
-      %a = mlc.mul %x, %half
-      %b = mlc.add %a, %one
-      %r = mlc.relu %b
-      %t = mlc.tanh %x
-      %y = mlc.mul %r, %t
-      return %y : tensor<{n}xf32> }} }}"""
-    exe, _ = compile_one(text)
-    x = np.random.randn(n).astype(np.float32)
-
-    def numpy_chain():
-        return np.maximum(x * np.float32(0.5) + np.float32(1), 0) * np.tanh(x)
-    return "relu(x*0.5+1)*tanh(x), 16M f32", best(lambda: exe["f"](x)), best(numpy_chain), "numpy", ""
-
-
-def softmax():
-    text = """module { func.func @f(%x: tensor<4096x1024xf32>) -> tensor<4096x1024xf32> {
-      %y = mlc.softmax %x {axis = 1}
-      return %y : tensor<4096x1024xf32> } }"""
-    exe, _ = compile_one(text)
-    x = np.random.randn(4096, 1024).astype(np.float32)
-
-    def numpy_softmax():
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    return "row softmax 4096x1024", best(lambda: exe["f"](x)), best(numpy_softmax), "numpy", ""
-
-
-def conv(torch):
-    text = """module { func.func @f(%x: tensor<8x64x56x56xf32>, %w: tensor<64x64x3x3xf32>) -> tensor<8x64x56x56xf32> {
-      %y = mlc.conv2d %x, %w {padding = [1, 1, 1, 1]}
-      return %y : tensor<8x64x56x56xf32> } }"""
-    exe, _ = compile_one(text)
-    x, w = np.random.randn(8, 64, 56, 56).astype(np.float32), np.random.randn(64, 64, 3, 3).astype(np.float32)
-    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-    return ("conv2d 3x3 64->64 56x56 b8", best(lambda: exe["f"](x, w), 1),
-            best(lambda: torch.nn.functional.conv2d(tx, tw, padding=1)), "torch", "")
-
+import harness
 
 MLP = """module @mlp {
   mlc.global @w1 : tensor<784x1024xf32> {init = "glorot_uniform"}
@@ -106,80 +36,155 @@ MLP = """module @mlp {
   }
 }"""
 
+SGEMM = """module {{ func.func @f(%a: tensor<{n}x{n}xf32>, %b: tensor<{n}x{n}xf32>) -> tensor<{n}x{n}xf32> {{
+  %c = mlc.matmul %a, %b
+  return %c : tensor<{n}x{n}xf32> }} }}"""
 
-def mlp(torch, batch):
-    exe, _ = compile_one(MLP)
-    g = exe.globals
-    x = np.random.randn(batch, 784).astype(np.float32)
+ELEMENTWISE = """module {{ func.func @f(%x: tensor<{n}xf32>) -> tensor<{n}xf32> {{
+  %half = mlc.constant dense<0.5> : tensor<f32>
+  %one = mlc.constant dense<1.0> : tensor<f32>
+  %a = mlc.mul %x, %half
+  %b = mlc.add %a, %one
+  %r = mlc.relu %b
+  %t = mlc.tanh %x
+  %y = mlc.mul %r, %t
+  return %y : tensor<{n}xf32> }} }}"""
+
+SOFTMAX = """module { func.func @f(%x: tensor<4096x1024xf32>) -> tensor<4096x1024xf32> {
+  %y = mlc.softmax %x {axis = 1}
+  return %y : tensor<4096x1024xf32> } }"""
+
+LAYER_NORM = """module { func.func @f(%x: tensor<4096x1024xf32>, %g: tensor<1024xf32>, %b: tensor<1024xf32>) -> tensor<4096x1024xf32> {
+  %eps = mlc.constant dense<1.0e-5> : tensor<f32>
+  %m = mlc.reduce_mean %x {axes = [1], keepdims = true}
+  %d = mlc.sub %x, %m
+  %sq = mlc.mul %d, %d
+  %v = mlc.reduce_mean %sq {axes = [1], keepdims = true}
+  %ve = mlc.add %v, %eps
+  %rs = mlc.rsqrt %ve
+  %n = mlc.mul %d, %rs
+  %s = mlc.mul %n, %g
+  %y = mlc.add %s, %b
+  return %y : tensor<4096x1024xf32> } }"""
+
+CONV = """module { func.func @f(%x: tensor<8x64x56x56xf32>, %w: tensor<64x64x3x3xf32>) -> tensor<8x64x56x56xf32> {
+  %y = mlc.conv2d %x, %w {padding = [1, 1, 1, 1]}
+  return %y : tensor<8x64x56x56xf32> } }"""
+
+# workload -> (its name in the table, the peer, reps per turn)
+WORKLOADS = {
+    "sgemm 256": ("SGEMM 256", "numpy", 3),
+    "sgemm 512": ("SGEMM 512", "numpy", 3),
+    "sgemm 1024": ("SGEMM 1024", "numpy", 1),
+    "elementwise 1048576": ("relu(x*0.5+1)*tanh(x), 1M f32", "numpy", 3),
+    "elementwise 16777216": ("relu(x*0.5+1)*tanh(x), 16M f32", "numpy", 3),
+    "softmax": ("row softmax 4096x1024", "numpy", 3),
+    "layer norm": ("layer norm (as ops) 4096x1024", "torch", 3),
+    "mlp 256": ("MLP 784-1024-1024-10 b256", "torch", 3),
+    "mlp 1": ("MLP 784-1024-1024-10 b1", "torch", 20),
+    "conv": ("conv2d 3x3 64->64 56x56 b8", "torch", 1),
+    "compile cold": ("compile MLP, cold", None, 1),
+    "compile cached": ("compile MLP, from the cache", None, 1),
+}
+
+
+def inputs(workload: str) -> list[np.ndarray]:
+    """The same arrays for every framework."""
+    r = np.random.default_rng(0)
+    kind, _, size = workload.partition(" ")
+    if kind == "sgemm":
+        return [r.random((int(size), int(size)), np.float32) for _ in range(2)]
+    if kind == "elementwise":
+        return [r.standard_normal(int(size), np.float32)]
+    if kind == "softmax":
+        return [r.standard_normal((4096, 1024), np.float32)]
+    if kind == "layer":
+        return [r.standard_normal((4096, 1024), np.float32), r.random(1024, np.float32), r.random(1024, np.float32)]
+    if kind == "mlp":
+        return [r.standard_normal((int(size), 784), np.float32)]
+    return [r.standard_normal((8, 64, 56, 56), np.float32), r.standard_normal((64, 64, 3, 3), np.float32)]
+
+
+def mlc_setup(workload: str):
+    import mlc
+    kind, _, size = workload.partition(" ")
+    if kind == "compile":
+        module = mlc.parse(MLP)
+        mlc.compile(module)  # fills the cache (and loads the compiler)
+        return lambda: mlc.compile(module, cache=(size == "cached"))
+    text = {"sgemm": SGEMM, "elementwise": ELEMENTWISE}.get(kind, "").format(n=size) or \
+        {"softmax": SOFTMAX, "layer": LAYER_NORM, "mlp": MLP, "conv": CONV}[kind]
+    f, args = mlc.compile(mlc.parse(text))["forward" if kind == "mlp" else "f"], inputs(workload)
+    return lambda: f(*args)
+
+
+def numpy_setup(workload: str):
+    kind = workload.split()[0]
+    if kind == "sgemm":
+        a, b = inputs(workload)
+        return lambda: a @ b
+    (x,) = inputs(workload)
+    if kind == "elementwise":
+        return lambda: np.maximum(x * np.float32(0.5) + np.float32(1), 0) * np.tanh(x)
+
+    def softmax():
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+    return softmax
+
+
+def torch_setup(workload: str):
+    import torch
+    torch.set_num_threads(2)
+    args = [torch.from_numpy(a) for a in inputs(workload)]
+    F = torch.nn.functional
+    kind = workload.split()[0]
+    if kind == "layer":
+        return lambda: F.layer_norm(args[0], (1024,), args[1], args[2])
+    if kind == "conv":
+        return lambda: F.conv2d(*args, padding=1)
     net = torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
                               torch.nn.Linear(1024, 10, bias=False))
-    with torch.no_grad():
-        for layer, w, b in ((net[0], g["w1"], g["b1"]), (net[2], g["w2"], g["b2"]), (net[4], g["w3"], None)):
-            layer.weight.copy_(torch.from_numpy(w.T))
-            if b is not None:
-                layer.bias.copy_(torch.from_numpy(b))
-    tx = torch.from_numpy(x)
-    np.testing.assert_allclose(exe["forward"](x), net(tx).detach().numpy(), rtol=1e-3, atol=1e-3)
 
-    def torch_forward():
+    def forward():
         with torch.no_grad():
-            return net(tx)
-    repeat = 1 if batch > 16 else 20
-    return f"MLP 784-1024-1024-10 b{batch}", best(lambda: exe["forward"](x), repeat), best(torch_forward, repeat), "torch", ""
+            return net(*args)
+    return forward
 
 
-def layer_norm(torch):
-    text = """module { func.func @f(%x: tensor<4096x1024xf32>, %g: tensor<1024xf32>, %b: tensor<1024xf32>) -> tensor<4096x1024xf32> {
-      %eps = mlc.constant dense<1.0e-5> : tensor<f32>
-      %m = mlc.reduce_mean %x {axes = [1], keepdims = true}
-      %d = mlc.sub %x, %m
-      %sq = mlc.mul %d, %d
-      %v = mlc.reduce_mean %sq {axes = [1], keepdims = true}
-      %ve = mlc.add %v, %eps
-      %rs = mlc.rsqrt %ve
-      %n = mlc.mul %d, %rs
-      %s = mlc.mul %n, %g
-      %y = mlc.add %s, %b
-      return %y : tensor<4096x1024xf32> } }"""
-    exe, _ = compile_one(text)
-    x, g, b = np.random.randn(4096, 1024).astype(np.float32), np.random.rand(1024).astype(np.float32), np.random.rand(1024).astype(np.float32)
-    tx, tg, tb = torch.from_numpy(x), torch.from_numpy(g), torch.from_numpy(b)
-    np.testing.assert_allclose(exe["f"](x, g, b), torch.nn.functional.layer_norm(tx, (1024,), tg, tb).numpy(), rtol=1e-4, atol=1e-4)
-    return ("layer norm (as ops) 4096x1024", best(lambda: exe["f"](x, g, b)),
-            best(lambda: torch.nn.functional.layer_norm(tx, (1024,), tg, tb)), "torch", "")
-
-
-def compile_times():
-    module = mlc.parse(MLP)
-    t0 = time.perf_counter()
-    mlc.compile(module, cache=False)
-    cold = time.perf_counter() - t0
-    mlc.compile(module)  # fill the cache
-    t0 = time.perf_counter()
-    mlc.compile(module)
-    warm = time.perf_counter() - t0
-    return [("compile MLP, cold", cold, None, "", ""), ("compile MLP, from the cache", warm, None, "", "")]
+def worker(framework: str, workload: str):
+    fn = {"mlc": mlc_setup, "numpy": numpy_setup, "torch": torch_setup}[framework](workload)
+    fn()  # warm up
+    return harness.timer(fn)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller problems")
+    ap.add_argument("--quick", action="store_true", help="smaller problems, fewer rounds")
+    ap.add_argument("--rounds", type=int, help="turns per framework (the best rep counts); 5, or 3 with --quick")
+    harness.add_worker_arguments(ap)
     args = ap.parse_args()
-    import os
-    import tempfile
-    import torch
-    torch.set_num_threads(2)
-    os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-bench-cache-"))
-    rows = [sgemm(256), sgemm(512)] + ([] if args.quick else [sgemm(1024)])
-    rows += [elementwise(1 << 20 if args.quick else 1 << 24), softmax(), layer_norm(torch), mlp(torch, 256), mlp(torch, 1)]
-    if not args.quick:
-        rows.append(conv(torch))
-    rows += compile_times()
-    print(f"{'benchmark':<36}{'mlc (ms)':>11}{'peer (ms)':>11}  {'peer':<6}{'mlc/peer speed':>15}  notes")
-    for name, t, peer, who, note in rows:
-        ratio = f"{peer / t:.2f}x" if peer else ""
-        peer_ms = f"{peer * 1e3:.1f}" if peer else ""
-        print(f"{name:<36}{t * 1e3:>11.1f}{peer_ms:>11}  {who:<6}{ratio:>15}  {note}")
+    if args.worker:
+        return harness.serve(args.worker[0], lambda: worker(*args.worker), args.repeat)
+    rounds = args.rounds or (3 if args.quick else 5)
+    chosen = ["sgemm 256", "sgemm 512"] + ([] if args.quick else ["sgemm 1024"])
+    chosen += ["elementwise 1048576" if args.quick else "elementwise 16777216", "softmax", "layer norm", "mlp 256", "mlp 1"]
+    chosen += ([] if args.quick else ["conv"]) + ["compile cold", "compile cached"]
+    print(harness.load())
+    results, rows = [], []
+    for workload in chosen:
+        name, peer, repeat = WORKLOADS[workload]
+        res = harness.compare(__file__, workload, ["mlc"] + ([peer] if peer else []), rounds, repeat)
+        results.append(res)
+        ours, theirs = res.times["mlc"], res.times.get(peer)
+        note = ""
+        if workload.startswith("sgemm"):
+            flops = 2 * int(workload.split()[1]) ** 3
+            note = f"{flops / ours / 1e9:.1f} vs {flops / theirs / 1e9:.1f} GFLOP/s"
+        rows.append((name, ours, theirs, peer or "", note))
+    harness.print_table(rows)
+    harness.print_sanity(results, {w: WORKLOADS[w][0] for w in chosen})
+    print(harness.load())
 
 
 if __name__ == "__main__":
