@@ -73,6 +73,7 @@ def test_resnet18_on_a_224_image_matches_torch():
     np.testing.assert_allclose(model.eval()(x), want, rtol=1e-3, atol=1e-4)  # compiled for the CPU
 
 
+@pytest.mark.slow  # (69 s; ResNet-18 inference vs torch, the DigitsCNN loop and the conv/batch-norm gradients run by default)
 def test_narrow_resnet18_trains_like_torch_for_a_step():
     torch.manual_seed(0)
     reference = TorchResNet18(num_classes=10, width=8)
@@ -118,7 +119,7 @@ CASES = {
 
 # the larger of them (20-60 s each to compile and step) run with MLC_RUN_SLOW=1: the default suite has
 # a CNN, both recurrent cells, a Transformer and the MLP
-LARGER = {"LeNet", "UNet", "LSTMSeq2Seq", "TransformerSeq2Seq"}
+LARGER = {"LeNet", "UNet", "LSTMSeq2Seq", "TransformerSeq2Seq", "LSTM"}  # (the GRU loop and test_grad's LSTM gradients run by default)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGER else n for n in CASES])
