@@ -139,6 +139,15 @@ class Operation:
     def parent_op(self) -> "Operation | None":
         return self.parent.parent.parent if self.parent and self.parent.parent else None
 
+    def is_within(self, ops) -> bool:
+        """This op is one of `ops` (a set) or nested in one of their regions."""
+        op = self
+        while op is not None:
+            if op in ops:
+                return True
+            op = op.parent_op
+        return False
+
     def erase(self):
         """Detach from the block and drop all uses; the results must be unused."""
         for r in self.results:

@@ -107,7 +107,7 @@ class Mapper:
         members = set(group)
         for op in group:
             for r in op.results:
-                outside = [u for u in r.users if not _inside(u, members)]
+                outside = [u for u in r.users if not u.is_within(members)]
                 if outside:
                     raise error(outside[0].loc, "map-to-gpu: this host op needs a value computed on the GPU", outside[0].name)
 
@@ -373,11 +373,3 @@ def _rematerialisable(group: list, nest: Operation) -> list:
     if any(o.operands[0] in written for o in group if o.name in ("mem.load", "vector.load")):
         return []
     return list(group)
-
-
-def _inside(op: Operation, members: set) -> bool:
-    while op is not None:
-        if op in members:
-            return True
-        op = op.parent_op
-    return False

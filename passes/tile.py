@@ -115,17 +115,9 @@ def _loop_leaving_unchanged(op: Operation, buf) -> Operation | None:
             continue
         return None
     outermost, parent = None, op.parent_op
-    while parent is not None and parent.name == "loop.for" and not _inside(made, parent):
+    while parent is not None and parent.name == "loop.for" and not made.is_within({parent}):
         outermost, parent = parent, parent.parent_op
     return outermost
-
-
-def _inside(op: Operation, ancestor: Operation) -> bool:
-    while op is not None:
-        if op is ancestor:
-            return True
-        op = op.parent_op
-    return False
 
 
 def _in_parallel_loop(op: Operation) -> bool:
