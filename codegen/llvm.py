@@ -177,6 +177,7 @@ class FunctionEmitter:
         self.values: dict[Value, object] = {}
         self.trusted: set = set()  # values computed from shapes alone (loop ivs, dims, constants, their arithmetic)
         self.owned: list[Buffer] = []
+        self.requests: dict = {}  # mem.all_reduce_start's result -> the stack slot holding it until its wait
         self.threads = parent.threads
         self.sequential_outline = False
 
@@ -188,7 +189,7 @@ class FunctionEmitter:
         sub.prologue = ir.IRBuilder(fn.append_basic_block("prologue"))
         sub.entry = fn.append_basic_block("entry")
         sub.b = ir.IRBuilder(sub.entry)
-        sub.values, sub.trusted, sub.owned, sub.threads = {}, set(outer.trusted), [], False
+        sub.values, sub.trusted, sub.owned, sub.threads, sub.requests = {}, set(outer.trusted), [], False, {}
         sub.timed, sub.started, sub.timespec = {}, {}, None
         sub.sequential_outline = False  # set for the body of a sequential loop: its parallel loops may use threads
         sub.exit_block = fn.append_basic_block("fail")
@@ -216,9 +217,13 @@ class FunctionEmitter:
         return self.code
 
     def emit_exit(self):
-        """The failure path: free what this function allocated, through the slots (not every allocation
-        dominates this block; a slot is null until allocated and after freed), and return."""
+        """The failure path: let the all-reduces still in flight finish (they write into buffers freed
+        next), free what this function allocated, through the slots (not every allocation dominates
+        this block; a slot is null until allocated and after freed), and return."""
         with self.b.goto_block(self.exit_block):
+            for slot in self.requests.values():
+                abandon = self.parent.declare("mlc_all_reduce_abandon", ir.VoidType(), [I64])
+                self.b.call(abandon, [self.b.load(slot, typ=I64)])
             free = self.parent.declare("free", ir.VoidType(), [PTR])
             for buf in self.owned:
                 self.b.call(free, [self.b.load(buf.slot, typ=PTR)])
@@ -803,19 +808,53 @@ def _if(self: FunctionEmitter, op):
         self.values[r] = phi
 
 
+def _buffer_words(self: FunctionEmitter, buf) -> list:
+    """A buffer as the runtime's collectives take it: data pointer, element count, dtype code
+    (ir/collectives.py's ELEMENT_CODES)."""
+    count = ir.Constant(I64, 1)
+    for d in buf.dims:
+        count = self.b.mul(count, d)
+    return [buf.data, count, ir.Constant(I32, ELEMENT_CODES.index(buf.element.name))]
+
+
 def _collective(self: FunctionEmitter, op):
     """mem.all_reduce / mem.broadcast: the runtime's `i32 mlc_all_reduce(ptr data, i64 count, i32 dtype,
     i32 reduction)` or `i32 mlc_broadcast(ptr data, i64 count, i32 dtype, i64 root)` rewrites the buffer
     in place (dtype and reduction index ir/collectives.py's ELEMENT_CODES and REDUCTIONS); not 0: failed."""
-    buf = self.get(op.operands[0])
-    count = ir.Constant(I64, 1)
-    for d in buf.dims:
-        count = self.b.mul(count, d)
     last = ir.Constant(I32, REDUCTIONS.index(op.attr("reduction"))) if op.name == "mem.all_reduce" else ir.Constant(I64, op.attr("root"))
     fn = self.parent.declare("mlc_" + op.name[len("mem."):], I32, [PTR, I64, I32, last.type])
-    status = self.b.call(fn, [buf.data, count, ir.Constant(I32, ELEMENT_CODES.index(buf.element.name)), last])
+    status = self.b.call(fn, [*_buffer_words(self, self.get(op.operands[0])), last])
     self.fail_if(self.b.icmp_signed("!=", status, ir.Constant(I32, 0)), op,
                  "failed across processes (the communicator's error is on standard error)", "mlc." + op.name[len("mem."):])
+
+
+def _all_reduce_start(self: FunctionEmitter, op):
+    """`i64 mlc_all_reduce_start(ptr, i64 count, i32 dtype, i32 reduction)`: a request (< 0: failed),
+    kept in a stack slot until its wait so that the failure path can abandon it before freeing the buffer."""
+    fn = self.parent.declare("mlc_all_reduce_start", I64, [PTR, I64, I32, I32])
+    request = self.b.call(fn, [*_buffer_words(self, self.get(op.operands[0])), ir.Constant(I32, REDUCTIONS.index(op.attr("reduction")))])
+    self.fail_if(self.b.icmp_signed("<", request, ir.Constant(I64, 0)), op,
+                 "failed across processes (the communicator's error is on standard error)", "mlc.all_reduce")
+    slot = self.prologue.alloca(I64)
+    self.prologue.store(ir.Constant(I64, 0), slot)  # (0: no request)
+    self.b.store(request, slot)
+    self.requests[op.results[0]] = slot
+    self.values[op.results[0]] = request
+
+
+def _all_reduce_wait(self: FunctionEmitter, op):
+    """`i32 mlc_all_reduce_wait(i64 request, ptr, i64 count, i32 dtype)`; not 0: failed."""
+    slot = self.requests.get(op.operands[0])
+    if slot is not None:
+        self.b.store(ir.Constant(I64, 0), slot)
+    fn = self.parent.declare("mlc_all_reduce_wait", I32, [I64, PTR, I64, I32])
+    status = self.b.call(fn, [self.get(op.operands[0]), *_buffer_words(self, self.get(op.operands[1]))])
+    self.fail_if(self.b.icmp_signed("!=", status, ir.Constant(I32, 0)), op,
+                 "failed across processes (the communicator's error is on standard error)", "mlc.all_reduce")
+
+
+def _collective_progress(self: FunctionEmitter, op):
+    self.b.call(self.parent.declare("mlc_collective_progress", ir.VoidType(), []), [])
 
 
 def _process_info(self: FunctionEmitter, op):
@@ -831,6 +870,8 @@ OPS = {
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
     "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma, "vector.from_elements": _from_elements,
     "vector.extract": _extract, "mem.all_reduce": _collective, "mem.broadcast": _collective,
+    "mem.all_reduce_start": _all_reduce_start, "mem.all_reduce_wait": _all_reduce_wait,
+    "mem.collective_progress": _collective_progress,
     "mem.rank": _process_info, "mem.world_size": _process_info,
 }
 

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="under 'mpiexec -n N': batch norm normalises with the global batch's statistics, as one process "
                         "would (default); --no-sync-batch-norm: with each process's own share's")
+    t.add_argument("--bucket-mb", type=float, default=1.0, metavar="MB",
+                   help="under 'mpiexec -n N': gradients are all-reduced in buckets of this many megabytes, each as soon "
+                        "as the backward pass has computed it, overlapping the rest (default 1; 0: one bucket at the end)")
     add_optimizer_arguments(t, train=True)
     t.set_defaults(func=cmd_train)
 
@@ -319,6 +322,9 @@ def run_train(args):
     o.checkpoint_dir, o.checkpoint_every, o.resume, o.plot = args.checkpoint_dir, args.checkpoint_every, args.resume, args.plot
     o.progress = not args.quiet
     o.backend, o.precision, o.sync_batch_norm = args.backend, args.precision, args.sync_batch_norm
+    if not args.bucket_mb >= 0:
+        raise error(Location("--bucket-mb", 0, 0), f"must be a number of megabytes >= 0, got {args.bucket_mb:g}")
+    o.bucket_mb = args.bucket_mb
     out = args.output or os.path.splitext(args.file)[0] + "-trained.mlcz"
     from mlc.ir.collectives import current
     from mlc.train import LosslessOutput

@@ -190,13 +190,14 @@ class TrainStep:
     optimiser's parameters, and the update. With model=None, step(*batch) computes loss_fn(*batch)."""
 
     def __init__(self, model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                 precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True):
+                 precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True,
+                 bucket_mb: float = 1.0):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.backend, self.dynamic_batch, self.precision = backend, dynamic_batch, precision
         self.programs: dict = {}
         self.program = None
         self.data_parallel, self.synchronised = data_parallel, not data_parallel
-        self.sync_batch_norm = sync_batch_norm
+        self.sync_batch_norm, self.bucket_mb = sync_batch_norm, bucket_mb
         if data_parallel:
             from .train import join_world
             join_world()
@@ -227,7 +228,8 @@ class TrainStep:
         loss.attributes["sym_visibility"] = StringAttr("private")
         o = self.optimizer
         TrainStepPass(loss=loss.sym_name, optimizer=o.kind, lr=float(o.param_groups[0]["lr"]), schedule="global",
-                      **{"data-parallel": self.data_parallel, "sync-batch-norm": self.sync_batch_norm}, **o.pass_options()).run(module)
+                      **{"data-parallel": self.data_parallel, "sync-batch-norm": self.sync_batch_norm, "bucket-mb": float(self.bucket_mb)},
+                      **o.pass_options()).run(module)
         return Program(module, self.backend or default_backend(), traced.globals, o, self.precision)
 
     def __call__(self, *batch):
@@ -250,10 +252,12 @@ class TrainStep:
 
 
 def compile_train_step(model, loss_fn, optimizer: Optimizer, backend: str | None = None, dynamic_batch: bool = True,
-                       precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True) -> TrainStep:
+                       precision: str | None = None, data_parallel: bool = False, sync_batch_norm: bool = True,
+                       bucket_mb: float = 1.0) -> TrainStep:
     """One compiled function for a whole training step (see the module docstring); precision "bf16"
     or "f16" runs its products and convolutions (forward and backward) in half precision, the
     weights and the optimiser in f32. data_parallel: each process of an MPI world gives the step its
     share of the global batch, and the step applies the global batch's gradient (see above);
-    sync_batch_norm: batch norm uses the global batch's statistics."""
-    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision, data_parallel, sync_batch_norm)
+    sync_batch_norm: batch norm uses the global batch's statistics; bucket_mb: the gradients are
+    all-reduced in buckets of this many megabytes, each as soon as it is computed (0: one at the end)."""
+    return TrainStep(model, loss_fn, optimizer, backend, dynamic_batch, precision, data_parallel, sync_batch_norm, bucket_mb)

@@ -59,6 +59,7 @@ class Options:
     backend: str = "cpu"          # where the steps run: cpu or cuda
     precision: str | None = None  # bf16 / f16: products and convolutions in half precision
     sync_batch_norm: bool = True  # data-parallel: batch norm uses the global batch's statistics
+    bucket_mb: float = 1.0  # data-parallel: gradients all-reduced in buckets of this size, overlapping the backward pass
 
 
 def train_step_pipeline(o, steps_per_epoch: int = 1, data_parallel: bool = False) -> str:
@@ -72,7 +73,7 @@ def train_step_pipeline(o, steps_per_epoch: int = 1, data_parallel: bool = False
     if o.schedule == "step":
         opts.append(f"step-size={max(1, steps_per_epoch)}")
     if data_parallel:
-        opts.append("data-parallel=true" + ("" if o.sync_batch_norm else " sync-batch-norm=false"))
+        opts.append(f"data-parallel=true bucket-mb={o.bucket_mb!r}" + ("" if o.sync_batch_norm else " sync-batch-norm=false"))
     return "train_step{" + " ".join(opts) + "}"
 
 

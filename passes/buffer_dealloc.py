@@ -31,7 +31,7 @@ class BufferDealloc(Pass):
 def free_after_last_use(block: Block) -> None:
     position = {op: i for i, op in enumerate(block)}
     for alloc in [op for op in block if op.name == "mem.alloc"]:
-        users = _users(alloc.results[0])
+        users = uses_through_aliases(alloc.results[0])
         if any(u.name in ("mem.dealloc", "func.return") for u in users):
             continue
         last = alloc
@@ -47,11 +47,11 @@ def free_after_last_use(block: Block) -> None:
             block.insert_after(last, dealloc)
 
 
-def _users(buffer: Value) -> list[Operation]:
+def uses_through_aliases(buffer: Value) -> list[Operation]:
     """The ops that use buffer, directly or through an alias of it."""
     users = []
     for user in buffer.users:
         users.append(user)
         if user.name in ALIASES:
-            users += _users(user.results[0])
+            users += uses_through_aliases(user.results[0])
     return users

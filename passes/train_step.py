@@ -15,6 +15,10 @@ a global batch, and the step makes the processes agree:
     `mlc.all_reduce {reduction = "sum"}` per element type of sum(c * value) and sum(c), divided. For a
     loss that is a mean over its batch this is the gradient of the global batch, whatever the shares
     (a process with no examples adds nothing). It comes before clipping, which sees the global norm.
+    The values travel in buckets of up to `bucket-mb` megabytes (0: one per element type), each
+    all-reduced as soon as the backward pass has computed it; `overlap-collectives` (in the CPU
+    pipeline) then waits for each only where the update reads it, so the last layers' gradients are
+    communicated while the first layers' are computed, as torch's DistributedDataParallel does.
   - random ops (dropout's masks) draw from a stream per process: the key's seed plus rank * 2**40
     (process 0 draws what a single process draws), while the key globals stay the same everywhere.
   - with `sync-batch-norm` (the default; as torch.nn.SyncBatchNorm), every batch norm that may train
@@ -43,7 +47,7 @@ import math
 import numpy as np
 
 from mlc.ir.attributes import DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
-from mlc.ir.core import Builder, FuncOp, Module, Value, create_op
+from mlc.ir.core import Builder, FuncOp, Module, Operation, Value, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.types import TensorType, f64, i64
 
@@ -122,7 +126,7 @@ class TrainStep(Pass):
     options = {"loss": "", "name": "train_step", "optimizer": "adam", "lr": 1e-3, "momentum": 0.0, "dampening": 0.0,
                "nesterov": False, "weight-decay": "default", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
                "clip-norm": 0.0, "schedule": "constant", "step-size": 1, "gamma": 0.1, "t-max": 1, "eta-min": 0.0,
-               "data-parallel": False, "sync-batch-norm": True}
+               "data-parallel": False, "sync-batch-norm": True, "bucket-mb": 1.0}
 
     def run(self, module: Module) -> None:
         o = dict(self.values)
@@ -139,6 +143,8 @@ class TrainStep(Pass):
             o["weight-decay"] = float(kind.defaults["weight-decay"] if o["weight-decay"] == "default" else o["weight-decay"])
         except ValueError:
             raise error(module.loc, f"train_step: weight-decay takes a number, got '{o['weight-decay']}'") from None
+        if not o["bucket-mb"] >= 0:
+            raise error(module.loc, f"train_step: bucket-mb must be a number of megabytes >= 0, got {o['bucket-mb']}")
         optimizer = kind(o)
         params = [op for op in module.body if op.name == "mlc.global" and op.attr("trainable")]
         if not params:
@@ -171,7 +177,8 @@ class TrainStep(Pass):
         else:
             lr = _learning_rate(d, o, t)
         if o["data-parallel"]:
-            loss, grads = _data_parallel(d, step, {p.attr("sym_name") for p in params}, loss, grads, weighted=bool(synchronised))
+            loss, grads = _data_parallel(d, step, {p.attr("sym_name") for p in params}, loss, grads, weighted=bool(synchronised),
+                                         bucket_bytes=o["bucket-mb"] * 2**20)
         if o["clip-norm"] > 0:
             grads = _clip_by_global_norm(d, grads, o["clip-norm"])
         for param, g in zip(params, grads):
@@ -204,7 +211,7 @@ RANDOM_OPS = ("mlc.dropout", "mlc.random_uniform", "mlc.random_normal")  # opera
 RANK_STRIDE = 1 << 40  # added to the seed per rank: a different Philox key, hence an independent stream
 
 
-def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list, weighted: bool = False):
+def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list, weighted: bool = False, bucket_bytes: float = 0):
     """The step's share of a data-parallel world (see the module docstring); returns the averaged loss
     and gradients. `d` appends at the end of the step. weighted: the loss and the gradients are
     already multiplied by the process's number of examples (a synchronised loss)."""
@@ -233,7 +240,9 @@ def _data_parallel(d, step: FuncOp, trainable: set, loss: Value, grads: list, we
             op.detach()
             moved.append(op)
     values = [loss, *grads, *(op.operands[0] for op in moved)]
-    loss, *rest = _average(d, values, _examples(d, step), weighted=range(1 + len(grads)) if weighted else ())
+    count = _examples(at_top, step)
+    loss, *rest = _average(d, values, count, weighted=range(1 + len(grads)) if weighted else (),
+                           buckets=_buckets(d, body, values, count, bucket_bytes))
     grads, stored = rest[:len(grads)], rest[len(grads):]
     for op, value in zip(moved, stored):
         op.set_operand(0, value)
@@ -314,33 +323,82 @@ def _examples(d, step: FuncOp) -> Value:
     return d.reshape(d("mlc.slice", shape, start=[0], limit=[1]), ())
 
 
-def _average(d, values: list, count: Value, weighted=()) -> list:
-    """Each value averaged over the world, weighted by count: sum(count * value) / sum(count), with one
-    all-reduce of the flattened values (and the count) per element type. The values at the indices
+def _average(d, values: list, count: Value, weighted=(), buckets=None) -> list:
+    """Each value averaged over the world, weighted by count: sum(count * value) / sum(count). The values
+    travel flattened in buckets (lists of indices into values, of one element type; by default one per
+    element type), one all-reduce each, the first of each element type carrying the count too. A bucket
+    is reduced where `bucket.at` builds (default d), the divisions come at d. The values at the indices
     `weighted` are count * value already."""
-    out = [None] * len(values)
-    by_type: dict = {}
-    for i, v in enumerate(values):  # (gradients of globals, a scalar loss and stored globals: static shapes)
-        by_type.setdefault(v.type.element, []).append(i)
-    has_examples = d("mlc.gt", count, d.scalar(0, count))
-    for element, members in by_type.items():
-        c = d("mlc.cast", count, result_type=TensorType((), element))
-        parts = [d.reshape(d("mlc.select", has_examples, values[i] if i in weighted else d("mlc.mul", values[i], c),
-                                      d.scalar(0, values[i])),  # (a process without examples: its mean is nan)
-                           (math.prod(values[i].type.shape),)) for i in members]
-        parts.append(d.reshape(c, (1,)))
-        flat = d("mlc.concat", *parts, axis=0) if len(parts) > 1 else parts[0]
-        summed = d("mlc.all_reduce", flat, reduction="sum")
-        size = flat.type.shape[0]
-        total = d.reshape(d("mlc.slice", summed, start=[size - 1], limit=[size]), ())
+    if buckets is None:
+        by_type: dict = {}
+        for i, v in enumerate(values):
+            by_type.setdefault(v.type.element, Bucket(d)).append(i)
+        buckets = list(by_type.values())
+    pieces, totals = {}, {}
+    for bucket in buckets:
+        b = bucket.at
+        element = values[bucket[0]].type.element
+        c = b("mlc.cast", count, result_type=TensorType((), element))
+        has_examples = b("mlc.gt", count, b.scalar(0, count))
+        parts = [b.reshape(b("mlc.select", has_examples, values[i] if i in weighted else b("mlc.mul", values[i], c),
+                                      b.scalar(0, values[i])),  # (a process without examples: its mean is nan)
+                           (math.prod(values[i].type.shape),)) for i in bucket]  # (static shapes: gradients of globals, scalars)
+        if element not in totals:
+            parts.append(b.reshape(c, (1,)))
+        flat = b("mlc.concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+        summed = b("mlc.all_reduce", flat, reduction="sum")
         offset = 0
-        for i in members:
-            v = values[i]
-            n = math.prod(v.type.shape)
-            piece = d.reshape(d("mlc.slice", summed, start=[offset], limit=[offset + n]), v.type.shape)
-            out[i] = d("mlc.div", piece, total)
-            offset += n
+        for i in bucket:
+            pieces[i] = (summed, offset)
+            offset += math.prod(values[i].type.shape)
+        if element not in totals:
+            totals[element] = d.reshape(d("mlc.slice", summed, start=[offset], limit=[offset + 1]), ())
+    out = []
+    for i, v in enumerate(values):
+        summed, offset = pieces[i]
+        piece = d("mlc.slice", summed, start=[offset], limit=[offset + math.prod(v.type.shape)])
+        out.append(d("mlc.div", d.reshape(piece, v.type.shape), totals[v.type.element]))
     return out
+
+
+class Bucket(list):
+    """Indices of values reduced together; `at` builds their reduction, after `last` computed them."""
+
+    def __init__(self, at=None):
+        super().__init__()
+        self.at, self.bytes, self.last = at, 0, None
+
+
+def _buckets(d, body, values: list, count: Value, limit: float) -> list[Bucket]:
+    """The values in the order the step computes them, gathered into buckets of one element type of
+    at most `limit` bytes (a larger value alone; 0: no limit), each reduced right after its last
+    value is computed. With `overlap-collectives`, the all-reduce of the last layers' gradients then
+    runs while the backward pass computes the first layers' (torch's DistributedDataParallel buckets)."""
+    position = {op: k for k, op in enumerate(body)}
+    following = {op: op.next for op in body}  # (taken now: buckets inserted after the same op stay in order)
+
+    def computed_at(v) -> Operation | None:
+        op = v.defining_op()
+        while op is not None and op.parent is not body:
+            op = op.parent_op
+        return op
+
+    def builder_after(op):
+        return d if following[op] is None else d.before(following[op])
+
+    made, open_ = [], {}
+    for i in sorted(range(len(values)), key=lambda i: position.get(computed_at(values[i]), -1)):
+        v = values[i]
+        bucket = open_.get(v.type.element)
+        if bucket is None or (limit and bucket.bytes + v.type.nbytes > limit):
+            bucket = open_[v.type.element] = Bucket()
+            made.append(bucket)
+        bucket.append(i)
+        bucket.bytes += v.type.nbytes
+        bucket.last = computed_at(v) or bucket.last
+    for bucket in made:
+        bucket.at = builder_after(bucket.last or computed_at(count))
+    return made
 
 
 def _learning_rate(d, o, t: Value) -> Value:

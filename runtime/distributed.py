@@ -12,6 +12,10 @@ functions runtime/jit.py hands the JIT:
 
     i32 mlc_all_reduce(ptr data, i64 count, i32 dtype, i32 reduction)   in place; 0, or 1 on failure
     i32 mlc_broadcast(ptr data, i64 count, i32 dtype, i64 root)         in place; 0, or 1 on failure
+    i64 mlc_all_reduce_start(ptr data, i64 count, i32 dtype, i32 reduction)   a request, or -1 on failure
+    i32 mlc_all_reduce_wait(i64 request, ptr data, i64 count, i32 dtype)      0, or 1 on failure
+    void mlc_collective_progress()                                            advances what is in flight
+    void mlc_all_reduce_abandon(i64 request)     on a failure: lets it finish (0: none)
     i64 mlc_rank()
     i64 mlc_world_size()
 
@@ -53,8 +57,8 @@ _MPI_NATIVE = {np.dtype(t) for t in (np.float32, np.float64, np.int8, np.int16, 
 
 
 class MPICommunicator:
-    """A communicator over an mpi4py one (by default COMM_WORLD). All-reduces run in place on a
-    contiguous copy (f16 and other narrow floats summed in f32, booleans as bytes); mean is the sum
+    """A communicator over an mpi4py one (by default COMM_WORLD). All-reduces run in place on the
+    buffer (f16 and other narrow floats summed in f32 on a copy, booleans as bytes); mean is the sum
     divided by the world size; broadcasts move raw bytes."""
 
     def __init__(self, comm=None):
@@ -69,17 +73,21 @@ class MPICommunicator:
         self.timeout = collective_timeout()
 
     def allreduce(self, array: np.ndarray, reduction: str) -> np.ndarray:
+        work = np.array(array, order="C")
+        self.iallreduce(work, reduction).wait()
+        return work
+
+    def iallreduce(self, buffer: np.ndarray, reduction: str) -> "_Reduction":
+        """Starts reducing the contiguous buffer in place (ir/collectives.py's protocol)."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction '{reduction}' (known: {', '.join(REDUCTIONS)})")
-        array = np.asarray(array)
-        wire = array.dtype if array.dtype in _MPI_NATIVE else np.dtype(np.uint8) if array.dtype == np.bool_ \
+        wire = buffer.dtype if buffer.dtype in _MPI_NATIVE else np.dtype(np.uint8) if buffer.dtype == np.bool_ \
             else np.dtype(np.float32)
-        work = np.array(array, dtype=wire, order="C").reshape(-1)
+        in_place = wire == buffer.dtype and buffer.flags.c_contiguous
+        work = buffer.reshape(-1) if in_place else np.array(buffer, dtype=wire, order="C").reshape(-1)
         op = {"sum": self.MPI.SUM, "mean": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}[reduction]
-        self.wait(self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=op), "all_reduce", work.nbytes)
-        if reduction == "mean":
-            work = work / self.size if work.dtype.kind == "f" else work // self.size
-        return work.astype(array.dtype).reshape(array.shape)
+        return _Reduction(self, self.comm.Iallreduce(self.MPI.IN_PLACE, work, op=op), None if in_place else buffer,
+                          work, reduction)
 
     def bcast(self, array: np.ndarray, root: int) -> np.ndarray:
         check_root(root, self.size)
@@ -111,6 +119,28 @@ class MPICommunicator:
         print(f"mlc: rank {self.rank}: {what} of {_size(nbytes)} waited {_seconds(waited)} s for the other processes "
               f"({TIMEOUT_VARIABLE}={self.timeout:g}); ending the job", file=sys.stderr, flush=True)
         abort(self.comm)
+
+
+class _Reduction:
+    """An all-reduce in flight on an MPICommunicator."""
+
+    def __init__(self, communicator: MPICommunicator, request, copied_from, work: np.ndarray, reduction: str):
+        self.communicator, self.request, self.reduction = communicator, request, reduction
+        self.work, self.copied_from = work, copied_from  # (the buffer, when work is a copy of it in another type)
+
+    def test(self) -> bool:
+        return self.request.Test()
+
+    def wait(self) -> None:
+        work = self.work
+        self.communicator.wait(self.request, "all_reduce", work.nbytes)
+        if self.reduction == "mean":
+            if work.dtype.kind == "f":
+                work /= self.communicator.size
+            else:
+                work //= self.communicator.size
+        if self.copied_from is not None:
+            self.copied_from[...] = work.reshape(self.copied_from.shape)
 
 
 def abort(comm=None, code: int = 1) -> None:
@@ -176,14 +206,46 @@ def _view(data: int, count: int, code: int) -> tuple[np.ndarray, ElementType]:
     return np.frombuffer((ctypes.c_uint8 * (count * dtype.itemsize)).from_address(data), dtype), element
 
 
-def _all_reduce(data, count, code, reduction) -> int:
+def _all_reduce_start(data, count, code, reduction) -> int:
     try:
+        return collectives.start_allreduce(_view(data, count, code)[0], REDUCTIONS[reduction])
+    except BaseException as e:  # (never into native code: ctypes would drop it, an interrupt included)
+        _report("all_reduce", e)
+        return -1
+
+
+def _all_reduce_wait(request, data, count, code) -> int:
+    try:
+        collectives.finish(request)
         buf, element = _view(data, count, code)
-        buf[...] = round_to_element(np.asarray(collectives.current().allreduce(buf.copy(), REDUCTIONS[reduction])), element)
+        buf[...] = round_to_element(buf, element)  # (bf16 sums, held in f32)
         return 0
-    except BaseException as e:  # (never into native code: ctypes would drop it, an interrupt in the wait included)
-        print(f"mlc: mlc.all_reduce failed: {type(e).__name__}: {e}", file=sys.stderr)
+    except BaseException as e:  # (an interrupt in the wait included)
+        _report("all_reduce", e)
         return 1
+
+
+def _all_reduce(data, count, code, reduction) -> int:
+    request = _all_reduce_start(data, count, code, reduction)
+    return 1 if request < 0 else _all_reduce_wait(request, data, count, code)
+
+
+def _abandon(request) -> None:
+    try:
+        collectives.abandon(request)
+    except BaseException as e:
+        _report("all_reduce", e)
+
+
+def _progress() -> None:
+    try:
+        collectives.progress()
+    except BaseException as e:  # (the wait reports it again)
+        _report("collective_progress", e)
+
+
+def _report(op: str, e: BaseException) -> None:
+    print(f"mlc: mlc.{op} failed: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def _broadcast(data, count, code, root) -> int:
@@ -192,16 +254,24 @@ def _broadcast(data, count, code, root) -> int:
         buf[...] = collectives.current().bcast(buf.copy(), int(root))
         return 0
     except BaseException as e:
-        print(f"mlc: mlc.broadcast failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _report("broadcast", e)
         return 1
 
 
 _COLLECTIVE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32)
 _BROADCAST = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
 _INFO = ctypes.CFUNCTYPE(ctypes.c_int64)
+_START = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32)
+_WAIT = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
+_PROGRESS = ctypes.CFUNCTYPE(None)
+_ABANDON = ctypes.CFUNCTYPE(None, ctypes.c_int64)
 
 CALLBACKS = {  # symbol -> ctypes function (kept alive here for the life of the process)
     "mlc_all_reduce": _COLLECTIVE(_all_reduce),
+    "mlc_all_reduce_start": _START(_all_reduce_start),
+    "mlc_all_reduce_wait": _WAIT(_all_reduce_wait),
+    "mlc_collective_progress": _PROGRESS(_progress),
+    "mlc_all_reduce_abandon": _ABANDON(_abandon),
     "mlc_broadcast": _BROADCAST(_broadcast),
     "mlc_rank": _INFO(lambda: collectives.current().rank),
     "mlc_world_size": _INFO(lambda: collectives.current().size),

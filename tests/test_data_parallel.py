@@ -270,7 +270,7 @@ def test_synchronised_batch_norm_trains_as_one_process(size):
     assert not np.allclose(got["w1"], want["w1"], rtol=1e-3, atol=1e-4)
 
 
-def test_the_option_reaches_the_pass():
+def test_the_options_reach_the_pass():
     from mlc.cli import build_parser
     from mlc.train import train_step_pipeline
     for flag, want in (([], True), (["--no-sync-batch-norm"], False)):
@@ -278,6 +278,8 @@ def test_the_option_reaches_the_pass():
         assert args.sync_batch_norm is want
         pipeline = train_step_pipeline(Options(sync_batch_norm=want), data_parallel=True)
         assert ("sync-batch-norm=false" in pipeline) is not want and "data-parallel=true" in pipeline
+    assert build_parser().parse_args(["train", "m.ir", "--data", "digits"]).bucket_mb == 1.0
+    assert "bucket-mb=0.25" in train_step_pipeline(Options(bucket_mb=0.25), data_parallel=True)
 
 
 @pytest.mark.filterwarnings("ignore:Mean of empty slice")  # (the interpreter's loss of no examples)
@@ -289,6 +291,38 @@ def test_synchronised_batch_norm_with_a_process_without_examples():
         np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
         for name in ("w1", "bn.weight", "bn.bias", "w2", "b2", "bn.running_mean"):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_gradient_buckets_overlap_the_backward_pass_and_train_as_one_process():
+    """bucket-mb so small that every value travels alone: the step begins each one's all-reduce as
+    soon as the backward pass has computed it, and the CPU pipeline waits for it only where the update
+    reads it, with kernels and progress calls between. Compiled, in a world of two threads (whose
+    all-reduces happen at the wait, so a read before it would see this process's value alone), the
+    step trains as one process does on the interpreter."""
+    pipeline = "train_step{loss=@loss lr=0.01 clip-norm=0.5}"
+    (want_losses, want), = trained_in(None, pipeline)
+    m = mlc.parse(BN_MODEL)
+    run_passes(m, pipeline.replace("}", " data-parallel=true bucket-mb=1e-9}"))
+    ops = m.functions["train_step"].body.ops
+    reduces = [k for k, op in enumerate(ops) if op.name == "mlc.all_reduce"]
+    # batch norm's two, then the loss, the two running statistics and the five gradients, each alone
+    assert len(reduces) == 2 + 8
+    last_product = max(k for k, op in enumerate(ops) if op.name in ("mlc.matmul", "mlc.dot_general"))
+    assert sum(k < last_product for k in reduces[2:]) >= 4  # begun while the backward pass still runs
+    exes = [mlc.compile(m) for _ in range(2)]  # (a rank each: its own globals)
+    loops = [op.name for op in exes[0].lowered.functions["train_step"].body]
+    assert loops.count("mem.all_reduce_start") == loops.count("mem.all_reduce_wait") == 10 and "mem.all_reduce" not in loops
+    assert loops.count("mem.collective_progress") >= 10
+    d = data()
+
+    def train(rank):
+        step = exes[rank]["train_step"]
+        losses = [float(step(d["x"][mine], d["labels"][mine])) for mine in (np.array_split(idx, 2)[rank] for idx in bn_batches())]
+        return losses, exes[rank].globals
+    for rank, (losses, got) in enumerate(ThreadWorld(2).run(train)):
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=f"rank {rank}")
+        for name, value in want.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=f"rank {rank}: {name}")
 
 
 # --- real processes ----------------------------------------------------------------------------------
@@ -342,10 +376,11 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_resume(mpi):
 
 
 def test_two_processes_train_a_batch_norm_model_as_one(mpi):
-    """Compiled code, MPI: batch norm's statistics over the global batch make two processes one."""
+    """Compiled code, MPI: batch norm's statistics over the global batch make two processes one; every
+    gradient in a bucket of its own, all-reduced while the backward pass goes on."""
     _, folder = mpi
     one = fit(mlc.parse(BN_MODEL), options(folder, epochs=2))
-    code, out = mlc_train(mpi, "--epochs", "2", "--checkpoint-dir", "bn-ckpt", "-o", "bn.mlcz", model="bn.ir")
+    code, out = mlc_train(mpi, "--epochs", "2", "--checkpoint-dir", "bn-ckpt", "-o", "bn.mlcz", "--bucket-mb", "1e-9", model="bn.ir")
     assert code == 0, f"exit status {code} (None: timed out)\n{out}"
     weights, state = checkpoint(folder / "bn-ckpt" / "checkpoint.npz")
     for name, value in one.globals.items():

@@ -132,7 +132,8 @@ def test_passes_neither_merge_nor_remove_collectives():
     assert names.count("mlc.rank") == 2  # read twice: not merged
     assert "mlc.world_size" not in names  # reads only: dead when unused
     lowered = [op.name for op in lower(mlc.parse(text)).functions["f"].body]  # the loop-level passes too
-    assert lowered.count("mem.all_reduce") == 3 and lowered.count("mem.broadcast") == 1 and lowered.count("mem.rank") == 2
+    assert lowered.count("mem.all_reduce_start") == lowered.count("mem.all_reduce_wait") == 3
+    assert lowered.count("mem.broadcast") == 1 and lowered.count("mem.rank") == 2
 
 
 # --- gradients ---------------------------------------------------------------------------------------
@@ -246,6 +247,66 @@ def test_compiled_code_in_one_process():
     got, want = mlc.compile(m, cache=False)["f"](x), mlc.interpret(m, "f", x)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+class InFlightWorld(ShiftedWorld):
+    """ShiftedWorld whose all-reduces are begun and finished apart (as MPI's), logging both."""
+
+    def __init__(self, rank: int, size: int):
+        super().__init__(rank, size)
+        self.log = []
+
+    def iallreduce(self, buffer, reduction):
+        world, result = self, self.allreduce(buffer.copy(), reduction)
+        self.log.append("start")
+
+        class Pending:
+            def test(self):
+                world.log.append("test")
+                return False
+
+            def wait(self):
+                world.log.append("wait")
+                buffer[...] = result
+        return Pending()
+
+
+OVERLAPPED = """module {
+  func.func @f(%x: tensor<?x3xf32>, %a: tensor<?xf32>, %b: tensor<?xf32>) -> (tensor<?x3xf32>, tensor<?xf32>) {
+    %s = mlc.all_reduce %x {reduction = "sum"} : (tensor<?x3xf32>) -> tensor<?x3xf32>
+    %e = mlc.exp %a : (tensor<?xf32>) -> tensor<?xf32>
+    %y = mlc.add %e, %b : (tensor<?xf32>, tensor<?xf32>) -> tensor<?xf32>
+    %t = mlc.tanh %s : (tensor<?x3xf32>) -> tensor<?x3xf32>
+    return %t, %y : tensor<?x3xf32>, tensor<?xf32>
+  }
+}
+"""
+
+
+def test_an_all_reduce_in_flight_while_other_kernels_run():
+    """Compiled and on the interpreter at loop level: the all-reduce begins, the kernel that does not
+    need it runs (a progress call after it), then the wait. A kernel that fails meanwhile still lets
+    the all-reduce finish before its buffer is freed, and reports its own error."""
+    m = mlc.parse(OVERLAPPED)
+    exe = mlc.compile(m, cache=False)
+    loops = [op.name for op in exe.lowered.functions["f"].body]
+    start, wait = loops.index("mem.all_reduce_start"), loops.index("mem.all_reduce_wait")
+    assert loops[start + 1:wait].count("loop.for") == 1 and loops[wait - 1] == "mem.collective_progress"
+    rng = np.random.default_rng(5)
+    x, a, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
+    with using(ShiftedWorld(1, 3)):
+        want = mlc.interpret(m, "f", x, a, b)
+    for run in (lambda: exe["f"](x, a, b), lambda: mlc.interpret(exe.lowered, "f", x, a, b)):
+        world = InFlightWorld(1, 3)
+        with using(world):
+            got = run()
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-6)
+        assert world.log[0] == "start" and world.log[-1] == "wait" and "test" in world.log, world.log
+    world = InFlightWorld(1, 3)
+    with using(world), pytest.raises(mlc.DiagnosticError, match="cannot be broadcast together"):
+        exe["f"](x, a, b[:5])
+    assert world.log[0] == "start" and world.log[-1] == "wait", world.log
 
 
 # --- two real processes ------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ with an all-reduce mean of the gradients):
   broadcast        the cotangents summed over processes, delivered to the root; the others get zeros
 
 Their loop-level forms work on a buffer in place: `mem.all_reduce %buf {reduction}`,
-`mem.broadcast %buf {root}`, and `mem.rank`, `mem.world_size` give an i64. The CPU backend calls the
-runtime for each (codegen/llvm.py, runtime/jit.py).
+`mem.broadcast %buf {root}`, and `mem.rank`, `mem.world_size` give an i64. An all-reduce may also be
+split in two, `%r = mem.all_reduce_start %buf {reduction}` ... `mem.all_reduce_wait %r, %buf`, with
+`mem.collective_progress` between the kernels that run meanwhile. The CPU backend calls the runtime
+for each (codegen/llvm.py, runtime/jit.py).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from .. import collectives
 from ..registry import READS, Attr, OpDef, VerifyError
-from ..types import MemRefType, TensorType, i64
+from ..types import MemRefType, TensorType, i64, round_to_element
 from .mlc import RuntimeCheck
 from .shapes import require_element, tensor_type
 
@@ -146,6 +148,55 @@ class MemAllReduce(OpDef):
     def interpret(ins, op, ctx):
         ins[0][...] = _communicate(collectives.current().allreduce, ins[0].copy(), op.attr("reduction"))
         return []
+
+
+class MemAllReduceStart(OpDef):
+    """mem.all_reduce begun: the buffer is the communicator's until `mem.all_reduce_wait` on the
+    request (an i64) this gives, so the work between them overlaps the communication
+    (passes/overlap_collectives.py). The interpreter, like a communicator that only blocks, reduces at
+    the wait."""
+    name = "mem.all_reduce_start"
+    operands = 1
+    attrs = AllReduce.attrs
+
+    @staticmethod
+    def infer(op, ctx):
+        _buffer(op, ctx)
+        return [i64]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return np.int64(_communicate(collectives.start_allreduce, ins[0], op.attr("reduction")))
+
+
+class MemAllReduceWait(OpDef):
+    """Waits for the all-reduce `request` of the buffer: `mem.all_reduce_wait %request, %buf`."""
+    name = "mem.all_reduce_wait"
+    operands = 2
+    results = 0
+
+    @staticmethod
+    def infer(op, ctx):
+        if op.operand_types[0] != i64:
+            raise VerifyError(f"operand 0 must be the i64 request of a mem.all_reduce_start, got {op.operand_types[0]}")
+        if not isinstance(op.operand_types[1], MemRefType):
+            raise VerifyError(f"operand 1 must be a memref, got {op.operand_types[1]}")
+        return []
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        _communicate(collectives.finish, int(ins[0]))
+        element = op.operand_types[1].element
+        ins[1][...] = round_to_element(ins[1], element)  # (bf16 sums, held in f32)
+        return []
+
+
+class MemCollectiveProgress(OpDef):
+    """Lets the collectives begun and not yet waited for advance (MPI's progress their waits would
+    otherwise make all at once); placed between the kernels they overlap."""
+    name = "mem.collective_progress"
+    results = 0
+    interpret = staticmethod(lambda ins, op, ctx: collectives.progress() or [])
 
 
 class MemBroadcast(OpDef):
