@@ -162,6 +162,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller problems, fewer rounds")
     ap.add_argument("--rounds", type=int, help="turns per framework (the best rep counts); 5, or 3 with --quick")
+    ap.add_argument("--only", nargs="+", choices=list(WORKLOADS), metavar="WORKLOAD", help="just these workloads ('mlp 1', ...)")
     harness.add_worker_arguments(ap)
     args = ap.parse_args()
     if args.worker:
@@ -170,6 +171,7 @@ def main():
     chosen = ["sgemm 256", "sgemm 512"] + ([] if args.quick else ["sgemm 1024"])
     chosen += ["elementwise 1048576" if args.quick else "elementwise 16777216", "softmax", "layer norm", "mlp 256", "mlp 1"]
     chosen += ([] if args.quick else ["conv"]) + ["compile cold", "compile cached"]
+    chosen = args.only or chosen
     print(harness.load())
     results, rows = [], []
     for workload in chosen:

@@ -18,8 +18,9 @@ like every other lowering:
 A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
 operands read through their transpose (no copy). A product of at most MR rows (a batch of 1, a GEMV)
 packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
-along its rows (tiles of up to 8 vectors of C's row) or, where B is read through its transpose (the
-weight of nn.Linear), as dot products along K of A's rows with B's columns. DirectConv, below, reuses the micro-kernel's parts for
+along its rows (tiles of up to 8 vectors of C's row; where B's rows are longer, C's rows summed in
+memory as B's rows stream by in order) or, where B is read through its transpose (the weight of
+nn.Linear), as dot products along K of A's rows with B's columns. DirectConv, below, reuses the micro-kernel's parts for
 a convolution with stride 1 along x: its B vectors are contiguous runs of a padded input row, so it
 packs nothing.
 """
@@ -37,6 +38,8 @@ FEW_ROWS = 3       # a product with rows known at run time streams B once per ro
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
+CHUNK_VECTORS = 64  # columns of C per task of a few-rows product accumulated in memory (2 KB of f32 per row)
+AXPY_DEPTH = 8      # rows of B per pass over such a chunk, for one row of C (fewer for more rows: registers)
 
 
 def supports(element) -> bool:
@@ -189,10 +192,15 @@ class Gemm:
     def stream_b_rows(self, b, rows, parallel, first=None):
         """C[0:rows] for rows <= MR, B's rows contiguous: tiles of rows x up to 8 vectors of C in registers
         (12 accumulators), each k one broadcast of A[i, k] per row and a run of B[k] read in place;
-        columns past the last whole vector one at a time."""
+        columns past the last whole vector one at a time. Where B's rows are longer than two such tiles,
+        the tile would walk down B a row's length apart (a page per k at 1024 columns), so C is
+        accumulated in memory instead (axpy_rows)."""
         L, lanes = self.L, self.lanes
         vectors = max(1, min(8, 12 // rows))
         row = _rows(L, b, first, rows)
+        n = _static(self.N)
+        if n is None or n > 2 * vectors * lanes:
+            return self.axpy_rows(b, row, parallel, first)
 
         def tile(tb, j0, vectors):
             def step(kb, k, *acc):
@@ -203,6 +211,44 @@ class Gemm:
             self.tile_epilogue(tb, rows, j0, vectors * lanes, first)
 
         self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel, row)
+
+    def axpy_rows(self, b, row, parallel, first=None):
+        """C[row] = A[row] @ B as a sum of B's rows scaled by A's elements, k outer: B is read once in
+        order, CHUNK_VECTORS vectors of columns at a time (a task each: on two threads a 1024-column B is
+        two halves, each core reading the same half, 2 KB a row, every call), whose rows of C stay in
+        L1; each pass over the chunk takes several rows of B, so a vector of C is loaded and stored
+        once per several fmas."""
+        L, lanes, vt = self.L, self.lanes, self.vt
+        zero = zero_tile(L, b, vt, 1)[0]
+
+        def chunk(cb, j0, width):
+            def zero_columns(zb, j):
+                column = L.op(zb, "arith.add", j0, j)
+                for i in row:
+                    zb.create("vector.store", [zero, self.c] + self.c_prefix + [i, column])
+            L.loop(cb, L.idx(0), L.idx(width), zero_columns, step=lanes)
+
+            def rows_of_b(kb, k0, depth):
+                ks = [k0] + [L.op(kb, "arith.add", k0, L.idx(u)) for u in range(1, depth)]
+                a = [[kb.create("vector.broadcast", [self.load_a(kb, i, k)], result_types=[vt]).result for k in ks] for i in row]
+
+                def columns(jb, j):
+                    column = L.op(jb, "arith.add", j0, j)
+                    bs = [self.load_b_vector(jb, k, column, vt) for k in ks]
+                    for r, i in enumerate(row):
+                        where = self.c_prefix + [i, column]
+                        acc = jb.create("vector.load", [self.c] + where, result_types=[vt]).result
+                        for u in range(depth):
+                            acc = jb.create("vector.fma", [a[r][u], bs[u], acc]).result
+                        jb.create("vector.store", [acc, self.c] + where)
+                L.loop(kb, L.idx(0), L.idx(width), columns, step=lanes)
+            depth = max(2, AXPY_DEPTH // len(row))
+            whole = L.op(cb, "arith.mul", L.op(cb, "arith.div", self.K, L.idx(depth)), L.idx(depth))
+            L.loop(cb, L.idx(0), whole, lambda kb, k0: rows_of_b(kb, k0, depth), step=depth)
+            L.loop(cb, whole, self.K, lambda kb, k: rows_of_b(kb, k, 1))
+            self.tile_epilogue(cb, len(row), j0, width, first)
+
+        self.column_tiles(b, [CHUNK_VECTORS * lanes, lanes], chunk, parallel, row)
 
     def stream_b_columns(self, b, rows, parallel, first=None):
         """C[0:rows] for rows <= MR, B read through its transpose (columns contiguous): tiles of rows x up
