@@ -270,6 +270,10 @@ class Block:
         for op in self:
             yield from op.walk()
 
+    def nested_blocks(self) -> list["Block"]:
+        """This block and every block in the regions of the ops within it."""
+        return [self, *(b for op in self.walk() for r in op.regions for b in r.blocks)]
+
 
 class Region:
     __slots__ = ("blocks", "parent")

@@ -24,7 +24,7 @@ class BufferDealloc(Pass):
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
-            for block in [f.body, *(b for op in f.body.walk() for r in op.regions for b in r.blocks)]:
+            for block in f.body.nested_blocks():
                 free_after_last_use(block)
 
 

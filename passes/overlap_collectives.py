@@ -33,7 +33,7 @@ class OverlapCollectives(Pass):
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
-            for block in [f.body, *(b for op in f.body.walk() for r in op.regions for b in r.blocks)]:
+            for block in f.body.nested_blocks():
                 if any(op.name == "mem.all_reduce" for op in block):
                     overlap(block)
 
