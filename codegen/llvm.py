@@ -649,7 +649,7 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
         for k, v in enumerate(finals):
             sub.b.store(_to_word(sub.b, v), sub.b.gep(ctx, [ir.Constant(I64, len(slots) + k)], source_etype=I64))
     elif not parallel and isinstance(lb, ir.Constant) and isinstance(ub, ir.Constant):
-        sub.loop(block, lb, ub, op.attr("step"))  # run whole: constant trip counts let LLVM unroll and vectorise
+        sub.loop(block, lb, ub, op.attr("step"))  # run whole: constant trip counts let LLVM vectorise
     else:  # the runtime splits trip numbers, so every chunk starts on the loop's step
         first, last, step = word(len(slots) - 2), word(len(slots) - 1), ir.Constant(I64, op.attr("step"))
         start = sub.b.add(first, sub.b.mul(lo, step))

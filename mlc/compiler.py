@@ -16,8 +16,9 @@ from __future__ import annotations
 from mlc.codegen.llvm import emit_module
 from mlc.codegen.nvptx import GPU_ARCHS, deferred_kernels
 from mlc.ir.core import Module
-from mlc.ir.diagnostics import UnsupportedError, error
+from mlc.ir.diagnostics import DiagnosticError, UnsupportedError, error
 from mlc.ir.types import NATIVE, ElementType
+from mlc.ir.verifier import verify
 from mlc.passes import PassManager
 from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable, profiling_at_exit
@@ -42,10 +43,15 @@ def lower(module: Module, target: str = "cpu", described: dict | None = None) ->
     passes = PassManager.parse(pipeline(target)).passes
     if described is not None:
         at = next(i for i, p in enumerate(passes) if p.name == "lower-to-loops")
-        PassManager(passes[:at]).run(lowered)
+        PassManager(passes[:at], verify_each=False).run(lowered)
         described.update(describe(lowered))
         passes = passes[at:]
-    PassManager(passes).run(lowered)
+    PassManager(passes, verify_each=False).run(lowered)
+    try:  # (once, at the end: verifying after every pass took a third of the passes' time)
+        verify(lowered)
+    except DiagnosticError:  # again, verified after each pass: the error names the pass that broke the module
+        PassManager.parse(pipeline(target)).run(module.clone())
+        raise
     return lowered
 
 

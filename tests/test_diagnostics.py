@@ -195,3 +195,19 @@ def test_compiled_functions_take_arguments_by_name():
         assert fragment in str(e.value)
     with pytest.raises(mlc.DiagnosticError, match="argument 'x' both by position and by name"):
         exe["loss"](x, x=x)
+
+
+def test_a_pass_that_breaks_the_module_is_named_by_compile(monkeypatch):
+    """compile verifies the lowered module once, at the end; when that fails it runs the pipeline
+    again verifying after every pass, so the error still names the pass that broke the module."""
+    from mlc.passes.reuse_buffers import ReuseBuffers
+
+    def breaks_dominance(self, module):
+        body = module.functions["f"].body
+        op = next(op for op in body if op.results and op.results[0].users)
+        op.detach()
+        body.insert_before(body.last, op)  # (defined after its uses)
+    monkeypatch.setattr(ReuseBuffers, "run", breaks_dominance)
+    m = mlc.parse(func("%y = mlc.exp %x\n    return %y : tensor<4xf32>", args="%x: tensor<4xf32>", results="tensor<4xf32>"))
+    with pytest.raises(mlc.DiagnosticError, match="after pass 'reuse-buffers'.*bug in the pass"):
+        mlc.compile(m, cache=False)
