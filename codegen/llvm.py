@@ -533,8 +533,9 @@ def _for(self: FunctionEmitter, op):
     if op.parent is self.func.body and self.threads and not carries_vectors:
         _outlined_for(self, op, parallel=op.attr("parallel") and not op.results)
         return
-    if op.attr("parallel") and not op.results and self.sequential_outline:
-        # e.g. a matrix product inside a scan's step: the step loop is sequential, its products need not be
+    if op.attr("parallel") and not op.results and (self.sequential_outline or self.threads):
+        # e.g. a matrix product inside a scan's step, or in a loop.if's rows of a batch of 1: the loops
+        # around it are sequential, its own need not be
         _outlined_for(self, op, parallel=True)
         return
     if op.parent is self.func.body:  # a loop left here needs the optimiser after all

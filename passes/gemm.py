@@ -19,7 +19,7 @@ A and B are read through callbacks, so the same kernel serves batched matmul (wi
 operands read through their transpose (no copy). A product of at most MR rows (a batch of 1, a GEMV)
 packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
 along its rows (tiles of up to 8 vectors of C's row; where B's rows are longer, C's rows summed in
-memory as B's rows stream by in order) or, where B is read through its transpose (the weight of
+memory as B's rows stream by in order, K split over threads) or, where B is read through its transpose (the weight of
 nn.Linear), as dot products along K of A's rows with B's columns. DirectConv, below, reuses the micro-kernel's parts for
 a convolution with stride 1 along x: its B vectors are contiguous runs of a padded input row, so it
 packs nothing.
@@ -38,8 +38,8 @@ FEW_ROWS = 3       # a product with rows known at run time streams B once per ro
 KC = 256           # depth of a slice of K
 MC = 48            # rows of C per parallel block (a multiple of MR)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
-CHUNK_VECTORS = 64  # columns of C per task of a few-rows product accumulated in memory (2 KB of f32 per row)
-AXPY_DEPTH = 8      # rows of B per pass over such a chunk, for one row of C (fewer for more rows: registers)
+SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
+AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
 
 def supports(element) -> bool:
@@ -194,13 +194,13 @@ class Gemm:
         (12 accumulators), each k one broadcast of A[i, k] per row and a run of B[k] read in place;
         columns past the last whole vector one at a time. Where B's rows are longer than two such tiles,
         the tile would walk down B a row's length apart (a page per k at 1024 columns), so C is
-        accumulated in memory instead (axpy_rows)."""
+        accumulated in memory instead (sum_rows_of_b)."""
         L, lanes = self.L, self.lanes
         vectors = max(1, min(8, 12 // rows))
         row = _rows(L, b, first, rows)
         n = _static(self.N)
         if n is None or n > 2 * vectors * lanes:
-            return self.axpy_rows(b, row, parallel, first)
+            return self.sum_rows_of_b(b, row, SPLIT_K if parallel else 1)
 
         def tile(tb, j0, vectors):
             def step(kb, k, *acc):
@@ -212,43 +212,71 @@ class Gemm:
 
         self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel, row)
 
-    def axpy_rows(self, b, row, parallel, first=None):
-        """C[row] = A[row] @ B as a sum of B's rows scaled by A's elements, k outer: B is read once in
-        order, CHUNK_VECTORS vectors of columns at a time (a task each: on two threads a 1024-column B is
-        two halves, each core reading the same half, 2 KB a row, every call), whose rows of C stay in
-        L1; each pass over the chunk takes several rows of B, so a vector of C is loaded and stored
-        once per several fmas."""
-        L, lanes, vt = self.L, self.lanes, self.vt
+    def sum_rows_of_b(self, b, row, tasks):
+        """C[row] = A[row] @ B as a sum of B's rows scaled by A's elements, k outer, so that B is read
+        once and in order: K is split into `tasks` blocks (on threads), each streaming its block of B's
+        rows into a partial sum of C's rows, which stays in L1 (several rows of B per pass over it, so
+        that a vector of it is loaded and stored once per several fmas); the partial sums are added at
+        the end, with the epilogue. Split along K, not N, a thread reads one run of memory: split
+        along N, both threads read every page of B, and the second thread gained nothing."""
+        L, lanes, vt, e = self.L, self.lanes, self.vt, self.element
+        rows = len(row)
+        parts = b.create("mem.alloc", [self.N], result_types=[MemRefType((tasks, rows, None), e)], name_hint="partial").result
+        share = L.op(b, "arith.div", L.op(b, "arith.add", self.K, L.idx(tasks - 1)), L.idx(tasks))
+        vectors_end = L.op(b, "arith.mul", L.op(b, "arith.div", self.N, L.idx(lanes)), L.idx(lanes))
         zero = zero_tile(L, b, vt, 1)[0]
 
-        def chunk(cb, j0, width):
-            def zero_columns(zb, j):
-                column = L.op(zb, "arith.add", j0, j)
-                for i in row:
-                    zb.create("vector.store", [zero, self.c] + self.c_prefix + [i, column])
-            L.loop(cb, L.idx(0), L.idx(width), zero_columns, step=lanes)
+        def task(tb, t):
+            k0 = L.op(tb, "arith.minimum", L.op(tb, "arith.mul", t, share), self.K)
+            k1 = L.op(tb, "arith.minimum", L.op(tb, "arith.add", k0, share), self.K)
 
-            def rows_of_b(kb, k0, depth):
-                ks = [k0] + [L.op(kb, "arith.add", k0, L.idx(u)) for u in range(1, depth)]
-                a = [[kb.create("vector.broadcast", [self.load_a(kb, i, k)], result_types=[vt]).result for k in ks] for i in row]
+            def zero_columns(zb, j):
+                for r in range(rows):
+                    zb.create("vector.store", [zero, parts, t, L.idx(r), j])
+            L.loop(tb, L.idx(0), vectors_end, zero_columns, step=lanes)
+            L.loop(tb, vectors_end, self.N, lambda zb, j: [zb.create("mem.store", [L.const(zb, 0, e), parts, t, L.idx(r), j])
+                                                           for r in range(rows)])
+
+            def rows_of_b(kb, k, depth):
+                ks = [k] + [L.op(kb, "arith.add", k, L.idx(u)) for u in range(1, depth)]
+                a = [[self.load_a(kb, i, kk) for kk in ks] for i in row]
+                wide = [[kb.create("vector.broadcast", [x], result_types=[vt]).result for x in xs] for xs in a]
 
                 def columns(jb, j):
-                    column = L.op(jb, "arith.add", j0, j)
-                    bs = [self.load_b_vector(jb, k, column, vt) for k in ks]
-                    for r, i in enumerate(row):
-                        where = self.c_prefix + [i, column]
-                        acc = jb.create("vector.load", [self.c] + where, result_types=[vt]).result
+                    bs = [self.load_b_vector(jb, kk, j, vt) for kk in ks]
+                    for r in range(rows):
+                        acc = jb.create("vector.load", [parts, t, L.idx(r), j], result_types=[vt]).result
                         for u in range(depth):
-                            acc = jb.create("vector.fma", [a[r][u], bs[u], acc]).result
-                        jb.create("vector.store", [acc, self.c] + where)
-                L.loop(kb, L.idx(0), L.idx(width), columns, step=lanes)
-            depth = max(2, AXPY_DEPTH // len(row))
-            whole = L.op(cb, "arith.mul", L.op(cb, "arith.div", self.K, L.idx(depth)), L.idx(depth))
-            L.loop(cb, L.idx(0), whole, lambda kb, k0: rows_of_b(kb, k0, depth), step=depth)
-            L.loop(cb, whole, self.K, lambda kb, k: rows_of_b(kb, k, 1))
-            self.tile_epilogue(cb, len(row), j0, width, first)
+                            acc = jb.create("vector.fma", [wide[r][u], bs[u], acc]).result
+                        jb.create("vector.store", [acc, parts, t, L.idx(r), j])
+                L.loop(kb, L.idx(0), vectors_end, columns, step=lanes)
 
-        self.column_tiles(b, [CHUNK_VECTORS * lanes, lanes], chunk, parallel, row)
+                def column(jb, j):
+                    for r in range(rows):
+                        acc = jb.create("mem.load", [parts, t, L.idx(r), j]).result
+                        for u, kk in enumerate(ks):
+                            acc = L.op(jb, "arith.add", acc, L.op(jb, "arith.mul", a[r][u], self.load_b(jb, kk, j)))
+                        jb.create("mem.store", [acc, parts, t, L.idx(r), j])
+                L.loop(kb, vectors_end, self.N, column)
+            depth = max(2, AXPY_DEPTH // rows)
+            whole = L.op(tb, "arith.add", k0, L.op(tb, "arith.mul", L.op(tb, "arith.div", L.op(tb, "arith.sub", k1, k0), L.idx(depth)),
+                                                     L.idx(depth)))
+            L.loop(tb, k0, whole, lambda kb, k: rows_of_b(kb, k, depth), step=depth)
+            L.loop(tb, whole, k1, lambda kb, k: rows_of_b(kb, k, 1))
+        L.loop(b, L.idx(0), L.idx(tasks), task, parallel=tasks > 1)
+
+        def total(rb, r, i):
+            def column(cb, j):
+                acc = cb.create("mem.load", [parts, L.idx(0), L.idx(r), j]).result
+                for t in range(1, tasks):
+                    acc = L.op(cb, "arith.add", acc, cb.create("mem.load", [parts, L.idx(t), L.idx(r), j]).result)
+                cb.create("mem.store", [acc, self.c] + self.c_prefix + [i, j])
+                if self.epilogue is not None:
+                    self.epilogue(cb, i, j)
+            L.loop(rb, L.idx(0), self.N, column)
+        for r, i in enumerate(row):
+            total(b, r, i)
+        b.create("mem.dealloc", [parts])
 
     def stream_b_columns(self, b, rows, parallel, first=None):
         """C[0:rows] for rows <= MR, B read through its transpose (columns contiguous): tiles of rows x up

@@ -307,28 +307,32 @@ def test_products_of_few_rows_stream_b_unpacked(m, k, n, layout, dtype, batch, e
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b, bias), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("m, dynamic, dtype, epilogue", [(1, False, np.float32, True), (1, True, np.float32, False),
-                                                      (3, True, np.float64, True), (6, False, np.float32, False)])
-def test_few_rows_of_a_wide_b_accumulate_in_memory(m, dynamic, dtype, epilogue):
-    """B's rows longer than two register tiles: C's rows summed in memory, B's rows read in order
-    (chunks of 64 vectors on threads, whole vectors, then single columns; K in groups and the rest).
-    Compiled and the loops on the interpreter vs numpy; the loops hold no register-tile walk down B."""
+@pytest.mark.parametrize("m, dynamic, dtype, epilogue, batch", [(1, False, np.float32, True, ()), (1, True, np.float32, False, ()),
+                                                             (3, True, np.float64, True, ()), (6, False, np.float32, False, ()),
+                                                             (2, False, np.float32, True, (2,)), (1, True, np.float64, False, (3,))])
+def test_few_rows_of_a_wide_b_accumulate_in_memory(m, dynamic, dtype, epilogue, batch):
+    """B's rows longer than two register tiles: C's rows summed in memory as B's rows stream by in
+    order — at the top level K split into blocks on threads and the partial sums added (with the
+    epilogue), in a batch's parallel loop one block; whole vectors, then single columns; K in groups
+    and the rest. Compiled and the loops on the interpreter vs numpy; B is not packed."""
     k, n = 13, 605
     e = {np.float32: "f32", np.float64: "f64"}[dtype]
     r = np.random.default_rng(m)
-    a, b, bias = (r.standard_normal(s).astype(dtype) for s in ((m, k), (k, n), (n,)))
+    a, b, bias = (r.standard_normal(s).astype(dtype) for s in (batch + (m, k), batch + (k, n), (n,)))
+    t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + e + ">"
     rows = "?" if dynamic else m
-    ty = f"tensor<{rows}x{n}x{e}>"
-    body = f"%y = mlc.matmul %a, %b : (tensor<{rows}x{k}x{e}>, tensor<{k}x{n}x{e}>) -> {ty}\n"
+    ta, tb, ty = t(batch + (rows, k)), t(batch + (k, n)), t(batch + (rows, n))
+    body = f"%y = mlc.matmul %a, %b : ({ta}, {tb}) -> {ty}\n"
     if epilogue:
-        body += f"%s = mlc.add %y, %bias : ({ty}, tensor<{n}x{e}>) -> {ty}\n%r = mlc.relu %s : ({ty}) -> {ty}\n"
-    text = f"""module {{ func.func @f(%a: tensor<{rows}x{k}x{e}>, %b: tensor<{k}x{n}x{e}>, %bias: tensor<{n}x{e}>) -> {ty} {{
+        body += f"%s = mlc.add %y, %bias : ({ty}, {t((n,))}) -> {ty}\n%r = mlc.relu %s : ({ty}) -> {ty}\n"
+    text = f"""module {{ func.func @f(%a: {ta}, %b: {tb}, %bias: {t((n,))}) -> {ty} {{
       {body}      return {"%r" if epilogue else "%y"} : {ty} }} }}"""
     want = np.maximum(a @ b + bias, 0) if epilogue else a @ b
     tol = 1e-4 if e == "f32" else 1e-10
     np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](a, b, bias), want, rtol=tol, atol=tol)
     lowered = mlc.run_passes(mlc.parse(text), "cpu")
     np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b, bias), want, rtol=tol, atol=tol)
+    assert "partial" in str(lowered)
     assert "packed" not in str(lowered) or dynamic  # (with `?` rows the packed product stays for more than 3)
 
 

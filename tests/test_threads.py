@@ -131,6 +131,17 @@ def test_kernels_match_numpy_at_any_thread_count(threads, n):
     assert (pool.stats()["regions"] > before) == (n > 1)  # (regions went to the native pool, not Python's)
 
 
+def test_a_batch_of_one_splits_its_product_over_the_pool(threads):
+    """Rows known at run time: a batch of one takes the loop.if's row loop, whose product (K split in
+    blocks) is still a parallel region of its own."""
+    pool = threads(2)
+    f = mlc.compile(mlc.parse(MATMUL.replace("192", "1024")), cache=False)["f"]
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1, 256), (256, 1024), (1024,)))
+    before = pool.stats()["regions"]
+    np.testing.assert_allclose(f(x, w, b), relu_layer(x, w, b), rtol=1e-4, atol=1e-4)
+    assert pool.stats()["regions"] > before
+
+
 def test_many_python_threads_share_the_pool(threads):
     threads(2)
     f = mlc.compile(mlc.parse(MATMUL), cache=False)["f"]
