@@ -16,7 +16,7 @@ like every other lowering:
         epilogue, row by row, while the rows are still in cache (bias, activation, ...)
 
 A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
-operands read through their transpose (no copy). A product of at most MR rows (a batch of 1, a GEMV)
+operands read through their transpose (no copy). A product of at most STREAM_ROWS rows (a batch of 1, a GEMV)
 packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
 along its rows (tiles of up to 8 vectors of C's row; where B's rows are longer, C's rows summed in
 memory as B's rows stream by in order, K split over threads) or, where B is read through its transpose (the weight of
@@ -34,9 +34,12 @@ from mlc.ir.types import MemRefType, VectorType
 
 VECTOR_BYTES = 32  # AVX2; the GEMM takes tile's `vector-bytes` (the driver gives the host's widest)
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
+MR_AVX512 = 12     # with AVX-512's 32 registers: 24 accumulators, twice the fmas per vector of B loaded
+STREAM_ROWS = 6    # a product of at most this many static rows streams B in place (packing it would not pay)
 FEW_ROWS = 3       # a product with rows known at run time streams B once per row up to this many
-KC = 256           # depth of a slice of K
-MC = 48            # rows of C per parallel block (a multiple of MR)
+KC = 256           # depth of a slice of K (0 in the tile pass's options: by the vector width, as below)
+KC_AVX512 = 192    # the slice's panel of 2 x 64-byte vectors (24 KB) and 12 rows of A (9 KB) stay in L1
+MC = 48            # rows of C per parallel block (a multiple of MR and MR_AVX512)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
 SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
@@ -66,8 +69,8 @@ class Gemm:
     epilogue: Callable | None = None      # (builder, i, j): C[i, j] is final; its epilogue, in place
     load_a_vector: Callable | None = None  # (builder, i, k, type) -> A[i, k:k+lanes] where rows of A are contiguous
     load_bt_vector: Callable | None = None  # (builder, k, j, type) -> B[k:k+lanes, j] where columns of B are
-    vector_bytes: int = VECTOR_BYTES      # 64 gives 6 x 32 f32 tiles in 12 of AVX-512's 32 registers
-    kc: int = KC
+    vector_bytes: int = VECTOR_BYTES      # 64: AVX-512's 32 registers hold 12 x 32 f32 tiles (MR_AVX512)
+    kc: int = 0                           # 0: KC, or KC_AVX512 with 64-byte vectors
     mc: int = MC
     pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the
     #                                       product: before the loops (a scan's steps) that leave B unchanged
@@ -80,10 +83,12 @@ class Gemm:
         self.lanes = lanes(e, self.vector_bytes)
         self.nr = 2 * self.lanes
         self.vt = VectorType((self.lanes,), e)
+        wide = self.vector_bytes >= 64
+        self.mr, self.kc = (MR_AVX512 if wide else MR), self.kc or (KC_AVX512 if wide else KC)
         rows = _static(self.M)
         stream = self.stream_b_rows if self.load_b_vector is not None else \
             self.stream_b_columns if self.load_bt_vector is not None and self.load_a_vector is not None else None
-        if stream and rows is not None and rows <= MR:
+        if stream and rows is not None and rows <= STREAM_ROWS:
             return stream(b, rows, parallel)
         few = None
         if stream and rows is None:  # rows known at run time: a few (a batch of 1) are streamed one by one,
@@ -163,12 +168,12 @@ class Gemm:
         zero = L.const(b, 0, self.element)
         L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
             "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
-        scratch = b.create("mem.alloc", result_types=[MemRefType((MR, self.nr), self.element)], name_hint="tile").result
+        scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
 
         def k_slice(kb, k0):
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(self.kc)), self.K)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
-                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch)), span=width)
+                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch), self.mr), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
             L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
@@ -190,7 +195,7 @@ class Gemm:
 
     # --- few rows: B streamed in place ---------------------------------------------------------------
     def stream_b_rows(self, b, rows, parallel, first=None):
-        """C[0:rows] for rows <= MR, B's rows contiguous: tiles of rows x up to 8 vectors of C in registers
+        """C[0:rows] for rows <= STREAM_ROWS, B's rows contiguous: tiles of rows x up to 8 vectors of C in registers
         (12 accumulators), each k one broadcast of A[i, k] per row and a run of B[k] read in place;
         columns past the last whole vector one at a time. Where B's rows are longer than two such tiles,
         the tile would walk down B a row's length apart (a page per k at 1024 columns), so C is
@@ -279,7 +284,7 @@ class Gemm:
         b.create("mem.dealloc", [parts])
 
     def stream_b_columns(self, b, rows, parallel, first=None):
-        """C[0:rows] for rows <= MR, B read through its transpose (columns contiguous): tiles of rows x up
+        """C[0:rows] for rows <= STREAM_ROWS, B read through its transpose (columns contiguous): tiles of rows x up
         to 8 columns of C, each element a dot product along K of A's row with B's column, in vectors
         summed across their lanes at the end (and the last K % lanes products added one by one)."""
         L, lanes, vt = self.L, self.lanes, self.vt
@@ -357,9 +362,9 @@ def _sum_lanes(L, b, v):
 
 # --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------
 
-def split_rows(L, b, lo, hi, body):
-    """body(builder, i, rows) over lo..hi in tiles of MR rows, then one each of 4, 2 and 1 as needed."""
-    for size in (MR, 4, 2, 1):
+def split_rows(L, b, lo, hi, body, mr=MR):
+    """body(builder, i, rows) over lo..hi in tiles of mr rows, then of 8 (when mr is 12), 4, 2 and 1."""
+    for size in (mr, *(s for s in (8, 4, 2, 1) if s < mr)):
         end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(size)), L.idx(size)))
         L.loop(b, lo, end, lambda tb, i, size=size: body(tb, i, size), step=size)
         lo = end

@@ -3,8 +3,9 @@
     mem.matmul %a, %b, %c {...} { epilogue }
 becomes
     pack B into panels of 2 vectors' width; parallel over blocks of `mc` rows of C:
-        zero them; for each `kc`-deep slice of K, micro-tiles of 6 rows x 2 vectors in registers;
-        then the epilogue's ops, copied in, over each finished row
+        zero them; for each `kc`-deep slice of K, micro-tiles of 6 rows x 2 vectors in registers
+        (12 rows with 64-byte vectors: AVX-512 has 32 registers); then the epilogue's ops, copied
+        in, over each finished row
 
 and each mem.conv2d the direct convolution: parallel over output rows, micro-tiles of 6 output
 channels x 2 vectors along the row, reduced over blocks of input channels and the window in
@@ -12,6 +13,7 @@ registers, then the epilogue over the finished row.
 
 The options fix the shape of the tiles, so the same pipeline prints the same IR on every machine; the
 compiler driver (mlc/compiler.py) gives the host's vector width: `tile{vector-bytes=64}` with AVX-512.
+`kc=0` (the default) takes gemm.py's depth for the vector width (256, or 192 with 64-byte vectors).
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ from .manager import Pass, PipelineError
 class Tile(Pass):
     name = "tile"
     summary = "block, pack and register-tile each mem.matmul (its epilogue over each finished row)"
-    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": gemm.KC, "mc": gemm.MC}
+    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": 0, "mc": gemm.MC}
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.option("vector-bytes") not in (16, 32, 64) or self.option("mc") % gemm.MR or self.option("kc") < 1:
-            raise PipelineError(f"tile needs vector-bytes of 16, 32 or 64, mc a multiple of {gemm.MR} and kc >= 1, "
+        if self.option("vector-bytes") not in (16, 32, 64) or self.option("mc") % gemm.MR_AVX512 or self.option("kc") < 0:
+            raise PipelineError(f"tile needs vector-bytes of 16, 32 or 64, mc a multiple of {gemm.MR_AVX512} and kc >= 0, "
                                 f"got {self}")
 
     def run(self, module: Module) -> None:
