@@ -401,7 +401,7 @@ def kernels_of(func: FuncOp, described: dict, first: int = 0) -> list[Kernel]:
     inside; a run of glue alone (argument copies, loads of globals) is no kernel. `described` maps
     (function, location key) to the tensor ops there (runtime/profile.py's `describe`), in order."""
     ops = [op for op in func.body.ops if op.name != "func.return"]
-    key = lambda op: (op.loc.file, op.loc.line, op.loc.col)  # noqa: E731
+    key = lambda op: (op.loc.file, op.loc.line, op.loc.col, op.loc.scope)  # noqa: E731
     work = [not (op.name in GLUE or op.name.startswith("arith.")) for op in ops]
     spans, end = [], -1  # [start, last] indices
     for i, op in enumerate(ops):

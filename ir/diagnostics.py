@@ -11,6 +11,7 @@ class Location(NamedTuple):  # a tuple: cheap to make, one per op
     line: int
     col: int
     explicit: bool = False  # written as loc(...) in the source: printed back
+    scope: int = 0          # tells apart ops at one place (a traced model's ops all carry its call site): profiling
 
     def __str__(self):
         return f"{self.file}:{self.line}:{self.col}"

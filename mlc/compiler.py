@@ -44,6 +44,9 @@ def lower(module: Module, target: str = "cpu", described: dict | None = None) ->
     if described is not None:
         at = next(i for i, p in enumerate(passes) if p.name == "lower-to-loops")
         PassManager(passes[:at], verify_each=False).run(lowered)
+        for f in lowered.functions.values():  # each tensor op a kernel of its own, wherever it came from
+            for k, op in enumerate(f.body):
+                op.loc = op.loc._replace(scope=k + 1)
         described.update(describe(lowered))
         passes = passes[at:]
     PassManager(passes, verify_each=False).run(lowered)

@@ -36,7 +36,7 @@ GLUE = {"func.return", "mlc.global_load", "mlc.constant"}  # tensor ops that are
 # --- at compile time: the tensor ops, named and costed ------------------------------------------------------
 
 def loc_key(loc) -> tuple:
-    return (loc.file, loc.line, loc.col)
+    return (loc.file, loc.line, loc.col, loc.scope)
 
 
 def describe(module) -> dict:

@@ -114,3 +114,17 @@ def test_mlc_run_profile_prints_the_table(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mlc", "run", str(ROOT / "examples" / "mlp.ir"), "--random-inputs", "--profile",
                         "--backend", "cuda"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "--profile: error: --profile needs the cpu backend" in r.stderr, r.stderr
+
+
+def test_a_traced_model_is_profiled_op_by_op():
+    """Every op traced from an mlc.nn model carries the caller's line; the profile still has a kernel
+    per tensor op (a fusion is one), each named by its op, not one kernel for the whole forward."""
+    model = mlc.nn.Sequential(mlc.nn.Linear(32, 64), mlc.nn.ReLU(), mlc.nn.Linear(64, 8))
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    module = mlc.trace(model, x)
+    exe = build(module, profile=True, cache=False)
+    np.testing.assert_allclose(exe["forward"](x), mlc.interpret(module, "forward", x), rtol=1e-5, atol=1e-5)
+    report = exe.profile()
+    products = [r for r in report if "mlc.matmul" in r.name]
+    assert len(products) == 2 and len(report) >= 2, str(report)
+    assert all(r.calls == 1 and " + " not in r.name for r in report), str(report)
