@@ -229,18 +229,12 @@ class Gemm:
         parts = b.create("mem.alloc", [self.N], result_types=[MemRefType((tasks, rows, None), e)], name_hint="partial").result
         share = L.op(b, "arith.div", L.op(b, "arith.add", self.K, L.idx(tasks - 1)), L.idx(tasks))
         vectors_end = L.op(b, "arith.mul", L.op(b, "arith.div", self.N, L.idx(lanes)), L.idx(lanes))
-        zero = zero_tile(L, b, vt, 1)[0]
 
         def task(tb, t):
             k0 = L.op(tb, "arith.minimum", L.op(tb, "arith.mul", t, share), self.K)
             k1 = L.op(tb, "arith.minimum", L.op(tb, "arith.add", k0, share), self.K)
-
-            def zero_columns(zb, j):
-                for r in range(rows):
-                    zb.create("vector.store", [zero, parts, t, L.idx(r), j])
-            L.loop(tb, L.idx(0), vectors_end, zero_columns, step=lanes)
-            L.loop(tb, vectors_end, self.N, lambda zb, j: [zb.create("mem.store", [L.const(zb, 0, e), parts, t, L.idx(r), j])
-                                                           for r in range(rows)])
+            L.loop(tb, L.idx(0), self.N, lambda zb, j: [zb.create("mem.store", [L.const(zb, 0, e), parts, t, L.idx(r), j])
+                                                        for r in range(rows)])  # (LLVM vectorises it)
 
             def rows_of_b(kb, k, depth):
                 ks = [k] + [L.op(kb, "arith.add", k, L.idx(u)) for u in range(1, depth)]

@@ -33,9 +33,8 @@ class OverlapCollectives(Pass):
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
-            for block in f.body.nested_blocks():
-                if any(op.name == "mem.all_reduce" for op in block):
-                    overlap(block)
+            for block in {op.parent: None for op in f.body.walk() if op.name == "mem.all_reduce"}:
+                overlap(block)
 
 
 def overlap(block: Block) -> None:
