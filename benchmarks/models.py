@@ -183,6 +183,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds")
     ap.add_argument("--rounds", type=int, help="turns per framework (the best rep counts); 5, or 3 with --quick")
+    ap.add_argument("--only", nargs="+", choices=list(WORKLOADS), metavar="WORKLOAD", help="just these workloads (resnet18, lstm, ...)")
     ap.add_argument("--export-onnx", metavar="PATH", help=argparse.SUPPRESS)
     harness.add_worker_arguments(ap)
     args = ap.parse_args()
@@ -195,6 +196,8 @@ def main():
     print(harness.load())
     results, rows = [], []
     for workload, (name, frameworks, _, repeat) in WORKLOADS.items():
+        if args.only and workload not in args.only:
+            continue
         frameworks = [fw for fw in frameworks if fw != "onnxruntime" or has_onnxruntime]
         res = harness.compare(__file__, workload, frameworks, 1 if workload.startswith("compile") else rounds, repeat)
         results.append(res)

@@ -499,6 +499,13 @@ def _alias(self: FunctionEmitter, op):
     self.values[op.results[0]] = self.get(op.operands[0])
 
 
+def _reshape(self: FunctionEmitter, op):
+    """The same data under other dims (never owned: the buffer it views is freed, not it)."""
+    src, t = self.get(op.operands[0]), op.results[0].type
+    sizes = iter(self.get(v) for v in op.operands[1:])
+    self.values[op.results[0]] = Buffer(src.data, t.element, [ir.Constant(I64, d) if d is not None else next(sizes) for d in t.shape])
+
+
 def _dim(self: FunctionEmitter, op):
     self.values[op.results[0]] = self.get(op.operands[0]).dims[op.attr("axis")]
     self.trusted.add(op.results[0])
@@ -865,7 +872,7 @@ def _process_info(self: FunctionEmitter, op):
 
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
-    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.dim": _dim, "mem.alloc": _alloc,
+    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.reshape": _reshape, "mem.dim": _dim, "mem.alloc": _alloc,
     "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield,
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,

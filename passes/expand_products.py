@@ -71,11 +71,11 @@ def expand_matmul(L: LoopBuilder, op: Operation) -> None:
 
 
 def expand_conv(L: LoopBuilder, op: Operation) -> None:
-    """out[n, o, y, x] = sum over c, i, j of x[n, g*C + c, y*stride_y + i*dh, x + j*dw] * w[o, c, i, j]."""
+    """out[n, o, y, x] = sum over c, i, j of x[n, g*C + c, y*sy + i*dh, x*sx + j*dw] * w[o, c, i, j]."""
     x, w, out = op.operands
     sizes = L.dims(out)
     _, channels, kh, kw = L.dims(w)
-    (dh, dw), sy = op.attr("dilation"), op.attr("stride_y")
+    (dh, dw), (sy, sx) = op.attr("dilation"), op.attr("stride")
     per_group = L.op(L.b, "arith.div", sizes[1], L.idx(op.attr("groups")))
     acc_type = _accumulator(out.type.element)
 
@@ -86,7 +86,7 @@ def expand_conv(L: LoopBuilder, op: Operation) -> None:
 
         def tap(jb, c, i, j, acc):
             iy = L.op(jb, "arith.add", top, L.op(jb, "arith.mul", i, L.idx(dh)))
-            ix = L.op(jb, "arith.add", col, L.op(jb, "arith.mul", j, L.idx(dw)))
+            ix = L.op(jb, "arith.add", L.op(jb, "arith.mul", col, L.idx(sx)), L.op(jb, "arith.mul", j, L.idx(dw)))
             v = jb.create("mem.load", [x, bn, L.op(jb, "arith.add", first, c), iy, ix]).result
             return [_product(L, jb, acc, v, jb.create("mem.load", [w, o, c, i, j]).result)]
         (total,) = L.loop(eb, L.idx(0), channels, lambda cb, c, acc: L.loop(

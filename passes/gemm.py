@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from mlc.ir.core import Block, Builder, Region
 from mlc.ir.types import MemRefType, VectorType
 
@@ -42,6 +44,7 @@ KC_AVX512 = 192    # the slice's panel of 2 x 64-byte vectors (24 KB) and 12 row
 MC = 48            # rows of C per parallel block (a multiple of MR and MR_AVX512)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
 SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
+CONV_GEMM_PIXELS = 784  # a convolution's result image of at most this many pixels (28 x 28) runs as a product
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
 
@@ -74,6 +77,8 @@ class Gemm:
     mc: int = MC
     pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the
     #                                       product: before the loops (a scan's steps) that leave B unchanged
+    pack_panel: Callable | None = None    # (gemm, builder, jp, j0): packs panel jp of B (columns j0 .. j0 + nr) itself,
+    #                                       where B is not in memory: a convolution's im2col (ConvAsGemm)
 
     def emit(self, L, b, parallel: bool):
         """The loop nest at b, built with L (a LoopBuilder). `parallel`: the row-block loop may run on
@@ -130,6 +135,10 @@ class Gemm:
     # --- packing -------------------------------------------------------------------------------------
     def pack_b(self, b, panels, parallel):
         L, lanes = self.L, self.lanes
+        if self.pack_panel is not None:
+            L.loop(b, L.idx(0), panels, lambda pb, jp: self.pack_panel(self, pb, jp, L.op(pb, "arith.mul", jp, L.idx(self.nr))),
+                   parallel=parallel)
+            return
 
         def full(pb, jp):
             j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
@@ -518,3 +527,113 @@ class DirectConv:
                 ib, L.idx(0), kw, lambda jb, j, *acc: step(jb, c, i, j, acc), carried=acc), carried=acc)
         acc = L.loop(b, c0, c1, over_c, carried=zero_tile(L, b, self.vt, rows * vectors))
         store_tile(L, b, acc, rows, self.out, lambda r, x: [bn, outs[r], y, x], x0, self.vt, width, scratch, add=True)
+
+
+# --- convolution as a product ------------------------------------------------------------------------
+
+def conv_as_gemm(out_shape, groups: int, pixels: int = CONV_GEMM_PIXELS) -> bool:
+    """Whether a convolution with stride 1 along x runs as ConvAsGemm rather than DirectConv: one group
+    and a result image of at most `pixels` (ConvAsGemm takes the others along x too)."""
+    return groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
+
+@dataclass
+class ConvAsGemm:
+    """conv2d as a product per image and group ("implicit GEMM"):
+
+        out[n] as [O, OH*OW] = w as [O, C*KH*KW] @ cols[C*KH*KW, OH*OW]
+        cols[(c, i, j), (y, x)] = xp[n, c, y*sy + i*dh, x*sx + j*dw]
+
+    The weights are A, read in place (OIHW is already [O, C*KH*KW] row-major); the columns are never
+    made: packing B's panels is the im2col. Where the image is small (7 x 7, 14 x 14 at ResNet's
+    depth) the direct convolution's tiles along a row are mostly empty; the product's are full, its
+    rows being output channels and its columns every pixel of the image. Any stride: no phase split."""
+    xp: object             # the input, padded (reads stay in bounds)
+    w: object
+    out: object
+    sizes: list            # n, out channels, oh, ow (index values)
+    stride: tuple
+    dilation: tuple
+    groups: int
+    element: object
+    epilogue: Callable | None = None  # (builder, outflat, at, [n, o, y, x]): out[n, o, y, x] (outflat[at]) is final
+    vector_bytes: int = VECTOR_BYTES
+    kc: int = 0
+    mc: int = MC
+
+    def emit(self, L, b):
+        n, o_ch, oh, ow = self.sizes
+        groups = L.idx(self.groups)
+        per_group = L.idx(self.out.type.shape[1] // self.groups) if self.out.type.shape[1] is not None else \
+            L.op(b, "arith.div", o_ch, groups)
+        k = _product(L, b, [L.dim(self.w, a) for a in (1, 2, 3)])
+        pixels = _product(L, b, [oh, ow])
+        (o, c, kh, kw), (n_, _, oh_, ow_) = self.w.type.shape, self.out.type.shape
+        pg = o and o // self.groups
+        self.wflat = _view(L, b, self.w, [groups, per_group, k], (self.groups, pg, _static_product([c, kh, kw])), "wflat")
+        self.outflat = _view(L, b, self.out, [n, groups, per_group, pixels], (n_, self.groups, pg, _static_product([oh_, ow_])), "outflat")
+
+        def group(gb, bn, g):
+            def epilogue(eb, i, j):
+                y = L.op(eb, "arith.div", j, ow)
+                self.epilogue(eb, self.outflat, [bn, g, i, j], [bn, L.op(eb, "arith.add", L.op(eb, "arith.mul", g, per_group), i), y,
+                                                  L.op(eb, "arith.sub", j, L.op(eb, "arith.mul", y, ow))])
+            Gemm(per_group, pixels, k, self.element,
+                 load_a=lambda kb, i, kk: kb.create("mem.load", [self.wflat, g, i, kk]).result, load_b=None, load_b_vector=None,
+                 c=self.outflat, c_prefix=[bn, g], epilogue=epilogue if self.epilogue else None,
+                 load_a_vector=lambda kb, i, kk, vt: kb.create("vector.load", [self.wflat, g, i, kk], result_types=[vt]).result,
+                 vector_bytes=self.vector_bytes, kc=self.kc, mc=self.mc,
+                 pack_panel=lambda gm, pb, jp, j0: self.im2col(L, gm, pb, bn, g, jp, j0, pixels, ow)).emit(L, gb, parallel=True)
+        L.nest([n, groups], lambda gb, ivs: group(gb, *ivs), parallel=False, b=b)
+
+    def im2col(self, L, g, b, bn, group, jp, j0, pixels, ow):
+        """Panel jp of cols: per column of the panel its pixel, then for each (c, i, j) a row of the
+        panel gathered from the input (columns past the last pixel are zeros)."""
+        (sy, sx), (dh, dw) = self.stride, self.dilation
+        last = L.op(b, "arith.sub", pixels, L.idx(1))
+        zero = L.const(b, 0, self.element)
+        columns = []
+        for t in range(g.nr):
+            j = L.op(b, "arith.add", j0, L.idx(t))
+            inside = L.op(b, "arith.lt", j, pixels)
+            j = L.op(b, "arith.minimum", j, last)
+            y = L.op(b, "arith.div", j, ow)
+            x = L.op(b, "arith.sub", j, L.op(b, "arith.mul", y, ow))
+            columns.append((L.op(b, "arith.mul", y, L.idx(sy)), L.op(b, "arith.mul", x, L.idx(sx)), inside))
+        channels, kh, kw = (L.dim(self.w, a) for a in (1, 2, 3))
+        first = L.op(b, "arith.mul", group, channels)
+
+        def row(rb, c, i, j):
+            kk = L.op(rb, "arith.add", L.op(rb, "arith.mul", L.op(rb, "arith.add", L.op(rb, "arith.mul", c, kh), i), kw), j)
+            channel = L.op(rb, "arith.add", first, c)
+            dy, dx = L.op(rb, "arith.mul", i, L.idx(dh)), L.op(rb, "arith.mul", j, L.idx(dw))
+            for t, (ty, tx, inside) in enumerate(columns):
+                v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), L.op(rb, "arith.add", tx, dx)]).result
+                rb.create("mem.store", [L.op(rb, "arith.select", inside, v, zero), g.packed, jp, kk, L.idx(t)])
+
+        def channel(cb, c):
+            window = self.w.type.shape[2:]
+            if None not in window and window[0] * window[1] <= 9:  # unrolled: addresses are base + constant
+                for i in range(window[0]):
+                    for j in range(window[1]):
+                        row(cb, c, L.idx(i), L.idx(j))
+                return
+            L.nest([kh, kw], lambda jb, ij: row(jb, c, *ij), parallel=False, b=cb)
+        L.loop(b, L.idx(0), channels, channel)
+
+
+def _static_product(dims):
+    return None if None in dims else int(np.prod(dims))
+
+
+def _product(L, b, values):
+    out = values[0]
+    for v in values[1:]:
+        a, c = _static(out), _static(v)
+        out = L.idx(a * c) if a is not None and c is not None else L.op(b, "arith.mul", out, v)
+    return out
+
+
+def _view(L, b, buf, sizes, shape, name):
+    """buf as a buffer of `shape` (its `?` dims from `sizes`): mem.reshape, no copy."""
+    return b.create("mem.reshape", [buf] + [v for v, d in zip(sizes, shape) if d is None],
+                    result_types=[MemRefType(shape, buf.type.element)], name_hint=name).result

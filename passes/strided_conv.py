@@ -8,12 +8,14 @@
     w'[(c,a,b), i', j']  = w[c, s*i' + a, s*j' + b], zero past the kernel
 
 A 1 x 1 kernel only needs the phase (0, 0): a strided slice of the input, then a 1 x 1 convolution.
-It needs static spatial sizes and dilation 1; other convolutions are left as they are.
+It needs static spatial sizes and dilation 1; other convolutions are left as they are, and so are
+those the CPU backend runs as products (small images: gemm.conv_as_gemm), which take any stride.
 """
 from __future__ import annotations
 
 from mlc.ir.core import Builder, Module
 
+from . import gemm
 from .builder import OpBuilder
 from .manager import Pass
 
@@ -34,7 +36,8 @@ def _applies(op) -> bool:
     (sh, sw), _, dilation, _ = op.opdef.params(op)
     x = op.operands[0].type
     return (sh, sw) != (1, 1) and sh == sw and dilation == (1, 1) and None not in x.shape[1:] and \
-        None not in op.operands[1].type.shape and x.element.is_float
+        None not in op.operands[1].type.shape and x.element.is_float and \
+        not gemm.conv_as_gemm(op.results[0].type.shape, op.opdef.params(op)[3])
 
 
 def _rewrite(d: OpBuilder, op):

@@ -9,7 +9,9 @@ becomes
 
 and each mem.conv2d the direct convolution: parallel over output rows, micro-tiles of 6 output
 channels x 2 vectors along the row, reduced over blocks of input channels and the window in
-registers, then the epilogue over the finished row.
+registers, then the epilogue over the finished row; or, where the result image has at most
+`conv-gemm-pixels` pixels (or the stride along x is not 1), the same product as a mem.matmul with
+the weights as A and the im2col of the input packed as B's panels (gemm.ConvAsGemm).
 
 The options fix the shape of the tiles, so the same pipeline prints the same IR on every machine; the
 compiler driver (mlc/compiler.py) gives the host's vector width: `tile{vector-bytes=64}` with AVX-512.
@@ -29,7 +31,7 @@ from .manager import Pass, PipelineError
 class Tile(Pass):
     name = "tile"
     summary = "block, pack and register-tile each mem.matmul (its epilogue over each finished row)"
-    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": 0, "mc": gemm.MC}
+    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": 0, "mc": gemm.MC, "conv-gemm-pixels": gemm.CONV_GEMM_PIXELS}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -49,16 +51,22 @@ class Tile(Pass):
                 op.erase()
 
     def tile_conv(self, L: LoopBuilder, op: Operation) -> None:
-        """The direct convolution of gemm.py: micro-tiles of 6 output channels x 2 vectors (of 32
-        bytes: image rows are often narrower than wider tiles) along an output row."""
+        """The direct convolution of gemm.py (micro-tiles of 6 output channels x 2 vectors of 32 bytes
+        along an output row: image rows are often narrower than wider tiles), or, for small images
+        and strides along x, the convolution as a product (gemm.ConvAsGemm)."""
         x, w, out = op.operands
         n, o_ch, oh, ow = L.dims(out)
-        (dh, dw), e = op.attr("dilation"), out.type.element
+        (dh, dw), (sy, sx), e = op.attr("dilation"), op.attr("stride"), out.type.element
+        if sx != 1 or gemm.conv_as_gemm(out.type.shape, op.attr("groups"), self.option("conv-gemm-pixels")):
+            gemm.ConvAsGemm(x, w, out, [n, o_ch, oh, ow], (sy, sx), (dh, dw), op.attr("groups"), e,
+                            None if _is_identity(op) else lambda eb, flat, at, indices: _epilogue_at(eb, op, flat, at, indices),
+                            vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc")).emit(L, L.b)
+            return
         span = L.op(L.b, "arith.add", ow, L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw)))
         needed = L.op(L.b, "arith.add", span, L.idx(gemm.DirectConv.extra_columns(e)))
         L.b.create("mem.check", [L.op(L.b, "arith.ge", L.dim(x, 3), needed)],
                    {"message": "the input lacks the spare columns the tiled convolution reads", "op": op.name})
-        gemm.DirectConv(x, w, out, [n, o_ch, oh, ow], L.dim(w, 1), op.attr("groups"), op.attr("stride_y"), (dh, dw), e,
+        gemm.DirectConv(x, w, out, [n, o_ch, oh, ow], L.dim(w, 1), op.attr("groups"), sy, (dh, dw), e,
                         _conv_row_epilogue(L, op, out, o_ch, ow)).emit(L, L.b)
 
     def tile_matmul(self, L: LoopBuilder, op: Operation) -> None:

@@ -73,7 +73,7 @@ class TileGpu(Pass):
         x, w, out = op.operands
         n, o_ch, oh, ow = L.dims(out)
         _, channels, kh, kw = L.dims(w)
-        (dh, dw), sy, groups = op.attr("dilation"), op.attr("stride_y"), op.attr("groups")
+        (dh, dw), (sy, sx), groups = op.attr("dilation"), op.attr("stride"), op.attr("groups")
         per_group = L.op(L.b, "arith.div", o_ch, L.idx(groups))
         window = L.op(L.b, "arith.mul", kh, kw)
         pixels = L.op(L.b, "arith.mul", oh, ow)
@@ -97,7 +97,7 @@ class TileGpu(Pass):
             c, ky, kx = tap(b, k)
             image, y, col = pixel(b, j)
             iy = L.op(b, "arith.add", L.op(b, "arith.mul", y, L.idx(sy)), L.op(b, "arith.mul", ky, L.idx(dh)))
-            ix = L.op(b, "arith.add", col, L.op(b, "arith.mul", kx, L.idx(dw)))
+            ix = L.op(b, "arith.add", L.op(b, "arith.mul", col, L.idx(sx)), L.op(b, "arith.mul", kx, L.idx(dw)))
             return b.create("mem.load", [x, image, L.op(b, "arith.add", L.op(b, "arith.mul", g, channels), c), iy, ix]).result
 
         def store(b, g, i, j, v):

@@ -586,3 +586,53 @@ def test_a_reshape_to_a_wrong_run_time_shape_is_an_error():
         mlc.interpret(mlc.parse(RESHAPE_AT_RUN_TIME), "f", x, np.array([2, 3, 3, 4], np.int64))
     with pytest.raises(mlc.DiagnosticError, match="cannot reshape"):
         mlc.compile(mlc.parse(RESHAPE_AT_RUN_TIME))["f"](x, np.array([2, 3, 3, 4], np.int64))
+
+
+@settings(max_examples=int(os.environ.get("MLC_CONV_EXAMPLES", "8")), deadline=None)  # each example compiles twice
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 14), st.integers(3, 17), st.integers(3, 17),
+       st.sampled_from([(1, 1), (2, 2), (3, 1), (1, 3)]), st.integers(0, 2), st.integers(1, 3), st.integers(1, 2),
+       st.sampled_from([1, 2]), st.sampled_from([np.float32, np.float64]), st.booleans())
+def test_both_convolution_kernels_agree_with_torch(n, c, o, h, w, kernel, pad, stride, dilation, groups, dtype, epilogue):
+    """Every convolution, through the direct kernel (stride 1 along x, any image) and as a product
+    (gemm.ConvAsGemm: any stride; the tile pass's conv-gemm-pixels says which), with ragged channels,
+    windows, strides, dilations, groups and a fused bias + relu, against torch; the tiled loops of
+    the smallest on the interpreter too."""
+    import torch
+    import torch.nn.functional as F
+    from mlc.passes.tile import Tile
+    c, o = c * groups, o * groups
+    kh, kw = kernel
+    assume(h + 2 * pad >= dilation * (kh - 1) + 1 and w + 2 * pad >= dilation * (kw - 1) + 1)
+    r = np.random.default_rng(n + c * 10 + o * 100 + h * 1000 + w)
+    x, wt, bias = (r.standard_normal(s).astype(dtype) for s in ((n, c, h, w), (o, c // groups, kh, kw), (o, 1, 1)))
+    want = F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride, padding=pad, dilation=dilation, groups=groups)
+    if epilogue:
+        want = F.relu(want + torch.from_numpy(bias))
+    def f(x, wt, bias):
+        y = mlc.nn.functional.conv2d(x, wt, stride=stride, padding=pad, dilation=dilation, groups=groups)
+        return mlc.relu(y + bias) if epilogue else y
+    module = mlc.jit(f).lower(x, wt, bias)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for pixels in (0, 10 ** 6):  # never a product (where stride 1 along x) / always
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(Tile.options, "conv-gemm-pixels", pixels)
+            np.testing.assert_allclose(mlc.compile(module, cache=False)["f"](x, wt, bias), want.numpy(), rtol=tol, atol=tol)
+            lowered = mlc.run_passes(module.clone(), "cpu")
+            if pixels and groups == 1 or not pixels and stride == 1:
+                assert ("mem.reshape" in str(lowered)) == bool(pixels)  # (the product views the weights as a matrix)
+            if x.size * o < 3000:
+                np.testing.assert_allclose(mlc.interpret(lowered, "f", x, wt, bias), want.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("k,s,p,include", [(3, 2, 1, False), (2, 2, 0, True), (3, 1, 1, True), (8, 3, 4, False), (5, 2, 2, False)])
+def test_pools_read_a_padded_copy_and_agree_with_torch(k, s, p, include):
+    """Max and average pooling compiled (the windows over a copy padded with -inf or 0, unrolled up to
+    7 x 7, loops beyond; the average's count from the window's position) against torch."""
+    import torch
+    import torch.nn.functional as F
+    x = rng.standard_normal((2, 3, 13, 11)).astype(np.float32)
+    f = mlc.jit(lambda x: (mlc.nn.functional.max_pool2d(x, k, s, p),
+                           mlc.nn.functional.avg_pool2d(x, k, s, p, count_include_pad=include)))
+    got_max, got_avg = f(x)
+    np.testing.assert_array_equal(got_max, F.max_pool2d(torch.from_numpy(x), k, s, p).numpy())
+    np.testing.assert_allclose(got_avg, F.avg_pool2d(torch.from_numpy(x), k, s, p, count_include_pad=include).numpy(), rtol=1e-5, atol=1e-6)

@@ -235,6 +235,40 @@ class ToTensor(OpDef):
         return np.array(ins[0])
 
 
+class Reshape(OpDef):
+    """The same memory in another shape, elements in the same row-major order (no copy): the tile
+    pass reads a convolution's weights OIHW as the matrix [O, I*H*W] and writes its NCHW result as
+    [N, C, H*W]. One index operand per `?` dim of the result, as for mem.alloc.
+
+        %m = mem.reshape %w : (memref<64x3x3x3xf32>) -> memref<64x27xf32>"""
+    name = "mem.reshape"
+    operands = (1, None)
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        source = _memref(op.operand_types[0])
+        if not op.results:
+            raise VerifyError("needs its result type, e.g. ': (memref<4x4xf32>) -> memref<16xf32>'")
+        t = _memref(op.results[0].type, "result")
+        if t.element != source.element or t.space != source.space:
+            raise VerifyError(f"views {source} as {t}: the element type and memory space must stay")
+        _indices(op.operand_types[1:], t.shape.count(None), 1)
+        if None not in t.shape + source.shape and np.prod(t.shape) != np.prod(source.shape):
+            raise VerifyError(f"views {source} as {t}: the number of elements must stay")
+        return [t]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        sizes = iter(int(v) for v in ins[1:])
+        shape = tuple(next(sizes) if d is None else d for d in op.results[0].type.shape)
+        if int(np.prod(shape)) != ins[0].size:
+            raise RuntimeCheck(f"a buffer of shape {fmt_shape(ins[0].shape)} cannot be viewed as {fmt_shape(shape)}")
+        view = ins[0].view()
+        view.shape = shape  # (in place, never a copy: writes through the view reach the buffer)
+        return view
+
+
 # ---------------------------------------------------------------------------------------------------
 # loop: counted loops
 
@@ -414,21 +448,22 @@ class Matmul(OpDef):
 
 
 class Conv2d(OpDef):
-    """A convolution over buffers with stride 1 along x and an epilogue per element, before tiling
-    (the `tile` pass turns it into the register-tiled direct convolution):
+    """A convolution over buffers with an epilogue per element, before tiling (the `tile` pass turns
+    it into the register-tiled direct convolution, or into a product: gemm.py):
 
         out[n, o, y, x] = epilogue(n, o, y, x, sum over c, i, j of
-                                   input[n, g*C + c, y*stride_y + i*dh, x + j*dw] * w[o, c, i, j])
+                                   input[n, g*C + c, y*sy + i*dh, x*sx + j*dw] * w[o, c, i, j])
 
-    with g = o's group (w is OIHW: C input channels per group). The input is already padded; the
-    tiled kernel also reads up to 2 vectors (of 32 bytes) past the last column it needs, so the
-    input must have those columns too (lower-to-loops pads with them; tile checks at run time)."""
+    with g = o's group (w is OIHW: C input channels per group) and stride = [sy, sx]. The input is
+    already padded; the direct convolution (stride 1 along x) also reads up to 2 vectors (of 32
+    bytes) past the last column it needs, so the input must have those columns too (lower-to-loops
+    pads with them; tile checks at run time)."""
     name = "mem.conv2d"
     operands = 3
     results = 0
     regions = 1
     traits = {WRITES}
-    attrs = {"stride_y": Attr("int", 1), "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)}
+    attrs = {"stride": Attr("ints", [1, 1]), "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)}
 
     @staticmethod
     def infer(op, ctx):
@@ -446,10 +481,10 @@ class Conv2d(OpDef):
     @staticmethod
     def interpret(ins, op, ctx):
         x, w, out = ins
-        (dh, dw), sy, groups = op.attr("dilation"), op.attr("stride_y"), op.attr("groups")
+        (dh, dw), (sy, sx), groups = op.attr("dilation"), op.attr("stride"), op.attr("groups")
         n, o_ch, oh, ow = out.shape
         _, cg, kh, kw = w.shape
-        if (kh - 1) * dh + sy * (oh - 1) >= x.shape[2] or (kw - 1) * dw + ow > x.shape[3] or cg * groups != x.shape[1]:
+        if (kh - 1) * dh + sy * (oh - 1) >= x.shape[2] or (kw - 1) * dw + sx * (ow - 1) >= x.shape[3] or cg * groups != x.shape[1]:
             raise RuntimeCheck(f"a {fmt_shape(out.shape)} result of a {fmt_shape(w.shape)} kernel does not fit a "
                                f"{fmt_shape(x.shape)} input")
         acc, per = np.zeros(out.shape, np.float64), o_ch // groups
@@ -457,7 +492,7 @@ class Conv2d(OpDef):
             xs = x[:, g * cg:(g + 1) * cg].astype(np.float64)
             for i in range(kh):
                 for j in range(kw):
-                    patch = xs[:, :, i * dh:i * dh + sy * (oh - 1) + 1:sy, j * dw:j * dw + ow]
+                    patch = xs[:, :, i * dh:i * dh + sy * (oh - 1) + 1:sy, j * dw:j * dw + sx * (ow - 1) + 1:sx]
                     acc[:, g * per:(g + 1) * per] += np.einsum("ncyx,oc->noyx", patch, w[g * per:(g + 1) * per, :, i, j])
         block = op.regions[0].blocks[0]
         if block.last.operands[0] is block.args[4]:  # the sum itself

@@ -1,5 +1,6 @@
-"""mlc.conv2d (a mem.conv2d, which the tile pass makes a register-tiled direct convolution, for stride
-1 along x; else loops over a padded copy of the input) and mlc.conv2d_transpose (gather form)."""
+"""mlc.conv2d (a mem.conv2d, which the tile pass makes a register-tiled direct convolution or a
+product; loops over a padded copy of the input for other element types) and mlc.conv2d_transpose
+(gather form)."""
 from __future__ import annotations
 
 from mlc.ir.core import Block, Builder, Operation, Region
@@ -23,7 +24,7 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
     n, c_in, h, wd = L.dims(x)
     o_ch, cg, kh, kw = L.dims(w)
     e = t.element
-    if sw == 1 and (gemm.supports(e) or e.name in ("f16", "bf16")):  # (half: GPU tensor cores; the CPU widens it first)
+    if gemm.supports(e) or e.name in ("f16", "bf16"):  # (half: GPU tensor cores; the CPU widens it first)
         return _tiled_conv2d(L, op, x, w, epilogue)
     xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr]) if pt or pl or pb or pr else x
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
@@ -50,11 +51,11 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
 
 
 def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
-    """Stride 1 along x: mem.conv2d (the tile pass makes the register-tiled direct convolution of it) on
-    a copy of the input padded with zeros and with the spare columns on the right that the last
-    tile's vectors read; the fused consumers are its epilogue."""
+    """mem.conv2d (the tile pass makes a register-tiled kernel of it) on a copy of the input padded
+    with zeros and with the spare columns on the right that the direct convolution's last tile's
+    vectors read; the fused consumers are its epilogue."""
     t = op.results[0].type
-    (sh, _), (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
+    stride, (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
     n, c_in, h, wd = L.dims(x)
     e = t.element
     xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr + gemm.DirectConv.extra_columns(e)])
@@ -63,7 +64,7 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
     out = L.alloc(t, [n, o_ch, oh, ow], op.results[0].name_hint)
     block = Block([index] * 4 + [e], ["n", "o", "y", "x", "acc"])
-    attrs = {name: value for name, value, default in (("stride_y", sh, 1), ("dilation", list(dilation), [1, 1]), ("groups", groups, 1))
+    attrs = {name: value for name, value, default in (("stride", list(stride), [1, 1]), ("dilation", list(dilation), [1, 1]), ("groups", groups, 1))
              if value != default}
     L.b.create("mem.conv2d", [xp, w, out], attrs or None, regions=[Region([block])])
     eb = Builder.at_end(block, L.module, L.b.loc)

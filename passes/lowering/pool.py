@@ -4,48 +4,64 @@ from __future__ import annotations
 import numpy as np
 
 from mlc.ir.core import Operation
-from mlc.ir.types import TensorType
 
 from .core import FunctionLowering, rule
+from .shape import padded
 from .windows import guarded_load, in_bounds, source_index, window_index, window_size
 
 
 @rule("mlc.max_pool2d", "mlc.avg_pool2d")
 def pool2d(L: FunctionLowering, op: Operation):
+    """Per output element, the window's maximum or sum carried in registers over a copy of the input
+    padded with the identity (-inf, or 0 for a sum), so no read is guarded; windows of up to 7 x 7
+    unrolled. An average without the padding divides by the count of the window's elements inside
+    the input, from the window's position."""
     x = L.buffers[op.operands[0]]
     t = op.results[0].type
-    (kh, kw), (sh, sw), (pt, pl, _, _) = op.opdef.params(op)
+    (kh, kw), (sh, sw), (pt, pl, pb, pr) = op.opdef.params(op)
     n, c, h, wd = L.dims(x)
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
     out = L.alloc(t, [n, c, oh, ow], op.results[0].name_hint)
     e = t.element
     is_max = op.name == "mlc.max_pool2d"
-    lowest = -np.inf if e.is_float else np.iinfo(e.np_dtype).min
-    counts = L.alloc(TensorType((), e), []) if not is_max else None
+    fill = (-np.inf if e.is_float else np.iinfo(e.np_dtype).min) if is_max else 0
+    xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr], value=fill) if pt or pl or pb or pr else x
 
     def body(b, ivs):
         bn, ch, oy, ox = ivs
-        b.create("mem.store", [L.const(b, lowest if is_max else 0, e), out] + ivs)
-        if counts is not None:
-            b.create("mem.store", [L.const(b, 0, e), counts])
+        top, left = L.op(b, "arith.mul", oy, L.idx(sh)), L.op(b, "arith.mul", ox, L.idx(sw))
 
-        def acc(ib, kvs):
-            i, j = kvs
-            iy, ix = window_index(L, ib, oy, i, sh, 1, pt), window_index(L, ib, ox, j, sw, 1, pl)
-            inside = L.op(ib, "arith.and", in_bounds(L, ib, iy, h), in_bounds(L, ib, ix, wd))
-            v = guarded_load(L, ib, x, [bn, ch, iy, ix], inside, L.const(ib, lowest if is_max else 0, e))
-            cur = ib.create("mem.load", [out] + ivs).result
-            ib.create("mem.store", [L.op(ib, "arith.maximum" if is_max else "arith.add", cur, v), out] + ivs)
-            if counts is not None:
-                one = ib.create("arith.cast", [inside], result_types=[e]).result
-                ib.create("mem.store", [L.op(ib, "arith.add", ib.create("mem.load", [counts]).result, one), counts])
-        L.nest([L.idx(kh), L.idx(kw)], acc, parallel=False, b=b)
+        def tap(ib, i, j, acc):
+            v = ib.create("mem.load", [xp, bn, ch, L.op(ib, "arith.add", top, i), L.op(ib, "arith.add", left, j)]).result
+            return [L.op(ib, "arith.maximum" if is_max else "arith.add", acc, v)]
+        acc = [L.const(b, fill, e)]
+        if kh * kw <= 49:
+            for i in range(kh):
+                for j in range(kw):
+                    acc = tap(b, L.idx(i), L.idx(j), *acc)
+        else:
+            acc = L.loop(b, L.idx(0), L.idx(kh), lambda rb, i, a: L.loop(
+                rb, L.idx(0), L.idx(kw), lambda cb, j, a: tap(cb, i, j, a), carried=[a]), carried=acc)
+        result = acc[0]
         if not is_max:
-            divisor = L.const(b, kh * kw, e) if op.attr("count_include_pad") else b.create("mem.load", [counts]).result
-            b.create("mem.store", [L.op(b, "arith.div", b.create("mem.load", [out] + ivs).result, divisor), out] + ivs)
-    L.nest([n, c, oh, ow], body, parallel=counts is None)
+            if op.attr("count_include_pad"):
+                divisor = L.const(b, kh * kw, e)
+            else:
+                cells = L.op(b, "arith.mul", _covered(L, b, top, pt, kh, h), _covered(L, b, left, pl, kw, wd))
+                divisor = b.create("arith.cast", [L.op(b, "arith.maximum", cells, L.idx(1))], result_types=[e]).result
+            result = L.op(b, "arith.div", result, divisor)
+        b.create("mem.store", [result, out] + ivs)
+    L.nest([n, c, oh, ow], body)
     return [out]
+
+
+def _covered(L, b, start, low, k, size):
+    """How many of the k rows (or columns) of a window starting at `start` in the padded input lie
+    inside the input (which starts at `low` there)."""
+    first = L.op(b, "arith.maximum", start, L.idx(low))
+    stop = L.op(b, "arith.minimum", L.op(b, "arith.add", start, L.idx(k)), L.op(b, "arith.add", size, L.idx(low)))
+    return L.op(b, "arith.maximum", L.op(b, "arith.sub", stop, first), L.idx(0))
 
 
 def _pool_grad_buffers(L: FunctionLowering, op: Operation):
@@ -98,12 +114,6 @@ def avg_pool2d_grad(L: FunctionLowering, op: Operation):
     oh, ow = L.dim(g, 2), L.dim(g, 3)
     e = out.type.element
 
-    def covered(b, o, s, lo, k, size):
-        """How many of window o's rows (or columns) lie inside the input."""
-        start = L.op(b, "arith.sub", L.op(b, "arith.mul", o, L.idx(s)), L.idx(lo))
-        stop = L.op(b, "arith.minimum", L.op(b, "arith.add", start, L.idx(k)), size)
-        return L.op(b, "arith.sub", stop, L.op(b, "arith.maximum", start, L.idx(0)))
-
     def element(b, ivs):
         bn, ch, iy, ix = ivs
 
@@ -117,7 +127,8 @@ def avg_pool2d_grad(L: FunctionLowering, op: Operation):
                 if op.attr("count_include_pad"):
                     divisor = L.const(cb, kh * kw, e)
                 else:
-                    cells = L.op(cb, "arith.mul", covered(cb, oy, sh, pt, kh, h), covered(cb, ox, sw, pl, kw, wd))
+                    cells = L.op(cb, "arith.mul", *(_covered(L, cb, L.op(cb, "arith.mul", o, L.idx(s)), lo, k, size)
+                                                    for o, s, lo, k, size in ((oy, sh, pt, kh, h), (ox, sw, pl, kw, wd))))
                     divisor = cb.create("arith.cast", [L.op(cb, "arith.maximum", cells, L.idx(1))], result_types=[e]).result
                 return [L.op(cb, "arith.add", acc, L.op(cb, "arith.div", share, divisor))]
             return L.loop(rb, L.idx(0), L.idx(kw), col, carried=[acc])
