@@ -453,6 +453,14 @@ def test_scan_is_differentiated_by_a_reverse_scan(reverse):
         np.testing.assert_allclose(got[1 + i], numeric_gradient(m, args, i), rtol=1e-6, atol=1e-8, err_msg=name)
     for a, b in zip(mlc.compile(m)["loss_grad"](*args), got):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # the backward step reads the forward's products instead of recomputing them, and the weights'
+    # cotangents are summed after it as one product each (scan-sums): two products are left, the
+    # cotangents of h and of the step's x
+    tensor_level = mlc.run_passes(m.clone(), "cpu-tensor")
+    back = [op for op in tensor_level.functions["loss_grad"].body.walk() if op.name == "mlc.scan" and op.attr("reverse") != reverse]
+    assert [op.results[0].type.shape for op in back[0].regions[0].walk() if op.name == "mlc.matmul"] == [(3, 4), (3, 2)]
+    for a, b in zip(mlc.interpret(tensor_level, "loss_grad", *args), got):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_rnn_gradients_match_torch_autograd():

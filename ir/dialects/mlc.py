@@ -1999,41 +1999,53 @@ class Scan(OpDef):
         return carries + stacked
 
 
+_STORED = ("mlc.matmul", "mlc.conv2d")  # a step's results kept for the backward scan, not recomputed there
+
+
 def _scan_vjp(d, op, cts):
     """Back-propagation through time: the forward scan is replaced by one that also stacks each step's
-    incoming carries; then a reverse scan over (xs, those carries, the outputs' cotangents) carries
-    the carries' cotangents and sums of the captured values' cotangents. Its body recomputes the step
-    and applies each op's rule to it; nothing is unrolled."""
+    incoming carries and the results of its products (_STORED); then a reverse scan over (xs, those
+    carries, the products, the outputs' cotangents) carries the carries' cotangents and sums of the
+    captured values' cotangents. Its body recomputes the step's other (elementwise) ops and applies
+    each op's rule to it; nothing is unrolled."""
     k = op.attr("num_carries")
     body = op.regions[0].blocks[0]
     carries, seqs = op.operands[:k], op.operands[k:]
-    # 1. the forward, stacking the carries each step starts from
+    inside = set(body.args) | {r for inner in body for r in inner.results}
+    stored = [j for j, inner in enumerate(o for o in body if o.name != "mlc.yield")
+              if inner.name in _STORED and any(v in inside for v in inner.operands)]
+    # 1. the forward, stacking the carries each step starts from and its products
     fwd_block = Block([a.type for a in body.args], [a.name_hint for a in body.args])
-    _, yielded = _clone_step(d.inside(fwd_block), body, fwd_block.args)
-    d.inside(fwd_block).op("mlc.yield", yielded + list(fwd_block.args[:k]), [])
+    fwd_ops, yielded = _clone_step(d.inside(fwd_block), body, fwd_block.args)
+    products = [fwd_ops[j].results[0] for j in stored]
+    d.inside(fwd_block).op("mlc.yield", yielded + list(fwd_block.args[:k]) + products, [])
     steps = op.results[k].type.shape[0] if op.results[k:] else (seqs[0].type.shape[0] if seqs else op.attr("length"))
-    stacked = [TensorType((steps,) + c.type.shape, c.type.element) for c in carries]
+    stacked = [TensorType((steps,) + v.type.shape, v.type.element) for v in list(carries) + products]
     again = d.before(op).op("mlc.scan", op.operands, list(op.result_types) + stacked, [Region([fwd_block])], num_carries=k,
                             **{a: op.attributes[a] for a in ("reverse", "length") if a in op.attributes})
-    carries_in = again.results[len(op.results):]
+    carries_in = again.results[len(op.results):len(op.results) + k]
+    products_in = again.results[len(op.results) + k:]
     # 2. the reverse scan
     seeds = [(i, ct) for i, ct in enumerate(cts[k:]) if ct is not None]
     outer = [v for v in captured(op) if v.type.element.is_float]
     init = [cts[i] if cts[i] is not None else d.zeros(c) for i, c in enumerate(carries)] + [d.zeros(v) for v in outer]
     step_of = lambda t: t.with_shape(t.shape[1:])  # noqa: E731
     back_block = Block([v.type for v in init] + [step_of(s.type) for s in seqs] + [c.type for c in carries] +
-                       [step_of(ct.type) for _, ct in seeds])
+                       [step_of(ct.type) for _, ct in seeds] + [step_of(p.type) for p in products_in])
     args = iter(back_block.args)
-    carry_ct, sums, x_t, c_t, out_ct = ([next(args) for _ in range(n)] for n in (k, len(outer), len(seqs), k, len(seeds)))
+    carry_ct, sums, x_t, c_t, out_ct, p_t = ([next(args) for _ in range(n)]
+                                             for n in (k, len(outer), len(seqs), k, len(seeds), len(stored)))
     bd = d.inside(back_block)
     step_ops, ys = _clone_step(bd, body, c_t + x_t)
     adjoint = {}
     for v, ct in list(zip(ys[:k], carry_ct)) + [(ys[k + i], out_ct[j]) for j, (i, _) in enumerate(seeds)]:
         adjoint[v] = ct if v not in adjoint else bd("mlc.add", adjoint[v], ct)
     adjoint = bd.backprop(step_ops, adjoint)
+    for j, product in zip(stored, p_t):  # read from the forward, not recomputed (canonicalize drops the copies)
+        step_ops[j].results[0].replace_all_uses_with(product)
     new_sums = [bd("mlc.add", s, adjoint[v]) if v in adjoint else s for s, v in zip(sums, outer)]
     bd.op("mlc.yield", [adjoint.get(c) or bd.zeros(c) for c in c_t] + new_sums + [adjoint.get(x) or bd.zeros(x) for x in x_t], [])
-    back = d.op("mlc.scan", init + seqs + list(carries_in) + [ct for _, ct in seeds],
+    back = d.op("mlc.scan", init + seqs + list(carries_in) + [ct for _, ct in seeds] + list(products_in),
                 [v.type for v in init] + [s.type for s in seqs], [Region([back_block])],
                 num_carries=k + len(outer), **({} if op.attr("reverse") else {"reverse": True}))
     given = {}
