@@ -636,3 +636,18 @@ def test_pools_read_a_padded_copy_and_agree_with_torch(k, s, p, include):
     got_max, got_avg = f(x)
     np.testing.assert_array_equal(got_max, F.max_pool2d(torch.from_numpy(x), k, s, p).numpy())
     np.testing.assert_allclose(got_avg, F.avg_pool2d(torch.from_numpy(x), k, s, p, count_include_pad=include).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=int(os.environ.get("MLC_TRANSPOSE_EXAMPLES", "10")), deadline=None)
+@given(st.lists(st.integers(1, 37), min_size=2, max_size=4), st.randoms(use_true_random=False))
+def test_transposes_copy_in_tiles_and_agree_with_numpy(shape, random):
+    """A transpose moving the input's last dim copies in 16 x 16 tiles (ragged edges, any other dims
+    around them); one keeping it copies rows. Compiled against numpy, the loops on the interpreter."""
+    perm = list(range(len(shape)))
+    random.shuffle(perm)
+    x = rng.standard_normal(shape).astype(np.float32)
+    f = mlc.jit(lambda x: mlc.transpose(x, perm))
+    np.testing.assert_array_equal(f(x), np.transpose(x, perm))
+    if x.size < 2000:
+        lowered = mlc.run_passes(f.lower(x), "cpu")
+        np.testing.assert_array_equal(mlc.interpret(lowered, "lambda", x), np.transpose(x, perm))

@@ -95,17 +95,43 @@ def _transposed_copy(L: FunctionLowering, buf: Value) -> Value:
     return out
 
 
+TRANSPOSE_TILE = 16  # a tile's rows are read along the input's last dim, its columns written along the output's
+
+
 @rule("mlc.transpose")
 def transpose(L: FunctionLowering, op: Operation):
+    """A copy in tiles of TRANSPOSE_TILE x TRANSPOSE_TILE where the input's last dim moves: each tile
+    reads whole cache lines of the input and writes whole lines of the output (element by element,
+    one of the two would stride a row's length per element)."""
     x = L.buffers[op.operands[0]]
     perm = op.attr("perm")
+    r = len(perm)
     sizes = [L.dim(x, p) for p in perm]
     out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
 
-    def body(b, ivs):
-        src = [None] * len(perm)
+    def copy(b, ivs):
+        src = [None] * r
         for out_axis, in_axis in enumerate(perm):
             src[in_axis] = ivs[out_axis]
         b.create("mem.store", [b.create("mem.load", [x] + src).result, out] + ivs)
-    L.nest(sizes, body)
+    along = perm.index(r - 1)  # the output axis the input is contiguous along
+    if along == r - 1:
+        L.nest(sizes, copy)
+        return [out]
+    others = [i for i in range(r) if i not in (along, r - 1)]
+    tile = L.idx(TRANSPOSE_TILE)
+
+    def tiles(b, outer):
+        def one(tb, a0, c0):
+            a1, c1 = (L.op(tb, "arith.minimum", L.op(tb, "arith.add", v, tile), sizes[axis]) for v, axis in ((a0, along), (c0, r - 1)))
+
+            def element(eb, a, c):
+                ivs = [None] * r
+                for axis, v in list(zip(others, outer)) + [(along, a), (r - 1, c)]:
+                    ivs[axis] = v
+                copy(eb, ivs)
+            L.loop(tb, a0, a1, lambda ab, a: L.loop(ab, c0, c1, lambda cb, c: element(cb, a, c)))
+        L.loop(b, L.idx(0), sizes[along], lambda ab, a0: L.loop(ab, L.idx(0), sizes[r - 1], lambda cb, c0: one(cb, a0, c0),
+                                                                 step=TRANSPOSE_TILE), parallel=not others, step=TRANSPOSE_TILE)
+    L.nest([sizes[i] for i in others], tiles)
     return [out]
