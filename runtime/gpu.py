@@ -211,6 +211,9 @@ class HostRun:
             return []
         if name == "mem.dim":
             return [np.int64(ins[0].shape[op.attr("axis")])]
+        if name == "mem.reshape":  # a view: the same device memory
+            sizes = iter(int(v) for v in ins[1:])
+            return [self.device.reshape(ins[0], tuple(next(sizes) if d is None else d for d in op.results[0].type.shape))]
         if name == "loop.for":
             carried = list(ins[2:])
             for i in range(int(ins[0]), int(ins[1]), op.attr("step")):
@@ -278,6 +281,11 @@ class SimulatedDevice:
     def copy(self, dst, src):
         dst[...] = src
 
+    def reshape(self, buf, shape):
+        view = buf.view()
+        view.shape = shape  # (never a copy: writes through the view reach the buffer)
+        return view
+
     def launch(self, kernel, grid, args, error_word):
         from mlc.ir.lockstep import Launch
         interp = Interpreter.__new__(Interpreter)
@@ -341,6 +349,9 @@ class CudaDevice:
 
     def copy(self, dst, src):
         self.cuda.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, self.stream)
+
+    def reshape(self, buf, shape):
+        return DeviceBuffer(buf.allocation, shape, buf.dtype)  # (views are never freed: their buffer is)
 
     def launch(self, kernel, grid, args, error_word):
         packed = []

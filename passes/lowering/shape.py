@@ -2,10 +2,12 @@
 gather_elements, and scatter_add, scatter_add_elements (which add the updates in order)."""
 from __future__ import annotations
 
+import numpy as np
+
 from mlc.ir.core import Operation
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.shapes import norm_axis
-from mlc.ir.types import TensorType
+from mlc.ir.types import MemRefType, TensorType
 
 from .core import FunctionLowering, as_index, copy_nest, rule
 
@@ -36,18 +38,11 @@ def reshape(L: FunctionLowering, op: Operation):
             product = L.op(L.b, "arith.mul", product, size)
         L.check(L.b, L.op(L.b, "arith.eq", product, total), f"cannot reshape into {t}: the element count differs")
     out = L.alloc(t, sizes, op.results[0].name_hint)
-
-    def body(b, ivs):
-        flat = L.idx(0)
-        for iv, s in zip(ivs, sizes):
-            flat = L.op(b, "arith.add", L.op(b, "arith.mul", flat, s), iv)
-        src = []
-        for s in reversed(in_sizes):
-            q = L.op(b, "arith.div", flat, s)
-            src.append(L.op(b, "arith.sub", flat, L.op(b, "arith.mul", q, s)))
-            flat = q
-        b.create("mem.store", [b.create("mem.load", [x] + src[::-1]).result, out] + ivs)
-    L.nest(sizes, body)
+    # the elements in the same order: one flat copy, both buffers viewed as vectors (mem.reshape)
+    static = None if None in x.type.shape else int(np.prod(x.type.shape, dtype=np.int64))
+    src, dst = (L.b.create("mem.reshape", [v] + ([total] if static is None else []),
+                           result_types=[MemRefType((static,), t.element)]).result for v in (x, out))
+    copy_nest(L, src, dst, [total], lambda b, ivs: ivs, lambda b, ivs: ivs)
     return [out]
 
 
