@@ -610,15 +610,8 @@ class ConvAsGemm:
                 v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), L.op(rb, "arith.add", tx, dx)]).result
                 rb.create("mem.store", [L.op(rb, "arith.select", inside, v, zero), g.packed, jp, kk, L.idx(t)])
 
-        def channel(cb, c):
-            window = self.w.type.shape[2:]
-            if None not in window and window[0] * window[1] <= 9:  # unrolled: addresses are base + constant
-                for i in range(window[0]):
-                    for j in range(window[1]):
-                        row(cb, c, L.idx(i), L.idx(j))
-                return
-            L.nest([kh, kw], lambda jb, ij: row(jb, c, *ij), parallel=False, b=cb)
-        L.loop(b, L.idx(0), channels, channel)
+        # (the panel's columns unrolled, the window not: code size, which compile time follows)
+        L.nest([channels, kh, kw], lambda rb, cij: row(rb, *cij), parallel=False, b=b)
 
 
 def _static_product(dims):
