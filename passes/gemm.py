@@ -536,6 +536,7 @@ def conv_as_gemm(out_shape, groups: int, pixels: int = CONV_GEMM_PIXELS) -> bool
     and a result image of at most `pixels` (ConvAsGemm takes the others along x too)."""
     return groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
 
+
 @dataclass
 class ConvAsGemm:
     """conv2d as a product per image and group ("implicit GEMM"):
@@ -569,8 +570,8 @@ class ConvAsGemm:
         pixels = _product(L, b, [oh, ow])
         (o, c, kh, kw), (n_, _, oh_, ow_) = self.w.type.shape, self.out.type.shape
         pg = o and o // self.groups
-        self.wflat = _view(L, b, self.w, [groups, per_group, k], (self.groups, pg, _static_product([c, kh, kw])), "wflat")
-        self.outflat = _view(L, b, self.out, [n, groups, per_group, pixels], (n_, self.groups, pg, _static_product([oh_, ow_])), "outflat")
+        self.wflat = L.view(b, self.w, (self.groups, pg, _static_product([c, kh, kw])), [groups, per_group, k], "wflat")
+        self.outflat = L.view(b, self.out, (n_, self.groups, pg, _static_product([oh_, ow_])), [n, groups, per_group, pixels], "outflat")
 
         def group(gb, bn, g):
             def epilogue(eb, i, j):
@@ -624,9 +625,3 @@ def _product(L, b, values):
         a, c = _static(out), _static(v)
         out = L.idx(a * c) if a is not None and c is not None else L.op(b, "arith.mul", out, v)
     return out
-
-
-def _view(L, b, buf, sizes, shape, name):
-    """buf as a buffer of `shape` (its `?` dims from `sizes`): mem.reshape, no copy."""
-    return b.create("mem.reshape", [buf] + [v for v, d in zip(sizes, shape) if d is None],
-                    result_types=[MemRefType(shape, buf.type.element)], name_hint=name).result

@@ -33,11 +33,10 @@ class StridedConv(Pass):
 
 
 def _applies(op) -> bool:
-    (sh, sw), _, dilation, _ = op.opdef.params(op)
+    (sh, sw), _, dilation, groups = op.opdef.params(op)
     x = op.operands[0].type
     return (sh, sw) != (1, 1) and sh == sw and dilation == (1, 1) and None not in x.shape[1:] and \
-        None not in op.operands[1].type.shape and x.element.is_float and \
-        not gemm.conv_as_gemm(op.results[0].type.shape, op.opdef.params(op)[3])
+        None not in op.operands[1].type.shape and x.element.is_float and not gemm.conv_as_gemm(op.results[0].type.shape, groups)
 
 
 def _rewrite(d: OpBuilder, op):

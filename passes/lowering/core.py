@@ -65,6 +65,12 @@ class LoopBuilder:
     def op(self, b: Builder, name: str, *operands, **attrs) -> Value:
         return b.create(name, list(operands), attrs or None).result
 
+    def view(self, b: Builder, buf: Value, shape: tuple, sizes: list, name_hint=None) -> Value:
+        """buf's elements as a buffer of `shape` (mem.reshape, no copy); `sizes` holds a value for each
+        dim, read where the shape says `?`."""
+        return b.create("mem.reshape", [buf] + [v for v, d in zip(sizes, shape) if d is None],
+                        result_types=[MemRefType(tuple(shape), buf.type.element)], name_hint=name_hint).result
+
     def nest(self, sizes: list, body, parallel=True, b: Builder | None = None):
         """Loops over 0..size for each size; body(builder, ivs) fills the innermost block. `parallel`
         (one flag, or one per loop) marks loops whose iterations write disjoint elements."""

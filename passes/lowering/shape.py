@@ -7,7 +7,7 @@ import numpy as np
 from mlc.ir.core import Operation
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.shapes import norm_axis
-from mlc.ir.types import MemRefType, TensorType
+from mlc.ir.types import TensorType
 
 from .core import FunctionLowering, as_index, copy_nest, rule
 
@@ -40,8 +40,7 @@ def reshape(L: FunctionLowering, op: Operation):
     out = L.alloc(t, sizes, op.results[0].name_hint)
     # the elements in the same order: one flat copy, both buffers viewed as vectors (mem.reshape)
     static = None if None in x.type.shape else int(np.prod(x.type.shape, dtype=np.int64))
-    src, dst = (L.b.create("mem.reshape", [v] + ([total] if static is None else []),
-                           result_types=[MemRefType((static,), t.element)]).result for v in (x, out))
+    src, dst = (L.view(L.b, v, (static,), [total]) for v in (x, out))
     copy_nest(L, src, dst, [total], lambda b, ivs: ivs, lambda b, ivs: ivs)
     return [out]
 
