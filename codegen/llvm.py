@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from llvmlite import ir
 
+from mlc.ir.attributes import BoolAttr, IntAttr, StringAttr, SymbolRefAttr, TypeAttr, UnitAttr
 from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
@@ -89,19 +90,9 @@ class ModuleEmitter:
         self.functions: dict[str, FunctionCode] = {}
         self.libm: set[str] = set()
         self.decls: dict = {}
-        self.kernels: dict[str, ir.Function] = {}  # outlined loop bodies by their text: each emitted once
+        self.nests: dict[tuple, tuple] = {}  # nest_key -> (the first such nest, its function, its checks): a model
+        #                                      repeats its layers' shapes, and LLVM's time grows with its code: each emitted once
         self.counters = None  # mlc_profile_counters, when profiling
-
-    def shared(self, fn: ir.Function) -> ir.Function:
-        """fn, or an identical function emitted before (fn is then dropped): a model repeats the same
-        layer shapes, and LLVM's time grows with the code it is given."""
-        body = str(fn).replace(f'@"{fn.name}"', "@self", 1).replace(f"@{fn.name}(", "@self(", 1)
-        known = self.kernels.get(body)
-        if known is None:
-            self.kernels[body] = fn
-            return fn
-        del self.llvm.globals[fn.name]
-        return known
 
     def emit(self) -> ir.Module:
         plans = self.plan_kernels() if self.profile is not None else {}
@@ -180,6 +171,8 @@ class FunctionEmitter:
         self.requests: dict = {}  # mem.all_reduce_start's result -> the stack slot holding it until its wait
         self.threads = parent.threads
         self.sequential_outline = False
+        self.check_base = self.local_checks = None  # an outlined nest's: see fail_if
+        self.prefixes: dict = {}  # (basic block, buffer, leading indices) -> their offset (see `offset`)
 
     @classmethod
     def outlined(cls, outer: "FunctionEmitter", fn: ir.Function) -> "FunctionEmitter":
@@ -192,6 +185,8 @@ class FunctionEmitter:
         sub.values, sub.trusted, sub.owned, sub.threads, sub.requests = {}, set(outer.trusted), [], False, {}
         sub.timed, sub.started, sub.timespec = {}, {}, None
         sub.sequential_outline = False  # set for the body of a sequential loop: its parallel loops may use threads
+        sub.check_base, sub.local_checks = None, []  # (set by _chunk)
+        sub.prefixes = {}
         sub.exit_block = fn.append_basic_block("fail")
         return sub
 
@@ -282,10 +277,36 @@ class FunctionEmitter:
         return self.values[v]
 
     def offset(self, buf: Buffer, indices) -> ir.Value:
-        off = ir.Constant(I64, 0)
-        for d, i in zip(buf.dims, indices):
-            off = self.b.add(self.b.mul(off, d), i)
-        return off
+        """The row-major offset, with constants folded, and the offset of all but the last index taken
+        from an earlier access in this basic block where there is one (an unrolled tile reads a row at
+        many columns): less code for LLVM to clean up."""
+        if not indices:
+            return ir.Constant(I64, 0)
+        *outer, last = indices
+        key = (self.b.block, buf.data, *buf.dims, *outer)
+        off = self.prefixes.get(key)
+        if off is None:
+            off = ir.Constant(I64, 0)
+            for d, i in zip(buf.dims, outer):
+                off = self.add(self.mul(off, d), i)
+            self.prefixes[key] = off
+        return self.add(self.mul(off, buf.dims[-1]), last)
+
+    def add(self, x, y):
+        if isinstance(x, ir.Constant) and isinstance(y, ir.Constant):
+            return ir.Constant(I64, x.constant + y.constant)
+        if _is(x, 0) or _is(y, 0):
+            return y if _is(x, 0) else x
+        return self.b.add(x, y)
+
+    def mul(self, x, y):
+        if isinstance(x, ir.Constant) and isinstance(y, ir.Constant):
+            return ir.Constant(I64, x.constant * y.constant)
+        if _is(x, 0) or _is(y, 0):
+            return ir.Constant(I64, 0)
+        if _is(x, 1) or _is(y, 1):
+            return y if _is(x, 1) else x
+        return self.b.mul(x, y)
 
     def address(self, buf: Buffer, indices):
         return self.b.gep(buf.data, [self.offset(buf, indices)], inbounds=True, source_etype=STORAGE[buf.element.name])
@@ -304,13 +325,31 @@ class FunctionEmitter:
 
     def fail_if(self, bad, op, message, op_name=None, detail=None):
         """Report `message` at op's location (as `op_name`) and return at once when `bad` holds;
-        `detail()`, built on that path only, is the f64 the runtime writes for `{bytes}` in the message."""
-        self.code.checks.append((op.loc, op_name or op.attr("op") or op.name, message))
+        `detail()`, built on that path only, is the f64 the runtime writes for `{bytes}` in the message.
+        A check's number is 1 + its index in FunctionCode.checks; an outlined nest numbers its checks
+        from a base its caller passes, so that identical nests at different places share code."""
+        check = (op, op_name or op.attr("op") or op.name, message)
+        if self.local_checks is None:
+            self.code.checks.append((op.loc, *check[1:]))
+            number = ir.Constant(I64, len(self.code.checks))
+        else:
+            self.local_checks.append(check)
+            number = self.b.add(self.check_base, ir.Constant(I64, len(self.local_checks)))
         with self.b.if_then(bad, likely=False):
-            self.b.store(ir.Constant(I64, len(self.code.checks)), self.error_slot)
+            self.b.store(number, self.error_slot)
             if detail is not None:
                 self.b.store(self.b.bitcast(detail(), I64), self.status(2))
             self.b.branch(self.exit_block)
+
+    def adopt_checks(self, checks: list):
+        """Number an outlined nest's checks among this function's; returns the base the nest adds to its own."""
+        if self.local_checks is None:
+            base = ir.Constant(I64, len(self.code.checks))
+            self.code.checks += [(op.loc, name, message) for op, name, message in checks]
+            return base
+        base = self.b.add(self.check_base, ir.Constant(I64, len(self.local_checks)))
+        self.local_checks += checks
+        return base
 
     def status(self, k: int):
         """Word k of the status array (see the module docstring); word 0 is the error slot."""
@@ -597,9 +636,36 @@ def _static_work(op) -> int | None:
     return work
 
 
+def nest_key(emitter: FunctionEmitter, op, free: list, parallel: bool) -> tuple:
+    """What emitting loop `op` as a function depends on: its ops (names, attributes, types, which
+    values they use: numbered, not named), and per value from outside (its bounds, what its body uses)
+    the facts codegen reads: a buffer's static dims, a constant's value, a type, whether the value is
+    trusted (computed from shapes, so its indices go unchecked)."""
+    numbers, facts = {}, [parallel, emitter.threads, emitter.sequential_outline]
+    for v in dict.fromkeys([*op.operands, *free]):
+        numbers[v] = len(numbers)
+        val = emitter.get(v)
+        if isinstance(val, Buffer):
+            facts.append((val.element.name, tuple(d.constant if isinstance(d, ir.Constant) else None for d in val.dims)))
+        else:
+            facts.append(str(val) if isinstance(val, ir.Constant) else str(val.type))
+        facts.append(v in emitter.trusted)
+    ops = []
+    for o in op.walk():
+        blocks = tuple(tuple(tuple(a.type for a in b.args) for b in r.blocks) for r in o.regions)
+        for v in [*o.results, *(a for r in o.regions for b in r.blocks for a in b.args)]:
+            numbers[v] = len(numbers)
+        attrs = tuple((k, a if isinstance(a, _EXACT) else str(a)) for k, a in o.attributes.items())
+        ops.append((o.name, tuple(numbers[v] for v in o.operands), tuple(r.type for r in o.results), attrs, blocks))
+    return tuple(ops), tuple(facts)
+
+
+_EXACT = (IntAttr, BoolAttr, StringAttr, SymbolRefAttr, TypeAttr, UnitAttr)  # equal exactly when alike (not floats: -0.0 == 0.0)
+
+
 def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     """Each top-level loop nest is a function of its own, `void @f.parN(ptr ctx, i64 lo, i64 hi)`
-    running trips lo..hi: identical nests share one (ModuleEmitter.shared), and LLVM optimises many
+    running trips lo..hi: identical nests share one (nest_key), and LLVM optimises many
     small functions much faster than one large one. A parallel loop's function is handed to the
     runtime's `mlc_parallel_for`, which splits the trips over threads when the work is large enough.
     Values the body uses (and the loop's bounds) travel in `ctx`."""
@@ -625,49 +691,18 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
             layout.append((v, "scalar", len(slots), 0))
             slots.append((val, val.type))
     lb, ub = (self.get(v) for v in op.operands[:2])
-    slots += [(self.error_slot, PTR), (lb, I64), (ub, I64)]
-    chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]),
-                        name=self.parent.llvm.get_unique_name(f"{self.fn.name}.par"))
-    chunk.attributes.add("noinline")  # one copy of each kernel, however many places call it
-    sub = FunctionEmitter.outlined(self, chunk)
-    sub.sequential_outline = not parallel and self.threads
-    ctx, lo, hi = chunk.args
-
-    def word(k):  # ctx slot k
-        return sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)
-
-    def load(k, t):
-        return _from_word(sub.b, word(k), t)
-    for v, kind, at, rank in layout:
-        if kind == "buffer":
-            buf = self.get(v)
-            dims = [d if isinstance(d, ir.Constant) else load(at + 1 + i, I64) for i, d in enumerate(buf.dims)]
-            sub.values[v] = Buffer(load(at, PTR), buf.element, dims)  # static dims stay constants
-        elif kind == "constant":
-            sub.values[v] = self.get(v)
-        elif kind == "vector":
-            sub.values[v] = sub.b.load(load(at, PTR), typ=self.get(v).type)
-        else:
-            sub.values[v] = load(at, self.get(v).type)
-    sub.error_slot = load(len(slots) - 3, PTR)
-    lb, ub, *inits = (self.get(v) for v in op.operands)
-    if inits:  # a loop carrying values runs whole; its last values come back through ctx
-        finals = sub.loop(block, word(len(slots) - 2), word(len(slots) - 1), op.attr("step"),
-                          [load(len(slots) + k, v.type) for k, v in enumerate(inits)])
-        for k, v in enumerate(finals):
-            sub.b.store(_to_word(sub.b, v), sub.b.gep(ctx, [ir.Constant(I64, len(slots) + k)], source_etype=I64))
-    elif not parallel and isinstance(lb, ir.Constant) and isinstance(ub, ir.Constant):
-        sub.loop(block, lb, ub, op.attr("step"))  # run whole: constant trip counts let LLVM vectorise
-    else:  # the runtime splits trip numbers, so every chunk starts on the loop's step
-        first, last, step = word(len(slots) - 2), word(len(slots) - 1), ir.Constant(I64, op.attr("step"))
-        start = sub.b.add(first, sub.b.mul(lo, step))
-        stop = sub.b.add(first, sub.b.mul(hi, step))
-        stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
-        sub.loop(block, start, stop, op.attr("step"))
-    sub.b.ret_void()
-    sub.emit_exit()
-    sub.prologue.branch(sub.entry)
-    chunk = self.parent.shared(chunk)
+    key = nest_key(self, op, free, parallel)
+    known = self.parent.nests.get(key)
+    if known is None:
+        chunk, checks = _chunk(self, op, parallel, layout, len(slots))
+        self.parent.nests[key] = (op, chunk, checks)
+    else:  # the same checks, at this nest's ops
+        first, chunk, checks = known
+        if checks:
+            at, ops = {o: k for k, o in enumerate(first.walk())}, list(op.walk())
+            checks = [(ops[at[o]], name, message) for o, name, message in checks]
+    slots += [(self.error_slot, PTR), (self.adopt_checks(checks), I64), (lb, I64), (ub, I64)]
+    inits = [self.get(v) for v in op.operands[2:]]
     # the caller: fill ctx, run the chunks, stop if one failed
     ctx_array = self.prologue.alloca(I64, size=len(slots) + len(inits))
     for k, val in enumerate([val for val, _ in slots] + inits):
@@ -692,6 +727,59 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     failed = self.b.icmp_signed("!=", self.b.load(self.error_slot, typ=I64), ir.Constant(I64, 0))
     with self.b.if_then(failed, likely=False):
         self.b.branch(self.exit_block)
+
+
+def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int) -> tuple[ir.Function, list]:
+    """Loop `op` as a function reading the values it uses from ctx (`layout` says where, in the first
+    `values` slots; then the error slot, the checks' base and the bounds); and its checks."""
+    block = op.regions[0].blocks[0]
+    chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]),
+                        name=self.parent.llvm.get_unique_name(f"{self.fn.name}.par"))
+    chunk.attributes.add("noinline")  # one copy of each kernel, however many places call it
+    sub = FunctionEmitter.outlined(self, chunk)
+    sub.sequential_outline = not parallel and self.threads
+    ctx, lo, hi = chunk.args
+
+    def word(k):  # ctx slot k
+        return sub.b.load(sub.b.gep(ctx, [ir.Constant(I64, k)], source_etype=I64), typ=I64)
+
+    def load(k, t):
+        return _from_word(sub.b, word(k), t)
+    for v, kind, at, rank in layout:
+        if kind == "buffer":
+            buf = self.get(v)
+            dims = [d if isinstance(d, ir.Constant) else load(at + 1 + i, I64) for i, d in enumerate(buf.dims)]
+            sub.values[v] = Buffer(load(at, PTR), buf.element, dims)  # static dims stay constants
+        elif kind == "constant":
+            sub.values[v] = self.get(v)
+        elif kind == "vector":
+            sub.values[v] = sub.b.load(load(at, PTR), typ=self.get(v).type)
+        else:
+            sub.values[v] = load(at, self.get(v).type)
+    sub.error_slot, sub.check_base = load(values, PTR), word(values + 1)
+    first, last, carried = values + 2, values + 3, values + 4
+    lb, ub, *inits = (self.get(v) for v in op.operands)
+    if inits:  # a loop carrying values runs whole; its last values come back through ctx
+        finals = sub.loop(block, word(first), word(last), op.attr("step"),
+                          [load(carried + k, v.type) for k, v in enumerate(inits)])
+        for k, v in enumerate(finals):
+            sub.b.store(_to_word(sub.b, v), sub.b.gep(ctx, [ir.Constant(I64, carried + k)], source_etype=I64))
+    elif not parallel and isinstance(lb, ir.Constant) and isinstance(ub, ir.Constant):
+        sub.loop(block, lb, ub, op.attr("step"))  # run whole: constant trip counts let LLVM vectorise
+    else:  # the runtime splits trip numbers, so every chunk starts on the loop's step
+        first, last, step = word(first), word(last), ir.Constant(I64, op.attr("step"))
+        start = sub.b.add(first, sub.b.mul(lo, step))
+        stop = sub.b.add(first, sub.b.mul(hi, step))
+        stop = sub.b.select(sub.b.icmp_signed("<", stop, last), stop, last)
+        sub.loop(block, start, stop, op.attr("step"))
+    sub.b.ret_void()
+    sub.emit_exit()
+    sub.prologue.branch(sub.entry)
+    return chunk, sub.local_checks
+
+
+def _is(v, constant: int) -> bool:
+    return isinstance(v, ir.Constant) and v.constant == constant
 
 
 def _to_word(b: ir.IRBuilder, v) -> ir.Value:
@@ -1069,6 +1157,45 @@ class _Expansion:
 
 def _bits(t) -> int:
     return {F16: 16, F32: 32, F64: 64}[t]
+
+
+def split_module(llvm: ir.Module, parts: int) -> tuple[str, list[str]]:
+    """The module's text, and the same code as `parts` modules of about equal size (LLVM optimises and
+    compiles each in a process of its own: runtime/jit.py). Every part declares what the others define;
+    the first defines the global variables (no longer internal: the others refer to them)."""
+    header = f'; ModuleID = "{llvm.name}"\ntarget triple = "{llvm.triple}"\ntarget datalayout = "{llvm.data_layout}"\n\n'
+    if parts > 1:
+        for g in llvm.global_values:
+            if isinstance(g, ir.GlobalVariable) and g.linkage == "internal":
+                g.linkage = ""
+    texts, sizes = {}, {}
+    for g in llvm.global_values:
+        texts[g.name] = str(g)
+        if isinstance(g, ir.Function) and g.blocks:
+            sizes[g.name] = len(texts[g.name])
+    metadata = "".join(f"{md}\n" for md in llvm.metadata)  # (branch weights: every part may refer to them)
+    assert not llvm.namedmetadata, "named metadata is not split"
+    whole = header + "\n".join(texts.values()) + "\n" + metadata
+    if parts <= 1:
+        return whole, [whole]
+    bins, loads = [[] for _ in range(parts)], [0] * parts
+    for name in sorted(sizes, key=sizes.get, reverse=True):  # the largest first, each to the lightest part
+        k = loads.index(min(loads))
+        bins[k].append(name)
+        loads[k] += sizes[name]
+    out = []
+    for k, mine in enumerate(map(set, bins)):
+        lines = []
+        for g in llvm.global_values:
+            if g.name in mine or (g.name not in sizes and (k == 0 or isinstance(g, ir.Function))):
+                lines.append(texts[g.name])
+            elif isinstance(g, ir.Function):
+                t = g.function_type
+                lines.append(f'declare {t.return_type} @"{g.name}"({", ".join(map(str, t.args))})')
+            else:
+                lines.append(f'@"{g.name}" = external global {g.value_type}')
+        out.append(header + "\n".join(lines) + "\n" + metadata)
+    return whole, out
 
 
 def emit_module(module: Module, threads: bool = True, profile: dict | None = None) -> tuple[ir.Module, ModuleEmitter]:

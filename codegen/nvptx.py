@@ -96,8 +96,9 @@ class KernelEmitter(FunctionEmitter):
         self.prologue = ir.IRBuilder(fn.append_basic_block("prologue"))
         self.entry = fn.append_basic_block("entry")
         self.b = ir.IRBuilder(self.entry)
-        self.values, self.trusted, self.owned = {}, set(), []
+        self.values, self.trusted, self.owned, self.prefixes = {}, set(), [], {}
         self.threads, self.sequential_outline = False, False
+        self.check_base = self.local_checks = None
         self.exit_block = fn.append_basic_block("fail")
 
     def emit(self) -> KernelCode:

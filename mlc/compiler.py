@@ -1,7 +1,8 @@
 """The compiler driver: a verified module, through its target's pipeline, to loaded native code.
 
     tensor IR --`cpu{vector-bytes=N}` (passes/pipelines.py)--> loop IR --codegen/llvm.py--> LLVM IR
-              --runtime/jit.py (optimise, object code, load)--> runtime.Executable
+              (in parts when large) --runtime/jit.py (optimise, object code: parts in worker
+              processes, load)--> runtime.Executable
     tensor IR --`cuda`--> host code + gpu.launch kernels --codegen/nvptx.py--> PTX
               --> runtime.gpu.GpuExecutable (host code here, kernels through pycuda)
 
@@ -13,7 +14,7 @@ pipeline string means the same IR on every machine.
 """
 from __future__ import annotations
 
-from mlc.codegen.llvm import emit_module
+from mlc.codegen.llvm import emit_module, split_module
 from mlc.codegen.nvptx import GPU_ARCHS, deferred_kernels
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import DiagnosticError, UnsupportedError, error
@@ -24,7 +25,7 @@ from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable, profiling_at_exit
 from mlc.runtime.profile import describe
 from mlc.runtime.gpu import GpuExecutable
-from mlc.runtime.jit import JitModule, host_vector_bytes
+from mlc.runtime.jit import JitModule, host_vector_bytes, parts_for
 
 TARGETS = ("cpu", "cuda")
 DEFAULT_GPU_ARCH = "sm_90"
@@ -97,8 +98,10 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
             return exe
     described = {} if profile else None
     lowered = lower(module, target, described)
+    parts = parts_for(sum(1 for _ in lowered.walk()))
     llvm_module, emitter = emit_module(lowered, profile=described)
-    exe = Executable(module, JitModule(str(llvm_module), sorted(emitter.libm)), emitter.functions, lowered=lowered)
+    llvm_ir, pieces = split_module(llvm_module, parts)
+    exe = Executable(module, JitModule(llvm_ir, sorted(emitter.libm), parts=pieces), emitter.functions, lowered=lowered)
     if cache:
         store_in_cache(exe)
     return exe

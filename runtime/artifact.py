@@ -6,8 +6,9 @@ An artifact is a zip archive:
                     with their run-time checks, and the sha256 and size of every member below
     manifest.sig    an HMAC-SHA256 of manifest.json made with the writer's key (runtime/trust.py)
     module.ir       the module's IR (function signatures and argument names come from it)
-    code.ll         the optimised LLVM IR
-    code.o          native object code for the host key
+    code.ll         the LLVM IR
+    code.o          native object code for the host key: an ELF object, or an `ar` archive of several
+                    (a large module is compiled in parts, runtime/jit.py)
     globals/*.npy   the globals' current values (plain .npy, loaded without pickle)
 
 An artifact for a GPU (manifest target "cuda") holds instead of code.ll and code.o the lowered module
@@ -19,7 +20,7 @@ is decompressed (a zip bomb is refused unopened), the manifest against its schem
 the IR (parsed and verified as any input), the globals against the IR's types. The artifact's own
 code (object code, LLVM IR, PTX) is used only if a key the user trusts signed the manifest; object
 code only if made for this host and, as llvmlite crashes on a malformed object, only once it is seen
-to be a well-formed ELF object defining every function. Signed code for another host is compiled
+to be well-formed ELF objects defining every function. Signed code for another host is compiled
 again from its LLVM IR. An unsigned artifact is rebuilt from module.ir by the caller's `rebuild` (the
 compiler, which runtime cannot import). Any problem is a located DiagnosticError, never a traceback.
 
@@ -53,7 +54,7 @@ from . import trust
 from .executable import Executable, FunctionCode
 from .files import load_npy, write_atomically
 from .gpu import GpuExecutable, Kernel
-from .jit import JitModule, host_key
+from .jit import JitModule, host_key, unarchive
 
 FORMAT, VERSION = "mlc-artifact", 2
 MAX_BYTES = 8 << 30           # all members, decompressed: an artifact must fit in memory
@@ -72,7 +73,7 @@ def _members(exe, with_globals: bool) -> dict[str, bytes]:
     if getattr(exe, "target", "cpu") == "cuda":
         files = {"module.ir": str(exe.module).encode(), "lowered.ir": str(exe.lowered).encode(), "kernels.ptx": exe.ptx.encode()}
     else:
-        files = {"module.ir": str(exe.module).encode(), "code.ll": exe.jit.optimised_ir.encode(),
+        files = {"module.ir": str(exe.module).encode(), "code.ll": exe.jit.llvm_ir.encode(),
                  "code.o": bytes(exe.jit.object_code)}
     if with_globals:
         for name, value in exe.globals.items():
@@ -351,9 +352,23 @@ def _host_object_header() -> bytes | None:
     return obj[:20] if obj[:5] == b"\x7fELF\x02" else None
 
 
-def _object_problem(obj: bytes, functions) -> str | None:
-    """Why `obj` is not a well-formed ELF64 object for this host defining `functions`, or None. llvmlite
-    does not check: it crashes the process on empty, cut or junk object code."""
+def _object_problem(code: bytes, functions) -> str | None:
+    """Why `code` is not well-formed ELF64 objects for this host (one, or an `ar` archive of them:
+    runtime/jit.py) defining `functions`, or None. llvmlite does not check: it crashes the process on
+    empty, cut or junk object code."""
+    objects = unarchive(code)
+    if objects is None:
+        return "is a damaged archive"
+    defined: set[str] = set()
+    for obj in objects:
+        if problem := _elf_problem(obj, defined):
+            return problem
+    missing = [name for name in functions if name not in defined]
+    return f"does not define @{missing[0]}" if missing else None
+
+
+def _elf_problem(obj: bytes, defined: set) -> str | None:
+    """Why `obj` is not a well-formed ELF64 object for this host, or None; adds the functions it defines to `defined`."""
     if len(obj) < 64 or obj[:20] != _host_object_header():
         return "is not object code for this machine"
     e = "<" if obj[5] == 1 else ">"
@@ -362,12 +377,7 @@ def _object_problem(obj: bytes, functions) -> str | None:
         return "has a damaged section table"
     # each: name, type, flags, address, offset, size, link, info, alignment, entry size
     sections = [struct.unpack_from(e + "IIQQQQIIQQ", obj, shoff + 64 * i) for i in range(count)]
-    defined: set[str] = set()
-    for section in sections:
-        if problem := _section_problem(obj, e, section, sections, defined):
-            return problem
-    missing = [name for name in functions if name not in defined]
-    return f"does not define @{missing[0]}" if missing else None
+    return next(filter(None, (_section_problem(obj, e, section, sections, defined) for section in sections)), None)
 
 
 def _section_problem(obj: bytes, e: str, section, sections, defined: set) -> str | None:
@@ -452,10 +462,12 @@ def compiler_fingerprint() -> str:
 
 
 def _cache_path(module, target: str = "cpu", arch: str = "", profile: bool = False) -> str:
-    """Keyed on the module, the compiler's source and what the code is for: the host (CPU), or the GPU
-    architecture and the libdevice the PTX links (CUDA); profiled code (runtime/profile.py) apart."""
+    """Keyed on the module and the file it came from (its run-time checks name it), the compiler's source
+    and what the code is for: the host (CPU), or the GPU architecture and the libdevice the PTX links
+    (CUDA); profiled code (runtime/profile.py) apart."""
     machine = host_key() if target == "cpu" else {"arch": arch, "libdevice": _libdevice_key(), "llvmlite": host_key()["llvmlite"]}
-    key = json.dumps([str(module), compiler_fingerprint(), target, machine] + (["profile"] if profile else []), sort_keys=True).encode()
+    key = json.dumps([str(module), module.loc.file, compiler_fingerprint(), target, machine] + (["profile"] if profile else []),
+                     sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")
 
 

@@ -1,20 +1,28 @@
-"""LLVM IR to native code in this process (llvmlite MCJIT), optimised for the host CPU.
+"""LLVM IR to native code loaded in this process (llvmlite MCJIT), optimised for the host CPU.
 
 LLVM's global context is not thread-safe: parsing, optimising and loading hold `_lock`, so threads may
-compile at once. The native code itself is reentrant (its state lives on the caller's stack)."""
+compile at once. The native code itself is reentrant (its state lives on the caller's stack). A large
+module comes in parts (codegen/llvm.py's split_module): worker processes (runtime/llvm_worker.py)
+optimise and compile all but the first while this process does the first, and the engine loads every
+part's object code (kept as one `ar` archive of them, as a static library would be)."""
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import os
+import struct
+import subprocess
+import sys
 import threading
 
 import llvmlite.binding as llvm
 
 from mlc.ir import collectives
 
-from . import threads
+from . import llvm_worker, threads
 from .distributed import CALLBACKS
+from .llvm_worker import optimise
 
 _lock = threading.RLock()
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -33,9 +41,7 @@ def _initialise():
 
 def target_machine():
     _initialise()
-    target = llvm.Target.from_triple(llvm.get_process_triple())
-    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
-                                        opt=3, codemodel="jitdefault")
+    return llvm_worker.target_machine()
 
 
 def host_vector_bytes() -> int:
@@ -131,19 +137,105 @@ def _provide(symbols):
             _symbols.add(name)
 
 
-def optimise(llvm_ir: str, tm) -> "llvm.ModuleRef":
-    module = llvm.parse_assembly(llvm_ir)
-    module.triple, module.data_layout = tm.triple, str(tm.target_data)
-    module.verify()
-    pto = llvm.create_pipeline_tuning_options(speed_level=3)
-    pto.loop_vectorization = True
-    pto.slp_vectorization = True
-    # (no loop unrolling: the tiled kernels come unrolled, and LLVM's unroller blew small copy nests up
-    # to thousands of instructions: ResNet-18's LLVM time 19 -> 7.6 s, run times unchanged)
-    pto.loop_unrolling = False
-    pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(module, pb)
-    return module
+# --- parts compiled in worker processes --------------------------------------------------------------------
+
+PART_OPS = 20_000  # a lowered module of at least this many ops is compiled in parts, one per core (up to MAX_PARTS)
+MAX_PARTS = 4
+_processes: list[subprocess.Popen] = []
+_workers_lock = threading.Lock()
+
+
+def parts_for(ops: int) -> int:
+    """How many parts a lowered module of `ops` ops is compiled in; starts the workers they need (they
+    boot while codegen runs)."""
+    parts = 1 if ops < PART_OPS else min(MAX_PARTS, len(os.sched_getaffinity(0)))
+    llvm_workers(parts - 1)
+    return parts
+
+
+def llvm_workers(n: int) -> list[subprocess.Popen]:
+    """n worker processes (fewer where they cannot be started), kept for later modules; each exits when
+    this process closes its stdin (or exits)."""
+    with _workers_lock:
+        _processes[:] = [w for w in _processes if w.poll() is None]
+        while len(_processes) < n:
+            try:
+                _processes.append(subprocess.Popen(
+                    [sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')", llvm_worker.__file__],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            except OSError:
+                break
+        return _processes[:n]
+
+
+@atexit.register
+def _stop_workers():
+    for w in _processes:
+        try:
+            w.stdin.close()
+            w.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            w.kill()
+        w.stdout.close()
+
+
+def _in_worker(worker: subprocess.Popen, text: str, out: list, k: int):
+    """Part k's object code from `worker` into out[k]; left None if the worker failed (it is stopped)."""
+    try:
+        data = text.encode("utf-8")
+        worker.stdin.write(struct.pack("<Q", len(data)) + data)
+        worker.stdin.flush()
+        n, status = struct.unpack("<QB", worker.stdout.read(9))
+        answer = worker.stdout.read(n)
+        if status == 0 and len(answer) == n:
+            out[k] = answer
+            return
+    except (OSError, ValueError, struct.error):
+        pass
+    worker.kill()
+
+
+def compile_parts(parts: list[str], tm) -> list[bytes]:
+    """Each part's object code: the first here, the others in workers (here too, where one fails: LLVM's
+    error for bad IR is then raised here)."""
+    out = [None] * len(parts)
+    helpers = [threading.Thread(target=_in_worker, args=(w, text, out, k), daemon=True)
+               for k, (w, text) in enumerate(zip(llvm_workers(len(parts) - 1), parts[1:]), start=1)]
+    for h in helpers:  # (pipes and waiting release the GIL)
+        h.start()
+    out[0] = tm.emit_object(optimise(parts[0], tm))
+    for h in helpers:
+        h.join()
+    return [obj if obj is not None else tm.emit_object(optimise(text, tm)) for obj, text in zip(out, parts)]
+
+
+AR_MAGIC = b"!<arch>\n"
+
+
+def archive(objects: list[bytes]) -> bytes:
+    """One object as it is; several as an `ar` archive."""
+    if len(objects) == 1:
+        return objects[0]
+    out = [AR_MAGIC]
+    for k, obj in enumerate(objects):
+        out.append(f"{k}.o/".ljust(16).encode() + b"0".ljust(12) + b"0".ljust(6) + b"0".ljust(6) + b"644".ljust(8)
+                   + str(len(obj)).ljust(10).encode() + b"`\n" + obj + b"\n" * (len(obj) % 2))
+    return b"".join(out)
+
+
+def unarchive(code: bytes) -> list[bytes] | None:
+    """The objects in `code` (an object, or an archive of them); None if it is a damaged archive."""
+    if not code.startswith(AR_MAGIC):
+        return [code]
+    objects, at = [], len(AR_MAGIC)
+    while at < len(code):
+        header = code[at: at + 60]
+        size = header[48:58].strip()
+        if len(header) < 60 or header[58:60] != b"`\n" or not size.isdigit() or at + 60 + int(size) > len(code):
+            return None
+        objects.append(code[at + 60: at + 60 + int(size)])
+        at += 60 + int(size) + int(size) % 2
+    return objects or None
 
 
 def host_key() -> dict:
@@ -155,22 +247,21 @@ def host_key() -> dict:
 
 
 class JitModule:
-    """Optimised LLVM IR and the native code made from it (or loaded: `object_code`)."""
+    """LLVM IR and the native code made from it (in `parts`, when given: the same code as separate
+    modules) or loaded (`object_code`)."""
 
-    def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
+    def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None, parts: list[str] | None = None):
         with _lock:
             _initialise()
             _provide(libm_symbols)
             native_pool()  # (MLC_NUM_THREADS and the communicator now: read again for each module and function)
             self.libm_symbols = sorted(libm_symbols)
             self.tm = target_machine()
-            if object_code is None:
-                module = optimise(llvm_ir, self.tm)
-                self._ir, self.object_code = str(module), self.tm.emit_object(module)
-            else:  # from an artifact or the cache: the IR is only parsed if someone asks for assembly
-                self._ir, self.object_code = llvm_ir, object_code
+            self.llvm_ir, self._optimised = llvm_ir, None  # (the IR is only optimised again if someone asks to see it)
+            self.object_code = object_code if object_code is not None else archive(compile_parts(parts or [llvm_ir], self.tm))
             self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
-            self.engine.add_object_file(llvm.ObjectFileRef.from_data(self.object_code))
+            for obj in unarchive(self.object_code) or ():
+                self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
             self.engine.finalize_object()
 
     def address(self, name: str) -> int:
@@ -185,8 +276,11 @@ class JitModule:
 
     @property
     def optimised_ir(self) -> str:
-        return self._ir
+        with _lock:
+            if self._optimised is None:
+                self._optimised = str(optimise(self.llvm_ir, self.tm))
+            return self._optimised
 
     def assembly(self) -> str:
         with _lock:
-            return self.tm.emit_assembly(llvm.parse_assembly(self._ir))
+            return self.tm.emit_assembly(optimise(self.llvm_ir, self.tm))

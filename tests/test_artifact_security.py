@@ -17,7 +17,7 @@ import pytest
 
 import mlc
 from mlc import compiler
-from mlc.runtime import artifact, files, trust
+from mlc.runtime import artifact, files, jit, trust
 
 MODULE = """module @m {
   mlc.global @w : tensor<4xf32> {init = "zeros", trainable}
@@ -363,6 +363,9 @@ def test_bad_object_code_is_refused_before_it_is_loaded(tmp_path):
         "header only": good[:64],
         "cut short": good[: len(good) // 2],
         "junk after the header": good[:64] + os.urandom(len(good) - 64),
+        "archive cut in a header": jit.archive([good, good])[:100],
+        "archive member's size past its end": jit.archive([good, good]).replace(str(len(good)).ljust(10).encode(), b"99999999  ", 1),
+        "archive with a junk member": jit.archive([good, os.urandom(4096)]),
         "no symbol @f": good.replace(b"\0f\0", b"\0g\0"),
     }
     for i, obj in enumerate(bad.values()):

@@ -139,3 +139,24 @@ def test_no_pickle_in_artifacts(tmp_path, cache):
         for name in z.namelist():
             if name.endswith(".npy"):
                 np.load(io.BytesIO(z.read(name)), allow_pickle=False)
+
+
+def test_a_module_compiled_in_parts_runs_alike_and_round_trips(tmp_path, cache, monkeypatch):
+    """A large module is compiled in parts, all but one by worker processes (runtime/jit.py), its
+    object code an archive of theirs: forced here on the MLP; a worker that fails leaves its part to this process."""
+    from mlc import compiler
+    from mlc.runtime import jit
+    m = mlc.load(MLP)
+    want = mlc.compile(m, cache=False)["forward"](x)
+    monkeypatch.setattr(compiler, "parts_for", lambda ops: 3)
+    exe = mlc.compile(m)
+    assert len(jit.unarchive(bytes(exe.jit.object_code))) == 3
+    np.testing.assert_array_equal(exe["forward"](x), want)
+    exe.save(tmp_path / "parts.mlcz")
+    np.testing.assert_array_equal(mlc.load_executable(tmp_path / "parts.mlcz")["forward"](x), want)
+    np.testing.assert_array_equal(mlc.compile(m)["forward"](x), want)  # (from the cache)
+    dead = [subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
+    monkeypatch.setattr(jit, "llvm_workers", lambda n: dead[:n])
+    exe = mlc.compile(m, cache=False)
+    assert len(jit.unarchive(bytes(exe.jit.object_code))) == 3
+    np.testing.assert_array_equal(exe["forward"](x), want)

@@ -5,6 +5,7 @@ log1p; rtol 1e-5); reductions and matmul sum in a different order than numpy's p
 (rtol 1e-4, atol 1e-5 over generated programs, whose chains of exp/pow amplify differences).
 """
 import os
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,60 @@ def test_bad_label_is_caught_before_reading_out_of_bounds():
         exe["loss"](x, np.array([3, 10]))
     assert e.value.diagnostics[0].file.endswith("mlp.ir") and e.value.diagnostics[0].line > 0
     np.testing.assert_allclose(exe["loss"](x, np.array([3, 9])), Interpreter(m).call_public("loss", [x, np.array([3, 9])]), rtol=1e-5)
+
+
+def test_checks_name_the_source_compiled_now_not_one_cached_before(tmp_path, monkeypatch):
+    import mlc.compiler
+    monkeypatch.setenv("MLC_CACHE_DIR", str(tmp_path))
+    hits = []
+    monkeypatch.setattr(mlc.compiler, "cached", lambda *a, cached=mlc.compiler.cached, **k: hits.append(cached(*a, **k)) or hits[-1])
+    path = ROOT / "examples" / "mlp.ir"
+    x, bad = np.zeros((2, 64), np.float32), np.array([3, 10])
+    for module, file in ((mlc.parse(path.read_text()), "<string>"), (mlc.load(path), str(path))):
+        with pytest.raises(mlc.DiagnosticError, match="out of range") as e:
+            mlc.compile(module)["loss"](x, bad)
+        assert e.value.diagnostics[0].file == file
+    assert hits == [None, None]  # (each source its own entry)
+    mlc.compile(mlc.load(path))
+    assert hits[-1] is not None
+
+
+def outlined_functions(exe) -> int:
+    return len(re.findall(r"^define .*\.par", exe.llvm_ir, re.M))
+
+
+def test_identical_loop_nests_share_one_function_and_report_their_own_checks():
+    """Two gathers of the same shapes are one outlined function (codegen's nest_key); a bad index in
+    either is reported at its own op: the function numbers its checks from a base each caller passes."""
+    text = """func.func @f(%x: tensor<3x5xf32>, %i: tensor<3x5xi64>, %j: tensor<3x5xi64>) -> tensor<3x5xf32> {
+  %a = mlc.gather_elements %x, %i {axis = 1} : (tensor<3x5xf32>, tensor<3x5xi64>) -> tensor<3x5xf32>
+  %b = mlc.gather_elements %a, %j {axis = 1} : (tensor<3x5xf32>, tensor<3x5xi64>) -> tensor<3x5xf32>
+  return %b : tensor<3x5xf32>
+}"""
+    exe = mlc.compile(mlc.parse(text), cache=False)
+    assert outlined_functions(exe) == 1
+    x, good = np.arange(15, dtype=np.float32).reshape(3, 5), np.array([[4, 3, 2, 1, -5]] * 3)
+    np.testing.assert_array_equal(exe["f"](x, good, good), np.take_along_axis(np.take_along_axis(x, good % 5, 1), good % 5, 1))
+    bad = good.copy()
+    bad[2, 1] = 5
+    for args, line in (((bad, good), 2), ((good, bad), 3)):
+        with pytest.raises(mlc.DiagnosticError, match="'mlc.gather_elements': an index read from the data is out of range") as e:
+            exe["f"](x, *args)
+        assert e.value.diagnostics[0].line == line
+
+
+def test_a_chain_of_products_of_one_shape_emits_the_product_once():
+    def chain(n):
+        ops = "\n".join(f"  %x{k + 1} = mlc.matmul %x{k}, %w : (tensor<64x64xf32>, tensor<64x64xf32>) -> tensor<64x64xf32>" for k in range(n))
+        return f"func.func @f(%x0: tensor<64x64xf32>, %w: tensor<64x64xf32>) -> tensor<64x64xf32> {{\n{ops}\n  return %x{n} : tensor<64x64xf32>\n}}"
+    x, w = rng.standard_normal((64, 64)).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32) / 8
+    counts = []
+    for n in (1, 3):
+        exe = mlc.compile(mlc.parse(chain(n)), cache=False)
+        want = x.astype(np.float64) @ np.linalg.matrix_power(w.astype(np.float64), n)
+        np.testing.assert_allclose(exe["f"](x, w), want, rtol=1e-4, atol=1e-5)
+        counts.append(outlined_functions(exe))
+    assert counts[0] == counts[1] > 0
 
 
 def test_random_numbers_are_bit_identical_to_the_interpreter():
