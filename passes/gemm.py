@@ -100,12 +100,7 @@ class Gemm:
             # and the packed product below then packs and computes nothing (its loops stay at the top
             # level, where LLVM optimises them best)
             few = L.op(b, "arith.lt", self.M, L.idx(FEW_ROWS + 1))
-            then, other = Block([], []), Block([], [])
-            b.create("loop.if", [few], regions=[Region([then]), Region([other])])
-            fb = Builder.at_end(then, L.module, b.loc)
-            L.loop(fb, L.idx(0), self.M, lambda rb, i: stream(rb, 1, parallel, first=i))
-            fb.create("loop.yield", [])
-            Builder.at_end(other, L.module, b.loc).create("loop.yield", [])
+            if_else(L, b, few, lambda fb: L.loop(fb, L.idx(0), self.M, lambda rb, i: stream(rb, 1, parallel, first=i)))
             self.M = L.op(b, "arith.select", few, L.idx(0), self.M)
         nr = L.idx(self.nr)
         pb, pack_parallel = self.pack_at or (b, parallel)
@@ -390,6 +385,17 @@ def split_columns(L, b, lo, hi, lanes, body, span=None):
         L.loop(b, lo, hi, lambda tb, j0: body(tb, j0, 1, L.op(tb, "arith.sub", hi, j0)), step=lanes)
 
 
+def if_else(L, b, condition, then, otherwise=None):
+    """loop.if: then(builder) where condition holds, else otherwise(builder)."""
+    blocks = Block([], []), Block([], [])
+    b.create("loop.if", [condition], regions=[Region([blocks[0]]), Region([blocks[1]])])
+    for block, body in zip(blocks, (then, otherwise)):
+        bb = Builder.at_end(block, L.module, b.loc)
+        if body is not None:
+            body(bb)
+        bb.create("loop.yield", [])
+
+
 def _static(v):
     op = v.defining_op()
     return op.attr("value") if op is not None and op.name == "arith.constant" else None
@@ -531,10 +537,12 @@ class DirectConv:
 
 # --- convolution as a product ------------------------------------------------------------------------
 
-def conv_as_gemm(out_shape, groups: int, pixels: int = CONV_GEMM_PIXELS) -> bool:
-    """Whether a convolution with stride 1 along x runs as ConvAsGemm rather than DirectConv: one group
-    and a result image of at most `pixels` (ConvAsGemm takes the others along x too)."""
-    return groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
+def conv_as_gemm(out_shape, groups: int, stride_x: int, pixels: int | None = None) -> bool:
+    """Whether a convolution runs as ConvAsGemm rather than DirectConv: a stride along x other than 1,
+    or one group and a result image of at most `pixels` (by default CONV_GEMM_PIXELS). The lowering
+    asks too: the direct convolution's input has spare columns on the right, the product's has none."""
+    pixels = CONV_GEMM_PIXELS if pixels is None else pixels
+    return stride_x != 1 or groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
 
 
 @dataclass
@@ -547,7 +555,12 @@ class ConvAsGemm:
     The weights are A, read in place (OIHW is already [O, C*KH*KW] row-major); the columns are never
     made: packing B's panels is the im2col. Where the image is small (7 x 7, 14 x 14 at ResNet's
     depth) the direct convolution's tiles along a row are mostly empty; the product's are full, its
-    rows being output channels and its columns every pixel of the image. Any stride: no phase split."""
+    rows being output channels and its columns every pixel of the image. Any stride: no phase split.
+
+    With stride 1 the columns are the pixels of the padded input's grid instead (OH x the padded width
+    Wp: a few more columns, whose results are dropped): then cols[(c, i, j), p] = xp[n, c][p + i*dh*Wp + j*dw]
+    and each row of a panel is a run of the input, copied with vector loads. The product goes to a
+    scratch [O, OH*Wp], copied (through the epilogue) into the result's pixels."""
     xp: object             # the input, padded (reads stay in bounds)
     w: object
     out: object
@@ -556,7 +569,7 @@ class ConvAsGemm:
     dilation: tuple
     groups: int
     element: object
-    epilogue: Callable | None = None  # (builder, outflat, at, [n, o, y, x]): out[n, o, y, x] (outflat[at]) is final
+    epilogue: Callable | None = None  # (builder, outflat, at, [n, o, y, x], value): stores out[n, o, y, x] (outflat[at])
     vector_bytes: int = VECTOR_BYTES
     kc: int = 0
     mc: int = MC
@@ -573,22 +586,73 @@ class ConvAsGemm:
         self.wflat = L.view(b, self.w, (self.groups, pg, _static_product([c, kh, kw])), [groups, per_group, k], "wflat")
         self.outflat = L.view(b, self.out, (n_, self.groups, pg, _static_product([oh_, ow_])), [n, groups, per_group, pixels], "outflat")
 
+        grid = tuple(self.stride) == (1, 1)
+        if grid:
+            hp, wp = L.dim(self.xp, 2), L.dim(self.xp, 3)
+            (xn, xc, xh, xw), plane = self.xp.type.shape, _product(L, b, [hp, wp])
+            self.xflat = L.view(b, self.xp, (xn, xc, _static_product([xh, xw])), [L.dim(self.xp, 0), L.dim(self.xp, 1), plane], "xflat")
+            columns = _product(L, b, [oh, wp])
+            acc = b.create("mem.alloc", [v for v, d in ((per_group, pg), (columns, _static_product([oh_, xw]))) if d is None],
+                           result_types=[MemRefType((pg, _static_product([oh_, xw])), self.element)], name_hint="grid").result
+            # panels whose reads all lie in the input's plane copy runs; the last one or two gather
+            dh, dw = self.dilation
+            reach = L.op(b, "arith.add", L.op(b, "arith.mul", L.op(b, "arith.mul", L.op(b, "arith.sub", L.dim(self.w, 2), L.idx(1)), L.idx(dh)), wp),
+                         L.op(b, "arith.mul", L.op(b, "arith.sub", L.dim(self.w, 3), L.idx(1)), L.idx(dw)))
+            runs = L.op(b, "arith.div", L.op(b, "arith.maximum", L.op(b, "arith.sub", plane, reach), L.idx(0)), L.idx(2 * lanes(self.element, self.vector_bytes)))
+
+        def out_at(eb, bn, g, i, y, x):
+            return [bn, g, i, L.op(eb, "arith.add", L.op(eb, "arith.mul", y, ow), x)], \
+                [bn, L.op(eb, "arith.add", L.op(eb, "arith.mul", g, per_group), i), y, x]
+
+        def store(eb, bn, g, i, y, x, value):
+            at, indices = out_at(eb, bn, g, i, y, x)
+            if self.epilogue:
+                self.epilogue(eb, self.outflat, at, indices, value)
+            else:
+                eb.create("mem.store", [value, self.outflat] + at)
+
         def group(gb, bn, g):
             def epilogue(eb, i, j):
                 y = L.op(eb, "arith.div", j, ow)
-                self.epilogue(eb, self.outflat, [bn, g, i, j], [bn, L.op(eb, "arith.add", L.op(eb, "arith.mul", g, per_group), i), y,
-                                                  L.op(eb, "arith.sub", j, L.op(eb, "arith.mul", y, ow))])
-            Gemm(per_group, pixels, k, self.element,
+                x = L.op(eb, "arith.sub", j, L.op(eb, "arith.mul", y, ow))
+                store(eb, bn, g, i, y, x, eb.create("mem.load", [self.outflat, bn, g, i, j]).result)
+
+            def pack(gm, pb, jp, j0):
+                if not grid:
+                    return self.im2col(L, gm, pb, bn, g, jp, j0, pixels, ow)
+                if_else(L, pb, L.op(pb, "arith.lt", jp, runs), lambda rb: self.copy_runs(L, gm, rb, bn, g, jp, j0, wp),
+                        lambda rb: self.im2col(L, gm, rb, bn, g, jp, j0, columns, wp, last_x=L.op(rb, "arith.sub", wp, L.idx(1))))
+            Gemm(per_group, columns if grid else pixels, k, self.element,
                  load_a=lambda kb, i, kk: kb.create("mem.load", [self.wflat, g, i, kk]).result, load_b=None, load_b_vector=None,
-                 c=self.outflat, c_prefix=[bn, g], epilogue=epilogue if self.epilogue else None,
+                 c=acc if grid else self.outflat, c_prefix=[] if grid else [bn, g], epilogue=epilogue if self.epilogue and not grid else None,
                  load_a_vector=lambda kb, i, kk, vt: kb.create("vector.load", [self.wflat, g, i, kk], result_types=[vt]).result,
-                 vector_bytes=self.vector_bytes, kc=self.kc, mc=self.mc,
-                 pack_panel=lambda gm, pb, jp, j0: self.im2col(L, gm, pb, bn, g, jp, j0, pixels, ow)).emit(L, gb, parallel=True)
+                 vector_bytes=self.vector_bytes, kc=self.kc, mc=self.mc, pack_panel=pack).emit(L, gb, parallel=True)
+            if grid:  # the result's pixels of the grid
+                L.nest([per_group, oh, ow], lambda eb, iyx: store(eb, bn, g, *iyx, eb.create(
+                    "mem.load", [acc, iyx[0], L.op(eb, "arith.add", L.op(eb, "arith.mul", iyx[1], wp), iyx[2])]).result), b=gb)
         L.nest([n, groups], lambda gb, ivs: group(gb, *ivs), parallel=False, b=b)
 
-    def im2col(self, L, g, b, bn, group, jp, j0, pixels, ow):
+    def copy_runs(self, L, g, b, bn, group, jp, j0, wp):
+        """Panel jp of cols on the grid: row (c, i, j) is the run of the input plane from j0 + i*dh*Wp + j*dw."""
+        (dh, dw), lanes_ = self.dilation, g.lanes
+        channels, kh, kw = (L.dim(self.w, a) for a in (1, 2, 3))
+        first = L.op(b, "arith.mul", group, channels)
+        down = L.op(b, "arith.mul", wp, L.idx(dh))
+
+        def row(rb, c, i, j):
+            kk = L.op(rb, "arith.add", L.op(rb, "arith.mul", L.op(rb, "arith.add", L.op(rb, "arith.mul", c, kh), i), kw), j)
+            start = L.op(rb, "arith.add", j0, L.op(rb, "arith.add", L.op(rb, "arith.mul", i, down), L.op(rb, "arith.mul", j, L.idx(dw))))
+            channel = L.op(rb, "arith.add", first, c)
+            for h in range(0, g.nr, lanes_):
+                v = rb.create("vector.load", [self.xflat, bn, channel, L.op(rb, "arith.add", start, L.idx(h))], result_types=[g.vt]).result
+                rb.create("vector.store", [v, g.packed, jp, kk, L.idx(h)])
+        L.nest([channels, kh, kw], lambda rb, cij: row(rb, *cij), parallel=False, b=b)
+
+    def im2col(self, L, g, b, bn, group, jp, j0, pixels, ow, last_x=None):
         """Panel jp of cols: per column of the panel its pixel, then for each (c, i, j) a row of the
-        panel gathered from the input (columns past the last pixel are zeros)."""
+        panel gathered from the input (columns past the last pixel are zeros). With last_x, the columns
+        are the grid's (`ow` its width): a read right of the input's last column reads that column (its
+        result is dropped)."""
         (sy, sx), (dh, dw) = self.stride, self.dilation
         last = L.op(b, "arith.sub", pixels, L.idx(1))
         zero = L.const(b, 0, self.element)
@@ -608,7 +672,9 @@ class ConvAsGemm:
             channel = L.op(rb, "arith.add", first, c)
             dy, dx = L.op(rb, "arith.mul", i, L.idx(dh)), L.op(rb, "arith.mul", j, L.idx(dw))
             for t, (ty, tx, inside) in enumerate(columns):
-                v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), L.op(rb, "arith.add", tx, dx)]).result
+                x = L.op(rb, "arith.add", tx, dx)
+                x = x if last_x is None else L.op(rb, "arith.minimum", x, last_x)
+                v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), x]).result
                 rb.create("mem.store", [L.op(rb, "arith.select", inside, v, zero), g.packed, jp, kk, L.idx(t)])
 
         # (the panel's columns unrolled, the window not: code size, which compile time follows)

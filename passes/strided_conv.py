@@ -36,7 +36,7 @@ def _applies(op) -> bool:
     (sh, sw), _, dilation, groups = op.opdef.params(op)
     x = op.operands[0].type
     return (sh, sw) != (1, 1) and sh == sw and dilation == (1, 1) and None not in x.shape[1:] and \
-        None not in op.operands[1].type.shape and x.element.is_float and not gemm.conv_as_gemm(op.results[0].type.shape, groups)
+        None not in op.operands[1].type.shape and x.element.is_float and not gemm.conv_as_gemm(op.results[0].type.shape, groups, 1)
 
 
 def _rewrite(d: OpBuilder, op):

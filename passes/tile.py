@@ -52,14 +52,18 @@ class Tile(Pass):
 
     def tile_conv(self, L: LoopBuilder, op: Operation) -> None:
         """The direct convolution of gemm.py (micro-tiles of 6 output channels x 2 vectors of 32 bytes
-        along an output row: image rows are often narrower than wider tiles), or, for small images
-        and strides along x, the convolution as a product (gemm.ConvAsGemm)."""
+        along an output row: image rows are often narrower than wider tiles), or, for small images,
+        strides along x and inputs without the direct convolution's spare columns, the convolution as
+        a product (gemm.ConvAsGemm)."""
         x, w, out = op.operands
         n, o_ch, oh, ow = L.dims(out)
         (dh, dw), (sy, sx), e = op.attr("dilation"), op.attr("stride"), out.type.element
-        if sx != 1 or gemm.conv_as_gemm(out.type.shape, op.attr("groups"), self.option("conv-gemm-pixels")):
+        widths = x.type.shape[3], out.type.shape[3], w.type.shape[3]
+        no_spare = None not in widths and widths[0] < widths[1] + (widths[2] - 1) * dw + gemm.DirectConv.extra_columns(e)
+        if no_spare or gemm.conv_as_gemm(out.type.shape, op.attr("groups"), sx, self.option("conv-gemm-pixels")):
+            # (no_spare: the lowering padded the input for the product, lowering/conv.py)
             gemm.ConvAsGemm(x, w, out, [n, o_ch, oh, ow], (sy, sx), (dh, dw), op.attr("groups"), e,
-                            None if _is_identity(op) else lambda eb, flat, at, indices: _epilogue_at(eb, op, flat, at, indices),
+                            None if _is_identity(op) else lambda eb, flat, at, indices, value: store_through_epilogue(eb, op, flat, at, indices, value),
                             vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc")).emit(L, L.b)
             return
         span = L.op(L.b, "arith.add", ow, L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw)))

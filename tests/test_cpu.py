@@ -654,6 +654,7 @@ def test_both_convolution_kernels_agree_with_torch(n, c, o, h, w, kernel, pad, s
     the smallest on the interpreter too."""
     import torch
     import torch.nn.functional as F
+    from mlc.passes import gemm
     from mlc.passes.tile import Tile
     c, o = c * groups, o * groups
     kh, kw = kernel
@@ -669,8 +670,9 @@ def test_both_convolution_kernels_agree_with_torch(n, c, o, h, w, kernel, pad, s
     module = mlc.jit(f).lower(x, wt, bias)
     tol = 1e-4 if dtype == np.float32 else 1e-10
     for pixels in (0, 10 ** 6):  # never a product (where stride 1 along x) / always
-        with pytest.MonkeyPatch.context() as patch:
+        with pytest.MonkeyPatch.context() as patch:  # (the lowering pads the input for the kernel it expects)
             patch.setitem(Tile.options, "conv-gemm-pixels", pixels)
+            patch.setattr(gemm, "CONV_GEMM_PIXELS", pixels)
             np.testing.assert_allclose(mlc.compile(module, cache=False)["f"](x, wt, bias), want.numpy(), rtol=tol, atol=tol)
             lowered = mlc.run_passes(module.clone(), "cpu")
             if pixels and groups == 1 or not pixels and stride == 1:

@@ -52,13 +52,14 @@ def conv2d(L: FunctionLowering, op: Operation, epilogue=None):
 
 def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     """mem.conv2d (the tile pass makes a register-tiled kernel of it) on a copy of the input padded
-    with zeros and with the spare columns on the right that the direct convolution's last tile's
-    vectors read; the fused consumers are its epilogue."""
+    with zeros, and, where it will run as the direct convolution, with the spare columns on the right
+    that its last tile's vectors read; the fused consumers are its epilogue."""
     t = op.results[0].type
     stride, (pt, pl, pb, pr), dilation, groups = op.opdef.params(op)
     n, c_in, h, wd = L.dims(x)
     e = t.element
-    xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr + gemm.DirectConv.extra_columns(e)])
+    spare = 0 if gemm.conv_as_gemm(t.shape, groups, stride[1]) else gemm.DirectConv.extra_columns(e)
+    xp = padded(L, x, [0, 0, pt, pl], [0, 0, pb, pr + spare])
     o_ch = L.dim(w, 0)
     oh = L.idx(t.shape[2]) if t.shape[2] is not None else window_size(L, op, h, 2)
     ow = L.idx(t.shape[3]) if t.shape[3] is not None else window_size(L, op, wd, 3)
