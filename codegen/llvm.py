@@ -677,9 +677,9 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     slots, layout = [], []  # (llvm value, type) per 8-byte ctx slot; layout rebuilds the values inside
     for v in free:
         val = self.get(v)
-        if isinstance(val, Buffer):
+        if isinstance(val, Buffer):  # its data pointer and the dims not known statically
             layout.append((v, "buffer", len(slots), len(val.dims)))
-            slots += [(val.data, PTR)] + [(d, I64) for d in val.dims]
+            slots += [(val.data, PTR)] + [(d, I64) for d in val.dims if not isinstance(d, ir.Constant)]
         elif isinstance(val, ir.Constant):  # constants stay constants, so the chunk folds them
             layout.append((v, "constant", 0, 0))
         elif isinstance(val.type, ir.VectorType):  # wider than a slot: passed through a stack copy
@@ -747,9 +747,12 @@ def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int)
         return _from_word(sub.b, word(k), t)
     for v, kind, at, rank in layout:
         if kind == "buffer":
-            buf = self.get(v)
-            dims = [d if isinstance(d, ir.Constant) else load(at + 1 + i, I64) for i, d in enumerate(buf.dims)]
-            sub.values[v] = Buffer(load(at, PTR), buf.element, dims)  # static dims stay constants
+            buf, data, dims, slot = self.get(v), load(at, PTR), [], at + 1
+            for d in buf.dims:  # static dims stay constants
+                if not isinstance(d, ir.Constant):
+                    d, slot = load(slot, I64), slot + 1
+                dims.append(d)
+            sub.values[v] = Buffer(data, buf.element, dims)
         elif kind == "constant":
             sub.values[v] = self.get(v)
         elif kind == "vector":
