@@ -678,17 +678,17 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     for v in free:
         val = self.get(v)
         if isinstance(val, Buffer):  # its data pointer and the dims not known statically
-            layout.append((v, "buffer", len(slots), len(val.dims)))
+            layout.append((v, "buffer", len(slots)))
             slots += [(val.data, PTR)] + [(d, I64) for d in val.dims if not isinstance(d, ir.Constant)]
         elif isinstance(val, ir.Constant):  # constants stay constants, so the chunk folds them
-            layout.append((v, "constant", 0, 0))
+            layout.append((v, "constant", 0))
         elif isinstance(val.type, ir.VectorType):  # wider than a slot: passed through a stack copy
             spill = self.prologue.alloca(val.type)
             self.b.store(val, spill)
-            layout.append((v, "vector", len(slots), 0))
+            layout.append((v, "vector", len(slots)))
             slots.append((spill, PTR))
         else:
-            layout.append((v, "scalar", len(slots), 0))
+            layout.append((v, "scalar", len(slots)))
             slots.append((val, val.type))
     lb, ub = (self.get(v) for v in op.operands[:2])
     key = nest_key(self, op, free, parallel)
@@ -745,7 +745,7 @@ def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int)
 
     def load(k, t):
         return _from_word(sub.b, word(k), t)
-    for v, kind, at, rank in layout:
+    for v, kind, at in layout:
         if kind == "buffer":
             buf, data, dims, slot = self.get(v), load(at, PTR), [], at + 1
             for d in buf.dims:  # static dims stay constants

@@ -600,12 +600,9 @@ class ConvAsGemm:
                          L.op(b, "arith.mul", L.op(b, "arith.sub", L.dim(self.w, 3), L.idx(1)), L.idx(dw)))
             runs = L.op(b, "arith.div", L.op(b, "arith.maximum", L.op(b, "arith.sub", plane, reach), L.idx(0)), L.idx(2 * lanes(self.element, self.vector_bytes)))
 
-        def out_at(eb, bn, g, i, y, x):
-            return [bn, g, i, L.op(eb, "arith.add", L.op(eb, "arith.mul", y, ow), x)], \
-                [bn, L.op(eb, "arith.add", L.op(eb, "arith.mul", g, per_group), i), y, x]
-
-        def store(eb, bn, g, i, y, x, value):
-            at, indices = out_at(eb, bn, g, i, y, x)
+        def store(eb, bn, g, i, y, x, value):  # out[bn, g * per_group + i, y, x] = value (through the epilogue)
+            at = [bn, g, i, L.op(eb, "arith.add", L.op(eb, "arith.mul", y, ow), x)]
+            indices = [bn, L.op(eb, "arith.add", L.op(eb, "arith.mul", g, per_group), i), y, x]
             if self.epilogue:
                 self.epilogue(eb, self.outflat, at, indices, value)
             else:
