@@ -276,32 +276,49 @@ class FunctionEmitter:
     def get(self, v: Value):
         return self.values[v]
 
-    def offset(self, buf: Buffer, indices) -> ir.Value:
-        """The row-major offset, with constants folded, and the offset of all but the last index taken
-        from an earlier access in this basic block where there is one (an unrolled tile reads a row at
-        many columns): less code for LLVM to clean up."""
+    def offset(self, buf: Buffer, indices) -> tuple[ir.Value, int]:
+        """The row-major offset as (variant part, constant part): an index `x + c` adds c times its
+        stride to the constant, so the rows of an unrolled tile (i, i + 1, ...) share one variant part
+        and differ by constants, which x86 addressing takes for free (LLVM had made a pointer per row:
+        a micro-kernel's 12 rows of A held 12 registers). The variant part of all but the last index
+        is taken from an earlier access in this basic block where there is one (an unrolled tile reads
+        a row at many columns)."""
         if not indices:
-            return ir.Constant(I64, 0)
+            return ir.Constant(I64, 0), 0
         *outer, last = indices
         key = (self.b.block, buf.data, *buf.dims, *outer)
         off = self.prefixes.get(key)
         if off is None:
-            off = ir.Constant(I64, 0)
+            off = ir.Constant(I64, 0), 0
             for d, i in zip(buf.dims, outer):
-                off = self.add(self.mul(off, d), i)
+                off = self.add_index(self.scale(off, d), i)
             self.prefixes[key] = off
-        return self.add(self.mul(off, buf.dims[-1]), last)
+        return self.add_index(self.scale(off, buf.dims[-1]), last)
+
+    def scale(self, off, d):
+        variant, constant = off
+        if not constant or isinstance(d, ir.Constant):
+            return self.mul(variant, d), constant * (d.constant if isinstance(d, ir.Constant) else 0)
+        return self.add(self.mul(variant, d), self.mul(ir.Constant(I64, constant), d)), 0
+
+    def add_index(self, off, i):
+        variant, constant = off
+        if isinstance(i, ir.Constant):
+            return variant, constant + i.constant
+        if isinstance(i, ir.Instruction) and i.opname == "add" and isinstance(i.operands[1], ir.Constant):
+            return self.add(variant, i.operands[0]), constant + i.operands[1].constant
+        return self.add(variant, i), constant
 
     def add(self, x, y):
         if isinstance(x, ir.Constant) and isinstance(y, ir.Constant):
-            return ir.Constant(I64, x.constant + y.constant)
+            return ir.Constant(I64, _wrap64(x.constant + y.constant))
         if _is(x, 0) or _is(y, 0):
             return y if _is(x, 0) else x
         return self.b.add(x, y)
 
     def mul(self, x, y):
         if isinstance(x, ir.Constant) and isinstance(y, ir.Constant):
-            return ir.Constant(I64, x.constant * y.constant)
+            return ir.Constant(I64, _wrap64(x.constant * y.constant))
         if _is(x, 0) or _is(y, 0):
             return ir.Constant(I64, 0)
         if _is(x, 1) or _is(y, 1):
@@ -309,7 +326,13 @@ class FunctionEmitter:
         return self.b.mul(x, y)
 
     def address(self, buf: Buffer, indices):
-        return self.b.gep(buf.data, [self.offset(buf, indices)], inbounds=True, source_etype=STORAGE[buf.element.name])
+        variant, constant = self.offset(buf, indices)
+        element = STORAGE[buf.element.name]
+        if not constant:
+            return self.b.gep(buf.data, [variant], inbounds=True, source_etype=element)
+        # (the variant part alone may point outside the buffer: only the whole address is in bounds)
+        at = self.b.gep(buf.data, [variant], source_etype=element)
+        return self.b.gep(at, [ir.Constant(I64, constant)], inbounds=True, source_etype=element)
 
     def check_indices(self, op: Operation, buf: Buffer, index_values: list):
         """Data-dependent indices (e.g. labels) are checked; a bad one reports the op and returns."""
@@ -781,6 +804,11 @@ def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int)
     return chunk, sub.local_checks
 
 
+def _wrap64(n: int) -> int:
+    """n as i64 arithmetic leaves it (two's complement)."""
+    return (n + 2**63) % 2**64 - 2**63
+
+
 def _is(v, constant: int) -> bool:
     return isinstance(v, ir.Constant) and v.constant == constant
 
@@ -1082,12 +1110,15 @@ class ArithEmitter:
         return b.select(b.fcmp_ordered("<", self.call("fabs", t, x), c(0.0004)), x, r)
 
     # integers (and i1)
-    def i_add(self, t, a, b): return self.b.add(a, b)
+    # (index arithmetic on constants folded here: the IR handed to LLVM is a third smaller)
+    def i_add(self, t, a, b): return self.fe.add(a, b) if t == I64 else self.b.add(a, b)
     def i_sub(self, t, a, b): return self.b.sub(a, b)
-    def i_mul(self, t, a, b): return self.b.mul(a, b)
+    def i_mul(self, t, a, b): return self.fe.mul(a, b) if t == I64 else self.b.mul(a, b)
 
     def i_div(self, t, a, b):
         """Truncating; x / 0 = 0 and MIN / -1 wraps (numpy's results, never LLVM's undefined ones)."""
+        if isinstance(b, ir.Constant) and isinstance(b.type, ir.IntType) and b.constant not in (0, -1):
+            return self.b.sdiv(a, b)
         zero, one = ir.Constant(t, 0), ir.Constant(t, 1)
         minus_one = self.b.icmp_signed("==", b, ir.Constant(t, -1))
         safe = self.b.select(self.b.or_(self.b.icmp_signed("==", b, zero), minus_one), one, b)
@@ -1097,6 +1128,8 @@ class ArithEmitter:
 
     def i_rem(self, t, a, b):
         """Truncating, the sign of a; x rem 0 = 0 and MIN rem -1 = 0 (never LLVM's undefined ones)."""
+        if isinstance(b, ir.Constant) and isinstance(b.type, ir.IntType) and b.constant not in (0, -1):
+            return self.b.srem(a, b)
         zero, one = ir.Constant(t, 0), ir.Constant(t, 1)
         unsafe = self.b.or_(self.b.icmp_signed("==", b, zero), self.b.icmp_signed("==", b, ir.Constant(t, -1)))
         return self.b.select(unsafe, zero, self.b.srem(a, self.b.select(unsafe, one, b)))
