@@ -21,12 +21,12 @@ from collections import defaultdict
 from mlc.ir.core import Module, Operation
 
 from .fuse import ANCHORS, ROW_REDUCTIONS
-from .lowering.core import IN_PLACE, RULES
+from .lowering.core import IN_PLACE, RULES, STORAGE_ELSEWHERE
 from .lowering.elementwise import elementwise
 from .lowering.rows import writes_whole_rows
 from .manager import Pass
 
-OWN_BUFFER_NOT = ("mlc.constant", "mlc.global_load", "func.call", "mlc.scan")  # results that live elsewhere
+OWN_BUFFER_NOT = (*STORAGE_ELSEWHERE, "mlc.reshape")  # (a reshape may name its operand's buffer: lowering/shape.py)
 
 
 class Bufferize(Pass):

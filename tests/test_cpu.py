@@ -286,6 +286,37 @@ def test_rnn_example_and_runtime_shape_errors():
         exe["forward"](rng.standard_normal((12, 3, 8)).astype(np.float32), rng.standard_normal((2, 16)).astype(np.float32))
 
 
+def test_reshapes_that_name_their_operands_buffer_leave_every_value_intact():
+    """A reshape is a view of its operand's buffer (no copy) where nothing can write that buffer
+    meanwhile: an elementwise op of a view must not be written over it (that would change %a, read
+    again after), a view of an argument reads the caller's array, and a reshape of a global's value,
+    stored to before the view is read, keeps the old value (a copy)."""
+    text = """module {
+      mlc.global @g : tensor<2x3xf32> {init = "ones"}
+      func.func @f(%x: tensor<2x3xf32>) -> (tensor<6xf32>, tensor<2x3xf32>, tensor<3x2xf32>, tensor<6xf32>) {
+        %a = mlc.add %x, %x
+        %flat = mlc.reshape %a : (tensor<2x3xf32>) -> tensor<6xf32>
+        %e = mlc.exp %flat
+        %b = mlc.mul %a, %a
+        %xv = mlc.reshape %x : (tensor<2x3xf32>) -> tensor<3x2xf32>
+        %xt = mlc.neg %xv
+        %old = mlc.global_load @g : tensor<2x3xf32>
+        %oldv = mlc.reshape %old : (tensor<2x3xf32>) -> tensor<6xf32>
+        mlc.global_store @g, %b : tensor<2x3xf32>
+        %o = mlc.add %oldv, %e
+        return %e, %b, %xt, %o : tensor<6xf32>, tensor<2x3xf32>, tensor<3x2xf32>, tensor<6xf32>
+      } }"""
+    m = mlc.parse(text)
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    kept = x.copy()
+    e, b, xt, o = mlc.compile(m)["f"](x)
+    np.testing.assert_allclose(e, np.exp(2 * x).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(b, (2 * x) ** 2, rtol=1e-6)
+    np.testing.assert_array_equal(xt, -x.reshape(3, 2))
+    np.testing.assert_allclose(o, 1 + np.exp(2 * x).ravel(), rtol=1e-6)
+    np.testing.assert_array_equal(x, kept)
+
+
 def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
     text = """module {
       mlc.global @g : tensor<4xf32>

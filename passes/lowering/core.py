@@ -33,6 +33,9 @@ def rule(*names):
     return register
 
 
+STORAGE_ELSEWHERE = ("mlc.constant", "mlc.global_load", "func.call", "mlc.scan")  # results not in a buffer of their own
+
+
 class LoopBuilder:
     """Builds loop nests in a function: index constants made once at its top, loops, arithmetic.
     lower-to-loops and tile build with it."""

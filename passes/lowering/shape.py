@@ -9,7 +9,7 @@ from mlc.ir.diagnostics import error
 from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import TensorType
 
-from .core import FunctionLowering, as_index, copy_nest, rule
+from .core import STORAGE_ELSEWHERE, FunctionLowering, as_index, copy_nest, rule
 
 
 @rule("mlc.reshape")
@@ -37,12 +37,30 @@ def reshape(L: FunctionLowering, op: Operation):
         for size in sizes:
             product = L.op(L.b, "arith.mul", product, size)
         L.check(L.b, L.op(L.b, "arith.eq", product, total), f"cannot reshape into {t}: the element count differs")
+    if _may_view(op):
+        return [L.view(L.b, x, t.shape, sizes, op.results[0].name_hint)]
     out = L.alloc(t, sizes, op.results[0].name_hint)
     # the elements in the same order: one flat copy, both buffers viewed as vectors (mem.reshape)
     static = None if None in x.type.shape else int(np.prod(x.type.shape, dtype=np.int64))
     src, dst = (L.view(L.b, v, (static,), [total]) for v in (x, out))
     copy_nest(L, src, dst, [total], lambda b, ivs: ivs, lambda b, ivs: ivs)
     return [out]
+
+
+def _may_view(op: Operation) -> bool:
+    """A reshape names its operand's buffer (no copy) where nothing can write that buffer while the
+    result is alive: at the top level of a function (a scan's step copies its yields back one by one,
+    so a carry viewed as another could be overwritten before it is read), of a buffer the function
+    made or was given (not a global's or a constant's storage, which stores and in-place updates
+    write), and not returned (a result owns its storage). bufferize never writes over a reshape's
+    result in place."""
+    while op.name == "mlc.reshape":
+        if op.parent_op is None or op.parent_op.name != "func.func" or any(u.name == "func.return" for u in op.results[0].users):
+            return False
+        op = op.operands[0].defining_op()
+        if op is None:  # an argument
+            return True
+    return op.name not in STORAGE_ELSEWHERE
 
 
 @rule("mlc.shape_of")
