@@ -309,6 +309,12 @@ class FunctionEmitter:
             return self.add(variant, i.operands[0]), constant + i.operands[1].constant
         return self.add(variant, i), constant
 
+    def row_size(self, dims):
+        size = ir.Constant(I64, 1)
+        for d in dims:
+            size = self.mul(size, d)
+        return size
+
     def add(self, x, y):
         if isinstance(x, ir.Constant) and isinstance(y, ir.Constant):
             return ir.Constant(I64, _wrap64(x.constant + y.constant))
@@ -566,6 +572,15 @@ def _reshape(self: FunctionEmitter, op):
     src, t = self.get(op.operands[0]), op.results[0].type
     sizes = iter(self.get(v) for v in op.operands[1:])
     self.values[op.results[0]] = Buffer(src.data, t.element, [ir.Constant(I64, d) if d is not None else next(sizes) for d in t.shape])
+
+
+def _subview(self: FunctionEmitter, op):
+    """buf[i], the same data (never owned, like a reshape); an index from the data is checked."""
+    src = self.get(op.operands[0])
+    self.check_indices(op, src, op.operands[1:])
+    row = self.b.gep(src.data, [self.mul(self.get(op.operands[1]), self.row_size(src.dims[1:]))], inbounds=True,
+                     source_etype=STORAGE[src.element.name])
+    self.values[op.results[0]] = Buffer(row, src.element, src.dims[1:])
 
 
 def _dim(self: FunctionEmitter, op):
@@ -991,7 +1006,7 @@ def _process_info(self: FunctionEmitter, op):
 
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
-    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.reshape": _reshape, "mem.dim": _dim, "mem.alloc": _alloc,
+    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.reshape": _reshape, "mem.subview": _subview, "mem.dim": _dim, "mem.alloc": _alloc,
     "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield,
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,

@@ -5,7 +5,7 @@ intermediates do not all live until the end of the function (or of a loop's iter
     loop.for ... { ... mem.load %a ... }          <- the last use (at the level of the alloc's block)
     mem.dealloc %a : memref<?x32xf32>              <- inserted here
 
-A use inside a nested loop counts at that loop. `mem.to_tensor`, `mem.from_tensor` and `mem.reshape`
+A use inside a nested loop counts at that loop. `mem.to_tensor`, `mem.from_tensor`, `mem.reshape` and `mem.subview`
 name the same memory in native code, so uses of what they make count too, and a buffer that reaches `func.return`
 through them is handed to the caller, not freed. A buffer already freed is left alone.
 """
@@ -15,7 +15,7 @@ from mlc.ir.core import Block, Module, Operation, Value, create_op
 
 from .manager import Pass
 
-ALIASES = ("mem.to_tensor", "mem.from_tensor", "mem.reshape")
+ALIASES = ("mem.to_tensor", "mem.from_tensor", "mem.reshape", "mem.subview")
 
 
 class BufferDealloc(Pass):

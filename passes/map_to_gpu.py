@@ -35,7 +35,7 @@ from .lowering.core import LoopBuilder
 from .manager import Pass, PipelineError
 
 DEVICE_MEMORY = ("mem.load", "mem.store", "vector.load", "vector.store")
-HOST_ONLY = ("mem.alloc", "mem.dealloc", "mem.from_tensor", "mem.to_tensor", "mem.reshape", "gpu.launch")
+HOST_ONLY = ("mem.alloc", "mem.dealloc", "mem.from_tensor", "mem.to_tensor", "mem.reshape", "mem.subview", "gpu.launch")
 
 
 class MapToGpu(Pass):

@@ -46,6 +46,37 @@ def test_out_of_bounds_access_is_a_located_error():
     assert e.value.diagnostics[0].line == 11
 
 
+def test_a_subview_reads_its_row_in_place_and_checks_an_index_from_the_data():
+    text = """module {
+      func.func @pick(%x: tensor<3x4xf32>, %k: tensor<i64>) -> tensor<4xf32> {
+        %c0 = arith.constant {value = 0 : index} : index
+        %c4 = arith.constant {value = 4 : index} : index
+        %xb = mem.from_tensor %x : (tensor<3x4xf32>) -> memref<3x4xf32>
+        %kb = mem.from_tensor %k : (tensor<i64>) -> memref<i64>
+        %ki = mem.load %kb : (memref<i64>) -> i64
+        %row_index = arith.cast %ki : (i64) -> index
+        %row = mem.subview %xb, %row_index : (memref<3x4xf32>, index) -> memref<4xf32>
+        %y = mem.alloc : memref<4xf32>
+        loop.for %c0, %c4 : index, index {
+        ^bb0(%j: index):
+          %v = mem.load %row, %j : (memref<4xf32>, index) -> f32
+          mem.store %v, %y, %j : f32, memref<4xf32>, index
+          loop.yield
+        }
+        %out = mem.to_tensor %y : (memref<4xf32>) -> tensor<4xf32>
+        return %out : tensor<4xf32>
+      } }"""
+    m = mlc.parse(text, "pick.ir")
+    assert str(mlc.parse(str(m))) == str(m)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    exe = mlc.compile(m)
+    for run in (lambda *a: mlc.interpret(m, "pick", *a), exe["pick"]):
+        np.testing.assert_array_equal(run(x, np.int64(2)), x[2])
+        with pytest.raises(mlc.DiagnosticError) as e:
+            run(x, np.int64(3))
+        assert e.value.diagnostics[0].line == 9
+
+
 @pytest.mark.parametrize("body,fragment", [
     ("%v = mem.load %x, %i : (memref<?x4xf32>, index) -> f32", "expects 2 indices"),
     ("mem.store %i, %y, %i, %j : index, memref<?x4xf32>, index, index", "stores a index into a buffer of f32"),

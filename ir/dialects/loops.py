@@ -269,6 +269,29 @@ class Reshape(OpDef):
         return view
 
 
+class Subview(OpDef):
+    """The buffer at one index of the leading dim, the same memory (no copy; MLIR's memref.subview
+    of a single leading index, rank-reduced): a scan's step reads its slice of the sequence in place.
+
+        %x_t = mem.subview %xs, %t : (memref<64x32x128xf32>, index) -> memref<32x128xf32>"""
+    name = "mem.subview"
+    operands = 2
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        source = _memref(op.operand_types[0])
+        if source.rank < 1:
+            raise VerifyError("needs a buffer of rank 1 or more")
+        _indices(op.operand_types[1:], 1, 1)
+        return [MemRefType(source.shape[1:], source.element, source.space)]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        (i,) = _checked(ins[0], (int(ins[1]),))
+        return ins[0][i]  # (a numpy view: writes through it reach the buffer)
+
+
 # ---------------------------------------------------------------------------------------------------
 # loop: counted loops
 

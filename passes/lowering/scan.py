@@ -10,8 +10,8 @@ from .core import FunctionLowering, copy_nest, rule
 
 @rule("mlc.scan")
 def scan(L: FunctionLowering, op: Operation):
-    """A loop over the steps. Carries live in buffers made before the loop; each step copies its
-    sequence slices into per-step buffers, runs the lowered body, copies the yielded carries back and
+    """A loop over the steps. Carries live in buffers made before the loop; each step reads its
+    sequence slices in place (mem.subview), runs the lowered body, copies the yielded carries back and
     the outputs into their slot of the stacked results (buffer-dealloc frees what the body allocated)."""
     k = op.attr("num_carries")
     carries, seqs = [L.buffers[v] for v in op.operands[:k]], [L.buffers[v] for v in op.operands[k:]]
@@ -22,7 +22,6 @@ def scan(L: FunctionLowering, op: Operation):
     for c, r in zip(carries, op.results[:k]):
         state.append(L.alloc(TensorType(c.type.shape, c.type.element), L.dims(c), r.name_hint))
         copy_nest(L, c, state[-1], L.dims(c), lambda b, ivs: ivs, lambda b, ivs: ivs)
-    slices = [L.alloc(TensorType(s.type.shape[1:], s.type.element), L.dims(s)[1:]) for s in seqs]
     loop_block = Block([index], ["t"])
     loop = L.b.create("loop.for", [L.idx(0), steps], regions=[Region([loop_block])])
     before_loop = Builder.before(loop, L.module)
@@ -30,8 +29,7 @@ def scan(L: FunctionLowering, op: Operation):
     t = loop_block.args[0]
     if op.attr("reverse"):
         t = L.op(L.b, "arith.sub", L.op(L.b, "arith.sub", steps, L.idx(1)), t)
-    for s, sl in zip(seqs, slices):
-        copy_nest(L, s, sl, L.dims(sl), lambda b, ivs: [t] + ivs, lambda b, ivs: ivs)
+    slices = [L.b.create("mem.subview", [s, t]).result for s in seqs]  # (read in place: the body writes none)
     for arg, buf in zip(block.args, state + slices):
         L.buffers[arg] = buf
     body_ops = [o for o in block.ops if o is not yield_op]
@@ -82,6 +80,8 @@ def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
             return b.create("mem.dim", [buf], {"axis": axis}).result if buf.type.shape[axis] is None \
                 else L.idx(buf.type.shape[axis])
         alloc = buf.defining_op()
+        if alloc.name == "mem.subview":
+            return size_of(alloc.operands[0], axis + 1)
         dynamic = [i for i, d in enumerate(buf.type.shape) if d is None]
         return expr(alloc.operands[dynamic.index(axis)])
 
