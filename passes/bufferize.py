@@ -58,6 +58,8 @@ def _reads_where_it_writes(op: Operation) -> bool:
     if op.name != "mlc.fusion":
         return False
     members = [o for o in op.regions[0].blocks[0] if o.name != "mlc.yield"]
+    if any(o.name == "mlc.slice" for o in members):  # (it reads its operand elsewhere than it writes)
+        return False
     if any(o.name in ROW_REDUCTIONS for o in members):
         return writes_whole_rows(members)
     return not any(o.name in ANCHORS for o in members)

@@ -1,7 +1,9 @@
 """fuse: groups chains of elementwise ops into `mlc.fusion` ops, one kernel (loop nest) each.
 
 An elementwise op joins its consumer's group when it has exactly one use, that use is elementwise,
-in the same block, and of the same rank and shape (so nothing is recomputed and nothing broadcast up).
+in the same block, and of the same rank and shape (so nothing is recomputed and nothing broadcast up);
+so does a slice, which the kernel then reads its operand through (an LSTM's gates, sliced from one
+product, are read where they lie instead of copied out first).
 A matmul or conv2d joins the same way as the group's *anchor* (at most one per group, and only when
 the group's result has its element type): the chain becomes its epilogue, applied to each block of
 the result while it is in cache, in place — bias + activation cost no extra pass over memory.
@@ -15,6 +17,7 @@ Groups of one op are left alone. The kernel boundaries then print and can be rea
 from __future__ import annotations
 
 from mlc.ir.core import Block, Module, Operation, Region, create_op
+from mlc.ir.dialects.mlc import END
 from mlc.ir.registry import ELEMENTWISE
 
 from .manager import Pass
@@ -27,8 +30,17 @@ def elementwise(op: Operation) -> bool:
 ANCHORS = ("mlc.matmul", "mlc.conv2d")
 
 
+def read_through(op: Operation) -> bool:
+    """A slice that an elementwise kernel reads its operand through, element by element (no copy):
+    one that takes every element along each `?` dim (so the kernel's sizes stay its operands')."""
+    if op.name != "mlc.slice":
+        return False
+    x = op.operands[0].type
+    return all(d is not None or (s, k) == (0, 1) and l >= END for d, s, l, k in zip(x.shape, *op.opdef.bounds(op, x.rank)))
+
+
 def joins_consumer(op: Operation) -> bool:
-    if not (elementwise(op) or op.name in ANCHORS) or len(op.results[0].uses) != 1:
+    if not (elementwise(op) or op.name in ANCHORS or read_through(op)) or len(op.results[0].uses) != 1:
         return False
     (user, _), = op.results[0].uses
     mine = op.results[0].type
@@ -72,6 +84,8 @@ def group_of(root: Operation) -> list[Operation]:
                 continue
             members.add(p)
             stack.append(p)
+    if anchor is not None:  # (an anchor's epilogue reads its inputs at the product's indices, not through slices)
+        members -= {op for op in members if op.name == "mlc.slice"}
     if anchor is not None and (extra or not _cannot_broadcast_up(anchor, members)):
         members.discard(anchor)  # (a kernel with an anchor has one result)
     return [op for op in root.parent if op in members]

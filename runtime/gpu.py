@@ -21,6 +21,7 @@ import numpy as np
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import Diagnostics, DiagnosticError, error
 from mlc.ir.dialects.mlc import Global
+from mlc.ir.dialects.shapes import fmt_shape
 from mlc.ir.interpreter import Interpreter, check_arguments
 from mlc.ir.registry import TERMINATOR
 from mlc.ir.types import ElementType, MemRefType
@@ -214,6 +215,11 @@ class HostRun:
         if name == "mem.reshape":  # a view: the same device memory
             sizes = iter(int(v) for v in ins[1:])
             return [self.device.reshape(ins[0], tuple(next(sizes) if d is None else d for d in op.results[0].type.shape))]
+        if name == "mem.subview":  # a view: the same device memory
+            i, n = int(ins[1]), ins[0].shape[0]
+            if not 0 <= i < n:
+                raise error(op.loc, f"index {i} is out of bounds for dim 0 of a buffer of shape {fmt_shape(ins[0].shape)}", op.name)
+            return [self.device.subview(ins[0], i)]
         if name == "loop.for":
             carried = list(ins[2:])
             for i in range(int(ins[0]), int(ins[1]), op.attr("step")):
@@ -286,6 +292,9 @@ class SimulatedDevice:
         view.shape = shape  # (never a copy: writes through the view reach the buffer)
         return view
 
+    def subview(self, buf, i):
+        return buf[i]
+
     def launch(self, kernel, grid, args, error_word):
         from mlc.ir.lockstep import Launch
         interp = Interpreter.__new__(Interpreter)
@@ -351,7 +360,12 @@ class CudaDevice:
         self.cuda.memcpy_dtod_async(dst.ptr, src.ptr, src.nbytes, self.stream)
 
     def reshape(self, buf, shape):
-        return DeviceBuffer(buf.allocation, shape, buf.dtype)  # (views are never freed: their buffer is)
+        return DeviceBuffer(buf.allocation, shape, buf.dtype, buf.ptr)  # (views are never freed: their buffer is)
+
+    def subview(self, buf, i):
+        row = DeviceBuffer(buf.allocation, buf.shape[1:], buf.dtype, buf.ptr)
+        row.ptr += i * row.nbytes
+        return row
 
     def launch(self, kernel, grid, args, error_word):
         packed = []
@@ -380,9 +394,9 @@ class CudaDevice:
 
 
 class DeviceBuffer:
-    def __init__(self, allocation, shape, dtype):
+    def __init__(self, allocation, shape, dtype, ptr=None):
         self.allocation, self.shape, self.dtype = allocation, tuple(shape), dtype
-        self.ptr = int(allocation)
+        self.ptr = int(allocation) if ptr is None else ptr  # (a view's starts inside the allocation)
         self.nbytes = int(np.prod(shape)) * dtype.itemsize
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import mlc
 from mlc.ir.dialects.mlc import UNARY
 from mlc.ir.interpreter import Interpreter
+from mlc.passes import PassManager
 from mlc.testing import programs, run
 
 from helpers import ROOT
@@ -315,6 +316,26 @@ def test_reshapes_that_name_their_operands_buffer_leave_every_value_intact():
     np.testing.assert_array_equal(xt, -x.reshape(3, 2))
     np.testing.assert_allclose(o, 1 + np.exp(2 * x).ravel(), rtol=1e-6)
     np.testing.assert_array_equal(x, kept)
+
+
+def test_slices_fused_into_an_elementwise_kernel_read_their_operand_in_place():
+    text = """module { func.func @gates(%z: tensor<?x12xf32>, %c: tensor<?x3xf32>) -> tensor<?x3xf32> {
+        %i = mlc.slice %z {start = [0, 0], limit = [4611686018427387904, 3], stride = [1, 1]} : (tensor<?x12xf32>) -> tensor<?x3xf32>
+        %f = mlc.slice %z {start = [0, 5], limit = [4611686018427387904, 11], stride = [1, 2]} : (tensor<?x12xf32>) -> tensor<?x3xf32>
+        %o = mlc.slice %z {start = [0, -3], limit = [4611686018427387904, 4611686018427387904], stride = [1, 1]} : (tensor<?x12xf32>) -> tensor<?x3xf32>
+        %a = mlc.mul %f, %c
+        %b = mlc.add %a, %i
+        %n = mlc.sub %b, %o
+        return %n : tensor<?x3xf32>
+      } }"""
+    fused = mlc.parse(text)
+    PassManager.parse("fuse").run(fused)
+    assert [op.name for op in fused.functions["gates"].body.ops] == ["mlc.fusion", "func.return"]
+    for rows in (1, 5):
+        z = rng.standard_normal((rows, 12)).astype(np.float32)
+        c = rng.standard_normal((rows, 3)).astype(np.float32)
+        got = mlc.compile(mlc.parse(text))["gates"](z, c)
+        np.testing.assert_allclose(got, z[:, 5:11:2] * c + z[:, :3] - z[:, -3:], rtol=1e-6)
 
 
 def test_buffers_are_freed_after_their_last_use_even_when_passed_on():

@@ -7,6 +7,7 @@ from mlc.ir.core import Builder, Operation, Value
 from mlc.ir.dialects import mlc as tensor_ops
 
 from .core import FunctionLowering, rule
+from .shape import slice_reader
 
 
 SCALAR_TWIN = {name: f"arith.{name}" for name in [*tensor_ops.UNARY, *tensor_ops.BINARY, "select"]}
@@ -29,12 +30,17 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
     outs = [L.result_buffer(i, t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
+    slices = {p: slice_reader(L, p)[1] for p in L.fused if p.name == "mlc.slice" and p.results[0] in _fused_values(L, op)}
 
     def value(b, v, ivs, memo):
         if v not in memo:
             p = v.defining_op()
-            memo[v] = scalar(L, b, p, [value(b, o, ivs, memo) for o in p.operands]) if p is not None and p in L.fused else \
-                b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
+            if p in slices:  # (its operand read where the slice takes the element from)
+                memo[v] = b.create("mem.load", [L.buffers[p.operands[0]]] + slices[p](b, ivs)).result
+            elif p is not None and p in L.fused:
+                memo[v] = scalar(L, b, p, [value(b, o, ivs, memo) for o in p.operands])
+            else:
+                memo[v] = b.create("mem.load", [L.buffers[v]] + readers[v](b, ivs)).result
         return memo[v]
 
     def element(b, ivs):
@@ -44,6 +50,18 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
             b.create("mem.store", [r, out] + ivs)
     L.nest(sizes, element)
     return outs
+
+
+def _fused_values(L, op) -> set:
+    """The values op's kernel computes from fused producers (op's own operands and theirs)."""
+    seen, stack = set(), [op]
+    while stack:
+        for v in stack.pop().operands:
+            p = v.defining_op()
+            if p is not None and p in L.fused and v not in seen:
+                seen.add(v)
+                stack.append(p)
+    return seen
 
 
 def leaves_of(L, op):

@@ -85,6 +85,15 @@ def iota(L: FunctionLowering, op: Operation):
 
 @rule("mlc.slice")
 def slice_(L: FunctionLowering, op: Operation):
+    sizes, reader = slice_reader(L, op)
+    out = L.alloc(op.results[0].type, sizes, op.results[0].name_hint)
+    copy_nest(L, L.buffers[op.operands[0]], out, sizes, reader, lambda b, ivs: ivs)
+    return [out]
+
+
+def slice_reader(L: FunctionLowering, op: Operation):
+    """A slice's result sizes, and reader(builder, result indices) -> the operand's indices there (an
+    elementwise kernel that fuses the slice reads its operand through it: passes/fuse.py)."""
     x = L.buffers[op.operands[0]]
     t = op.results[0].type
     start, limit, stride = op.opdef.bounds(op, x.type.rank)
@@ -103,12 +112,10 @@ def slice_(L: FunctionLowering, op: Operation):
         span = L.op(L.b, "arith.add", L.op(L.b, "arith.sub", hi, lo), L.idx(k - 1))
         first.append(lo)
         sizes.append(L.op(L.b, "arith.div", span, L.idx(k)))
-    out = L.alloc(t, sizes, op.results[0].name_hint)
 
-    def src(b, ivs):
+    def reader(b, ivs):
         return [L.op(b, "arith.add", f, L.op(b, "arith.mul", iv, L.idx(k))) for f, iv, k in zip(first, ivs, stride)]
-    copy_nest(L, x, out, sizes, src, lambda b, ivs: ivs)
-    return [out]
+    return sizes, reader
 
 
 @rule("mlc.pad")
