@@ -24,6 +24,7 @@ import math
 import sys
 from dataclasses import dataclass
 
+from mlc.ir.dialects.mlc import Fusion
 from mlc.ir.registry import ELEMENTWISE
 
 SIZES = (2, 3, 5)  # the sizes every `?` takes when a kernel's cost is sampled
@@ -66,9 +67,8 @@ def _anchor(op):
     the ops fused into it."""
     if op.name != "mlc.fusion":
         return op, []
-    body = [o for o in op.regions[0].blocks[0].ops if o.name != "mlc.yield"]
-    anchor = next((o for o in body if ELEMENTWISE not in o.opdef.traits), body[-1] if body else op)
-    return anchor, [o.name.removeprefix("mlc.") for o in body if o is not anchor]
+    anchor = Fusion.named_by(op)
+    return anchor, [o.name.removeprefix("mlc.") for o in op.regions[0].blocks[0].ops if o is not anchor and o.name != "mlc.yield"]
 
 
 def _result_name(op) -> str:

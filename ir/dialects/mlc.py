@@ -2105,6 +2105,14 @@ class Fusion(OpDef):
     def interpret(ins, op, ctx):
         return ctx.run_region(op.regions[0], list(ins))
 
+    @staticmethod
+    def named_by(op):
+        """The op that names the kernel (in profiles and run-time errors): its product or reduction,
+        else the op that makes its result (not a slice it reads through)."""
+        body = op.regions[0].blocks[0]
+        anchor = next((o for o in body.ops if ELEMENTWISE not in o.opdef.traits and o.name != "mlc.slice" and o is not body.last), None)
+        return anchor or (body.last.operands[0].defining_op() if body.last.operands else None) or op
+
 
 class Yield(Terminator):
     name = "mlc.yield"

@@ -18,7 +18,7 @@ from __future__ import annotations
 from mlc.ir.attributes import BoolAttr, FloatAttr, IntAttr
 from mlc.ir.core import Block, Builder, Module, Operation, Region, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.registry import ELEMENTWISE
+from mlc.ir.dialects.mlc import Fusion
 from mlc.ir.types import MemRefType, TensorType, index
 
 RULES: dict[str, callable] = {}
@@ -161,12 +161,7 @@ class FunctionLowering(LoopBuilder):
         """The tensor op being lowered, as run-time errors name it: a fusion by its anchor (a product or a
         reduction with its epilogue), else by the op that makes its result."""
         op = self.current
-        if op.name != "mlc.fusion":
-            return op.name
-        body = op.regions[0].blocks[0]
-        anchor = next((o for o in body.ops if ELEMENTWISE not in o.opdef.traits and o is not body.last), None)
-        made_by = anchor or (body.last.operands[0].defining_op() if body.last.operands else None)
-        return made_by.name if made_by is not None else op.name
+        return Fusion.named_by(op).name if op.name == "mlc.fusion" else op.name
 
     def check(self, b: Builder, condition: Value, message: str):
         b.create("mem.check", [condition], {"message": message, "op": self.current.name})
