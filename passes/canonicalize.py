@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlc.ir.attributes import DenseAttr
+from mlc.ir.attributes import DenseAttr, to_attr
 from mlc.ir.core import BlockArgument, Module
 from mlc.ir.diagnostics import DiagnosticError
 from mlc.ir.registry import HAS_REGION, PURE
@@ -65,7 +65,40 @@ class Canonicalize(Pass):
                                for v, r in zip(replacement, op.results)])
             return True
 
-        apply_greedily(module, {"*": [fold, hoist_out_of_scan]}, self.option("max-iterations"))
+        apply_greedily(module, {"mlc.add": [adjoining_pads_as_concat], "*": [fold, hoist_out_of_scan]}, self.option("max-iterations"))
+
+
+def adjoining_pads_as_concat(op, rw) -> bool:
+    """pad(x) + pad(y), zero pads along one axis whose unpadded ranges adjoin, is one pad of
+    concat(x, y) (concats of concats flattened): the gradient of a tensor split into slices, an LSTM's
+    four gates, is put together without adding whole tensors of zeros."""
+    pads = [v.defining_op() for v in op.operands]
+    t = op.results[0].type
+    if any(p is None or p.name != "mlc.pad" or p.attr("value") != 0.0 or np.signbit(p.attr("value")) or len(p.results[0].uses) != 1
+           or p.results[0].type != t for p in pads):
+        return False
+    axes = {k for p in pads for k, (lo, hi) in enumerate(zip(p.attr("low"), p.attr("high"))) if lo or hi}
+    if len(axes) != 1 or t.shape[next(iter(axes))] is None:
+        return False
+    (k,) = axes
+    n = t.shape[k]
+    (lo, mid, i), (mid2, hi, j) = sorted((p.attr("low")[k], n - p.attr("high")[k], i) for i, p in enumerate(pads))
+    if mid != mid2:
+        return False
+    parts = []
+    for p in (pads[i], pads[j]):
+        x = p.operands[0]
+        inner = x.defining_op()
+        spliced = inner is not None and inner.name == "mlc.concat" and inner.attr("axis") == k and len(x.uses) == 1
+        parts += list(inner.operands) if spliced else [x]
+    joined = t.with_shape(tuple(hi - lo if a == k else d for a, d in enumerate(t.shape)))
+    value = rw.create_before(op, "mlc.concat", parts, [joined], {"axis": to_attr(k)}).results[0]
+    if lo or hi != n:
+        low, high = [0] * t.rank, [0] * t.rank
+        low[k], high[k] = lo, n - hi
+        value = rw.create_before(op, "mlc.pad", [value], [t], {n: to_attr(v) for n, v in (("low", low), ("high", high), ("value", 0.0))}).results[0]
+    rw.replace_op(op, [value])
+    return True
 
 
 def hoist_out_of_scan(op, rw) -> bool:

@@ -338,6 +338,23 @@ def test_slices_fused_into_an_elementwise_kernel_read_their_operand_in_place():
         np.testing.assert_allclose(got, z[:, 5:11:2] * c + z[:, :3] - z[:, -3:], rtol=1e-6)
 
 
+def test_a_sum_of_adjoining_zero_pads_computes_the_sum():
+    """(canonicalize makes it one concat, padded where the pads leave columns out; filecheck/canonicalize.ir)"""
+    text = """module { func.func @f(%a: tensor<?x2xf32>, %b: tensor<?x3xf32>, %c: tensor<?x1xf32>) -> tensor<?x8xf32> {
+        %pc = mlc.pad %c {low = [0, 7], high = [0, 0]} : (tensor<?x1xf32>) -> tensor<?x8xf32>
+        %pb = mlc.pad %b {low = [0, 4], high = [0, 1]} : (tensor<?x3xf32>) -> tensor<?x8xf32>
+        %pa = mlc.pad %a {low = [0, 2], high = [0, 4]} : (tensor<?x2xf32>) -> tensor<?x8xf32>
+        %s = mlc.add %pc, %pb
+        %t = mlc.add %pa, %s
+        return %t : tensor<?x8xf32>
+      } }"""
+    a, b, c = (rng.standard_normal((3, n)).astype(np.float32) for n in (2, 3, 1))
+    compile_and_compare(text, "f", a, b, c)
+    want = np.zeros((3, 8), np.float32)
+    want[:, 2:4], want[:, 4:7], want[:, 7:] = a, b, c
+    np.testing.assert_array_equal(mlc.compile(mlc.parse(text))["f"](a, b, c), want)
+
+
 def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
     text = """module {
       mlc.global @g : tensor<4xf32>
