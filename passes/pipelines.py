@@ -5,7 +5,7 @@ PIPELINES = {
     # tensor-level clean-up every backend starts from
     "simplify": "inline,symbol-dce,canonicalize,cse,canonicalize",
     # the CPU backend's tensor-level stage (`mlc compile --emit ir` shows its result)
-    "cpu-tensor": "inline,decompose,strided-conv,symbol-dce,canonicalize,cse,scan-sums,canonicalize,layout,widen-half,fuse",
+    "cpu-tensor": "inline,decompose,strided-conv,symbol-dce,canonicalize,cse,scan-sums,canonicalize,cse,layout,widen-half,fuse",
     # then loop nests over buffers, freed buffers handed on, all-reduces overlapping the kernels after them
     # (`--emit loops`); codegen/llvm.py takes it from there
     "cpu": "cpu-tensor,bufferize,lower-to-loops,tile,buffer-dealloc,canonicalize,cse,reuse-buffers,overlap-collectives",

@@ -11,7 +11,8 @@ that already hold them), and after the scan
 
 one product with K = steps x batch, which runs at the GEMM's speed instead of the per-step
 kernels' (and `layout` reads the transposed operand in place). Likewise
-`mlc.reduce_sum (mlc.matmul %a, %b) {axes = [0]}` over the batch of a batched product.
+`mlc.reduce_sum (mlc.matmul %a, %b) {axes = [0]}` over the batch of a batched product, and a carry
+summing `mlc.reduce_sum %g {axes = [0]}` per step (a bias's cotangent): one sum over steps x batch.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def _sum_of_batched_product(op) -> bool:
 
 
 def _carry_summing_products(scan) -> bool:
-    """A scan carry whose only use is `carry + matmul(x, y)`, the next carry, x and y made in the step."""
+    """A scan carry whose only use is `carry + term`, the next carry, where the term is a product
+    matmul(x, y) or a sum over the batch reduce_sum(x) {axes = [0]} (a bias's cotangent) of values made
+    in the step."""
     if scan.name != "mlc.scan":
         return False
     body, k = scan.regions[0].blocks[0], scan.attr("num_carries")
@@ -86,41 +89,54 @@ def _carry_summing_products(scan) -> bool:
                 step_yield.operands[i].users != [step_yield] or total.results[0].type != carry.type:
             continue
         term = total.operands[1] if total.operands[0] is carry else total.operands[0]
-        product = term.defining_op()
-        if product is None or product.name != "mlc.matmul" or product.parent is not body or term.users != [total] or \
-                term.type != carry.type or any(v.type.rank != 2 for v in product.operands) or not carry.type.element.is_float:
-            continue
-        if not all(_made_in(v, body) for v in _operands_of_product(product)[:2]):
-            continue
-        _drop_carry(scan, i, total, product)
-        return True
+        summand = _summand(term, carry, body)
+        if summand is not None:
+            _drop_carry(scan, i, total, term.defining_op(), *summand)
+            return True
     return False
+
+
+def _summand(term, carry, body):
+    """(the step's values the term is made of, term of their stacked values) for a term scan-sums
+    moves after the scan, else None."""
+    op = term.defining_op()
+    if op is None or op.parent is not body or term.users != [carry.users[0]] or term.type != carry.type \
+            or not carry.type.element.is_float:
+        return None
+    if op.name == "mlc.matmul" and all(v.type.rank == 2 for v in op.operands):
+        x, y, tx, ty = _operands_of_product(op)
+        if _made_in(x, body) and _made_in(y, body):
+            return [x, y], lambda d, xs, ys: merged_product(d, xs, ys, tx, ty)
+    if op.name == "mlc.reduce_sum" and list(op.attr("axes") or []) == [0] and not op.attr("keepdims") \
+            and _made_in(op.operands[0], body):
+        return [op.operands[0]], lambda d, xs: d("mlc.reduce_sum", xs, axes=[0, 1])
+    return None
 
 
 def _made_in(v, body) -> bool:
     return (v.owner is body) if v.defining_op() is None else v.defining_op().parent is body
 
 
-def _drop_carry(scan, i, total, product) -> None:
-    """scan without carry i (its next value `total` = carry + product(x, y)), with x and y stacked;
-    the carry's final value is its initial one plus the merged product after the new scan."""
-    x, y, tx, ty = _operands_of_product(product)
+def _drop_carry(scan, i, total, term, values, summed) -> None:
+    """scan without carry i (its next value `total` = carry + term, made from the step's `values`),
+    with the values stacked; the carry's final value is its initial one plus summed(the stacked
+    values) after the new scan."""
     body, k = scan.regions[0].blocks[0], scan.attr("num_carries")
     kept = [a for j, a in enumerate(body.args) if j != i]
     new_body = Block([a.type for a in kept], [a.name_hint for a in kept])
     renamed = dict(zip(kept, new_body.args))
     for old, new in renamed.items():
         old.replace_all_uses_with(new)
-    x, y = (renamed.get(v, v) for v in (x, y))
+    values = [renamed.get(v, v) for v in values]
     for op in list(body):
         op.detach()
         new_body.append(op)
     step_yield = new_body.last
     outputs = list(step_yield.operands[k:])
-    extra = [v for v in dict.fromkeys((x, y)) if not _sequence(new_body, k - 1, v) and v not in outputs]
+    extra = [v for v in dict.fromkeys(values) if not _sequence(new_body, k - 1, v) and v not in outputs]
     step_yield.set_operands([v for j, v in enumerate(step_yield.operands[:k]) if j != i] + outputs + extra)
     total.erase()
-    _erase_unused(product)
+    _erase_unused(term)
     steps = scan.results[k].type.shape[0] if len(scan.results) > k else next(
         (s.type.shape[0] for s in scan.operands[k:]), scan.attr("length"))
     b = Builder.before(scan)
@@ -136,7 +152,7 @@ def _drop_carry(scan, i, total, product) -> None:
         return new.results[(k - 1) + (outputs + extra).index(v)]
     d = OpBuilder(Builder.after(new))
     d.b.loc = scan.loc
-    final = d("mlc.add", scan.operands[i], merged_product(d, stacked(x), stacked(y), tx, ty))
+    final = d("mlc.add", scan.operands[i], summed(d, *map(stacked, values)))
     for j, r in enumerate(scan.results):
         r.replace_all_uses_with(final if j == i else new.results[j - (j > i)])
     scan.erase()
