@@ -36,7 +36,7 @@ from mlc.ir.attributes import BoolAttr, IntAttr, StringAttr, SymbolRefAttr, Type
 from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.dialects.mlc import BINARY, UNARY
+from mlc.ir.dialects.mlc import BINARY, EXPENSIVE, UNARY
 from mlc.ir.types import ElementType, MemRefType, TensorType, VectorType, index, round_to_element
 
 PTR = ir.PointerType()
@@ -659,19 +659,24 @@ def _loop(self: FunctionEmitter, block, lb, ub, step, inits=()):
     return carried
 
 
-PARALLEL_MIN_WORK = 1 << 15  # elements: smaller loop nests run on the calling thread
+PARALLEL_MIN_WORK = 1 << 15  # elements (of cheap ops): smaller loop nests run on the calling thread
+EXPENSIVE_WEIGHT = 8         # an element's math-library call (exp, tanh, ...) counts as this many elements
 
 
 def _static_work(op) -> int | None:
-    """Iterations of the nest below a loop (one trip of it), when every inner bound is a constant."""
-    work = 1
+    """Iterations of the nest below a loop (one trip of it), weighted by its elements' math calls
+    (an LSTM step's [32, 512] gates, 16k sigmoids, are worth two threads; a copy of as many is not),
+    when every inner bound is a constant."""
+    work, expensive = 1, 0
     for inner in op.regions[0].walk():
         if inner.name == "loop.for":
             lb, ub = (v.defining_op() for v in inner.operands[:2])
             if lb is None or ub is None or lb.name != "arith.constant" or ub.name != "arith.constant":
                 return None
             work *= max(ub.attr("value") - lb.attr("value"), 1)
-    return work
+        row = inner.name.startswith("arith.") and (UNARY.get(inner.name[6:]) or BINARY.get(inner.name[6:]))
+        expensive += bool(row) and row.cost == EXPENSIVE
+    return work * (1 + EXPENSIVE_WEIGHT * expensive)
 
 
 def nest_key(emitter: FunctionEmitter, op, free: list, parallel: bool) -> tuple:

@@ -142,6 +142,22 @@ def test_a_batch_of_one_splits_its_product_over_the_pool(threads):
     assert pool.stats()["regions"] > before
 
 
+def test_small_nests_of_math_calls_go_to_the_pool_and_small_copies_do_not(threads):
+    """A loop nest's work counts a math-library call (tanh) as several elements: 16k tanh go to the
+    threads, 16k negations stay on the calling thread (they take less than handing them over)."""
+    pool = threads(2)
+    text = """module { func.func @f(%x: tensor<32x512xf32>) -> tensor<32x512xf32> {
+        %y = mlc.OP %x
+        return %y : tensor<32x512xf32>
+      } }"""
+    x = rng.standard_normal((32, 512)).astype(np.float32)
+    for op, reference, parallel in (("neg", np.negative, False), ("tanh", np.tanh, True)):
+        f = mlc.compile(mlc.parse(text.replace("OP", op)), cache=False)["f"]
+        before = pool.stats()["regions"]
+        np.testing.assert_allclose(f(x), reference(x), rtol=1e-5, atol=1e-6)
+        assert (pool.stats()["regions"] > before) == parallel, op
+
+
 def test_many_python_threads_share_the_pool(threads):
     threads(2)
     f = mlc.compile(mlc.parse(MATMUL), cache=False)["f"]
