@@ -447,6 +447,9 @@ def test_scan_is_differentiated_by_a_reverse_scan(reverse):
     body = m.functions["loss_grad"].body
     scans = [op for op in body if op.name == "mlc.scan"]
     assert len(scans) == 2 and scans[-1].attr("reverse") == (not reverse)  # forward (stacking the carries), backward
+    # the forward stacks, besides its results, the carry each step starts from and the sum its two
+    # products feed (xw + hw: its cotangent needs no values, so the backward reads it, not the products)
+    assert [r.type.shape for r in scans[0].results[2:]] == [(5, 3, 4), (5, 3, 4)]
     args = [rng.standard_normal(s) * 0.5 for s in ((5, 3, 2), (3, 4), (2, 4), (4, 4), (5, 3, 4))]
     got = mlc.interpret(m, "loss_grad", *args)
     for i, name in enumerate(["xs", "h0", "wx", "wh"]):

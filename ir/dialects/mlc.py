@@ -1999,12 +1999,12 @@ class Scan(OpDef):
         return carries + stacked
 
 
-_STORED = ("mlc.matmul", "mlc.conv2d")  # a step's results kept for the backward scan, not recomputed there
+_STORED = ("mlc.matmul", "mlc.conv2d")  # a step's products (or the sums they feed) kept for the backward scan, not recomputed there
 
 
 def _scan_vjp(d, op, cts):
     """Back-propagation through time: the forward scan is replaced by one that also stacks each step's
-    incoming carries and the results of its products (_STORED); then a reverse scan over (xs, those
+    incoming carries and the results of its products (_STORED, or the sums they feed: _stored_end); then a reverse scan over (xs, those
     carries, the products, the outputs' cotangents) carries the carries' cotangents and sums of the
     captured values' cotangents. Its body recomputes the step's other (elementwise) ops and applies
     each op's rule to it; nothing is unrolled."""
@@ -2012,8 +2012,9 @@ def _scan_vjp(d, op, cts):
     body = op.regions[0].blocks[0]
     carries, seqs = op.operands[:k], op.operands[k:]
     inside = set(body.args) | {r for inner in body for r in inner.results}
-    stored = [j for j, inner in enumerate(o for o in body if o.name != "mlc.yield")
-              if inner.name in _STORED and any(v in inside for v in inner.operands)]
+    step = [o for o in body if o.name != "mlc.yield"]
+    stored = sorted({step.index(_stored_end(inner, body)) for inner in step
+                     if inner.name in _STORED and any(v in inside for v in inner.operands)})
     # 1. the forward, stacking the carries each step starts from and its products
     fwd_block = Block([a.type for a in body.args], [a.name_hint for a in body.args])
     fwd_ops, yielded = _clone_step(d.inside(fwd_block), body, fwd_block.args)
@@ -2053,6 +2054,19 @@ def _scan_vjp(d, op, cts):
         given[v] = ct if v not in given else d("mlc.add", given[v], ct)
     op.replace_with(again.results[:len(op.results)])  # its results now come from the scan that stacks
     return given
+
+
+def _stored_end(product, body):
+    """What the forward stacks for a product: the product, or the last of the sums it alone feeds
+    (z = x_t + h W + b, an LSTM's gates before their nonlinearities), whose cotangents need no values:
+    the forward's product then takes the sums as its epilogue, and the backward need not redo them."""
+    v = product.results[0]
+    while len(v.uses) == 1:
+        (user, _), = v.uses
+        if user.name not in ("mlc.add", "mlc.sub") or user.parent is not body or user.results[0].type != v.type:
+            break
+        v = user.results[0]
+    return v.defining_op()
 
 
 def _clone_step(b, body, args):
