@@ -338,6 +338,27 @@ def test_slices_fused_into_an_elementwise_kernel_read_their_operand_in_place():
         np.testing.assert_allclose(got, z[:, 5:11:2] * c + z[:, :3] - z[:, -3:], rtol=1e-6)
 
 
+@given(start=st.integers(-9, 8), stride=st.integers(1, 3), rows=st.sampled_from([1, 3]), dynamic=st.booleans())
+def test_generated_slices_read_in_place_by_a_fused_kernel_agree_with_numpy(start, stride, rows, dynamic):
+    """A slice along the static dim (any start, negative from the end, any stride) fused into the
+    elementwise ops after it: the kernel reads the operand where numpy's slice takes each element."""
+    x = rng.standard_normal((rows, 9)).astype(np.float32)
+    picked = x[:, start::stride]
+    assume(picked.shape[1] > 0)
+    n, width = "?" if dynamic else rows, picked.shape[1]
+    text = f"""module {{ func.func @f(%x: tensor<{n}x9xf32>, %y: tensor<{n}x{width}xf32>) -> tensor<{n}x{width}xf32> {{
+        %s = mlc.slice %x {{start = [0, {start}], limit = [4611686018427387904, 4611686018427387904], stride = [1, {stride}]}} : (tensor<{n}x9xf32>) -> tensor<{n}x{width}xf32>
+        %e = mlc.tanh %s
+        %m = mlc.mul %e, %y
+        return %m : tensor<{n}x{width}xf32>
+      }} }}"""
+    fused = mlc.parse(text)
+    PassManager.parse("fuse").run(fused)
+    assert [op.name for op in fused.functions["f"].body.ops] == ["mlc.fusion", "func.return"]
+    y = rng.standard_normal(picked.shape).astype(np.float32)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x, y), np.tanh(picked) * y, rtol=1e-5, atol=1e-6)
+
+
 def test_a_sum_of_adjoining_zero_pads_computes_the_sum():
     """(canonicalize makes it one concat, padded where the pads leave columns out; filecheck/canonicalize.ir)"""
     text = """module { func.func @f(%a: tensor<?x2xf32>, %b: tensor<?x3xf32>, %c: tensor<?x1xf32>) -> tensor<?x8xf32> {
