@@ -1011,7 +1011,8 @@ def _process_info(self: FunctionEmitter, op):
 
 OPS = {
     "mlc.constant": _const, "mlc.global_load": _global_load, "mlc.global_store": _global_store,
-    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.reshape": _reshape, "mem.subview": _subview, "mem.dim": _dim, "mem.alloc": _alloc,
+    "mem.from_tensor": _alias, "mem.to_tensor": _alias, "mem.reshape": _reshape, "mem.subview": _subview, "mem.dim": _dim,
+    "mem.alloc": _alloc,
     "mem.load": _load, "mem.store": _store, "mem.dealloc": _dealloc, "mem.check": _check, "loop.for": _for, "loop.yield": _yield,
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,

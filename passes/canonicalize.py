@@ -74,8 +74,8 @@ def adjoining_pads_as_concat(op, rw) -> bool:
     four gates, is put together without adding whole tensors of zeros."""
     pads = [v.defining_op() for v in op.operands]
     t = op.results[0].type
-    if any(p is None or p.name != "mlc.pad" or p.attr("value") != 0.0 or np.signbit(p.attr("value")) or len(p.results[0].uses) != 1
-           or p.results[0].type != t for p in pads):
+    if any(p is None or p.name != "mlc.pad" or p.attr("value") != 0.0 or np.signbit(p.attr("value"))
+           or len(p.results[0].uses) != 1 or p.results[0].type != t for p in pads):
         return False
     axes = {k for p in pads for k, (lo, hi) in enumerate(zip(p.attr("low"), p.attr("high"))) if lo or hi}
     if len(axes) != 1 or t.shape[next(iter(axes))] is None:
@@ -96,7 +96,8 @@ def adjoining_pads_as_concat(op, rw) -> bool:
     if lo or hi != n:
         low, high = [0] * t.rank, [0] * t.rank
         low[k], high[k] = lo, n - hi
-        value = rw.create_before(op, "mlc.pad", [value], [t], {n: to_attr(v) for n, v in (("low", low), ("high", high), ("value", 0.0))}).results[0]
+        attrs = {"low": to_attr(low), "high": to_attr(high), "value": to_attr(0.0)}
+        value = rw.create_before(op, "mlc.pad", [value], [t], attrs).results[0]
     rw.replace_op(op, [value])
     return True
 

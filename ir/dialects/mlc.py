@@ -1999,15 +1999,15 @@ class Scan(OpDef):
         return carries + stacked
 
 
-_STORED = ("mlc.matmul", "mlc.conv2d")  # a step's products (or the sums they feed) kept for the backward scan, not recomputed there
+_STORED = ("mlc.matmul", "mlc.conv2d")  # a step's products (or the sums they feed), kept for the backward scan
 
 
 def _scan_vjp(d, op, cts):
     """Back-propagation through time: the forward scan is replaced by one that also stacks each step's
-    incoming carries and the results of its products (_STORED, or the sums they feed: _stored_end); then a reverse scan over (xs, those
-    carries, the products, the outputs' cotangents) carries the carries' cotangents and sums of the
-    captured values' cotangents. Its body recomputes the step's other (elementwise) ops and applies
-    each op's rule to it; nothing is unrolled."""
+    incoming carries and the results of its products (_STORED, or the sums they feed: _stored_end);
+    then a reverse scan over (xs, those carries, the products, the outputs' cotangents) carries the
+    carries' cotangents and sums of the captured values' cotangents. Its body recomputes the step's
+    other (elementwise) ops and applies each op's rule to it; nothing is unrolled."""
     k = op.attr("num_carries")
     body = op.regions[0].blocks[0]
     carries, seqs = op.operands[:k], op.operands[k:]

@@ -30,7 +30,7 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
     outs = [L.result_buffer(i, t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
-    slices = {p: slice_reader(L, p)[1] for p in L.fused if p.name == "mlc.slice" and p.results[0] in _fused_values(L, op)}
+    slices = {p: slice_reader(L, p)[1] for p in _fused_producers(L, op) if p.name == "mlc.slice"}
 
     def value(b, v, ivs, memo):
         if v not in memo:
@@ -52,16 +52,16 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
     return outs
 
 
-def _fused_values(L, op) -> set:
-    """The values op's kernel computes from fused producers (op's own operands and theirs)."""
-    seen, stack = set(), [op]
+def _fused_producers(L, op) -> list:
+    """The fused ops op's kernel computes its operands with (and theirs), each once."""
+    seen, stack = {}, [op]
     while stack:
         for v in stack.pop().operands:
             p = v.defining_op()
-            if p is not None and p in L.fused and v not in seen:
-                seen.add(v)
+            if p is not None and p in L.fused and p not in seen:
+                seen[p] = None
                 stack.append(p)
-    return seen
+    return list(seen)
 
 
 def leaves_of(L, op):
