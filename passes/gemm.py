@@ -173,29 +173,64 @@ class Gemm:
         L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
             "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
         scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
+        packed_a = None
+        if self.a_rows_collide():
+            tiles = -(-self.mc // self.mr)
+            packed_a = b.create("mem.alloc", result_types=[MemRefType((tiles, self.kc, self.mr), self.element)],
+                                name_hint="packed_a").result
 
         m = _static(self.M)
         left = m % self.mr if m is not None and self.mc % self.mr == 0 else None  # (blocks but the last hold whole tiles)
 
         def k_slice(kb, k0):
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(self.kc)), self.K)
+            if packed_a is not None:
+                self.pack_a(kb, packed_a, i0, end, k0, k1)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
-                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, rows, j, vectors, k0, k1, w, scratch), self.mr, left), span=width)
+                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a),
+                self.mr, left), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
             L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
 
-    def tile(self, b, i, rows, j0, vectors, k0, k1, width, scratch):
-        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from the packed panels."""
+    def a_rows_collide(self) -> bool:
+        """Whether the micro-kernel's rows of A, read in place, fall into so few sets of the L1 cache
+        (64 sets of 8 lines, 4 KB apart) that they evict each other: rows a multiple of 4 KB apart all
+        share one set (at 1024 floats, 1024^3 ran a fifth slower, and 512 x 2048 x 2048 a third). Then A
+        is packed, which costs a pass over it per block of rows and slice of K; other rows are read in
+        place (packing cost a third at 128 columns of B, and gained nothing at 2 KB apart: two sets)."""
+        k = _static(self.K)
+        return self.load_a_vector is not None and k is not None and k * self.element.np_dtype.itemsize % 4096 == 0
+
+    def pack_a(self, b, packed_a, i0, end, k0, k1):
+        """A[i0:end, k0:k1] into packed_a[tile][k - k0][row in the tile], so that the micro-kernel reads
+        a tile's elements of A side by side."""
+        L, mr = self.L, self.mr
+
+        def tile_row(rb, i):
+            t, r = L.op(rb, "arith.div", L.op(rb, "arith.sub", i, i0), L.idx(mr)), L.op(rb, "arith.rem", L.op(rb, "arith.sub", i, i0), L.idx(mr))
+            L.loop(rb, k0, k1, lambda kb, k: kb.create("mem.store", [self.load_a(kb, i, k), packed_a, t, L.op(kb, "arith.sub", k, k0), r]))
+        L.loop(b, i0, end, tile_row)
+
+    def tile(self, b, i, i0, rows, j0, vectors, k0, k1, width, scratch, packed_a):
+        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from the packed panels
+        of A (rows i - i0 .. of the block; a tile of fewer than mr rows never straddles two of mr) and B."""
         L, lanes = self.L, self.lanes
         row = [i] + [L.op(b, "arith.add", i, L.idx(r)) for r in range(1, rows)]
+        if packed_a is not None:
+            t = L.op(b, "arith.div", L.op(b, "arith.sub", i, i0), L.idx(self.mr))
+            lane = L.op(b, "arith.rem", L.op(b, "arith.sub", i, i0), L.idx(self.mr))
+            lanes_a = [lane] + [L.op(b, "arith.add", lane, L.idx(r)) for r in range(1, rows)]
         jp = L.op(b, "arith.div", j0, L.idx(self.nr))
         lane0 = L.op(b, "arith.sub", j0, L.op(b, "arith.mul", jp, L.idx(self.nr)))
         offsets = [lane0] + [L.op(b, "arith.add", lane0, L.idx(h * lanes)) for h in range(1, vectors)]
 
         def step(kb, k, *acc):
             bs = [kb.create("vector.load", [self.packed, jp, k, off], result_types=[self.vt]).result for off in offsets]
-            return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
+            if packed_a is None:
+                return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
+            kk = L.op(kb, "arith.sub", k, k0)
+            return fma_tile(kb, [kb.create("mem.load", [packed_a, t, kk, r]).result for r in lanes_a], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
         store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt, width, scratch, add=True)
 
