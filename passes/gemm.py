@@ -112,17 +112,20 @@ class Gemm:
                                 name_hint="packed").result
         self.pack_b(pb, panels, pack_parallel)
         n = _static(self.N)
-        if parallel and n is not None and n % (2 * self.nr) == 0 and n >= 4 * self.nr:
-            # two column halves per block of rows, so that a product of few rows (a batch of 32) still
-            # has a task per core
-            half = n // 2
+        if parallel and n is not None and n >= 4 * self.nr:
+            # two column halves per block of rows (whole panels; the second holds the ragged ones), so
+            # that a product of few rows (a batch of 32, a convolution's 128 channels) has a task per
+            # core: 3 blocks of rows on 2 cores ran no faster than on 1
+            half = -(-n // (2 * self.nr)) * self.nr
             blocks = L.op(b, "arith.div", L.op(b, "arith.add", self.M, L.idx(self.mc - 1)), L.idx(self.mc))
 
             def task(tb, t):
                 block = L.op(tb, "arith.div", t, L.idx(2))
                 i0 = L.op(tb, "arith.mul", block, L.idx(self.mc))
                 j0 = L.op(tb, "arith.mul", L.op(tb, "arith.sub", t, L.op(tb, "arith.mul", block, L.idx(2))), L.idx(half))
-                self.row_block(tb, i0, j0, half)
+                if n == 2 * half:
+                    return self.row_block(tb, i0, j0, L.op(tb, "arith.add", j0, L.idx(half)), half)
+                self.row_block(tb, i0, j0, L.op(tb, "arith.minimum", L.op(tb, "arith.add", j0, L.idx(half)), self.N))
             L.loop(b, L.idx(0), L.op(b, "arith.mul", blocks, L.idx(2)), task, parallel=True)
         else:
             L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=self.mc)
@@ -163,12 +166,11 @@ class Gemm:
         L.loop(b, self.full_panels, panels, scalars)
 
     # --- one block of rows ---------------------------------------------------------------------------
-    def row_block(self, b, i0, j0=None, width=None):
-        """Rows i0 .. i0 + mc of C (columns j0 .. j0 + width, a static width; all when None)."""
+    def row_block(self, b, i0, lo=None, hi=None, width=None):
+        """Rows i0 .. i0 + mc of C, columns lo .. hi (all when None; `width`: hi - lo where static)."""
         L = self.L
         end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(self.mc)), self.M)
-        lo = L.idx(0) if j0 is None else j0
-        hi = self.N if j0 is None else L.op(b, "arith.add", j0, L.idx(width))
+        lo, hi = (L.idx(0), self.N) if lo is None else (lo, hi)
         zero = L.const(b, 0, self.element)
         L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
             "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
