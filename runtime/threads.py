@@ -1,10 +1,11 @@
 """The thread pool behind compiled code's parallel loops: `mlc_parallel_for`, in native code.
 
 Compiled code calls `void mlc_parallel_for(ptr fn, ptr ctx, i64 lo, i64 hi)` (codegen/llvm.py) for a
-large parallel loop; `fn(ctx, a, b)` runs trips a..b. The pool splits [lo, hi) into one chunk per thread
-(the static split of before), the caller and native worker threads take chunks until none is left, and
-the call returns when all are done: no Python and no GIL on the way. runtime/jit.py compiles POOL once
-per process (`native_pool`).
+large parallel loop; `fn(ctx, a, b)` runs trips a..b. The pool splits [lo, hi) into four chunks per
+thread (at most one per trip), the caller and native worker threads take chunks until none is left, and
+the call returns when all are done: no Python and no GIL on the way. (One chunk per thread left a core
+idle for a third of a convolution whose 3 or 11 blocks of rows, or ragged halves, split unevenly.)
+runtime/jit.py compiles POOL once per process (`native_pool`).
 
 How a region is handed over (one region at a time: the caller holds `@lock`):
   - the caller writes the job (fn, ctx, lo, hi, chunks) between two increments of `@gen`, a seqlock:
@@ -260,8 +261,10 @@ workers:
   %want_workers = sub i64 %wanted, 1
   %have = call i64 @start_workers(i64 %want_workers)
   %helpers = call i64 @llvm.smin.i64(i64 %have, i64 %want_workers)
-  %chunks = add i64 %helpers, 1
-  %alone = icmp slt i64 %chunks, 2
+  %team = add i64 %helpers, 1
+  %alone = icmp slt i64 %team, 2
+  %split = mul i64 %team, 4                      ; chunks claimed in turn: uneven trips even out
+  %chunks = call i64 @llvm.smin.i64(i64 %split, i64 %trips)
   br i1 %alone, label %unlock_inline, label %post
 post:
   %old = atomicrmw add ptr @gen, i32 1 seq_cst
