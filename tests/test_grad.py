@@ -83,7 +83,8 @@ def test_maximum_splits_ties_evenly_as_torch():
     np.testing.assert_array_equal(gb, [0.5, 0.5, 0.5])
 
 
-@pytest.mark.parametrize("shapes", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 1, 3, 4), (5, 4, 2)), ((4,), (4, 3)), ((3, 4), (4,)), ((4,), (4,))])
+@pytest.mark.parametrize("shapes", [((3, 4), (4, 5)), ((2, 3, 4), (4, 5)), ((2, 3, 3, 4), (4, 5)), ((2, 1, 3, 4), (5, 4, 2)),
+                                    ((4,), (4, 3)), ((3, 4), (4,)), ((4,), (4,))])
 def test_matmul(shapes):
     a, b = rng.standard_normal(shapes[0]), rng.standard_normal(shapes[1])
     check("%y = mlc.matmul %a, %b", np.matmul(a, b).shape, a=a, b=b)
@@ -93,6 +94,11 @@ def test_matmul(shapes):
 @pytest.mark.parametrize("batch", [(), (2,)])
 def test_matmul_of_operands_stored_transposed(flags, batch):
     a, b = rng.standard_normal(batch + (3, 4)), rng.standard_normal(batch + (4, 5))
+    if batch:  # (and a weight: b applied to every batch of a)
+        flags_b = "transpose_b" in flags
+        w = rng.standard_normal((4, 5))
+        check(f"%y = mlc.matmul %a, %b {flags}", np.matmul(a, w).shape, a=np.swapaxes(a, -1, -2) if "transpose_a" in flags else a,
+              b=w.T if flags_b else w)
     a_stored = np.swapaxes(a, -1, -2) if "transpose_a" in flags else a
     b_stored = np.swapaxes(b, -1, -2) if "transpose_b" in flags else b
     check(f"%y = mlc.matmul %a, %b {flags}", np.matmul(a, b).shape, a=a_stored, b=b_stored)

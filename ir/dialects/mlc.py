@@ -804,10 +804,19 @@ class Matmul(OpDef):
         if b.type.rank == 1:
             g2 = d.reshape(g2, g2.type.shape + (1,))
         ga = d("mlc.matmul", g2, d.swap_last(b2))
-        gb = d("mlc.matmul", d.swap_last(a2), g2)
         ga = d.sum_to(ga, a2.type) if a.type.rank > 1 else d.reshape(d.sum_to(ga, a2.type), a.type.shape)
-        gb = d.sum_to(gb, b2.type) if b.type.rank > 1 else d.reshape(d.sum_to(gb, b2.type), b.type.shape)
+        if b.type.rank == 2 and a.type.rank > 2:  # a matrix applied to every batch (a weight): one product over
+            gb = d("mlc.matmul", d.swap_last(_as_rows(d, a)), _as_rows(d, g))  # all their rows, not one per batch summed
+        else:
+            gb = d("mlc.matmul", d.swap_last(a2), g2)
+            gb = d.sum_to(gb, b2.type) if b.type.rank > 1 else d.reshape(d.sum_to(gb, b2.type), b.type.shape)
         return [d.swap_last(ga) if ta else ga, d.swap_last(gb) if tb else gb]
+
+
+def _as_rows(d, v):
+    """v [..., n] as a matrix [rows, n] (row-major: a view)."""
+    lead = v.type.shape[:-1]
+    return d.reshape(v, (None if None in lead else math.prod(lead), v.type.shape[-1]))
 
 
 def _swap_last(shape: tuple) -> tuple:
