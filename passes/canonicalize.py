@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlc.ir.attributes import DenseAttr, to_attr
+from mlc.ir.attributes import UNIT, DenseAttr, to_attr
 from mlc.ir.core import BlockArgument, Module
 from mlc.ir.diagnostics import DiagnosticError
 from mlc.ir.registry import HAS_REGION, PURE
@@ -65,7 +65,7 @@ class Canonicalize(Pass):
                                for v, r in zip(replacement, op.results)])
             return True
 
-        apply_greedily(module, {"mlc.add": [adjoining_pads_as_concat], "*": [fold, hoist_out_of_scan]}, self.option("max-iterations"))
+        apply_greedily(module, {"mlc.add": [adjoining_pads_as_concat], "mlc.transpose": [transposed_product], "*": [fold, hoist_out_of_scan]}, self.option("max-iterations"))
 
 
 def adjoining_pads_as_concat(op, rw) -> bool:
@@ -99,6 +99,22 @@ def adjoining_pads_as_concat(op, rw) -> bool:
         attrs = {"low": to_attr(low), "high": to_attr(high), "value": to_attr(0.0)}
         value = rw.create_before(op, "mlc.pad", [value], [t], attrs).results[0]
     rw.replace_op(op, [value])
+    return True
+
+
+def transposed_product(op, rw) -> bool:
+    """transpose(a @ b) over the last two dims is b^T @ a^T: the product with its operands swapped and
+    read the other way round (their `transpose_*` flags flipped), and no copy of its result: a weight's
+    gradient through nn.Linear's transposed weight, (g^T x)^T, is x^T g."""
+    x = op.operands[0]
+    product, r = x.defining_op(), x.type.rank
+    if product is None or product.name != "mlc.matmul" or len(x.uses) != 1 or r < 2 \
+            or list(op.attr("perm")) != list(range(r - 2)) + [r - 1, r - 2] or min(v.type.rank for v in product.operands) < 2:
+        return False
+    a, b = product.operands
+    ta, tb = product.opdef.stored_transposed(product)
+    flags = {name: UNIT for name, flag in (("transpose_a", not tb), ("transpose_b", not ta)) if flag}
+    rw.replace_op(op, rw.create_before(op, "mlc.matmul", [b, a], [op.results[0].type], flags).results)
     return True
 
 
