@@ -57,10 +57,31 @@ _LEFT_IDENTITY = {"mlc.add": 0, "mlc.mul": 1}
 _IDEMPOTENT = {"mlc.maximum", "mlc.minimum", "mlc.and", "mlc.or"}
 
 
+def _selected_splat(v):
+    """The value of every element of v where v selects, by a constant splat condition, a constant splat
+    (the IR's zeros_like(x) is select(true, 0.0, x)), as a 0-d array; else None."""
+    op = v.defining_op()
+    if op is None or op.name != "mlc.select":
+        return None
+    condition = _splat(_constant_of(op.operands[0]))
+    return None if condition is None else _splat(_constant_of(op.operands[1 if condition else 2]))
+
+
+def _splat(c):
+    return c.reshape(-1)[0].reshape(()) if c is not None and c.size and np.all(c == c.reshape(-1)[0]) else None
+
+
+def _constant_of(v):
+    op = v.defining_op()
+    return op.attributes["value"].value if op is not None and op.name == "mlc.constant" else None
+
+
 def _fold_binary(op, consts):
-    """x+0, x-0, x*1, x/1, x**1 -> x (x+0.0 -> x treats -0.0 as 0.0); max(x,x), and(x,x) -> x;
-    integer x*0 -> 0."""
+    """x+0, x-0, x*1, x/1, x**1 -> x (x+0.0 -> x treats -0.0 as 0.0; zeros_like(y) counts as 0); max(x,x),
+    and(x,x) -> x; integer x*0 -> 0."""
     (a, b), (ca, cb) = op.operands, consts
+    ca = _selected_splat(a) if ca is None else ca
+    cb = _selected_splat(b) if cb is None else cb
     if op.name in _RIGHT_IDENTITY and _splat_equals(cb, _RIGHT_IDENTITY[op.name]):
         return _same(a, op)
     if op.name in _LEFT_IDENTITY and _splat_equals(ca, _LEFT_IDENTITY[op.name]):
@@ -128,9 +149,8 @@ def _fold_select(op, consts):
     c, a, b = op.operands
     if a is b:
         return _same(a, op)
-    if consts[0] is not None and consts[0].size and np.all(consts[0] == consts[0].reshape(-1)[0]):
-        return _same(a if consts[0].reshape(-1)[0] else b, op)
-    return None
+    condition = _splat(consts[0])
+    return None if condition is None else _same(a if condition else b, op)
 
 
 # ---------------------------------------------------------------------------------------------------
