@@ -13,7 +13,7 @@ becomes
 A transpose with any other use is left to be computed once, and the products read the copy (their
 kernel packs contiguous rows faster than it gathers columns).
 
-Stacks of rows times one matrix: a matmul of A[..., M, K] (static, not transposed) by a matrix B is one
+Stacks of rows times one matrix: a matmul of A[..., M, K] (at most one `?`, not transposed) by a matrix B is one
 product of A's rows, so B is packed once rather than once per matrix of the stack (an RNN's input
 projection for all its steps, a Transformer's projections over batch x tokens). The reshape back moves
 past the elementwise ops that follow (whose other operands broadcast along the last dim only: a bias),
@@ -100,7 +100,8 @@ def _stacked_rows_times_matrix(op: Operation) -> bool:
     if op.name != "mlc.matmul" or op.attr("transpose_a"):
         return False
     a, b = (v.type for v in op.operands)
-    return a.rank > 2 and b.rank == 2 and None not in a.shape and a.element.name in ("f32", "f64")
+    return a.rank > 2 and b.rank == 2 and a.element.name in ("f32", "f64") \
+        and a.shape.count(None) <= 1 and op.results[0].type.shape.count(None) <= 1  # (a reshape infers one `?`)
 
 
 def _one_product(op: Operation) -> None:
@@ -108,7 +109,7 @@ def _one_product(op: Operation) -> None:
     d = OpBuilder(Builder.before(op))
     d.b.loc = op.loc
     a, b = op.operands
-    rows = int(np.prod(a.type.shape[:-1]))
+    rows = None if None in a.type.shape[:-1] else int(np.prod(a.type.shape[:-1]))
     value = d("mlc.matmul", d.reshape(a, (rows, a.type.shape[-1])), b, result_type=op.results[0].type.with_shape(
         (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in FLAGS})
     chain = [op]

@@ -483,23 +483,26 @@ def test_few_rows_of_a_wide_b_accumulate_in_memory(m, dynamic, dtype, epilogue, 
     assert "packed" not in str(lowered) or dynamic  # (with `?` rows the packed product stays for more than 3)
 
 
-@pytest.mark.parametrize("lead", [(3,), (2, 5), (1, 1)])
+@pytest.mark.parametrize("lead", [(3,), (2, 5), (1, 1), ("?",), (2, "?")])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_stack_of_rows_times_a_matrix_is_one_product(lead, transposed):
     """layout makes A[..., M, K] @ B one product of A's rows, the bias, relu and scale moved onto the
     rows with it; a residual of another shape stays after the reshape back. Interpreter after the
-    tensor stage and compiled vs numpy."""
+    tensor stage and compiled vs numpy. A `?` among the stack's dims (a batch; an RNN's layer input
+    for all its steps) makes the rows `?`."""
     m, k, n = 7, 19, 37
     r = np.random.default_rng(len(lead) + 10 * transposed)
-    x, bias = r.standard_normal(lead + (m, k)).astype(np.float32), r.standard_normal(n).astype(np.float32)
+    sizes = tuple(3 if d == "?" else d for d in lead)
+    x, bias = r.standard_normal(sizes + (m, k)).astype(np.float32), r.standard_normal(n).astype(np.float32)
     w = r.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
     skip = r.standard_normal((m, n)).astype(np.float32)
     t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"
+    rows = "?" if "?" in lead else int(np.prod(lead)) * m
     ty = t(lead + (m, n))
     weight = f"%wt = mlc.transpose %w {{perm = [1, 0]}} : ({t(w.shape)}) -> {t((k, n))}" if transposed else ""
-    text = f"""module {{ func.func @f(%x: {t(x.shape)}, %w: {t(w.shape)}, %bias: {t((n,))}, %skip: {t((m, n))}) -> {ty} {{
+    text = f"""module {{ func.func @f(%x: {t(lead + (m, k))}, %w: {t(w.shape)}, %bias: {t((n,))}, %skip: {t((m, n))}) -> {ty} {{
       {weight}
-      %y = mlc.matmul %x, {"%wt" if transposed else "%w"} : ({t(x.shape)}, {t((k, n))}) -> {ty}
+      %y = mlc.matmul %x, {"%wt" if transposed else "%w"} : ({t(lead + (m, k))}, {t((k, n))}) -> {ty}
       %s = mlc.add %y, %bias : ({ty}, {t((n,))}) -> {ty}
       %r = mlc.relu %s : ({ty}) -> {ty}
       %h = mlc.constant {{value = dense<0.5> : tensor<f32>}} : () -> tensor<f32>
@@ -508,7 +511,7 @@ def test_a_stack_of_rows_times_a_matrix_is_one_product(lead, transposed):
       return %z : {ty} }} }}"""
     want = np.maximum(x @ (w.T if transposed else w) + bias, 0) * 0.5 + skip
     staged = mlc.run_passes(mlc.parse(text), "cpu-tensor")
-    assert f"-> {t((int(np.prod(lead)) * m, n))}" in str(staged)
+    assert f"-> {t((rows, n))}" in str(staged)
     np.testing.assert_allclose(mlc.interpret(staged, "f", x, w, bias, skip), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](x, w, bias, skip), want, rtol=1e-5, atol=1e-5)
 
