@@ -90,7 +90,7 @@ class Gemm:
         self.vt = VectorType((self.lanes,), e)
         wide = self.vector_bytes >= 64
         self.mr, self.kc = (MR_AVX512 if wide else MR), self.kc or (KC_AVX512 if wide else KC)
-        rows = _static(self.M)
+        rows = static_value(self.M)
         stream = self.stream_b_rows if self.load_b_vector is not None else \
             self.stream_b_columns if self.load_bt_vector is not None and self.load_a_vector is not None else None
         if stream and rows is not None and rows <= STREAM_ROWS:
@@ -111,7 +111,7 @@ class Gemm:
         self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
                                 name_hint="packed").result
         self.pack_b(pb, panels, pack_parallel)
-        n = _static(self.N)
+        n = static_value(self.N)
         if parallel and n is not None and n >= 4 * self.nr:
             # two column halves per block of rows (whole panels; the second holds the ragged ones), so
             # that a product of few rows (a batch of 32, a convolution's 128 channels) has a task per
@@ -181,7 +181,7 @@ class Gemm:
             packed_a = b.create("mem.alloc", result_types=[MemRefType((tiles, self.kc, self.mr), self.element)],
                                 name_hint="packed_a").result
 
-        m = _static(self.M)
+        m = static_value(self.M)
         left = m % self.mr if m is not None and self.mc % self.mr == 0 else None  # (blocks but the last hold whole tiles)
 
         def k_slice(kb, k0):
@@ -201,7 +201,7 @@ class Gemm:
         share one set (at 1024 floats, 1024^3 ran a fifth slower, and 512 x 2048 x 2048 a third). Then A
         is packed, which costs a pass over it per block of rows and slice of K; other rows are read in
         place (packing cost a third at 128 columns of B, and gained nothing at 2 KB apart: two sets)."""
-        k = _static(self.K)
+        k = static_value(self.K)
         return self.load_a_vector is not None and k is not None and k * self.element.np_dtype.itemsize % 4096 == 0
 
     def pack_a(self, b, packed_a, i0, end, k0, k1):
@@ -247,7 +247,7 @@ class Gemm:
         L, lanes = self.L, self.lanes
         vectors = max(1, min(8, 12 // rows))
         row = _rows(L, b, first, rows)
-        n = _static(self.N)
+        n = static_value(self.N)
         if n is None or n > 2 * vectors * lanes:
             return self.sum_rows_of_b(b, row, SPLIT_K if parallel else 1)
 
@@ -424,8 +424,8 @@ def split_columns(L, b, lo, hi, lanes, body, span=None):
     then a ragged one (width = the columns left, fewer than lanes; None for the whole ones). With
     static bounds (or a static `span` = hi - lo) only the kinds of tile that occur are emitted (less code
     for LLVM to optimise)."""
-    if span is None and _static(hi) is not None and _static(lo) is not None:
-        span = _static(hi) - _static(lo)
+    if span is None and static_value(hi) is not None and static_value(lo) is not None:
+        span = static_value(hi) - static_value(lo)
     for vectors in (2, 1):
         end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(vectors * lanes)), L.idx(vectors * lanes)))
         if span is None or span >= vectors * lanes:
@@ -447,7 +447,7 @@ def if_else(L, b, condition, then, otherwise=None):
         bb.create("loop.yield", [])
 
 
-def _static(v):
+def static_value(v):
     op = v.defining_op()
     return op.attr("value") if op is not None and op.name == "arith.constant" else None
 
@@ -538,7 +538,7 @@ class DirectConv:
         L = self.L
         _, o_ch, _, ow = self.sizes
         per_group = L.op(b, "arith.div", o_ch, L.idx(self.groups))
-        static_per_group = _static(o_ch) // self.groups if _static(o_ch) is not None else None
+        static_per_group = static_value(o_ch) // self.groups if static_value(o_ch) is not None else None
         scratch = b.create("mem.alloc", result_types=[MemRefType((MR, self.nr), self.element)], name_hint="tile").result
 
         zero = L.const(b, 0, self.element)
@@ -738,6 +738,6 @@ def _static_product(dims):
 def _product(L, b, values):
     out = values[0]
     for v in values[1:]:
-        a, c = _static(out), _static(v)
+        a, c = static_value(out), static_value(v)
         out = L.idx(a * c) if a is not None and c is not None else L.op(b, "arith.mul", out, v)
     return out

@@ -359,6 +359,22 @@ def test_generated_slices_read_in_place_by_a_fused_kernel_agree_with_numpy(start
     np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x, y), np.tanh(picked) * y, rtol=1e-5, atol=1e-6)
 
 
+@settings(max_examples=15, deadline=None)
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), data=st.data(), dynamic=st.booleans())
+def test_pads_fill_the_border_once_and_agree_with_numpy(shape, data, dynamic):
+    """A padded buffer's border is written slab by slab (each element once) around the copied input:
+    every mix of low and high widths (zero included) along every axis, a `?` first dim too."""
+    low = data.draw(st.lists(st.integers(0, 2), min_size=len(shape), max_size=len(shape)))
+    high = data.draw(st.lists(st.integers(0, 2), min_size=len(shape), max_size=len(shape)))
+    t = lambda dims: "tensor<" + "".join(f"{d}x" for d in (("?",) + tuple(dims[1:]) if dynamic else dims)) + "f32>"
+    out = [d + lo + hi for d, lo, hi in zip(shape, low, high)]
+    text = f"""func.func @f(%x: {t(shape)}) -> {t(out)} {{
+      %y = mlc.pad %x {{low = {low}, high = {high}, value = -2.5}} : ({t(shape)}) -> {t(out)}
+      return %y : {t(out)} }}"""
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_array_equal(mlc.compile(mlc.parse(text), cache=False)["f"](x), np.pad(x, list(zip(low, high)), constant_values=-2.5))
+
+
 def test_a_sum_of_adjoining_zero_pads_computes_the_sum():
     """(canonicalize makes it one concat, padded where the pads leave columns out; filecheck/canonicalize.ir)"""
     text = """module { func.func @f(%a: tensor<?x2xf32>, %b: tensor<?x3xf32>, %c: tensor<?x1xf32>) -> tensor<?x8xf32> {

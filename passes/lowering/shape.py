@@ -9,6 +9,7 @@ from mlc.ir.diagnostics import error
 from mlc.ir.dialects.shapes import norm_axis
 from mlc.ir.types import TensorType
 
+from ..gemm import static_value
 from .core import STORAGE_ELSEWHERE, FunctionLowering, as_index, copy_nest, rule
 
 
@@ -124,15 +125,25 @@ def pad(L: FunctionLowering, op: Operation):
 
 
 def padded(L: FunctionLowering, x, low, high, value=0, name_hint=None):
-    """A new buffer holding x with `low`/`high` elements of `value` before/after each dim."""
+    """A new buffer holding x with `low`/`high` elements of `value` before/after each dim (each element
+    written once: the border filled slab by slab, the rest copied)."""
     t = TensorType(tuple(None if d is None else d + lo + hi for d, lo, hi in zip(x.type.shape, low, high)), x.type.element)
     in_sizes = L.dims(x)
     sizes = [L.op(L.b, "arith.add", s, L.idx(lo + hi)) if d is None else L.idx(d) for s, d, lo, hi in zip(in_sizes, t.shape, low, high)]
     out = L.alloc(t, sizes, name_hint)
-    L.nest(sizes, lambda b, ivs: b.create("mem.store", [L.const(b, value, t.element), out] + ivs))
+    for k in (k for k, (lo, hi) in enumerate(zip(low, high)) if lo or hi):  # the border, once: per padded
+        # axis k, its low and high slabs, spanning the axes before it inside only (their slabs have the rest)
+        for start, size in ((L.idx(0), L.idx(low[k])), (L.op(L.b, "arith.add", in_sizes[k], L.idx(low[k])), L.idx(high[k]))):
+            if static_value(size) == 0:
+                continue
+            slab = [in_sizes[j] if j < k else size if j == k else sizes[j] for j in range(len(sizes))]
+            at = [L.idx(low[j]) if j < k else start if j == k else None for j in range(len(sizes))]
+            L.nest(slab, lambda b, ivs, at=at: b.create("mem.store", [L.const(b, value, t.element), out] + [
+                iv if a is None or static_value(a) == 0 else L.op(b, "arith.add", iv, a) for iv, a in zip(ivs, at)]))
     copy_nest(L, x, out, in_sizes, lambda b, ivs: ivs,
               lambda b, ivs: [L.op(b, "arith.add", iv, L.idx(lo)) if lo else iv for iv, lo in zip(ivs, low)])
     return out
+
 
 
 @rule("mlc.concat")
