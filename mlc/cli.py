@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_optimizer_arguments(c)
     c.set_defaults(func=cmd_compile)
 
+    u = sub.add_parser("tune", help="measure the best tile sizes of each product and convolution on this machine",
+                       description="Compile each matrix product and convolution of FILE alone with each candidate block "
+                                   "of rows and slice of K, time them, and keep the best in this machine's tuning table "
+                                   "(in the cache directory, $MLC_CACHE_DIR): later compiles here use it.")
+    u.add_argument("file", metavar="FILE")
+    u.add_argument("--batch", type=int, default=32, metavar="N", help="the size every '?' dim takes while timing (default 32)")
+    u.add_argument("--train", action="store_true", help="also tune @train_step's products (the train_step pass, as compile --train)")
+    add_optimizer_arguments(u)
+    u.set_defaults(func=cmd_tune)
+
     t = sub.add_parser("train", help="train a model's trainable globals",
                        description="Train FILE's trainable globals on DATA: shuffled mini-batches through one compiled "
                                    "step (loss, gradients, optimiser), a progress bar, per-epoch evaluation and "
@@ -263,6 +273,27 @@ def cmd_compile(args):
         exe = compiler.compile(module, args.target, cache=False)
         text = exe.jit.optimised_ir if args.emit == "llvm" else exe.jit.assembly()
     return emit_text(text, args.output)
+
+
+def cmd_tune(args):
+    from mlc.passes import PassManager
+    from mlc.runtime import tuning
+    from mlc.tune import tune
+    if args.batch < 1:
+        raise error(Location("--batch", 0, 0), f"must be at least 1, got {args.batch}")
+    module = load_module(args.file)
+    if args.train:
+        from mlc.train import train_step_pipeline
+        PassManager.parse(train_step_pipeline(optimizer_options(args))).run(module)
+
+    def report(t):
+        choice = "default" if t.best_ms == t.default_ms else f"mc={t.sizes[0]} kc={t.sizes[1] or 'auto'}"
+        print(f"{t.default_ms:9.3f} ms -> {t.best_ms:9.3f} ms  {choice:<16} {t.key}", flush=True)
+    if not tune(module, args.batch, report=report):
+        print(f"{args.file}: nothing to tune (no f32/f64 products or convolutions)", file=sys.stderr)
+        return 0
+    print(f"wrote {tuning.path()}", file=sys.stderr)
+    return 0
 
 
 def compile_cuda(module, args):

@@ -21,6 +21,7 @@ from mlc.ir.diagnostics import DiagnosticError, UnsupportedError, error
 from mlc.ir.types import NATIVE, ElementType
 from mlc.ir.verifier import verify
 from mlc.passes import PassManager
+from mlc.runtime import tuning
 from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable, profiling_at_exit
 from mlc.runtime.profile import describe
@@ -36,21 +37,34 @@ def pipeline(target: str = "cpu") -> str:
     return f"cpu{{vector-bytes={host_vector_bytes()}}}" if target == "cpu" else "cuda"
 
 
-def lower(module: Module, target: str = "cpu", described: dict | None = None) -> Module:
-    """A copy of the module lowered to loop-level IR (what `mlc compile --emit loops` prints). With a
-    dict `described`, it receives the descriptions of the tensor ops as lowering finds them (profiling)."""
-    _check_target(module, target)
-    lowered = module.clone()
+def _stages(target: str) -> tuple[list, list]:
+    """The target's pipeline: its tensor-level passes, and the rest (from lower-to-loops on)."""
     passes = PassManager.parse(pipeline(target)).passes
+    at = next(i for i, p in enumerate(passes) if p.name == "lower-to-loops")
+    return passes[:at], passes[at:]
+
+
+def tensor_stage(module: Module, target: str = "cpu") -> Module:
+    """A copy of the module after the target's tensor-level passes (fused, laid out, bufferized)."""
+    _check_target(module, target)
+    staged = module.clone()
+    PassManager(_stages(target)[0], verify_each=False).run(staged)
+    return staged
+
+
+def lower(module: Module, target: str = "cpu", described: dict | None = None) -> Module:
+    """A copy of the module lowered to loop-level IR (what `mlc compile --emit loops` prints), its
+    products and convolutions blocked as this host's tuning table says (runtime/tuning.py). With a
+    dict `described`, it receives the descriptions of the tensor ops as lowering finds them (profiling)."""
+    lowered = tensor_stage(module, target)
+    if target == "cpu":
+        tuning.annotate(lowered)
     if described is not None:
-        at = next(i for i, p in enumerate(passes) if p.name == "lower-to-loops")
-        PassManager(passes[:at], verify_each=False).run(lowered)
         for f in lowered.functions.values():  # each tensor op a kernel of its own, wherever it came from
             for k, op in enumerate(f.body):
                 op.loc = op.loc._replace(scope=k + 1)
         described.update(describe(lowered))
-        passes = passes[at:]
-    PassManager(passes, verify_each=False).run(lowered)
+    PassManager(_stages(target)[1], verify_each=False).run(lowered)
     try:  # (once, at the end: verifying after every pass took a third of the passes' time)
         verify(lowered)
     except DiagnosticError:  # again, verified after each pass: the error names the pass that broke the module

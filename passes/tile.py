@@ -15,11 +15,14 @@ the weights as A and the im2col of the input packed as B's panels (gemm.ConvAsGe
 
 The options fix the shape of the tiles, so the same pipeline prints the same IR on every machine; the
 compiler driver (mlc/compiler.py) gives the host's vector width: `tile{vector-bytes=64}` with AVX-512.
+An op's own `tile = [mc, kc]` (what `mlc tune` measured best for its shape on this host) replaces
+the options for it.
 `kc=0` (the default) takes gemm.py's depth for the vector width (256, or 192 with 64-byte vectors).
 """
 from __future__ import annotations
 
 from mlc.ir.core import Builder, Module, Operation
+from mlc.ir.diagnostics import error
 from mlc.ir.dialects.loops import Matmul
 
 from . import gemm
@@ -50,6 +53,14 @@ class Tile(Pass):
                     (self.tile_matmul if op.name == "mem.matmul" else self.tile_conv)(builder, op)
                 op.erase()
 
+    def sizes(self, op: Operation) -> dict:
+        """mc and kc: the op's `tile` (measured by `mlc tune`) where it has one, else the options."""
+        mc, kc = op.attr("tile") or (self.option("mc"), self.option("kc"))
+        if mc <= 0 or mc % gemm.MR_AVX512 or kc < 0:
+            raise error(op.loc, f"{op.name}'s tile = [mc, kc] needs mc a positive multiple of {gemm.MR_AVX512} and kc >= 0 "
+                                f"(0: by the vector width), got [{mc}, {kc}]")
+        return {"mc": mc, "kc": kc}
+
     def tile_conv(self, L: LoopBuilder, op: Operation) -> None:
         """The direct convolution of gemm.py (micro-tiles of 6 output channels x 2 vectors of 32 bytes
         along an output row: image rows are often narrower than wider tiles), or, for small images,
@@ -64,7 +75,7 @@ class Tile(Pass):
             # (no_spare: the lowering padded the input for the product, lowering/conv.py)
             gemm.ConvAsGemm(x, w, out, [n, o_ch, oh, ow], (sy, sx), (dh, dw), op.attr("groups"), e,
                             None if _is_identity(op) else lambda eb, flat, at, indices, value: store_through_epilogue(eb, op, flat, at, indices, value),
-                            vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc")).emit(L, L.b)
+                            vector_bytes=self.option("vector-bytes"), **self.sizes(op)).emit(L, L.b)
             return
         span = L.op(L.b, "arith.add", ow, L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw)))
         needed = L.op(L.b, "arith.add", span, L.idx(gemm.DirectConv.extra_columns(e)))
@@ -92,7 +103,7 @@ class Tile(Pass):
                   load_b_vector=load_vector(b, at_b, tb), c=c, c_prefix=at_c,
                   epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]),
                   load_a_vector=load_vector(a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
-                  vector_bytes=self.option("vector-bytes"), kc=self.option("kc"), mc=self.option("mc"),
+                  vector_bytes=self.option("vector-bytes"), **self.sizes(op),
                   pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
 

@@ -50,9 +50,9 @@ from mlc.ir.memory import check_fits_in_memory
 from mlc.ir.parser import parse_module
 from mlc.ir.verifier import verify
 
-from . import trust
+from . import trust, tuning
 from .executable import Executable, FunctionCode
-from .files import load_npy, write_atomically
+from .files import cache_dir, load_npy, write_atomically
 from .gpu import GpuExecutable, Kernel
 from .jit import JitModule, host_key, unarchive
 
@@ -444,10 +444,6 @@ def _rebuilt(rebuild, module, target, arch, globals_, where):
 
 # --- the compile cache --------------------------------------------------------------------------------------
 
-def cache_dir() -> str:
-    return os.environ.get("MLC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlc")
-
-
 @functools.cache
 def compiler_fingerprint() -> str:
     """A hash of the compiler's own source, so code cached by an older compiler is not reused."""
@@ -463,9 +459,10 @@ def compiler_fingerprint() -> str:
 
 def _cache_path(module, target: str = "cpu", arch: str = "", profile: bool = False) -> str:
     """Keyed on the module and the file it came from (its run-time checks name it), the compiler's source
-    and what the code is for: the host (CPU), or the GPU architecture and the libdevice the PTX links
-    (CUDA); profiled code (runtime/profile.py) apart."""
-    machine = host_key() if target == "cpu" else {"arch": arch, "libdevice": _libdevice_key(), "llvmlite": host_key()["llvmlite"]}
+    and what the code is for: the host and its tuning table (CPU), or the GPU architecture and the
+    libdevice the PTX links (CUDA); profiled code (runtime/profile.py) apart."""
+    machine = {**host_key(), "tuning": tuning.digest()} if target == "cpu" else \
+        {"arch": arch, "libdevice": _libdevice_key(), "llvmlite": host_key()["llvmlite"]}
     key = json.dumps([str(module), module.loc.file, compiler_fingerprint(), target, machine] + (["profile"] if profile else []),
                      sort_keys=True).encode()
     return os.path.join(cache_dir(), _sha(key) + ".mlcz")

@@ -22,6 +22,11 @@ _TEMPORARY = re.compile(r"\.tmp-(?:(\d+)-[0-9a-f]{8}-)?")
 _GRACE, _STALE = 60, 3600  # seconds
 
 
+def cache_dir() -> str:
+    """Where compiled code and tuning tables are kept: $MLC_CACHE_DIR, else ~/.cache/mlc."""
+    return os.environ.get("MLC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mlc")
+
+
 def write_atomically(path, data: bytes, mode: int = 0o666, replace: bool = True) -> bool:
     """Write `data` as the file `path`, created with `mode` less the umask (as open() does). With
     replace=False an existing file is kept and False returned: of several processes creating the same

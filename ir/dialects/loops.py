@@ -421,13 +421,14 @@ class Matmul(OpDef):
     The buffers' last two dims are the matrices; index operands pick one: first those of %a's leading
     dims, then %b's, then %c's (here %a[%n] and %c[%n]). `transpose_a`/`transpose_b` say the operand
     is stored transposed. The epilogue gets the row, the column and the product there, and yields
-    the element of C (`mem.yield %acc` for the product itself)."""
+    the element of C (`mem.yield %acc` for the product itself). `tile = [mc, kc]`: the tile pass's
+    block of rows and slice of K for this product (measured by `mlc tune`), in place of its options."""
     name = "mem.matmul"
     operands = (3, None)
     results = 0
     regions = 1
     traits = {WRITES}
-    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False)}
+    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False), "tile": Attr("ints")}
 
     @staticmethod
     def split(items, ranks) -> tuple[list, list]:
@@ -480,13 +481,13 @@ class Conv2d(OpDef):
     with g = o's group (w is OIHW: C input channels per group) and stride = [sy, sx]. The input is
     already padded; the direct convolution (stride 1 along x) also reads up to 2 vectors (of 32
     bytes) past the last column it needs, so the input must have those columns too (lower-to-loops
-    pads with them; tile checks at run time)."""
+    pads with them; tile checks at run time). `tile = [mc, kc]` as for mem.matmul, where it runs as a product."""
     name = "mem.conv2d"
     operands = 3
     results = 0
     regions = 1
     traits = {WRITES}
-    attrs = {"stride": Attr("ints", [1, 1]), "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1)}
+    attrs = {"stride": Attr("ints", [1, 1]), "dilation": Attr("ints", [1, 1]), "groups": Attr("int", 1), "tile": Attr("ints")}
 
     @staticmethod
     def infer(op, ctx):

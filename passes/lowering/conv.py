@@ -67,6 +67,8 @@ def _tiled_conv2d(L: FunctionLowering, op: Operation, x, w, epilogue=None):
     block = Block([index] * 4 + [e], ["n", "o", "y", "x", "acc"])
     attrs = {name: value for name, value, default in (("stride", list(stride), [1, 1]), ("dilation", list(dilation), [1, 1]), ("groups", groups, 1))
              if value != default}
+    if op.attr("mlc.tile") is not None:  # (tile sizes `mlc tune` measured for this convolution)
+        attrs["tile"] = op.attr("mlc.tile")
     L.b.create("mem.conv2d", [xp, w, out], attrs or None, regions=[Region([block])])
     eb = Builder.at_end(block, L.module, L.b.loc)
     eb.create("mem.yield", [epilogue(eb, block.args[4], list(block.args[:4])) if epilogue else block.args[4]])

@@ -38,6 +38,8 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
         def product(b, bi):
             block = Block([index, index, t.element], ["i", "j", "acc"])
             flags = {name: True for name, on in (("transpose_a", ta), ("transpose_b", tb)) if on}
+            if op.attr("mlc.tile") is not None:  # (tile sizes `mlc tune` measured for this product)
+                flags["tile"] = op.attr("mlc.tile")
             b.create("mem.matmul", [a, bm, out, *read_a(b, bi), *read_b(b, bi), *bi], flags or None, regions=[Region([block])])
             i, j, acc = block.args
             eb = Builder.at_end(block, L.module, b.loc)
