@@ -16,7 +16,8 @@ like every other lowering:
         epilogue, row by row, while the rows are still in cache (bias, activation, ...)
 
 A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
-operands read through their transpose (no copy). A product of at most STREAM_ROWS rows (a batch of 1, a GEMV)
+operands read through their transpose (no copy); A is packed too, per block of rows and slice of K,
+only where its rows lie a multiple of 4 KB apart (a_rows_collide). A product of at most STREAM_ROWS rows (a batch of 1, a GEMV)
 packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
 along its rows (tiles of up to 8 vectors of C's row; where B's rows are longer, C's rows summed in
 memory as B's rows stream by in order, K split over threads) or, where B is read through its transpose (the weight of
