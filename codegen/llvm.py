@@ -779,6 +779,8 @@ def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int)
     chunk = ir.Function(self.parent.llvm, ir.FunctionType(ir.VoidType(), [PTR, I64, I64]),
                         name=self.parent.llvm.get_unique_name(f"{self.fn.name}.par"))
     chunk.attributes.add("noinline")  # one copy of each kernel, however many places call it
+    if op.attr("compact"):
+        chunk.attributes.add("optsize")
     sub = FunctionEmitter.outlined(self, chunk)
     sub.sequential_outline = not parallel and self.threads
     ctx, lo, hi = chunk.args

@@ -46,6 +46,7 @@ MC = 48            # rows of C per parallel block (a multiple of MR and MR_AVX51
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
 SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
 CONV_GEMM_PIXELS = 784  # a convolution's result image of at most this many pixels (28 x 28) runs as a product
+IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
 
@@ -126,7 +127,10 @@ class Gemm:
                 j0 = L.op(tb, "arith.mul", L.op(tb, "arith.sub", t, L.op(tb, "arith.mul", block, L.idx(2))), L.idx(half))
                 if n == 2 * half:
                     return self.row_block(tb, i0, j0, L.op(tb, "arith.add", j0, L.idx(half)), half)
-                self.row_block(tb, i0, j0, L.op(tb, "arith.minimum", L.op(tb, "arith.add", j0, L.idx(half)), self.N))
+                # (each half its own static width: only the kinds of tile it has are emitted, and LLVM
+                # took 0.5 s over the one with every kind a width known at run time needs)
+                if_else(L, tb, L.op(tb, "arith.lt", j0, L.idx(half)), lambda fb: self.row_block(fb, i0, L.idx(0), L.idx(half), half),
+                        lambda sb: self.row_block(sb, i0, L.idx(half), L.idx(n), n - half))
             L.loop(b, L.idx(0), L.op(b, "arith.mul", blocks, L.idx(2)), task, parallel=True)
         else:
             L.loop(b, L.idx(0), self.M, lambda ib, i0: self.row_block(ib, i0), parallel=parallel, step=self.mc)
@@ -134,9 +138,9 @@ class Gemm:
     # --- packing -------------------------------------------------------------------------------------
     def pack_b(self, b, panels, parallel):
         L, lanes = self.L, self.lanes
-        if self.pack_panel is not None:
+        if self.pack_panel is not None:  # (an im2col: scalar gathers, compiled for size, 4x faster to compile, as fast to run)
             L.loop(b, L.idx(0), panels, lambda pb, jp: self.pack_panel(self, pb, jp, L.op(pb, "arith.mul", jp, L.idx(self.nr))),
-                   parallel=parallel)
+                   parallel=parallel, compact=True)
             return
 
         def full(pb, jp):
@@ -707,29 +711,31 @@ class ConvAsGemm:
         (sy, sx), (dh, dw) = self.stride, self.dilation
         last = L.op(b, "arith.sub", pixels, L.idx(1))
         zero = L.const(b, 0, self.element)
-        columns = []
-        for t in range(g.nr):
-            j = L.op(b, "arith.add", j0, L.idx(t))
-            inside = L.op(b, "arith.lt", j, pixels)
-            j = L.op(b, "arith.minimum", j, last)
-            y = L.op(b, "arith.div", j, ow)
-            x = L.op(b, "arith.sub", j, L.op(b, "arith.mul", y, ow))
-            columns.append((L.op(b, "arith.mul", y, L.idx(sy)), L.op(b, "arith.mul", x, L.idx(sx)), inside))
         channels, kh, kw = (L.dim(self.w, a) for a in (1, 2, 3))
         first = L.op(b, "arith.mul", group, channels)
 
-        def row(rb, c, i, j):
-            kk = L.op(rb, "arith.add", L.op(rb, "arith.mul", L.op(rb, "arith.add", L.op(rb, "arith.mul", c, kh), i), kw), j)
-            channel = L.op(rb, "arith.add", first, c)
-            dy, dx = L.op(rb, "arith.mul", i, L.idx(dh)), L.op(rb, "arith.mul", j, L.idx(dw))
-            for t, (ty, tx, inside) in enumerate(columns):
-                x = L.op(rb, "arith.add", tx, dx)
-                x = x if last_x is None else L.op(rb, "arith.minimum", x, last_x)
-                v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), x]).result
-                rb.create("mem.store", [L.op(rb, "arith.select", inside, v, zero), g.packed, jp, kk, L.idx(t)])
+        def part(pb, t0):  # columns t0 .. t0 + IM2COL_COLUMNS of the panel
+            columns = []
+            for t in range(IM2COL_COLUMNS):
+                j = L.op(pb, "arith.add", L.op(pb, "arith.add", j0, t0), L.idx(t))
+                inside = L.op(pb, "arith.lt", j, pixels)
+                j = L.op(pb, "arith.minimum", j, last)
+                y = L.op(pb, "arith.div", j, ow)
+                x = L.op(pb, "arith.sub", j, L.op(pb, "arith.mul", y, ow))
+                columns.append((L.op(pb, "arith.mul", y, L.idx(sy)), L.op(pb, "arith.mul", x, L.idx(sx)), inside))
 
-        # (the panel's columns unrolled, the window not: code size, which compile time follows)
-        L.nest([channels, kh, kw], lambda rb, cij: row(rb, *cij), parallel=False, b=b)
+            def row(rb, c, i, j):
+                kk = L.op(rb, "arith.add", L.op(rb, "arith.mul", L.op(rb, "arith.add", L.op(rb, "arith.mul", c, kh), i), kw), j)
+                channel = L.op(rb, "arith.add", first, c)
+                dy, dx = L.op(rb, "arith.mul", i, L.idx(dh)), L.op(rb, "arith.mul", j, L.idx(dw))
+                for t, (ty, tx, inside) in enumerate(columns):
+                    x = L.op(rb, "arith.add", tx, dx)
+                    x = x if last_x is None else L.op(rb, "arith.minimum", x, last_x)
+                    v = rb.create("mem.load", [self.xp, bn, channel, L.op(rb, "arith.add", ty, dy), x]).result
+                    rb.create("mem.store", [L.op(rb, "arith.select", inside, v, zero), g.packed, jp, kk, L.op(rb, "arith.add", t0, L.idx(t))])
+            L.nest([channels, kh, kw], lambda rb, cij: row(rb, *cij), parallel=False, b=pb)
+        # (IM2COL_COLUMNS columns unrolled, the window not, in a loop compiled for size: pack_b)
+        L.loop(b, L.idx(0), L.idx(g.nr), part, step=IM2COL_COLUMNS)
 
 
 def _static_product(dims):

@@ -299,7 +299,9 @@ class For(OpDef):
     """`for i in range(lb, ub, step)` over its region, whose first argument is the index. Values after
     the bounds are carried from one iteration to the next (MLIR's iter_args): the body receives them
     after the index, yields their next values, and the loop's results are the last ones (the initial
-    values when it runs no iteration). `parallel` marks loops whose iterations are independent.
+    values when it runs no iteration). `parallel` marks loops whose iterations are independent;
+    `compact` asks for small code where the loop becomes a function of its own (LLVM's optsize): loops
+    of scalar gathers, which LLVM's unrollers and vectorisers only enlarge (and take long to).
 
         %sum = loop.for %c0, %n, %zero {step = 1} : (index, index, f32) -> f32 {
         ^bb0(%i: index, %acc: f32):
@@ -311,7 +313,7 @@ class For(OpDef):
     operands = (2, None)
     results = None
     regions = 1
-    attrs = {"step": Attr("int", 1), "parallel": Attr("bool", False)}
+    attrs = {"step": Attr("int", 1), "parallel": Attr("bool", False), "compact": Attr("bool", False)}
 
     @staticmethod
     def infer(op, ctx):

@@ -86,11 +86,13 @@ class LoopBuilder:
             self.loop(b, self.idx(0), sizes[len(ivs)], lambda inner, iv: level(inner, ivs + [iv]), flags[len(ivs)])
         level(b or self.b, [])
 
-    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1, carried=()):
+    def loop(self, b: Builder, lb: Value, ub: Value, body, parallel: bool = False, step: int = 1, carried=(), compact=False):
         """One loop.for from lb to ub; body(builder, iv) fills it. With `carried` initial values,
-        body(builder, iv, *values) returns their next values and the loop returns the last ones."""
+        body(builder, iv, *values) returns their next values and the loop returns the last ones.
+        `compact`: compiled for size (loops.For)."""
         block = Block([index] + [v.type for v in carried], ["i"] + ["acc"] * len(carried))
-        attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {})}
+        attrs = {**({"parallel": True} if parallel else {}), **({"step": step} if step != 1 else {}),
+                 **({"compact": True} if compact else {})}
         loop = b.create("loop.for", [lb, ub, *carried], attrs or None, regions=[Region([block])])
         inner = Builder.at_end(block, self.module, b.loc)
         out = body(inner, *block.args)
