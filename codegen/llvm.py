@@ -712,11 +712,10 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     small functions much faster than one large one. A parallel loop's function is handed to the
     runtime's `mlc_parallel_for`, which splits the trips over threads when the work is large enough.
     Values the body uses (and the loop's bounds) travel in `ctx`."""
-    block = op.regions[0].blocks[0]
-    inside = {r for o in op.regions[0].walk() for r in o.results} | {a for o in op.regions[0].walk()
-                                                                      for rg in o.regions for b in rg.blocks for a in b.args}
+    block, body = op.regions[0].blocks[0], list(op.regions[0].walk())
+    inside = {r for o in body for r in o.results} | {a for o in body for rg in o.regions for b in rg.blocks for a in b.args}
     inside |= set(block.args)
-    free = list(dict.fromkeys(v for o in op.regions[0].walk() for v in o.operands if v not in inside))
+    free = list(dict.fromkeys(v for o in body for v in o.operands if v not in inside))
     slots, layout = [], []  # (llvm value, type) per 8-byte ctx slot; layout rebuilds the values inside
     for v in free:
         val = self.get(v)

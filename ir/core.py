@@ -174,9 +174,7 @@ class Operation:
     # --- traversal -----------------------------------------------------------------------------------
     def walk(self) -> Iterator["Operation"]:
         """Pre-order over this op and every op nested in its regions."""
-        yield self
-        for r in self.regions:
-            yield from r.walk()
+        return _preorder([self])
 
     def clone(self, mapping: dict | None = None) -> "Operation":
         """A deep copy; operands are remapped through `mapping` (filled with this op's results)."""
@@ -267,8 +265,7 @@ class Block:
         self._len -= 1
 
     def walk(self) -> Iterator[Operation]:
-        for op in self:
-            yield from op.walk()
+        return _preorder(list(self))
 
     def nested_blocks(self) -> list["Block"]:
         """This block and every block in the regions of the ops within it."""
@@ -294,8 +291,7 @@ class Region:
         return self.blocks[0]
 
     def walk(self) -> Iterator[Operation]:
-        for b in self.blocks:
-            yield from b.walk()
+        return _preorder([op for b in self.blocks for op in b])
 
     def clone(self, mapping: dict) -> "Region":
         region = Region()
@@ -306,6 +302,21 @@ class Region:
             for op in b:
                 nb.append(op.clone(mapping))
         return region
+
+
+def _preorder(ops: list) -> Iterator[Operation]:
+    """`ops` in order, each followed by the ops nested in its regions, depth first: one generator and a
+    stack, not a generator per level of nesting (walks were a tenth of compiling a model). A block's
+    ops are read when its op is reached."""
+    stack = ops[::-1]
+    while stack:
+        op = stack.pop()
+        yield op
+        for r in reversed(op.regions):
+            for b in reversed(r.blocks):
+                inner = list(b)
+                inner.reverse()
+                stack.extend(inner)
 
 
 # --- functions and modules -----------------------------------------------------------------------
