@@ -278,7 +278,7 @@ def cmd_compile(args):
 def cmd_tune(args):
     from mlc.passes import PassManager
     from mlc.runtime import tuning
-    from mlc.tune import tune
+    from mlc.tune import DEFAULT, tune
     if args.batch < 1:
         raise error(Location("--batch", 0, 0), f"must be at least 1, got {args.batch}")
     module = load_module(args.file)
@@ -287,8 +287,8 @@ def cmd_tune(args):
         PassManager.parse(train_step_pipeline(optimizer_options(args))).run(module)
 
     def report(t):
-        choice = "default" if t.best_ms == t.default_ms else f"mc={t.sizes[0]} kc={t.sizes[1] or 'auto'}"
-        print(f"{t.default_ms:9.3f} ms -> {t.best_ms:9.3f} ms  {choice:<16} {t.key}", flush=True)
+        choice = "default" if t.sizes == DEFAULT else f"mc={t.sizes[0]} kc={t.sizes[1] or 'auto'}"
+        print(f"{t.default_ms:10.4f} ms -> {t.best_ms:10.4f} ms  {choice:<16} {t.key}", flush=True)
     if not tune(module, args.batch, report=report):
         print(f"{args.file}: nothing to tune (no f32/f64 products or convolutions)", file=sys.stderr)
         return 0

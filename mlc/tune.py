@@ -5,8 +5,9 @@ slice of K (kc) measured best on this host, stored in the cache directory's tuni
 Each distinct op (its name, operand types and kernel-shaping attributes: runtime/tuning.key) is
 compiled alone, with every `?` dim set to `batch`, once per candidate pair, and the candidates are
 timed in turn, several rounds over: the best of many single calls (this machine's other tenants only
-ever add time). A candidate replaces the defaults only where it is faster by more than MARGIN; else
-the defaults are recorded. The direct convolution (large images) has no such sizes and is left out."""
+ever add time). A candidate replaces the defaults only where it is faster by more than MARGIN and
+MIN_GAIN; else the defaults are recorded. The direct convolution (large images) has no such sizes
+and is left out."""
 from __future__ import annotations
 
 import time
@@ -23,7 +24,7 @@ from . import compiler
 
 CANDIDATES = tuple((mc, kc) for mc in (24, 48, 96) for kc in (0, 128, 256, 384))  # (kc 0: by the vector width)
 DEFAULT = (gemm.MC, 0)
-MARGIN = 0.05
+MARGIN, MIN_GAIN = 0.05, 5e-6  # a candidate must win by both (a few microseconds of a tiny product are the call's jitter)
 ROUNDS = 3            # the candidates timed in turn, ROUNDS times over (a noisy moment hits all alike)
 ROUND_SECONDS = 0.05  # per candidate and round (at least MIN_CALLS calls)
 MIN_CALLS = 3
@@ -55,7 +56,7 @@ def tune(module: Module, batch: int = 32, candidates=CANDIDATES, report=None) ->
             for k, run in enumerate(runs):
                 best[k] = min(best[k], _best_call(run, inputs))
         winner = min(range(len(sizes)), key=best.__getitem__)
-        if best[winner] > best[0] * (1 - MARGIN):
+        if best[winner] > best[0] * (1 - MARGIN) or best[0] - best[winner] < MIN_GAIN:
             winner = 0
         entries[key] = list(sizes[winner])
         results.append(Tuned(key, best[0] * 1e3, best[winner] * 1e3, sizes[winner]))
