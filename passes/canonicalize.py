@@ -8,19 +8,13 @@ import numpy as np
 from mlc.ir.attributes import UNIT, DenseAttr, to_attr
 from mlc.ir.core import BlockArgument, Module
 from mlc.ir.diagnostics import DiagnosticError
+from mlc.ir.dialects.mlc import constant_value
 from mlc.ir.registry import HAS_REGION, PURE
 from mlc.ir.types import TensorType
 
 from .effects import impure_functions, removable_if_unused
 from .manager import Pass
 from .patterns import apply_greedily
-
-
-def constant_value(v):
-    op = v.defining_op()
-    if op is not None and op.name == "mlc.constant":
-        return op.attributes["value"].value
-    return None
 
 
 class Canonicalize(Pass):

@@ -49,10 +49,10 @@ import numpy as np
 from mlc.ir.attributes import DenseAttr, StringAttr, SymbolRefAttr, TypeAttr
 from mlc.ir.core import Builder, FuncOp, Module, Operation, Value, create_op
 from mlc.ir.diagnostics import error
+from mlc.ir.dialects.mlc import constant_value
 from mlc.ir.types import TensorType, f64, i64
 
 from .builder import OpBuilder
-from .canonicalize import constant_value
 from .grad import differentiate
 from .inline import inline_call
 from .manager import Pass

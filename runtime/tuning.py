@@ -83,14 +83,10 @@ def digest() -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest() if entries else ""
 
 
-def annotate(module, entries: dict | None = None) -> int:
-    """Give each product and convolution the table holds (and that has none yet) its `mlc.tile`;
-    returns how many."""
-    entries = load() if entries is None else entries
-    count = 0
+def annotate(module) -> None:
+    """Give each product and convolution this host's table holds (and that has none yet) its `mlc.tile`."""
+    entries = load()
     for op in tuned_ops(module) if entries else []:
         sizes = entries.get(key(op))
         if sizes is not None and "mlc.tile" not in op.attributes:
             op.attributes["mlc.tile"] = to_attr(list(sizes))
-            count += 1
-    return count

@@ -45,7 +45,8 @@ class RuntimeCheck(Exception):
 # updating it in place; or None.
 
 def _splat_equals(c, value) -> bool:
-    return c is not None and c.size > 0 and bool(np.all(c == value))
+    splat = _splat(c)
+    return splat is not None and bool(splat == value)
 
 
 def _same(v, op):
@@ -63,15 +64,16 @@ def _selected_splat(v):
     op = v.defining_op()
     if op is None or op.name != "mlc.select":
         return None
-    condition = _splat(_constant_of(op.operands[0]))
-    return None if condition is None else _splat(_constant_of(op.operands[1 if condition else 2]))
+    condition = _splat(constant_value(op.operands[0]))
+    return None if condition is None else _splat(constant_value(op.operands[1 if condition else 2]))
 
 
 def _splat(c):
     return c.reshape(-1)[0].reshape(()) if c is not None and c.size and np.all(c == c.reshape(-1)[0]) else None
 
 
-def _constant_of(v):
+def constant_value(v):
+    """v's value where an mlc.constant defines it, else None."""
     op = v.defining_op()
     return op.attributes["value"].value if op is not None and op.name == "mlc.constant" else None
 

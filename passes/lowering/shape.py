@@ -145,7 +145,6 @@ def padded(L: FunctionLowering, x, low, high, value=0, name_hint=None):
     return out
 
 
-
 @rule("mlc.concat")
 def concat(L: FunctionLowering, op: Operation):
     t = op.results[0].type
