@@ -80,7 +80,7 @@ class FunctionCode:
 
 
 class ModuleEmitter:
-    def __init__(self, module: Module, threads: bool = True, profile: dict | None = None):
+    def __init__(self, module: Module, threads: bool = True, profile: dict | None = None, send=None):
         self.module, self.threads = module, threads
         self.profile = profile  # the tensor ops' descriptions (runtime/profile.py's `describe`): time each kernel
         self.profiled: list[dict] = []  # each timed kernel's name and cost samples, in counter order
@@ -93,6 +93,7 @@ class ModuleEmitter:
         self.nests: dict[tuple, tuple] = {}  # nest_key -> (the first such nest, its function, its checks): a model
         #                                      repeats its layers' shapes, and LLVM's time grows with its code: each emitted once
         self.counters = None  # mlc_profile_counters, when profiling
+        self.parts = Parts(self.llvm, send)
 
     def emit(self) -> ir.Module:
         plans = self.plan_kernels() if self.profile is not None else {}
@@ -822,6 +823,7 @@ def _chunk(self: FunctionEmitter, op, parallel: bool, layout: list, values: int)
     sub.b.ret_void()
     sub.emit_exit()
     sub.prologue.branch(sub.entry)
+    self.parent.parts.finished(chunk)
     return chunk, sub.local_checks
 
 
@@ -1217,50 +1219,75 @@ def _bits(t) -> int:
     return {F16: 16, F32: 32, F64: 64}[t]
 
 
-def split_module(llvm: ir.Module, parts: int) -> tuple[str, list[str]]:
-    """The module's text, and the same code as `parts` modules of about equal size (LLVM optimises and
-    compiles each in a process of its own: runtime/jit.py). Every part declares what the others define;
-    the first defines the global variables (no longer internal: the others refer to them)."""
-    header = f'; ModuleID = "{llvm.name}"\ntarget triple = "{llvm.triple}"\ntarget datalayout = "{llvm.data_layout}"\n\n'
-    if parts > 1:
-        for g in llvm.global_values:
-            if isinstance(g, ir.GlobalVariable) and g.linkage == "internal":
-                g.linkage = ""
-    texts, sizes = {}, {}
-    for g in llvm.global_values:
-        texts[g.name] = str(g)
-        if isinstance(g, ir.Function) and g.blocks:
-            sizes[g.name] = len(texts[g.name])
-    metadata = "".join(f"{md}\n" for md in llvm.metadata)  # (branch weights: every part may refer to them)
-    assert not llvm.namedmetadata, "named metadata is not split"
-    whole = header + "\n".join(texts.values()) + "\n" + metadata
-    if parts <= 1:
-        return whole, [whole]
-    bins, loads = [[] for _ in range(parts)], [0] * parts
-    for name in sorted(sizes, key=sizes.get, reverse=True):  # the largest first, each to the lightest part
-        k = loads.index(min(loads))
-        bins[k].append(name)
-        loads[k] += sizes[name]
-    out = []
-    for k, mine in enumerate(map(set, bins)):
+PART_CHARS = 300_000  # LLVM IR text per part sent off during codegen (ResNet-18: 2.7 MB in about 9 parts)
+
+
+class Parts:
+    """The module's code as parts that LLVM optimises and compiles apart, each in a process of its own
+    (runtime/jit.py): a part is sent off as soon as its kernels are emitted, so that workers compile them
+    while codegen goes on. Every part declares what the others define; the last (`finish`) holds the
+    rest and defines the global variables (then no longer internal: the others refer to them)."""
+
+    def __init__(self, llvm: ir.Module, send=None, part_chars: int | None = None):
+        self.llvm, self.send, self.part_chars = llvm, send, part_chars or PART_CHARS
+        self.texts: dict[str, str] = {}  # function name -> its text, once emitted (kernels only)
+        self.batch: list[str] = []       # kernels emitted since the last part was sent
+        self.sent: set[str] = set()      # kernels sent
+
+    def finished(self, fn: ir.Function):
+        """`fn` is complete: its text joins the next part, sent once large enough."""
+        if self.send is None:
+            return
+        self.texts[fn.name] = str(fn)
+        self.batch.append(fn.name)
+        if sum(len(self.texts[name]) for name in self.batch) >= self.part_chars:
+            self.send(self._module(set(self.batch), last=False))
+            self.sent.update(self.batch)
+            self.batch = []
+
+    def finish(self) -> tuple[str, str]:
+        """The whole module's text, and the last part: all that was not sent (the whole, if nothing was)."""
+        if self.sent:
+            for g in self.llvm.global_values:
+                if isinstance(g, ir.GlobalVariable) and g.linkage == "internal":
+                    g.linkage = ""
+        for g in self.llvm.global_values:
+            if g.name not in self.texts:
+                self.texts[g.name] = str(g)
+        whole = self._header() + "\n".join(self.texts[g.name] for g in self.llvm.global_values) + self._metadata()
+        if not self.sent:
+            return whole, whole
+        return whole, self._module({g.name for g in self.llvm.global_values if isinstance(g, ir.Function) and g.blocks} - self.sent, last=True)
+
+    def _module(self, mine: set, last: bool) -> str:
         lines = []
-        for g in llvm.global_values:
-            if g.name in mine or (g.name not in sizes and (k == 0 or isinstance(g, ir.Function))):
-                lines.append(texts[g.name])
+        for g in self.llvm.global_values:
+            if g.name in mine or (isinstance(g, ir.Function) and not g.blocks):  # (intrinsics, libm: declared in every part)
+                lines.append(self.texts.get(g.name) or str(g))
             elif isinstance(g, ir.Function):
                 t = g.function_type
                 lines.append(f'declare {t.return_type} @"{g.name}"({", ".join(map(str, t.args))})')
+            elif last:
+                lines.append(self.texts[g.name])
             else:
                 lines.append(f'@"{g.name}" = external global {g.value_type}')
-        out.append(header + "\n".join(lines) + "\n" + metadata)
-    return whole, out
+        return self._header() + "\n".join(lines) + self._metadata()
+
+    def _header(self) -> str:
+        llvm = self.llvm
+        return f'; ModuleID = "{llvm.name}"\ntarget triple = "{llvm.triple}"\ntarget datalayout = "{llvm.data_layout}"\n\n'
+
+    def _metadata(self) -> str:
+        assert not self.llvm.namedmetadata, "named metadata is not split"
+        return "\n" + "".join(f"{md}\n" for md in self.llvm.metadata)  # (branch weights: any part may refer to them)
 
 
-def emit_module(module: Module, threads: bool = True, profile: dict | None = None) -> tuple[ir.Module, ModuleEmitter]:
+def emit_module(module: Module, threads: bool = True, profile: dict | None = None, send=None) -> tuple[ir.Module, ModuleEmitter]:
     """LLVM IR for a lowered module (see passes/lower_to_loops.py); with threads, large top-level
     parallel loops call the runtime's `mlc_parallel_for`. With `profile` (the tensor ops' descriptions,
-    runtime/profile.py's `describe`), each kernel is timed (see the module docstring)."""
-    emitter = ModuleEmitter(module, threads, profile)
+    runtime/profile.py's `describe`), each kernel is timed (see the module docstring). With `send`, parts
+    of the module go to it as they are emitted (`Parts`); `emitter.parts.finish()` gives the rest."""
+    emitter = ModuleEmitter(module, threads, profile, send)
     try:
         return emitter.emit(), emitter
     except ValueError as e:

@@ -1,8 +1,8 @@
 """The compiler driver: a verified module, through its target's pipeline, to loaded native code.
 
     tensor IR --`cpu{vector-bytes=N}` (passes/pipelines.py)--> loop IR --codegen/llvm.py--> LLVM IR
-              (in parts when large) --runtime/jit.py (optimise, object code: parts in worker
-              processes, load)--> runtime.Executable
+              (in parts when large, sent as they are made) --runtime/jit.py (optimise, object code:
+              parts in worker processes meanwhile, load)--> runtime.Executable
     tensor IR --`cuda`--> host code + gpu.launch kernels --codegen/nvptx.py--> PTX
               --> runtime.gpu.GpuExecutable (host code here, kernels through pycuda)
 
@@ -14,7 +14,10 @@ pipeline string means the same IR on every machine.
 """
 from __future__ import annotations
 
-from mlc.codegen.llvm import emit_module, split_module
+import functools
+import gc
+
+from mlc.codegen.llvm import emit_module
 from mlc.codegen.nvptx import GPU_ARCHS, deferred_kernels
 from mlc.ir.core import Module
 from mlc.ir.diagnostics import DiagnosticError, UnsupportedError, error
@@ -26,7 +29,7 @@ from mlc.runtime.artifact import cached, store_in_cache
 from mlc.runtime.executable import Executable, profiling_at_exit
 from mlc.runtime.profile import describe
 from mlc.runtime.gpu import GpuExecutable
-from mlc.runtime.jit import JitModule, host_vector_bytes, parts_for
+from mlc.runtime.jit import JitModule, PartCompiler, host_vector_bytes, target_machine, workers_for
 
 TARGETS = ("cpu", "cuda")
 DEFAULT_GPU_ARCH = "sm_90"
@@ -73,6 +76,22 @@ def lower(module: Module, target: str = "cpu", described: dict | None = None) ->
     return lowered
 
 
+def _without_gc_pauses(f):
+    """Compiling makes millions of objects that live until it ends: the cycle collector's full passes
+    over them took an eighth of ResNet-18's compile. It is paused meanwhile (the peak memory is the same)."""
+    @functools.wraps(f)
+    def paused(*args, **kwargs):
+        if not gc.isenabled():
+            return f(*args, **kwargs)
+        gc.disable()
+        try:
+            return f(*args, **kwargs)
+        finally:
+            gc.enable()
+    return paused
+
+
+@_without_gc_pauses
 def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str = DEFAULT_GPU_ARCH, device=None,
             precision: str | None = None, profile: bool | None = None):
     """Native code for every public function of a verified module, with its globals initialised from
@@ -112,10 +131,11 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
             return exe
     described = {} if profile else None
     lowered = lower(module, target, described)
-    parts = parts_for(sum(1 for _ in lowered.walk()))
-    llvm_module, emitter = emit_module(lowered, profile=described)
-    llvm_ir, pieces = split_module(llvm_module, parts)
-    exe = Executable(module, JitModule(llvm_ir, sorted(emitter.libm), parts=pieces), emitter.functions, lowered=lowered)
+    with PartCompiler(workers_for(sum(1 for _ in lowered.walk()))) as parts:  # (workers compile kernels while codegen goes on)
+        _, emitter = emit_module(lowered, profile=described, send=parts.send if parts.feeders else None)
+        llvm_ir, last = emitter.parts.finish()
+        code = parts.finish(last, target_machine())
+    exe = Executable(module, JitModule(llvm_ir, sorted(emitter.libm), object_code=code), emitter.functions, lowered=lowered)
     if cache:
         store_in_cache(exe)
     return exe

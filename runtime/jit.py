@@ -2,15 +2,17 @@
 
 LLVM's global context is not thread-safe: parsing, optimising and loading hold `_lock`, so threads may
 compile at once. The native code itself is reentrant (its state lives on the caller's stack). A large
-module comes in parts (codegen/llvm.py's split_module): worker processes (runtime/llvm_worker.py)
-optimise and compile all but the first while this process does the first, and the engine loads every
-part's object code (kept as one `ar` archive of them, as a static library would be)."""
+module comes in parts (codegen/llvm.py's Parts), sent as codegen makes them: worker processes
+(runtime/llvm_worker.py) optimise and compile them meanwhile, this process joins in once codegen is
+done, and the engine loads every part's object code (kept as one `ar` archive of them, as a static
+library would be)."""
 from __future__ import annotations
 
 import atexit
 import ctypes
 import ctypes.util
 import os
+import queue
 import struct
 import subprocess
 import sys
@@ -145,12 +147,10 @@ _processes: list[subprocess.Popen] = []
 _workers_lock = threading.Lock()
 
 
-def parts_for(ops: int) -> int:
-    """How many parts a lowered module of `ops` ops is compiled in; starts the workers they need (they
-    boot while codegen runs)."""
-    parts = 1 if ops < PART_OPS else min(MAX_PARTS, len(os.sched_getaffinity(0)))
-    llvm_workers(parts - 1)
-    return parts
+def workers_for(ops: int) -> int:
+    """How many worker processes compile parts of a lowered module of `ops` ops beside this process;
+    starts them (they boot while codegen runs)."""
+    return 0 if ops < PART_OPS else len(llvm_workers(min(MAX_PARTS, len(os.sched_getaffinity(0))) - 1))
 
 
 def llvm_workers(n: int) -> list[subprocess.Popen]:
@@ -179,7 +179,7 @@ def _stop_workers():
         w.stdout.close()
 
 
-def _in_worker(worker: subprocess.Popen, text: str, out: list, k: int):
+def _in_worker(worker: subprocess.Popen, text: str, out: list, k: int) -> bool:
     """Part k's object code from `worker` into out[k]; left None if the worker failed (it is stopped)."""
     try:
         data = text.encode("utf-8")
@@ -189,24 +189,64 @@ def _in_worker(worker: subprocess.Popen, text: str, out: list, k: int):
         answer = worker.stdout.read(n)
         if status == 0 and len(answer) == n:
             out[k] = answer
-            return
+            return True
     except (OSError, ValueError, struct.error):
         pass
     worker.kill()
+    return False
 
 
-def compile_parts(parts: list[str], tm) -> list[bytes]:
-    """Each part's object code: the first here, the others in workers (here too, where one fails: LLVM's
-    error for bad IR is then raised here)."""
-    out = [None] * len(parts)
-    helpers = [threading.Thread(target=_in_worker, args=(w, text, out, k), daemon=True)
-               for k, (w, text) in enumerate(zip(llvm_workers(len(parts) - 1), parts[1:]), start=1)]
-    for h in helpers:  # (pipes and waiting release the GIL)
-        h.start()
-    out[0] = tm.emit_object(optimise(parts[0], tm))
-    for h in helpers:
-        h.join()
-    return [obj if obj is not None else tm.emit_object(optimise(text, tm)) for obj, text in zip(out, parts)]
+class PartCompiler:
+    """Object code for a module sent in parts (codegen/llvm.py's Parts): the workers take the parts in
+    turn as they come, while codegen makes the next; then this process compiles the last part and takes
+    those still waiting. A part a worker failed on is compiled here (where LLVM's error is raised)."""
+
+    def __init__(self, workers: int):
+        self.texts: list[str] = []
+        self.objects: list[bytes | None] = []
+        self.waiting: queue.SimpleQueue = queue.SimpleQueue()  # indices of parts no one has taken yet
+        self.feeders = [threading.Thread(target=self._feed, args=(w,), daemon=True) for w in llvm_workers(workers)]
+        for f in self.feeders:  # (pipes and waiting release the GIL)
+            f.start()
+
+    def send(self, text: str):
+        self.texts.append(text)
+        self.objects.append(None)
+        self.waiting.put(len(self.texts) - 1)
+
+    def _feed(self, worker: subprocess.Popen):
+        while (k := self.waiting.get()) is not None:
+            if not _in_worker(worker, self.texts[k], self.objects, k):
+                return
+
+    def finish(self, last: str, tm) -> bytes:
+        """All the parts' object code, `last` included, as one archive."""
+        self.send(last)
+        while True:
+            try:
+                k = self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            with _lock:
+                self.objects[k] = tm.emit_object(optimise(self.texts[k], tm))
+        self.close()
+        with _lock:
+            return archive([obj if obj is not None else tm.emit_object(optimise(text, tm))
+                            for obj, text in zip(self.objects, self.texts)])
+
+    def close(self):
+        """Stop the feeders (once their parts are done: a worker answers each request it reads)."""
+        for _ in self.feeders:
+            self.waiting.put(None)
+        for f in self.feeders:
+            f.join()
+        self.feeders = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 AR_MAGIC = b"!<arch>\n"
@@ -250,7 +290,7 @@ class JitModule:
     """LLVM IR and the native code made from it (in `parts`, when given: the same code as separate
     modules) or loaded (`object_code`)."""
 
-    def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None, parts: list[str] | None = None):
+    def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
         with _lock:
             _initialise()
             _provide(libm_symbols)
@@ -258,7 +298,7 @@ class JitModule:
             self.libm_symbols = sorted(libm_symbols)
             self.tm = target_machine()
             self.llvm_ir, self._optimised = llvm_ir, None  # (the IR is only optimised again if someone asks to see it)
-            self.object_code = object_code if object_code is not None else archive(compile_parts(parts or [llvm_ir], self.tm))
+            self.object_code = object_code if object_code is not None else self.tm.emit_object(optimise(llvm_ir, self.tm))
             self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
             for obj in unarchive(self.object_code) or ():
                 self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))

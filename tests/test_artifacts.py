@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -142,15 +143,19 @@ def test_no_pickle_in_artifacts(tmp_path, cache):
 
 
 def test_a_module_compiled_in_parts_runs_alike_and_round_trips(tmp_path, cache, monkeypatch):
-    """A large module is compiled in parts, all but one by worker processes (runtime/jit.py), its
-    object code an archive of theirs: forced here on the MLP; a worker that fails leaves its part to this process."""
+    """A large module is compiled in parts, sent to worker processes as codegen makes them (runtime/jit.py),
+    its object code an archive of theirs: forced here on the MLP, a part per kernel; a worker that fails
+    leaves its parts to this process."""
     from mlc import compiler
+    from mlc.codegen import llvm as codegen
     from mlc.runtime import jit
     m = mlc.load(MLP)
     want = mlc.compile(m, cache=False)["forward"](x)
-    monkeypatch.setattr(compiler, "parts_for", lambda ops: 3)
+    monkeypatch.setattr(compiler, "workers_for", lambda ops: 2)
+    monkeypatch.setattr(codegen, "PART_CHARS", 1)
     exe = mlc.compile(m)
-    assert len(jit.unarchive(bytes(exe.jit.object_code))) == 3
+    parts = len(jit.unarchive(bytes(exe.jit.object_code)))
+    assert parts == len(re.findall(r'^define .*\.par', exe.jit.llvm_ir, re.M)) + 1 > 2  # (the kernels', and the rest)
     np.testing.assert_array_equal(exe["forward"](x), want)
     exe.save(tmp_path / "parts.mlcz")
     np.testing.assert_array_equal(mlc.load_executable(tmp_path / "parts.mlcz")["forward"](x), want)
@@ -158,5 +163,5 @@ def test_a_module_compiled_in_parts_runs_alike_and_round_trips(tmp_path, cache, 
     dead = [subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(2)]
     monkeypatch.setattr(jit, "llvm_workers", lambda n: dead[:n])
     exe = mlc.compile(m, cache=False)
-    assert len(jit.unarchive(bytes(exe.jit.object_code))) == 3
+    assert len(jit.unarchive(bytes(exe.jit.object_code))) == parts
     np.testing.assert_array_equal(exe["forward"](x), want)
