@@ -497,28 +497,31 @@ def kernels_of(func: FuncOp, described: dict, first: int = 0) -> list[Kernel]:
         elif descs:  # the ops at this location share kernels: one description (the costs on the first)
             desc = {"label": " + ".join(d["label"] for d in descs), "product": any(d["product"] for d in descs),
                     "samples": [[sum(d["samples"][j][c] for d in descs) for c in (0, 1)] for j in range(len(descs[0]["samples"]))]
-                    if occurrence == 0 else None}
+                    if occurrence == 0 else None, "shapes": [s for d in descs for s in d["shapes"]]}
         else:
             op = ops[last]
-            desc = {"label": f"{op.attr('mlc.origin') or op.name} {op.loc}", "product": False, "samples": None}
-        units = _counted_buffer(ops[start:last + 1]) if desc["samples"] else None
+            desc = {"label": f"{op.attr('mlc.origin') or op.name} {op.loc}", "product": False, "samples": None, "shapes": []}
+        units = _counted_buffer(ops[start:last + 1], desc["shapes"]) if desc["samples"] else None
         description = {"name": f"{func.sym_name}:{n} {desc['label']}", "product": desc["product"], "samples": desc["samples"],
                        "units": [_elements(units.type, s) for s in PROFILE_SIZES] if units is not None else None}
         kernels.append(Kernel(first + n, ops[start], ops[last], units, description))
     return kernels
 
 
-def _counted_buffer(span) -> Value | None:
-    """The buffer whose elements a kernel counts, for a cost that depends on `?` sizes: its result's
-    (allocated in the span for the tensor op), else the largest with a `?` dim that it reads or writes."""
+def _counted_buffer(span, shapes) -> Value | None:
+    """The buffer whose elements a kernel counts, for a cost that depends on `?` sizes: one the tensor op
+    made or used, of one of its `shapes` (its results' first; a reshape's source may hold its `?` in
+    another size), else the largest with a `?` dim that it reads or writes."""
     dynamic = lambda v: isinstance(v.type, MemRefType) and None in v.type.shape  # noqa: E731
     result = next((op.results[0] for op in span if op.name == "mem.alloc" and op.attr("mlc.origin") and dynamic(op.results[0])), None)
-    if result is not None:
-        return result
     body = span[0].parent  # (a buffer made at the top level: its dims are known where the kernel ends)
     used = [v for op in span for inner in op.walk() for v in inner.operands
             if dynamic(v) and v.defining_op() is not None and v.defining_op().parent is body]
-    return max(used, key=lambda v: _elements(v.type, PROFILE_SIZES[-1]), default=None)
+    for shape in shapes:
+        match = next((v for v in [result, *used] if v is not None and v.type.shape == shape), None)
+        if match is not None:
+            return match
+    return result or max(used, key=lambda v: _elements(v.type, PROFILE_SIZES[-1]), default=None)
 
 
 def _elements(t, size: int) -> int:

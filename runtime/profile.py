@@ -43,7 +43,7 @@ def loc_key(loc) -> tuple:
 def describe(module) -> dict:
     """{(function, location key): [op description, ...] in program order} for the top-level tensor ops
     of each public function of a module at the tensor level (after fusion, before lowering). A
-    description is {"label", "samples": [[flops, bytes] per size in SIZES], "product"}."""
+    description is {"label", "samples": [[flops, bytes] per size in SIZES], "product", "shapes"}."""
     out: dict = {}
     for name, func in module.functions.items():
         if func.is_private:
@@ -58,8 +58,15 @@ def describe(module) -> dict:
             label += f" {anchor.loc}" if anchor.loc.line else ""
             samples = [[_flops(op, s), _bytes(op, s)] for s in SIZES]
             out.setdefault((name, loc_key(op.loc)), []).append(
-                {"label": label, "samples": samples, "product": anchor.name in PRODUCTS})
+                {"label": label, "samples": samples, "product": anchor.name in PRODUCTS, "shapes": _dynamic_shapes(op)})
     return out
+
+
+def _dynamic_shapes(op) -> list[tuple]:
+    """The shapes with a `?` among the op's results, then operands: the kernel counts the elements of a
+    buffer of one of them (codegen/llvm.py's `kernels_of`), so that its `?` is the one the samples set."""
+    types = [v.type for v in (*op.results, *op.operands)]
+    return list(dict.fromkeys(t.shape for t in types if None in getattr(t, "shape", ())))
 
 
 def _anchor(op):
