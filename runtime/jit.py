@@ -141,7 +141,8 @@ def _provide(symbols):
 
 # --- parts compiled in worker processes --------------------------------------------------------------------
 
-PART_OPS = 20_000  # a lowered module of at least this many ops is compiled in parts, one per core (up to MAX_PARTS)
+PART_OPS = 5_000  # a lowered module of at least this many ops may be compiled in parts (codegen sends parts of
+#                  codegen/llvm.py's PART_CHARS), by this process and up to MAX_PARTS - 1 workers, one per core
 MAX_PARTS = 4
 _processes: list[subprocess.Popen] = []
 _workers_lock = threading.Lock()
