@@ -793,9 +793,10 @@ def test_both_convolution_kernels_agree_with_torch(n, c, o, h, w, kernel, pad, s
 
 
 @pytest.mark.parametrize("k,s,p,include", [(3, 2, 1, False), (2, 2, 0, True), (3, 1, 1, True), (8, 3, 4, False), (5, 2, 2, False)])
-def test_pools_read_a_padded_copy_and_agree_with_torch(k, s, p, include):
-    """Max and average pooling compiled (the windows over a copy padded with -inf or 0, unrolled up to
-    7 x 7, loops beyond; the average's count from the window's position) against torch."""
+def test_pools_agree_with_torch(k, s, p, include):
+    """Max pooling (separable: down the window's rows, then along each window of the row) and average
+    pooling (windows over a copy padded with 0, unrolled up to 7 x 7, loops beyond; the count from the
+    window's position) compiled against torch."""
     import torch
     import torch.nn.functional as F
     x = rng.standard_normal((2, 3, 13, 11)).astype(np.float32)
@@ -804,6 +805,32 @@ def test_pools_read_a_padded_copy_and_agree_with_torch(k, s, p, include):
     got_max, got_avg = f(x)
     np.testing.assert_array_equal(got_max, F.max_pool2d(torch.from_numpy(x), k, s, p).numpy())
     np.testing.assert_allclose(got_avg, F.avg_pool2d(torch.from_numpy(x), k, s, p, count_include_pad=include).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=int(os.environ.get("MLC_POOL_EXAMPLES", "10")), deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(1, 4), st.integers(1, 3), st.integers(1, 3),
+       st.data(), st.sampled_from(["f32", "i32"]))
+def test_max_pools_of_generated_windows_agree_with_numpy(h, w, kh, kw, sh, sw, data, element):
+    """Max pooling on generated images, windows, strides and uneven padding (the edge rows the first pass
+    reads for the padding's; the padding columns written as the lowest value), width known only at run
+    time: compiled and its loops interpreted, against numpy over a copy padded with the lowest value."""
+    pt, pb = (data.draw(st.integers(0, kh // 2)) for _ in range(2))
+    pl, pr = (data.draw(st.integers(0, kw // 2)) for _ in range(2))
+    assume(h + pt + pb >= kh and w + pl + pr >= kw)
+    dtype = np.float32 if element == "f32" else np.int32
+    x = (rng.standard_normal((2, 3, h, w)) * 100).astype(dtype)
+    lowest = -np.inf if element == "f32" else np.iinfo(dtype).min
+    xp = np.pad(x, [(0, 0), (0, 0), (pt, pb), (pl, pr)], constant_values=lowest)
+    oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
+    want = np.stack([np.stack([xp[:, :, i * sh: i * sh + kh, j * sw: j * sw + kw].max(axis=(2, 3)) for j in range(ow)], -1)
+                     for i in range(oh)], -2)
+    module = mlc.parse(f"""
+    func.func @f(%x: tensor<2x3x{h}x?x{element}>) -> tensor<2x3x{oh}x?x{element}> {{
+      %y = mlc.max_pool2d %x {{kernel = [{kh}, {kw}], stride = [{sh}, {sw}], padding = [{pt}, {pl}, {pb}, {pr}]}} : (tensor<2x3x{h}x?x{element}>) -> tensor<2x3x{oh}x?x{element}>
+      return %y : tensor<2x3x{oh}x?x{element}>
+    }}""")
+    np.testing.assert_array_equal(mlc.compile(module, cache=False)["f"](x), want)
+    np.testing.assert_array_equal(mlc.interpret(mlc.run_passes(module, "cpu"), "f", x), want)
 
 
 @settings(max_examples=int(os.environ.get("MLC_TRANSPOSE_EXAMPLES", "10")), deadline=None)
