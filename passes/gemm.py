@@ -45,7 +45,8 @@ KC_AVX512 = 192    # the slice's panel of 2 x 64-byte vectors (24 KB) and 12 row
 MC = 48            # rows of C per parallel block (a multiple of MR and MR_AVX512)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
 SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
-CONV_GEMM_PIXELS = 784  # a convolution's result image of at most this many pixels (28 x 28) runs as a product
+CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pixels (56 x 56) runs as a product
+#                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
 IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
