@@ -90,7 +90,7 @@ class ModuleEmitter:
         self.functions: dict[str, FunctionCode] = {}
         self.libm: set[str] = set()
         self.decls: dict = {}
-        self.nests: dict[tuple, tuple] = {}  # nest_key -> (the first such nest, its function, its checks): a model
+        self.nests: dict[tuple, list] = {}  # nest_facts -> [Nest, ...] (emitted once each): a model
         #                                      repeats its layers' shapes, and LLVM's time grows with its code: each emitted once
         self.counters = None  # mlc_profile_counters, when profiling
         self.parts = Parts(self.llvm, send)
@@ -683,20 +683,26 @@ def _static_work(op) -> int | None:
     return work * (1 + EXPENSIVE_WEIGHT * expensive)
 
 
-def nest_key(emitter: FunctionEmitter, op, free: list, parallel: bool) -> tuple:
-    """What emitting loop `op` as a function depends on: its ops (names, attributes, types, which
-    values they use: numbered, not named), and per value from outside (its bounds, what its body uses)
-    the facts codegen reads: a buffer's static dims, a constant's value, a type, whether the value is
-    trusted (computed from shapes, so its indices go unchecked)."""
-    numbers, facts = {}, [parallel, emitter.threads, emitter.sequential_outline]
+def nest_facts(emitter: FunctionEmitter, op, free: list, parallel: bool) -> tuple:
+    """What emitting loop `op` as a function depends on besides its ops (`nest_ops`): per value from
+    outside (its bounds, what its body uses), numbered in order, the facts codegen reads: a buffer's
+    static dims, a constant's value, a type, whether the value is trusted (computed from shapes, so
+    its indices go unchecked); and the loop's top-level ops' names (a cheap first test of alike nests)."""
+    facts = [parallel, emitter.threads, emitter.sequential_outline]
     for v in dict.fromkeys([*op.operands, *free]):
-        numbers[v] = len(numbers)
         val = emitter.get(v)
         if isinstance(val, Buffer):
             facts.append((val.element.name, tuple(d.constant if isinstance(d, ir.Constant) else None for d in val.dims)))
         else:
             facts.append(str(val) if isinstance(val, ir.Constant) else str(val.type))
         facts.append(v in emitter.trusted)
+    return tuple(facts), tuple(o.name for o in op.regions[0].blocks[0].ops)
+
+
+def nest_ops(op, free: list) -> tuple:
+    """The nest's ops: names, attributes, types, and which values they use (numbered, not named; the
+    values from outside first, as in `nest_facts`)."""
+    numbers = {v: k for k, v in enumerate(dict.fromkeys([*op.operands, *free]))}
     ops = []
     for o in op.walk():
         blocks = tuple(tuple(tuple(a.type for a in b.args) for b in r.blocks) for r in o.regions)
@@ -704,7 +710,23 @@ def nest_key(emitter: FunctionEmitter, op, free: list, parallel: bool) -> tuple:
             numbers[v] = len(numbers)
         attrs = tuple((k, a if isinstance(a, _EXACT) else str(a)) for k, a in o.attributes.items())
         ops.append((o.name, tuple(numbers[v] for v in o.operands), tuple(r.type for r in o.results), attrs, blocks))
-    return tuple(ops), tuple(facts)
+    return tuple(ops)
+
+
+@dataclass
+class Nest:
+    """A loop nest emitted as a function, and its checks; its ops compared (`nest_ops`, walked once)
+    only with a later nest of the same facts."""
+    op: Operation
+    free: list
+    chunk: ir.Function
+    checks: list
+    ops: tuple | None = None
+
+    def same_ops(self, op, free) -> bool:
+        if self.ops is None:
+            self.ops = nest_ops(self.op, self.free)
+        return self.ops == nest_ops(op, free)
 
 
 _EXACT = (IntAttr, BoolAttr, StringAttr, SymbolRefAttr, TypeAttr, UnitAttr)  # equal exactly when alike (not floats: -0.0 == 0.0)
@@ -712,7 +734,7 @@ _EXACT = (IntAttr, BoolAttr, StringAttr, SymbolRefAttr, TypeAttr, UnitAttr)  # e
 
 def _outlined_for(self: FunctionEmitter, op, parallel: bool):
     """Each top-level loop nest is a function of its own, `void @f.parN(ptr ctx, i64 lo, i64 hi)`
-    running trips lo..hi: identical nests share one (nest_key), and LLVM optimises many
+    running trips lo..hi: identical nests share one (`Nest`), and LLVM optimises many
     small functions much faster than one large one. A parallel loop's function is handed to the
     runtime's `mlc_parallel_for`, which splits the trips over threads when the work is large enough.
     Values the body uses (and the loop's bounds) travel in `ctx`."""
@@ -737,15 +759,15 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
             layout.append((v, "scalar", len(slots)))
             slots.append((val, val.type))
     lb, ub = (self.get(v) for v in op.operands[:2])
-    key = nest_key(self, op, free, parallel)
-    known = self.parent.nests.get(key)
+    alike = self.parent.nests.setdefault(nest_facts(self, op, free, parallel), [])
+    known = next((nest for nest in alike if nest.same_ops(op, free)), None)
     if known is None:
         chunk, checks = _chunk(self, op, parallel, layout, len(slots))
-        self.parent.nests[key] = (op, chunk, checks)
+        alike.append(Nest(op, free, chunk, checks))
     else:  # the same checks, at this nest's ops
-        first, chunk, checks = known
+        chunk, checks = known.chunk, known.checks
         if checks:
-            at, ops = {o: k for k, o in enumerate(first.walk())}, list(op.walk())
+            at, ops = {o: k for k, o in enumerate(known.op.walk())}, list(op.walk())
             checks = [(ops[at[o]], name, message) for o, name, message in checks]
     slots += [(self.error_slot, PTR), (self.adopt_checks(checks), I64), (lb, I64), (ub, I64)]
     inits = [self.get(v) for v in op.operands[2:]]

@@ -216,7 +216,7 @@ def outlined_functions(exe) -> int:
 
 
 def test_identical_loop_nests_share_one_function_and_report_their_own_checks():
-    """Two gathers of the same shapes are one outlined function (codegen's nest_key); a bad index in
+    """Two gathers of the same shapes are one outlined function (codegen's Nest); a bad index in
     either is reported at its own op: the function numbers its checks from a base each caller passes."""
     text = """func.func @f(%x: tensor<3x5xf32>, %i: tensor<3x5xi64>, %j: tensor<3x5xi64>) -> tensor<3x5xf32> {
   %a = mlc.gather_elements %x, %i {axis = 1} : (tensor<3x5xf32>, tensor<3x5xi64>) -> tensor<3x5xf32>
