@@ -33,7 +33,7 @@ def rule(*names):
     return register
 
 
-STORAGE_ELSEWHERE = ("mlc.constant", "mlc.global_load", "func.call", "mlc.scan")  # results not in a buffer of their own
+STORAGE_ELSEWHERE = ("mlc.constant", "mlc.global_load", "func.call")  # results not in a buffer of their own
 
 
 class LoopBuilder:
