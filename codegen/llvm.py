@@ -460,7 +460,7 @@ class Kernel:
 
 
 GLUE = {"mem.dim", "mem.from_tensor", "mem.to_tensor", "mlc.global_load", "mlc.constant", "mem.alloc", "mem.dealloc",
-        "mem.check", "func.return"}  # top-level ops that do no kernel's work on their own
+        "mem.check", "mem.reshape", "mem.subview", "func.return"}  # top-level ops that do no kernel's work on their own (views too)
 
 
 def kernels_of(func: FuncOp, described: dict, first: int = 0) -> list[Kernel]:
