@@ -1,9 +1,10 @@
 """layout: how tensors are stored, decided at the tensor level, where every choice prints and runs
 on the interpreter.
 
-Transposes into products: a 2-d transpose whose every use is an operand of a 2-d floating-point
-matmul is not computed; each such matmul reads the transpose's source in place, marked
-`transpose_a` or `transpose_b` (a matmul already so marked reads it straight, and loses the mark):
+Transposes into products: a transpose of the last two dims (of a matrix, or of a stack of them: the
+attention's keys) whose every use is an operand of a floating-point matmul of that rank is not
+computed; each such matmul reads the transpose's source in place, marked `transpose_a` or
+`transpose_b` (a matmul already so marked reads it straight, and loses the mark):
 
     %wt = mlc.transpose %w {perm = [1, 0]} : (tensor<32x64xf32>) -> tensor<64x32xf32>
     %y = mlc.matmul %x, %wt : (tensor<?x64xf32>, tensor<64x32xf32>) -> tensor<?x32xf32>
@@ -50,7 +51,7 @@ FLAGS = ("transpose_a", "transpose_b")
 
 class Layout(Pass):
     name = "layout"
-    summary = ("one product for a stack of rows times a matrix; absorb 2-d transposes into the matmuls that read them; "
+    summary = ("one product for a stack of rows times a matrix; absorb transposes of the last two dims into the matmuls that read them; "
                "convolutions in channel blocks (conv-block)")
     options = {"conv-block": 0}
 
@@ -136,9 +137,11 @@ def _on_rows(user: Operation, producer: Operation) -> bool:
 
 
 def _only_feeds_products(op: Operation) -> bool:
-    uses = op.results[0].uses
-    return list(op.attr("perm")) == [1, 0] and op.operands[0].type.element.name in ("f32", "f64") and bool(uses) and \
-        all(user.name == "mlc.matmul" and all(v.type.rank == 2 for v in user.operands) for user, _ in uses)
+    """A transpose of the last two dims (a matrix, or a stack of them) whose every use is an operand of a
+    matmul of that rank (whose batch dims then line up as the source's)."""
+    uses, r = op.results[0].uses, op.operands[0].type.rank
+    return r >= 2 and list(op.attr("perm")) == [*range(r - 2), r - 1, r - 2] and op.operands[0].type.element.name in ("f32", "f64") \
+        and bool(uses) and all(user.name == "mlc.matmul" and all(v.type.rank == r for v in user.operands) for user, _ in uses)
 
 
 def _toggle(op: Operation, flag: str) -> None:
