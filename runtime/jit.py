@@ -221,8 +221,11 @@ class PartCompiler:
                 return
 
     def finish(self, last: str, tm) -> bytes:
-        """All the parts' object code, `last` included, as one archive."""
-        self.send(last)
+        """All the parts' object code, `last` included (compiled here first: the public functions and
+        the kernels emitted after the last part sent, often the largest), as one archive."""
+        self.texts.append(last)
+        with _lock:
+            self.objects.append(tm.emit_object(optimise(last, tm)))
         while True:
             try:
                 k = self.waiting.get_nowait()
