@@ -1266,12 +1266,18 @@ class Parts:
         self.texts[fn.name] = str(fn)
         self.batch.append(fn.name)
         if sum(len(self.texts[name]) for name in self.batch) >= self.part_chars:
-            self.send(self._module(set(self.batch), last=False))
-            self.sent.update(self.batch)
-            self.batch = []
+            self._send_batch()
+
+    def _send_batch(self):
+        self.send(self._module(set(self.batch), last=False))
+        self.sent.update(self.batch)
+        self.batch = []
 
     def finish(self) -> tuple[str, str]:
-        """The whole module's text, and the last part: all that was not sent (the whole, if nothing was)."""
+        """The whole module's text, and the last part: the public functions and the globals (all of it, if
+        nothing was sent); the kernels not yet sent go off as a part of their own first."""
+        if self.batch:
+            self._send_batch()
         if self.sent:
             for g in self.llvm.global_values:
                 if isinstance(g, ir.GlobalVariable) and g.linkage == "internal":
