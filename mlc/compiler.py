@@ -135,7 +135,7 @@ def compile(module: Module, target: str = "cpu", cache: bool = True, arch: str =
         _, emitter = emit_module(lowered, profile=described, send=parts.send if parts.feeders else None)
         llvm_ir, last = emitter.parts.finish()
         code = parts.finish(last, target_machine())
-    exe = Executable(module, JitModule(llvm_ir, sorted(emitter.libm), object_code=code), emitter.functions, lowered=lowered)
+    exe = Executable(module, JitModule(llvm_ir, sorted(emitter.libm), object_code=code), emitter.functions, compiled_here=True)
     if cache:
         store_in_cache(exe)
     return exe

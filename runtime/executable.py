@@ -80,11 +80,13 @@ class Executable(FunctionTable):
     """Native code for every public function of a module, with the module's globals."""
     target = "cpu"
 
-    def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict | None = None, lowered: Module | None = None):
+    def __init__(self, module: Module, jit: JitModule, codes: dict, globals_: dict | None = None, compiled_here: bool = False):
         """Code for `module` (codes: name -> codegen's FunctionCode, addresses in `jit`); the globals'
-        arrays by name, initialised from the module seed when not given."""
+        arrays by name, initialised from the module seed when not given. `compiled_here`: made by this
+        call, not loaded from the cache or an artifact (the loop IR is not kept: ResNet-18's is ~180k
+        objects, which every later full pass of the cycle collector would walk)."""
         keep_freed_memory()
-        self.module, self.jit, self.lowered = module, jit, lowered
+        self.module, self.jit, self.compiled_here = module, jit, compiled_here
         self.globals = globals_ if globals_ is not None else \
             {name: Global.initial_value(op, module.seed) for name, op in module.globals.items()}
         self.globals_lock = SharedLock()

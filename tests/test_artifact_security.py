@@ -226,9 +226,9 @@ def test_cache_entries_with_foreign_code_are_misses(tmp_path):
     _, entry = cache_entry(tmp_path)
     repack(entry, entry, foreign_code(tmp_path))
     again = mlc.compile(mlc.parse(MODULE))
-    assert again.lowered is not None  # compiled, not taken from the entry
+    assert again.compiled_here  # compiled, not taken from the entry
     np.testing.assert_array_equal(again["f"](x), OWN)
-    assert mlc.compile(mlc.parse(MODULE)).lowered is None  # the entry was replaced by a good, signed one
+    assert not mlc.compile(mlc.parse(MODULE)).compiled_here  # the entry was replaced by a good, signed one
 
 
 def test_cli_never_runs_foreign_code(tmp_path):
@@ -406,7 +406,7 @@ def test_any_damage_to_a_cache_entry_is_a_miss(tmp_path):
     for data in damaged:
         entry.write_bytes(data)
         np.testing.assert_array_equal(mlc.compile(mlc.parse(MODULE))["f"](x), OWN)
-    assert mlc.compile(mlc.parse(MODULE)).lowered is None  # rebuilt and replaced
+    assert not mlc.compile(mlc.parse(MODULE)).compiled_here  # rebuilt and replaced
 
 
 @pytest.mark.parametrize("edit", [set_in("libm", ["no_such_function"]), set_in("functions", "g", {"checks": []}),
@@ -416,7 +416,7 @@ def test_cache_entries_with_odd_manifests_are_misses(tmp_path, edit):
     for key in (None, trust.own_key()):  # unsigned, and signed (as if this user's own mlc had written it)
         repack(entry, entry, edit=edit, sign_with=key, keep_signature=False)
         again = mlc.compile(mlc.parse(MODULE))
-        assert again.lowered is not None
+        assert again.compiled_here
         np.testing.assert_array_equal(again["f"](x), OWN)
 
 

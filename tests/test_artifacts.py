@@ -107,16 +107,16 @@ def test_cache_is_used_and_a_corrupt_entry_is_rebuilt(cache):
     m = mlc.load(MLP)
     first = mlc.compile(m)
     entries = list(cache.iterdir())
-    assert len(entries) == 1 and first.lowered is not None
+    assert len(entries) == 1 and first.compiled_here
     second = mlc.compile(mlc.load(MLP))
-    assert second.lowered is None  # came from the cache: nothing was lowered
+    assert not second.compiled_here  # came from the cache
     np.testing.assert_array_equal(second["forward"](x), first["forward"](x))
     entries[0].write_bytes(b"garbage")
     third = mlc.compile(mlc.load(MLP))
-    assert third.lowered is not None
+    assert third.compiled_here
     np.testing.assert_array_equal(third["forward"](x), first["forward"](x))
     assert zipfile.is_zipfile(entries[0])  # replaced by a good entry
-    assert mlc.compile(mlc.load(MLP)).lowered is None
+    assert not mlc.compile(mlc.load(MLP)).compiled_here
 
 
 def test_cli_compile_then_run_artifact(tmp_path, cache):

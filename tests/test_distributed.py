@@ -288,15 +288,15 @@ def test_an_all_reduce_in_flight_while_other_kernels_run():
     need it runs (a progress call after it), then the wait. A kernel that fails meanwhile still lets
     the all-reduce finish before its buffer is freed, and reports its own error."""
     m = mlc.parse(OVERLAPPED)
-    exe = mlc.compile(m, cache=False)
-    loops = [op.name for op in exe.lowered.functions["f"].body]
+    exe, lowered = mlc.compile(m, cache=False), lower(m)
+    loops = [op.name for op in lowered.functions["f"].body]
     start, wait = loops.index("mem.all_reduce_start"), loops.index("mem.all_reduce_wait")
     assert loops[start + 1:wait].count("loop.for") == 1 and loops[wait - 1] == "mem.collective_progress"
     rng = np.random.default_rng(5)
     x, a, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=6).astype(np.float32), rng.normal(size=6).astype(np.float32)
     with using(ShiftedWorld(1, 3)):
         want = mlc.interpret(m, "f", x, a, b)
-    for run in (lambda: exe["f"](x, a, b), lambda: mlc.interpret(exe.lowered, "f", x, a, b)):
+    for run in (lambda: exe["f"](x, a, b), lambda: mlc.interpret(lowered, "f", x, a, b)):
         world = InFlightWorld(1, 3)
         with using(world):
             got = run()

@@ -86,7 +86,7 @@ def test_the_cache_keeps_profiled_code_apart(tmp_path, monkeypatch):
     assert build(module, profile=True).profiled  # not the unprofiled entry
     assert len(list(tmp_path.iterdir())) == 2
     again_plain, again_profiled = build(module), build(module, profile=True)
-    assert again_plain.lowered is None and again_profiled.lowered is None  # both from the cache
+    assert not again_plain.compiled_here and not again_profiled.compiled_here  # both from the cache
     assert not again_plain.profiled and again_profiled.profiled
 
 
