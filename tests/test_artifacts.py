@@ -134,6 +134,32 @@ def test_cli_compile_then_run_artifact(tmp_path, cache):
     assert r.returncode == 1 and "not an mlc artifact" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_codegen_error_after_parts_were_sent_is_reported_and_stops_the_feeders(cache, monkeypatch):
+    """Parts go to the workers while codegen runs: an error later in codegen is the usual located error,
+    the threads feeding the workers stop (no hang, no thread left behind), and the next compile works."""
+    import threading
+    from mlc import compiler
+    from mlc.codegen import llvm as codegen
+    from mlc.runtime import jit
+    m = mlc.load(MLP)
+    want = mlc.compile(m, cache=False)["forward"](x)
+    monkeypatch.setattr(compiler, "workers_for", lambda ops: 1)
+    monkeypatch.setattr(codegen, "PART_CHARS", 1)
+    sent, send = [], jit.PartCompiler.send
+    monkeypatch.setattr(jit.PartCompiler, "send", lambda self, text: (sent.append(text), send(self, text)))
+    threads = threading.active_count()
+
+    def broken_return(emitter, op):
+        raise ValueError("codegen failed here")
+    monkeypatch.setitem(codegen.OPS, "func.return", broken_return)
+    with pytest.raises(mlc.DiagnosticError, match="codegen failed here"):
+        mlc.compile(m, cache=False)
+    assert len(sent) > 0
+    assert threading.active_count() == threads
+    monkeypatch.setitem(codegen.OPS, "func.return", codegen._return)
+    np.testing.assert_array_equal(mlc.compile(m, cache=False)["forward"](x), want)
+
+
 def test_no_pickle_in_artifacts(tmp_path, cache):
     mlc.compile(mlc.load(MLP)).save(tmp_path / "a.mlcz")
     with zipfile.ZipFile(tmp_path / "a.mlcz") as z:
