@@ -532,6 +532,39 @@ def test_a_stack_of_rows_times_a_matrix_is_one_product(lead, transposed):
     np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](x, w, bias, skip), want, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=int(os.environ.get("MLC_BATCHED_TRANSPOSE_EXAMPLES", "8")), deadline=None)
+@given(st.lists(st.sampled_from([1, 2, 3, "?"]), min_size=1, max_size=2), st.integers(1, 30), st.integers(1, 40),
+       st.integers(1, 30), st.sampled_from(["a", "b", "ab"]))
+def test_batched_transposes_feeding_products_are_read_in_place(lead, m, k, n, which):
+    """layout: transposes of the last two dims of stacks of matrices that only feed products of that
+    rank (attention's keys) are not computed; the products read their sources in place. Generated
+    stacks (a `?` among them), ragged sizes, either or both operands: the tensor stage interpreted and
+    compiled against numpy, and no transpose left."""
+    lead = tuple(lead)
+    sizes = tuple(2 if d == "?" else d for d in lead)
+    r = np.random.default_rng(m * 1000 + k * 10 + n)
+    a_src = r.standard_normal(sizes + ((k, m) if "a" in which else (m, k))).astype(np.float32)
+    b_src = r.standard_normal(sizes + ((n, k) if "b" in which else (k, n))).astype(np.float32)
+    t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"  # noqa: E731
+    perm = list(range(len(lead))) + [len(lead) + 1, len(lead)]
+    lines, operands = [], []
+    for name, src, flag in (("a", a_src, "a" in which), ("b", b_src, "b" in which)):
+        shape = lead + src.shape[len(lead):]
+        if flag:
+            lines.append(f"%{name}t = mlc.transpose %{name} {{perm = {perm}}} : ({t(shape)}) -> {t(lead + shape[-1:] + shape[-2:-1])}")
+        operands.append((f"%{name}t" if flag else f"%{name}", t(lead + (shape[-1:] + shape[-2:-1] if flag else shape[-2:]))))
+    out = t(lead + (m, n))
+    text = f"""module {{ func.func @f(%a: {t(lead + a_src.shape[len(lead):])}, %b: {t(lead + b_src.shape[len(lead):])}) -> {out} {{
+      {chr(10).join(lines)}
+      %y = mlc.matmul {operands[0][0]}, {operands[1][0]} : ({operands[0][1]}, {operands[1][1]}) -> {out}
+      return %y : {out} }} }}"""
+    want = np.matmul(np.swapaxes(a_src, -1, -2) if "a" in which else a_src, np.swapaxes(b_src, -1, -2) if "b" in which else b_src)
+    staged = mlc.run_passes(mlc.parse(text), "cpu-tensor")
+    assert "mlc.transpose" not in str(staged)
+    np.testing.assert_allclose(mlc.interpret(staged, "f", a_src, b_src), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](a_src, b_src), want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_batch_of_one_reads_the_weights_in_place():
     """The few-rows path packs nothing: no packed buffer in the loops of a b1 nn.Linear-shaped product."""
     text = """module { func.func @f(%x: tensor<1x64xf32>, %w: tensor<32x64xf32>) -> tensor<1x32xf32> {
