@@ -715,18 +715,19 @@ def nest_ops(op, free: list) -> tuple:
 
 @dataclass
 class Nest:
-    """A loop nest emitted as a function, and its checks; its ops compared (`nest_ops`, walked once)
-    only with a later nest of the same facts."""
+    """A loop nest emitted as a function, and its checks; its ops (`nest_ops`) walked only once a later
+    nest of the same facts is compared with it."""
     op: Operation
     free: list
     chunk: ir.Function
     checks: list
-    ops: tuple | None = None
+    _ops: tuple | None = None
 
-    def same_ops(self, op, free) -> bool:
-        if self.ops is None:
-            self.ops = nest_ops(self.op, self.free)
-        return self.ops == nest_ops(op, free)
+    @property
+    def ops(self) -> tuple:
+        if self._ops is None:
+            self._ops = nest_ops(self.op, self.free)
+        return self._ops
 
 
 _EXACT = (IntAttr, BoolAttr, StringAttr, SymbolRefAttr, TypeAttr, UnitAttr)  # equal exactly when alike (not floats: -0.0 == 0.0)
@@ -760,10 +761,11 @@ def _outlined_for(self: FunctionEmitter, op, parallel: bool):
             slots.append((val, val.type))
     lb, ub = (self.get(v) for v in op.operands[:2])
     alike = self.parent.nests.setdefault(nest_facts(self, op, free, parallel), [])
-    known = next((nest for nest in alike if nest.same_ops(op, free)), None)
+    ops = nest_ops(op, free) if alike else None
+    known = next((nest for nest in alike if nest.ops == ops), None)
     if known is None:
         chunk, checks = _chunk(self, op, parallel, layout, len(slots))
-        alike.append(Nest(op, free, chunk, checks))
+        alike.append(Nest(op, free, chunk, checks, ops))
     else:  # the same checks, at this nest's ops
         chunk, checks = known.chunk, known.checks
         if checks:
@@ -1251,7 +1253,7 @@ class Parts:
     """The module's code as parts that LLVM optimises and compiles apart, each in a process of its own
     (runtime/jit.py): a part is sent off as soon as its kernels are emitted, so that workers compile them
     while codegen goes on. Every part declares what the others define; the last (`finish`) holds the
-    rest and defines the global variables (then no longer internal: the others refer to them)."""
+    public functions and defines the global variables (then no longer internal: the others refer to them)."""
 
     def __init__(self, llvm: ir.Module, send=None, part_chars: int | None = None):
         self.llvm, self.send, self.part_chars = llvm, send, part_chars or PART_CHARS

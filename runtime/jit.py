@@ -197,6 +197,12 @@ def _in_worker(worker: subprocess.Popen, text: str, out: list, k: int) -> bool:
     return False
 
 
+def compile_here(llvm_ir: str, tm) -> bytes:
+    """LLVM IR optimised and compiled to object code in this process."""
+    with _lock:
+        return tm.emit_object(optimise(llvm_ir, tm))
+
+
 class PartCompiler:
     """Object code for a module sent in parts (codegen/llvm.py's Parts): the workers take the parts in
     turn as they come, while codegen makes the next; then this process compiles the last part and takes
@@ -221,22 +227,18 @@ class PartCompiler:
                 return
 
     def finish(self, last: str, tm) -> bytes:
-        """All the parts' object code, `last` included (compiled here first: the public functions and
-        the kernels emitted after the last part sent, often the largest), as one archive."""
+        """All the parts' object code, `last` included (the public functions and the globals: compiled
+        here first, while the workers finish theirs), as one archive."""
         self.texts.append(last)
-        with _lock:
-            self.objects.append(tm.emit_object(optimise(last, tm)))
+        self.objects.append(compile_here(last, tm))
         while True:
             try:
                 k = self.waiting.get_nowait()
             except queue.Empty:
                 break
-            with _lock:
-                self.objects[k] = tm.emit_object(optimise(self.texts[k], tm))
+            self.objects[k] = compile_here(self.texts[k], tm)
         self.close()
-        with _lock:
-            return archive([obj if obj is not None else tm.emit_object(optimise(text, tm))
-                            for obj, text in zip(self.objects, self.texts)])
+        return archive([obj if obj is not None else compile_here(text, tm) for obj, text in zip(self.objects, self.texts)])
 
     def close(self):
         """Stop the feeders (once their parts are done: a worker answers each request it reads)."""
@@ -302,7 +304,7 @@ class JitModule:
             self.libm_symbols = sorted(libm_symbols)
             self.tm = target_machine()
             self.llvm_ir, self._optimised = llvm_ir, None  # (the IR is only optimised again if someone asks to see it)
-            self.object_code = object_code if object_code is not None else self.tm.emit_object(optimise(llvm_ir, self.tm))
+            self.object_code = object_code if object_code is not None else compile_here(llvm_ir, self.tm)
             self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), self.tm)
             for obj in unarchive(self.object_code) or ():
                 self.engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
