@@ -118,6 +118,21 @@ class ModuleEmitter:
         table.global_constant, table.initializer = True, ir.Constant(t, bytearray(data))
         return plans
 
+    def dispose(self):
+        """Breaks the LLVM IR's reference cycles (instructions and their blocks, functions and the
+        module) once its text is made, so that it is freed at once rather than by the cycle collector
+        (see Module.dispose)."""
+        for fn in self.llvm.functions:
+            for block in fn.blocks:
+                for instruction in block.instructions:
+                    instruction.parent, instruction.operands = None, []
+                    if isinstance(instruction, ir.PhiInstr):
+                        instruction.incomings = []
+                block.instructions, block.parent = [], None
+            fn.blocks, fn.args, fn.return_value, fn.parent = [], (), None, None
+        self.llvm.globals.clear()
+        self.nests.clear()
+
     def declare(self, name: str, ret, args):
         fn = self.decls.get(name)
         if fn is None:

@@ -406,6 +406,22 @@ class Module:
     def walk(self) -> Iterator[Operation]:
         return self.body.walk()
 
+    def dispose(self):
+        """Breaks the module's reference cycles (ops and their blocks, values and their users), so that
+        it is freed the moment it is dropped rather than by the cycle collector, which walked a lowered
+        ResNet-18's ~250k objects for 0.2 s of its compile. The module is unusable afterwards."""
+        for op in list(self.walk()):
+            for region in op.regions:
+                for block in region.blocks:
+                    for arg in block.args:
+                        arg.uses = arg.owner = None
+                    block.args = block.parent = block.first = block.last = None
+                region.blocks = region.parent = None
+            for result in op.results:
+                result.uses = result.owner = None
+            op.operands = op.results = op.regions = op.parent = op.prev = op.next = None
+        self.body = None
+
     def clone(self) -> "Module":
         m = Module(self.name, self.attributes, self.loc)
         mapping: dict = {}
