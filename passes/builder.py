@@ -52,9 +52,12 @@ class OpBuilder:
     def reshape(self, v: Value, shape) -> Value:
         return v if v.type.shape == tuple(shape) else self("mlc.reshape", v, result_type=v.type.with_shape(tuple(shape)))
 
-    def swap_last(self, v: Value) -> Value:
+    def swap_last(self, v: Value, dims: int = 1) -> Value:
+        """v with its last two dims swapped (dims=2: the two before its last)."""
         r = v.type.rank
-        return self("mlc.transpose", v, perm=list(range(r - 2)) + [r - 1, r - 2])
+        perm = list(range(r))
+        perm[r - 1 - dims], perm[r - dims] = perm[r - dims], perm[r - 1 - dims]
+        return self("mlc.transpose", v, perm=perm)
 
     def keepdims(self, g: Value, op) -> Value:
         """A reduction's cotangent with its reduced dims back as 1s."""

@@ -103,7 +103,8 @@ def transposed_product(op, rw) -> bool:
     x = op.operands[0]
     product, r = x.defining_op(), x.type.rank
     if product is None or product.name != "mlc.matmul" or len(x.uses) != 1 or r < 2 \
-            or list(op.attr("perm")) != list(range(r - 2)) + [r - 1, r - 2] or min(v.type.rank for v in product.operands) < 2:
+            or list(op.attr("perm")) != list(range(r - 2)) + [r - 1, r - 2] or min(v.type.rank for v in product.operands) < 2 \
+            or any(product.opdef.interleaved(product)):
         return False
     a, b = product.operands
     ta, tb = product.opdef.stored_transposed(product)

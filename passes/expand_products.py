@@ -54,19 +54,19 @@ def expand_matmul(L: LoopBuilder, op: Operation) -> None:
     ranks = [t.rank for t in op.operand_types[:3]]
     (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, ranks)
     ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
-    m, n = L.dim(c, ranks[2] - 2), L.dim(c, ranks[2] - 1)
-    k = L.dim(a, ranks[0] - 2 if ta else ranks[0] - 1)
+    m, n = (L.dim(c, axis) for axis in Matmul.matrix_axes(op, 2))
+    k = L.dim(a, Matmul.matrix_axes(op, 0)[0 if ta else 1])
     acc_type = _accumulator(c.type.element)
 
     def element(eb: Builder, ivs):
         i, j = ivs
 
         def step(kb, kk, acc):
-            x = kb.create("mem.load", [a] + at_a + ([kk, i] if ta else [i, kk])).result
-            y = kb.create("mem.load", [b] + at_b + ([j, kk] if tb else [kk, j])).result
+            x = kb.create("mem.load", [a] + Matmul.place(op, 0, at_a, *((kk, i) if ta else (i, kk)))).result
+            y = kb.create("mem.load", [b] + Matmul.place(op, 1, at_b, *((j, kk) if tb else (kk, j)))).result
             return [_product(L, kb, acc, x, y)]
         (total,) = L.loop(eb, L.idx(0), k, step, carried=[L.const(eb, 0, acc_type)])
-        _finish(L, eb, op, c, at_c + [i, j], [i, j], total)
+        _finish(L, eb, op, c, Matmul.place(op, 2, at_c, i, j), [i, j], total)
     L.nest([m, n], element, parallel=True)
 
 

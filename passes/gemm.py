@@ -70,8 +70,8 @@ class Gemm:
     load_b: Callable                      # (builder, k, j) -> scalar B[k, j]
     load_b_vector: Callable | None        # (builder, k, j, type) -> B[k, j:j+lanes] where rows of B are
     #                                       contiguous; None where columns are (a transposed operand)
-    c: object                             # the result buffer; C[i, j] is c[*c_prefix, i, j]
-    c_prefix: list
+    c: object                             # the result buffer
+    c_at: Callable                        # (i, j) -> the indices of C[i, j] in c
     epilogue: Callable | None = None      # (builder, i, j): C[i, j] is final; its epilogue, in place
     load_a_vector: Callable | None = None  # (builder, i, k, type) -> A[i, k:k+lanes] where rows of A are contiguous
     load_bt_vector: Callable | None = None  # (builder, k, j, type) -> B[k:k+lanes, j] where columns of B are
@@ -80,6 +80,7 @@ class Gemm:
     mc: int = MC
     pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the
     #                                       product: before the loops (a scan's steps) that leave B unchanged
+    a_row: int | None = None              # elements from one row of A to the next in memory, where not K (None: unknown)
     pack_panel: Callable | None = None    # (gemm, builder, jp, j0): packs panel jp of B (columns j0 .. j0 + nr) itself,
     #                                       where B is not in memory: a convolution's im2col (ConvAsGemm)
 
@@ -179,7 +180,7 @@ class Gemm:
         lo, hi = (L.idx(0), self.N) if lo is None else (lo, hi)
         zero = L.const(b, 0, self.element)
         L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
-            "mem.store", [zero, self.c] + self.c_prefix + [i, j])))
+            "mem.store", [zero, self.c] + self.c_at(i, j))))
         scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
         packed_a = None
         if self.a_rows_collide():
@@ -207,7 +208,7 @@ class Gemm:
         share one set (at 1024 floats, 1024^3 ran a fifth slower, and 512 x 2048 x 2048 a third). Then A
         is packed, which costs a pass over it per block of rows and slice of K; other rows are read in
         place (packing cost a third at 128 columns of B, and gained nothing at 2 KB apart: two sets)."""
-        k = static_value(self.K)
+        k = static_value(self.K) if self.a_row is None else self.a_row
         return self.load_a_vector is not None and k is not None and k * self.element.np_dtype.itemsize % 4096 == 0
 
     def pack_a(self, b, packed_a, i0, end, k0, k1):
@@ -240,7 +241,7 @@ class Gemm:
             kk = L.op(kb, "arith.sub", k, k0)
             return fma_tile(kb, [kb.create("mem.load", [packed_a, t, kk, r]).result for r in lanes_a], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
-        store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt, width, scratch, add=True)
+        store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt, width, scratch, add=True)
 
 
     # --- few rows: B streamed in place ---------------------------------------------------------------
@@ -262,7 +263,7 @@ class Gemm:
                 bs = [self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h * lanes)), self.vt) for h in range(vectors)]
                 return fma_tile(kb, [self.load_a(kb, i, k) for i in row], bs, acc)
             acc = L.loop(tb, L.idx(0), self.K, step, carried=zero_tile(L, tb, self.vt, rows * vectors))
-            store_tile(L, tb, acc, rows, self.c, lambda r, j: self.c_prefix + [row[r], j], j0, self.vt)
+            store_tile(L, tb, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt)
             self.tile_epilogue(tb, rows, j0, vectors * lanes, first)
 
         self.column_tiles(b, [vectors * lanes, lanes], lambda tb, j0, width: tile(tb, j0, width // lanes), parallel, row)
@@ -319,7 +320,7 @@ class Gemm:
                 acc = cb.create("mem.load", [parts, L.idx(0), L.idx(r), j]).result
                 for t in range(1, tasks):
                     acc = L.op(cb, "arith.add", acc, cb.create("mem.load", [parts, L.idx(t), L.idx(r), j]).result)
-                cb.create("mem.store", [acc, self.c] + self.c_prefix + [i, j])
+                cb.create("mem.store", [acc, self.c] + self.c_at(i, j))
                 if self.epilogue is not None:
                     self.epilogue(cb, i, j)
             L.loop(rb, L.idx(0), self.N, column)
@@ -356,7 +357,7 @@ class Gemm:
             sums = L.loop(tb, k_vectors, self.K, tail, carried=sums)
             for r, i in enumerate(row):
                 for t, j in enumerate(cols):
-                    tb.create("mem.store", [sums[r * width + t], self.c] + self.c_prefix + [i, j])
+                    tb.create("mem.store", [sums[r * width + t], self.c] + self.c_at(i, j))
             self.tile_epilogue(tb, rows, j0, width, first)
 
         self.column_tiles(b, [columns, 1], tile, parallel, row)
@@ -377,7 +378,7 @@ class Gemm:
         L = self.L
         total = L.loop(b, L.idx(0), self.K, lambda kb, k, s: [L.op(kb, "arith.add", s, L.op(
             kb, "arith.mul", self.load_a(kb, i, k), self.load_b(kb, k, j)))], carried=[L.const(b, 0, self.element)])[0]
-        b.create("mem.store", [total, self.c] + self.c_prefix + [i, j])
+        b.create("mem.store", [total, self.c] + self.c_at(i, j))
         if self.epilogue is not None:
             self.epilogue(b, i, j)
 
@@ -680,7 +681,7 @@ class ConvAsGemm:
                         lambda rb: self.im2col(L, gm, rb, bn, g, jp, j0, columns, wp, last_x=L.op(rb, "arith.sub", wp, L.idx(1))))
             Gemm(per_group, columns if grid else pixels, k, self.element,
                  load_a=lambda kb, i, kk: kb.create("mem.load", [self.wflat, g, i, kk]).result, load_b=None, load_b_vector=None,
-                 c=acc if grid else self.outflat, c_prefix=[] if grid else [bn, g], epilogue=epilogue if self.epilogue and not grid else None,
+                 c=acc if grid else self.outflat, c_at=lambda i, j: [i, j] if grid else [bn, g, i, j], epilogue=epilogue if self.epilogue and not grid else None,
                  load_a_vector=lambda kb, i, kk, vt: kb.create("vector.load", [self.wflat, g, i, kk], result_types=[vt]).result,
                  vector_bytes=self.vector_bytes, kc=self.kc, mc=self.mc, pack_panel=pack).emit(L, gb, parallel=True)
             if grid:  # the result's pixels of the grid

@@ -1,17 +1,20 @@
 """layout: how tensors are stored, decided at the tensor level, where every choice prints and runs
 on the interpreter.
 
-Transposes into products: a transpose of the last two dims (of a matrix, or of a stack of them: the
-attention's keys) whose every use is an operand of a floating-point matmul of that rank is not
-computed; each such matmul reads the transpose's source in place, marked `transpose_a` or
-`transpose_b` (a matmul already so marked reads it straight, and loses the mark):
+Transposes into products: a transpose whose every use is an operand of a floating-point matmul of
+its rank is not computed where each such matmul can read the transpose's source in place instead:
+stored transposed (`transpose_a`/`transpose_b`: the last two dims swapped, a weight or attention's
+keys), interleaved (`interleaved_a`/`interleaved_b`: a [batch, tokens, heads, features] projection
+read as [batch, heads, tokens, features]), or both; the marks compose with those the matmul has:
 
     %wt = mlc.transpose %w {perm = [1, 0]} : (tensor<32x64xf32>) -> tensor<64x32xf32>
     %y = mlc.matmul %x, %wt : (tensor<?x64xf32>, tensor<64x32xf32>) -> tensor<?x32xf32>
 becomes
     %y = mlc.matmul %x, %w {transpose_b} : (tensor<?x64xf32>, tensor<32x64xf32>) -> tensor<?x32xf32>
 
-A transpose with any other use is left to be computed once, and the products read the copy (their
+Likewise a product whose one use is a transpose of its last batch dim with its rows (attention's
+heads merged back) writes its result interleaved (`interleaved_c`) in place of the transpose. A
+transpose with any other use is left to be computed once, and the products read the copy (their
 kernel packs contiguous rows faster than it gathers columns).
 
 Stacks of rows times one matrix: a matmul of A[..., M, K] (at most one `?`, not transposed) by a matrix B is one
@@ -40,13 +43,13 @@ import numpy as np
 
 from mlc.ir.attributes import UNIT
 from mlc.ir.core import Builder, Module, Operation
+from mlc.ir.dialects.mlc import Matmul
 
 from .builder import OpBuilder
 from .canonicalize import Canonicalize
 from .fuse import elementwise
 from .manager import Pass, PipelineError
 
-FLAGS = ("transpose_a", "transpose_b")
 
 
 class Layout(Pass):
@@ -64,12 +67,8 @@ class Layout(Pass):
         for f in module.functions.values():
             for product in [o for o in f.body.walk() if _stacked_rows_times_matrix(o)]:
                 _one_product(product)
-            for transpose in [o for o in f.body.walk() if o.name == "mlc.transpose" and _only_feeds_products(o)]:
-                source = transpose.operands[0]
-                for user, index in list(transpose.results[0].uses):
-                    user.set_operand(index, source)
-                    _toggle(user, FLAGS[index])
-                transpose.erase()
+            for transpose in [o for o in f.body.walk() if o.name == "mlc.transpose"]:
+                _into_products(transpose)
         block = self.option("conv-block")
         convs = [o for f in module.functions.values() for o in f.body.walk() if o.name == "mlc.conv2d" and _blockable(o, block)]
         for conv in convs:
@@ -98,7 +97,7 @@ def _blocked_conv(d: OpBuilder, op: Operation, b: int):
 
 
 def _stacked_rows_times_matrix(op: Operation) -> bool:
-    if op.name != "mlc.matmul" or op.attr("transpose_a"):
+    if op.name != "mlc.matmul" or op.attr("transpose_a") or any(Matmul.interleaved(op)):
         return False
     a, b = (v.type for v in op.operands)
     return a.rank > 2 and b.rank == 2 and a.element.name in ("f32", "f64") \
@@ -112,7 +111,7 @@ def _one_product(op: Operation) -> None:
     a, b = op.operands
     rows = None if None in a.type.shape[:-1] else int(np.prod(a.type.shape[:-1]))
     value = d("mlc.matmul", d.reshape(a, (rows, a.type.shape[-1])), b, result_type=op.results[0].type.with_shape(
-        (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in FLAGS})
+        (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in MARKS})
     chain = [op]
     while (len(chain[-1].results[0].uses) == 1 and _on_rows(next(iter(chain[-1].results[0].uses))[0], chain[-1])):
         user, index = next(iter(chain[-1].results[0].uses))
@@ -136,16 +135,55 @@ def _on_rows(user: Operation, producer: Operation) -> bool:
             and all(v is producer.results[0] or v.type.rank <= 1 for v in user.operands))
 
 
-def _only_feeds_products(op: Operation) -> bool:
-    """A transpose of the last two dims (a matrix, or a stack of them) whose every use is an operand of a
-    matmul of that rank (whose batch dims then line up as the source's)."""
-    uses, r = op.results[0].uses, op.operands[0].type.rank
-    return r >= 2 and list(op.attr("perm")) == [*range(r - 2), r - 1, r - 2] and op.operands[0].type.element.name in ("f32", "f64") \
-        and bool(uses) and all(user.name == "mlc.matmul" and all(v.type.rank == r for v in user.operands) for user, _ in uses)
+def _into_products(transpose: Operation) -> None:
+    """The transpose read in place by the matmuls it feeds, or written in place by the one that feeds it."""
+    source, perm, r = transpose.operands[0], list(transpose.attr("perm")), transpose.operands[0].type.rank
+    if source.type.element.name not in ("f32", "f64"):
+        return
+    uses = list(transpose.results[0].uses)
+    marks = [_marks_reading(user, index, perm) for user, index in uses]
+    if uses and None not in marks:
+        for (user, index), (t, i) in zip(uses, marks):
+            user.set_operand(index, source)
+            _mark(user, "transpose_" + "ab"[index], t)
+            _mark(user, "interleaved_" + "ab"[index], i)
+        transpose.erase()
+        return
+    product = source.defining_op()
+    if product is not None and product.name == "mlc.matmul" and len(source.uses) == 1 and r >= 3 and \
+            perm == _reading(r, False, True) and not product.attr("interleaved_c"):
+        _mark(product, "interleaved_c", True)
+        product.results[0].type = transpose.results[0].type
+        transpose.results[0].replace_all_uses_with(product.results[0])
+        transpose.erase()
 
 
-def _toggle(op: Operation, flag: str) -> None:
-    if op.attr(flag):
-        del op.attributes[flag]
-    else:
-        op.attributes[flag] = UNIT
+def _reading(r: int, transposed: bool, interleaved: bool) -> list:
+    """The permutation a matmul operand of rank r so marked is read through (stored = logical read
+    through it): the last two dims swapped, after the two before them."""
+    inner, outer = list(range(r)), list(range(r))
+    if interleaved:
+        outer[r - 3], outer[r - 2] = r - 2, r - 3
+    if transposed:
+        inner[r - 2], inner[r - 1] = r - 1, r - 2
+    return [outer[x] for x in inner]
+
+
+def _marks_reading(user: Operation, index: int, perm: list) -> tuple[bool, bool] | None:
+    """(transposed, interleaved): the marks that make operand `index` of matmul `user`, now read through
+    its own marks, read the source of a transpose by `perm` in place; None if none do."""
+    r = len(perm)
+    if user.name != "mlc.matmul" or any(v.type.rank != r for v in user.operands):
+        return None
+    now = _reading(r, bool(user.attr("transpose_" + "ab"[index])), bool(user.attr("interleaved_" + "ab"[index])))
+    wanted = [perm[x] for x in now]
+    return next(((t, i) for t in (False, True) for i in (False, True) if r >= 2 + i and _reading(r, t, i) == wanted), None)
+
+
+MARKS = ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c")
+
+
+def _mark(op: Operation, flag: str, on: bool) -> None:
+    """Sets or clears a matmul's mark (the marks kept in one order, as they print)."""
+    marks = {m for m in MARKS if op.attr(m)} ^ ({flag} if bool(op.attr(flag)) != on else set())
+    op.attributes = {**{k: v for k, v in op.attributes.items() if k not in MARKS}, **{m: UNIT for m in MARKS if m in marks}}

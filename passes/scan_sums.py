@@ -62,7 +62,8 @@ def _sum_of_batched_product(op) -> bool:
         return False
     product = op.operands[0].defining_op()
     if product is None or product.name != "mlc.matmul" or len(op.operands[0].users) != 1 or \
-            any(v.type.rank != 3 for v in product.operands) or not op.results[0].type.element.is_float:
+            any(v.type.rank != 3 for v in product.operands) or not op.results[0].type.element.is_float or \
+            any(product.opdef.interleaved(product)):
         return False
     a, b = product.operands
     if a.type.shape[0] != b.type.shape[0] or a.type.shape[0] is None:

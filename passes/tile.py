@@ -21,6 +21,8 @@ the options for it.
 """
 from __future__ import annotations
 
+import math
+
 from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.loops import Matmul
@@ -87,25 +89,33 @@ class Tile(Pass):
     def tile_matmul(self, L: LoopBuilder, op: Operation) -> None:
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, [t.rank for t in op.operand_types[:3]])
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
-        ra, rb = a.type.rank, b.type.rank
-        m, k, n = L.dim(a, ra - 1 if ta else ra - 2), L.dim(a, ra - 2 if ta else ra - 1), L.dim(b, rb - 2 if tb else rb - 1)
+        m, n = (L.dim(c, axis) for axis in Matmul.matrix_axes(op, 2))
+        k = L.dim(a, Matmul.matrix_axes(op, 0)[0 if ta else 1])
 
-        def load(buf, lead, transposed):
-            return lambda kb, x, y: kb.create("mem.load", [buf] + lead + ([y, x] if transposed else [x, y])).result
+        def load(which, buf, lead, transposed):
+            return lambda kb, x, y: kb.create("mem.load", [buf] + Matmul.place(op, which, lead, *((y, x) if transposed else (x, y)))).result
 
-        def load_vector(buf, lead, transposed):  # (along the buffer's last dim: None where it runs the other way)
+        def load_vector(which, buf, lead, transposed):  # (along the buffer's last dim: None where it runs the other way)
             return None if transposed else \
-                lambda kb, x, y, vt: kb.create("vector.load", [buf] + lead + [x, y], result_types=[vt]).result
+                lambda kb, x, y, vt: kb.create("vector.load", [buf] + Matmul.place(op, which, lead, x, y), result_types=[vt]).result
 
-        bt = load_vector(b, at_b, not tb)
+        bt = load_vector(1, b, at_b, not tb)
         outermost = _loop_leaving_unchanged(op, b) if not at_b and None not in b.type.shape else None
-        gemm.Gemm(m, n, k, c.type.element, load_a=load(a, at_a, ta), load_b=load(b, at_b, tb),
-                  load_b_vector=load_vector(b, at_b, tb), c=c, c_prefix=at_c,
-                  epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, at_c + [i, j], [i, j]),
-                  load_a_vector=load_vector(a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
+        c_at = lambda i, j: Matmul.place(op, 2, at_c, i, j)  # noqa: E731
+        gemm.Gemm(m, n, k, c.type.element, load_a=load(0, a, at_a, ta), load_b=load(1, b, at_b, tb),
+                  load_b_vector=load_vector(1, b, at_b, tb), c=c, c_at=c_at,
+                  epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, c_at(i, j), [i, j]),
+                  load_a_vector=load_vector(0, a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
+                  a_row=_row_elements(a.type.shape, Matmul.matrix_axes(op, 0)[0]),
                   vector_bytes=self.option("vector-bytes"), **self.sizes(op),
                   pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
+
+
+def _row_elements(shape, axis: int) -> int | None:
+    """Elements from one index of dim `axis` to the next (row-major; None where a later dim is `?`)."""
+    after = shape[axis + 1:]
+    return None if None in after else math.prod(after)
 
 
 def _conv_row_epilogue(L: LoopBuilder, op: Operation, out, o_ch, ow):

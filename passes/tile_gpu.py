@@ -58,15 +58,18 @@ class TileGpu(Pass):
         ta, tb = bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
         kind, tiles = (MmaGemm, {}) if c.type.element.name in ("f16", "bf16") else (GpuGemm, self.tiles())
         piece = 16 // c.type.element.np_dtype.itemsize
-        if kind is MmaGemm and not ta and not tb and all(t.shape[-1] is not None and t.shape[-1] % piece == 0 for t in (a.type, b.type)):
+        interleaved = any(op.attr(f"interleaved_{x}") for x in "abc")
+        if kind is MmaGemm and not ta and not tb and not interleaved and \
+                all(t.shape[-1] is not None and t.shape[-1] % piece == 0 for t in (a.type, b.type)):
             tiles = {"address_a": lambda kb, _, i, k: (a, at_a + [i, k]), "address_b": lambda kb, _, k, j: (b, at_b + [k, j]),
                      "n_tiles": 4, "bn": 64}  # (the copies leave registers for 2 x 4 tiles per warp)
+        place = lambda which, lead, x, y: Matmul.place(op, which, lead, x, y)  # noqa: E731
         return kind(
-            L.dim(c, ranks[2] - 2), L.dim(c, ranks[2] - 1), L.dim(a, ranks[0] - 2 if ta else ranks[0] - 1), L.idx(1),
+            *(L.dim(c, axis) for axis in Matmul.matrix_axes(op, 2)), L.dim(a, Matmul.matrix_axes(op, 0)[0 if ta else 1]), L.idx(1),
             c.type.element,
-            load_a=lambda kb, _, i, k: kb.create("mem.load", [a] + at_a + ([k, i] if ta else [i, k])).result,
-            load_b=lambda kb, _, k, j: kb.create("mem.load", [b] + at_b + ([j, k] if tb else [k, j])).result,
-            store=lambda kb, _, i, j, v: store_through_epilogue(kb, op, c, at_c + [i, j], [i, j], v),
+            load_a=lambda kb, _, i, k: kb.create("mem.load", [a] + place(0, at_a, *((k, i) if ta else (i, k)))).result,
+            load_b=lambda kb, _, k, j: kb.create("mem.load", [b] + place(1, at_b, *((j, k) if tb else (k, j)))).result,
+            store=lambda kb, _, i, j, v: store_through_epilogue(kb, op, c, place(2, at_c, i, j), [i, j], v),
             a_along_k=not ta, **tiles)
 
     def conv(self, L: LoopBuilder, op: Operation) -> GpuGemm:

@@ -110,7 +110,7 @@ def _flops(op, size: int) -> int:
     out = op.results[0].type
     if op.name == "mlc.matmul":
         a = op.operands[0].type
-        k = a.shape[-2] if op.attr("transpose_a") else a.shape[-1]
+        k = a.shape[-3 if op.attr("interleaved_a") else -2] if op.attr("transpose_a") else a.shape[-1]
         return 2 * _numel(out, size) * (size if k is None else k)
     if op.name in ("mlc.conv2d", "mlc.conv2d_transpose"):
         x, w = (v.type for v in op.operands[:2])

@@ -22,7 +22,8 @@ from .jit import host_key
 
 FORMAT, VERSION = "mlc-tuning", 1
 TUNED = ("mlc.matmul", "mlc.conv2d")
-SHAPING = {"mlc.matmul": ("transpose_a", "transpose_b"), "mlc.conv2d": ("stride", "padding", "dilation", "groups")}
+SHAPING = {"mlc.matmul": ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c"),
+           "mlc.conv2d": ("stride", "padding", "dilation", "groups")}
 
 
 def key(op) -> str:

@@ -597,6 +597,41 @@ def test_batched_transposes_feeding_products_are_read_in_place(lead, m, k, n, wh
     np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](a_src, b_src), want, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=int(os.environ.get("MLC_HEAD_TRANSPOSE_EXAMPLES", "10")), deadline=None)
+@given(st.sampled_from([3, 4]), st.data(), st.integers(1, 9), st.integers(1, 12), st.integers(1, 10))
+def test_transposes_around_products_are_read_and_written_in_place(rank, data, m, k, n):
+    """layout: a transpose feeding a product (any permutation of a rank-3 or -4 stack) is read in place
+    where the marks can say how (transpose, interleave or both: attention's heads and keys), and a
+    product's result transposed by its last batch dim and its rows is written in place; any other
+    permutation stays a transpose. Generated permutations and ragged sizes: the tensor stage
+    interpreted and compiled against numpy."""
+    perms = [list(p) for p in __import__("itertools").permutations(range(rank))]
+    pa, pb = data.draw(st.sampled_from(perms)), data.draw(st.sampled_from(perms))
+    swap_rows = list(range(rank - 3)) + [rank - 2, rank - 3, rank - 1]
+    out_perm = data.draw(st.sampled_from([None, swap_rows, perms[-1]]))
+    lead = (2, 3, 1, 2)[:rank - 2]
+    r = np.random.default_rng(m * 1000 + k * 10 + n)
+    a, b = r.standard_normal(lead + (m, k)).astype(np.float32), r.standard_normal(lead + (k, n)).astype(np.float32)
+    inverse = lambda p: list(np.argsort(p))  # noqa: E731  (the sources are stored so that the transposes give a and b)
+    sa, sb = np.ascontiguousarray(np.transpose(a, inverse(pa))), np.ascontiguousarray(np.transpose(b, inverse(pb)))
+    c = np.matmul(a, b)
+    want = c if out_perm is None else np.transpose(c, out_perm)
+    t = lambda shape: "tensor<" + "".join(f"{d}x" for d in shape) + "f32>"  # noqa: E731
+    result = f"%c = mlc.transpose %p {{perm = {out_perm}}} : ({t(c.shape)}) -> {t(want.shape)}" if out_perm else ""
+    text = f"""module {{ func.func @f(%sa: {t(sa.shape)}, %sb: {t(sb.shape)}) -> {t(want.shape)} {{
+      %a = mlc.transpose %sa {{perm = {pa}}} : ({t(sa.shape)}) -> {t(a.shape)}
+      %b = mlc.transpose %sb {{perm = {pb}}} : ({t(sb.shape)}) -> {t(b.shape)}
+      %p = mlc.matmul %a, %b : ({t(a.shape)}, {t(b.shape)}) -> {t(c.shape)}
+      {result}
+      return {"%c" if out_perm else "%p"} : {t(want.shape)} }} }}"""
+    readable = [list(range(rank)), list(range(rank - 2)) + [rank - 1, rank - 2], swap_rows,
+                list(range(rank - 3)) + [rank - 2, rank - 1, rank - 3]]  # (as is, transposed, interleaved, both)
+    staged = str(mlc.run_passes(mlc.parse(text), "cpu-tensor"))
+    assert staged.count("mlc.transpose") == sum(p not in readable for p in (pa, pb)) + (out_perm not in (None, swap_rows))
+    np.testing.assert_allclose(mlc.interpret(mlc.parse(staged), "f", sa, sb), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](sa, sb), want, rtol=1e-4, atol=1e-4)
+
+
 def test_a_batch_of_one_reads_the_weights_in_place():
     """The few-rows path packs nothing: no packed buffer in the loops of a b1 nn.Linear-shaped product."""
     text = """module { func.func @f(%x: tensor<1x64xf32>, %w: tensor<32x64xf32>) -> tensor<1x32xf32> {
@@ -731,6 +766,35 @@ def test_matmul_reads_operands_stored_transposed(flags, dtype, batch):
     want = np.matmul(np.swapaxes(a, -1, -2) if "transpose_a" in flags else a, np.swapaxes(b, -1, -2) if "transpose_b" in flags else b)
     np.testing.assert_allclose(mlc.interpret(mlc.parse(text), "f", a, b), want, rtol=1e-5)
     compile_and_compare(text, "f", a, b, rtol=1e-5, atol=1e-3)
+
+
+@settings(max_examples=int(os.environ.get("MLC_INTERLEAVED_EXAMPLES", "12")), deadline=None)
+@given(st.lists(st.booleans(), min_size=5, max_size=5), st.sampled_from(["f32", "i32"]), st.sampled_from([(2,), (1,), ()]),
+       st.integers(1, 14), st.integers(1, 20), st.integers(1, 19), st.integers(1, 4))
+def test_matmul_reads_and_writes_interleaved_operands(marks, element, b_batch, m, k, n, heads):
+    """interleaved_a/b/c ([..., M, H, K] stored for [..., H, M, K]: attention's heads where they lie),
+    alone and with transpose_a/b, an operand broadcast along the batch (or a matrix), ragged sizes:
+    interpreted and compiled (the GEMM for f32, copies around the loops for i32) against numpy."""
+    ta, tb, ia, ib, ic = marks
+    ib = ib and bool(b_batch)
+    r = np.random.default_rng(m * 1000 + k * 10 + n)
+    dtype = np.float32 if element == "f32" else np.int32
+    a = (r.standard_normal((2, heads, m, k)) * 4).astype(dtype)
+    b = (r.standard_normal(b_batch + ((heads,) if b_batch else ()) + (k, n)) * 4).astype(dtype)
+    c = np.matmul(a, b)
+
+    def stored(x, transposed, interleaved):
+        x = np.swapaxes(x, -1, -2) if transposed else x
+        return np.ascontiguousarray(np.swapaxes(x, -3, -2) if interleaved else x)
+    sa, sb, sc = stored(a, ta, ia), stored(b, tb, ib), stored(c, False, ic)
+    t = lambda x: "tensor<" + "".join(f"{d}x" for d in x.shape) + element + ">"  # noqa: E731
+    flags = ", ".join(f for f, on in zip(("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c"),
+                                         (ta, tb, ia, ib, ic)) if on)
+    text = f"""module {{ func.func @f(%a: {t(sa)}, %b: {t(sb)}) -> {t(sc)} {{
+      %y = mlc.matmul %a, %b {{{flags}}} : ({t(sa)}, {t(sb)}) -> {t(sc)}
+      return %y : {t(sc)} }} }}""".replace(" {}", "")
+    np.testing.assert_allclose(mlc.interpret(mlc.parse(text), "f", sa, sb), sc, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text), cache=False)["f"](sa, sb), sc, rtol=1e-4, atol=1e-3)
 
 
 def test_a_new_elementwise_op_is_one_row():

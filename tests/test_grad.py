@@ -104,6 +104,18 @@ def test_matmul_of_operands_stored_transposed(flags, batch):
     check(f"%y = mlc.matmul %a, %b {flags}", np.matmul(a, b).shape, a=a_stored, b=b_stored)
 
 
+@pytest.mark.parametrize("flags", ["interleaved_a", "interleaved_b", "interleaved_c", "transpose_b, interleaved_a, interleaved_b",
+                                   "transpose_a, interleaved_a, interleaved_c"])
+def test_matmul_of_interleaved_operands(flags):
+    """An operand stored interleaved ([..., M, H, K] for [..., H, M, K]) gets its cotangent stored the
+    same way; so does the result's (finite differences, f64; compiled as well)."""
+    a, b = rng.standard_normal((2, 3, 4, 5)), rng.standard_normal((2, 3, 5, 6))
+    stored = lambda x, t, i: np.swapaxes(np.swapaxes(x, -1, -2) if t else x, -3, -2) if i else np.swapaxes(x, -1, -2) if t else x  # noqa: E731
+    y = np.matmul(a, b)
+    check(f"%y = mlc.matmul %a, %b {{{flags}}}", np.swapaxes(y, -3, -2).shape if "interleaved_c" in flags else y.shape,
+          a=stored(a, "transpose_a" in flags, "interleaved_a" in flags), b=stored(b, "transpose_b" in flags, "interleaved_b" in flags))
+
+
 @pytest.mark.parametrize("op,attrs", [("reduce_sum", "{axes = [1]}"), ("reduce_sum", "{axes = [0, 2], keepdims = true}"),
                                       ("reduce_mean", ""), ("reduce_mean", "{axes = [2], keepdims = true}"),
                                       ("reduce_prod", "{axes = [1]}"), ("reduce_prod", "{axes = [0, 2], keepdims = true}")])

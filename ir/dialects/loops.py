@@ -422,15 +422,18 @@ class Matmul(OpDef):
 
     The buffers' last two dims are the matrices; index operands pick one: first those of %a's leading
     dims, then %b's, then %c's (here %a[%n] and %c[%n]). `transpose_a`/`transpose_b` say the operand
-    is stored transposed. The epilogue gets the row, the column and the product there, and yields
-    the element of C (`mem.yield %acc` for the product itself). `tile = [mc, kc]`: the tile pass's
-    block of rows and slice of K for this product (measured by `mlc tune`), in place of its options."""
+    is stored transposed; `interleaved_a/b/c`, that the buffer's last index dim lies between its
+    matrix dims (its element [x, y] is buf[..., x, h, y]). The epilogue gets the row, the column and
+    the product there, and yields the element of C (`mem.yield %acc` for the product itself).
+    `tile = [mc, kc]`: the tile pass's block of rows and slice of K for this product (measured by
+    `mlc tune`), in place of its options."""
     name = "mem.matmul"
     operands = (3, None)
     results = 0
     regions = 1
     traits = {WRITES}
-    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False), "tile": Attr("ints")}
+    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False), "interleaved_a": Attr("bool", False),
+             "interleaved_b": Attr("bool", False), "interleaved_c": Attr("bool", False), "tile": Attr("ints")}
 
     @staticmethod
     def split(items, ranks) -> tuple[list, list]:
@@ -442,10 +445,27 @@ class Matmul(OpDef):
         return list(items[:3]), leads
 
     @staticmethod
+    def matrix_axes(op, which: int) -> tuple[int, int]:
+        """The dims of buffer `which` that hold its matrix's rows and columns (as stored)."""
+        r = op.operand_types[which].rank
+        return (r - 3, r - 1) if op.attr("interleaved_" + "abc"[which]) else (r - 2, r - 1)
+
+    @staticmethod
+    def place(op, which: int, lead: list, x, y) -> list:
+        """The indices of element [x, y] (as stored: a transposed operand's [k, i]) of buffer `which`'s
+        matrix that its leading indices `lead` pick."""
+        if op.attr("interleaved_" + "abc"[which]):
+            return lead[:-1] + [x, lead[-1], y]
+        return lead + [x, y]
+
+    @staticmethod
     def infer(op, ctx):
         types = [_memref(t, f"operand {i}") for i, t in enumerate(op.operand_types[:3])]
         if any(t.rank < 2 for t in types) or len({t.element for t in types}) != 1:
             raise VerifyError("takes three buffers of one element type, each of rank >= 2")
+        for i, t in enumerate(types):
+            if op.attr("interleaved_" + "abc"[i]) and t.rank < 3:
+                raise VerifyError(f"operand {i} is interleaved, so it needs rank >= 3, got {t}")
         leading = sum(t.rank - 2 for t in types)
         if len(op.operand_types) - 3 != leading:
             raise VerifyError(f"takes {leading} indices after its buffers (one per dim before their matrices), "
@@ -462,7 +482,7 @@ class Matmul(OpDef):
     @classmethod
     def interpret(cls, ins, op, ctx):
         (a, b, c), leads = cls.split(ins, [t.rank for t in op.operand_types[:3]])
-        a, b, out = (buf[_checked(buf, tuple(int(i) for i in lead))] for buf, lead in zip((a, b, c), leads))
+        a, b, out = (cls._matrix(op, which, buf, [int(i) for i in lead]) for which, (buf, lead) in enumerate(zip((a, b, c), leads)))
         a = a.T if op.attr("transpose_a") else a
         b = b.T if op.attr("transpose_b") else b
         if a.shape[1] != b.shape[0] or out.shape != (a.shape[0], b.shape[1]):
@@ -471,6 +491,13 @@ class Matmul(OpDef):
         for i, j in np.ndindex(product.shape):
             out[i, j] = ctx.run_region(op.regions[0], [np.int64(i), np.int64(j), product[i, j]])[0]
         return []
+
+    @classmethod
+    def _matrix(cls, op, which, buf, lead):
+        """The matrix (a view) that `lead` picks from buffer `which`."""
+        if op.attr("interleaved_" + "abc"[which]):
+            buf = np.swapaxes(buf, -3, -2)
+        return buf[_checked(buf, tuple(lead))]
 
 
 class Conv2d(OpDef):

@@ -774,15 +774,24 @@ class Argmin(ArgReduction):
 class Matmul(OpDef):
     """numpy `@`: rank-1 operands are promoted and the added dim removed; batch dims broadcast.
     `transpose_a` / `transpose_b` say that operand is stored transposed (its last two dims swapped),
-    as the layout pass writes a transpose that only feeds products: the kernel reads it in place."""
+    as the layout pass writes a transpose that only feeds products: the kernel reads it in place.
+    `interleaved_a` / `interleaved_b` / `interleaved_c` say that operand (before any transposition), or
+    the result, is stored with its last batch dim between its rows and columns, [..., M, H, N] for
+    [..., H, M, N]: attention's heads, read and written where they lie in the [batch, tokens, heads,
+    features] projections, without the transposes that would split and merge them."""
     name = "mlc.matmul"
     operands = 2
     traits = {PURE}
-    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False)}
+    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False),
+             "interleaved_a": Attr("bool", False), "interleaved_b": Attr("bool", False), "interleaved_c": Attr("bool", False)}
 
     @staticmethod
     def stored_transposed(op) -> tuple[bool, bool]:
         return bool(op.attr("transpose_a")), bool(op.attr("transpose_b"))
+
+    @staticmethod
+    def interleaved(op) -> tuple[bool, bool, bool]:
+        return bool(op.attr("interleaved_a")), bool(op.attr("interleaved_b")), bool(op.attr("interleaved_c"))
 
     @classmethod
     def infer(cls, op, ctx):
@@ -794,6 +803,11 @@ class Matmul(OpDef):
         for i, (t, flag) in enumerate(zip((a, b), cls.stored_transposed(op))):
             if flag and t.rank < 2:
                 raise VerifyError(f"operand {i} is stored transposed, so it needs rank >= 2, got {t}")
+        ia, ib, ic = cls.interleaved(op)
+        for i, (t, flag) in enumerate(zip((a, b), (ia, ib))):
+            if flag and t.rank < 3:
+                raise VerifyError(f"operand {i} is stored interleaved, so it needs rank >= 3, got {t}")
+        a, b = (t.with_shape(_swap_last(t.shape, 2)) if flag else t for t, flag in zip((a, b), (ia, ib)))
         ta, tb = cls.stored_transposed(op)
         sa = _swap_last(a.shape) if ta else a.shape if a.rank > 1 else (1,) + a.shape
         sb = _swap_last(b.shape) if tb else b.shape if b.rank > 1 else b.shape + (1,)
@@ -802,24 +816,29 @@ class Matmul(OpDef):
             raise VerifyError(f"inner dimensions differ: {k1} (operand 0) vs {k2} (operand 1)")
         batch = broadcast_shapes([sa[:-2], sb[:-2]])
         shape = batch + (sa[-2] if a.rank > 1 else None, sb[-1] if b.rank > 1 else None)
-        return [TensorType(tuple(d for i, d in enumerate(shape)
-                                 if not (i == len(shape) - 2 and a.rank == 1) and not (i == len(shape) - 1 and b.rank == 1)),
-                           a.element)]
+        shape = tuple(d for i, d in enumerate(shape) if not (i == len(shape) - 2 and a.rank == 1) and not (i == len(shape) - 1 and b.rank == 1))
+        if ic and len(shape) < 3:
+            raise VerifyError(f"the result is stored interleaved, so it needs rank >= 3, got {fmt_shape(shape)}")
+        return [TensorType(_swap_last(shape, 2) if ic else shape, a.element)]
 
     @classmethod
     def interpret(cls, ins, op, ctx):
-        a, b = (np.swapaxes(x, -1, -2) if flag else x for x, flag in zip(ins, cls.stored_transposed(op)))
-        if not _floating(a):
-            return np.matmul(a, b)
-        return np.matmul(_acc(a), _acc(b))
+        ia, ib, ic = cls.interleaved(op)
+        a, b = (np.swapaxes(x, -3, -2) if flag else x for x, flag in zip(ins, (ia, ib)))
+        a, b = (np.swapaxes(x, -1, -2) if flag else x for x, flag in zip((a, b), cls.stored_transposed(op)))
+        c = np.matmul(a, b) if not _floating(a) else np.matmul(_acc(a), _acc(b))
+        return np.swapaxes(c, -3, -2) if ic else c
 
     @classmethod
     def vjp(cls, d, op, g):
         """da = g @ b^T, db = a^T @ g (a vector operand as a matrix of one row or column), each
-        summed back over the batch dims it was broadcast along; an operand stored transposed gets
-        its cotangent transposed the same way."""
+        summed back over the batch dims it was broadcast along; an operand stored transposed or
+        interleaved gets its cotangent stored the same way."""
         ta, tb = cls.stored_transposed(op)
-        a, b = (d.swap_last(v) if flag else v for v, flag in zip(op.operands, (ta, tb)))
+        ia, ib, ic = cls.interleaved(op)
+        g = d.swap_last(g, 2) if ic else g
+        a, b = (d.swap_last(v, 2) if flag else v for v, flag in zip(op.operands, (ia, ib)))
+        a, b = (d.swap_last(v) if flag else v for v, flag in zip((a, b), (ta, tb)))
         a2 = a if a.type.rank > 1 else d.reshape(a, (1,) + a.type.shape)
         b2 = b if b.type.rank > 1 else d.reshape(b, b.type.shape + (1,))
         g2 = g
@@ -834,7 +853,8 @@ class Matmul(OpDef):
         else:
             gb = d("mlc.matmul", d.swap_last(a2), g2)
             gb = d.sum_to(gb, b2.type) if b.type.rank > 1 else d.reshape(d.sum_to(gb, b2.type), b.type.shape)
-        return [d.swap_last(ga) if ta else ga, d.swap_last(gb) if tb else gb]
+        ga, gb = (d.swap_last(v) if flag else v for v, flag in zip((ga, gb), (ta, tb)))
+        return [d.swap_last(v, 2) if flag else v for v, flag in zip((ga, gb), (ia, ib))]
 
 
 def _as_rows(d, v):
@@ -843,8 +863,11 @@ def _as_rows(d, v):
     return d.reshape(v, (None if None in lead else math.prod(lead), v.type.shape[-1]))
 
 
-def _swap_last(shape: tuple) -> tuple:
-    return shape[:-2] + (shape[-1], shape[-2])
+def _swap_last(shape: tuple, dims: int = 1) -> tuple:
+    """shape with its last two dims swapped (dims=2: the two before its last)."""
+    shape = list(shape)
+    shape[-1 - dims], shape[-dims] = shape[-dims], shape[-1 - dims]
+    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------------------------------

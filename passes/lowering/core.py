@@ -58,7 +58,8 @@ class LoopBuilder:
         return b.create("arith.constant", attributes={"value": attr}).result
 
     def dim(self, buf, axis: int) -> Value:
-        buf = getattr(buf, "buf", buf)  # a batch view reads the dims of its buffer
+        if isinstance(buf, BatchView):  # (it reads the dims of its buffer)
+            buf, axis = buf.buf, buf.axes[axis]
         d = buf.type.shape[axis]
         return self.idx(d) if d is not None else self.b.create("mem.dim", [buf], {"axis": axis}).result
 
@@ -209,11 +210,13 @@ TENSOR_LEVEL = {"mlc.constant", "mlc.global_load", "func.call"}  # kept as tenso
 # --- buffer views, read by rules in place of a buffer (`dim` sees through them) -----------------------
 
 class BatchView:
-    """A buffer seen without its last two dims: its batch dims, for broadcasting batch indices."""
+    """A buffer seen without its matrix dims: its batch dims, for broadcasting batch indices (an
+    interleaved one's last batch dim lies between its matrix dims: mlc.matmul's `interleaved_a`)."""
 
-    def __init__(self, buf):
-        self.buf = buf
-        self.type = MemRefType(buf.type.shape[:-2], buf.type.element)
+    def __init__(self, buf, interleaved: bool = False):
+        r = buf.type.rank
+        self.buf, self.axes = buf, list(range(r - 3)) + [r - 2] if interleaved else list(range(r - 2))
+        self.type = MemRefType(tuple(buf.type.shape[a] for a in self.axes), buf.type.element)
 
 
 # --- helpers shared by several families of rules ------------------------------------------------------

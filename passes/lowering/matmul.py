@@ -13,46 +13,64 @@ from .core import BatchView, FunctionLowering, apply_epilogue, copy_nest, rule
 @rule("mlc.matmul")
 def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     """numpy `@`: a rank-1 operand is a row (left) or column (right) whose extra dim is dropped. An
-    operand stored transposed (layout's `transpose_a`/`transpose_b`) is read in place by the GEMM,
-    with its indices swapped; the other loops read a transposed copy."""
+    operand stored transposed or interleaved (layout's `transpose_a`, `interleaved_a`, ...) is read in
+    place by the GEMM, which writes an interleaved result in place too; the other loops read and write
+    copies."""
     a, bm = (L.buffers[v] for v in op.operands)
     ta, tb = Matmul.stored_transposed(op)
+    ia, ib, ic = Matmul.interleaved(op)
     t = op.results[0].type
     ra, rb = a.type.rank, bm.type.rank
     batch_rank = t.rank - (ra > 1) - (rb > 1)
-    batch = TensorType(t.shape[:batch_rank], t.element)
-    views = [BatchView(v) for v in (a, bm) if v.type.rank > 2]
+    logical = tuple(_swap(t.shape, -3, -2)) if ic else t.shape
+    batch = TensorType(logical[:batch_rank], t.element)
+    views = [BatchView(v, flag) for v, flag in ((a, ia), (bm, ib)) if v.type.rank > 2]
     sizes = L.result_sizes(batch, views) if batch_rank else []
     tiled_gemm = ra > 1 and rb > 1 and (gemm.supports(t.element) or t.element.name in ("f16", "bf16"))  # (half: GPU tensor cores)
     if not tiled_gemm:
-        a, bm = (_transposed_copy(L, v) if flag else v for v, flag in ((a, ta), (bm, tb)))
-        ta = tb = False
-    rows = [L.dim(a, ra - 1 if ta else ra - 2)] if ra > 1 else []
-    cols = [L.dim(bm, rb - 2 if tb else rb - 1)] if rb > 1 else []
-    k = L.dim(a, ra - 2 if ta else ra - 1)
-    out = L.alloc(t, sizes + rows + cols, op.results[0].name_hint)
-    read_a = L.broadcast_reader(BatchView(a), batch_rank) if ra > 2 else (lambda b, ivs: [])
-    read_b = L.broadcast_reader(BatchView(bm), batch_rank) if rb > 2 else (lambda b, ivs: [])
+        a, bm = (_swapped_copy(L, v, -3, -2) if flag else v for v, flag in ((a, ia), (bm, ib)))
+        a, bm = (_swapped_copy(L, v, -2, -1) if flag else v for v, flag in ((a, ta), (bm, tb)))
+        ta = tb = ia = ib = False
+    (ax, ay), (bx, by) = ((r - 3 if flag else r - 2, r - 1) for r, flag in ((ra, ia), (rb, ib)))  # (the matrices' dims as stored)
+    rows = [L.dim(a, ay if ta else ax)] if ra > 1 else []
+    cols = [L.dim(bm, bx if tb else by)] if rb > 1 else []
+    k = L.dim(a, ax if ta else ay)
+    stored = lambda ivs: _swap(ivs, -3, -2) if ic else ivs  # noqa: E731  (result indices, logical -> as stored)
+    out = L.alloc(t, stored(sizes + rows + cols), op.results[0].name_hint)
+    read_a = L.broadcast_reader(views[0], batch_rank) if ra > 2 else (lambda b, ivs: [])
+    read_b = L.broadcast_reader(views[-1], batch_rank) if rb > 2 else (lambda b, ivs: [])
 
     if tiled_gemm:  # the tile pass makes the blocked, packed loop nest of it
         def product(b, bi):
             block = Block([index, index, t.element], ["i", "j", "acc"])
-            flags = {name: True for name, on in (("transpose_a", ta), ("transpose_b", tb)) if on}
+            flags = {name: True for name, on in zip(("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c"),
+                                                    (ta, tb, ia, ib, ic)) if on}
             if op.attr("mlc.tile") is not None:  # (tile sizes `mlc tune` measured for this product)
                 flags["tile"] = op.attr("mlc.tile")
             b.create("mem.matmul", [a, bm, out, *read_a(b, bi), *read_b(b, bi), *bi], flags or None, regions=[Region([block])])
             i, j, acc = block.args
             eb = Builder.at_end(block, L.module, b.loc)
-            eb.create("mem.yield", [epilogue(eb, acc, bi + [i, j]) if epilogue else acc])
+            eb.create("mem.yield", [epilogue(eb, acc, stored(bi + [i, j])) if epilogue else acc])
         if batch_rank:
             L.nest(sizes, product, parallel=True)
         else:
             product(L.b, [])
         return [out]
+    if ic:  # the product into a buffer of its own, copied into the result's places
+        logical_out = L.alloc(TensorType(logical, t.element), sizes + rows + cols)
+        _loops(L, a, bm, logical_out, sizes, rows, cols, k, ra, rb, read_a, read_b)
+        copy_nest(L, logical_out, out, sizes + rows + cols, lambda b, ivs: ivs, lambda b, ivs: stored(ivs))
+        return apply_epilogue(L, out, stored(sizes + rows + cols), epilogue)
+    _loops(L, a, bm, out, sizes, rows, cols, k, ra, rb, read_a, read_b)
+    return apply_epilogue(L, out, sizes + rows + cols, epilogue)
+
+
+def _loops(L: FunctionLowering, a, bm, out, sizes, rows, cols, k, ra, rb, read_a, read_b):
+    """out = a @ bm in plain loops (element types the GEMM does not take)."""
 
     # Zero the result, then accumulate with the reduction loop outside the column loop: the innermost
     # loop walks rows of b and out contiguously, which LLVM vectorises.
-    L.nest(sizes + rows + cols, lambda b, ivs: b.create("mem.store", [L.const(b, 0, t.element), out] + ivs))
+    L.nest(sizes + rows + cols, lambda b, ivs: b.create("mem.store", [L.const(b, 0, out.type.element), out] + ivs))
 
     def row_block(b, bi, first, count, kk):
         """out[first + r, :] += a[first + r, kk] * b[kk, :] for r < count: one pass over a row of b
@@ -80,20 +98,23 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
         for lb, ub, count, step in ((L.idx(0), whole, block_rows, block_rows), (whole, m, 1, 1)):
             L.loop(b, lb, ub, lambda ib, i, count=count: L.loop(ib, L.idx(0), k, lambda kb, kk: row_block(kb, bi, i, count, kk)),
                    parallel=True, step=step)
-    if batch_rank:
+    if sizes:
         L.nest(sizes, per_batch, parallel=True)
     else:
         per_batch(L.b, [])
-    return apply_epilogue(L, out, sizes + rows + cols, epilogue)
 
 
-def _transposed_copy(L: FunctionLowering, buf: Value) -> Value:
-    """A buffer holding buf with its last two dims swapped."""
-    r = buf.type.rank
-    sizes = L.dims(buf)
-    sizes[-2:] = sizes[-1], sizes[-2]
-    out = L.alloc(TensorType(buf.type.shape[:-2] + buf.type.shape[:-3:-1], buf.type.element), sizes)
-    copy_nest(L, buf, out, sizes, lambda b, ivs: ivs[:r - 2] + [ivs[-1], ivs[-2]], lambda b, ivs: ivs)
+def _swap(items, i: int, j: int) -> list:
+    items = list(items)
+    items[i], items[j] = items[j], items[i]
+    return items
+
+
+def _swapped_copy(L: FunctionLowering, buf: Value, i: int, j: int) -> Value:
+    """A buffer holding buf with dims i and j swapped."""
+    sizes = _swap(L.dims(buf), i, j)
+    out = L.alloc(TensorType(tuple(_swap(buf.type.shape, i, j)), buf.type.element), sizes)
+    copy_nest(L, buf, out, sizes, lambda b, ivs: _swap(ivs, i, j), lambda b, ivs: ivs)
     return out
 
 
