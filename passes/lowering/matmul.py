@@ -2,6 +2,8 @@
 blocks and packs it), else loops blocked over rows; and mlc.transpose."""
 from __future__ import annotations
 
+import math
+
 from mlc.ir.core import Block, Builder, Operation, Region, Value
 from mlc.ir.dialects.mlc import Matmul
 from mlc.ir.types import TensorType, index
@@ -119,13 +121,16 @@ def _swapped_copy(L: FunctionLowering, buf: Value, i: int, j: int) -> Value:
 
 
 TRANSPOSE_TILE = 16  # a tile's rows are read along the input's last dim, its columns written along the output's
+NEAR_READS = 4       # reads along the output's last dim at most this many elements apart share cache lines: no tiles
+#                      (a stride-2 convolution's phase split: 0.11 -> 0.07 ms)
 
 
 @rule("mlc.transpose")
 def transpose(L: FunctionLowering, op: Operation):
     """A copy in tiles of TRANSPOSE_TILE x TRANSPOSE_TILE where the input's last dim moves: each tile
     reads whole cache lines of the input and writes whole lines of the output (element by element,
-    one of the two would stride a row's length per element)."""
+    one of the two would stride a row's length per element); in the output's order where its reads
+    lie a few elements apart."""
     x = L.buffers[op.operands[0]]
     perm = op.attr("perm")
     r = len(perm)
@@ -138,7 +143,8 @@ def transpose(L: FunctionLowering, op: Operation):
             src[in_axis] = ivs[out_axis]
         b.create("mem.store", [b.create("mem.load", [x] + src).result, out] + ivs)
     along = perm.index(r - 1)  # the output axis the input is contiguous along
-    if along == r - 1:
+    step = x.type.shape[perm[-1] + 1:]  # (input elements between two reads along the output's last dim)
+    if along == r - 1 or None not in step and math.prod(step) <= NEAR_READS:
         L.nest(sizes, copy)
         return [out]
     others = [i for i in range(r) if i not in (along, r - 1)]
