@@ -22,6 +22,24 @@ def test_gpu_stages_keep_results(pipeline, p):
         _only_host_code_outside_launches(lowered)
 
 
+@pytest.mark.parametrize("pipeline", GPU_STAGES)
+def test_attention_heads_are_read_and_written_in_place_on_the_gpu(pipeline):
+    """layout's interleaved products (attention's heads where they lie, the keys transposed too) through
+    every GPU stage, against the tensor program."""
+    from mlc.testing import Program
+    t = "tensor<2x5x3x4xf32>"
+    text = f"""module {{ func.func @f(%q: {t}, %k: {t}, %v: {t}) -> {t} {{
+      %s = mlc.matmul %q, %k {{transpose_b, interleaved_a, interleaved_b}} : ({t}, {t}) -> tensor<2x3x5x5xf32>
+      %o = mlc.matmul %s, %v {{interleaved_b, interleaved_c}} : (tensor<2x3x5x5xf32>, {t}) -> {t}
+      return %o : {t} }} }}"""
+    r = np.random.default_rng(0)
+    q, k, v = (r.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
+    heads = lambda x: np.swapaxes(x, 1, 2)  # noqa: E731
+    want = heads(heads(q) @ np.swapaxes(heads(k), -1, -2) @ heads(v))
+    np.testing.assert_allclose(mlc.interpret(mlc.parse(text), "f", q, k, v), want, rtol=1e-5, atol=1e-5)
+    check_pipeline(Program(mlc.parse(text), "f", [q, k, v]), pipeline, rtol=1e-4, atol=1e-5)
+
+
 def _only_host_code_outside_launches(module):
     """Outside the kernels: allocation, sizes and checks on them, the loops of the host."""
     for f in module.functions.values():
