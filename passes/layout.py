@@ -159,8 +159,8 @@ def _into_products(transpose: Operation) -> None:
 
 
 def _reading(r: int, transposed: bool, interleaved: bool) -> list:
-    """The permutation a matmul operand of rank r so marked is read through (stored = logical read
-    through it): the last two dims swapped, after the two before them."""
+    """p such that a matmul operand of rank r with these marks is read as transpose(stored, p): the
+    interleaving undone (the two dims before the last swapped), then the transposition (the last two)."""
     inner, outer = list(range(r)), list(range(r))
     if interleaved:
         outer[r - 3], outer[r - 2] = r - 2, r - 3
@@ -185,5 +185,6 @@ MARKS = ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interl
 
 def _mark(op: Operation, flag: str, on: bool) -> None:
     """Sets or clears a matmul's mark (the marks kept in one order, as they print)."""
-    marks = {m for m in MARKS if op.attr(m)} ^ ({flag} if bool(op.attr(flag)) != on else set())
+    marks = {m for m in MARKS if op.attr(m)}
+    marks = marks | {flag} if on else marks - {flag}
     op.attributes = {**{k: v for k, v in op.attributes.items() if k not in MARKS}, **{m: UNIT for m in MARKS if m in marks}}
