@@ -81,7 +81,7 @@ class Gemm:
     mc: int = MC
     pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the
     #                                       product: before the loops (a scan's steps) that leave B unchanged
-    a_row: int | None = None              # elements from one row of A to the next in memory, where not K (None: unknown)
+    a_row: int | None = None              # elements from one row of A to the next in memory (None: K)
     pack_panel: Callable | None = None    # (gemm, builder, jp, j0): packs panel jp of B (columns j0 .. j0 + nr) itself,
     #                                       where B is not in memory: a convolution's im2col (ConvAsGemm)
 

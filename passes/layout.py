@@ -111,7 +111,7 @@ def _one_product(op: Operation) -> None:
     a, b = op.operands
     rows = None if None in a.type.shape[:-1] else int(np.prod(a.type.shape[:-1]))
     value = d("mlc.matmul", d.reshape(a, (rows, a.type.shape[-1])), b, result_type=op.results[0].type.with_shape(
-        (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in MARKS})
+        (rows, op.results[0].type.shape[-1])), **{k: v for k, v in op.attributes.items() if k in Matmul.MARKS})
     chain = [op]
     while (len(chain[-1].results[0].uses) == 1 and _on_rows(next(iter(chain[-1].results[0].uses))[0], chain[-1])):
         user, index = next(iter(chain[-1].results[0].uses))
@@ -180,11 +180,8 @@ def _marks_reading(user: Operation, index: int, perm: list) -> tuple[bool, bool]
     return next(((t, i) for t in (False, True) for i in (False, True) if r >= 2 + i and _reading(r, t, i) == wanted), None)
 
 
-MARKS = ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c")
-
-
 def _mark(op: Operation, flag: str, on: bool) -> None:
     """Sets or clears a matmul's mark (the marks kept in one order, as they print)."""
-    marks = {m for m in MARKS if op.attr(m)}
+    marks = {m for m in Matmul.MARKS if op.attr(m)}
     marks = marks | {flag} if on else marks - {flag}
-    op.attributes = {**{k: v for k, v in op.attributes.items() if k not in MARKS}, **{m: UNIT for m in MARKS if m in marks}}
+    op.attributes = {**{k: v for k, v in op.attributes.items() if k not in Matmul.MARKS}, **{m: UNIT for m in Matmul.MARKS if m in marks}}

@@ -293,8 +293,8 @@ def host_key() -> dict:
 
 
 class JitModule:
-    """LLVM IR and the native code made from it (in `parts`, when given: the same code as separate
-    modules) or loaded (`object_code`)."""
+    """LLVM IR and the native code made from it here, or given (`object_code`: compiled in parts by a
+    PartCompiler, or loaded from the cache or an artifact)."""
 
     def __init__(self, llvm_ir: str, libm_symbols=(), object_code: bytes | None = None):
         with _lock:

@@ -16,14 +16,14 @@ import json
 import os
 
 from mlc.ir.attributes import to_attr
+from mlc.ir.dialects.mlc import Matmul
 
 from .files import cache_dir, write_atomically
 from .jit import host_key
 
 FORMAT, VERSION = "mlc-tuning", 1
 TUNED = ("mlc.matmul", "mlc.conv2d")
-SHAPING = {"mlc.matmul": ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c"),
-           "mlc.conv2d": ("stride", "padding", "dilation", "groups")}
+SHAPING = {"mlc.matmul": Matmul.MARKS, "mlc.conv2d": ("stride", "padding", "dilation", "groups")}
 
 
 def key(op) -> str:

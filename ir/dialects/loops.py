@@ -445,26 +445,29 @@ class Matmul(OpDef):
         return list(items[:3]), leads
 
     @staticmethod
-    def matrix_axes(op, which: int) -> tuple[int, int]:
+    def interleaved(op, which: int) -> bool:
+        """Whether buffer `which` (0, 1, 2: a, b, c) holds its last index dim between its matrix dims."""
+        return bool(op.attr("interleaved_" + "abc"[which]))
+
+    @classmethod
+    def matrix_axes(cls, op, which: int) -> tuple[int, int]:
         """The dims of buffer `which` that hold its matrix's rows and columns (as stored)."""
         r = op.operand_types[which].rank
-        return (r - 3, r - 1) if op.attr("interleaved_" + "abc"[which]) else (r - 2, r - 1)
+        return (r - 3, r - 1) if cls.interleaved(op, which) else (r - 2, r - 1)
 
-    @staticmethod
-    def place(op, which: int, lead: list, x, y) -> list:
+    @classmethod
+    def place(cls, op, which: int, lead: list, x, y) -> list:
         """The indices of element [x, y] (as stored: a transposed operand's [k, i]) of buffer `which`'s
         matrix that its leading indices `lead` pick."""
-        if op.attr("interleaved_" + "abc"[which]):
-            return lead[:-1] + [x, lead[-1], y]
-        return lead + [x, y]
+        return lead[:-1] + [x, lead[-1], y] if cls.interleaved(op, which) else lead + [x, y]
 
-    @staticmethod
-    def infer(op, ctx):
+    @classmethod
+    def infer(cls, op, ctx):
         types = [_memref(t, f"operand {i}") for i, t in enumerate(op.operand_types[:3])]
         if any(t.rank < 2 for t in types) or len({t.element for t in types}) != 1:
             raise VerifyError("takes three buffers of one element type, each of rank >= 2")
         for i, t in enumerate(types):
-            if op.attr("interleaved_" + "abc"[i]) and t.rank < 3:
+            if cls.interleaved(op, i) and t.rank < 3:
                 raise VerifyError(f"operand {i} is interleaved, so it needs rank >= 3, got {t}")
         leading = sum(t.rank - 2 for t in types)
         if len(op.operand_types) - 3 != leading:
@@ -495,7 +498,7 @@ class Matmul(OpDef):
     @classmethod
     def _matrix(cls, op, which, buf, lead):
         """The matrix (a view) that `lead` picks from buffer `which`."""
-        if op.attr("interleaved_" + "abc"[which]):
+        if cls.interleaved(op, which):
             buf = np.swapaxes(buf, -3, -2)
         return buf[_checked(buf, tuple(lead))]
 

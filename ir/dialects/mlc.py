@@ -782,8 +782,8 @@ class Matmul(OpDef):
     name = "mlc.matmul"
     operands = 2
     traits = {PURE}
-    attrs = {"transpose_a": Attr("bool", False), "transpose_b": Attr("bool", False),
-             "interleaved_a": Attr("bool", False), "interleaved_b": Attr("bool", False), "interleaved_c": Attr("bool", False)}
+    MARKS = ("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c")  # how operands and result are stored
+    attrs = {mark: Attr("bool", False) for mark in MARKS}
 
     @staticmethod
     def stored_transposed(op) -> tuple[bool, bool]:

@@ -45,8 +45,7 @@ def matmul(L: FunctionLowering, op: Operation, epilogue=None):
     if tiled_gemm:  # the tile pass makes the blocked, packed loop nest of it
         def product(b, bi):
             block = Block([index, index, t.element], ["i", "j", "acc"])
-            flags = {name: True for name, on in zip(("transpose_a", "transpose_b", "interleaved_a", "interleaved_b", "interleaved_c"),
-                                                    (ta, tb, ia, ib, ic)) if on}
+            flags = {mark: True for mark in Matmul.MARKS if op.attr(mark)}  # (mem.matmul's are the same)
             if op.attr("mlc.tile") is not None:  # (tile sizes `mlc tune` measured for this product)
                 flags["tile"] = op.attr("mlc.tile")
             b.create("mem.matmul", [a, bm, out, *read_a(b, bi), *read_b(b, bi), *bi], flags or None, regions=[Region([block])])
