@@ -81,6 +81,7 @@ WORKLOADS = {
     "softmax": ("row softmax 4096x1024", "numpy", 3),
     "layer norm": ("layer norm (as ops) 4096x1024", "torch", 3),
     "mlp 256": ("MLP 784-1024-1024-10 b256", "torch", 3),
+    "mlp 32": ("MLP 784-1024-1024-10 b32", "torch", 10),
     "mlp 1": ("MLP 784-1024-1024-10 b1", "torch", 20),
     "conv": ("conv2d 3x3 64->64 56x56 b8", "torch", 1),
     "compile cold": ("compile MLP, cold", None, 1),
@@ -169,7 +170,7 @@ def main():
         return harness.serve(args.worker[0], lambda: worker(*args.worker), args.repeat)
     rounds = args.rounds or (3 if args.quick else 5)
     chosen = ["sgemm 256", "sgemm 512"] + ([] if args.quick else ["sgemm 1024"])
-    chosen += ["elementwise 1048576" if args.quick else "elementwise 16777216", "softmax", "layer norm", "mlp 256", "mlp 1"]
+    chosen += ["elementwise 1048576" if args.quick else "elementwise 16777216", "softmax", "layer norm", "mlp 256", "mlp 32", "mlp 1"]
     chosen += ([] if args.quick else ["conv"]) + ["compile cold", "compile cached"]
     chosen = args.only or chosen
     print(harness.load())

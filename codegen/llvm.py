@@ -36,7 +36,7 @@ from mlc.ir.attributes import BoolAttr, IntAttr, StringAttr, SymbolRefAttr, Type
 from mlc.ir.collectives import ELEMENT_CODES, REDUCTIONS
 from mlc.ir.core import FuncOp, Module, Operation, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.dialects.mlc import BINARY, EXPENSIVE, UNARY
+from mlc.ir.dialects.mlc import BINARY, EXPENSIVE, UNARY, Global
 from mlc.ir.types import ElementType, MemRefType, TensorType, VectorType, index, round_to_element
 
 PTR = ir.PointerType()
@@ -49,6 +49,7 @@ F32, F64, F16 = ir.FloatType(), ir.DoubleType(), ir.HalfType()
 SCALAR = {"f16": F16, "bf16": F32, "f32": F32, "f64": F64, "i1": I1, "i8": I8, "i32": ir.IntType(32), "i64": I64, "index": I64}
 STORAGE = {**SCALAR, "i1": I8}  # numpy keeps booleans in bytes
 PROFILE_COUNTERS, PROFILE_KERNELS, PROFILE_WORDS = "mlc_profile_counters", "mlc_profile_kernels", 3
+GLOBALS_TABLE = "mlc_globals"  # the globals in the order of the table the code reads them through, for the runtime
 PROFILE_SIZES = (2, 3, 5)  # the sizes `?` takes in a kernel's cost samples (runtime/profile.py's SIZES)
 INTRINSICS = {"exp", "log", "sqrt", "sin", "cos", "floor", "rint", "pow"}  # math functions LLVM has as intrinsics (others: libm)
 
@@ -97,6 +98,7 @@ class ModuleEmitter:
 
     def emit(self) -> ir.Module:
         plans = self.plan_kernels() if self.profile is not None else {}
+        self.constant_string(GLOBALS_TABLE, [_global_entry(op) for op in self.module.globals.values()])
         for name, f in self.module.functions.items():
             if not f.is_private:
                 self.functions[name] = FunctionEmitter(self, f, plans.get(name, ())).emit()
@@ -112,11 +114,15 @@ class ModuleEmitter:
         n = max(len(self.profiled), 1) * PROFILE_WORDS
         self.counters = ir.GlobalVariable(self.llvm, ir.ArrayType(I64, n), name=PROFILE_COUNTERS)
         self.counters.initializer, self.counters.align = ir.Constant(ir.ArrayType(I64, n), None), 64
-        data = json.dumps(self.profiled, separators=(",", ":"), ensure_ascii=True).encode() + b"\0"
-        t = ir.ArrayType(I8, len(data))
-        table = ir.GlobalVariable(self.llvm, t, name=PROFILE_KERNELS)
-        table.global_constant, table.initializer = True, ir.Constant(t, bytearray(data))
+        self.constant_string(PROFILE_KERNELS, self.profiled)
         return plans
+
+    def constant_string(self, name: str, value) -> None:
+        """`value` as JSON in a NUL-terminated constant that the runtime reads by its symbol."""
+        data = json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode() + b"\0"
+        t = ir.ArrayType(I8, len(data))
+        table = ir.GlobalVariable(self.llvm, t, name=name)
+        table.global_constant, table.initializer = True, ir.Constant(t, bytearray(data))
 
     def dispose(self):
         """Breaks the LLVM IR's reference cycles (instructions and their blocks, functions and the
@@ -562,6 +568,13 @@ def _scalar_const(self: FunctionEmitter, op):
     self.values[op.results[0]] = ir.Constant(t, float(v) if e.is_float else int(v))
     if e.name == "index":
         self.trusted.add(op.results[0])
+
+
+def _global_entry(op) -> dict:
+    """A global in the table's description: its name, and for panels what they pack (the runtime packs them)."""
+    if not Global.is_panels(op):
+        return {"name": op.attr("sym_name")}
+    return {"name": op.attr("sym_name"), "of": op.attr("of"), "nr": op.attr("type").shape[-1], "transpose": op.attr("transpose")}
 
 
 def _global_load(self: FunctionEmitter, op):

@@ -25,7 +25,7 @@ class Interpreter:
         seed = module.seed if seed is None else seed
         decls = module.globals
         self.module_globals_types = {name: op.attr("type") for name, op in decls.items()}
-        self.globals = {name: Global.initial_value(op, seed) for name, op in decls.items()}
+        self.globals = Global.initial_values(decls, seed)
         self.depth = 0
 
     # --- public entry ---------------------------------------------------------------------------------

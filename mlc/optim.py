@@ -210,7 +210,7 @@ class TrainStep:
         return self.loss_fn(self.model(*inputs), target)
 
     def _compile(self, batch):
-        from mlc.ir.attributes import StringAttr
+        from mlc.ir.attributes import UNIT, StringAttr
         from mlc.passes.train_step import TrainStep as TrainStepPass
         names = self.model._variable_names() if hasattr(self.model, "_variable_names") else {}
         traced = trace_function(self._loss, batch, variables="globals", dynamic_batch=self.dynamic_batch,
@@ -223,6 +223,7 @@ class TrainStep:
         for name, var in traced.globals.items():  # only the optimiser's parameters are trained
             if id(var) not in trainable:
                 module.globals[name].attributes.pop("trainable", None)
+            module.globals[name].attributes["external"] = UNIT  # (bound to var.data, which Python code writes in place)
         if not trainable <= {id(v) for v in traced.globals.values()}:
             raise ValueError("some of the optimiser's parameters take no part in the loss")
         loss.attributes["sym_visibility"] = StringAttr("private")

@@ -84,6 +84,7 @@ class Gemm:
     a_row: int | None = None              # elements from one row of A to the next in memory (None: K)
     pack_panel: Callable | None = None    # (gemm, builder, jp, j0): packs panel jp of B (columns j0 .. j0 + nr) itself,
     #                                       where B is not in memory: a convolution's im2col (ConvAsGemm)
+    b_panels: Callable | None = None      # (nr) -> B packed already (a weight's panels global, packed when set)
 
     def emit(self, L, b, parallel: bool):
         """The loop nest at b, built with L (a LoopBuilder). `parallel`: the row-block loop may run on
@@ -113,9 +114,12 @@ class Gemm:
         self.full_panels = L.op(pb, "arith.div", self.N, nr)
         if few is not None and self.pack_at is None:
             panels, self.full_panels = (L.op(pb, "arith.select", few, L.idx(0), v) for v in (panels, self.full_panels))
-        self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
-                                name_hint="packed").result
-        self.pack_b(pb, panels, pack_parallel)
+        if self.b_panels is not None:
+            self.packed = self.b_panels(self.nr)
+        else:
+            self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
+                                    name_hint="packed").result
+            self.pack_b(pb, panels, pack_parallel)
         n = static_value(self.N)
         if parallel and n is not None and n >= 4 * self.nr:
             # two column halves per block of rows (whole panels; the second holds the ragged ones), so

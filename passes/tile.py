@@ -17,15 +17,23 @@ The options fix the shape of the tiles, so the same pipeline prints the same IR 
 compiler driver (mlc/compiler.py) gives the host's vector width: `tile{vector-bytes=64}` with AVX-512.
 An op's own `tile = [mc, kc]` (what `mlc tune` measured best for its shape on this host) replaces
 the options for it.
-`kc=0` (the default) takes gemm.py's depth for the vector width (256, or 192 with 64-byte vectors).
+`kc=0` (the default) takes gemm.py's depth for the vector width (256, or 512 with 64-byte vectors).
+
+A product whose B is a matrix global that no function stores to (an inference model's weight; not
+one marked `external`, which the host writes in place) reads it from a global of its own declared
+here, `init = "panels"`: B already packed, which the runtime packs again whenever the matrix is set
+(runtime/executable.py), instead of at every call. `packed-globals=0` packs at every call.
 """
 from __future__ import annotations
 
 import math
 
-from mlc.ir.core import Builder, Module, Operation
+from mlc.ir.attributes import StringAttr, SymbolRefAttr, TypeAttr, to_attr
+from mlc.ir.core import Builder, Module, Operation, create_op
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.loops import Matmul
+from mlc.ir.dialects.mlc import Global
+from mlc.ir.types import MemRefType
 
 from . import gemm
 from .expand_products import expand_conv, expand_matmul
@@ -36,7 +44,8 @@ from .manager import Pass, PipelineError
 class Tile(Pass):
     name = "tile"
     summary = "block, pack and register-tile each mem.matmul (its epilogue over each finished row)"
-    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": 0, "mc": gemm.MC, "conv-gemm-pixels": gemm.CONV_GEMM_PIXELS}
+    options = {"vector-bytes": gemm.VECTOR_BYTES, "kc": 0, "mc": gemm.MC, "conv-gemm-pixels": gemm.CONV_GEMM_PIXELS,
+               "packed-globals": 1}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -45,6 +54,9 @@ class Tile(Pass):
                                 f"got {self}")
 
     def run(self, module: Module) -> None:
+        stored = {op.attr("global") for op in module.walk() if op.name == "mlc.global_store"}
+        self.read_only = {name for name, op in module.globals.items() if name not in stored and not op.attr("external")} \
+            if self.option("packed-globals") else set()
         for f in module.functions.values():
             builder = LoopBuilder(module, f)
             for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:
@@ -109,7 +121,39 @@ class Tile(Pass):
                   a_row=_row_elements(a.type.shape, Matmul.matrix_axes(op, 0)[0]),
                   vector_bytes=self.option("vector-bytes"), **self.sizes(op),
                   pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),
+                  b_panels=self.global_panels(L.module, b, tb),
                   ).emit(L, L.b, parallel=not _in_parallel_loop(op))
+
+    def global_panels(self, module: Module, b, transposed: bool):
+        """Where B is a matrix global no function stores to: (nr) -> its panels of nr columns,
+        a global declared (once) the first time a product packs it."""
+        made = b.defining_op()
+        loaded = made.operands[0].defining_op() if made is not None and made.name == "mem.from_tensor" else None
+        if loaded is None or loaded.name != "mlc.global_load" or loaded.attr("global") not in self.read_only or b.type.rank != 2:
+            return None
+        source = module.globals[loaded.attr("global")]
+
+        def panels(nr: int):
+            t = Global.panels_type(source.attr("type"), nr, transposed)
+            name = f"{source.attr('sym_name')}.panels" + ("_t" if transposed else "")
+            while name in module.symbols() and not _panels_of(module.globals.get(name), source, t, transposed):
+                name += "_"
+            if name not in module.globals:
+                attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("panels"),
+                         "of": SymbolRefAttr(source.attr("sym_name"))}
+                if transposed:
+                    attrs["transpose"] = to_attr(True)
+                module.body.insert_after(source, create_op("mlc.global", attributes=attrs, loc=source.loc))
+            pb = Builder.after(made, module)  # (where the matrix is read: outside the loops the product may be in)
+            value = pb.create("mlc.global_load", [], {"global": SymbolRefAttr(name)}, result_types=[t], name_hint=name).result
+            return pb.create("mem.from_tensor", [value], result_types=[MemRefType(t.shape, t.element)]).result
+        return panels
+
+
+def _panels_of(decl, source, t, transposed: bool) -> bool:
+    """Whether global `decl` is the panels of `source` of type t."""
+    return decl is not None and Global.is_panels(decl) and decl.attr("of") == source.attr("sym_name") and \
+        decl.attr("type") == t and decl.attr("transpose") == transposed
 
 
 def _row_elements(shape, axis: int) -> int | None:

@@ -4,7 +4,10 @@
     y = exe["forward"](x)          # arguments checked against the signature before native code runs
 
 Globals live in the executable (numpy arrays initialised from the module seed) and persist across
-calls. Results are numpy arrays that own the memory the native code allocated.
+calls. Results are numpy arrays that own the memory the native code allocated. A weight that products
+read packed (a panels global of the tile pass: a matrix no function stores to) is packed here when it
+is set (`set_global`, `bind_global`, loading), not at every call; its array in `exe.globals` is read-only,
+so that a write in place, which would leave the packed copy behind, fails instead of going unseen.
 
 Compiled with profiling (`mlc.compile(module, profile=True)`, MLC_PROFILE=1), the code counts each
 kernel's calls and time: `exe.profile()` is the table (runtime/profile.py).
@@ -35,6 +38,8 @@ from mlc.ir.memory import host_memory_bytes
 
 from .jit import JitModule
 from .profile import COUNTERS, DESCRIPTIONS, WORDS, Profile, ProfileReport, report_at_exit
+
+GLOBALS_TABLE = "mlc_globals"  # the symbol codegen describes its table of globals in
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -87,10 +92,18 @@ class Executable(FunctionTable):
         objects, which every later full pass of the cycle collector would walk)."""
         keep_freed_memory()
         self.module, self.jit, self.compiled_here = module, jit, compiled_here
-        self.globals = globals_ if globals_ is not None else \
-            {name: Global.initial_value(op, module.seed) for name, op in module.globals.items()}
+        self.globals = globals_ if globals_ is not None else Global.initial_values(module.globals, module.seed)
         self.globals_lock = SharedLock()
-        self._globals_table = (ctypes.c_void_p * max(len(self.globals), 1))(*[a.ctypes.data for a in self.globals.values()])
+        table = _table_of(jit) or [{"name": name} for name in self.globals]
+        self._table_index = {entry["name"]: k for k, entry in enumerate(table)}
+        self._panels = {entry["name"]: entry for entry in table if "of" in entry}  # name -> what it packs
+        self._panel_arrays = {name: self.globals.get(name) for name in self._panels}  # (the tile pass's are not in globals)
+        for name, entry in self._panels.items():
+            if self._panel_arrays[name] is None:
+                self._panel_arrays[name] = Global.panels(self.globals[entry["of"]], entry["nr"], entry["transpose"])
+            self.globals[entry["of"]].flags.writeable = False  # (set_global packs it again)
+        arrays = {**self.globals, **self._panel_arrays}
+        self._globals_table = (ctypes.c_void_p * max(len(table), 1))(*[arrays[entry["name"]].ctypes.data for entry in table])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
         self._profile = _profile_of(jit)
         if self._profile is not None and profiling_at_exit():
@@ -119,18 +132,31 @@ class Executable(FunctionTable):
 
     def bind_global(self, name: str, array: np.ndarray) -> None:
         """Make the native code read and write global @name in `array` (C-contiguous, of its type) from now
-        on: several executables can share one model's weights."""
+        on: several executables can share one model's weights. A weight that products read packed is
+        packed now: write it later through set_global (or bind it again), not in place."""
         old = self.globals[name]
         if array.dtype != old.dtype or array.shape != old.shape or not array.flags.c_contiguous or not array.flags.writeable:
             raise ValueError(f"@{name} needs a writeable C-contiguous {old.dtype} array of shape {old.shape}, "
                              f"got {array.dtype} {array.shape}")
         with self.globals_lock.exclusive():
             self.globals[name] = array
-            self._globals_table[list(self.globals).index(name)] = array.ctypes.data
+            self._globals_table[self._table_index[name]] = array.ctypes.data
+            self._pack(name)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
         with self.globals_lock.exclusive():
-            self.globals[name][...] = value  # in place: the native code holds pointers to these arrays
+            array = self.globals[name]
+            read_only = not array.flags.writeable
+            array.flags.writeable = True
+            array[...] = value  # in place: the native code holds pointers to these arrays
+            array.flags.writeable = not read_only
+            self._pack(name)
+
+    def _pack(self, name: str) -> None:
+        """The panels of global @name packed again from its value (under the exclusive lock)."""
+        for panels, entry in self._panels.items():
+            if entry["of"] == name:
+                self._panel_arrays[panels][...] = Global.panels(self.globals[name], entry["nr"], entry["transpose"])
 
     @property
     def llvm_ir(self) -> str:
@@ -150,6 +176,12 @@ def profiling_at_exit() -> bool:
     """MLC_PROFILE=1: every compile is profiled and each profiled executable that ran prints its table
     to standard error when the process exits."""
     return os.environ.get("MLC_PROFILE", "0") not in ("", "0")
+
+
+def _table_of(jit: JitModule) -> list | None:
+    """The globals in the order of the code's table (codegen/llvm.py), None for code that does not say."""
+    address = jit.global_address(GLOBALS_TABLE)
+    return json.loads(ctypes.string_at(address).decode("ascii")) if address else None
 
 
 def _profile_of(jit: JitModule) -> Profile | None:

@@ -88,11 +88,19 @@ class GpuExecutable(FunctionTable):
 
     def starting_value(self, name: str) -> np.ndarray:
         """A loaded artifact's value of the global, else the module seed's."""
-        start = self.initial_globals or {}
-        return start[name] if name in start else Global.initial_value(self.module.globals[name], self.module.seed)
+        start, op = self.initial_globals or {}, self.module.globals[name]
+        if name in start:
+            return start[name]
+        if Global.is_panels(op):
+            return Global.panels_of(op, self.starting_value(op.attr("of")))
+        return Global.initial_value(op, self.module.seed)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
-        self.device.copy(self.device_globals[name], self.device.upload(np.asarray(value, self.device_globals[name].dtype)))
+        value = np.asarray(value, self.device_globals[name].dtype)
+        self.device.copy(self.device_globals[name], self.device.upload(value))
+        for derived, op in self.module.globals.items():  # (panels are always their matrix's)
+            if Global.is_panels(op) and op.attr("of") == name:
+                self.device.copy(self.device_globals[derived], self.device.upload(Global.panels_of(op, value)))
 
     def save(self, path):
         """Write a self-contained artifact (lowered IR, PTX, globals; see runtime/artifact.py), atomically."""

@@ -468,6 +468,92 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)
 
 
+def weight_product(rows, k, n, transposed, e="f32", extra=""):
+    w = f"{n}x{k}" if transposed else f"{k}x{n}"
+    return f"""module {{
+      mlc.global @w : tensor<{w}x{e}> {{init = "normal"{extra}}}
+      func.func @f(%x: tensor<{rows}x{k}x{e}>) -> tensor<{rows}x{n}x{e}> {{
+        %w = mlc.global_load @w : tensor<{w}x{e}>
+        %y = mlc.matmul %x, %w {{transpose_b = {str(transposed).lower()}}} : (tensor<{rows}x{k}x{e}>, tensor<{w}x{e}>) -> tensor<{rows}x{n}x{e}>
+        return %y : tensor<{rows}x{n}x{e}> }} }}"""
+
+
+@settings(max_examples=int(os.environ.get("MLC_PANELS_EXAMPLES", "8")), deadline=None)
+@given(rows=st.sampled_from([1, 4, 7, 13, "?"]), m=st.sampled_from([1, 3, 4, 13]), k=st.sampled_from([1, 5, 37, 300]),
+       n=st.sampled_from([1, 7, 17, 33, 70]), transposed=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_a_weight_global_is_packed_when_set_not_per_call(rows, m, k, n, transposed, dtype):
+    """A product's B that is a global no function writes is read from its panels, packed at load and
+    again by set_global and bind_global; in place, its array refuses writes that would go unseen."""
+    from mlc.passes.gemm import STREAM_ROWS
+    e, tol = {np.float32: ("f32", 1e-4), np.float64: ("f64", 1e-10)}[dtype]
+    module = mlc.parse(weight_product(rows, k, n, transposed, e))
+    m = m if rows == "?" else rows
+    x = rng.standard_normal((m, k)).astype(dtype)
+    exe = mlc.compile(module)
+    product = lambda w: x @ (w.T if transposed else w)  # noqa: E731
+    np.testing.assert_allclose(exe.f(x), product(exe.globals["w"]), rtol=tol, atol=tol)
+    packed = rows == "?" or rows > STREAM_ROWS  # (a few static rows stream B in place)
+    lowered = mlc.run_passes(module.clone(), "cpu{vector-bytes=32}")
+    assert ('init = "panels"' in str(lowered)) == packed
+    if m * k * n < 5000:  # the loop nest reading the panels, on the interpreter
+        np.testing.assert_allclose(Interpreter(lowered).call_public("f", [x]), product(exe.globals["w"]), rtol=tol, atol=tol)
+    new = rng.standard_normal(exe.globals["w"].shape).astype(dtype)
+    exe.set_global("w", new)
+    np.testing.assert_allclose(exe.f(x), product(new), rtol=tol, atol=tol)
+    bound = rng.standard_normal(new.shape).astype(dtype)
+    exe.bind_global("w", bound)
+    np.testing.assert_allclose(exe.f(x), product(bound), rtol=tol, atol=tol)
+    if packed:
+        with pytest.raises(ValueError, match="read-only"):
+            mlc.compile(module).globals["w"][0, 0] = 1.0
+
+
+@pytest.mark.parametrize("case", ["stored", "external", "option"])
+def test_weights_that_may_change_unseen_are_packed_per_call(case):
+    text = weight_product("?", 16, 40, False, extra=", external" if case == "external" else "")
+    if case == "stored":
+        text = text.replace("return %y", "mlc.global_store @w, %w : tensor<16x40xf32>\n        return %y")
+    lowered = mlc.run_passes(mlc.parse(text), "cpu{packed-globals=0}" if case == "option" else "cpu")
+    assert "panels" not in str(lowered) and "%packed = mem.alloc" in str(lowered)
+
+
+def test_panels_globals_are_verified():
+    text = weight_product("?", 16, 40, False).replace(
+        "func.func", 'mlc.global @p : tensor<3x16x16xf32> {init = "panels", of = @w}\n      func.func')
+    values = Interpreter(mlc.parse(text)).globals  # panel p holds columns 16p .. 16p + 15 of @w, then zeros
+    columns = values["p"].transpose(1, 0, 2).reshape(16, 48)
+    np.testing.assert_array_equal(columns[:, :40], values["w"])
+    assert not columns[:, 40:].any()
+    with pytest.raises(mlc.DiagnosticError, match=r"the panels of @w .* \(tensor<3x16x16xf32>\), got tensor<2x16x16xf32>"):
+        mlc.parse(text.replace("3x16x16", "2x16x16"))
+    with pytest.raises(mlc.DiagnosticError, match="@w is read through packed panels, so no function may store to it"):
+        mlc.parse(text.replace("return %y", "mlc.global_store @w, %w : tensor<16x40xf32>\n        return %y"))
+
+
+def test_panels_travel_through_the_cache_and_artifacts(tmp_path):
+    module = mlc.parse(weight_product("?", 37, 70, True))
+    x, new = rng.standard_normal((9, 37)).astype(np.float32), rng.standard_normal((70, 37)).astype(np.float32)
+    mlc.compile(module)
+    exe = mlc.compile(module)  # from the cache: its code still says which globals are packed
+    exe.set_global("w", new)
+    exe.save(tmp_path / "m.mlcz")
+    loaded = mlc.load_executable(tmp_path / "m.mlcz")
+    np.testing.assert_allclose(loaded.f(x), x @ new.T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_global_no_function_reads_leaves_the_others_in_place():
+    text = """module {
+      mlc.global @unused : tensor<4xf32> {init = "zeros"}
+      mlc.global @b : tensor<4xf32> {init = "ones"}
+      func.func @f(%x: tensor<4xf32>) -> tensor<4xf32> {
+        %b = mlc.global_load @b : tensor<4xf32>
+        %y = mlc.add %x, %b : (tensor<4xf32>, tensor<4xf32>) -> tensor<4xf32>
+        return %y : tensor<4xf32> } }"""
+    exe = mlc.compile(mlc.parse(text))
+    np.testing.assert_array_equal(exe.f(np.zeros(4, np.float32)), np.ones(4, np.float32))
+    assert list(exe.globals) == ["unused", "b"]
+
+
 @settings(max_examples=10, deadline=None)
 @given(m=st.integers(1, 6), k=st.sampled_from([1, 5, 8, 37, 300]), n=st.sampled_from([1, 7, 8, 9, 17, 70, 100, 300]),
        layout=st.sampled_from(["", "{transpose_b}", "{transpose_a}", "{transpose_a, transpose_b}"]),

@@ -150,11 +150,14 @@ def test_peak_intermediate_bytes_follow_buffer_lifetimes():
     from mlc.runtime.jit import host_vector_bytes
     lowered = lower(mlc.load(ROOT / "examples" / "mlp.ir"))
     panel = 2 * host_vector_bytes() // 4  # columns of a packed panel of B: 16 with AVX2, 32 with AVX-512
-    # relu(x @ w1 + b1) is one fused buffer (256x32), live with the result (256x10) while w2 is packed
-    # into one panel; at batch 1 the products stream their weights unpacked: the two results alone.
-    at_256 = 256 * 32 * 4 + 256 * 10 * 4 + 32 * panel * 4
+    # relu(x @ w1 + b1) is one fused buffer (256x32), live with the result (256x10); w2 is read from its
+    # panels (a global, packed when set); at batch 1 the products stream their weights unpacked: the two
+    # results alone. Packed per call, w2's one panel is live with them.
+    at_256 = 256 * 32 * 4 + 256 * 10 * 4
     at_1 = 32 * 4 + 10 * 4
     assert peak_intermediate_bytes(lowered.functions["forward"], 256) == at_256
+    per_call = mlc.run_passes(mlc.load(ROOT / "examples" / "mlp.ir"), f"cpu{{vector-bytes={host_vector_bytes()} packed-globals=0}}")
+    assert peak_intermediate_bytes(per_call.functions["forward"], 256) == at_256 + 32 * panel * 4
     assert peak_intermediate_bytes(lowered.functions["forward"], 1) == at_1
     out = __import__("subprocess").run([__import__("sys").executable, "-m", "mlc", "compile", str(ROOT / "examples" / "mlp.ir"),
                                         "--emit", "loops"], capture_output=True, text=True, cwd="/")

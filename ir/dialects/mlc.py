@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from .. import random as rng
-from ..attributes import DenseAttr
+from ..attributes import DenseAttr, StringAttr
 from ..core import Block, Region
 from ..memory import check_fits_in_memory
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
@@ -2197,26 +2197,80 @@ class Global(OpDef):
     """A tensor that lives across calls. `init`: "zeros", "ones", dense<...>, "uniform" (low, high),
     "normal" (mean, std), "glorot_uniform", "glorot_normal", "he_uniform", "he_normal"; drawn from the
     module seed (ir/random.py), a stream per global name. Fans: rank 2 [in, out] (x @ w); rank 4
-    OIHW fan_in = I*kh*kw, fan_out = O*kh*kw."""
+    OIHW fan_in = I*kh*kw, fan_out = O*kh*kw.
+
+    `init = "panels"`, `of = @w`: always @w's value packed as the CPU product kernels read their B
+    operand (passes/gemm.py): @w is [K, N] (or [N, K] with `transpose`: read through its transpose),
+    this is [ceil(N / nr), K, nr], column panels of nr, zero-padded. The tile pass declares it for a
+    matrix no function stores to and the host does not write in place between calls (one marked
+    `external` may be: mlc.optim binds parameters that Python code writes), so that it is packed when
+    it is set, not at every call."""
     name = "mlc.global"
     results = 0
     traits = {SYMBOL}
     attrs = {"sym_name": Attr("str", required=True), "type": Attr("type", required=True),
              "init": Attr("init", "zeros"), "trainable": Attr("bool", False), "low": Attr("float", 0.0),
-             "high": Attr("float", 1.0), "mean": Attr("float", 0.0), "std": Attr("float", 1.0)}
+             "high": Attr("float", 1.0), "mean": Attr("float", 0.0), "std": Attr("float", 1.0),
+             "of": Attr("symbol"), "transpose": Attr("bool", False), "external": Attr("bool", False)}
 
+    @staticmethod
+    def is_panels(op) -> bool:
+        init = op.attributes.get("init")
+        return isinstance(init, StringAttr) and init.value == "panels"
+
+    @staticmethod
+    def panels(value: np.ndarray, nr: int, transpose: bool = False) -> np.ndarray:
+        """A matrix's column panels: out[p, k, c] = B[k, p * nr + c] (0 past N), B = value or its transpose."""
+        b = value.T if transpose else value
+        k, n = b.shape
+        out = np.zeros((k, -(-n // nr) * nr), b.dtype)
+        out[:, :n] = b
+        return np.ascontiguousarray(out.reshape(k, -1, nr).transpose(1, 0, 2))
+
+    @staticmethod
+    def panels_of(op, value: np.ndarray) -> np.ndarray:
+        """The value of panels global `op` where its matrix's is `value`."""
+        return Global.panels(value, op.attr("type").shape[-1], op.attr("transpose"))
+
+    @staticmethod
+    def panels_type(source: TensorType, nr: int, transpose: bool = False) -> TensorType:
+        n, k = source.shape if transpose else source.shape[::-1]
+        return TensorType((-(-n // nr), k, nr), source.element)
+
+    @staticmethod
+    def verify_panels(op, ctx):
+        source, t, name = ctx.symbols.get(op.attr("of")), op.attr("type"), op.attr("of")
+        if source is None or source.name != "mlc.global" or Global.is_panels(source) or source.attr("type").rank != 2:
+            raise VerifyError(f"\"panels\" needs `of` to name a rank-2 global that is not itself panels, got @{name}")
+        expected = Global.panels_type(source.attr("type"), t.shape[-1], op.attr("transpose")) if t.rank == 3 else None
+        if t != expected:
+            raise VerifyError(f"the panels of @{name} ({source.attr('type')}) have a type [panels, K, nr] "
+                              f"({expected or 'rank 3'}), got {t}")
+        if any(o.name == "mlc.global_store" and o.attr("global") == name for o in ctx.module.walk()):
+            raise VerifyError(f"@{name} is read through packed panels, so no function may store to it")
 
     @staticmethod
     def verify(op, ctx):
         t = op.attr("type")
         if not isinstance(t, TensorType) or not t.is_static:
             raise VerifyError(f"a global must have a static tensor type, got {t}")
+        if Global.is_panels(op):
+            return Global.verify_panels(op, ctx)
         init = op.attributes.get("init")
         if isinstance(init, DenseAttr):
             if init.type != t:
                 raise VerifyError(f"initial value has type {init.type} but the global is {t}")
         elif op.attr("init") not in ("zeros", "ones") and not t.element.is_float:
             raise VerifyError(f"initialiser \"{op.attr('init')}\" needs a floating-point type, got {t}")
+
+    @staticmethod
+    def initial_values(decls: dict, seed: int) -> dict:
+        """Each global's first value by name (panels made from their matrix's)."""
+        values = {name: Global.initial_value(op, seed) for name, op in decls.items() if not Global.is_panels(op)}
+        for name, op in decls.items():
+            if Global.is_panels(op):
+                values[name] = Global.panels_of(op, values[op.attr("of")])
+        return {name: values[name] for name in decls}
 
     @staticmethod
     def initial_value(op, seed: int) -> np.ndarray:
