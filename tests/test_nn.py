@@ -346,3 +346,16 @@ def test_cpu_train_step_and_inference_share_the_weights():
     np.testing.assert_allclose(m(x), tm(torch.tensor(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
     m.load_state_dict({k: np.zeros_like(v) for k, v in m.state_dict().items()})  # seen by the next step:
     np.testing.assert_allclose(step(x, np.zeros(4, np.int64)), np.log(10), rtol=1e-6)  # uniform logits
+
+
+def test_a_frozen_weight_written_in_place_between_steps_is_seen():
+    """A weight outside the optimiser is read-only in the step, but bound to an array Python writes
+    in place (load_state_dict): the step must read it afresh, not a copy packed at compile time."""
+    frozen, head = nn.Linear(16, 24), nn.Linear(24, 3)
+    model = nn.Sequential(frozen, nn.ReLU(), head)
+    step = mlc.compile_train_step(model, F.mse_loss, mlc.optim.SGD(head.parameters(), lr=0.0), backend="cpu")
+    x, y = randn(32, 16), randn(32, 3)
+    for scale in (1.0, -2.0):
+        frozen.weight.data[...] *= scale
+        want = np.mean((np.maximum(x @ frozen.weight.data.T + frozen.bias.data, 0) @ head.weight.data.T + head.bias.data - y) ** 2)
+        np.testing.assert_allclose(step(x, y), want, rtol=1e-5)
