@@ -185,6 +185,10 @@ def test_parallel_loops_inside_parallel_loops_run_each_trip_once(threads, nested
     for _ in range(50):
         nested_run(counts.ctypes.data, 16)
     assert (counts == 50).all()
+    for rows in (1, 2, 3, 5, 8, 13, 44, 97, 1000):  # (chunks that shrink in turn still cover every trip once)
+        counts = np.zeros((rows, 64), np.int64)
+        nested_run(counts.ctypes.data, rows)
+        assert (counts == 1).all()
 
 
 def test_python_threads_racing_for_the_pool_run_each_trip_once(threads, nested_run):
