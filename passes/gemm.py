@@ -16,8 +16,8 @@ like every other lowering:
         epilogue, row by row, while the rows are still in cache (bias, activation, ...)
 
 A and B are read through callbacks, so the same kernel serves batched matmul (with broadcasting) and
-operands read through their transpose (no copy); A is packed too, per block of rows and slice of K,
-only where its rows lie a multiple of 4 KB apart (a_rows_collide). A product of at most STREAM_ROWS rows (a batch of 1, a GEMV)
+operands read through their transpose (no copy); A is copied too, per block of rows and slice of K,
+into rows a cache line longer than the slice, only where its rows lie a multiple of 4 KB apart (a_rows_collide). A product of at most STREAM_ROWS rows (a batch of 1, a GEMV)
 packs nothing: packing would read and write all of B to use it once, so B is streamed in place instead,
 along its rows (tiles of up to 8 vectors of C's row; where B's rows are longer, C's rows summed in
 memory as B's rows stream by in order, K split over threads) or, where B is read through its transpose (the weight of
@@ -49,6 +49,7 @@ SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into
 CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pixels (56 x 56) runs as a product
 #                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
 IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
+A_ROW_PAD = 16      # elements a copied row of A is longer than the slice of K (a line: rows not 4 KB apart)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
 
@@ -190,8 +191,7 @@ class Gemm:
         scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
         packed_a = None
         if self.a_rows_collide():
-            tiles = -(-self.mc // self.mr)
-            packed_a = b.create("mem.alloc", result_types=[MemRefType((tiles, self.kc, self.mr), self.element)],
+            packed_a = b.create("mem.alloc", result_types=[MemRefType((self.mc, self.kc + A_ROW_PAD), self.element)],
                                 name_hint="packed_a").result
 
         m = static_value(self.M)
@@ -212,30 +212,32 @@ class Gemm:
         """Whether the micro-kernel's rows of A, read in place, fall into so few sets of the L1 cache
         (64 sets of 8 lines, 4 KB apart) that they evict each other: rows a multiple of 4 KB apart all
         share one set (at 1024 floats, 1024^3 ran a fifth slower, and 512 x 2048 x 2048 a third). Then A
-        is packed, which costs a pass over it per block of rows and slice of K; other rows are read in
-        place (packing cost a third at 128 columns of B, and gained nothing at 2 KB apart: two sets)."""
+        is copied, a block of rows per slice of K, into rows a line longer than the slice (pack_a);
+        other rows are read in place (copying gained nothing at 2 KB apart: two sets)."""
         k = static_value(self.K) if self.a_row is None else self.a_row
         return self.load_a_vector is not None and k is not None and k * self.element.np_dtype.itemsize % 4096 == 0
 
     def pack_a(self, b, packed_a, i0, end, k0, k1):
-        """A[i0:end, k0:k1] into packed_a[tile][k - k0][row in the tile], so that the micro-kernel reads
-        a tile's elements of A side by side."""
-        L, mr = self.L, self.mr
+        """A[i0:end, k0:k1] copied into packed_a[i - i0, k - k0], row by row in vectors: its rows, a
+        line longer than the slice, fall into sets of the L1 cache of their own. (Interleaving a tile's
+        rows instead, element by element, cost a sixth of a 2048 x 1024 x 256 product.)"""
+        L, lanes, vt = self.L, self.lanes, self.vt
+        whole = L.op(b, "arith.add", k0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", k1, k0), L.idx(lanes)), L.idx(lanes)))
 
-        def tile_row(rb, i):
-            t, r = L.op(rb, "arith.div", L.op(rb, "arith.sub", i, i0), L.idx(mr)), L.op(rb, "arith.rem", L.op(rb, "arith.sub", i, i0), L.idx(mr))
-            L.loop(rb, k0, k1, lambda kb, k: kb.create("mem.store", [self.load_a(kb, i, k), packed_a, t, L.op(kb, "arith.sub", k, k0), r]))
-        L.loop(b, i0, end, tile_row)
+        def row(rb, i):
+            at = L.op(rb, "arith.sub", i, i0)
+            L.loop(rb, k0, whole, lambda kb, k: kb.create("vector.store", [self.load_a_vector(kb, i, k, vt), packed_a, at,
+                                                                            L.op(kb, "arith.sub", k, k0)]), step=lanes)
+            L.loop(rb, whole, k1, lambda kb, k: kb.create("mem.store", [self.load_a(kb, i, k), packed_a, at, L.op(kb, "arith.sub", k, k0)]))
+        L.loop(b, i0, end, row)
 
     def tile(self, b, i, i0, rows, j0, vectors, k0, k1, width, scratch, packed_a):
-        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from the packed panels
-        of A (rows i - i0 .. of the block; a tile of fewer than mr rows never straddles two of mr) and B."""
+        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from B's packed panels
+        and A in place or its block's copy (rows i - i0 ..)."""
         L, lanes = self.L, self.lanes
         row = [i] + [L.op(b, "arith.add", i, L.idx(r)) for r in range(1, rows)]
         if packed_a is not None:
-            t = L.op(b, "arith.div", L.op(b, "arith.sub", i, i0), L.idx(self.mr))
-            lane = L.op(b, "arith.rem", L.op(b, "arith.sub", i, i0), L.idx(self.mr))
-            lanes_a = [lane] + [L.op(b, "arith.add", lane, L.idx(r)) for r in range(1, rows)]
+            rows_a = [L.op(b, "arith.sub", r, i0) for r in row]
         jp = L.op(b, "arith.div", j0, L.idx(self.nr))
         lane0 = L.op(b, "arith.sub", j0, L.op(b, "arith.mul", jp, L.idx(self.nr)))
         offsets = [lane0] + [L.op(b, "arith.add", lane0, L.idx(h * lanes)) for h in range(1, vectors)]
@@ -245,7 +247,7 @@ class Gemm:
             if packed_a is None:
                 return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
             kk = L.op(kb, "arith.sub", k, k0)
-            return fma_tile(kb, [kb.create("mem.load", [packed_a, t, kk, r]).result for r in lanes_a], bs, acc)
+            return fma_tile(kb, [kb.create("mem.load", [packed_a, r, kk]).result for r in rows_a], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
         store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt, width, scratch, add=True)
 
