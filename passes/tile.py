@@ -119,6 +119,7 @@ class Tile(Pass):
                   epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, c_at(i, j), [i, j]),
                   load_a_vector=load_vector(0, a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
                   a_row=_row_elements(a.type.shape, Matmul.matrix_axes(op, 0)[0]),
+                  b_column=_row_elements(b.type.shape, Matmul.matrix_axes(op, 1)[0]) if tb else None,
                   vector_bytes=self.option("vector-bytes"), **self.sizes(op),
                   pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),
                   b_panels=self.global_panels(L.module, b, tb),

@@ -468,6 +468,18 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [32, 37, 512, 1024])
+@pytest.mark.parametrize("n", [70, 96])
+def test_products_pack_a_transposed_b_by_gathering_or_walking_its_columns(k, n):
+    """B read through its transpose is packed from its columns gathered side by side, or (columns 2 or
+    4 KB apart: 512 and 1024 f32) walked down one by one; whole panels and a ragged one."""
+    text = f"""func.func @f(%a: tensor<50x{k}xf32>, %w: tensor<{n}x{k}xf32>) -> tensor<50x{n}xf32> {{
+      %c = mlc.matmul %a, %w {{transpose_b}} : (tensor<50x{k}xf32>, tensor<{n}x{k}xf32>) -> tensor<50x{n}xf32>
+      return %c : tensor<50x{n}xf32> }}"""
+    a, w = rng.standard_normal((50, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](a, w), a @ w.T, rtol=1e-4, atol=1e-4)
+
+
 def weight_product(rows, k, n, transposed, e="f32", extra=""):
     w = f"{n}x{k}" if transposed else f"{k}x{n}"
     return f"""module {{
