@@ -49,6 +49,7 @@ SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into
 CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pixels (56 x 56) runs as a product
 #                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
 IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
+GATHER_COLLIDING = 8  # columns of a transposed B gathered at once where they share L1 sets (8: the cache's ways)
 A_ROW_PAD = 16      # elements a copied row of A is longer than the slice of K (a line: rows not 4 KB apart)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
@@ -174,21 +175,19 @@ class Gemm:
             sizes = [self.K, L.idx(self.nr)]
             L.nest(sizes[::-1] if down_columns else sizes, lambda cb, ivs: element(cb, *(ivs[::-1] if down_columns else ivs)),
                    parallel=False, b=pb)
-        if self.load_b_vector is None and self.b_columns_collide():  # columns of B are contiguous: walk down each
-            L.loop(b, L.idx(0), panels, lambda pb, jp: scalars(pb, jp, down_columns=True), parallel=parallel)
-            return
-        if self.load_b_vector is None:  # a vector of each row of a panel, gathered from its columns
-            # (attention's 32 x 32 panels of keys 1 KB apart: 0.47-0.51 -> 0.40 ms for the scores of 32 x 8 heads)
+        if self.load_b_vector is None:  # columns of B contiguous: each row of a panel gathered from its columns,
+            # `width` at a time (was element by element down each column: attention's 32 x 32 panels of keys
+            # 1 KB apart 0.47-0.51 -> 0.39 ms for the scores of 32 x 8 heads; a 1024 x 1024 weight's 2.77 -> 2.56 ms)
+            width = GATHER_COLLIDING if self.b_columns_collide() else lanes
+            vt = VectorType((width,), self.element)
+
             def gathered(pb, jp):
                 j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
                 columns = [L.op(pb, "arith.add", j0, L.idx(c)) for c in range(self.nr)]
-
-                def row(kb, k):
-                    for h in range(0, self.nr, lanes):
-                        v = kb.create("vector.from_elements", [self.load_b(kb, k, j) for j in columns[h:h + lanes]],
-                                      result_types=[self.vt]).result
-                        kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
-                L.loop(pb, L.idx(0), self.K, row)
+                for h in range(0, self.nr, width):
+                    L.loop(pb, L.idx(0), self.K, lambda kb, k, h=h: kb.create("vector.store", [kb.create(
+                        "vector.from_elements", [self.load_b(kb, k, j) for j in columns[h:h + width]], result_types=[vt]).result,
+                        self.packed, jp, k, L.idx(h)]))
             L.loop(b, L.idx(0), self.full_panels, gathered, parallel=parallel)
             L.loop(b, self.full_panels, panels, lambda pb, jp: scalars(pb, jp, down_columns=True))
             return
@@ -225,9 +224,9 @@ class Gemm:
             L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
 
     def b_columns_collide(self) -> bool:
-        """Whether the columns of B read through its transpose lie so nearly a multiple of 4 KB apart (2 KB
-        or 4 KB: at most two sets of the L1 cache) that a panel's, gathered side by side, evict each other
-        (a 1024 x 1024 weight's: 16% slower); then each is walked down in turn."""
+        """Whether the columns of B read through its transpose lie a multiple of 2 KB apart, in at most two
+        sets of the L1 cache: a panel's 32 columns, gathered side by side, evicted each other (a 1024 x 1024
+        weight's: 16% slower), so they are gathered GATHER_COLLIDING at a time."""
         return self.b_column is None or self.b_column * self.element.np_dtype.itemsize % 2048 == 0
 
     def a_rows_collide(self) -> bool:

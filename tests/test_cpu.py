@@ -471,8 +471,8 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
 @pytest.mark.parametrize("k", [32, 37, 512, 1024])
 @pytest.mark.parametrize("n", [70, 96])
 def test_products_pack_a_transposed_b_by_gathering_or_walking_its_columns(k, n):
-    """B read through its transpose is packed from its columns gathered side by side, or (columns 2 or
-    4 KB apart: 512 and 1024 f32) walked down one by one; whole panels and a ragged one."""
+    """B read through its transpose is packed from its columns gathered side by side, a vector's worth
+    at a time or (columns 2 or 4 KB apart: 512 and 1024 f32) 8; whole panels and a ragged one."""
     text = f"""func.func @f(%a: tensor<50x{k}xf32>, %w: tensor<{n}x{k}xf32>) -> tensor<50x{n}xf32> {{
       %c = mlc.matmul %a, %w {{transpose_b}} : (tensor<50x{k}xf32>, tensor<{n}x{k}xf32>) -> tensor<50x{n}xf32>
       return %c : tensor<50x{n}xf32> }}"""
