@@ -3,8 +3,10 @@
 
     python benchmarks/train.py [--steps N]
 
-Time: the best of 5 runs of --steps steps each, mlc's and torch's interleaved (this machine's speed
-drifts); ratio > 1 means mlc is faster. Memory: each framework trains in a fresh subprocess that reports the growth of its peak
+Time: each framework trains in a process of its own (benchmarks/harness.py: thread pools sharing a
+process slow each other), the two taking turns for 5 rounds of --steps steps; a figure is the best
+round's time per step, and torch is measured once more alone as a check. Ratio > 1 means mlc is
+faster. Memory: each framework trains in a fresh subprocess that reports the growth of its peak
 resident set over its state (weights, data; torch's optimiser state appears at its first step, mlc's
 is allocated up front) during the steps, and mlc's own estimate of the step's peak intermediate buffers.
 """
@@ -19,6 +21,8 @@ import tempfile
 import time
 
 import numpy as np
+
+import harness
 
 MODEL = """module @mlp attributes {seed = 0} {
   mlc.global @w1 : tensor<784x1024xf32> {init = "he_uniform", trainable}
@@ -80,20 +84,20 @@ def torch_step():
     return step
 
 
-def timed(steps: dict, data, repeat=5) -> dict:
-    """Best time per step of each of `steps`, their runs interleaved so that both see the same
-    machine (this one's speed drifts by tens of percent)."""
-    for step in steps.values():
-        for x, y in data[:2]:
-            step(x, y)  # warm up: caches, allocator, optimiser state
-    runs = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for x, y in data:
-                step(x, y)
-            runs[name].append((time.perf_counter() - t0) / len(data))
-    return {name: min(r) for name, r in runs.items()}
+def worker(framework: str, steps: int):
+    """A rep: `steps` training steps of `framework`, in seconds per step (after two to warm up: caches,
+    allocator, optimiser state)."""
+    data = batches(steps)
+    step = mlc_step()[0] if framework == "mlc" else torch_step()
+    for x, y in data[:2]:
+        step(x, y)
+
+    def rep():
+        t0 = time.perf_counter()
+        for x, y in data:
+            step(x, y)
+        return (time.perf_counter() - t0) / len(data)
+    return rep
 
 
 def memory_probe(which: str, steps: int) -> dict:
@@ -119,29 +123,33 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--probe", choices=["mlc", "torch"], help=argparse.SUPPRESS)
+    harness.add_worker_arguments(ap)
     args = ap.parse_args()
     if args.probe:
         print(json.dumps(memory_probe(args.probe, args.steps)))
         return
+    if args.worker:
+        return harness.serve(args.worker[0], lambda: worker(args.worker[0], args.steps), args.repeat)
     os.environ.setdefault("MLC_CACHE_DIR", tempfile.mkdtemp(prefix="mlc-bench-cache-"))
     from mlc.passes.memory import peak_intermediate_bytes
     from mlc.compiler import lower
-    data = batches(args.steps)
-    step, compile_s, module = mlc_step()
-    best = timed({"mlc": step, "torch": torch_step()}, data)
-    t_mlc, t_torch = best["mlc"], best["torch"]
+    _, compile_s, module = mlc_step()  # (fills the cache the workers compile from)
+    result = harness.compare(__file__, "train step", ["mlc", "torch"], rounds=5, args=["--steps", str(args.steps)])
+    t_mlc, t_torch = result.times["mlc"], result.times["torch"]
     probes = {}
     for which in ("mlc", "torch"):
         out = subprocess.run([sys.executable, __file__, "--probe", which, "--steps", str(args.steps)], capture_output=True,
                              text=True, check=True, env={**os.environ, "MLC_NUM_THREADS": "2"})
         probes[which] = json.loads(out.stdout)
     estimate = peak_intermediate_bytes(lower(module).functions["train_step"], BATCH) / 2**20
-    print(f"MLP 784-1024-1024-10, Adam, batch {BATCH}, {args.steps} steps per run, best of 5 interleaved runs")
+    print(f"MLP 784-1024-1024-10, Adam, batch {BATCH}, {args.steps} steps per turn, best of 5 turns each, in processes of their own")
     print(f"{'':<28}{'mlc':>12}{'torch':>12}{'torch/mlc':>12}")
     print(f"{'train step (ms)':<28}{t_mlc * 1e3:>12.2f}{t_torch * 1e3:>12.2f}{t_torch / t_mlc:>11.2f}x")
     grow = {k: v["peak"] - v["before"] for k, v in probes.items()}
     print(f"{'peak RSS over the state (MiB)':<28}{grow['mlc']:>12.1f}{grow['torch']:>12.1f}")
     print(f"mlc: compile {compile_s:.1f} s; estimated peak intermediate buffers of @train_step {estimate:.1f} MiB")
+    print(f"sanity: torch {t_torch * 1e3:.2f} ms taking turns, {result.alone['torch'] * 1e3:.2f} ms alone "
+          f"({t_torch / result.alone['torch']:.2f}x)")
 
 
 if __name__ == "__main__":
