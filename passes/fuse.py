@@ -185,21 +185,13 @@ def row_groups(block: Block) -> list[list[Operation]]:
                     group.add(p)
             if seed in group:
                 break
-        if len(group) > 1 and _one_source_per_dynamic_dim(group, row[0]):
+        # (inputs may share a `?` row dim, a training step's batch: where one is 1 at run time, it is
+        # read broadcast, and what is made from it alone is computed again per row, at most the kernel's
+        # own work; requiring one such input kept layer norm's backward in 8 kernels)
+        if len(group) > 1:
             groups.append([op for op in ops if op in group])
             taken |= group
     return groups
-
-
-def _one_source_per_dynamic_dim(group, shape) -> bool:
-    """At a `?` row dim at most one input may be larger than 1, so no value is smaller than the row
-    at run time and recomputed for every row it is broadcast to."""
-    leaves = {v for op in group for v in op.operands if v.defining_op() not in group}
-    for axis, d in enumerate(shape):
-        offset = axis - len(shape)
-        if d is None and sum(v.type.rank >= -offset and v.type.shape[offset] != 1 for v in leaves) > 1:
-            return False
-    return True
 
 
 class Fuse(Pass):

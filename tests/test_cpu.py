@@ -126,6 +126,18 @@ def test_half_precision_sums_accumulate_in_f32_and_bf16_rounds_every_result(dt):
     compile_and_compare(text, "f", a, b, rtol=2 ** -8, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [(0, 1), (1, 0), (1, 3), (3, 1), (0, 0)])
+def test_dynamic_dims_broadcast_by_numpy_rule_zero_included(rows):
+    """A `?` dim of 1 broadcasts to the other's size, 0 as well (the result's size was the larger)."""
+    text = """func.func @f(%x: tensor<?x8xf32>, %y: tensor<?x8xf32>) -> tensor<?x8xf32> {
+      %z = mlc.add %x, %y : (tensor<?x8xf32>, tensor<?x8xf32>) -> tensor<?x8xf32>
+      return %z : tensor<?x8xf32> }"""
+    x, y = (rng.standard_normal((n, 8)).astype(np.float32) for n in rows)
+    got = mlc.compile(mlc.parse(text))["f"](x, y)
+    assert got.shape == (x + y).shape
+    np.testing.assert_array_equal(got, x + y)
+
+
 @pytest.mark.parametrize("name", ["reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"])
 @pytest.mark.parametrize("attrs", ["{axes = [1]}", "{axes = [0, 2], keepdims}", "{axes = [2]}"])
 def test_reductions(name, attrs):

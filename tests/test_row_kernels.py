@@ -93,6 +93,24 @@ def test_reduced_results_and_reductions_without_keepdims_end_a_kernel():
     np.testing.assert_allclose(got, np.tanh(x / np.sqrt((x * x).mean(1, keepdims=True))).max(1), rtol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [(1, 5), (5, 1), (5, 5), (1, 1), (0, 1)])
+def test_inputs_sharing_a_dynamic_row_dim_fuse_and_broadcast_either_way(rows):
+    """Two inputs with a `?` row dim (a training step's batch: layer norm's backward) make one row
+    kernel; at run time either may be the broadcast one (one row)."""
+    text = """module { func.func @f(%x: tensor<?x8xf32>, %y: tensor<?x8xf32>) -> tensor<?x8xf32> {
+      %a = mlc.mul %x, %y
+      %m = mlc.reduce_sum %a {axes = [1], keepdims = true}
+      %e = mlc.exp %x
+      %d = mlc.sub %e, %m : (tensor<?x8xf32>, tensor<?x1xf32>) -> tensor<?x8xf32>
+      %z = mlc.mul %d, %y
+      return %z : tensor<?x8xf32> } }"""
+    x, y = (rng.standard_normal((n, 8)).astype(np.float32) for n in rows)
+    m, got = agree(text, x, y)
+    assert fused_reductions(m) == 1
+    xb, yb = np.broadcast_arrays(x, y)
+    np.testing.assert_allclose(got, (np.exp(xb) - (xb * yb).sum(1, keepdims=True)) * yb, rtol=1e-5, atol=1e-6)
+
+
 def test_row_kernel_result_reuses_a_dying_input_buffer():
     text = """module { func.func @f(%a: tensor<32x?xf32>) -> tensor<?x32xf32> {
       %z = mlc.transpose %a {perm = [1, 0]} : (tensor<32x?xf32>) -> tensor<?x32xf32>

@@ -184,8 +184,9 @@ class FunctionLowering(LoopBuilder):
         return indices
 
     def result_sizes(self, t: TensorType, operands) -> list:
-        """Sizes of a broadcast result: static dims as constants, `?` dims the largest operand dim.
-        Operand dims known only at run time are checked: equal to the result's, or 1 (numpy's rule)."""
+        """Sizes of a broadcast result: static dims as constants, `?` dims the operands' one that is not 1
+        (0 where one is 0: numpy's rule, not the largest). Operand dims known only at run time are
+        checked: equal to the result's, or 1."""
         sizes = []
         for i, d in enumerate(t.shape):
             aligned = [(v, v.type.rank - t.rank + i) for v in operands if v.type.rank - t.rank + i >= 0]
@@ -195,7 +196,7 @@ class FunctionLowering(LoopBuilder):
             else:
                 size = candidates[0]
                 for c in candidates[1:]:
-                    size = self.op(self.b, "arith.maximum", size, c)
+                    size = self.op(self.b, "arith.select", self.op(self.b, "arith.eq", size, self.idx(1)), c, size)
             dynamic = [self.dim(v, a) for v, a in aligned if v.type.shape[a] is None]
             for c in dynamic if len(candidates) > 1 or d is not None else []:
                 ok = self.op(self.b, "arith.or", self.op(self.b, "arith.eq", c, size), self.op(self.b, "arith.eq", c, self.idx(1)))
