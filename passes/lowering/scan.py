@@ -74,7 +74,8 @@ def _in_loop(loop: Operation, v: Value) -> bool:
 
 def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
     """Dim `axis` of a buffer made in the loop body, computed before the loop: the body's shape code
-    uses only dims of buffers made before the loop (carries, slices, captured values) and arithmetic."""
+    uses only dims of buffers made before the loop (carries, slices, captured values) and arithmetic
+    (comparisons and selects too: a broadcast `?` dim is the operands' one that is not 1)."""
     def size_of(buf, axis):
         if not _in_loop(loop, buf):
             return b.create("mem.dim", [buf], {"axis": axis}).result if buf.type.shape[axis] is None \
@@ -91,7 +92,7 @@ def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
         d = v.defining_op()
         if d is not None and d.name == "mem.dim":
             return size_of(d.operands[0], d.attr("axis"))
-        if d is not None and d.name.startswith("arith.") and v.type == index:
+        if d is not None and d.name.startswith("arith.") and (v.type == index or getattr(v.type, "name", None) == "i1"):
             return b.create(d.name, [expr(o) for o in d.operands], dict(d.attributes)).result
         raise error(op.loc, "cannot size this scan's outputs before its loop yet", op.name)
     return size_of(buf, axis)
