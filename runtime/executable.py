@@ -146,10 +146,12 @@ class Executable(FunctionTable):
     def set_global(self, name: str, value: np.ndarray) -> None:
         with self.globals_lock.exclusive():
             array = self.globals[name]
-            read_only = not array.flags.writeable
+            read_only = not array.flags.writeable  # (a weight products read packed: see _pack)
             array.flags.writeable = True
-            array[...] = value  # in place: the native code holds pointers to these arrays
-            array.flags.writeable = not read_only
+            try:
+                array[...] = value  # in place: the native code holds pointers to these arrays
+            finally:
+                array.flags.writeable = not read_only
             self._pack(name)
 
     def _pack(self, name: str) -> None:

@@ -528,8 +528,12 @@ def test_a_weight_global_is_packed_when_set_not_per_call(rows, m, k, n, transpos
     exe.bind_global("w", bound)
     np.testing.assert_allclose(exe.f(x), product(bound), rtol=tol, atol=tol)
     if packed:
+        fresh = mlc.compile(module)
         with pytest.raises(ValueError, match="read-only"):
-            mlc.compile(module).globals["w"][0, 0] = 1.0
+            fresh.globals["w"][0, 0] = 1.0
+        with pytest.raises(ValueError, match="broadcast"):
+            fresh.set_global("w", np.zeros((3, 3), dtype))
+        assert not fresh.globals["w"].flags.writeable  # (a failed set_global leaves it guarded)
 
 
 @pytest.mark.parametrize("case", ["stored", "external", "option"])
