@@ -154,16 +154,27 @@ class Gemm:
                    parallel=parallel, compact=True)
             return
 
-        def full(pb, jp):
+        def whole(pb, jp):  # a whole panel, a vector of a row of it at a time
             j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
+            if self.load_b_vector is not None:  # loaded from B's row
+                def row(kb, k):
+                    for h in range(0, self.nr, lanes):
+                        v = self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h)), self.vt)
+                        kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
+                L.loop(pb, L.idx(0), self.K, row)
+                return
+            # B's columns contiguous: gathered from them, `width` at a time (was element by element down each
+            # column: attention's 32 x 32 panels of keys 1 KB apart 0.47-0.51 -> 0.39 ms for the scores of
+            # 32 x 8 heads; a 1024 x 1024 weight's 2.77 -> 2.56 ms)
+            width = GATHER_COLLIDING if self.b_columns_collide() else lanes
+            vt = VectorType((width,), self.element)
+            columns = [L.op(pb, "arith.add", j0, L.idx(c)) for c in range(self.nr)]
+            for h in range(0, self.nr, width):
+                L.loop(pb, L.idx(0), self.K, lambda kb, k, h=h: kb.create("vector.store", [kb.create(
+                    "vector.from_elements", [self.load_b(kb, k, j) for j in columns[h:h + width]], result_types=[vt]).result,
+                    self.packed, jp, k, L.idx(h)]))
 
-            def row(kb, k):
-                for h in range(0, self.nr, lanes):
-                    v = self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h)), self.vt)
-                    kb.create("vector.store", [v, self.packed, jp, k, L.idx(h)])
-            L.loop(pb, L.idx(0), self.K, row)
-
-        def scalars(pb, jp, down_columns=False):  # element by element; columns past N are zeros
+        def ragged(pb, jp, down_columns=False):  # element by element; columns past N are zeros
             j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
             last = L.op(pb, "arith.sub", self.N, L.idx(1))
             zero = L.const(pb, 0, self.element)
@@ -175,24 +186,8 @@ class Gemm:
             sizes = [self.K, L.idx(self.nr)]
             L.nest(sizes[::-1] if down_columns else sizes, lambda cb, ivs: element(cb, *(ivs[::-1] if down_columns else ivs)),
                    parallel=False, b=pb)
-        if self.load_b_vector is None:  # columns of B contiguous: each row of a panel gathered from its columns,
-            # `width` at a time (was element by element down each column: attention's 32 x 32 panels of keys
-            # 1 KB apart 0.47-0.51 -> 0.39 ms for the scores of 32 x 8 heads; a 1024 x 1024 weight's 2.77 -> 2.56 ms)
-            width = GATHER_COLLIDING if self.b_columns_collide() else lanes
-            vt = VectorType((width,), self.element)
-
-            def gathered(pb, jp):
-                j0 = L.op(pb, "arith.mul", jp, L.idx(self.nr))
-                columns = [L.op(pb, "arith.add", j0, L.idx(c)) for c in range(self.nr)]
-                for h in range(0, self.nr, width):
-                    L.loop(pb, L.idx(0), self.K, lambda kb, k, h=h: kb.create("vector.store", [kb.create(
-                        "vector.from_elements", [self.load_b(kb, k, j) for j in columns[h:h + width]], result_types=[vt]).result,
-                        self.packed, jp, k, L.idx(h)]))
-            L.loop(b, L.idx(0), self.full_panels, gathered, parallel=parallel)
-            L.loop(b, self.full_panels, panels, lambda pb, jp: scalars(pb, jp, down_columns=True))
-            return
-        L.loop(b, L.idx(0), self.full_panels, full, parallel=parallel)
-        L.loop(b, self.full_panels, panels, scalars)
+        L.loop(b, L.idx(0), self.full_panels, whole, parallel=parallel)
+        L.loop(b, self.full_panels, panels, lambda pb, jp: ragged(pb, jp, down_columns=self.load_b_vector is None))
 
     # --- one block of rows ---------------------------------------------------------------------------
     def row_block(self, b, i0, lo=None, hi=None, width=None):
