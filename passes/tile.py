@@ -137,7 +137,7 @@ class Tile(Pass):
         def panels(nr: int):
             t = Global.panels_type(source.attr("type"), nr, transposed)
             name = f"{source.attr('sym_name')}.panels" + ("_t" if transposed else "")
-            while name in module.symbols() and not _panels_of(module.globals.get(name), source, t, transposed):
+            while name in module.symbols() and not _is_panels_of(module.globals.get(name), source, t, transposed):
                 name += "_"
             if name not in module.globals:
                 attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("panels"),
@@ -151,7 +151,7 @@ class Tile(Pass):
         return panels
 
 
-def _panels_of(decl, source, t, transposed: bool) -> bool:
+def _is_panels_of(decl, source, t, transposed: bool) -> bool:
     """Whether global `decl` is the panels of `source` of type t."""
     return decl is not None and Global.is_panels(decl) and decl.attr("of") == source.attr("sym_name") and \
         decl.attr("type") == t and decl.attr("transpose") == transposed

@@ -2246,8 +2246,6 @@ class Global(OpDef):
         if t != expected:
             raise VerifyError(f"the panels of @{name} ({source.attr('type')}) have a type [panels, K, nr] "
                               f"({expected or 'rank 3'}), got {t}")
-        if any(o.name == "mlc.global_store" and o.attr("global") == name for o in ctx.module.walk()):
-            raise VerifyError(f"@{name} is read through packed panels, so no function may store to it")
 
     @staticmethod
     def verify(op, ctx):
@@ -2332,9 +2330,11 @@ class GlobalStore(OpDef):
 
     @staticmethod
     def infer(op, ctx):
-        t = _global_decl(op, ctx)
+        t, name = _global_decl(op, ctx), op.attr("global")
         if not types_compatible(t, op.operand_types[0]):
-            raise VerifyError(f"stores a {op.operand_types[0]} into @{op.attr('global')} of type {t}")
+            raise VerifyError(f"stores a {op.operand_types[0]} into @{name} of type {t}")
+        if any(d.name == "mlc.global" and Global.is_panels(d) and d.attr("of") == name for d in ctx.symbols.values()):
+            raise VerifyError(f"@{name} is read through packed panels, so no function may store to it")
         return []
 
     @staticmethod

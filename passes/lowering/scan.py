@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mlc.ir.core import Block, Builder, Operation, Region, Value
 from mlc.ir.diagnostics import error
-from mlc.ir.types import TensorType, index
+from mlc.ir.types import TensorType, i1, index
 
 from .core import FunctionLowering, copy_nest, rule
 
@@ -92,7 +92,7 @@ def _size_before(L, loop, b: Builder, buf: Value, axis: int, op):
         d = v.defining_op()
         if d is not None and d.name == "mem.dim":
             return size_of(d.operands[0], d.attr("axis"))
-        if d is not None and d.name.startswith("arith.") and (v.type == index or getattr(v.type, "name", None) == "i1"):
+        if d is not None and d.name.startswith("arith.") and v.type in (index, i1):
             return b.create(d.name, [expr(o) for o in d.operands], dict(d.attributes)).result
         raise error(op.loc, "cannot size this scan's outputs before its loop yet", op.name)
     return size_of(buf, axis)
