@@ -27,7 +27,7 @@ def elementwise(op: Operation) -> bool:
     return op.name.startswith("mlc.") and op.opdef is not None and ELEMENTWISE in op.opdef.traits
 
 
-ANCHORS = ("mlc.matmul", "mlc.conv2d")
+ANCHORS = ("mlc.matmul", "mlc.conv2d", "mlc.winograd_output")  # kernels that apply fused consumers to what they write
 
 
 def read_through(op: Operation) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from mlc.ir.core import Module
 
 from .lowering import FunctionLowering
-from .lowering import collectives, conv, elementwise, fusion, matmul, pool, random, rows, scan, shape  # noqa: F401  (each registers its rules)
+from .lowering import collectives, conv, elementwise, fusion, matmul, pool, random, rows, scan, shape, winograd  # noqa: F401  (each registers its rules)
 from .manager import Pass
 
 

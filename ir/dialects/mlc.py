@@ -1558,6 +1558,148 @@ class Conv2dTranspose(OpDef):
         return [gx, _conv_weight_grad(d, g, x, w.type, stride, pads, dilation, groups)]
 
 
+# --- Winograd F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks") ---------------
+# A 3 x 3 convolution (stride 1) of an a x a input tile (a = m + 2) gives m x m outputs with a^2 products
+# instead of 9 m^2: Y = AT [(G g GT) * (BT d B)] A. The winograd pass splits a conv2d into the three ops
+# below around one batched matmul: over the a^2 positions, [tiles x C] inputs times [C x O] filters.
+
+def winograd_matrices(m: int) -> tuple:
+    """(AT, G, BT) of F(m, 3) for m in WINOGRAD_TILES (interpolation points 0, -1, 1, -2, 2 and infinity)."""
+    if m == 2:
+        return (np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64),
+                np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]),
+                np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64))
+    return (np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64),
+            np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]),
+            np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+                      [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float64))
+
+
+WINOGRAD_TILES = (2, 4)
+
+
+def winograd_tiles(size: int, m: int) -> int:
+    """Tiles of m outputs along a result dim of `size`."""
+    return -(-size // m)
+
+
+class Winograd(OpDef):
+    operands = 1
+    traits = {PURE}
+    attrs = {"m": Attr("int", 4)}
+
+    @staticmethod
+    def m(op) -> int:
+        m = op.attr("m")
+        if m not in WINOGRAD_TILES:
+            raise VerifyError(f"'m' (outputs per tile side) must be one of {list(WINOGRAD_TILES)}, got {m}")
+        return m
+
+
+class WinogradFilter(Winograd):
+    """u[i*a + j, o, c] = (G w[o, c] G^T)[i, j]: each 3 x 3 filter as the a x a tile it multiplies."""
+    name = "mlc.winograd_filter"
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (w,) = _tensors(op)
+        require_element(w, "float")
+        _rank(w, 4, "weight (OIHW)")
+        if w.shape[2:] != (3, 3):
+            raise VerifyError(f"the filter must be 3 x 3, got {w.shape[2]} x {w.shape[3]}")
+        a = cls.m(op) + 2
+        return [TensorType((a * a, *w.shape[:2]), w.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        _, g, _ = winograd_matrices(cls.m(op))
+        w = _acc(ins[0])
+        u = np.einsum("ik,ockl,jl->ijoc", g, w, g)
+        return u.reshape(-1, *w.shape[:2])
+
+
+class WinogradInput(Winograd):
+    """v[i*a + j, (n*TH + ty)*TW + tx, c] = (BT d B)[i, j] for the a x a tile d of x (NCHW) padded with
+    zeros by `padding` ([top, left, bottom, right]) at rows m*ty.., columns m*tx..: TH x TW tiles cover
+    the convolution's (H + top + bottom - 2) x (W + left + right - 2) result."""
+    name = "mlc.winograd_input"
+    attrs = {**Winograd.attrs, "padding": Attr("ints", (0, 0, 0, 0))}
+
+    @classmethod
+    def grid(cls, op, h, w) -> tuple:
+        """(TH, TW): the tiles down and across."""
+        pt, pl, pb, pr = pads4(op.attr("padding"))
+        m = cls.m(op)
+        return (winograd_tiles(window_out(h, pt, pb, 3, 1), m), winograd_tiles(window_out(w, pl, pr, 3, 1), m))
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (x,) = _tensors(op)
+        require_element(x, "float")
+        _rank(x, 4, "input (NCHW)")
+        n, c, h, w = x.shape
+        if h is None or w is None:
+            raise VerifyError("the input's height and width must be static")
+        th, tw = cls.grid(op, h, w)
+        a = cls.m(op) + 2
+        return [TensorType((a * a, None if n is None else n * th * tw, c), x.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        x = _acc(ins[0])
+        m = cls.m(op)
+        _, _, bt = winograd_matrices(m)
+        pt, pl, pb, pr = pads4(op.attr("padding"))
+        th, tw = cls.grid(op, *x.shape[2:])
+        rows, cols = m * th + 2, m * tw + 2
+        xp = np.zeros((*x.shape[:2], rows, cols), x.dtype)
+        h, w = min(x.shape[2], rows - pt), min(x.shape[3], cols - pl)
+        xp[:, :, pt:pt + h, pl:pl + w] = x[:, :, :h, :w]
+        d = _windows(xp, m + 2, m + 2, m, m, 1, 1)  # n, c, th, tw, a, a
+        v = np.einsum("ik,nctxkl,jl->ijntxc", bt, d, bt)
+        return v.reshape((m + 2) ** 2, -1, x.shape[1])
+
+
+class WinogradOutput(Winograd):
+    """y[n, o, m*ty + i, m*tx + j] = (AT p AT^T)[i, j] for the a x a products p of tile (n, ty, tx) (laid
+    out as winograd_input's), cropped to `size` = [height, width]."""
+    name = "mlc.winograd_output"
+    attrs = {**Winograd.attrs, "size": Attr("ints", (1, 1))}
+
+    @classmethod
+    def grid(cls, op) -> tuple:
+        h, w = positive(_pair(op.attr("size"), "size"), "size")
+        m = cls.m(op)
+        return h, w, winograd_tiles(h, m), winograd_tiles(w, m)
+
+    @classmethod
+    def infer(cls, op, ctx):
+        (p,) = _tensors(op)
+        require_element(p, "float")
+        _rank(p, 3, "products (a*a, tiles, O)")
+        a = cls.m(op) + 2
+        if p.shape[0] is not None and p.shape[0] != a * a:
+            raise VerifyError(f"F({cls.m(op)}, 3) has {a * a} products per tile, got {p.shape[0]}")
+        h, w, th, tw = cls.grid(op)
+        tiles = p.shape[1]
+        if tiles is not None and tiles % (th * tw):
+            raise VerifyError(f"{tiles} tiles are not a whole number of images of {th} x {tw} tiles")
+        return [TensorType((None if tiles is None else tiles // (th * tw), p.shape[2], h, w), p.element)]
+
+    @classmethod
+    def interpret(cls, ins, op, ctx):
+        p = _acc(ins[0])
+        m = cls.m(op)
+        at, _, _ = winograd_matrices(m)
+        h, w, th, tw = cls.grid(op)
+        if p.shape[1] % (th * tw):
+            raise RuntimeCheck(f"{p.shape[1]} tiles are not a whole number of images of {th} x {tw} tiles")
+        p = p.reshape(m + 2, m + 2, -1, th, tw, p.shape[2])
+        y = np.einsum("ik,klnyxo,jl->noyixj", at, p, at)
+        return y.reshape(y.shape[0], y.shape[1], th * m, tw * m)[:, :, :h, :w]
+
+
 class Pool2d(OpDef):
     operands = 1
     traits = {PURE}

@@ -9,6 +9,7 @@
   pool         pools and their gradients (windows: the index arithmetic they share with conv)
   shape        reshape, iota, slice, pad, concat, gather, scatter_add, and their *_elements forms
   scan         scan
+  winograd     the transforms of Winograd's convolution (the winograd pass makes them)
   random       random_uniform, random_normal (Philox)
   collectives  all_reduce, broadcast, rank, world_size (in place on a copy; the runtime communicates)
 

@@ -1,0 +1,142 @@
+"""Winograd F(m x m, 3 x 3)'s transforms (the winograd pass makes them): each a small matrix product with
+constant coefficients, unrolled (zeros skipped, +-1 as adds), with the channels innermost: contiguous
+in the product's operands and result, so the loop vectoriser runs along them."""
+from __future__ import annotations
+
+from mlc.ir.core import Operation
+from mlc.ir.dialects.mlc import winograd_matrices
+from mlc.ir.dialects.shapes import pads4
+from mlc.ir.types import TensorType
+
+from .core import FunctionLowering, rule
+from .windows import guarded_load, in_bounds
+
+
+def _combine(L: FunctionLowering, b, coefficients, values, element):
+    """sum_k coefficients[k] * values[k]: no multiply by 0 or +-1."""
+    total = None
+    for c, v in zip(coefficients, values):
+        if c == 0:
+            continue
+        negative = c < 0
+        if abs(c) != 1:
+            v, negative = L.op(b, "arith.mul", v, L.const(b, abs(c), element)), negative
+        if total is None:
+            total = L.op(b, "arith.neg", v) if negative else v
+        else:
+            total = L.op(b, "arith.sub" if negative else "arith.add", total, v)
+    return total if total is not None else L.const(b, 0, element)
+
+
+def _sandwich(L, b, left, tile, right, element):
+    """left @ tile @ right^T, for a tile of scalar values (a list of rows)."""
+    rows = [[_combine(L, b, left[i], [row[j] for row in tile], element) for j in range(len(tile[0]))]
+            for i in range(len(left))]
+    return [[_combine(L, b, right[j], row, element) for j in range(len(right))] for row in rows]
+
+
+@rule("mlc.winograd_filter")
+def winograd_filter(L: FunctionLowering, op: Operation):
+    """G w G^T along the input channels, from a copy of the weights with the 3 x 3 taps first (each tap
+    contiguous along the channels, as the result is)."""
+    w = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    _, g, _ = winograd_matrices(op.opdef.m(op))
+    a = len(g)
+    o, c = L.dims(w)[:2]
+    taps = L.alloc(TensorType((9, *w.type.shape[:2]), t.element), [L.idx(9), o, c], "taps")
+    L.nest([o, c], lambda b, ivs: [b.create("mem.store", [b.create("mem.load", [w, *ivs, L.idx(i), L.idx(j)]).result,
+                                                          taps, L.idx(3 * i + j), *ivs]) for i in range(3) for j in range(3)],
+           [True, False])
+    out = L.alloc(t, [L.idx(a * a), o, c], op.results[0].name_hint)
+
+    def body(b, ivs):
+        tile = [[b.create("mem.load", [taps, L.idx(3 * i + j), *ivs]).result for j in range(3)] for i in range(3)]
+        u = _sandwich(L, b, g, tile, g, t.element)
+        for i in range(a):
+            for j in range(a):
+                b.create("mem.store", [u[i][j], out, L.idx(i * a + j), *ivs])
+    L.nest([o, c], body, [True, False])
+    return [out]
+
+
+@rule("mlc.winograd_input")
+def winograd_input(L: FunctionLowering, op: Operation):
+    """BT d B for each tile d, over a copy of x with the channels last (so the transform runs along them,
+    as the tiles' rows of the product want them) padded to whole tiles (no read of it is guarded)."""
+    x = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    m = op.opdef.m(op)
+    _, _, bt = winograd_matrices(m)
+    a = m + 2
+    pt, pl, _, _ = pads4(op.attr("padding"))
+    h, w = x.type.shape[2:]
+    th, tw = op.opdef.grid(op, h, w)
+    n, c = L.dims(x)[:2]
+    rows, cols = L.idx(m * th + 2), L.idx(m * tw + 2)
+    xp = L.alloc(TensorType((x.type.shape[0], m * th + 2, m * tw + 2, x.type.shape[1]), t.element), [n, rows, cols, c], "channels_last")
+
+    def copy(b, ivs):
+        y, bn, col, ch = ivs
+        sy, sx = L.op(b, "arith.sub", y, L.idx(pt)), L.op(b, "arith.sub", col, L.idx(pl))
+        inside = L.op(b, "arith.and", in_bounds(L, b, sy, L.idx(h)), in_bounds(L, b, sx, L.idx(w)))
+        b.create("mem.store", [guarded_load(L, b, x, [bn, ch, sy, sx], inside, L.const(b, 0, t.element)), xp, bn, y, col, ch])
+    L.nest([rows, n, cols, c], copy, [True, False, False, False])
+    out = L.alloc(t, [L.idx(a * a), L.op(L.b, "arith.mul", n, L.idx(th * tw)), c], op.results[0].name_hint)
+
+    def tile(b, ivs):
+        ty, bn, tx, ch = ivs
+        top, left = L.op(b, "arith.mul", ty, L.idx(m)), L.op(b, "arith.mul", tx, L.idx(m))
+        d = [[b.create("mem.load", [xp, bn, L.op(b, "arith.add", top, L.idx(i)), L.op(b, "arith.add", left, L.idx(j)), ch]).result
+              for j in range(a)] for i in range(a)]
+        v = _sandwich(L, b, bt, d, bt, t.element)
+        at = _tile_index(L, b, bn, ty, tx, th, tw)
+        for i in range(a):
+            for j in range(a):
+                b.create("mem.store", [v[i][j], out, L.idx(i * a + j), at, ch])
+    L.nest([L.idx(th), n, L.idx(tw), c], tile, [True, False, False, False])
+    return [out]
+
+
+@rule("mlc.winograd_output")
+def winograd_output(L: FunctionLowering, op: Operation, epilogue=None):
+    """AT p A for each tile's products, along the output channels into a channels-last image of whole
+    tiles; then that image copied out as NCHW (cropped where the tiles overhang it), through the fused
+    consumers' epilogue (batch norm, residual, ReLU)."""
+    p = L.buffers[op.operands[0]]
+    t = op.results[0].type
+    m = op.opdef.m(op)
+    at_, _, _ = winograd_matrices(m)
+    a = m + 2
+    h, w, th, tw = op.opdef.grid(op)
+    _, tiles, o = L.dims(p)
+    n = L.idx(t.shape[0]) if t.shape[0] is not None else L.op(L.b, "arith.div", tiles, L.idx(th * tw))
+    if t.shape[0] is None:
+        L.check(L.b, L.op(L.b, "arith.eq", L.op(L.b, "arith.mul", n, L.idx(th * tw)), tiles),
+                f"winograd_output: the tiles are not a whole number of images of {th} x {tw} tiles")
+    image = L.alloc(TensorType((t.shape[0], m * th, m * tw, t.shape[1]), t.element), [n, L.idx(m * th), L.idx(m * tw), o],
+                    "channels_last")
+
+    def tile(b, ivs):
+        ty, bn, tx, ch = ivs
+        at = _tile_index(L, b, bn, ty, tx, th, tw)
+        products = [[b.create("mem.load", [p, L.idx(i * a + j), at, ch]).result for j in range(a)] for i in range(a)]
+        y = _sandwich(L, b, at_, products, at_, t.element)
+        top, left = L.op(b, "arith.mul", ty, L.idx(m)), L.op(b, "arith.mul", tx, L.idx(m))
+        for i in range(m):
+            for j in range(m):
+                b.create("mem.store", [y[i][j], image, bn, L.op(b, "arith.add", top, L.idx(i)), L.op(b, "arith.add", left, L.idx(j)), ch])
+    L.nest([L.idx(th), n, L.idx(tw), o], tile, [True, False, False, False])
+    out = L.alloc(t, [n, o, L.idx(h), L.idx(w)], op.results[0].name_hint)
+
+    def copy(b, ivs):
+        ch, bn, y, x = ivs
+        value = b.create("mem.load", [image, bn, y, x, ch]).result
+        b.create("mem.store", [epilogue(b, value, [bn, ch, y, x]) if epilogue else value, out, bn, ch, y, x])
+    L.nest([o, n, L.idx(h), L.idx(w)], copy, [True, False, False, False])
+    return [out]
+
+
+def _tile_index(L, b, bn, ty, tx, th, tw):
+    """(n * TH + ty) * TW + tx: the tile's row of the product."""
+    return L.op(b, "arith.add", L.op(b, "arith.mul", L.op(b, "arith.add", L.op(b, "arith.mul", bn, L.idx(th)), ty), L.idx(tw)), tx)

@@ -1,0 +1,67 @@
+"""winograd: a 3 x 3 convolution with stride 1 becomes Winograd's F(m x m, 3 x 3): its filters and its input
+tiles transformed, one batched product over the a x a positions of a tile (a = m + 2), the products
+transformed back. With m = 4 the product does 36 multiplies for 16 outputs where the convolution
+does 144 (ResNet's 56 x 56 and 28 x 28 convolutions spend most of their time there):
+
+    %y = mlc.conv2d %x, %w {padding = [1, 1]} : (tensor<1x64x56x56xf32>, tensor<64x64x3x3xf32>) -> tensor<1x64x56x56xf32>
+becomes
+    %u = mlc.winograd_filter %w {m = 4} : (tensor<64x64x3x3xf32>) -> tensor<36x64x64xf32>
+    %v = mlc.winograd_input %x {m = 4, padding = [1, 1]} : (tensor<1x64x56x56xf32>) -> tensor<36x196x64xf32>
+    %p = mlc.matmul %v, %u {transpose_b} : (tensor<36x196x64xf32>, tensor<36x64x64xf32>) -> tensor<36x196x64xf32>
+    %y = mlc.winograd_output %p {m = 4, size = [56, 56]} : (tensor<36x196x64xf32>) -> tensor<1x64x56x56xf32>
+
+The product's rows are the tiles and its columns the output channels: the transforms run along the
+channels (contiguous), and a small image's 49 tiles fill 12-row micro-tiles better than 32-wide panels.
+
+It applies where a result image has at least `min-tiles` tiles (the product's columns) and the
+channels fill a product's rows and depth (`min-channels`): the filters are transformed at every call
+(a^2 / 9 times the weights' size, written and read once), which small images do not repay. F(4, 3)
+rounds differently from the direct sum (its transforms multiply by up to 8 and divide by 24): errors
+of a few float32 ulps of the inputs' magnitude. `output-tile=0` leaves every convolution as it is.
+"""
+from __future__ import annotations
+
+from mlc.ir.attributes import UNIT
+from mlc.ir.core import Builder, Module
+from mlc.ir.dialects.mlc import WINOGRAD_TILES, winograd_tiles
+
+from . import gemm
+from .builder import OpBuilder
+from .manager import Pass, PipelineError
+
+
+class Winograd(Pass):
+    name = "winograd"
+    summary = "3 x 3 stride-1 convolutions as Winograd F(m x m, 3 x 3): transforms around one batched product"
+    options = {"output-tile": 4, "min-tiles": 32, "min-channels": 32}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.option("output-tile") not in (0, *WINOGRAD_TILES):
+            raise PipelineError(f"winograd's output-tile must be 0 (off) or one of {list(WINOGRAD_TILES)}, got {self}")
+
+    def run(self, module: Module) -> None:
+        m = self.option("output-tile")
+        if not m:
+            return
+        for f in module.functions.values():
+            for op in [o for o in f.body.walk() if o.name == "mlc.conv2d" and self.applies(o, m)]:
+                b = Builder.before(op, module)
+                b.loc = op.loc
+                d = OpBuilder(b)
+                x, w = op.operands
+                _, pads, _, _ = op.opdef.params(op)
+                y = op.results[0].type
+                u = d("mlc.winograd_filter", w, m=m)
+                v = d("mlc.winograd_input", x, m=m, padding=list(pads))
+                op.replace_with([d("mlc.winograd_output", d("mlc.matmul", v, u, transpose_b=UNIT), m=m, size=list(y.shape[2:]), result_type=y)])
+
+    def applies(self, op, m: int) -> bool:
+        stride, _, dilation, groups = op.opdef.params(op)
+        x, w = op.operands[0].type, op.operands[1].type
+        if (stride, dilation, groups) != ((1, 1), (1, 1), 1) or w.shape[2:] != (3, 3) or not gemm.supports(x.element):
+            return False
+        (o, c, _, _), (_, _, h, wd) = w.shape, op.results[0].type.shape
+        if None in (o, c, h, wd, *x.shape[1:]) or min(o, c) < self.option("min-channels"):
+            return False
+        return winograd_tiles(h, m) * winograd_tiles(wd, m) >= self.option("min-tiles")
