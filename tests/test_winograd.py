@@ -87,9 +87,9 @@ def test_each_transform_natively_agrees_with_the_interpreter(m):
     (cropping them; its batch `?`) alone, compiled against their interpreter kernels."""
     a = (m + 2) ** 2
     th, tw = -(-6 // m), -(-9 // m)  # the result of a 7 x 9 input padded [1, 0, 0, 2]: 5 x 9
-    cases = [("mlc.winograd_filter", f"{{m = {m}}}", [(5, 3, 3, 3)], f"tensor<{a}x5x3xf32>"),
-             ("mlc.winograd_input", f"{{m = {m}, padding = [1, 0, 0, 2]}}", [(2, 3, 7, 9)], f"tensor<{a}x{2 * th * tw}x3xf32>"),
-             ("mlc.winograd_output", f"{{m = {m}, size = [5, 9]}}", [(a, 2 * th * tw, 4)], "tensor<?x4x5x9xf32>")]
+    cases = [("mlc.winograd_filter", f"{{m = {m}}}", [(5, 3, 3, 3)], f"tensor<5x{a}x3xf32>"),
+             ("mlc.winograd_input", f"{{m = {m}, padding = [1, 0, 0, 2]}}", [(2, 3, 7, 9)], f"tensor<{2 * th * tw}x{a}x3xf32>"),
+             ("mlc.winograd_output", f"{{m = {m}, size = [5, 9]}}", [(2 * th * tw, a, 4)], "tensor<?x4x5x9xf32>")]
     r = np.random.default_rng(m)
     for name, attrs, shapes, result in cases:
         x = r.standard_normal(shapes[0]).astype(np.float32)
@@ -99,15 +99,15 @@ def test_each_transform_natively_agrees_with_the_interpreter(m):
 
 
 def test_the_cpu_pipeline_takes_resnets_convolutions():
-    """By default: 3 x 3 stride-1 convolutions with images of 32+ tiles of 4 x 4 and 32+ channels; not
-    the small images (whose filters' transform costs more than it saves), nor strided, dilated, grouped or
+    """By default: 3 x 3 stride-1 convolutions with images of 32+ tiles of 4 x 4 (else of 2 x 2) and 32+
+    channels; not the small images (whose filters' transform costs more than it saves), nor strided, dilated, grouped or
     5 x 5 ones; the CUDA pipeline not at all."""
     def tensor_ir(text, pipeline="cpu-tensor"):
         return str(mlc.run_passes(mlc.parse(text), pipeline))
     big = conv_module(1, 64, 56, 56, 64, [1, 1, 1, 1])
     assert "mlc.winograd_output" in tensor_ir(str(big)) and "mlc.conv2d" not in tensor_ir(str(big))
     assert "mlc.winograd" not in tensor_ir(str(big), "cpu-tensor{tensor-cores=1,output-tile=0}")
-    small = conv_module(1, 64, 14, 14, 64, [1, 1, 1, 1])  # 16 tiles
+    small = conv_module(1, 64, 7, 7, 64, [1, 1, 1, 1])  # 4 tiles of 4 x 4, 16 of 2 x 2
     thin = conv_module(1, 16, 56, 56, 64, [1, 1, 1, 1])
     for module in (small, thin):
         assert "mlc.winograd" not in tensor_ir(str(module))
@@ -144,13 +144,13 @@ def test_a_resnet_block_compiles_with_winograd_and_matches_torch():
 
 
 def test_the_ops_say_what_is_wrong():
-    assert errors(func("    %u = mlc.winograd_filter %w {m = 4} : (tensor<8x4x5x5xf32>) -> tensor<36x8x4xf32>\n    return %u : tensor<36x8x4xf32>",
-                       "%w: tensor<8x4x5x5xf32>", "tensor<36x8x4xf32>"))[0][2].endswith("the filter must be 3 x 3, got 5 x 5")
+    assert errors(func("    %u = mlc.winograd_filter %w {m = 4} : (tensor<8x4x5x5xf32>) -> tensor<8x36x4xf32>\n    return %u : tensor<8x36x4xf32>",
+                       "%w: tensor<8x4x5x5xf32>", "tensor<8x36x4xf32>"))[0][2].endswith("the filter must be 3 x 3, got 5 x 5")
     assert "must be one of [2, 4], got 3" in errors(func(
-        "    %u = mlc.winograd_filter %w {m = 3} : (tensor<8x4x3x3xf32>) -> tensor<25x8x4xf32>\n    return %u : tensor<25x8x4xf32>",
-        "%w: tensor<8x4x3x3xf32>", "tensor<25x8x4xf32>"))[0][2]
+        "    %u = mlc.winograd_filter %w {m = 3} : (tensor<8x4x3x3xf32>) -> tensor<8x25x4xf32>\n    return %u : tensor<8x25x4xf32>",
+        "%w: tensor<8x4x3x3xf32>", "tensor<8x25x4xf32>"))[0][2]
     assert "7 tiles are not a whole number of images of 2 x 2 tiles" in errors(func(
-        "    %y = mlc.winograd_output %p {m = 2, size = [4, 4]} : (tensor<16x7x3xf32>) -> tensor<1x3x4x4xf32>\n    return %y : tensor<1x3x4x4xf32>",
-        "%p: tensor<16x7x3xf32>", "tensor<1x3x4x4xf32>"))[0][2]
+        "    %y = mlc.winograd_output %p {m = 2, size = [4, 4]} : (tensor<7x16x3xf32>) -> tensor<1x3x4x4xf32>\n    return %y : tensor<1x3x4x4xf32>",
+        "%p: tensor<7x16x3xf32>", "tensor<1x3x4x4xf32>"))[0][2]
     with pytest.raises(mlc.passes.PipelineError, match="output-tile must be 0"):
         mlc.run_passes(conv_module(1, 1, 4, 4, 1, [0, 0, 0, 0]), "winograd{output-tile=3}")

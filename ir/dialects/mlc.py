@@ -1561,7 +1561,10 @@ class Conv2dTranspose(OpDef):
 # --- Winograd F(m x m, 3 x 3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks") ---------------
 # A 3 x 3 convolution (stride 1) of an a x a input tile (a = m + 2) gives m x m outputs with a^2 products
 # instead of 9 m^2: Y = AT [(G g GT) * (BT d B)] A. The winograd pass splits a conv2d into the three ops
-# below around one batched matmul: over the a^2 positions, [tiles x C] inputs times [C x O] filters.
+# below around one batched matmul: over the a^2 positions, [tiles x C] inputs times [C x O] filters. Each
+# is stored with the positions second, [tiles or O, a^2, channels] (the matmul's `interleaved_*` marks): a
+# tile's (a filter's) values lie together, and the a^2 streams a transform writes are not a multiple of
+# 4 KB apart, which would make every load wait on the stores before it (4K aliasing).
 
 def winograd_matrices(m: int) -> tuple:
     """(AT, G, BT) of F(m, 3) for m in WINOGRAD_TILES (interpolation points 0, -1, 1, -2, 2 and infinity)."""
@@ -1598,7 +1601,7 @@ class Winograd(OpDef):
 
 
 class WinogradFilter(Winograd):
-    """u[i*a + j, o, c] = (G w[o, c] G^T)[i, j]: each 3 x 3 filter as the a x a tile it multiplies."""
+    """u[o, i*a + j, c] = (G w[o, c] G^T)[i, j]: each 3 x 3 filter as the a x a tile it multiplies."""
     name = "mlc.winograd_filter"
 
     @classmethod
@@ -1609,18 +1612,18 @@ class WinogradFilter(Winograd):
         if w.shape[2:] != (3, 3):
             raise VerifyError(f"the filter must be 3 x 3, got {w.shape[2]} x {w.shape[3]}")
         a = cls.m(op) + 2
-        return [TensorType((a * a, *w.shape[:2]), w.element)]
+        return [TensorType((w.shape[0], a * a, w.shape[1]), w.element)]
 
     @classmethod
     def interpret(cls, ins, op, ctx):
         _, g, _ = winograd_matrices(cls.m(op))
         w = _acc(ins[0])
-        u = np.einsum("ik,ockl,jl->ijoc", g, w, g)
-        return u.reshape(-1, *w.shape[:2])
+        u = np.einsum("ik,ockl,jl->oijc", g, w, g)
+        return u.reshape(w.shape[0], -1, w.shape[1])
 
 
 class WinogradInput(Winograd):
-    """v[i*a + j, (n*TH + ty)*TW + tx, c] = (BT d B)[i, j] for the a x a tile d of x (NCHW) padded with
+    """v[(n*TH + ty)*TW + tx, i*a + j, c] = (BT d B)[i, j] for the a x a tile d of x (NCHW) padded with
     zeros by `padding` ([top, left, bottom, right]) at rows m*ty.., columns m*tx..: TH x TW tiles cover
     the convolution's (H + top + bottom - 2) x (W + left + right - 2) result."""
     name = "mlc.winograd_input"
@@ -1643,7 +1646,7 @@ class WinogradInput(Winograd):
             raise VerifyError("the input's height and width must be static")
         th, tw = cls.grid(op, h, w)
         a = cls.m(op) + 2
-        return [TensorType((a * a, None if n is None else n * th * tw, c), x.element)]
+        return [TensorType((None if n is None else n * th * tw, a * a, c), x.element)]
 
     @classmethod
     def interpret(cls, ins, op, ctx):
@@ -1657,13 +1660,13 @@ class WinogradInput(Winograd):
         h, w = min(x.shape[2], rows - pt), min(x.shape[3], cols - pl)
         xp[:, :, pt:pt + h, pl:pl + w] = x[:, :, :h, :w]
         d = _windows(xp, m + 2, m + 2, m, m, 1, 1)  # n, c, th, tw, a, a
-        v = np.einsum("ik,nctxkl,jl->ijntxc", bt, d, bt)
-        return v.reshape((m + 2) ** 2, -1, x.shape[1])
+        v = np.einsum("ik,nctxkl,jl->ntxijc", bt, d, bt)
+        return v.reshape(-1, (m + 2) ** 2, x.shape[1])
 
 
 class WinogradOutput(Winograd):
-    """y[n, o, m*ty + i, m*tx + j] = (AT p AT^T)[i, j] for the a x a products p of tile (n, ty, tx) (laid
-    out as winograd_input's), cropped to `size` = [height, width]."""
+    """y[n, o, m*ty + i, m*tx + j] = (AT p AT^T)[i, j] for the a x a products p[(n*TH + ty)*TW + tx, :, o]
+    of a tile (laid out as winograd_input's), cropped to `size` = [height, width]."""
     name = "mlc.winograd_output"
     attrs = {**Winograd.attrs, "size": Attr("ints", (1, 1))}
 
@@ -1677,12 +1680,12 @@ class WinogradOutput(Winograd):
     def infer(cls, op, ctx):
         (p,) = _tensors(op)
         require_element(p, "float")
-        _rank(p, 3, "products (a*a, tiles, O)")
+        _rank(p, 3, "products (tiles, a*a, O)")
         a = cls.m(op) + 2
-        if p.shape[0] is not None and p.shape[0] != a * a:
-            raise VerifyError(f"F({cls.m(op)}, 3) has {a * a} products per tile, got {p.shape[0]}")
+        if p.shape[1] is not None and p.shape[1] != a * a:
+            raise VerifyError(f"F({cls.m(op)}, 3) has {a * a} products per tile, got {p.shape[1]}")
         h, w, th, tw = cls.grid(op)
-        tiles = p.shape[1]
+        tiles = p.shape[0]
         if tiles is not None and tiles % (th * tw):
             raise VerifyError(f"{tiles} tiles are not a whole number of images of {th} x {tw} tiles")
         return [TensorType((None if tiles is None else tiles // (th * tw), p.shape[2], h, w), p.element)]
@@ -1693,10 +1696,10 @@ class WinogradOutput(Winograd):
         m = cls.m(op)
         at, _, _ = winograd_matrices(m)
         h, w, th, tw = cls.grid(op)
-        if p.shape[1] % (th * tw):
-            raise RuntimeCheck(f"{p.shape[1]} tiles are not a whole number of images of {th} x {tw} tiles")
-        p = p.reshape(m + 2, m + 2, -1, th, tw, p.shape[2])
-        y = np.einsum("ik,klnyxo,jl->noyixj", at, p, at)
+        if p.shape[0] % (th * tw):
+            raise RuntimeCheck(f"{p.shape[0]} tiles are not a whole number of images of {th} x {tw} tiles")
+        p = p.reshape(-1, th, tw, m + 2, m + 2, p.shape[2])
+        y = np.einsum("ik,nyxklo,jl->noyixj", at, p, at)
         return y.reshape(y.shape[0], y.shape[1], th * m, tw * m)[:, :, :h, :w]
 
 

@@ -37,25 +37,25 @@ def _sandwich(L, b, left, tile, right, element):
 
 @rule("mlc.winograd_filter")
 def winograd_filter(L: FunctionLowering, op: Operation):
-    """G w G^T along the input channels, from a copy of the weights with the 3 x 3 taps first (each tap
-    contiguous along the channels, as the result is)."""
+    """G w G^T along the input channels, from a copy of the weights with the 3 x 3 taps before the
+    channels (each tap contiguous along them, as the result is)."""
     w = L.buffers[op.operands[0]]
     t = op.results[0].type
     _, g, _ = winograd_matrices(op.opdef.m(op))
     a = len(g)
     o, c = L.dims(w)[:2]
-    taps = L.alloc(TensorType((9, *w.type.shape[:2]), t.element), [L.idx(9), o, c], "taps")
+    taps = L.alloc(TensorType((w.type.shape[0], 9, w.type.shape[1]), t.element), [o, L.idx(9), c], "taps")
     L.nest([o, c], lambda b, ivs: [b.create("mem.store", [b.create("mem.load", [w, *ivs, L.idx(i), L.idx(j)]).result,
-                                                          taps, L.idx(3 * i + j), *ivs]) for i in range(3) for j in range(3)],
+                                                          taps, ivs[0], L.idx(3 * i + j), ivs[1]]) for i in range(3) for j in range(3)],
            [True, False])
-    out = L.alloc(t, [L.idx(a * a), o, c], op.results[0].name_hint)
+    out = L.alloc(t, [o, L.idx(a * a), c], op.results[0].name_hint)
 
     def body(b, ivs):
-        tile = [[b.create("mem.load", [taps, L.idx(3 * i + j), *ivs]).result for j in range(3)] for i in range(3)]
+        tile = [[b.create("mem.load", [taps, ivs[0], L.idx(3 * i + j), ivs[1]]).result for j in range(3)] for i in range(3)]
         u = _sandwich(L, b, g, tile, g, t.element)
         for i in range(a):
             for j in range(a):
-                b.create("mem.store", [u[i][j], out, L.idx(i * a + j), *ivs])
+                b.create("mem.store", [u[i][j], out, ivs[0], L.idx(i * a + j), ivs[1]])
     L.nest([o, c], body, [True, False])
     return [out]
 
@@ -82,7 +82,7 @@ def winograd_input(L: FunctionLowering, op: Operation):
         inside = L.op(b, "arith.and", in_bounds(L, b, sy, L.idx(h)), in_bounds(L, b, sx, L.idx(w)))
         b.create("mem.store", [guarded_load(L, b, x, [bn, ch, sy, sx], inside, L.const(b, 0, t.element)), xp, bn, y, col, ch])
     L.nest([rows, n, cols, c], copy, [True, False, False, False])
-    out = L.alloc(t, [L.idx(a * a), L.op(L.b, "arith.mul", n, L.idx(th * tw)), c], op.results[0].name_hint)
+    out = L.alloc(t, [L.op(L.b, "arith.mul", n, L.idx(th * tw)), L.idx(a * a), c], op.results[0].name_hint)
 
     def tile(b, ivs):
         ty, bn, tx, ch = ivs
@@ -93,7 +93,7 @@ def winograd_input(L: FunctionLowering, op: Operation):
         at = _tile_index(L, b, bn, ty, tx, th, tw)
         for i in range(a):
             for j in range(a):
-                b.create("mem.store", [v[i][j], out, L.idx(i * a + j), at, ch])
+                b.create("mem.store", [v[i][j], out, at, L.idx(i * a + j), ch])
     L.nest([L.idx(th), n, L.idx(tw), c], tile, [True, False, False, False])
     return [out]
 
@@ -109,7 +109,7 @@ def winograd_output(L: FunctionLowering, op: Operation, epilogue=None):
     at_, _, _ = winograd_matrices(m)
     a = m + 2
     h, w, th, tw = op.opdef.grid(op)
-    _, tiles, o = L.dims(p)
+    tiles, _, o = L.dims(p)
     n = L.idx(t.shape[0]) if t.shape[0] is not None else L.op(L.b, "arith.div", tiles, L.idx(th * tw))
     if t.shape[0] is None:
         L.check(L.b, L.op(L.b, "arith.eq", L.op(L.b, "arith.mul", n, L.idx(th * tw)), tiles),
@@ -120,7 +120,7 @@ def winograd_output(L: FunctionLowering, op: Operation, epilogue=None):
     def tile(b, ivs):
         ty, bn, tx, ch = ivs
         at = _tile_index(L, b, bn, ty, tx, th, tw)
-        products = [[b.create("mem.load", [p, L.idx(i * a + j), at, ch]).result for j in range(a)] for i in range(a)]
+        products = [[b.create("mem.load", [p, at, L.idx(i * a + j), ch]).result for j in range(a)] for i in range(a)]
         y = _sandwich(L, b, at_, products, at_, t.element)
         top, left = L.op(b, "arith.mul", ty, L.idx(m)), L.op(b, "arith.mul", tx, L.idx(m))
         for i in range(m):
