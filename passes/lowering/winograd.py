@@ -3,6 +3,8 @@ constant coefficients, unrolled (zeros skipped, +-1 as adds), with the channels 
 in the product's operands and result, so the loop vectoriser runs along them."""
 from __future__ import annotations
 
+import numpy as np
+
 from mlc.ir.core import Operation
 from mlc.ir.dialects.mlc import winograd_matrices
 from mlc.ir.dialects.shapes import pads4
@@ -28,30 +30,52 @@ def _combine(L: FunctionLowering, b, coefficients, values, element):
     return total if total is not None else L.const(b, 0, element)
 
 
+def _apply(L: FunctionLowering, b, matrix, values, element):
+    """matrix @ values with the terms its rows share computed once (the transforms' structure: ~40% fewer
+    ops for F(4, 3)'s): columns k, l that every row weighs alike or oppositely are read as v[k] + v[l]
+    and v[k] - v[l]; then rows that are e + o and e - o (e, o on disjoint columns) as e.v +- o.v."""
+    m, values = np.array(matrix, float), list(values)
+    for k in range(m.shape[1]):
+        for l in range(k + 1, m.shape[1]):
+            a, c = m[:, k], m[:, l]
+            alike, opposite = (a == c) & (a != 0), (a == -c) & (a != 0)
+            if np.count_nonzero(a) >= 3 and np.all(alike | opposite | (a == c)):
+                for rows, combine in ((alike, "arith.add"), (opposite, "arith.sub")):
+                    if rows.any():
+                        m = np.column_stack([m, np.where(rows, a, 0)])
+                        values.append(L.op(b, combine, values[k], values[l]))
+                m[:, k] = m[:, l] = 0
+    out, done = [None] * len(m), set()
+    for i in range(len(m)):
+        for j in range(i + 1, len(m)):
+            e, o = (m[i] + m[j]) / 2, (m[i] - m[j]) / 2
+            if i in done or j in done or not e.any() or not o.any() or (e != 0).__and__(o != 0).any():
+                continue
+            even, odd = _combine(L, b, e, values, element), _combine(L, b, o, values, element)
+            out[i], out[j] = L.op(b, "arith.add", even, odd), L.op(b, "arith.sub", even, odd)
+            done |= {i, j}
+    return [v if v is not None else _combine(L, b, row, values, element) for v, row in zip(out, m)]
+
+
 def _sandwich(L, b, left, tile, right, element):
     """left @ tile @ right^T, for a tile of scalar values (a list of rows)."""
-    rows = [[_combine(L, b, left[i], [row[j] for row in tile], element) for j in range(len(tile[0]))]
-            for i in range(len(left))]
-    return [[_combine(L, b, right[j], row, element) for j in range(len(right))] for row in rows]
+    columns = [_apply(L, b, left, [row[j] for row in tile], element) for j in range(len(tile[0]))]
+    return [_apply(L, b, right, [column[i] for column in columns], element) for i in range(len(left))]
 
 
 @rule("mlc.winograd_filter")
 def winograd_filter(L: FunctionLowering, op: Operation):
-    """G w G^T along the input channels, from a copy of the weights with the 3 x 3 taps before the
-    channels (each tap contiguous along them, as the result is)."""
+    """G w G^T along the input channels (the loop vectoriser reads the 9 taps of 16 channels as one
+    interleaved group: a copy with the taps apart was slower, 0.40 vs 0.14 ms for 256 x 256 filters)."""
     w = L.buffers[op.operands[0]]
     t = op.results[0].type
     _, g, _ = winograd_matrices(op.opdef.m(op))
     a = len(g)
     o, c = L.dims(w)[:2]
-    taps = L.alloc(TensorType((w.type.shape[0], 9, w.type.shape[1]), t.element), [o, L.idx(9), c], "taps")
-    L.nest([o, c], lambda b, ivs: [b.create("mem.store", [b.create("mem.load", [w, *ivs, L.idx(i), L.idx(j)]).result,
-                                                          taps, ivs[0], L.idx(3 * i + j), ivs[1]]) for i in range(3) for j in range(3)],
-           [True, False])
     out = L.alloc(t, [o, L.idx(a * a), c], op.results[0].name_hint)
 
     def body(b, ivs):
-        tile = [[b.create("mem.load", [taps, ivs[0], L.idx(3 * i + j), ivs[1]]).result for j in range(3)] for i in range(3)]
+        tile = [[b.create("mem.load", [w, *ivs, L.idx(i), L.idx(j)]).result for j in range(3)] for i in range(3)]
         u = _sandwich(L, b, g, tile, g, t.element)
         for i in range(a):
             for j in range(a):
