@@ -98,7 +98,7 @@ class ModuleEmitter:
 
     def emit(self) -> ir.Module:
         plans = self.plan_kernels() if self.profile is not None else {}
-        self.constant_string(GLOBALS_TABLE, [_global_entry(op) for op in self.module.globals.values()])
+        self.constant_string(GLOBALS_TABLE, [Global.table_entry(op) for op in self.module.globals.values()])
         for name, f in self.module.functions.items():
             if not f.is_private:
                 self.functions[name] = FunctionEmitter(self, f, plans.get(name, ())).emit()
@@ -568,13 +568,6 @@ def _scalar_const(self: FunctionEmitter, op):
     self.values[op.results[0]] = ir.Constant(t, float(v) if e.is_float else int(v))
     if e.name == "index":
         self.trusted.add(op.results[0])
-
-
-def _global_entry(op) -> dict:
-    """A global in the table's description: its name, and for panels what they pack (the runtime packs them)."""
-    if not Global.is_panels(op):
-        return {"name": op.attr("sym_name")}
-    return {"name": op.attr("sym_name"), "of": op.attr("of"), "nr": op.attr("type").shape[-1], "transpose": op.attr("transpose")}
 
 
 def _global_load(self: FunctionEmitter, op):

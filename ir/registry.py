@@ -71,7 +71,7 @@ class Attr:
                 "dense": "a dense<...> constant", "any": "an attribute"}[self.kind]
 
 
-INITIALISERS = ("zeros", "ones", "uniform", "normal", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "panels")
+INITIALISERS = ("zeros", "ones", "uniform", "normal", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "panels", "winograd")
 
 _REGISTRY: dict[str, type["OpDef"]] = {}
 

@@ -43,3 +43,10 @@ def removable_if_unused(op: Operation, impure: set[str]) -> bool:
         return not any(_effectful_leaf(o) or (o.name == "func.call" and o.attr("callee") in impure)
                        for r in op.regions for o in r.walk())
     return bool(d.traits & {PURE, READS})
+
+
+def read_only_globals(module: Module) -> set[str]:
+    """Globals that no function stores to and the host does not write in place (not `external`): their
+    derived copies (packed panels, transformed filters) can be computed when they are set, not per call."""
+    stored = {op.attr("global") for op in module.walk() if op.name == "mlc.global_store"}
+    return {name for name, op in module.globals.items() if name not in stored and not op.attr("external")}

@@ -36,6 +36,7 @@ from mlc.ir.dialects.mlc import Global
 from mlc.ir.types import MemRefType
 
 from . import gemm
+from .effects import read_only_globals
 from .expand_products import expand_conv, expand_matmul
 from .lowering.core import LoopBuilder, store_through_epilogue
 from .manager import Pass, PipelineError
@@ -54,9 +55,7 @@ class Tile(Pass):
                                 f"got {self}")
 
     def run(self, module: Module) -> None:
-        stored = {op.attr("global") for op in module.walk() if op.name == "mlc.global_store"}
-        self.read_only = {name for name, op in module.globals.items() if name not in stored and not op.attr("external")} \
-            if self.option("packed-globals") else set()
+        self.read_only = read_only_globals(module) if self.option("packed-globals") else set()
         for f in module.functions.values():
             builder = LoopBuilder(module, f)
             for op in [o for o in f.body.walk() if o.name in ("mem.matmul", "mem.conv2d")]:

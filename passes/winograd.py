@@ -25,19 +25,20 @@ magnitude. `output-tile=0` leaves every convolution as it is (the cuda pipeline)
 """
 from __future__ import annotations
 
-from mlc.ir.attributes import UNIT
-from mlc.ir.core import Builder, Module
-from mlc.ir.dialects.mlc import WINOGRAD_TILES, winograd_tiles
+from mlc.ir.attributes import UNIT, StringAttr, SymbolRefAttr, TypeAttr
+from mlc.ir.core import Builder, Module, create_op
+from mlc.ir.dialects.mlc import WINOGRAD_TILES, Global, winograd_tiles
 
 from . import gemm
 from .builder import OpBuilder
+from .effects import read_only_globals
 from .manager import Pass, PipelineError
 
 
 class Winograd(Pass):
     name = "winograd"
     summary = "3 x 3 stride-1 convolutions as Winograd F(m x m, 3 x 3): transforms around one batched product"
-    options = {"output-tile": 4, "min-tiles": 32, "min-channels": 32}
+    options = {"output-tile": 4, "min-tiles": 32, "min-channels": 32, "transformed-globals": 1}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -45,6 +46,7 @@ class Winograd(Pass):
             raise PipelineError(f"winograd's output-tile must be 0 (off) or one of {list(WINOGRAD_TILES)}, got {self}")
 
     def run(self, module: Module) -> None:
+        read_only = read_only_globals(module) if self.option("transformed-globals") else set()
         for f in module.functions.values():
             for op in [o for o in f.body.walk() if o.name == "mlc.conv2d"]:
                 m = self.output_tile(op)
@@ -56,10 +58,28 @@ class Winograd(Pass):
                 x, w = op.operands
                 _, pads, _, _ = op.opdef.params(op)
                 y = op.results[0].type
-                u = d("mlc.winograd_filter", w, m=m)
+                u = self.transformed_global(module, d, w, m, read_only) or d("mlc.winograd_filter", w, m=m)
                 v = d("mlc.winograd_input", x, m=m, padding=list(pads))
                 p = d("mlc.matmul", v, u, transpose_b=UNIT, interleaved_a=UNIT, interleaved_b=UNIT, interleaved_c=UNIT)
                 op.replace_with([d("mlc.winograd_output", p, m=m, size=list(y.shape[2:]), result_type=y)])
+
+    @staticmethod
+    def transformed_global(module: Module, d: OpBuilder, w, m: int, read_only: set):
+        """Where the filters are a global nothing writes: its transform, a global of its own declared
+        (once) here, `init = "winograd"`, which the runtime computes whenever the filters are set."""
+        loaded = w.defining_op()
+        if loaded is None or loaded.name != "mlc.global_load" or loaded.attr("global") not in read_only:
+            return None
+        source = module.globals[loaded.attr("global")]
+        t = Global.winograd_type(source.attr("type"), m)
+        name = f"{source.attr('sym_name')}.winograd{m}"
+        while name in module.symbols() and not _transform_of(module.globals.get(name), source, t):
+            name += "_"
+        if name not in module.globals:
+            attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("winograd"),
+                     "of": SymbolRefAttr(source.attr("sym_name"))}
+            module.body.insert_after(source, create_op("mlc.global", attributes=attrs, loc=source.loc))
+        return d("mlc.global_load", result_type=t, **{"global": SymbolRefAttr(name)})
 
     def output_tile(self, op) -> int:
         """The largest m up to `output-tile` whose tiles are at least `min-tiles` per image, or 0 where
@@ -73,3 +93,9 @@ class Winograd(Pass):
             return 0
         return max((m for m in WINOGRAD_TILES if m <= self.option("output-tile")
                     and winograd_tiles(h, m) * winograd_tiles(wd, m) >= self.option("min-tiles")), default=0)
+
+
+def _transform_of(decl, source, t) -> bool:
+    """Whether global `decl` is the Winograd transform of `source` of type t."""
+    return decl is not None and Global.derived_kind(decl) == "winograd" and decl.attr("of") == source.attr("sym_name") and \
+        decl.attr("type") == t

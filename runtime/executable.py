@@ -5,9 +5,10 @@
 
 Globals live in the executable (numpy arrays initialised from the module seed) and persist across
 calls. Results are numpy arrays that own the memory the native code allocated. A weight that products
-read packed (a panels global of the tile pass: a matrix no function stores to) is packed here when it
+read packed (a panels global of the tile pass: a matrix no function stores to), or whose filters
+Winograd's convolution reads transformed (the winograd pass's), is packed or transformed here when it
 is set (`set_global`, `bind_global`, loading), not at every call; its array in `exe.globals` is read-only,
-so that a write in place, which would leave the packed copy behind, fails instead of going unseen.
+so that a write in place, which would leave the derived copy behind, fails instead of going unseen.
 
 Compiled with profiling (`mlc.compile(module, profile=True)`, MLC_PROFILE=1), the code counts each
 kernel's calls and time: `exe.profile()` is the table (runtime/profile.py).
@@ -96,13 +97,13 @@ class Executable(FunctionTable):
         self.globals_lock = SharedLock()
         table = _table_of(jit) or [{"name": name} for name in self.globals]
         self._table_index = {entry["name"]: k for k, entry in enumerate(table)}
-        self._panels = {entry["name"]: entry for entry in table if "of" in entry}  # name -> what it packs
-        self._panel_arrays = {name: self.globals.get(name) for name in self._panels}  # (the tile pass's are not in globals)
-        for name, entry in self._panels.items():
-            if self._panel_arrays[name] is None:
-                self._panel_arrays[name] = Global.panels(self.globals[entry["of"]], entry["nr"], entry["transpose"])
+        self._derived = {entry["name"]: entry for entry in table if "of" in entry}  # name -> what it is computed from
+        self._derived_arrays = {name: self.globals.get(name) for name in self._derived}  # (the tile pass's are not in globals)
+        for name, entry in self._derived.items():
+            if self._derived_arrays[name] is None:
+                self._derived_arrays[name] = Global.derive(entry, self.globals[entry["of"]])
             self.globals[entry["of"]].flags.writeable = False  # (set_global packs it again)
-        arrays = {**self.globals, **self._panel_arrays}
+        arrays = {**self.globals, **self._derived_arrays}
         self._globals_table = (ctypes.c_void_p * max(len(table), 1))(*[arrays[entry["name"]].ctypes.data for entry in table])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
         self._profile = _profile_of(jit)
@@ -141,24 +142,24 @@ class Executable(FunctionTable):
         with self.globals_lock.exclusive():
             self.globals[name] = array
             self._globals_table[self._table_index[name]] = array.ctypes.data
-            self._pack(name)
+            self._derive_from(name)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
         with self.globals_lock.exclusive():
             array = self.globals[name]
-            read_only = not array.flags.writeable  # (a weight products read packed: see _pack)
+            read_only = not array.flags.writeable  # (a source of derived globals: see _derive_from)
             array.flags.writeable = True
             try:
                 array[...] = value  # in place: the native code holds pointers to these arrays
             finally:
                 array.flags.writeable = not read_only
-            self._pack(name)
+            self._derive_from(name)
 
-    def _pack(self, name: str) -> None:
-        """The panels of global @name packed again from its value (under the exclusive lock)."""
-        for panels, entry in self._panels.items():
+    def _derive_from(self, name: str) -> None:
+        """The globals derived from global @name computed again from its value (under the exclusive lock)."""
+        for derived, entry in self._derived.items():
             if entry["of"] == name:
-                self._panel_arrays[panels][...] = Global.panels(self.globals[name], entry["nr"], entry["transpose"])
+                self._derived_arrays[derived][...] = Global.derive(entry, self.globals[name])
 
     @property
     def llvm_ir(self) -> str:

@@ -91,16 +91,16 @@ class GpuExecutable(FunctionTable):
         start, op = self.initial_globals or {}, self.module.globals[name]
         if name in start:
             return start[name]
-        if Global.is_panels(op):
-            return Global.panels_of(op, self.starting_value(op.attr("of")))
+        if Global.derived_kind(op):
+            return Global.derived_of(op, self.starting_value(op.attr("of")))
         return Global.initial_value(op, self.module.seed)
 
     def set_global(self, name: str, value: np.ndarray) -> None:
         value = np.asarray(value, self.device_globals[name].dtype)
         self.device.copy(self.device_globals[name], self.device.upload(value))
         for derived, op in self.module.globals.items():  # (panels are always their matrix's)
-            if Global.is_panels(op) and op.attr("of") == name:
-                self.device.copy(self.device_globals[derived], self.device.upload(Global.panels_of(op, value)))
+            if Global.derived_kind(op) and op.attr("of") == name:
+                self.device.copy(self.device_globals[derived], self.device.upload(Global.derived_of(op, value)))
 
     def save(self, path):
         """Write a self-contained artifact (lowered IR, PTX, globals; see runtime/artifact.py), atomically."""

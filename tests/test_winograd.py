@@ -34,7 +34,7 @@ def conv_module(n, c, h, w, o, pads, dtype="f32", epilogue=False):
 
 def torch_conv(x, wt, pads, bias=None):
     t = torch.nn.functional.conv2d(torch.nn.functional.pad(torch.from_numpy(x).double(), (pads[1], pads[3], pads[0], pads[2])),
-                                   torch.from_numpy(wt).double())
+                                   torch.from_numpy(np.array(wt)).double())
     if bias is not None:
         t = torch.relu(t + torch.from_numpy(bias).double())
     return t.numpy()
@@ -154,3 +154,61 @@ def test_the_ops_say_what_is_wrong():
         "%p: tensor<7x16x3xf32>", "tensor<1x3x4x4xf32>"))[0][2]
     with pytest.raises(mlc.passes.PipelineError, match="output-tile must be 0"):
         mlc.run_passes(conv_module(1, 1, 4, 4, 1, [0, 0, 0, 0]), "winograd{output-tile=3}")
+
+
+GLOBAL_FILTERS = """module @m {
+  mlc.global @w : tensor<48x32x3x3xf32> {init = "he_normal"%s}
+  func.func @f(%%x: tensor<?x32x24x24xf32>) -> tensor<?x48x24x24xf32> {
+    %%w = mlc.global_load @w : tensor<48x32x3x3xf32>
+    %%y = mlc.conv2d %%x, %%w {padding = [1, 1]} : (tensor<?x32x24x24xf32>, tensor<48x32x3x3xf32>) -> tensor<?x48x24x24xf32>
+    return %%y : tensor<?x48x24x24xf32>
+  }%s
+}"""
+
+
+def test_filters_in_a_global_are_transformed_when_set_not_per_call(tmp_path):
+    """A read-only filter global's transform is a global of its own (`init = "winograd"`): computed at
+    load, by set_global and bind_global; the filters' array is read-only meanwhile; an artifact
+    recomputes it; the interpreter derives it too."""
+    module = mlc.parse(GLOBAL_FILTERS % ("", ""))
+    tensor_ir = str(mlc.run_passes(module.clone(), "cpu-tensor"))
+    assert 'mlc.global @w.winograd4 : tensor<48x36x32xf32> {init = "winograd", of = @w}' in tensor_ir
+    assert "mlc.winograd_filter" not in tensor_ir
+    x = np.random.default_rng(0).standard_normal((2, 32, 24, 24)).astype(np.float32)
+    exe = mlc.compile(module)
+    np.testing.assert_allclose(exe["f"](x), torch_conv(x, exe.globals["w"], [1, 1, 1, 1]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mlc.interpret(mlc.run_passes(module.clone(), "winograd"), "f", x), mlc.interpret(module, "f", x),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="read-only"):
+        exe.globals["w"][0] = 0
+    r = np.random.default_rng(1)
+    for set_it in (exe.set_global, exe.bind_global):
+        w = r.standard_normal((48, 32, 3, 3)).astype(np.float32)
+        set_it("w", w)
+        np.testing.assert_allclose(exe["f"](x), torch_conv(x, w, [1, 1, 1, 1]), rtol=1e-4, atol=1e-3)
+    exe.save(tmp_path / "m.mlcz")
+    np.testing.assert_allclose(mlc.load_executable(tmp_path / "m.mlcz")["f"](x), torch_conv(x, w, [1, 1, 1, 1]), rtol=1e-4, atol=1e-3)
+
+
+def test_filters_written_in_place_or_stored_are_transformed_per_call():
+    store = """
+  func.func @g(%v: tensor<48x32x3x3xf32>) {
+    mlc.global_store @w, %v : tensor<48x32x3x3xf32>
+    return
+  }"""
+    for text in (GLOBAL_FILTERS % (", external", ""), GLOBAL_FILTERS % ("", store)):
+        tensor_ir = str(mlc.run_passes(mlc.parse(text), "cpu-tensor"))
+        assert "mlc.winograd_filter" in tensor_ir and "winograd4" not in tensor_ir
+
+
+def test_a_winograd_global_says_what_is_wrong():
+    def with_transform(text, t):
+        return text.replace("module @m {", f'module @m {{\n  mlc.global @w.t : tensor<{t}> {{init = "winograd", of = @w}}')
+    text = with_transform(GLOBAL_FILTERS % ("", ""), "48x25x32xf32")
+    assert "has a type [O, (m + 2)^2, C] for m in [2, 4], got tensor<48x25x32xf32>" in errors(text)[0][2]
+    stored = with_transform(GLOBAL_FILTERS % ("", """
+  func.func @g(%v: tensor<48x32x3x3xf32>) {
+    mlc.global_store @w, %v : tensor<48x32x3x3xf32>
+    return
+  }"""), "48x36x32xf32")
+    assert "@w is read through its Winograd transform, so no function may store to it" in errors(stored)[0][2]

@@ -1616,10 +1616,13 @@ class WinogradFilter(Winograd):
 
     @classmethod
     def interpret(cls, ins, op, ctx):
-        _, g, _ = winograd_matrices(cls.m(op))
-        w = _acc(ins[0])
-        u = np.einsum("ik,ockl,jl->oijc", g, w, g)
-        return u.reshape(w.shape[0], -1, w.shape[1])
+        return cls.transform(_acc(ins[0]), cls.m(op))
+
+    @staticmethod
+    def transform(w: np.ndarray, m: int) -> np.ndarray:
+        _, g, _ = winograd_matrices(m)
+        u = np.einsum("ik,ockl,jl->oijc", g, w, g).astype(w.dtype)
+        return np.ascontiguousarray(u.reshape(w.shape[0], -1, w.shape[1]))
 
 
 class WinogradInput(Winograd):
@@ -2349,7 +2352,12 @@ class Global(OpDef):
     this is [ceil(N / nr), K, nr], column panels of nr, zero-padded. The tile pass declares it for a
     matrix no function stores to and the host does not write in place between calls (one marked
     `external` may be: mlc.optim binds parameters that Python code writes), so that it is packed when
-    it is set, not at every call."""
+    it is set, not at every call.
+
+    `init = "winograd"`, `of = @w`: always @w's 3 x 3 filters transformed for Winograd's F(m, 3), the
+    value of mlc.winograd_filter (m from the type, [O, (m + 2)^2, C]); the winograd pass declares it
+    for a filter that no function stores to and the host does not write in place, as the tile pass
+    declares panels. Both are derived globals: no function may store to them or to @w."""
     name = "mlc.global"
     results = 0
     traits = {SYMBOL}
@@ -2358,10 +2366,39 @@ class Global(OpDef):
              "high": Attr("float", 1.0), "mean": Attr("float", 0.0), "std": Attr("float", 1.0),
              "of": Attr("symbol"), "transpose": Attr("bool", False), "external": Attr("bool", False)}
 
+    DERIVED = ("panels", "winograd")  # inits whose value is always one computed from global `of`'s
+
+    @staticmethod
+    def derived_kind(op) -> str | None:
+        init = op.attributes.get("init")
+        return init.value if isinstance(init, StringAttr) and init.value in Global.DERIVED else None
+
     @staticmethod
     def is_panels(op) -> bool:
-        init = op.attributes.get("init")
-        return isinstance(init, StringAttr) and init.value == "panels"
+        return Global.derived_kind(op) == "panels"
+
+    @staticmethod
+    def derived_of(op, value: np.ndarray) -> np.ndarray:
+        """The value of derived global `op` where its source's is `value`."""
+        return Global.derive(Global.table_entry(op), value)
+
+    @staticmethod
+    def table_entry(op) -> dict:
+        """A global as the runtime's table describes it: its name, and for a derived one how to compute
+        it (the runtime does, whenever its source is set)."""
+        name, kind, t = op.attr("sym_name"), Global.derived_kind(op), op.attr("type")
+        if kind == "panels":
+            return {"name": name, "of": op.attr("of"), "nr": t.shape[-1], "transpose": op.attr("transpose")}
+        if kind == "winograd":
+            return {"name": name, "of": op.attr("of"), "init": kind, "m": math.isqrt(t.shape[1]) - 2}
+        return {"name": name}
+
+    @staticmethod
+    def derive(entry: dict, value: np.ndarray) -> np.ndarray:
+        """A derived global's value from its table entry and its source's value."""
+        if entry.get("init") == "winograd":
+            return WinogradFilter.transform(value, entry["m"])
+        return Global.panels(value, entry["nr"], entry["transpose"])
 
     @staticmethod
     def panels(value: np.ndarray, nr: int, transpose: bool = False) -> np.ndarray:
@@ -2373,32 +2410,38 @@ class Global(OpDef):
         return np.ascontiguousarray(out.reshape(k, -1, nr).transpose(1, 0, 2))
 
     @staticmethod
-    def panels_of(op, value: np.ndarray) -> np.ndarray:
-        """The value of panels global `op` where its matrix's is `value`."""
-        return Global.panels(value, op.attr("type").shape[-1], op.attr("transpose"))
-
-    @staticmethod
     def panels_type(source: TensorType, nr: int, transpose: bool = False) -> TensorType:
         n, k = source.shape if transpose else source.shape[::-1]
         return TensorType((-(-n // nr), k, nr), source.element)
 
     @staticmethod
-    def verify_panels(op, ctx):
-        source, t, name = ctx.symbols.get(op.attr("of")), op.attr("type"), op.attr("of")
-        if source is None or source.name != "mlc.global" or Global.is_panels(source) or source.attr("type").rank != 2:
-            raise VerifyError(f"\"panels\" needs `of` to name a rank-2 global that is not itself panels, got @{name}")
-        expected = Global.panels_type(source.attr("type"), t.shape[-1], op.attr("transpose")) if t.rank == 3 else None
-        if t != expected:
-            raise VerifyError(f"the panels of @{name} ({source.attr('type')}) have a type [panels, K, nr] "
-                              f"({expected or 'rank 3'}), got {t}")
+    def winograd_type(source: TensorType, m: int) -> TensorType:
+        return TensorType((source.shape[0], (m + 2) ** 2, source.shape[1]), source.element)
+
+    @staticmethod
+    def verify_derived(op, ctx):
+        kind, source, t, name = Global.derived_kind(op), ctx.symbols.get(op.attr("of")), op.attr("type"), op.attr("of")
+        rank = 2 if kind == "panels" else 4
+        if source is None or source.name != "mlc.global" or Global.derived_kind(source) or source.attr("type").rank != rank:
+            raise VerifyError(f"\"{kind}\" needs `of` to name a rank-{rank} global that is not itself derived, got @{name}")
+        if kind == "panels":
+            expected = Global.panels_type(source.attr("type"), t.shape[-1], op.attr("transpose")) if t.rank == 3 else None
+            if t != expected:
+                raise VerifyError(f"the panels of @{name} ({source.attr('type')}) have a type [panels, K, nr] "
+                                  f"({expected or 'rank 3'}), got {t}")
+            return
+        m = math.isqrt(t.shape[1]) - 2 if t.rank == 3 else None
+        if source.attr("type").shape[2:] != (3, 3) or m not in WINOGRAD_TILES or t != Global.winograd_type(source.attr("type"), m):
+            raise VerifyError(f"the Winograd transform of @{name} ({source.attr('type')}, 3 x 3 filters) has a type "
+                              f"[O, (m + 2)^2, C] for m in {list(WINOGRAD_TILES)}, got {t}")
 
     @staticmethod
     def verify(op, ctx):
         t = op.attr("type")
         if not isinstance(t, TensorType) or not t.is_static:
             raise VerifyError(f"a global must have a static tensor type, got {t}")
-        if Global.is_panels(op):
-            return Global.verify_panels(op, ctx)
+        if Global.derived_kind(op):
+            return Global.verify_derived(op, ctx)
         init = op.attributes.get("init")
         if isinstance(init, DenseAttr):
             if init.type != t:
@@ -2408,11 +2451,11 @@ class Global(OpDef):
 
     @staticmethod
     def initial_values(decls: dict, seed: int) -> dict:
-        """Each global's first value by name (panels made from their matrix's)."""
-        values = {name: Global.initial_value(op, seed) for name, op in decls.items() if not Global.is_panels(op)}
+        """Each global's first value by name (derived ones computed from their source's)."""
+        values = {name: Global.initial_value(op, seed) for name, op in decls.items() if not Global.derived_kind(op)}
         for name, op in decls.items():
-            if Global.is_panels(op):
-                values[name] = Global.panels_of(op, values[op.attr("of")])
+            if Global.derived_kind(op):
+                values[name] = Global.derived_of(op, values[op.attr("of")])
         return {name: values[name] for name in decls}
 
     @staticmethod
@@ -2478,8 +2521,10 @@ class GlobalStore(OpDef):
         t, name = _global_decl(op, ctx), op.attr("global")
         if not types_compatible(t, op.operand_types[0]):
             raise VerifyError(f"stores a {op.operand_types[0]} into @{name} of type {t}")
-        if any(d.name == "mlc.global" and Global.is_panels(d) and d.attr("of") == name for d in ctx.symbols.values()):
-            raise VerifyError(f"@{name} is read through packed panels, so no function may store to it")
+        derived = next((d for d in ctx.symbols.values() if d.name == "mlc.global" and Global.derived_kind(d) and d.attr("of") == name), None)
+        if derived is not None:
+            read = "packed panels" if Global.is_panels(derived) else "its Winograd transform"
+            raise VerifyError(f"@{name} is read through {read}, so no function may store to it")
         return []
 
     @staticmethod
