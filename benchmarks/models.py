@@ -1,6 +1,8 @@
 """Models built with mlc.nn against the same models in torch eager (and onnxruntime) on the CPU:
 
-    ResNet-18 inference, batch 1, 3x224x224 (and onnxruntime, when it is installed)
+    ResNet-18 inference, batch 1, 3x224x224 (and onnxruntime, when it is installed): called as an mlc.nn
+        module (its weights are arguments: packed and transformed at every call), and exported (`mlc.export`:
+        its weights are globals, packed and transformed when set, as onnxruntime's are at load)
     a 2-layer LSTM (input 128, hidden 512) over 64 steps at batch 32 + a linear head: one Adam training step
     a Transformer encoder layer (d_model 256, 8 heads, feed-forward 1024) at batch 32 x 64 tokens: one Adam step
     compiling ResNet-18 inference: cold (empty cache) and warm (from the on-disk cache, in a fresh trace)
@@ -29,6 +31,7 @@ import harness
 # workload -> (its name in the table, the frameworks, calls per rep, reps per turn)
 WORKLOADS = {
     "resnet18": ("ResNet-18 inference b1 224x224", ["mlc", "torch", "onnxruntime"], 3, 1),
+    "resnet18 exported": ("ResNet-18 b1, exported: weights as globals", ["mlc", "onnxruntime"], 3, 1),
     "lstm": ("2-layer LSTM h512 seq64 b32 train step", ["mlc", "torch"], 1, 2),
     "encoder": ("Transformer encoder layer d256 b32x64 train step", ["mlc", "torch"], 1, 2),
     "compile cold": ("compile ResNet-18, cold", ["mlc"], 1, 1),
@@ -139,6 +142,9 @@ def mlc_setup(workload: str):
     if workload == "resnet18":
         model, x = mlc.models.resnet18().eval(), image()
         return lambda: model(x)
+    if workload == "resnet18 exported":  # (as onnxruntime runs it: weights packed and transformed once, at load)
+        exe, x = mlc.compile(mlc.export(mlc.models.resnet18().eval(), image())), image()
+        return lambda: exe["forward"](x)
     model, x, y = train_model(mlc, workload)
     step = mlc.compile_train_step(model, mlc.nn.functional.cross_entropy, mlc.optim.Adam(model.parameters(), lr=1e-4))
     return lambda: step(x, y)
