@@ -84,7 +84,8 @@ def test_native_winograd_agrees_with_torch(m, n, c, h, w, o, pads, dtype):
 @pytest.mark.parametrize("m", [2, 4])
 def test_each_transform_natively_agrees_with_the_interpreter(m):
     """winograd_filter, winograd_input (padding uneven, tiles overhanging the image) and winograd_output
-    (cropping them; its batch `?`) alone, compiled against their interpreter kernels."""
+    (cropping them; its batch `?`) alone, compiled and as loop nests on the interpreter, against their
+    tensor-level interpreter kernels."""
     a = (m + 2) ** 2
     th, tw = -(-6 // m), -(-9 // m)  # the result of a 7 x 9 input padded [1, 0, 0, 2]: 5 x 9
     cases = [("mlc.winograd_filter", f"{{m = {m}}}", [(5, 3, 3, 3)], f"tensor<5x{a}x3xf32>"),
@@ -95,7 +96,10 @@ def test_each_transform_natively_agrees_with_the_interpreter(m):
         x = r.standard_normal(shapes[0]).astype(np.float32)
         t = "tensor<" + "x".join(map(str, x.shape)) + "xf32>"
         module = mlc.parse(func(f"    %r = {name} %x {attrs} : ({t}) -> {result}\n    return %r : {result}", f"%x: {t}", result))
-        np.testing.assert_allclose(mlc.compile(module)["f"](x), mlc.interpret(module, "f", x), rtol=1e-5, atol=1e-5)
+        want = mlc.interpret(module, "f", x)
+        np.testing.assert_allclose(mlc.compile(module)["f"](x), want, rtol=1e-5, atol=1e-5)
+        loops = mlc.run_passes(module.clone(), "cpu")  # the loop nests themselves, on the interpreter
+        np.testing.assert_allclose(mlc.interpret(loops, "f", x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_cpu_pipeline_takes_resnets_convolutions():
