@@ -111,13 +111,16 @@ class Tile(Pass):
                 lambda kb, x, y, vt: kb.create("vector.load", [buf] + Matmul.place(op, which, lead, x, y), result_types=[vt]).result
 
         bt = load_vector(1, b, at_b, not tb)
+        at = load_vector(0, a, at_a, not ta)
         outermost = _loop_leaving_unchanged(op, b) if not at_b and None not in b.type.shape else None
         c_at = lambda i, j: Matmul.place(op, 2, at_c, i, j)  # noqa: E731
         gemm.Gemm(m, n, k, c.type.element, load_a=load(0, a, at_a, ta), load_b=load(1, b, at_b, tb),
                   load_b_vector=load_vector(1, b, at_b, tb), c=c, c_at=c_at,
                   epilogue=None if _is_identity(op) else lambda eb, i, j: _epilogue_at(eb, op, c, c_at(i, j), [i, j]),
                   load_a_vector=load_vector(0, a, at_a, ta), load_bt_vector=bt and (lambda kb, kk, j, vt: bt(kb, j, kk, vt)),
+                  load_at_vector=at and (lambda kb, i, kk, vt: at(kb, kk, i, vt)),
                   a_row=_row_elements(a.type.shape, Matmul.matrix_axes(op, 0)[0]),
+                  a_column=_row_elements(a.type.shape, Matmul.matrix_axes(op, 0)[0]) if ta else None,
                   b_column=_row_elements(b.type.shape, Matmul.matrix_axes(op, 1)[0]) if tb else None,
                   vector_bytes=self.option("vector-bytes"), **self.sizes(op),
                   pack_at=outermost and (Builder.before(outermost, L.module), not _in_parallel_loop(outermost)),

@@ -480,6 +480,23 @@ def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
         np.testing.assert_allclose(mlc.interpret(lowered, "f", a, b), a @ b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,m", [(np.float32, 1024), (np.float64, 512), (np.float32, 1000)])
+@pytest.mark.parametrize("k", [37, 600])
+def test_products_copy_a_transposed_a_whose_columns_are_4k_apart(dtype, m, k):
+    """A read through its transpose with its columns a multiple of 4 KB apart (a weight gradient, x^T @ dy)
+    is copied a slice of each block at a time (gemm.pack_a_columns); 1000 rows are read in place."""
+    e = {np.float32: "f32", np.float64: "f64"}[dtype]
+    n = 40
+    text = f"""func.func @f(%a: tensor<?x{m}x{e}>, %b: tensor<?x{n}x{e}>) -> tensor<{m}x{n}x{e}> {{
+      %c = mlc.matmul %a, %b {{transpose_a}} : (tensor<?x{m}x{e}>, tensor<?x{n}x{e}>) -> tensor<{m}x{n}x{e}>
+      return %c : tensor<{m}x{n}x{e}> }}"""
+    loops = str(mlc.run_passes(mlc.parse(text), "cpu{vector-bytes=64}"))
+    assert ("packed_at" in loops) == (m * np.dtype(dtype).itemsize % 4096 == 0)
+    a, b = rng.standard_normal((k, m)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    tol = 1e-4 if e == "f32" else 1e-10
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](a, b), a.T @ b, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("k", [32, 37, 512, 1024])
 @pytest.mark.parametrize("n", [70, 96])
 def test_products_pack_a_transposed_b_by_gathering_or_walking_its_columns(k, n):
