@@ -3,6 +3,8 @@ constant coefficients, unrolled (zeros skipped, +-1 as adds), with the channels 
 in the product's operands and result, so the loop vectoriser runs along them."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from mlc.ir.core import Operation
@@ -22,39 +24,57 @@ def _combine(L: FunctionLowering, b, coefficients, values, element):
             continue
         negative = c < 0
         if abs(c) != 1:
-            v, negative = L.op(b, "arith.mul", v, L.const(b, abs(c), element)), negative
+            v, negative = _arith(b, "arith.mul", v, L.const(b, abs(c), element)), negative
         if total is None:
-            total = L.op(b, "arith.neg", v) if negative else v
+            total = _arith(b, "arith.neg", v) if negative else v
         else:
-            total = L.op(b, "arith.sub" if negative else "arith.add", total, v)
+            total = _arith(b, "arith.sub" if negative else "arith.add", total, v)
     return total if total is not None else L.const(b, 0, element)
 
 
+def _arith(b, name, *operands):
+    """A float op of the transforms' sums, its type its operands' (without inference: ResNet-18's
+    transforms are ~8000 of them)."""
+    return b.create(name, list(operands), result_types=[operands[0].type]).result
+
+
 def _apply(L: FunctionLowering, b, matrix, values, element):
-    """matrix @ values with the terms its rows share computed once (the transforms' structure: ~40% fewer
-    ops for F(4, 3)'s): columns k, l that every row weighs alike or oppositely are read as v[k] + v[l]
-    and v[k] - v[l]; then rows that are e + o and e - o (e, o on disjoint columns) as e.v +- o.v."""
-    m, values = np.array(matrix, float), list(values)
+    """matrix @ values, by the plan for the matrix (_plan)."""
+    pairs, rows = _plan(tuple(map(tuple, np.asarray(matrix, float))))
+    values = list(values)
+    for k, l, combine in pairs:
+        values.append(_arith(b, combine, values[k], values[l]))
+    return [_arith(b, op, *(_combine(L, b, c, values, element) for c in terms)) if op else _combine(L, b, terms[0], values, element)
+            for op, terms in rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(matrix: tuple) -> tuple:
+    """How to compute matrix @ v with the terms its rows share computed once (the transforms' structure:
+    ~40% fewer ops for F(4, 3)'s): columns k, l that every row weighs alike or oppositely are read as
+    v[k] + v[l] and v[k] - v[l] (`pairs`, appended to v); then rows that are e + o and e - o (e, o on
+    disjoint columns) as e.v +- o.v. Each row: (op, coefficient rows) — ("arith.add", (e, o)), or (None, (row,))."""
+    m, pairs = np.array(matrix, float), []
     for k in range(m.shape[1]):
         for l in range(k + 1, m.shape[1]):
-            a, c = m[:, k], m[:, l]
+            a, c = m[:, k].copy(), m[:, l]
             alike, opposite = (a == c) & (a != 0), (a == -c) & (a != 0)
             if np.count_nonzero(a) >= 3 and np.all(alike | opposite | (a == c)):
                 for rows, combine in ((alike, "arith.add"), (opposite, "arith.sub")):
                     if rows.any():
                         m = np.column_stack([m, np.where(rows, a, 0)])
-                        values.append(L.op(b, combine, values[k], values[l]))
+                        pairs.append((k, l, combine))
                 m[:, k] = m[:, l] = 0
-    out, done = [None] * len(m), set()
+    out = [(None, (tuple(row),)) for row in m]
+    done = set()
     for i in range(len(m)):
         for j in range(i + 1, len(m)):
             e, o = (m[i] + m[j]) / 2, (m[i] - m[j]) / 2
-            if i in done or j in done or not e.any() or not o.any() or (e != 0).__and__(o != 0).any():
+            if i in done or j in done or not e.any() or not o.any() or ((e != 0) & (o != 0)).any():
                 continue
-            even, odd = _combine(L, b, e, values, element), _combine(L, b, o, values, element)
-            out[i], out[j] = L.op(b, "arith.add", even, odd), L.op(b, "arith.sub", even, odd)
+            out[i], out[j] = ("arith.add", (tuple(e), tuple(o))), ("arith.sub", (tuple(e), tuple(o)))
             done |= {i, j}
-    return [v if v is not None else _combine(L, b, row, values, element) for v, row in zip(out, m)]
+    return tuple(pairs), tuple(out)
 
 
 def _sandwich(L, b, left, tile, right, element):
