@@ -76,6 +76,17 @@ INITIALISERS = ("zeros", "ones", "uniform", "normal", "glorot_uniform", "glorot_
 _REGISTRY: dict[str, type["OpDef"]] = {}
 
 
+class Probe:
+    """An op seen with other operand types, so that an op's type inference can be reused: by a scalar
+    twin on tensor types, a gradient's shape rule, the profiler's sampled sizes."""
+
+    def __init__(self, op, operand_types):
+        self.operand_types, self.results, self._op = list(operand_types), [], op
+
+    def attr(self, name, default=None):
+        return self._op.attr(name, default)
+
+
 class OpDef:
     """Base of every op declaration. Subclasses with a `name` register themselves."""
     name: str = ""

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from mlc.ir.dialects.mlc import Fusion
-from mlc.ir.registry import ELEMENTWISE
+from mlc.ir.registry import ELEMENTWISE, Probe, VerifyError
 
 SIZES = (2, 3, 5)  # the sizes every `?` takes when a kernel's cost is sampled
 COUNTERS, DESCRIPTIONS = "mlc_profile_counters", "mlc_profile_kernels"  # the symbols codegen defines
@@ -56,10 +56,36 @@ def describe(module) -> dict:
             if fused:
                 label += f" (fused: {', '.join(fused)})"
             label += f" {anchor.loc}" if anchor.loc.line else ""
-            samples = [[_flops(op, s), _bytes(op, s)] for s in SIZES]
+            samples = [[_flops(op, s), _bytes(op, s)] for s in SIZES] if _samples_hold(op) else None
             out.setdefault((name, loc_key(op.loc)), []).append(
                 {"label": label, "samples": samples, "product": anchor.name in PRODUCTS, "shapes": _dynamic_shapes(op)})
     return out
+
+
+def _samples_hold(op) -> bool:
+    """Whether setting every `?` to one size gives shapes the ops themselves would infer: not where one
+    `?` is a multiple of another (Winograd's tiles: batch x tiles per image), whose costs sampled so
+    would not follow the kernel's counted units (then it is reported by time alone)."""
+    ops = [o for o in op.regions[0].blocks[0].ops if o.name != "mlc.yield"] if op.name == "mlc.fusion" else [op]
+    for o in ops:
+        if o.opdef is None or not o.results:
+            continue
+        for size in SIZES:
+            try:
+                inferred = o.opdef.infer(Probe(o, [_sized(v.type, size) for v in o.operands]), None)
+            except VerifyError:
+                return False
+            except Exception:  # (an op whose inference needs more than its operand types: no opinion)
+                break
+            if any(getattr(t, "shape", None) != getattr(_sized(r.type, size), "shape", None) for t, r in zip(inferred, o.results)):
+                return False
+    return True
+
+
+def _sized(t, size: int):
+    """t with every `?` set to size."""
+    shape = getattr(t, "shape", None)
+    return t.with_shape(tuple(size if d is None else d for d in shape)) if shape is not None and None in shape else t
 
 
 def _dynamic_shapes(op) -> list[tuple]:

@@ -149,3 +149,27 @@ def test_a_product_of_a_reshape_is_rated_by_its_own_sizes():
     (product,) = [r for r in report if "mlc.matmul" in r.name]
     assert product.gflops * product.ms * 1e6 == pytest.approx(2 * 16 * 32 * 64 * 3, rel=1e-6)
     assert not any("mlc.reshape" in r.name for r in report), str(report)  # (a view: no kernel of its own)
+
+
+def test_winograd_kernels_with_a_batch_known_at_run_time_are_timed_not_rated():
+    """Winograd's tiles are the batch times the tiles per image: sampling every `?` at one size costs
+    them wrongly (a 1000 GB/s transform was reported), so those kernels get time alone; the product over
+    the tiles is rated by its own sizes, the filters' transform (static) as ever."""
+    n, c, k, hw = 2, 32, 48, 24
+    module = mlc.parse(f"""
+    func.func @f(%x: tensor<?x{c}x{hw}x{hw}xf32>, %w: tensor<{k}x{c}x3x3xf32>) -> tensor<?x{k}x{hw}x{hw}xf32> {{
+      %y = mlc.conv2d %x, %w {{padding = [1, 1]}} : (tensor<?x{c}x{hw}x{hw}xf32>, tensor<{k}x{c}x3x3xf32>) -> tensor<?x{k}x{hw}x{hw}xf32>
+      return %y : tensor<?x{k}x{hw}x{hw}xf32>
+    }}""")
+    exe = build(module, profile=True, cache=False)
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((n, c, hw, hw)).astype(np.float32), rng.standard_normal((k, c, 3, 3)).astype(np.float32)
+    np.testing.assert_allclose(exe["f"](x, w), mlc.interpret(module, "f", x, w), rtol=1e-4, atol=1e-3)
+    report = exe.profile()
+    tiled = [r for r in report if "winograd_input" in r.name or "winograd_output" in r.name]
+    assert len(tiled) == 2 and all(r.gflops is None and r.gbytes is None for r in tiled), str(report)
+    (filters,) = [r for r in report if "winograd_filter" in r.name]  # (static sizes: rated)
+    assert filters.gbytes * filters.ms * 1e6 == pytest.approx((9 + 36) * k * c * 4, rel=1e-6)
+    (product,) = [r for r in report if "mlc.matmul" in r.name]
+    tiles = n * (hw // 4) ** 2
+    assert product.gflops * product.ms * 1e6 == pytest.approx(2 * tiles * 36 * k * c, rel=1e-6)

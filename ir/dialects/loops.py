@@ -23,7 +23,7 @@ import numpy as np
 
 from ..attributes import BoolAttr, FloatAttr, IntAttr
 from ..diagnostics import error
-from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, WRITES, Attr, OpDef, Terminator, VerifyError
+from ..registry import ELEMENTWISE, PURE, READS, TERMINATOR, WRITES, Attr, OpDef, Probe, Terminator, VerifyError
 from ..types import ElementType, MemRefType, TensorType, VectorType, i1, index
 from . import mlc
 from .mlc import RuntimeCheck
@@ -605,22 +605,12 @@ def _scalar_family(base):
                 raise VerifyError(f"operands must be all scalars or all vectors of one length, got "
                                   f"{', '.join(map(str, op.operand_types))}")
             types = [_scalar(getattr(t, "element", t), f"operand {i}") for i, t in enumerate(op.operand_types)]
-            probe = _Probe(op, [TensorType((), t) for t in types])
+            probe = Probe(op, [TensorType((), t) for t in types])
             elements = [r.element for r in base.infer(probe, ctx)]
             return [VectorType(next(iter(vectors)), e) for e in elements] if vectors else elements
 
         fold = staticmethod(lambda op, consts: None)
     return Scalar
-
-
-class _Probe:
-    """Stands in for an op with tensor-typed operands so a tensor op's inference can be reused."""
-
-    def __init__(self, op, operand_types):
-        self.operand_types, self.results, self._op = operand_types, [], op
-
-    def attr(self, name, default=None):
-        return self._op.attr(name, default)
 
 
 REASSOCIATIVE = ("add", "mul", "maximum", "minimum")  # `{reassoc}`: a reduction may be regrouped (vectorised)

@@ -15,7 +15,7 @@ from ..attributes import DenseAttr, StringAttr
 from ..core import Block, Region
 from ..memory import check_fits_in_memory
 from ..registry import (BROADCASTING, COMMUTATIVE, ELEMENTWISE, PURE, READS, SYMBOL, TERMINATOR, USES_SYMBOLS,
-                        Attr, OpDef, Terminator, VerifyError)
+                        Attr, OpDef, Probe, Terminator, VerifyError)
 from ..types import ERROR, TensorType, element_of, f32, i1, i64, int_range, types_compatible
 from .shapes import (broadcast_shapes, fmt_shape, norm_axes, norm_axis, num_elements, pads4, positive,
                      require_element, same_element, tensor_type, window_out)
@@ -1782,19 +1782,10 @@ class Pool2dGrad(Pool2d):
     def infer(cls, op, ctx):
         x, g = _tensors(op)
         same_element([x, g])
-        (pooled,) = Pool2d.infer.__func__(cls, _Probe1(op, x), ctx)
+        (pooled,) = Pool2d.infer.__func__(cls, Probe(op, [x]), ctx)  # (op seen as the pooling it differentiates)
         if len(g.shape) != 4 or not all(a is None or b is None or a == b for a, b in zip(pooled.shape, g.shape)):
             raise VerifyError(f"cotangent must have the pooled shape {fmt_shape(pooled.shape)}, got {fmt_shape(g.shape)}")
         return [x]
-
-
-class _Probe1:
-    """op seen as the one-operand pooling it differentiates (for the shared shape rule)."""
-    def __init__(self, op, x):
-        self.op, self.operand_types = op, [x]
-
-    def attr(self, name, default=None):
-        return self.op.attr(name, default)
 
 
 class MaxPool2dGrad(Pool2dGrad):
