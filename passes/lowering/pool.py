@@ -19,7 +19,8 @@ def max_pool2d(L: FunctionLowering, op: Operation):
     with the lowest value on either side (the padding); then the maximum along each window of that row.
     A window row past the input's edge is read as the edge row, which the window also holds (padding is
     at most half the kernel), so nothing is copied; the first pass runs along contiguous rows (vectorised),
-    the second over a row still in cache (ResNet-18's 3 x 3 / 2 pool: 0.52 -> 0.11 ms)."""
+    the second over a row still in cache (ResNet-18's 3 x 3 / 2 pool: 0.52 -> 0.11 ms; with the channels
+    as the parallel loop, not a batch of 1, 0.20 -> 0.105 ms)."""
     x = L.buffers[op.operands[0]]
     t = op.results[0].type
     (kh, kw), (sh, sw), (pt, pl, _, pr) = op.opdef.params(op)
@@ -54,7 +55,7 @@ def max_pool2d(L: FunctionLowering, op: Operation):
             loads = [wb.create("mem.load", [rows, bn, ch, oy, L.op(wb, "arith.add", left, L.idx(j))]).result for j in range(kw)]
             wb.create("mem.store", [functools.reduce(lambda a, v: L.op(wb, "arith.maximum", a, v), loads), out, bn, ch, oy, ox])
         L.loop(b, L.idx(0), ow, window)
-    L.nest([n, c, oh], row)
+    L.nest([c, n, oh], lambda b, ivs: row(b, [ivs[1], ivs[0], ivs[2]]))  # (channels outermost: a batch of 1 has threads)
     return [out]
 
 
