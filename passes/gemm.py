@@ -250,29 +250,28 @@ class Gemm:
     def pack_a_columns(self, b, packed_a, i0, end, k0, k1):
         """A[i0:end, k0:k1], read through its transpose, copied into packed_a[k - k0, i - i0], a column at
         a time in vectors."""
-        L, lanes, vt = self.L, self.lanes, self.vt
-        whole = L.op(b, "arith.add", i0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", end, i0), L.idx(lanes)), L.idx(lanes)))
-
-        def column(cb, k):
-            at = L.op(cb, "arith.sub", k, k0)
-            L.loop(cb, i0, whole, lambda ib, i: ib.create("vector.store", [self.load_at_vector(ib, i, k, vt), packed_a, at,
-                                                                            L.op(ib, "arith.sub", i, i0)]), step=lanes)
-            L.loop(cb, whole, end, lambda ib, i: ib.create("mem.store", [self.load_a(ib, i, k), packed_a, at, L.op(ib, "arith.sub", i, i0)]))
-        L.loop(b, k0, k1, column)
+        self.copy_runs(b, packed_a, (k0, k1), (i0, end), lambda vb, k, i, vt: self.load_at_vector(vb, i, k, vt),
+                       lambda sb, k, i: self.load_a(sb, i, k))
 
     def pack_a(self, b, packed_a, i0, end, k0, k1):
         """A[i0:end, k0:k1] copied into packed_a[i - i0, k - k0], row by row in vectors: its rows, a
         line longer than the slice, fall into sets of the L1 cache of their own. (Interleaving a tile's
         rows instead, element by element, cost a sixth of a 2048 x 1024 x 256 product.)"""
-        L, lanes, vt = self.L, self.lanes, self.vt
-        whole = L.op(b, "arith.add", k0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", k1, k0), L.idx(lanes)), L.idx(lanes)))
+        self.copy_runs(b, packed_a, (i0, end), (k0, k1), self.load_a_vector, self.load_a)
 
-        def row(rb, i):
-            at = L.op(rb, "arith.sub", i, i0)
-            L.loop(rb, k0, whole, lambda kb, k: kb.create("vector.store", [self.load_a_vector(kb, i, k, vt), packed_a, at,
-                                                                            L.op(kb, "arith.sub", k, k0)]), step=lanes)
-            L.loop(rb, whole, k1, lambda kb, k: kb.create("mem.store", [self.load_a(kb, i, k), packed_a, at, L.op(kb, "arith.sub", k, k0)]))
-        L.loop(b, i0, end, row)
+    def copy_runs(self, b, packed, outer, inner, load_vector, load):
+        """packed[o - outer[0], i - inner[0]] = element (o, i) for o, i in those ranges: each run along i
+        in vectors (load_vector(builder, o, i, type)), its ragged end element by element (load)."""
+        L, lanes, vt = self.L, self.lanes, self.vt
+        (o0, o1), (lo, hi) = outer, inner
+        whole = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(lanes)), L.idx(lanes)))
+
+        def run(rb, o):
+            at = L.op(rb, "arith.sub", o, o0)
+            L.loop(rb, lo, whole, lambda vb, i: vb.create("vector.store", [load_vector(vb, o, i, vt), packed, at,
+                                                                            L.op(vb, "arith.sub", i, lo)]), step=lanes)
+            L.loop(rb, whole, hi, lambda sb, i: sb.create("mem.store", [load(sb, o, i), packed, at, L.op(sb, "arith.sub", i, lo)]))
+        L.loop(b, o0, o1, run)
 
     def tile(self, b, i, i0, rows, j0, vectors, k0, k1, width, scratch, packed_a):
         """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from B's packed panels
