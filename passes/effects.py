@@ -1,7 +1,10 @@
-"""Side-effect facts passes share: which ops may be removed, moved or merged."""
+"""Side-effect facts passes share: which ops may be removed, moved or merged; which globals nothing
+writes, and the derived copies of them (packed, transformed) that passes declare."""
 from __future__ import annotations
 
-from mlc.ir.core import Module, Operation
+from mlc.ir.attributes import StringAttr, SymbolRefAttr, TypeAttr, to_attr
+from mlc.ir.core import Module, Operation, create_op
+from mlc.ir.dialects.mlc import Global
 from mlc.ir.registry import PURE, READS, SYMBOL, TERMINATOR, WRITES
 
 
@@ -50,3 +53,22 @@ def read_only_globals(module: Module) -> set[str]:
     derived copies (packed panels, transformed filters) can be computed when they are set, not per call."""
     stored = {op.attr("global") for op in module.walk() if op.name == "mlc.global_store"}
     return {name for name, op in module.globals.items() if name not in stored and not op.attr("external")}
+
+
+def derived_global(module: Module, source: Operation, kind: str, t, suffix: str, transpose: bool = False) -> str:
+    """The name of global `source`'s derived copy (`init = kind`, `of` it, of type t), declared after it
+    unless the module has it already (named after it + suffix, made unique)."""
+    name = source.attr("sym_name") + suffix
+    while name in module.symbols() and not _derived_from(module.globals.get(name), source, kind, t, transpose):
+        name += "_"
+    if name not in module.globals:
+        attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr(kind), "of": SymbolRefAttr(source.attr("sym_name"))}
+        if transpose:
+            attrs["transpose"] = to_attr(True)
+        module.body.insert_after(source, create_op("mlc.global", attributes=attrs, loc=source.loc))
+    return name
+
+
+def _derived_from(decl, source, kind: str, t, transpose: bool) -> bool:
+    return decl is not None and Global.derived_kind(decl) == kind and decl.attr("of") == source.attr("sym_name") and \
+        decl.attr("type") == t and decl.attr("transpose") == transpose

@@ -102,6 +102,7 @@ class Gemm:
         self.vt = VectorType((self.lanes,), e)
         wide = self.vector_bytes >= 64
         self.mr, self.kc = (MR_AVX512 if wide else MR), self.kc or (KC_AVX512 if wide else KC)
+        self.a_copy = "rows" if self.a_rows_collide() else "columns" if self.a_columns_collide() else None  # (A in place)
         rows = static_value(self.M)
         stream = self.stream_b_rows if self.load_b_vector is not None else \
             self.stream_b_columns if self.load_bt_vector is not None and self.load_a_vector is not None else None
@@ -203,10 +204,10 @@ class Gemm:
             "mem.store", [zero, self.c] + self.c_at(i, j))))
         scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
         packed_a = None
-        if self.a_rows_collide():
+        if self.a_copy == "rows":
             packed_a = b.create("mem.alloc", result_types=[MemRefType((self.mc, self.kc + A_ROW_PAD), self.element)],
                                 name_hint="packed_a").result
-        elif self.a_columns_collide():  # (the copy holds a column of the block per row: [k][i])
+        elif self.a_copy == "columns":  # (the copy holds a column of the block per row: [k][i])
             packed_a = b.create("mem.alloc", result_types=[MemRefType((self.kc, self.mc + A_ROW_PAD), self.element)],
                                 name_hint="packed_at").result
 
@@ -216,7 +217,7 @@ class Gemm:
         def k_slice(kb, k0):
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(self.kc)), self.K)
             if packed_a is not None:
-                (self.pack_a if self.a_rows_collide() else self.pack_a_columns)(kb, packed_a, i0, end, k0, k1)
+                (self.pack_a if self.a_copy == "rows" else self.pack_a_columns)(kb, packed_a, i0, end, k0, k1)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
                 L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a),
                 self.mr, left), span=width)
@@ -289,7 +290,7 @@ class Gemm:
             if packed_a is None:
                 return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
             kk = L.op(kb, "arith.sub", k, k0)
-            at = (lambda r: [r, kk]) if self.a_rows_collide() else (lambda r: [kk, r])
+            at = (lambda r: [r, kk]) if self.a_copy == "rows" else (lambda r: [kk, r])
             return fma_tile(kb, [kb.create("mem.load", [packed_a] + at(r)).result for r in rows_a], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
         store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt, width, scratch, add=True)

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import math
 
-from mlc.ir.attributes import StringAttr, SymbolRefAttr, TypeAttr, to_attr
-from mlc.ir.core import Builder, Module, Operation, create_op
+from mlc.ir.attributes import SymbolRefAttr
+from mlc.ir.core import Builder, Module, Operation
 from mlc.ir.diagnostics import error
 from mlc.ir.dialects.loops import Matmul
 from mlc.ir.dialects.mlc import Global
 from mlc.ir.types import MemRefType
 
 from . import gemm
-from .effects import read_only_globals
+from .effects import derived_global, read_only_globals
 from .expand_products import expand_conv, expand_matmul
 from .lowering.core import LoopBuilder, store_through_epilogue
 from .manager import Pass, PipelineError
@@ -138,25 +138,11 @@ class Tile(Pass):
 
         def panels(nr: int):
             t = Global.panels_type(source.attr("type"), nr, transposed)
-            name = f"{source.attr('sym_name')}.panels" + ("_t" if transposed else "")
-            while name in module.symbols() and not _is_panels_of(module.globals.get(name), source, t, transposed):
-                name += "_"
-            if name not in module.globals:
-                attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("panels"),
-                         "of": SymbolRefAttr(source.attr("sym_name"))}
-                if transposed:
-                    attrs["transpose"] = to_attr(True)
-                module.body.insert_after(source, create_op("mlc.global", attributes=attrs, loc=source.loc))
+            name = derived_global(module, source, "panels", t, ".panels" + ("_t" if transposed else ""), transposed)
             pb = Builder.after(made, module)  # (where the matrix is read: outside the loops the product may be in)
             value = pb.create("mlc.global_load", [], {"global": SymbolRefAttr(name)}, result_types=[t], name_hint=name).result
             return pb.create("mem.from_tensor", [value], result_types=[MemRefType(t.shape, t.element)]).result
         return panels
-
-
-def _is_panels_of(decl, source, t, transposed: bool) -> bool:
-    """Whether global `decl` is the panels of `source` of type t."""
-    return decl is not None and Global.is_panels(decl) and decl.attr("of") == source.attr("sym_name") and \
-        decl.attr("type") == t and decl.attr("transpose") == transposed
 
 
 def _row_elements(shape, axis: int) -> int | None:

@@ -25,13 +25,13 @@ magnitude. `output-tile=0` leaves every convolution as it is (the cuda pipeline)
 """
 from __future__ import annotations
 
-from mlc.ir.attributes import UNIT, StringAttr, SymbolRefAttr, TypeAttr
-from mlc.ir.core import Builder, Module, create_op
+from mlc.ir.attributes import UNIT, SymbolRefAttr
+from mlc.ir.core import Builder, Module
 from mlc.ir.dialects.mlc import WINOGRAD_TILES, Global, winograd_tiles
 
 from . import gemm
 from .builder import OpBuilder
-from .effects import read_only_globals
+from .effects import derived_global, read_only_globals
 from .manager import Pass, PipelineError
 
 
@@ -72,13 +72,7 @@ class Winograd(Pass):
             return None
         source = module.globals[loaded.attr("global")]
         t = Global.winograd_type(source.attr("type"), m)
-        name = f"{source.attr('sym_name')}.winograd{m}"
-        while name in module.symbols() and not _transform_of(module.globals.get(name), source, t):
-            name += "_"
-        if name not in module.globals:
-            attrs = {"sym_name": StringAttr(name), "type": TypeAttr(t), "init": StringAttr("winograd"),
-                     "of": SymbolRefAttr(source.attr("sym_name"))}
-            module.body.insert_after(source, create_op("mlc.global", attributes=attrs, loc=source.loc))
+        name = derived_global(module, source, "winograd", t, f".winograd{m}")
         return d("mlc.global_load", result_type=t, **{"global": SymbolRefAttr(name)})
 
     def output_tile(self, op) -> int:
@@ -94,8 +88,3 @@ class Winograd(Pass):
         return max((m for m in WINOGRAD_TILES if m <= self.option("output-tile")
                     and winograd_tiles(h, m) * winograd_tiles(wd, m) >= self.option("min-tiles")), default=0)
 
-
-def _transform_of(decl, source, t) -> bool:
-    """Whether global `decl` is the Winograd transform of `source` of type t."""
-    return decl is not None and Global.derived_kind(decl) == "winograd" and decl.attr("of") == source.attr("sym_name") and \
-        decl.attr("type") == t

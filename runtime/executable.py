@@ -102,7 +102,7 @@ class Executable(FunctionTable):
         for name, entry in self._derived.items():
             if self._derived_arrays[name] is None:
                 self._derived_arrays[name] = Global.derive(entry, self.globals[entry["of"]])
-            self.globals[entry["of"]].flags.writeable = False  # (set_global packs it again)
+            self.globals[entry["of"]].flags.writeable = False  # (set_global derives them again)
         arrays = {**self.globals, **self._derived_arrays}
         self._globals_table = (ctypes.c_void_p * max(len(table), 1))(*[arrays[entry["name"]].ctypes.data for entry in table])
         self.functions = {name: NativeFunction(self, module.functions[name], code) for name, code in codes.items()}
@@ -133,8 +133,8 @@ class Executable(FunctionTable):
 
     def bind_global(self, name: str, array: np.ndarray) -> None:
         """Make the native code read and write global @name in `array` (C-contiguous, of its type) from now
-        on: several executables can share one model's weights. A weight that products read packed is
-        packed now: write it later through set_global (or bind it again), not in place."""
+        on: several executables can share one model's weights. A weight with derived copies (packed,
+        transformed) has them computed now: write it later through set_global (or bind it again), not in place."""
         old = self.globals[name]
         if array.dtype != old.dtype or array.shape != old.shape or not array.flags.c_contiguous or not array.flags.writeable:
             raise ValueError(f"@{name} needs a writeable C-contiguous {old.dtype} array of shape {old.shape}, "

@@ -98,7 +98,7 @@ class GpuExecutable(FunctionTable):
     def set_global(self, name: str, value: np.ndarray) -> None:
         value = np.asarray(value, self.device_globals[name].dtype)
         self.device.copy(self.device_globals[name], self.device.upload(value))
-        for derived, op in self.module.globals.items():  # (panels are always their matrix's)
+        for derived, op in self.module.globals.items():  # (derived globals are always their source's)
             if Global.derived_kind(op) and op.attr("of") == name:
                 self.device.copy(self.device_globals[derived], self.device.upload(Global.derived_of(op, value)))
 

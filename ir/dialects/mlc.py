@@ -1656,12 +1656,11 @@ class WinogradInput(Winograd):
         x = _acc(ins[0])
         m = cls.m(op)
         _, _, bt = winograd_matrices(m)
-        pt, pl, pb, pr = pads4(op.attr("padding"))
+        pt, pl, _, _ = pads4(op.attr("padding"))
         th, tw = cls.grid(op, *x.shape[2:])
-        rows, cols = m * th + 2, m * tw + 2
-        xp = np.zeros((*x.shape[:2], rows, cols), x.dtype)
-        h, w = min(x.shape[2], rows - pt), min(x.shape[3], cols - pl)
-        xp[:, :, pt:pt + h, pl:pl + w] = x[:, :, :h, :w]
+        h, w = x.shape[2:]
+        xp = np.zeros((*x.shape[:2], m * th + 2, m * tw + 2), x.dtype)  # (whole tiles: at least the padded image)
+        xp[:, :, pt:pt + h, pl:pl + w] = x
         d = _windows(xp, m + 2, m + 2, m, m, 1, 1)  # n, c, th, tw, a, a
         v = np.einsum("ik,nctxkl,jl->ntxijc", bt, d, bt)
         return v.reshape(-1, (m + 2) ** 2, x.shape[1])
@@ -2379,15 +2378,16 @@ class Global(OpDef):
         it (the runtime does, whenever its source is set)."""
         name, kind, t = op.attr("sym_name"), Global.derived_kind(op), op.attr("type")
         if kind == "panels":
-            return {"name": name, "of": op.attr("of"), "nr": t.shape[-1], "transpose": op.attr("transpose")}
+            return {"name": name, "of": op.attr("of"), "init": kind, "nr": t.shape[-1], "transpose": op.attr("transpose")}
         if kind == "winograd":
             return {"name": name, "of": op.attr("of"), "init": kind, "m": math.isqrt(t.shape[1]) - 2}
         return {"name": name}
 
     @staticmethod
     def derive(entry: dict, value: np.ndarray) -> np.ndarray:
-        """A derived global's value from its table entry and its source's value."""
-        if entry.get("init") == "winograd":
+        """A derived global's value from its table entry and its source's value (an entry without an
+        init, from code made before there were two kinds, is panels)."""
+        if entry.get("init", "panels") == "winograd":
             return WinogradFilter.transform(value, entry["m"])
         return Global.panels(value, entry["nr"], entry["transpose"])
 
