@@ -50,6 +50,7 @@ CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pix
 #                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
 IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
 GATHER_COLLIDING = 8  # columns of a transposed B gathered at once where they share L1 sets (8: the cache's ways)
+B_IN_L1 = 16384     # bytes of a B read in place, unpacked (rows contiguous, whole panels)
 A_ROW_PAD = 16      # elements a copied row of A is longer than the slice of K (a line: rows not 4 KB apart)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
 
@@ -123,6 +124,8 @@ class Gemm:
             panels, self.full_panels = (L.op(pb, "arith.select", few, L.idx(0), v) for v in (panels, self.full_panels))
         if self.b_panels is not None:
             self.packed = self.b_panels(self.nr)
+        elif self.b_fits_l1():
+            self.packed = None
         else:
             self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
                                     name_hint="packed").result
@@ -199,9 +202,12 @@ class Gemm:
         L = self.L
         end = L.op(b, "arith.minimum", L.op(b, "arith.add", i0, L.idx(self.mc)), self.M)
         lo, hi = (L.idx(0), self.N) if lo is None else (lo, hi)
-        zero = L.const(b, 0, self.element)
-        L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
-            "mem.store", [zero, self.c] + self.c_at(i, j))))
+        k = static_value(self.K)
+        one_slice = k is not None and 0 < k <= self.kc  # (then each tile is stored, not added to zeroed rows)
+        if not one_slice:
+            zero = L.const(b, 0, self.element)
+            L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda cb, j: cb.create(
+                "mem.store", [zero, self.c] + self.c_at(i, j))))
         scratch = b.create("mem.alloc", result_types=[MemRefType((self.mr, self.nr), self.element)], name_hint="tile").result
         packed_a = None
         if self.a_copy == "rows":
@@ -219,11 +225,18 @@ class Gemm:
             if packed_a is not None:
                 (self.pack_a if self.a_copy == "rows" else self.pack_a_columns)(kb, packed_a, i0, end, k0, k1)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
-                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a),
+                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a, not one_slice),
                 self.mr, left), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
             L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
+
+    def b_fits_l1(self) -> bool:
+        """Whether B is read in place rather than packed: its rows contiguous, whole panels wide, and small
+        enough to stay in L1 (a batched product's B: attention's values, 64 x 32 per head)."""
+        k, n = static_value(self.K), static_value(self.N)
+        return self.load_b_vector is not None and self.pack_panel is None and k is not None and n is not None \
+            and n % self.nr == 0 and k * n * self.element.np_dtype.itemsize <= B_IN_L1
 
     def b_columns_collide(self) -> bool:
         """Whether the columns of B read through its transpose lie a multiple of 2 KB apart, in at most two
@@ -274,9 +287,9 @@ class Gemm:
             L.loop(rb, whole, hi, lambda sb, i: sb.create("mem.store", [load(sb, o, i), packed, at, L.op(sb, "arith.sub", i, lo)]))
         L.loop(b, o0, o1, run)
 
-    def tile(self, b, i, i0, rows, j0, vectors, k0, k1, width, scratch, packed_a):
-        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...], from B's packed panels
-        and A in place or its block's copy (rows i - i0 ..)."""
+    def tile(self, b, i, i0, rows, j0, vectors, k0, k1, width, scratch, packed_a, add=True):
+        """C[i:i+rows, j0:j0+vectors*lanes] += A[i:i+rows, k0:k1] @ B[k0:k1, j0:...] (= without `add`), from
+        B's packed panels and A in place or its block's copy (rows i - i0 ..)."""
         L, lanes = self.L, self.lanes
         row = [i] + [L.op(b, "arith.add", i, L.idx(r)) for r in range(1, rows)]
         if packed_a is not None:
@@ -286,14 +299,17 @@ class Gemm:
         offsets = [lane0] + [L.op(b, "arith.add", lane0, L.idx(h * lanes)) for h in range(1, vectors)]
 
         def step(kb, k, *acc):
-            bs = [kb.create("vector.load", [self.packed, jp, k, off], result_types=[self.vt]).result for off in offsets]
+            if self.packed is None:
+                bs = [self.load_b_vector(kb, k, L.op(kb, "arith.add", j0, L.idx(h * lanes)), self.vt) for h in range(vectors)]
+            else:
+                bs = [kb.create("vector.load", [self.packed, jp, k, off], result_types=[self.vt]).result for off in offsets]
             if packed_a is None:
                 return fma_tile(kb, [self.load_a(kb, r, k) for r in row], bs, acc)
             kk = L.op(kb, "arith.sub", k, k0)
             at = (lambda r: [r, kk]) if self.a_copy == "rows" else (lambda r: [kk, r])
             return fma_tile(kb, [kb.create("mem.load", [packed_a] + at(r)).result for r in rows_a], bs, acc)
         acc = L.loop(b, k0, k1, step, carried=zero_tile(L, b, self.vt, rows * vectors))
-        store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt, width, scratch, add=True)
+        store_tile(L, b, acc, rows, self.c, lambda r, j: self.c_at(row[r], j), j0, self.vt, width, scratch, add=add)
 
 
     # --- few rows: B streamed in place ---------------------------------------------------------------

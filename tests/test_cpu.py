@@ -462,13 +462,15 @@ def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
     assert loops.count("mem.dealloc") >= 2
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 37, 21), (7, 5, 3), (100, 300, 64), (49, 257, 33), (0, 4, 5), (3, 0, 17), (97, 64, 48),
-                                   (7, 512, 3), (100, 1024, 70), (61, 40, 130), (7, 3, 70)])
+@pytest.mark.parametrize("m,k,n", [(1, 37, 21), (7, 5, 3), (100, 300, 64), (49, 257, 33), (0, 4, 5), (3, 0, 17), (50, 0, 20),
+                                   (97, 64, 48), (7, 512, 3), (100, 1024, 70), (61, 40, 130), (7, 3, 70), (30, 96, 64),
+                                   (64, 513, 32)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
-    """Ragged row blocks and panels, K deeper than one slice, empty dims, and row blocks split over
-    threads at the loop's step (100 rows = 3 blocks of 48 on 2 threads) and in column halves, the
-    second ragged (130, 70 columns); rows of A 4 KB long are packed (1024 f32, 512 and 1024 f64)."""
+    """Ragged row blocks and panels, K deeper than one slice or in one (tiles stored, not added), empty
+    dims, and row blocks split over threads at the loop's step (100 rows = 3 blocks of 48 on 2 threads)
+    and in column halves, the second ragged (130, 70 columns); rows of A 4 KB long are packed (1024 f32,
+    512 and 1024 f64); a small B of whole panels is read in place (64 x 48, 96 x 64)."""
     e = {np.float32: "f32", np.float64: "f64"}[dtype]
     text = f"""func.func @f(%a: tensor<?x{k}x{e}>, %b: tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}> {{
       %c = mlc.matmul %a, %b : (tensor<?x{k}x{e}>, tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}>
