@@ -7,6 +7,9 @@ product, are read where they lie instead of copied out first).
 A matmul or conv2d joins the same way as the group's *anchor* (at most one per group, and only when
 the group's result has its element type): the chain becomes its epilogue, applied to each block of
 the result while it is in cache, in place — bias + activation cost no extra pass over memory.
+Its other inputs' `?` dims must be proven the result's (passes/dims.py: a training step's batch), and
+a chain on a product's result seen through a reshape (a stack of rows' product) is first done in the
+product's shape, so that it can join (lift_through_reshapes).
 Row kernels come first: a reduction over trailing (static) dims joins, as one kernel, its elementwise
 producers and consumers of the full row shape and the reduced values computed from it (softmax or
 layer norm written out in ops), as long as every value but the last is used only inside. Lowered, each
@@ -16,10 +19,12 @@ uses too) joins as a second result of the kernel: the update is one pass over me
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
-from mlc.ir.core import Block, Module, Operation, Region, create_op
+from mlc.ir.core import Block, Builder, Module, Operation, Region, create_op
 from mlc.ir.dialects.mlc import END
 from mlc.ir.registry import ELEMENTWISE
+from mlc.ir.types import TensorType
 
+from .dims import Dims
 from .manager import Pass
 
 
@@ -59,7 +64,80 @@ def stored_after(op: Operation, root: Operation, members, order) -> bool:
         u.name == "mlc.global_store" and u.parent is root.parent and order[u] > order[root] for u in outside)
 
 
-def group_of(root: Operation) -> list[Operation]:
+def lift_through_reshapes(block: Block, dims: Dims) -> None:
+    """An elementwise op on a product's (or a lifted op's) result reshaped, e.g. a stack of rows'
+    product [? x 64, 1024] seen as [?, 64, 1024], is done in the product's shape instead, its other
+    operands reshaped to it (views) and its own result reshaped back: so it can join the product as
+    its epilogue (a Transformer's residual adds, ReLU's gradient). Only where the reshape keeps the
+    last dim and the other operands are whole (their `?` dims proven the result's: nothing is
+    broadcast along them) or broadcast along that dim alone."""
+    lifted = set()
+    for op in list(block):
+        if not elementwise(op) or any(u.name == "func.return" for u in op.results[0].users):
+            continue
+        reshaped = [v for v in op.operands if _liftable_reshape(v, lifted) and v.type.shape == op.results[0].type.shape]
+        if not reshaped:
+            continue
+        shape = reshaped[0].defining_op().operands[0].type.shape
+        if not _lifts(op, shape, dims):
+            continue
+        new = _lift(op, shape, dims)
+        lifted.add(new.defining_op())
+        b = Builder.before(op, None)
+        op.results[0].replace_all_uses_with(b.create("mlc.reshape", [new], result_types=[op.results[0].type]).result)
+        _erase_unused(op)
+
+
+def _erase_unused(op: Operation) -> None:
+    """op, and the producers (elementwise ops and reshapes) it leaves unused."""
+    operands = list(op.operands)
+    op.erase()
+    for v in operands:
+        made = v.defining_op()
+        if made is not None and made.parent is not None and not v.uses and (elementwise(made) or made.name == "mlc.reshape"):
+            _erase_unused(made)
+
+
+def _lifts(op: Operation, shape, dims: Dims) -> bool:
+    """Whether elementwise op can be done in `shape` (the same elements, the same last dim): its
+    operands whole, or broadcast along the last dim alone."""
+    result = op.results[0]
+    mine, kept = result.type.shape, shape[-1:]
+    whole = lambda v: v.type.shape == mine and all(  # noqa: E731
+        dims.same(v, axis, result, axis) for axis, d in enumerate(mine) if d is None)
+    return mine[-1:] == kept and kept != (None,) and all(
+        whole(v) or v.type.rank <= 1 and v.type.shape in ((), (1,), kept) for v in op.operands)
+
+
+def _lift(op: Operation, shape, dims: Dims):
+    """op done in `shape`, its whole operands reshaped to it; its new result (op itself is left)."""
+    b = Builder.before(op, None)
+    operands = [_reshaped(b, v, shape, dims) if v.type.shape == op.results[0].type.shape else v for v in op.operands]
+    return b.create(op.name, operands, op.attributes, result_types=[TensorType(shape, op.results[0].type.element)],
+                    name_hint=op.results[0].name_hint).result
+
+
+def _liftable_reshape(v, lifted) -> bool:
+    """v is a reshape, its only use, of the only use of a product's or a lifted op's result."""
+    r = v.defining_op()
+    if r is None or r.name != "mlc.reshape" or len(r.operands) != 1 or len(v.uses) != 1:
+        return False
+    made = r.operands[0].defining_op()
+    return made is not None and (made.name in ANCHORS or made in lifted) and len(r.operands[0].uses) == 1
+
+
+def _reshaped(b, v, shape, dims: Dims):
+    """v reshaped to `shape`: the reshape's operand, where v is already a reshape of one of that shape;
+    where v is made by an elementwise op used only here, that op lifted too (a mask's comparison)."""
+    r = v.defining_op()
+    if r is not None and r.name == "mlc.reshape" and len(r.operands) == 1 and r.operands[0].type.shape == shape:
+        return r.operands[0]
+    if r is not None and elementwise(r) and len(v.uses) == 1 and _lifts(r, shape, dims):
+        return _lift(r, shape, dims)
+    return b.create("mlc.reshape", [v], result_types=[TensorType(shape, v.type.element)]).result
+
+
+def group_of(root: Operation, dims: Dims) -> list[Operation]:
     """The root and, transitively, the producers that join it, in program order."""
     members, stack, anchor, extra = {root}, [root], None, False
     order = None
@@ -86,22 +164,23 @@ def group_of(root: Operation) -> list[Operation]:
             stack.append(p)
     if anchor is not None:  # (an anchor's epilogue reads its inputs at the product's indices, not through slices)
         members -= {op for op in members if op.name == "mlc.slice"}
-    if anchor is not None and (extra or not _cannot_broadcast_up(anchor, members)):
+    if anchor is not None and (extra or not _cannot_broadcast_up(anchor, members, dims)):
         members.discard(anchor)  # (a kernel with an anchor has one result)
     return [op for op in root.parent if op in members]
 
 
-def _cannot_broadcast_up(anchor: Operation, members) -> bool:
+def _cannot_broadcast_up(anchor: Operation, members, dims: Dims) -> bool:
     """The epilogue runs in place over the anchor's result, so no other input of the chain may make
-    the result larger: each of their dims must be 1 or the anchor's (static) size."""
-    shape = anchor.results[0].type.shape
+    the result larger: each of their dims must be 1 or the anchor's size (static, or a `?` proven
+    the same: a training step's batch)."""
+    result = anchor.results[0]
+    rank = result.type.rank
     for op in members:
         for v in op.operands:
             if op is anchor or v.defining_op() in members:
                 continue
-            leaf = v.type.shape
-            for d, a in zip(reversed(leaf), reversed(shape)):
-                if d != 1 and (d is None or d != a):
+            for axis, d in enumerate(v.type.shape):
+                if d != 1 and not dims.same(v, axis, result, rank - v.type.rank + axis):
                     return False
     return True
 
@@ -200,6 +279,8 @@ class Fuse(Pass):
 
     def run(self, module: Module) -> None:
         for f in module.functions.values():
+            dims = Dims(f)
+            lift_through_reshapes(f.body, dims)  # (at the top level, where reshapes are views: lowering/shape.py)
             for block in [b for op in f.walk() if op.name != "mlc.fusion" for r in op.regions for b in r.blocks]:
                 for group in row_groups(block):
                     fuse_group(group)
@@ -207,6 +288,6 @@ class Fuse(Pass):
                 for root in reversed(roots):  # consumers first: a root may join a later kernel as a second result
                     if root.parent is None:
                         continue
-                    group = group_of(root)
+                    group = group_of(root, dims)
                     if len(group) > 1:
                         fuse_group(group)
