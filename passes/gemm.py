@@ -50,6 +50,7 @@ CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pix
 #                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
 IM2COL_COLUMNS = 8  # columns of a panel the im2col gathers side by side (all 32: 3x the code to compile, no faster)
 GATHER_COLLIDING = 8  # columns of a transposed B gathered at once where they share L1 sets (8: the cache's ways)
+DOT_TAIL = 2        # columns past the whole vectors done as dot products along K (more: a masked vector tile)
 B_IN_L1 = 16384     # bytes of a B read in place, unpacked (rows contiguous, whole panels)
 A_ROW_PAD = 16      # elements a copied row of A is longer than the slice of K (a line: rows not 4 KB apart)
 AXPY_DEPTH = 8      # rows of B per pass over the partial sum, for one row of C (fewer for more rows: registers)
@@ -116,6 +117,7 @@ class Gemm:
             few = L.op(b, "arith.lt", self.M, L.idx(FEW_ROWS + 1))
             if_else(L, b, few, lambda fb: L.loop(fb, L.idx(0), self.M, lambda rb, i: stream(rb, 1, parallel, first=i)))
             self.M = L.op(b, "arith.select", few, L.idx(0), self.M)
+        self.few = few
         nr = L.idx(self.nr)
         pb, pack_parallel = self.pack_at or (b, parallel)
         panels = L.op(pb, "arith.div", L.op(pb, "arith.add", self.N, L.idx(self.nr - 1)), nr)
@@ -130,6 +132,7 @@ class Gemm:
             self.packed = pb.create("mem.alloc", [panels, self.K], result_types=[MemRefType((None, None, self.nr), e)],
                                     name_hint="packed").result
             self.pack_b(pb, panels, pack_parallel)
+        self.tail = self.copy_tail(pb) if self.dot_tail() else None
         n = static_value(self.N)
         if parallel and n is not None and n > self.nr:
             # two column halves per block of rows (whole panels; the second holds the ragged ones), so
@@ -224,12 +227,72 @@ class Gemm:
             k1 = L.op(kb, "arith.minimum", L.op(kb, "arith.add", k0, L.idx(self.kc)), self.K)
             if packed_a is not None:
                 (self.pack_a if self.a_copy == "rows" else self.pack_a_columns)(kb, packed_a, i0, end, k0, k1)
+            def tile(tb, i, rows, j, vectors, w):
+                if w is not None and self.tail is not None:
+                    return self.dot_tile(tb, i, i0, rows, j, k0, k1, packed_a, not one_slice)
+                return self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a, not one_slice)
             split_columns(L, kb, lo, hi, self.lanes, lambda pb, j, vectors, w: split_rows(
-                L, pb, i0, end, lambda tb, i, rows: self.tile(tb, i, i0, rows, j, vectors, k0, k1, w, scratch, packed_a, not one_slice),
-                self.mr, left), span=width)
+                L, pb, i0, end, lambda tb, i, rows: tile(tb, i, rows, j, vectors, w), self.mr, left), span=width)
         L.loop(b, L.idx(0), self.K, k_slice, step=self.kc)
         if self.epilogue is not None:
             L.loop(b, i0, end, lambda rb, i: L.loop(rb, lo, hi, lambda eb, j: self.epilogue(eb, i, j)))
+
+    def dot_tail(self) -> bool:
+        """Whether the last few columns past the whole vectors (ResNet's 7 x 7 images: 49 = 3 x 16 + 1)
+        are dot products along K, A's rows (in place or copied by rows) by B's columns (copy_tail),
+        instead of a tile of whole vectors mostly masked off: the 7 x 7 convolutions' products used 49
+        of 64 lanes."""
+        n = static_value(self.N)
+        return n is not None and 0 < n % self.lanes <= DOT_TAIL and self.packed is not None \
+            and self.load_a_vector is not None and self.a_copy != "columns"
+
+    def copy_tail(self, b):
+        """B's last n % lanes columns, each contiguous along K: tail[c, k], copied from the last panel."""
+        L, n = self.L, static_value(self.N)
+        self.tail_width = n % self.lanes
+        first = n - self.tail_width
+        tail = b.create("mem.alloc", [self.K], result_types=[MemRefType((self.tail_width, None), self.element)],
+                        name_hint="tail").result
+        jp = L.idx(first // self.nr)
+        depth = self.K if self.few is None else L.op(b, "arith.select", self.few, L.idx(0), self.K)  # (no panels then)
+        L.loop(b, L.idx(0), depth, lambda kb, k: [kb.create("mem.store", [kb.create(
+            "mem.load", [self.packed, jp, k, L.idx(first % self.nr + c)]).result, tail, L.idx(c), k]) for c in range(self.tail_width)])
+        return tail
+
+    def dot_tile(self, b, i, i0, rows, j0, k0, k1, packed_a, add):
+        """C[i:i+rows, j0:j0+tail_width] (+)= A[i:i+rows, k0:k1] @ B[k0:k1, j0:...]: a vector of K per row
+        and column, summed across lanes at the end; K's last k1 - k0 mod lanes one by one."""
+        L, lanes, w, vt = self.L, self.lanes, self.tail_width, self.vt
+        row = [i] + [L.op(b, "arith.add", i, L.idx(r)) for r in range(1, rows)]
+
+        def a_at(kb, r, k, vector):
+            if packed_a is None:
+                return self.load_a_vector(kb, row[r], k, vt) if vector else self.load_a(kb, row[r], k)
+            at = [L.op(kb, "arith.sub", row[r], i0), L.op(kb, "arith.sub", k, k0)]
+            return kb.create("vector.load" if vector else "mem.load", [packed_a] + at, result_types=[vt] if vector else None).result
+
+        def vectors(kb, k, *acc):
+            t = [kb.create("vector.load", [self.tail, L.idx(c), k], result_types=[vt]).result for c in range(w)]
+            out = []
+            for r in range(rows):
+                a = a_at(kb, r, k, True)
+                out += [kb.create("vector.fma", [a, t[c], acc[r * w + c]]).result for c in range(w)]
+            return out
+
+        def scalars(kb, k, *acc):
+            t = [kb.create("mem.load", [self.tail, L.idx(c), k]).result for c in range(w)]
+            return [L.op(kb, "arith.add", acc[r * w + c], L.op(kb, "arith.mul", a_at(kb, r, k, False), t[c]))
+                    for r in range(rows) for c in range(w)]
+        whole = L.op(b, "arith.add", k0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", k1, k0), L.idx(lanes)), L.idx(lanes)))
+        acc = L.loop(b, k0, whole, vectors, step=lanes, carried=zero_tile(L, b, vt, rows * w))
+        rest = L.loop(b, whole, k1, scalars, carried=[L.const(b, 0, self.element)] * (rows * w))
+        for r in range(rows):
+            for c in range(w):
+                at = self.c_at(row[r], L.op(b, "arith.add", j0, L.idx(c)))
+                v = L.op(b, "arith.add", _sum_lanes(L, b, acc[r * w + c]), rest[r * w + c])
+                if add:
+                    v = L.op(b, "arith.add", b.create("mem.load", [self.c] + at).result, v)
+                b.create("mem.store", [v, self.c] + at)
 
     def b_fits_l1(self) -> bool:
         """Whether B is read in place rather than packed: its rows contiguous, whole panels wide, and small
@@ -714,7 +777,7 @@ class ConvAsGemm:
         self.wflat = L.view(b, self.w, (self.groups, pg, _static_product([c, kh, kw])), [groups, per_group, k], "wflat")
         self.outflat = L.view(b, self.out, (n_, self.groups, pg, _static_product([oh_, ow_])), [n, groups, per_group, pixels], "outflat")
 
-        grid = tuple(self.stride) == (1, 1)
+        grid = tuple(self.stride) == (1, 1) and not self.pixels_are_fewer_vectors(oh_, ow_, self.xp.type.shape[3])
         if grid:
             hp, wp = L.dim(self.xp, 2), L.dim(self.xp, 3)
             (xn, xc, xh, xw), plane = self.xp.type.shape, _product(L, b, [hp, wp])
@@ -756,6 +819,16 @@ class ConvAsGemm:
                 L.nest([per_group, oh, ow], lambda eb, iyx: store(eb, bn, g, *iyx, eb.create(
                     "mem.load", [acc, iyx[0], L.op(eb, "arith.add", L.op(eb, "arith.mul", iyx[1], wp), iyx[2])]).result), b=gb)
         L.nest([n, groups], lambda gb, ivs: group(gb, *ivs), parallel=False, b=b)
+
+    def pixels_are_fewer_vectors(self, oh, ow, wp) -> bool:
+        """Whether the image's pixels as columns take clearly fewer vectors per row of the product than
+        the grid's (which has wp - ow spare columns per image row), its last few columns dot products
+        (Gemm.dot_tail): a 7 x 7 image, 49 pixels = 3 vectors and a column, against 63 = 4 vectors."""
+        if None in (oh, ow, wp):
+            return False
+        n = lanes(self.element, self.vector_bytes)
+        vectors = lambda columns: columns // n + (0 if columns % n == 0 else 0.25 if columns % n <= DOT_TAIL else 1)  # noqa: E731
+        return vectors(oh * ow) + 0.5 < vectors(oh * wp)  # (0.5: the gather of each pixel's window costs more than runs)
 
     def copy_runs(self, L, g, b, bn, group, jp, j0, wp):
         """Panel jp of cols on the grid: row (c, i, j) is the run of the input plane from j0 + i*dh*Wp + j*dw."""

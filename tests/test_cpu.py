@@ -464,13 +464,15 @@ def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
 
 @pytest.mark.parametrize("m,k,n", [(1, 37, 21), (7, 5, 3), (100, 300, 64), (49, 257, 33), (0, 4, 5), (3, 0, 17), (50, 0, 20),
                                    (97, 64, 48), (7, 512, 3), (100, 1024, 70), (61, 40, 130), (7, 3, 70), (30, 96, 64),
-                                   (64, 513, 32)])
+                                   (64, 513, 32), (13, 21, 17), (9, 19, 34), (30, 600, 49)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiled_matmul_edges_against_numpy(m, k, n, dtype):
     """Ragged row blocks and panels, K deeper than one slice or in one (tiles stored, not added), empty
     dims, and row blocks split over threads at the loop's step (100 rows = 3 blocks of 48 on 2 threads)
     and in column halves, the second ragged (130, 70 columns); rows of A 4 KB long are packed (1024 f32,
-    512 and 1024 f64); a small B of whole panels is read in place (64 x 48, 96 x 64)."""
+    512 and 1024 f64); a small B of whole panels is read in place (64 x 48, 96 x 64); one or two columns
+    past the whole vectors are dot products along K (17, 33, 34, 49, 130 columns; K ragged or deeper
+    than a slice)."""
     e = {np.float32: "f32", np.float64: "f64"}[dtype]
     text = f"""func.func @f(%a: tensor<?x{k}x{e}>, %b: tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}> {{
       %c = mlc.matmul %a, %b : (tensor<?x{k}x{e}>, tensor<{k}x{n}x{e}>) -> tensor<?x{n}x{e}>
@@ -1052,6 +1054,29 @@ def test_both_convolution_kernels_agree_with_torch(n, c, o, h, w, kernel, pad, s
                 assert ("mem.reshape" in str(lowered)) == bool(pixels)  # (the product views the weights as a matrix)
             if x.size * o < 3000:
                 np.testing.assert_allclose(mlc.interpret(lowered, "f", x, wt, bias), want.numpy(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("h,kernel,pad,stride,groups,tail", [(7, 3, 1, 1, 1, True), (9, 3, 0, 1, 1, True), (13, 3, 1, 2, 1, True),
+                                                          (7, 1, 0, 1, 1, True), (9, 3, 0, 1, 2, False), (5, 2, 1, 1, 1, None)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_small_images_are_products_over_their_pixels_with_dot_product_tails(h, kernel, pad, stride, groups, tail, dtype):
+    """A small image's convolution as a product over its pixels (not the padded grid's) where that takes
+    fewer vectors, its last column(s) dot products along K (7 x 7 = 3 x 16 + 1 pixels; not the direct
+    convolution of 2 groups at stride 1), against torch."""
+    import torch
+    import torch.nn.functional as F
+    c, o = 24 * groups, 40 * groups
+    r = np.random.default_rng(h)
+    x, wt, bias = (r.standard_normal(s).astype(dtype) for s in ((1, c, h, h), (o, c // groups, kernel, kernel), (o, 1, 1)))
+    want = F.relu(F.conv2d(torch.from_numpy(x), torch.from_numpy(wt), stride=stride, padding=pad, groups=groups) + torch.from_numpy(bias))
+
+    def f(x, wt, bias):
+        return mlc.relu(mlc.nn.functional.conv2d(x, wt, stride=stride, padding=pad, groups=groups) + bias)
+    module = mlc.jit(f).lower(x, wt, bias)
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(mlc.compile(module, cache=False)["f"](x, wt, bias), want.numpy(), rtol=tol, atol=tol)
+    if tail is not None:
+        assert ("%tail = mem.alloc" in str(mlc.run_passes(module.clone(), "cpu{vector-bytes=64}"))) == tail
 
 
 @pytest.mark.parametrize("k,s,p,include", [(3, 2, 1, False), (2, 2, 0, True), (3, 1, 1, True), (8, 3, 4, False), (5, 2, 2, False)])
