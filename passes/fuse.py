@@ -12,8 +12,9 @@ a chain on a product's result seen through a reshape (a stack of rows' product) 
 product's shape, so that it can join (lift_through_reshapes).
 Row kernels come first: a reduction over trailing (static) dims joins, as one kernel, its elementwise
 producers and consumers of the full row shape and the reduced values computed from it (softmax or
-layer norm written out in ops), as long as every value but the last is used only inside. Lowered, each
-row is read in a few passes while it is in cache, rather than each op making a pass over memory.
+layer norm written out in ops), as long as every value but the last is used only inside, or also after
+the kernel: then the kernel returns it too (what a training step keeps for the backward pass). Lowered,
+each row is read in a few passes while it is in cache, rather than each op making a pass over memory.
 An op that is also stored to a global after the group (an optimiser's new moment, which the new weight
 uses too) joins as a second result of the kernel: the update is one pass over memory, not one per value.
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
@@ -118,12 +119,18 @@ def _lift(op: Operation, shape, dims: Dims):
 
 
 def _liftable_reshape(v, lifted) -> bool:
-    """v is a reshape, its only use, of the only use of a product's or a lifted op's result."""
+    """v is a reshape, its only use, of the only use of a product's result, of a lifted op's, or of the
+    end of an elementwise chain on a product (its bias add)."""
     r = v.defining_op()
     if r is None or r.name != "mlc.reshape" or len(r.operands) != 1 or len(v.uses) != 1:
         return False
-    made = r.operands[0].defining_op()
-    return made is not None and (made.name in ANCHORS or made in lifted) and len(r.operands[0].uses) == 1
+    return len(r.operands[0].uses) == 1 and _on_a_product(r.operands[0], lifted)
+
+
+def _on_a_product(v, lifted) -> bool:
+    made = v.defining_op()
+    return made is not None and (made.name in ANCHORS or made in lifted or elementwise(made) and any(
+        len(o.uses) == 1 and _on_a_product(o, lifted) for o in made.operands))
 
 
 def _reshaped(b, v, shape, dims: Dims):
@@ -239,6 +246,19 @@ def fits_row(op: Operation, shape, inner: int) -> bool:
     return _compatible(mine, shape) or _compatible(mine, reduced)
 
 
+def _joins_row(p: Operation, group, root: Operation, position: dict, shape) -> bool:
+    """p's value is used in the group, and otherwise only after the root: then the kernel returns it too
+    (layer norm's normalised rows and their scale, kept for the backward pass, written in the same
+    pass); a whole-row value only where the kernel writes whole rows."""
+    users = p.results[0].users
+    outside = [u for u in users if u not in group]
+    if not outside:
+        return bool(users)
+    whole = lambda op: op.name not in ROW_REDUCTIONS and _compatible(op.results[0].type.shape, shape)  # noqa: E731
+    return len(outside) < len(users) and (whole(root) or not whole(p)) and all(
+        u.parent is root.parent and position[u] > position[root] for u in outside)
+
+
 def row_groups(block: Block) -> list[list[Operation]]:
     """Row kernels: for each reduction (last first), the latest op it reaches whose producers,
     collected backwards while all their uses are inside, include it."""
@@ -260,7 +280,7 @@ def row_groups(block: Block) -> list[list[Operation]]:
             group = {root}
             for p in reversed(ops[:position[root]]):
                 keeps_dims = p.name not in ROW_REDUCTIONS or p.attr("keepdims")  # else it must be the root
-                if eligible(p) and keeps_dims and p.results[0].uses and all(u in group for u in p.results[0].users):
+                if eligible(p) and keeps_dims and _joins_row(p, group, root, position, row[0]):
                     group.add(p)
             if seed in group:
                 break

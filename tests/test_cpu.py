@@ -459,7 +459,7 @@ def test_buffers_are_freed_after_their_last_use_even_when_passed_on():
         np.testing.assert_allclose(exe["f"](x), mlc.interpret(m, "f", x), rtol=1e-6)
     np.testing.assert_allclose(exe.globals["g"], np.exp(x) / np.exp(x).sum(), rtol=1e-6)
     loops = str(mlc.run_passes(m.clone(), "cpu"))
-    assert loops.count("mem.dealloc") >= 2
+    assert "mem.dealloc %n" in loops  # (the softmax, stored to @g and passed on to tanh; %e's buffer takes %t)
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 37, 21), (7, 5, 3), (100, 300, 64), (49, 257, 33), (0, 4, 5), (3, 0, 17), (50, 0, 20),

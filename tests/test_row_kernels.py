@@ -50,6 +50,39 @@ def test_layer_norm_over_two_trailing_dims(batch):
     np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) * g + b, rtol=1e-4, atol=1e-5)
 
 
+LAYER_NORM_KEPT = """module { func.func @f(%x: tensor<?x24xf32>, %g: tensor<24xf32>) -> (tensor<?x24xf32>, tensor<?x24xf32>, tensor<?x1xf32>) {
+  %eps = mlc.constant dense<1.0e-5> : tensor<f32>
+  %m = mlc.reduce_mean %x {axes = [1], keepdims = true}
+  %d = mlc.sub %x, %m
+  %sq = mlc.mul %d, %d
+  %v = mlc.reduce_mean %sq {axes = [1], keepdims = true}
+  %ve = mlc.add %v, %eps
+  %r = mlc.rsqrt %ve
+  %n = mlc.mul %d, %r
+  %y = mlc.mul %n, %g
+  %later = mlc.tanh %n
+  %twice = mlc.add %n, %later
+  %scale = mlc.exp %r
+  return %y, %twice, %scale : tensor<?x24xf32>, tensor<?x24xf32>, tensor<?x1xf32> } }"""
+
+
+@pytest.mark.parametrize("batch", [0, 1, 7])
+def test_values_a_row_kernel_keeps_for_later_are_its_results_too(batch):
+    """Layer norm as a training step keeps it: the normalised rows and the per-row scale are used after
+    the result, so the one kernel returns them too (a whole row and a value per row), not a kernel each."""
+    x = rng.standard_normal((batch, 24)).astype(np.float32) * 3 + 1
+    g = rng.standard_normal(24).astype(np.float32)
+    m = mlc.parse(LAYER_NORM_KEPT)
+    fused = str(mlc.run_passes(m.clone(), "fuse"))
+    assert fused.count("mlc.fusion") == 2 and "%y, %r, %n = mlc.fusion %x" in fused
+    want = mlc.interpret(m, "f", x, g)
+    got = mlc.compile(m)["f"](x, g)
+    for w, v in zip(want, got):
+        np.testing.assert_allclose(v, w, rtol=1e-5, atol=1e-6)
+    n = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(got[1], n + np.tanh(n), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("cols", [1, 7, 33, 1000])

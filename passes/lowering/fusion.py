@@ -20,7 +20,7 @@ def fusion(L: FunctionLowering, op: Operation):
     anchor = next((o for o in block if o.name in ANCHORS), None)
     L.fused.update(o for o in block if o is not root and o is not block.last and o is not anchor)
     if any(o.name in ROW_REDUCTIONS for o in block):
-        return row_kernel(L, [o for o in block if o is not block.last])
+        return row_kernel(L, [o for o in block if o is not block.last], [v.defining_op() for v in block.last.operands[1:]])
     if anchor is None:
         return elementwise(L, root, [v.defining_op() for v in block.last.operands[1:]])
     # The anchor's rule applies epilogue(b, product, indices) -> the kernel's element, in IR.

@@ -107,13 +107,14 @@ def softmax(L: FunctionLowering, op: Operation):
     return out
 
 
-def row_kernel(L: FunctionLowering, members: list[Operation]):
+def row_kernel(L: FunctionLowering, members: list[Operation], extras=()):
     """A row kernel made by `fuse` (reductions over the trailing dims with their elementwise producers
     and consumers; the last op is the result): a parallel loop over rows and in it, per row, a loop per
     reduction carrying its accumulator in a register, then a loop writing the result row. Whole-row
     values are recomputed in each loop that needs them, except one expensive value that the result
     needs too (softmax's exp): the first reduction over it also stores it into the result row, and
-    later loops read it back from there, in cache."""
+    later loops read it back from there, in cache. `extras`: members whose values the kernel returns
+    too, a value per row stored once the row's reductions are done, whole rows in the result's loop."""
     root = members[-1]
     inside = set(members)
     first = next(o for o in members if o.name in ROW_REDUCTIONS)
@@ -127,6 +128,10 @@ def row_kernel(L: FunctionLowering, members: list[Operation]):
     stash = _stash(members, root, inner) if whole_rows else None
     out = L.result_buffer(0, t, sizes if whole_rows else outer + [L.idx(1)] * (t.rank - len(outer)), root.results[0].name_hint)
     readers = {v: L.broadcast_reader(L.buffers[v], full.rank) for v in leaves}
+    per_row = outer + [L.idx(1)] * inner
+    whole = [e.results[0].type.shape[-inner:] == full.shape[-inner:] for e in extras]
+    extra_outs = [L.result_buffer(1 + i, e.results[0].type, sizes if w else per_row, e.results[0].name_hint)
+                  for i, (e, w) in enumerate(zip(extras, whole))]
 
     def row(b, outer_ivs):
         known = {}  # per-row values (reductions and what is computed from them): scalars
@@ -154,14 +159,22 @@ def row_kernel(L: FunctionLowering, members: list[Operation]):
                     known[stash] = None  # read back from the result row from now on
             elif o is not root and o.results[0].type.shape[-inner:] != full.shape[-inner:]:
                 known[o.results[0]] = value(b, o.results[0], row_start, {})
+        for e, w, buf in zip(extras, whole, extra_outs):
+            if not w:
+                b.create("mem.store", [value(b, e.results[0], row_start, {}), buf] + row_start)
+
+        def element(ib, ivs):
+            at, memo = outer_ivs + ivs, {}
+            values = [value(ib, o.results[0], at, memo) for o in [root] + [e for e, w in zip(extras, whole) if w]]
+            for v, buf in zip(values, [out] + [buf for buf, w in zip(extra_outs, whole) if w]):
+                ib.create("mem.store", [v, buf] + at)
         if whole_rows:
-            L.nest(row_sizes, lambda ib, ivs: ib.create(
-                "mem.store", [value(ib, root.results[0], outer_ivs + ivs, {}), out] + outer_ivs + ivs), parallel=False, b=b)
+            L.nest(row_sizes, element, parallel=False, b=b)
         else:
             result = value(b, root.results[0], row_start, {})
             b.create("mem.store", [result, out] + outer_ivs + [L.idx(0)] * (t.rank - len(outer)))
     L.nest(outer, row)
-    return [out]
+    return [out] + extra_outs
 
 
 IDENTITY_OF = {"mlc.reduce_sum": 0.0, "mlc.reduce_mean": 0.0, "mlc.reduce_prod": 1.0,
