@@ -1,8 +1,8 @@
 """Which `?` dims are equal at run time. Each `?` dim of a value is traced back to an origin, a dim it
 is a static multiple of, through the ops that carry dims over: elementwise ops (where their operands'
 `?` dims are already known equal), reshapes, reductions, slices and pads that keep the dim whole,
-transposes, products (rows, columns, batch) and fusion kernels; where the trace stops, the dim is its
-own origin. Ops that check at run time that two dims are equal (cross_entropy's logits and labels)
+transposes, products (rows, columns, batch), fusion kernels and scans (whose carries and outputs keep
+their shapes from step to step: checked as they run); where the trace stops, the dim is its own origin. Ops that check at run time that two dims are equal (cross_entropy's logits and labels)
 then join their origins' classes. Two dims are the same size when their origins are, in one class.
 
     x: tensor<?x64x256xf32>             (x, 0) x 1
@@ -63,10 +63,18 @@ class Dims:
             kernel = region.parent if region is not None else None
             if kernel is not None and kernel.name == "mlc.fusion":  # (a kernel's argument: its operand)
                 return self.origin(kernel.operands[v.index], axis)
+            if kernel is not None and kernel.name == "mlc.scan":  # (a carry keeps its shape: checked per step)
+                carry = v.index < kernel.attr("num_carries")
+                return self.origin(kernel.operands[v.index], axis if carry else axis + 1)
             return None
         op = v.defining_op()
         if op.name == "mlc.fusion":
             return self.origin(op.regions[0].blocks[0].last.operands[v.index], axis)
+        if op.name == "mlc.scan":
+            k = op.attr("num_carries")
+            if v.index < k:
+                return self.origin(op.operands[v.index], axis)
+            return None if axis == 0 else self.origin(op.regions[0].blocks[0].last.operands[v.index], axis - 1)
         if op.opdef is not None and ELEMENTWISE in op.opdef.traits:
             return self._agreed(op.operands, v.type.rank, axis)
         rule = RULES.get(op.name) or (Dims._reduction if op.name.startswith("mlc.reduce_") else None)
@@ -104,6 +112,9 @@ class Dims:
     def _pad(self, op, v, axis):
         return self.origin(op.operands[0], axis) if op.attr("low")[axis] == op.attr("high")[axis] == 0 else None
 
+    def _concat(self, op, v, axis):  # (along another axis: the operands' dim, checked equal)
+        return None if axis == op.attr("axis") % v.type.rank else self._agreed(op.operands, v.type.rank, axis)
+
     def _transpose(self, op, v, axis):
         return self.origin(op.operands[0], op.attr("perm")[axis])
 
@@ -133,5 +144,5 @@ def _swapped(axes: list, i: int, j: int, swap: bool) -> list:
     return axes
 
 
-RULES = {"mlc.reshape": Dims._reshape, "mlc.slice": Dims._slice, "mlc.pad": Dims._pad,
+RULES = {"mlc.reshape": Dims._reshape, "mlc.slice": Dims._slice, "mlc.pad": Dims._pad, "mlc.concat": Dims._concat,
          "mlc.transpose": Dims._transpose, "mlc.matmul": Dims._matmul}

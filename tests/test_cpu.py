@@ -830,6 +830,29 @@ def test_scan_outputs_and_swapped_carries_read_the_carries_the_step_started_from
     compile_and_compare(text, "f", rng.standard_normal(3), rng.standard_normal(3), rng.standard_normal((5, 3)))
 
 
+@pytest.mark.parametrize("grows", [False, True])
+def test_a_scan_carry_that_changes_shape_is_an_error_on_both_backends(grows):
+    """Carries keep their shapes from step to step (as lax.scan's): a `?` carry that grows is refused,
+    by the interpreter and, checked each step, by native code (its carries live in fixed buffers: the
+    copy back overran the buffer). One that keeps its size runs alike."""
+    step = "mlc.concat %h, %x {axis = 0} : (tensor<?xf32>, tensor<1xf32>) -> tensor<?xf32>" if grows else \
+        "mlc.add %h, %x : (tensor<?xf32>, tensor<1xf32>) -> tensor<?xf32>"
+    text = f"""func.func @f(%c: tensor<?xf32>, %xs: tensor<4x1xf32>) -> tensor<?xf32> {{
+      %r = mlc.scan %c over %xs : (tensor<?xf32>, tensor<4x1xf32>) -> tensor<?xf32> {{
+      ^bb0(%h: tensor<?xf32>, %x: tensor<1xf32>):
+        %g = {step}
+        mlc.yield %g : tensor<?xf32>
+      }}
+      return %r : tensor<?xf32> }}"""
+    c, xs = np.ones(3, np.float32), np.arange(4, dtype=np.float32).reshape(4, 1)
+    if not grows:
+        compile_and_compare(text, "f", c, xs)
+        return
+    for run in (lambda m: mlc.interpret(m, "f", c, xs), lambda m: mlc.compile(m)["f"](c, xs)):
+        with pytest.raises(mlc.DiagnosticError, match="'mlc.scan': carry 0 changes shape from step to step"):
+            run(mlc.parse(text))
+
+
 def test_a_global_is_updated_in_place_only_where_no_one_sees_the_difference():
     """w = w + x stored back writes @g's storage directly; a result that is returned or stored over
     again still gets a buffer of its own. Globals and results agree with the interpreter each call."""

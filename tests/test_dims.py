@@ -16,7 +16,7 @@ def values(text: str, func: str = "f"):
     m = mlc.parse(text)
     f = m.functions[func]
     named = {v.name_hint: v for op in f.walk() for v in op.results}
-    named.update({a.name_hint: a for a in f.args})
+    named.update({a.name_hint: a for op in f.walk() for r in op.regions for b in r.blocks for a in b.args})
     return Dims(f), named
 
 
@@ -55,6 +55,31 @@ def test_batched_products_keep_their_operands_batch_through_interleaving():
       %o = mlc.matmul %s, %q {interleaved_b, interleaved_c} : (tensor<?x8x64x64xf32>, tensor<?x64x8x32xf32>) -> tensor<?x64x8x32xf32>
       return %s : tensor<?x8x64x64xf32> }""")
     assert same.same(_["s"], 0, _["q"], 0) and same.same(_["o"], 0, _["q"], 0)
+
+
+def test_scans_keep_their_carries_and_steps_batch():
+    dims, v = values("""func.func @f(%h0: tensor<?x8xf32>, %xs: tensor<5x?x8xf32>) -> tensor<?x8xf32> {
+      %last, %hs = mlc.scan %h0 over %xs : (tensor<?x8xf32>, tensor<5x?x8xf32>) -> (tensor<?x8xf32>, tensor<5x?x8xf32>) {
+      ^bb0(%h: tensor<?x8xf32>, %x: tensor<?x8xf32>):
+        %n = mlc.add %h, %x : (tensor<?x8xf32>, tensor<?x8xf32>) -> tensor<?x8xf32>
+        %both = mlc.concat %n, %h {axis = 1} : (tensor<?x8xf32>, tensor<?x8xf32>) -> tensor<?x16xf32>
+        %rows = mlc.concat %n, %h {axis = 0} : (tensor<?x8xf32>, tensor<?x8xf32>) -> tensor<?x8xf32>
+        mlc.yield %n, %n : tensor<?x8xf32>, tensor<?x8xf32>
+      }
+      return %last : tensor<?x8xf32> }""")
+    assert dims.same(v["h"], 0, v["h0"], 0) and dims.same(v["x"], 0, v["xs"], 1) and dims.same(v["last"], 0, v["h0"], 0)
+    assert dims.same(v["hs"], 1, v["n"], 0) and not dims.same(v["hs"], 0, v["h0"], 0)
+    assert not dims.same(v["n"], 0, v["h0"], 0)  # (the carry's batch and the sequence's are not known equal)
+    assert not dims.same(v["both"], 0, v["h0"], 0) and not dims.same(v["rows"], 0, v["h0"], 0)
+    same, w = values("""func.func @f(%h0: tensor<?x8xf32>) -> tensor<?x8xf32> {
+      %last = mlc.scan %h0 {length = 3, num_carries = 1} : (tensor<?x8xf32>) -> tensor<?x8xf32> {
+      ^bb0(%h: tensor<?x8xf32>):
+        %n = mlc.tanh %h : (tensor<?x8xf32>) -> tensor<?x8xf32>
+        %both = mlc.concat %n, %h {axis = 1} : (tensor<?x8xf32>, tensor<?x8xf32>) -> tensor<?x16xf32>
+        mlc.yield %n : tensor<?x8xf32>
+      }
+      return %last : tensor<?x8xf32> }""")
+    assert same.same(w["both"], 0, w["h0"], 0) and same.same(w["last"], 0, w["h0"], 0)
 
 
 def test_cross_entropy_joins_the_labels_batch_to_the_logits():

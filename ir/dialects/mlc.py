@@ -2184,13 +2184,23 @@ class Scan(OpDef):
         steps = lengths.pop() if lengths else op.attr("length")
         order = range(steps - 1, -1, -1) if op.attr("reverse") else range(steps)
         outs = [None] * steps
+        shapes = [c.shape for c in carries]
         for t in order:
             ys = ctx.run_region(op.regions[0], carries + [s[t] for s in seqs])
             carries, outs[t] = ys[:k], ys[k:]
+            for what, (got, want) in _changed_shapes(shapes + [o.shape for o in outs[order[0]]], [y.shape for y in ys], k):
+                raise RuntimeCheck(f"{what} changes shape from step to step, from {fmt_shape(want)} to {fmt_shape(got)} "
+                                   "(a scan's carries and outputs keep their shapes)")
         out_types = op.result_types[k:]
         stacked = [np.stack([o[j] for o in outs]) if steps else np.zeros((0,) + tuple(d or 0 for d in t.shape[1:]), t.element.np_dtype)
                    for j, t in enumerate(out_types)]
         return carries + stacked
+
+
+def _changed_shapes(want: list, got: list, carries: int):
+    """(what, (got, want)) for each yielded value whose shape is not the one it must keep."""
+    return [(f"carry {i}" if i < carries else f"output {i - carries}", (g, w))
+            for i, (g, w) in enumerate(zip(got, want)) if tuple(g) != tuple(w)]
 
 
 _STORED = ("mlc.matmul", "mlc.conv2d")  # a step's products (or the sums they feed), kept for the backward scan

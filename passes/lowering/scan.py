@@ -40,12 +40,15 @@ def scan(L: FunctionLowering, op: Operation):
     L.b = Builder.at_end(loop_block, L.module, op.loc)
     yielded = [L.buffers[v] for v in yield_op.operands]
     results = list(state)
-    for r, y in zip(op.results[k:], yielded[k:]):  # outputs first: one may be a carry this step started from
+    for i, (y, buf) in enumerate(zip(yielded[:k], state)):
+        _check_same_sizes(L, y, L.dims(buf), f"carry {i}")
+    for j, (r, y) in enumerate(zip(op.results[k:], yielded[k:])):  # outputs first: one may be a carry this step started from
         sizes = [steps] + [L.idx(d) if d is not None else _size_before(L, loop, before_loop, y, i, op)
                            for i, d in enumerate(r.type.shape[1:])]
         saved, L.b = L.b, before_loop
         stacked = L.alloc(r.type, sizes, r.name_hint)
         L.b = saved
+        _check_same_sizes(L, y, sizes[1:], f"output {j}")
         copy_nest(L, y, stacked, L.dims(y), lambda b, ivs: ivs, lambda b, ivs: [t] + ivs)
         results.append(stacked)
     next_carries = []
@@ -61,6 +64,16 @@ def scan(L: FunctionLowering, op: Operation):
     L.b.create("loop.yield")
     L.b = Builder.before(op, L.module)
     return results
+
+
+def _check_same_sizes(L, y, sizes: list, what: str) -> None:
+    """A run-time check that a step's yielded value has the sizes of the buffer it is copied into (the
+    interpreter's: carries and outputs keep their shapes from step to step)."""
+    for axis, d in enumerate(y.type.shape):
+        if d is None:
+            L.b.create("mem.check", [L.op(L.b, "arith.eq", L.dim(y, axis), sizes[axis])],
+                       {"message": f"{what} changes shape from step to step (a scan's carries and outputs keep their shapes)",
+                        "op": "mlc.scan"})
 
 
 def _in_loop(loop: Operation, v: Value) -> bool:
