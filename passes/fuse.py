@@ -17,6 +17,8 @@ the kernel: then the kernel returns it too (what a training step keeps for the b
 each row is read in a few passes while it is in cache, rather than each op making a pass over memory.
 An op that is also stored to a global after the group (an optimiser's new moment, which the new weight
 uses too) joins as a second result of the kernel: the update is one pass over memory, not one per value.
+Last, elementwise kernels over the same elements that follow each other, with nothing between them
+reading what one made, merge into one that returns every value used outside it (merge_elementwise_kernels).
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
@@ -215,6 +217,67 @@ def fuse_group(ops: list[Operation]) -> Operation:
     return fusion
 
 
+def merge_elementwise_kernels(block: Block, dims: Dims) -> None:
+    """Elementwise kernels over the same elements (results of one shape, `?` dims proven equal) that
+    follow each other, with no op between them that reads what one made, become one kernel returning
+    every value used outside it: an LSTM step's gate arithmetic and its gradient, a dozen loops over
+    [batch, 512] each, one (its sigmoids and tanhs keep it compute-bound: ~45 us a step either way on
+    this machine; what it saves is the passes over memory and the kernel calls)."""
+    run: list[Operation] = []
+    made: set = set()
+
+    def flush():
+        if len(run) > 1:
+            _merge(run)
+        run.clear()
+        made.clear()
+    for op in list(block):
+        if _elementwise_kernel(op):
+            if run and not _same_elements(op, run[0], dims):
+                flush()
+            run.append(op)
+            made.update(op.results)
+        elif made and any(v in made for inner in op.walk() for v in inner.operands):
+            flush()
+    flush()
+
+
+def _elementwise_kernel(op: Operation) -> bool:
+    """An elementwise op, or a kernel of them (and the slices it reads through), all of one shape."""
+    if elementwise(op):
+        return op.results[0].type.rank > 0
+    if op.name != "mlc.fusion":
+        return False
+    body = [o for o in op.regions[0].blocks[0] if o.name != "mlc.yield"]
+    shape = op.results[0].type.shape
+    return len(shape) > 0 and all(r.type.shape == shape for r in op.results) and all(
+        elementwise(o) or read_through(o) for o in body)
+
+
+def _same_elements(a: Operation, b: Operation, dims: Dims) -> bool:
+    x, y = a.results[0], b.results[0]
+    return x.type.shape == y.type.shape and all(dims.same(x, i, y, i) for i, d in enumerate(x.type.shape) if d is None)
+
+
+def _merge(kernels: list[Operation]) -> None:
+    """One kernel of these ops and kernels (inlined first), in program order."""
+    ops = []
+    for k in kernels:
+        if k.name != "mlc.fusion":
+            ops.append(k)
+            continue
+        body = k.regions[0].blocks[0]
+        mapping = dict(zip(body.args, k.operands))
+        for inner in body:
+            if inner is not body.last:
+                ops.append(inner.clone(mapping))
+                k.parent.insert_before(k, ops[-1])
+        for r, v in zip(k.results, body.last.operands):
+            r.replace_all_uses_with(mapping[v])
+        k.erase()
+    fuse_group(ops)
+
+
 ROW_REDUCTIONS = ("mlc.reduce_sum", "mlc.reduce_mean", "mlc.reduce_max", "mlc.reduce_min", "mlc.reduce_prod")
 
 
@@ -311,3 +374,4 @@ class Fuse(Pass):
                     group = group_of(root, dims)
                     if len(group) > 1:
                         fuse_group(group)
+                merge_elementwise_kernels(block, dims)

@@ -83,6 +83,43 @@ def test_values_a_row_kernel_keeps_for_later_are_its_results_too(batch):
     np.testing.assert_allclose(got[1], n + np.tanh(n), rtol=1e-4, atol=1e-5)
 
 
+LSTM_STEP = """module { func.func @f(%z: tensor<?x8xf32>, %c: tensor<?x2xf32>) -> (tensor<?x2xf32>, tensor<?x2xf32>, tensor<?x2xi1>, tensor<f32>) {
+  %zi = mlc.slice %z {start = [0, 0], limit = [4611686018427387904, 2], stride = [1, 1]} : (tensor<?x8xf32>) -> tensor<?x2xf32>
+  %zf = mlc.slice %z {start = [0, 2], limit = [4611686018427387904, 4], stride = [1, 1]} : (tensor<?x8xf32>) -> tensor<?x2xf32>
+  %zg = mlc.slice %z {start = [0, 4], limit = [4611686018427387904, 6], stride = [1, 1]} : (tensor<?x8xf32>) -> tensor<?x2xf32>
+  %zo = mlc.slice %z {start = [0, 6], limit = [4611686018427387904, 8], stride = [1, 1]} : (tensor<?x8xf32>) -> tensor<?x2xf32>
+  %i = mlc.sigmoid %zi
+  %f = mlc.sigmoid %zf
+  %g = mlc.tanh %zg
+  %o = mlc.sigmoid %zo
+  %kept = mlc.reshape %z : (tensor<?x8xf32>) -> tensor<?x4x2xf32>
+  %c0 = mlc.reduce_max %kept {axes = [1]} : (tensor<?x4x2xf32>) -> tensor<?x2xf32>
+  %fc = mlc.mul %f, %c0 : (tensor<?x2xf32>, tensor<?x2xf32>) -> tensor<?x2xf32>
+  %ig = mlc.mul %i, %g : (tensor<?x2xf32>, tensor<?x2xf32>) -> tensor<?x2xf32>
+  %cn = mlc.add %fc, %ig : (tensor<?x2xf32>, tensor<?x2xf32>) -> tensor<?x2xf32>
+  %tc = mlc.tanh %cn
+  %h = mlc.mul %o, %tc : (tensor<?x2xf32>, tensor<?x2xf32>) -> tensor<?x2xf32>
+  %open = mlc.gt %h, %c : (tensor<?x2xf32>, tensor<?x2xf32>) -> tensor<?x2xi1>
+  %s = mlc.reduce_sum %cn : (tensor<?x2xf32>) -> tensor<f32>
+  return %h, %cn, %open, %s : tensor<?x2xf32>, tensor<?x2xf32>, tensor<?x2xi1>, tensor<f32> } }"""
+
+
+@pytest.mark.parametrize("batch", [0, 1, 5])
+def test_an_lstm_step_is_one_kernel_over_its_gates(batch):
+    """The gates (slices of one product read in place), the cell and hidden state: kernels over the
+    same elements (their `?` traced to %z's rows), merged into one returning the state, the cell and a
+    mask of another element type; %c's rows may differ (broadcast), so what reads it is a kernel apart."""
+    m = mlc.parse(LSTM_STEP)
+    fused = str(mlc.run_passes(m.clone(), "fuse"))
+    assert "%h, %cn = mlc.fusion %z, %c0" in fused and fused.count("mlc.fusion") == 1 and "%open = mlc.gt %h, %c" in fused
+    z, c = rng.standard_normal((batch, 8)).astype(np.float32), rng.standard_normal((batch, 2)).astype(np.float32)
+    want = mlc.interpret(m, "f", z, c)
+    got = mlc.compile(m)["f"](z, c)
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("op", ["softmax", "log_softmax"])
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 @pytest.mark.parametrize("cols", [1, 7, 33, 1000])

@@ -22,15 +22,15 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
     their own operands. `extras`: fused ops whose values the kernel also returns (of the same type),
     stored in the same pass after every value of the element is computed."""
     t = op.results[0].type
-    leaves = leaves_of(L, op)  # operands read from buffers (those of fused producers included)
+    leaves = leaves_of(L, op, extras)  # operands read from buffers (those of fused producers included)
     ins = [L.buffers[v] for v in op.operands if v in L.buffers]
     if op.name == "mlc.broadcast_to":
         sizes = [L.idx(d) if d is not None else L.dim(ins[0], ins[0].type.rank - t.rank + i) for i, d in enumerate(t.shape)]
     else:
         sizes = L.result_sizes(t, [L.buffers[v] for v in leaves])
-    outs = [L.result_buffer(i, t, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
+    outs = [L.result_buffer(i, r.type, sizes, r.name_hint) for i, r in enumerate(L.current.results[:1 + len(extras)])]
     readers = {v: L.broadcast_reader(L.buffers[v], t.rank) for v in leaves}
-    slices = {p: slice_reader(L, p)[1] for p in _fused_producers(L, op) if p.name == "mlc.slice"}
+    slices = {p: slice_reader(L, p)[1] for p in _fused_producers(L, [op, *extras]) if p.name == "mlc.slice"}
 
     def value(b, v, ivs, memo):
         if v not in memo:
@@ -45,16 +45,17 @@ def elementwise(L: FunctionLowering, op: Operation, extras=()):
 
     def element(b, ivs):
         memo = {}
-        results = [scalar(L, b, o, [value(b, v, ivs, memo) for v in o.operands]) for o in [op, *extras]]
+        results = [scalar(L, b, op, [value(b, v, ivs, memo) for v in op.operands])] + \
+            [value(b, o.results[0], ivs, memo) for o in extras]  # (each value once, extras too)
         for r, out in zip(results, outs):
             b.create("mem.store", [r, out] + ivs)
     L.nest(sizes, element)
     return outs
 
 
-def _fused_producers(L, op) -> list:
-    """The fused ops op's kernel computes its operands with (and theirs), each once."""
-    seen, stack = {}, [op]
+def _fused_producers(L, ops) -> list:
+    """The fused ops the kernel computing `ops` computes their operands with (and theirs), each once."""
+    seen, stack = {}, list(ops)
     while stack:
         for v in stack.pop().operands:
             p = v.defining_op()
@@ -64,8 +65,9 @@ def _fused_producers(L, op) -> list:
     return list(seen)
 
 
-def leaves_of(L, op):
-    """The values a fused group reads from buffers: operands of op and of its fused producers."""
+def leaves_of(L, op, extras=()):
+    """The values a fused group reads from buffers: operands of op (and the extra results' ops) and of
+    their fused producers."""
     leaves = []
 
     def collect(o):
@@ -75,7 +77,8 @@ def leaves_of(L, op):
                 collect(p)
             elif v not in leaves:
                 leaves.append(v)
-    collect(op)
+    for o in [op, *extras]:
+        collect(o)
     return leaves
 
 
