@@ -448,6 +448,11 @@ class IRBuilder:
         operands, attrs, sig, regions, extra, loc_tok = p["operands"], p["attrs"], p["sig"], p["regions"], p["extra"], p["loc"]
         if sig is not None and len(sig.inputs) != len(operands):
             self.error(head, f"the signature has {len(sig.inputs)} operand types for {len(operands)} operands", offset, name)
+        elif sig is not None:
+            for i, (v, t) in enumerate(zip(operands, sig.inputs)):
+                if ERROR not in (v.type, t) and v.type != t:
+                    named = f" ('%{v.name_hint}')" if v.name_hint else ""
+                    self.error(head, f"operand {i}{named} has type {v.type}, but the signature says {t}", offset, name)
         opdef = lookup_op(name)
         loc = Location(self.file, head.line, head.column + offset)
         if loc_tok is not None:
