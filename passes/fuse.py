@@ -19,6 +19,8 @@ An op that is also stored to a global after the group (an optimiser's new moment
 uses too) joins as a second result of the kernel: the update is one pass over memory, not one per value.
 Last, elementwise kernels over the same elements that follow each other, with nothing between them
 reading what one made, merge into one that returns every value used outside it (merge_elementwise_kernels).
+A kernel runs where its last op stood, so it takes no op from before a store to a global (a value
+loaded from @g names @g's storage: moved past a store, it would read the new value).
 Groups of one op are left alone. The kernel boundaries then print and can be read in `mlc opt`."""
 from __future__ import annotations
 
@@ -67,6 +69,20 @@ def stored_after(op: Operation, root: Operation, members, order) -> bool:
         u.name == "mlc.global_store" and u.parent is root.parent and order[u] > order[root] for u in outside)
 
 
+WRITERS = ("mlc.global_store", "func.call")  # (a global's loaded value names its storage: these change it)
+
+
+def write_epochs(block: Block) -> dict:
+    """op -> how many ops that may write a global's storage come before it (or are it): a kernel runs
+    where its last op stood, so it may only take ops of its last op's epoch (a value loaded from @g,
+    read after a store to @g, would read the new value)."""
+    epochs, n = {}, 0
+    for op in block:
+        n += op.name in WRITERS
+        epochs[op] = n
+    return epochs
+
+
 def lift_through_reshapes(block: Block, dims: Dims) -> None:
     """An elementwise op on a product's (or a lifted op's) result reshaped, e.g. a stack of rows'
     product [? x 64, 1024] seen as [?, 64, 1024], is done in the product's shape instead, its other
@@ -74,7 +90,7 @@ def lift_through_reshapes(block: Block, dims: Dims) -> None:
     its epilogue (a Transformer's residual adds, ReLU's gradient). Only where the reshape keeps the
     last dim and the other operands are whole (their `?` dims proven the result's: nothing is
     broadcast along them) or broadcast along that dim alone."""
-    lifted = set()
+    lifted, epochs = set(), write_epochs(block)
     for op in list(block):
         if not elementwise(op) or any(u.name == "func.return" for u in op.results[0].users):
             continue
@@ -84,7 +100,7 @@ def lift_through_reshapes(block: Block, dims: Dims) -> None:
         shape = reshaped[0].defining_op().operands[0].type.shape
         if not _lifts(op, shape, dims):
             continue
-        new = _lift(op, shape, dims)
+        new = _lift(op, shape, dims, epochs)
         lifted.add(new.defining_op())
         b = Builder.before(op, None)
         op.results[0].replace_all_uses_with(b.create("mlc.reshape", [new], result_types=[op.results[0].type]).result)
@@ -112,10 +128,11 @@ def _lifts(op: Operation, shape, dims: Dims) -> bool:
         whole(v) or v.type.rank <= 1 and v.type.shape in ((), (1,), kept) for v in op.operands)
 
 
-def _lift(op: Operation, shape, dims: Dims):
+def _lift(op: Operation, shape, dims: Dims, epochs: dict):
     """op done in `shape`, its whole operands reshaped to it; its new result (op itself is left)."""
     b = Builder.before(op, None)
-    operands = [_reshaped(b, v, shape, dims) if v.type.shape == op.results[0].type.shape else v for v in op.operands]
+    operands = [_reshaped(b, v, shape, dims, epochs, op) if v.type.shape == op.results[0].type.shape else v
+                for v in op.operands]
     return b.create(op.name, operands, op.attributes, result_types=[TensorType(shape, op.results[0].type.element)],
                     name_hint=op.results[0].name_hint).result
 
@@ -135,25 +152,27 @@ def _on_a_product(v, lifted) -> bool:
         len(o.uses) == 1 and _on_a_product(o, lifted) for o in made.operands))
 
 
-def _reshaped(b, v, shape, dims: Dims):
+def _reshaped(b, v, shape, dims: Dims, epochs: dict, user: Operation):
     """v reshaped to `shape`: the reshape's operand, where v is already a reshape of one of that shape;
-    where v is made by an elementwise op used only here, that op lifted too (a mask's comparison)."""
+    where v is made by an elementwise op used only here (by `user`), that op lifted too, to where the
+    user is (a mask's comparison)."""
     r = v.defining_op()
     if r is not None and r.name == "mlc.reshape" and len(r.operands) == 1 and r.operands[0].type.shape == shape:
         return r.operands[0]
-    if r is not None and elementwise(r) and len(v.uses) == 1 and _lifts(r, shape, dims):
-        return _lift(r, shape, dims)
+    if (r is not None and elementwise(r) and len(v.uses) == 1 and epochs.get(r) == epochs.get(user)
+            and _lifts(r, shape, dims)):
+        return _lift(r, shape, dims, epochs)
     return b.create("mlc.reshape", [v], result_types=[TensorType(shape, v.type.element)]).result
 
 
-def group_of(root: Operation, dims: Dims) -> list[Operation]:
-    """The root and, transitively, the producers that join it, in program order."""
+def group_of(root: Operation, dims: Dims, epochs: dict) -> list[Operation]:
+    """The root and, transitively, the producers of its write epoch that join it, in program order."""
     members, stack, anchor, extra = {root}, [root], None, False
     order = None
     while stack:
         for v in stack.pop().operands:
             p = v.defining_op()
-            if p is None or p in members:
+            if p is None or p in members or epochs.get(p) != epochs[root]:
                 continue
             if not joins_consumer(p):
                 order = order or {o: i for i, o in enumerate(root.parent)}
@@ -237,7 +256,7 @@ def merge_elementwise_kernels(block: Block, dims: Dims) -> None:
                 flush()
             run.append(op)
             made.update(op.results)
-        elif made and any(v in made for inner in op.walk() for v in inner.operands):
+        elif op.name in WRITERS or made and any(v in made for inner in op.walk() for v in inner.operands):
             flush()
     flush()
 
@@ -324,15 +343,16 @@ def _joins_row(p: Operation, group, root: Operation, position: dict, shape) -> b
 
 def row_groups(block: Block) -> list[list[Operation]]:
     """Row kernels: for each reduction (last first), the latest op it reaches whose producers,
-    collected backwards while all their uses are inside, include it."""
-    ops = list(block)
+    collected backwards while all their uses are inside, include it (all of one write epoch)."""
+    ops, epochs = list(block), write_epochs(block)
     position = {op: i for i, op in enumerate(ops)}
     taken, groups = set(), []
     for seed in reversed(ops):
         row = None if seed in taken else row_reduction(seed)
         if row is None:
             continue
-        eligible = lambda op: op not in taken and op.parent is block and fits_row(op, *row)  # noqa: E731
+        eligible = lambda op: op not in taken and op.parent is block and fits_row(op, *row) \
+            and epochs[op] == epochs[seed]  # noqa: E731
         reached, frontier = {seed}, [seed]
         while frontier:
             for user in frontier.pop().results[0].users:
@@ -367,11 +387,12 @@ class Fuse(Pass):
             for block in [b for op in f.walk() if op.name != "mlc.fusion" for r in op.regions for b in r.blocks]:
                 for group in row_groups(block):
                     fuse_group(group)
+                epochs = write_epochs(block)
                 roots = [op for op in block if elementwise(op) and not joins_consumer(op)]
                 for root in reversed(roots):  # consumers first: a root may join a later kernel as a second result
                     if root.parent is None:
                         continue
-                    group = group_of(root, dims)
+                    group = group_of(root, dims, epochs)
                     if len(group) > 1:
-                        fuse_group(group)
+                        epochs[fuse_group(group)] = epochs[root]
                 merge_elementwise_kernels(block, dims)

@@ -853,6 +853,27 @@ def test_a_scan_carry_that_changes_shape_is_an_error_on_both_backends(grows):
             run(mlc.parse(text))
 
 
+@pytest.mark.parametrize("after", ["add", "merge", "rows"])
+def test_kernels_do_not_move_a_read_of_a_global_past_a_store_to_it(after):
+    """A global's loaded value names its storage: a kernel runs where its last op stood, so an op that
+    reads @g's old value before a store to @g must not join a kernel after it (native code read the
+    new value: e^5 + 5 where the interpreter gave e^1 + 5)."""
+    later = {"add": "%v = mlc.add %u, %x",  # (a chain: exp joins the add)
+             "merge": "%t = mlc.tanh %x\n        %v = mlc.add %u, %t",  # (kernels over the same elements: merged)
+             "rows": "%v = mlc.softmax %u {axis = 0}"}[after]  # (a row kernel's producer)
+    text = f"""module {{
+      mlc.global @g : tensor<4xf32> {{init = "ones"}}
+      func.func @f(%x: tensor<4xf32>) -> tensor<4xf32> {{
+        %a = mlc.global_load @g : tensor<4xf32>
+        %u = mlc.exp %a
+        mlc.global_store @g, %x : tensor<4xf32>
+        {later}
+        return %v : tensor<4xf32>
+      }} }}"""
+    x = np.linspace(-1, 1, 4).astype(np.float32)
+    compile_and_compare(text, "f", x, rtol=1e-6)
+
+
 def test_a_global_is_updated_in_place_only_where_no_one_sees_the_difference():
     """w = w + x stored back writes @g's storage directly; a result that is returned or stored over
     again still gets a buffer of its own. Globals and results agree with the interpreter each call."""
