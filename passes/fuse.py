@@ -29,7 +29,9 @@ from mlc.ir.dialects.mlc import END
 from mlc.ir.registry import ELEMENTWISE
 from mlc.ir.types import TensorType
 
+from .dce import eliminate_dead_ops
 from .dims import Dims
+from .effects import impure_functions
 from .manager import Pass
 
 
@@ -83,13 +85,14 @@ def write_epochs(block: Block) -> dict:
     return epochs
 
 
-def lift_through_reshapes(block: Block, dims: Dims) -> None:
+def lift_through_reshapes(block: Block, dims: Dims) -> bool:
     """An elementwise op on a product's (or a lifted op's) result reshaped, e.g. a stack of rows'
     product [? x 64, 1024] seen as [?, 64, 1024], is done in the product's shape instead, its other
     operands reshaped to it (views) and its own result reshaped back: so it can join the product as
     its epilogue (a Transformer's residual adds, ReLU's gradient). Only where the reshape keeps the
     last dim and the other operands are whole (their `?` dims proven the result's: nothing is
-    broadcast along them) or broadcast along that dim alone."""
+    broadcast along them) or broadcast along that dim alone. Whether any was (the ops it replaced are
+    left unused)."""
     lifted, epochs = set(), write_epochs(block)
     for op in list(block):
         if not elementwise(op) or any(u.name == "func.return" for u in op.results[0].users):
@@ -104,17 +107,8 @@ def lift_through_reshapes(block: Block, dims: Dims) -> None:
         lifted.add(new.defining_op())
         b = Builder.before(op, None)
         op.results[0].replace_all_uses_with(b.create("mlc.reshape", [new], result_types=[op.results[0].type]).result)
-        _erase_unused(op)
-
-
-def _erase_unused(op: Operation) -> None:
-    """op, and the producers (elementwise ops and reshapes) it leaves unused."""
-    operands = list(op.operands)
-    op.erase()
-    for v in operands:
-        made = v.defining_op()
-        if made is not None and made.parent is not None and not v.uses and (elementwise(made) or made.name == "mlc.reshape"):
-            _erase_unused(made)
+        op.erase()
+    return bool(lifted)
 
 
 def _lifts(op: Operation, shape, dims: Dims) -> bool:
@@ -383,7 +377,8 @@ class Fuse(Pass):
     def run(self, module: Module) -> None:
         for f in module.functions.values():
             dims = Dims(f)
-            lift_through_reshapes(f.body, dims)  # (at the top level, where reshapes are views: lowering/shape.py)
+            if lift_through_reshapes(f.body, dims):  # (at the top level, where reshapes are views: lowering/shape.py)
+                eliminate_dead_ops(f.body, impure_functions(module))
             for block in [b for op in f.walk() if op.name != "mlc.fusion" for r in op.regions for b in r.blocks]:
                 for group in row_groups(block):
                     fuse_group(group)

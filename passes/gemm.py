@@ -283,7 +283,7 @@ class Gemm:
             t = [kb.create("mem.load", [self.tail, L.idx(c), k]).result for c in range(w)]
             return [L.op(kb, "arith.add", acc[r * w + c], L.op(kb, "arith.mul", a_at(kb, r, k, False), t[c]))
                     for r in range(rows) for c in range(w)]
-        whole = L.op(b, "arith.add", k0, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", k1, k0), L.idx(lanes)), L.idx(lanes)))
+        whole = whole_steps(L, b, k0, k1, lanes)
         acc = L.loop(b, k0, whole, vectors, step=lanes, carried=zero_tile(L, b, vt, rows * w))
         rest = L.loop(b, whole, k1, scalars, carried=[L.const(b, 0, self.element)] * (rows * w))
         for r in range(rows):
@@ -341,7 +341,7 @@ class Gemm:
         in vectors (load_vector(builder, o, i, type)), its ragged end element by element (load)."""
         L, lanes, vt = self.L, self.lanes, self.vt
         (o0, o1), (lo, hi) = outer, inner
-        whole = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(lanes)), L.idx(lanes)))
+        whole = whole_steps(L, b, lo, hi, lanes)
 
         def run(rb, o):
             at = L.op(rb, "arith.sub", o, o0)
@@ -440,8 +440,7 @@ class Gemm:
                         jb.create("mem.store", [acc, parts, t, L.idx(r), j])
                 L.loop(kb, vectors_end, self.N, column)
             depth = max(2, AXPY_DEPTH // rows)
-            whole = L.op(tb, "arith.add", k0, L.op(tb, "arith.mul", L.op(tb, "arith.div", L.op(tb, "arith.sub", k1, k0), L.idx(depth)),
-                                                     L.idx(depth)))
+            whole = whole_steps(L, tb, k0, k1, depth)
             L.loop(tb, k0, whole, lambda kb, k: rows_of_b(kb, k, depth), step=depth)
             L.loop(tb, whole, k1, lambda kb, k: rows_of_b(kb, k, 1))
         L.loop(b, L.idx(0), L.idx(tasks), task, parallel=tasks > 1)
@@ -538,6 +537,11 @@ def _sum_lanes(L, b, v):
 
 # --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------
 
+def whole_steps(L, b, lo, hi, step: int):
+    """lo + the whole steps of `step` that fit in hi - lo: where a loop by `step` ends and its remainder begins."""
+    return L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(step)), L.idx(step)))
+
+
 def split_rows(L, b, lo, hi, body, mr=MR, left=None):
     """body(builder, i, rows) over lo..hi in tiles of mr rows, then of 8 (when mr is 12), 4, 2 and 1.
     `left`: the rows past the last whole tile where that is the same static count in every call that
@@ -552,7 +556,7 @@ def split_rows(L, b, lo, hi, body, mr=MR, left=None):
                 left %= size
         sizes = needed
     for size in sizes:
-        end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(size)), L.idx(size)))
+        end = whole_steps(L, b, lo, hi, size)
         L.loop(b, lo, end, lambda tb, i, size=size: body(tb, i, size), step=size)
         lo = end
 
@@ -565,7 +569,7 @@ def split_columns(L, b, lo, hi, lanes, body, span=None):
     if span is None and static_value(hi) is not None and static_value(lo) is not None:
         span = static_value(hi) - static_value(lo)
     for vectors in (2, 1):
-        end = L.op(b, "arith.add", lo, L.op(b, "arith.mul", L.op(b, "arith.div", L.op(b, "arith.sub", hi, lo), L.idx(vectors * lanes)), L.idx(vectors * lanes)))
+        end = whole_steps(L, b, lo, hi, vectors * lanes)
         if span is None or span >= vectors * lanes:
             L.loop(b, lo, end, lambda tb, j0, vectors=vectors: body(tb, j0, vectors, None), step=vectors * lanes)
         lo = end
