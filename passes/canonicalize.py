@@ -27,12 +27,22 @@ class Canonicalize(Pass):
         evaluator = Interpreter(Module())
         impure = impure_functions(module)
         limit = self.option("fold-limit")
+        effectful = set()  # ids of ops with regions found to have effects: kept by every sweep (none is removed)
+
+        def removable(op):
+            if id(op) in effectful:
+                return False
+            if removable_if_unused(op, impure):
+                return True
+            if op.regions:  # (a loop nest's walk for a store, once, not once per sweep and per enclosing loop)
+                effectful.add(id(op))
+            return False
 
         def fold(op, rw):
             d = op.opdef
             if d is None:
                 return False
-            if not any(r.uses for r in op.results) and removable_if_unused(op, impure):
+            if not any(r.uses for r in op.results) and removable(op):
                 rw.erase_op(op)
                 return True
             if PURE not in d.traits or HAS_REGION in d.traits or op.name == "mlc.constant":
