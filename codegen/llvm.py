@@ -146,9 +146,7 @@ class ModuleEmitter:
         return fn
 
     def intrinsic(self, name: str, t, n_args: int = 1):
-        lanes, e = (f"v{t.count}", t.element) if isinstance(t, ir.VectorType) else ("", t)
-        suffix = {F32: "f32", F64: "f64", F16: "f16"}.get(e) or f"i{e.width}"
-        return self.declare(f"llvm.{name}.{lanes}{suffix}", t, [t] * n_args)
+        return self.declare(f"llvm.{name}.{_overload(t)}", t, [t] * n_args)
 
     def math(self, arith: "ArithEmitter", name: str, t, *xs):
         """A C math function on the CPU: straight-line f32 code where we have it (it vectorises), an
@@ -302,20 +300,34 @@ class FunctionEmitter:
         """The row-major offset as (variant part, constant part): an index `x + c` adds c times its
         stride to the constant, so the rows of an unrolled tile (i, i + 1, ...) share one variant part
         and differ by constants, which x86 addressing takes for free (LLVM had made a pointer per row:
-        a micro-kernel's 12 rows of A held 12 registers). The variant part of all but the last index
-        is taken from an earlier access in this basic block where there is one (an unrolled tile reads
-        a row at many columns)."""
+        a micro-kernel's 12 rows of A held 12 registers). The variant part of all but the last index,
+        scaled by the last dim, is taken from an earlier access in this basic block that had the same
+        variant parts where there is one (an unrolled tile reads rows i, i + 1, ... at many columns:
+        one multiply for all, where each access had made its own and left them to LLVM)."""
         if not indices:
             return ir.Constant(I64, 0), 0
-        *outer, last = indices
-        key = (self.b.block, buf.data, *buf.dims, *outer)
-        off = self.prefixes.get(key)
-        if off is None:
-            off = ir.Constant(I64, 0), 0
-            for d, i in zip(buf.dims, outer):
-                off = self.add_index(self.scale(off, d), i)
-            self.prefixes[key] = off
-        return self.add_index(self.scale(off, buf.dims[-1]), last)
+        if not all(isinstance(d, ir.Constant) for d in buf.dims[1:]):  # (a constant part scaled by a dynamic dim is no constant)
+            *outer, last = indices
+            key = (self.b.block, buf.data, *buf.dims, *outer)
+            off = self.prefixes.get(key)
+            if off is None:
+                off = ir.Constant(I64, 0), 0
+                for d, i in zip(buf.dims, outer):
+                    off = self.add_index(self.scale(off, d), i)
+                self.prefixes[key] = off
+            return self.add_index(self.scale(off, buf.dims[-1]), last)
+        *outer, last = (self.add_index((ir.Constant(I64, 0), 0), i) for i in indices)
+        key = (self.b.block, buf.data, *buf.dims, *(variant for variant, _ in outer))
+        prefix = self.prefixes.get(key)
+        if prefix is None:
+            prefix = ir.Constant(I64, 0)
+            for d, (variant, _) in zip(buf.dims[1:], outer):
+                prefix = self.mul(self.add(prefix, variant), d)
+            self.prefixes[key] = prefix
+        constant = 0
+        for d, (_, c) in zip(buf.dims[1:], outer):
+            constant = (constant + c) * d.constant
+        return self.add(prefix, last[0]), constant + last[1]
 
     def scale(self, off, d):
         variant, constant = off
@@ -984,6 +996,23 @@ def _extract(self: FunctionEmitter, op):
     self.values[op.results[0]] = self.b.extract_element(self.get(op.operands[0]), ir.Constant(ir.IntType(32), op.attr("position")))
 
 
+def _overload(t) -> str:
+    """An overloaded intrinsic's type suffix: f32, v16f32, i64, ..."""
+    lanes, e = (f"v{t.count}", t.element) if isinstance(t, ir.VectorType) else ("", t)
+    return lanes + ({F32: "f32", F64: "f64", F16: "f16"}.get(e) or f"i{e.width}")
+
+
+def _reduce_add(self: FunctionEmitter, op):
+    v = self.get(op.operands[0])
+    e = v.type.element
+    if isinstance(e, ir.IntType):
+        total = self.b.call(self.parent.declare(f"llvm.vector.reduce.add.{_overload(v.type)}", e, [v.type]), [v])
+    else:  # (reassociating: a shuffle tree, not 15 adds in a row)
+        reduce = self.parent.declare(f"llvm.vector.reduce.fadd.{_overload(v.type)}", e, [e, v.type])
+        total = self.b.call(reduce, [ir.Constant(e, -0.0), v], fastmath=("reassoc",))
+    self.values[op.results[0]] = total
+
+
 def _vector_fma(self: FunctionEmitter, op):
     xs = [self.get(v) for v in op.operands]
     self.values[op.results[0]] = self.b.call(self.parent.intrinsic("fma", xs[0].type, 3), xs)
@@ -1068,7 +1097,7 @@ OPS = {
     "loop.if": _if, "func.return": _return,
     "arith.constant": _scalar_const, "vector.load": _vector_load, "vector.store": _vector_store,
     "vector.broadcast": _vector_broadcast, "vector.fma": _vector_fma, "vector.from_elements": _from_elements,
-    "vector.extract": _extract, "mem.all_reduce": _collective, "mem.broadcast": _collective,
+    "vector.extract": _extract, "vector.reduce_add": _reduce_add, "mem.all_reduce": _collective, "mem.broadcast": _collective,
     "mem.all_reduce_start": _all_reduce_start, "mem.all_reduce_wait": _all_reduce_wait,
     "mem.collective_progress": _collective_progress,
     "mem.rank": _process_info, "mem.world_size": _process_info,

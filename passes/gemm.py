@@ -289,7 +289,7 @@ class Gemm:
         for r in range(rows):
             for c in range(w):
                 at = self.c_at(row[r], L.op(b, "arith.add", j0, L.idx(c)))
-                v = L.op(b, "arith.add", _sum_lanes(L, b, acc[r * w + c]), rest[r * w + c])
+                v = L.op(b, "arith.add", b.create("vector.reduce_add", [acc[r * w + c]]).result, rest[r * w + c])
                 if add:
                     v = L.op(b, "arith.add", b.create("mem.load", [self.c] + at).result, v)
                 b.create("mem.store", [v, self.c] + at)
@@ -479,7 +479,7 @@ class Gemm:
                         out[r * width + t] = kb.create("vector.fma", [a[r], bv, acc[r * width + t]]).result
                 return out
             acc = L.loop(tb, L.idx(0), k_vectors, step, carried=zero_tile(L, tb, vt, rows * width), step=lanes)
-            sums = [_sum_lanes(L, tb, v) for v in acc]
+            sums = [tb.create("vector.reduce_add", [v]).result for v in acc]
 
             def tail(kb, k, *s):
                 return [L.op(kb, "arith.add", s[r * width + t], L.op(kb, "arith.mul", self.load_a(kb, i, k), self.load_b(kb, k, j)))
@@ -527,12 +527,6 @@ def _rows(L, b, first, count):
     return [first] + [L.op(b, "arith.add", first, L.idx(r)) for r in range(1, count)]
 
 
-def _sum_lanes(L, b, v):
-    """The sum of a vector's lanes, pairwise."""
-    parts = [b.create("vector.extract", [v], {"position": p}).result for p in range(v.type.shape[0])]
-    while len(parts) > 1:
-        parts = [L.op(b, "arith.add", parts[p], parts[p + 1]) for p in range(0, len(parts), 2)]
-    return parts[0]
 
 
 # --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------

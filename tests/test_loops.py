@@ -208,6 +208,17 @@ def test_loops_carry_vectors_and_scalars(backend):
     np.testing.assert_allclose(got, (x * x).sum(axis=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["interp", "cpu"])
+def test_a_vector_summed_across_its_lanes(backend):
+    """vector.reduce_add: the same sums as the loop over a copy's lanes (LLVM's reassociating reduction natively)."""
+    body = DOT_ROWS[DOT_ROWS.index("    %tmp = mem.alloc"): DOT_ROWS.index("    mem.store %sum")]
+    m = mlc.parse(DOT_ROWS.replace(body, "    %sum = vector.reduce_add %acc : (vector<8xf32>) -> f32\n"))
+    assert str(mlc.parse(str(m))) == str(m)
+    x = np.random.default_rng(2).standard_normal((7, 16)).astype(np.float32)
+    got = mlc.interpret(m, "f", x) if backend == "interp" else mlc.compile(m)["f"](x)
+    np.testing.assert_allclose(got, (x.astype(np.float64) ** 2).sum(axis=1), rtol=1e-5)
+
+
 @pytest.mark.parametrize("body,fragment", [
     ("%s = loop.for %c0, %c16 {step = 8} : index, index {\n    ^bb0(%j: index):\n      loop.yield %z : vector<8xf32>\n    }",
      "yields (vector<8xf32>) but the loop carries ()"),

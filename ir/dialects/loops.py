@@ -850,3 +850,18 @@ class Extract(OpDef):
         return ins[0][op.attr("position")]
 
     interpret_lanes = interpret
+
+
+class ReduceAdd(OpDef):
+    """The sum of a vector's lanes, in any order (LLVM's reassociating vector reduction: a shuffle tree)."""
+    name = "vector.reduce_add"
+    operands = 1
+    traits = {PURE}
+
+    @staticmethod
+    def infer(op, ctx):
+        return [_vector(op.operand_types[0], "operand 0").element]
+
+    @staticmethod
+    def interpret(ins, op, ctx):
+        return ins[0].sum(dtype=ins[0].dtype)
