@@ -962,7 +962,14 @@ def _vector_load(self: FunctionEmitter, op):
     buf = self.get(op.operands[0])
     self.check_indices(op, buf, op.operands[1:])
     address = self.address(buf, [self.get(i) for i in op.operands[1:]])
-    self.values[op.results[0]] = self.b.load(address, typ=vector_type(op.results[0].type), align=_vector_align(op, buf))
+    t, stride = vector_type(op.results[0].type), op.attr("stride")
+    if stride == 1:
+        self.values[op.results[0]] = self.b.load(address, typ=t, align=_vector_align(op, buf))
+        return
+    # (the whole run, then every stride-th lane: one or two shuffles, where a gather is many loads)
+    run = self.b.load(address, typ=ir.VectorType(t.element, t.count * stride), align=_vector_align(op, buf))
+    picks = ir.Constant(ir.VectorType(ir.IntType(32), t.count), [k * stride for k in range(t.count)])
+    self.values[op.results[0]] = self.b.shuffle_vector(run, ir.Constant(run.type, ir.Undefined), picks)
 
 
 def _vector_store(self: FunctionEmitter, op):

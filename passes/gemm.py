@@ -633,10 +633,11 @@ def store_tile(L, b, acc, rows, c, at, j0, vt, width=None, scratch=None, add=Fal
 
 @dataclass
 class DirectConv:
-    """conv2d with stride 1 along x, on an input padded with at least `extra_columns()` zero columns
-    on the right: out[n, o, y, x:x+NR] is one micro-tile row, and its B vectors are contiguous runs of
-    an input row, so nothing is packed. Micro-tiles are MR output channels x NR output columns,
-    reduced over (channel, ky, kx) in registers; rows (n, y) are the parallel loop."""
+    """conv2d with stride 1 or 2 along x, on an input padded with at least `extra_columns()` zero
+    columns on the right: out[n, o, y, x:x+NR] is one micro-tile row, and its B vectors are runs of
+    an input row (every other element of a run twice as long at stride 2: no phase split, no zero
+    taps), so nothing is packed. Micro-tiles are MR output channels x NR output columns, reduced over
+    (channel, ky, kx) in registers; rows (n, y) are the parallel loop."""
     xp: object
     w: object
     out: object
@@ -647,10 +648,12 @@ class DirectConv:
     dilation: tuple
     element: object
     epilogue: Callable | None = None  # (builder, n, y): output row (n, :, y, :) is final
+    stride_x: int = 1
 
     @staticmethod
-    def extra_columns(element) -> int:
-        return 2 * lanes(element)
+    def extra_columns(element, stride_x: int = 1) -> int:
+        """Columns past the last one a window reads that the last tile's vectors read too."""
+        return stride_x * 2 * lanes(element)
 
     def emit(self, L, b):
         self.L = L
@@ -705,9 +708,10 @@ class DirectConv:
         def step(jb, c, i, j, acc):
             channel = L.op(jb, "arith.add", first_channel, c)
             iy = L.op(jb, "arith.add", top, L.op(jb, "arith.mul", i, L.idx(dh)))
-            ix = L.op(jb, "arith.add", x0, L.op(jb, "arith.mul", j, L.idx(dw)))
-            bs = [jb.create("vector.load", [self.xp, bn, channel, iy, L.op(jb, "arith.add", ix, L.idx(h * lanes))],
-                            result_types=[self.vt]).result for h in range(vectors)]
+            sx = self.stride_x
+            ix = L.op(jb, "arith.add", L.op(jb, "arith.mul", x0, L.idx(sx)), L.op(jb, "arith.mul", j, L.idx(dw)))
+            bs = [jb.create("vector.load", [self.xp, bn, channel, iy, L.op(jb, "arith.add", ix, L.idx(h * lanes * sx))],
+                            {"stride": sx} if sx != 1 else None, result_types=[self.vt]).result for h in range(vectors)]
             a = [jb.create("mem.load", [self.wt, c, i, j, oo]).result for oo in outs]
             return fma_tile(jb, a, bs, acc)
 
@@ -727,11 +731,11 @@ class DirectConv:
 # --- convolution as a product ------------------------------------------------------------------------
 
 def conv_as_gemm(out_shape, groups: int, stride_x: int, pixels: int | None = None) -> bool:
-    """Whether a convolution runs as ConvAsGemm rather than DirectConv: a stride along x other than 1,
-    or one group and a result image of at most `pixels` (by default CONV_GEMM_PIXELS). The lowering
+    """Whether a convolution runs as ConvAsGemm rather than DirectConv: a stride along x other than 1
+    or 2, or one group and a result image of at most `pixels` (by default CONV_GEMM_PIXELS). The lowering
     asks too: the direct convolution's input has spare columns on the right, the product's has none."""
     pixels = CONV_GEMM_PIXELS if pixels is None else pixels
-    return stride_x != 1 or groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
+    return stride_x not in (1, 2) or groups == 1 and None not in out_shape[2:] and out_shape[2] * out_shape[3] <= pixels
 
 
 @dataclass

@@ -9,7 +9,11 @@
 
 A 1 x 1 kernel only needs the phase (0, 0): a strided slice of the input, then a 1 x 1 convolution.
 It needs static spatial sizes and dilation 1; other convolutions are left as they are, and so are
-those the CPU backend runs as products (small images: gemm.conv_as_gemm), which take any stride.
+those the CPU backend runs as products (small images: gemm.conv_as_gemm), which take any stride, and
+those of stride 2 and a larger kernel, which the direct convolution runs as they are: the phases'
+kernel has zero taps (a 7 x 7 kernel's phases are 4 x 4: 64 taps for 49) and the phases are a
+transpose of the input, where the direct convolution reads every other element of a row's run
+(ResNet's 7 x 7 stem: 1.73 -> 1.53 ms, and its input's 0.3 ms transpose gone).
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ class StridedConv(Pass):
 
 def _applies(op) -> bool:
     (sh, sw), _, dilation, groups = op.opdef.params(op)
-    x = op.operands[0].type
-    return (sh, sw) != (1, 1) and sh == sw and dilation == (1, 1) and None not in x.shape[1:] and \
-        None not in op.operands[1].type.shape and x.element.is_float and not gemm.conv_as_gemm(op.results[0].type.shape, groups, 1)
+    x, w = (v.type for v in op.operands)
+    one_by_one = tuple(w.shape[2:]) == (1, 1)
+    return (sh, sw) != (1, 1) and sh == sw and (one_by_one or sw > 2) and dilation == (1, 1) and None not in x.shape[1:] and \
+        None not in w.shape and x.element.is_float and not gemm.conv_as_gemm(op.results[0].type.shape, groups, 1)
 
 
 def _rewrite(d: OpBuilder, op):

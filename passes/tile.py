@@ -10,7 +10,7 @@ becomes
 and each mem.conv2d the direct convolution: parallel over output rows, micro-tiles of 6 output
 channels x 2 vectors along the row, reduced over blocks of input channels and the window in
 registers, then the epilogue over the finished row; or, where the result image has at most
-`conv-gemm-pixels` pixels (or the stride along x is not 1), the same product as a mem.matmul with
+`conv-gemm-pixels` pixels (or the stride along x is neither 1 nor 2), the same product as a mem.matmul with
 the weights as A and the im2col of the input packed as B's panels (gemm.ConvAsGemm).
 
 The options fix the shape of the tiles, so the same pipeline prints the same IR on every machine; the
@@ -83,19 +83,20 @@ class Tile(Pass):
         n, o_ch, oh, ow = L.dims(out)
         (dh, dw), (sy, sx), e = op.attr("dilation"), op.attr("stride"), out.type.element
         widths = x.type.shape[3], out.type.shape[3], w.type.shape[3]
-        no_spare = None not in widths and widths[0] < widths[1] + (widths[2] - 1) * dw + gemm.DirectConv.extra_columns(e)
+        no_spare = None not in widths and widths[0] < sx * (widths[1] - 1) + 1 + (widths[2] - 1) * dw + gemm.DirectConv.extra_columns(e, sx)
         if no_spare or gemm.conv_as_gemm(out.type.shape, op.attr("groups"), sx, self.option("conv-gemm-pixels")):
             # (no_spare: the lowering padded the input for the product, lowering/conv.py)
             gemm.ConvAsGemm(x, w, out, [n, o_ch, oh, ow], (sy, sx), (dh, dw), op.attr("groups"), e,
                             None if _is_identity(op) else lambda eb, flat, at, indices, value: store_through_epilogue(eb, op, flat, at, indices, value),
                             vector_bytes=self.option("vector-bytes"), **self.sizes(op)).emit(L, L.b)
             return
-        span = L.op(L.b, "arith.add", ow, L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw)))
-        needed = L.op(L.b, "arith.add", span, L.idx(gemm.DirectConv.extra_columns(e)))
+        span = L.op(L.b, "arith.add", L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", ow, L.idx(1)), L.idx(sx)),
+                    L.op(L.b, "arith.add", L.idx(1), L.op(L.b, "arith.mul", L.op(L.b, "arith.sub", L.dim(w, 3), L.idx(1)), L.idx(dw))))
+        needed = L.op(L.b, "arith.add", span, L.idx(gemm.DirectConv.extra_columns(e, sx)))
         L.b.create("mem.check", [L.op(L.b, "arith.ge", L.dim(x, 3), needed)],
                    {"message": "the input lacks the spare columns the tiled convolution reads", "op": op.name})
         gemm.DirectConv(x, w, out, [n, o_ch, oh, ow], L.dim(w, 1), op.attr("groups"), sy, (dh, dw), e,
-                        _conv_row_epilogue(L, op, out, o_ch, ow)).emit(L, L.b)
+                        _conv_row_epilogue(L, op, out, o_ch, ow), stride_x=sx).emit(L, L.b)
 
     def tile_matmul(self, L: LoopBuilder, op: Operation) -> None:
         (a, b, c), (at_a, at_b, at_c) = Matmul.split(op.operands, [t.rank for t in op.operand_types[:3]])

@@ -219,6 +219,22 @@ def test_a_vector_summed_across_its_lanes(backend):
     np.testing.assert_allclose(got, (x.astype(np.float64) ** 2).sum(axis=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["interp", "cpu"])
+def test_a_strided_vector_load_takes_every_other_element(backend):
+    """vector.load {stride = 2}: lanes 0, 2, 4, ... of the 16 elements from the index (a whole run read, then
+    picked natively); the run must lie in the buffer."""
+    m = mlc.parse(DOT_ROWS.replace("%c16, %z {step = 8}", "%c8, %z {step = 8}").replace(
+        " : (memref<?x16xf32>, index, index) -> vector<8xf32>", " {stride = 2} : (memref<?x16xf32>, index, index) -> vector<8xf32>"))
+    assert str(mlc.parse(str(m))) == str(m)
+    x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+    got = mlc.interpret(m, "f", x) if backend == "interp" else mlc.compile(m)["f"](x)
+    np.testing.assert_allclose(got, (x[:, ::2].astype(np.float64) ** 2).sum(axis=1), rtol=1e-5)
+    if backend == "interp":  # (from index 8, the run of 16 passes the row's end)
+        past = mlc.parse(str(m).replace("%c0, %c8, %z {step = 8}", "%c8, %c16, %z {step = 8}"), "strided.ir")
+        with pytest.raises(mlc.DiagnosticError, match="16 lanes from index 8 run past dim 1"):
+            mlc.interpret(past, "f", x)
+
+
 @pytest.mark.parametrize("body,fragment", [
     ("%s = loop.for %c0, %c16 {step = 8} : index, index {\n    ^bb0(%j: index):\n      loop.yield %z : vector<8xf32>\n    }",
      "yields (vector<8xf32>) but the loop carries ()"),

@@ -709,12 +709,14 @@ def _check_aligned(op, buffer: np.ndarray, start: int, n: int):
 
 
 class VectorLoad(OpDef):
-    """Consecutive elements along the last dim, starting at the indices. `aligned` promises that the
-    first element's position in the buffer is a multiple of the vector's length."""
+    """Consecutive elements along the last dim, starting at the indices; with `stride` s, every s-th
+    of the lanes x s elements from there (all of which must lie in the buffer: they are read whole,
+    then picked: a convolution's input along a row at stride 2). `aligned` promises that the first
+    element's position in the buffer is a multiple of the vector's length."""
     name = "vector.load"
     operands = (2, None)
     traits = {READS}
-    attrs = {"aligned": Attr("bool", False)}
+    attrs = {"aligned": Attr("bool", False), "stride": Attr("int", 1)}
 
     @staticmethod
     def infer(op, ctx):
@@ -725,18 +727,21 @@ class VectorLoad(OpDef):
         v = _vector(op.results[0].type, "result")
         if v.element != t.element:
             raise VerifyError(f"loads {v} from a buffer of {t.element}")
+        if op.attr("stride") < 1:
+            raise VerifyError(f"stride must be at least 1, got {op.attr('stride')}")
         return [v]
 
     @staticmethod
     def interpret(ins, op, ctx):
-        n = op.results[0].type.shape[0]
+        n, stride = op.results[0].type.shape[0], op.attr("stride")
         at = tuple(int(i) for i in ins[1:])
         _check_aligned(op, ins[0], int(np.ravel_multi_index(at, ins[0].shape)) if at else 0, n)
-        return ins[0][_lanes(ins[0], at, n)].copy()
+        return ins[0][_lanes(ins[0], at, n * stride)][::stride].copy()
 
     @staticmethod
     def interpret_lanes(ins, op, block):
-        return block.load(op, ins[0], ins[1:], lanes=op.results[0].type.shape[0])
+        stride = op.attr("stride")
+        return block.load(op, ins[0], ins[1:], lanes=op.results[0].type.shape[0] * stride)[::stride]
 
 
 class VectorStore(OpDef):
