@@ -37,7 +37,9 @@ from mlc.ir.types import MemRefType, VectorType
 
 VECTOR_BYTES = 32  # AVX2; the GEMM takes tile's `vector-bytes` (the driver gives the host's widest)
 MR = 6             # rows per micro-tile: 6 x 2 vectors = 12 accumulators of the 16 ymm registers
-MR_AVX512 = 12     # with AVX-512's 32 registers: 24 accumulators, twice the fmas per vector of B loaded
+MR_AVX512 = 8      # with AVX-512's 32 registers: 16 accumulators (12 rows ran no faster, and 64, 128, 256, 512,
+#                    1024 or 2048 rows, most products' and convolutions', then ended in a ragged tile: 18% more
+#                    code for LLVM in ResNet-18, SGEMM 512 160-187 -> 204-208 GFLOP/s)
 STREAM_ROWS = 6    # a product of at most this many static rows streams B in place (packing it would not pay)
 FEW_ROWS = 3       # a product with rows known at run time streams B once per row up to this many
 KC = 256           # depth of a slice of K (0 in the tile pass's options: by the vector width, as below)
@@ -82,7 +84,7 @@ class Gemm:
     load_bt_vector: Callable | None = None  # (builder, k, j, type) -> B[k:k+lanes, j] where columns of B are
     load_at_vector: Callable | None = None  # (builder, i, k, type) -> A[i:i+lanes, k] where columns of A are
     #                                         contiguous (A read through its transpose)
-    vector_bytes: int = VECTOR_BYTES      # 64: AVX-512's 32 registers hold 12 x 32 f32 tiles (MR_AVX512)
+    vector_bytes: int = VECTOR_BYTES      # 64: AVX-512's 32 registers hold 8 x 32 f32 tiles (MR_AVX512)
     kc: int = 0                           # 0: KC, or KC_AVX512 with 64-byte vectors
     mc: int = MC
     pack_at: tuple | None = None          # (builder, parallel) where B is packed when not just before the

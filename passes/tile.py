@@ -4,7 +4,7 @@
 becomes
     pack B into panels of 2 vectors' width; parallel over blocks of `mc` rows of C:
         zero them; for each `kc`-deep slice of K, micro-tiles of 6 rows x 2 vectors in registers
-        (12 rows with 64-byte vectors: AVX-512 has 32 registers); then the epilogue's ops, copied
+        (8 rows with 64-byte vectors); then the epilogue's ops, copied
         in, over each finished row
 
 and each mem.conv2d the direct convolution: parallel over output rows, micro-tiles of 6 output

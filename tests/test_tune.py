@@ -78,7 +78,7 @@ def test_a_damaged_or_foreign_table_is_no_table(cache):
 
 def test_bad_tile_sizes_are_reported_at_the_op():
     text = PRODUCT.replace("%c = mlc.matmul %a, %b :", "%c = mlc.matmul %a, %b {mlc.tile = [25, 64]} :")
-    with pytest.raises(mlc.DiagnosticError, match=r"<string>:\d+:\d+: error: mem.matmul's tile = \[mc, kc\] needs mc a positive multiple of 12"):
+    with pytest.raises(mlc.DiagnosticError, match=r"<string>:\d+:\d+: error: mem.matmul's tile = \[mc, kc\] needs mc a positive multiple of 8"):
         compiler.lower(mlc.parse(text))
 
 
