@@ -47,6 +47,8 @@ KC_AVX512 = 512    # with 64-byte vectors: C's tiles pass through memory once pe
 #                    (64 KB) streams from L2 (192, panel and A rows in L1: SGEMM 1024 182 -> 188 GFLOP/s, ResNet-18 -1%)
 MC = 48            # rows of C per parallel block (a multiple of MR and MR_AVX512)
 CHANNEL_BLOCK = 16  # input channels per slice of a convolution's reduction
+UNROLLED_WINDOW = 25  # taps of a window (5 x 5) up to which the direct convolution unrolls them (ResNet's 7 x 7
+#                      stem as loops: as fast, and 537 -> 35 KB of LLVM IR, 0.5 s less of LLVM's work)
 SPLIT_K = 4         # tasks a few-rows product with long rows of B splits K into (each a block of B's rows)
 CONV_GEMM_PIXELS = 3136  # a convolution's result image of at most this many pixels (56 x 56) runs as a product
 #                        (ResNet-18's 56 x 56 x 64 convolutions: 5-25% faster than the direct one)
@@ -719,7 +721,7 @@ class DirectConv:
 
         def over_c(cb, c, *acc):
             window = self.w.type.shape[2:]
-            if None not in window and window[0] * window[1] <= 49:  # unrolled: addresses are base + constant
+            if None not in window and window[0] * window[1] <= UNROLLED_WINDOW:  # unrolled: addresses are base + constant
                 for i in range(window[0]):
                     for j in range(window[1]):
                         acc = step(cb, c, L.idx(i), L.idx(j), acc)

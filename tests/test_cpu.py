@@ -779,6 +779,20 @@ def test_a_batch_of_one_reads_the_weights_in_place():
     assert "packed" in eight  # (more rows than one micro-tile: packing pays)
 
 
+@pytest.mark.parametrize("stride,dtype", [(2, np.float32), (1, np.float32), (2, np.float64)])
+def test_large_windows_in_the_direct_convolution(stride, dtype):
+    """A 7 x 7 window (a stem's) on an image large enough for the direct convolution: its taps in loops (more
+    than gemm.UNROLLED_WINDOW), at stride 2 read as every other element of a row's run, against torch."""
+    import torch
+    import torch.nn.functional as F
+    x = rng.standard_normal((1, 3, 122, 118)).astype(dtype)
+    w = rng.standard_normal((5, 3, 7, 7)).astype(dtype)
+    text = one_op("mlc.conv2d", x, w, attrs=f"{{stride = [{stride}, {stride}], padding = [3, 3, 3, 3]}}")
+    assert ("{stride = 2}" in str(mlc.run_passes(mlc.parse(text), "cpu"))) == (stride == 2)
+    want = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=3).numpy()
+    np.testing.assert_allclose(mlc.compile(mlc.parse(text))["f"](x, w), want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n,c,o,hw,k,stride,pad,dil,groups,dtype", [
     (2, 3, 13, (9, 37), 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, np.float32),    # ragged rows (13 = 6+6+1) and columns (37 = 32+5)
     (1, 4, 8, (7, 24), 3, (2, 1), (0, 2, 1, 0), (1, 2), 2, np.float32),     # stride 2 along y, groups, dilation
