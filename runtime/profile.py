@@ -24,7 +24,7 @@ import math
 import sys
 from dataclasses import dataclass
 
-from mlc.ir.dialects.mlc import Fusion
+from mlc.ir.dialects.mlc import Conv2d, Fusion, Matmul
 from mlc.ir.registry import ELEMENTWISE, Probe, VerifyError
 
 SIZES = (2, 3, 5)  # the sizes every `?` takes when a kernel's cost is sampled
@@ -52,7 +52,7 @@ def describe(module) -> dict:
             if op.name in GLUE:
                 continue
             anchor, fused = _anchor(op)
-            label = f"{anchor.name}{_result_name(anchor)}"
+            label = f"{anchor.name}{_result_name(anchor)}{_operand_shapes(anchor)}"
             if fused:
                 label += f" (fused: {', '.join(fused)})"
             label += f" {anchor.loc}" if anchor.loc.line else ""
@@ -107,6 +107,21 @@ def _anchor(op):
 def _result_name(op) -> str:
     hint = op.results[0].name_hint if op.results else None
     return f" %{hint}" if hint else ""
+
+
+def _operand_shapes(op) -> str:
+    """A product's or convolution's operand shapes and the attributes that shape its kernel, e.g.
+    ` [?x256 @ 1024x256 transpose_b]` or ` [?x3x224x224 * 64x3x7x7 stride 2]`: which kernel is slow, at a glance."""
+    if op.name not in PRODUCTS:
+        return ""
+    a, b = ("x".join("?" if d is None else str(d) for d in t.shape) for t in op.operand_types[:2])
+    if op.name == "mlc.matmul":
+        marks = [m for m in Matmul.MARKS if op.attr(m)]
+        return f" [{a} @ {b}{''.join(' ' + m for m in marks)}]"
+    stride, _, dilation, groups = Conv2d.params(op)  # (conv2d_transpose's too)
+    shaping = [f"{name} {v[0] if v[0] == v[1] else f'{v[0]}x{v[1]}'}" for name, v in (("stride", stride), ("dilation", dilation)) if v != (1, 1)]
+    shaping += [f"groups {groups}"] if groups != 1 else []
+    return f" [{a} * {b}{''.join(' ' + s for s in shaping)}]"
 
 
 def _numel(t, size: int) -> int:

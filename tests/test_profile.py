@@ -66,7 +66,7 @@ def test_report_names_kernels_after_their_tensor_ops_and_rates_them(compiled):
     assert products and all(r.product and r.gflops and r.gflops > 0 and "GFLOP/s" in r.rate for r in products)
     assert all(r.calls == 3 and ".ir:" in r.name for r in report)  # each traceable to a line of the source
     if module.name == "mlp":
-        assert any(r.name.startswith("forward:0 mlc.matmul %h (fused: add, relu) ") for r in report), text
+        assert any(r.name.startswith("forward:0 mlc.matmul %h [?x64 @ 64x32] (fused: add, relu) ") for r in report), text
     assert len(profiled.profile()) == 0  # reset=True zeroed the counters
 
 
@@ -101,8 +101,8 @@ def test_mlc_profile_prints_the_table_at_exit(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran"
     assert "mlc profile: @mlp" in done.stderr
-    row = next(line for line in done.stderr.splitlines() if line.startswith("forward:0 mlc.matmul %h (fused: add, relu) mlp.ir:11:10"))
-    assert row.split()[7] == "5", done.stderr  # calls
+    row = next(line for line in done.stderr.splitlines() if line.startswith("forward:0 mlc.matmul %h [?x64 @ 64x32] (fused: add, relu) mlp.ir:11:10"))
+    assert row.split()[10] == "5", done.stderr  # calls
 
 
 def test_mlc_run_profile_prints_the_table(tmp_path):
@@ -173,3 +173,20 @@ def test_winograd_kernels_with_a_batch_known_at_run_time_are_timed_not_rated():
     (product,) = [r for r in report if "mlc.matmul" in r.name]
     tiles = n * (hw // 4) ** 2
     assert product.gflops * product.ms * 1e6 == pytest.approx(2 * tiles * 36 * k * c, rel=1e-6)
+
+
+def test_products_are_named_with_their_operand_shapes_and_kernel_shaping_attributes():
+    """Which product or convolution a row is, at a glance: operand shapes, the matmul's marks, a convolution's
+    stride, dilation and groups where not 1."""
+    text = """func.func @f(%x: tensor<?x4x40x40xf32>, %w: tensor<8x2x3x3xf32>, %a: tensor<?x16xf32>, %b: tensor<32x16xf32>) -> (tensor<?x8x18x18xf32>, tensor<?x32xf32>) {
+  %y = mlc.conv2d %x, %w {stride = [2, 2], dilation = [3, 3], groups = 2} : (tensor<?x4x40x40xf32>, tensor<8x2x3x3xf32>) -> tensor<?x8x17x17xf32>
+  %p = mlc.pad %y {low = [0, 0, 1, 1], high = [0, 0, 0, 0]} : (tensor<?x8x17x17xf32>) -> tensor<?x8x18x18xf32>
+  %h = mlc.matmul %a, %b {transpose_b} : (tensor<?x16xf32>, tensor<32x16xf32>) -> tensor<?x32xf32>
+  return %p, %h : tensor<?x8x18x18xf32>, tensor<?x32xf32> }"""
+    exe = mlc.compile(mlc.parse(text, "shapes.ir"), profile=True, cache=False)
+    r = np.random.default_rng(0)
+    exe["f"](*(r.random(s, np.float32) for s in ((2, 4, 40, 40), (8, 2, 3, 3), (3, 16), (32, 16))))
+    names = [row.name for row in exe.profile()]
+    assert any("mlc.conv2d %y [?x4x40x40 * 8x2x3x3 stride 2 dilation 3 groups 2] shapes.ir:2:8" in n for n in names), names
+    assert any("mlc.matmul %h [?x16 @ 32x16 transpose_b] shapes.ir:4:8" in n for n in names), names
+    assert any(n.split()[1] == "mlc.pad" and "[" not in n for n in names), names  # (not a product: no shapes)
