@@ -92,8 +92,13 @@ def int_range(element: ElementType) -> tuple[int, int]:
     return -(1 << (element.bits - 1)), (1 << (element.bits - 1)) - 1
 
 
+def shape_text(shape) -> str:
+    """A shape as the IR's types write it: ?x3x224x224."""
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
 def _dims_str(shape) -> str:
-    return "".join(("?" if d is None else str(d)) + "x" for d in shape)
+    return shape_text(shape) + "x" if shape else ""
 
 
 @dataclass(frozen=True, slots=True)

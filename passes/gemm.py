@@ -531,8 +531,6 @@ def _rows(L, b, first, count):
     return [first] + [L.op(b, "arith.add", first, L.idx(r)) for r in range(1, count)]
 
 
-
-
 # --- the micro-kernel's parts, shared with the direct convolution ----------------------------------------
 
 def whole_steps(L, b, lo, hi, step: int):
@@ -709,10 +707,11 @@ class DirectConv:
         first_channel = L.op(b, "arith.mul", g, self.channels_per_group)
         top = L.op(b, "arith.mul", y, L.idx(self.stride_y))
 
+        sx = self.stride_x
+
         def step(jb, c, i, j, acc):
             channel = L.op(jb, "arith.add", first_channel, c)
             iy = L.op(jb, "arith.add", top, L.op(jb, "arith.mul", i, L.idx(dh)))
-            sx = self.stride_x
             ix = L.op(jb, "arith.add", L.op(jb, "arith.mul", x0, L.idx(sx)), L.op(jb, "arith.mul", j, L.idx(dw)))
             bs = [jb.create("vector.load", [self.xp, bn, channel, iy, L.op(jb, "arith.add", ix, L.idx(h * lanes * sx))],
                             {"stride": sx} if sx != 1 else None, result_types=[self.vt]).result for h in range(vectors)]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from mlc.ir.dialects.mlc import Conv2d, Fusion, Matmul
 from mlc.ir.registry import ELEMENTWISE, Probe, VerifyError
+from mlc.ir.types import shape_text
 
 SIZES = (2, 3, 5)  # the sizes every `?` takes when a kernel's cost is sampled
 COUNTERS, DESCRIPTIONS = "mlc_profile_counters", "mlc_profile_kernels"  # the symbols codegen defines
@@ -114,7 +115,7 @@ def _operand_shapes(op) -> str:
     ` [?x256 @ 1024x256 transpose_b]` or ` [?x3x224x224 * 64x3x7x7 stride 2]`: which kernel is slow, at a glance."""
     if op.name not in PRODUCTS:
         return ""
-    a, b = ("x".join("?" if d is None else str(d) for d in t.shape) for t in op.operand_types[:2])
+    a, b = (shape_text(t.shape) for t in op.operand_types[:2])
     if op.name == "mlc.matmul":
         marks = [m for m in Matmul.MARKS if op.attr(m)]
         return f" [{a} @ {b}{''.join(' ' + m for m in marks)}]"
